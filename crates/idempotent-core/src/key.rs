@@ -1,0 +1,208 @@
+//! Parsing of the `Idempotency-Key` header.
+//!
+//! The IETF draft defines the value as a Structured Fields String (`"abc"`); many clients send a bare
+//! token (`abc`). Both are accepted. The key itself must be 1 to 255 visible ASCII characters
+//! (`0x21..=0x7E`, plus the space inside a quoted string).
+
+use std::fmt;
+
+/// Longest key accepted, in characters.
+pub const MAX_KEY_LEN: usize = 255;
+
+/// A validated idempotency key, as the client sent it (without the sf-String quotes).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    /// The key as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Parses one header value, in sf-String form (`"abc"`) or as a bare token (`abc`).
+    ///
+    /// Returns a [`KeyError`] that says what is wrong with the value.
+    pub fn parse(raw: &[u8]) -> Result<Self, KeyError> {
+        let raw = trim_ows(raw);
+        if raw.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        let inner: Vec<u8> = if raw[0] == b'"' {
+            parse_sf_string(raw)?
+        } else {
+            for &b in raw {
+                check_byte(b, false)?;
+            }
+            raw.to_vec()
+        };
+        if inner.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        if inner.len() > MAX_KEY_LEN {
+            return Err(KeyError::TooLong { len: inner.len() });
+        }
+        // Every byte was checked to be ASCII above, so this cannot fail.
+        let key = String::from_utf8(inner).map_err(|_| KeyError::NonAscii)?;
+        Ok(Self(key))
+    }
+
+    /// Parses every occurrence of the header on a request: zero is `Ok(None)`, one is parsed,
+    /// more than one is [`KeyError::Repeated`] (a proxy that merged two requests' headers, or a
+    /// client bug, must not pick one of them silently).
+    pub fn from_header_values<'a, I>(values: I) -> Result<Option<Self>, KeyError>
+    where
+        I: IntoIterator<Item = &'a [u8]>,
+    {
+        let mut iter = values.into_iter();
+        let Some(first) = iter.next() else {
+            return Ok(None);
+        };
+        if iter.next().is_some() {
+            return Err(KeyError::Repeated);
+        }
+        // A comma outside a quoted string means a list: the same header repeated and folded.
+        let trimmed = trim_ows(first);
+        if trimmed.first() != Some(&b'"') && trimmed.contains(&b',') {
+            return Err(KeyError::Repeated);
+        }
+        Self::parse(first).map(Some)
+    }
+}
+
+impl fmt::Display for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Why a header value is not a valid idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// The header is present but empty (or `""`).
+    #[error("the idempotency key is empty; send 1 to 255 visible ASCII characters")]
+    Empty,
+    /// Longer than [`MAX_KEY_LEN`].
+    #[error("the idempotency key is {len} characters long; at most 255 are allowed")]
+    TooLong {
+        /// Length that was sent.
+        len: usize,
+    },
+    /// A byte outside ASCII.
+    #[error("the idempotency key contains a non-ASCII character; use visible ASCII only")]
+    NonAscii,
+    /// A control character (or a space outside a quoted string).
+    #[error("the idempotency key contains a control character or space; use visible ASCII only")]
+    Control,
+    /// A quoted string that does not close, or has bytes after its closing quote, or a bad escape.
+    #[error("the idempotency key is not a valid structured-field string: {0}")]
+    Malformed(&'static str),
+    /// The header appeared more than once.
+    #[error("the idempotency key header was sent more than once; send exactly one")]
+    Repeated,
+}
+
+fn trim_ows(raw: &[u8]) -> &[u8] {
+    let start = raw.iter().position(|b| *b != b' ' && *b != b'\t').unwrap_or(raw.len());
+    let end = raw.iter().rposition(|b| *b != b' ' && *b != b'\t').map_or(start, |e| e + 1);
+    &raw[start..end]
+}
+
+fn check_byte(b: u8, quoted: bool) -> Result<(), KeyError> {
+    match b {
+        0x80..=0xFF => Err(KeyError::NonAscii),
+        b' ' if quoted => Ok(()),
+        0x21..=0x7E => Ok(()),
+        _ => Err(KeyError::Control),
+    }
+}
+
+fn parse_sf_string(raw: &[u8]) -> Result<Vec<u8>, KeyError> {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 1;
+    while i < raw.len() {
+        match raw[i] {
+            b'\\' => {
+                let next = *raw.get(i + 1).ok_or(KeyError::Malformed("dangling backslash"))?;
+                if next != b'"' && next != b'\\' {
+                    return Err(KeyError::Malformed("only \\\" and \\\\ may be escaped"));
+                }
+                out.push(next);
+                i += 2;
+            }
+            b'"' => {
+                if i + 1 != raw.len() {
+                    return Err(KeyError::Malformed("characters after the closing quote"));
+                }
+                return Ok(out);
+            }
+            b => {
+                check_byte(b, true)?;
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    Err(KeyError::Malformed("missing closing quote"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_bare_token_and_sf_string() {
+        assert_eq!(IdempotencyKey::parse(b"abc-123").unwrap().as_str(), "abc-123");
+        assert_eq!(IdempotencyKey::parse(b"\"abc 123\"").unwrap().as_str(), "abc 123");
+        assert_eq!(IdempotencyKey::parse(b"\"a\\\"b\"").unwrap().as_str(), "a\"b");
+        assert_eq!(IdempotencyKey::parse(b"  padded\t").unwrap().as_str(), "padded");
+    }
+
+    #[test]
+    fn rejects_empty() {
+        assert_eq!(IdempotencyKey::parse(b""), Err(KeyError::Empty));
+        assert_eq!(IdempotencyKey::parse(b"   "), Err(KeyError::Empty));
+        assert_eq!(IdempotencyKey::parse(b"\"\""), Err(KeyError::Empty));
+    }
+
+    #[test]
+    fn length_limit_is_255() {
+        let ok = "k".repeat(255);
+        assert!(IdempotencyKey::parse(ok.as_bytes()).is_ok());
+        let long = "k".repeat(256);
+        assert_eq!(IdempotencyKey::parse(long.as_bytes()), Err(KeyError::TooLong { len: 256 }));
+    }
+
+    #[test]
+    fn rejects_non_ascii_and_control() {
+        assert_eq!(IdempotencyKey::parse("clé".as_bytes()), Err(KeyError::NonAscii));
+        assert_eq!(IdempotencyKey::parse(b"a\x01b"), Err(KeyError::Control));
+        assert_eq!(IdempotencyKey::parse(b"a b"), Err(KeyError::Control));
+        assert_eq!(IdempotencyKey::parse(b"a\x7fb"), Err(KeyError::Control));
+    }
+
+    #[test]
+    fn rejects_malformed_sf_strings() {
+        assert!(matches!(IdempotencyKey::parse(b"\"abc"), Err(KeyError::Malformed(_))));
+        assert!(matches!(IdempotencyKey::parse(b"\"abc\"x"), Err(KeyError::Malformed(_))));
+        assert!(matches!(IdempotencyKey::parse(b"\"a\\nb\""), Err(KeyError::Malformed(_))));
+    }
+
+    #[test]
+    fn repeated_header_is_an_error() {
+        let vals: [&[u8]; 2] = [b"a", b"b"];
+        assert_eq!(IdempotencyKey::from_header_values(vals), Err(KeyError::Repeated));
+        let folded: [&[u8]; 1] = [b"a, b"];
+        assert_eq!(IdempotencyKey::from_header_values(folded), Err(KeyError::Repeated));
+        let none: [&[u8]; 0] = [];
+        assert_eq!(IdempotencyKey::from_header_values(none), Ok(None));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn visible_ascii_round_trips(key in "[!-~]{1,255}") {
+            proptest::prop_assume!(!key.starts_with('"') && !key.contains(','));
+            let parsed = IdempotencyKey::parse(key.as_bytes()).unwrap();
+            proptest::prop_assert_eq!(parsed.as_str(), key.as_str());
+        }
+    }
+}

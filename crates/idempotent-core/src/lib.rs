@@ -1,0 +1,60 @@
+//! Framework-free runtime of `idempotent`: make mutating HTTP handlers safe to retry.
+//!
+//! ```
+//! use idempotent_core::{engine::{Captured, Config, Outcome, Request, Runtime}, fingerprint::FingerprintBuilder,
+//!     key::IdempotencyKey, policy::Policy, response::StoredResponse, store::MemoryStore};
+//! use std::sync::{Arc, atomic::{AtomicUsize, Ordering}};
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+//! const POLICY: Policy = Policy::new("payments.create");
+//! let runtime = Runtime::new(Arc::new(MemoryStore::new()), Config::default());
+//! let runs = AtomicUsize::new(0);
+//! for _ in 0..3 {
+//!     let request = Request {
+//!         key: IdempotencyKey::parse(b"\"order-42\"").map(Some),
+//!         actor: Some("acct_1".into()),
+//!         fingerprint: Ok(FingerprintBuilder::new(POLICY.scope).field("amount", &100).unwrap().finish()),
+//!     };
+//!     let outcome = runtime.execute(&POLICY, request, async {
+//!         runs.fetch_add(1, Ordering::SeqCst);
+//!         Captured { record: StoredResponse::new(201, [("content-type", "text/plain")], "charged".into()), live: "charged" }
+//!     }).await;
+//!     assert!(matches!(outcome, Outcome::Executed(_) | Outcome::Replayed(_)));
+//! }
+//! assert_eq!(runs.load(Ordering::SeqCst), 1); // three requests, one execution
+//! # });
+//! ```
+//!
+//! Adapters (`idempotent-axum`, `idempotent-actix`) wrap this crate; applications normally use
+//! one of them and never depend on this crate directly.
+//!
+//! # Modules
+//! - [`key`]: the `Idempotency-Key` header (sf-String or bare token, 1–255 visible ASCII).
+//! - [`policy`]: per-route settings, const-built by the macro.
+//! - [`fingerprint`]: SHA-256 over a canonical, versioned encoding of scope and declared fields.
+//! - [`engine`]: the state machine: claim, run with a lease heartbeat, complete or release.
+//! - [`store`]: the [`Store`](store::Store) trait and the in-memory store.
+//! - [`response`]: captured responses, header filtering, the stored encoding.
+//! - [`problem`]: RFC 9457 problem details with stable types.
+//! - [`actor`]: the caller identity that namespaces keys.
+//! - [`registry`] and [`report`]: every annotated route, validated and rendered.
+//!
+//! # Dependencies and why
+//! `sha2` (the fingerprint digest), `serde`/`serde_json` (field values and reports),
+//! `tokio` (timers for leases, heartbeats and waits; both adapters run on it), `async-trait`
+//! (an object-safe async [`Store`](store::Store) trait), `futures-util` (catching a handler's
+//! panic as a value so its claim is released), `inventory` (the link-time route registry),
+//! `uuid` (random claim tokens), `bytes`, `thiserror`, `tracing`.
+
+pub mod actor;
+pub mod engine;
+pub mod fingerprint;
+pub mod key;
+pub mod policy;
+pub mod problem;
+pub mod registry;
+pub mod report;
+pub mod response;
+pub mod store;
+
+pub use inventory;

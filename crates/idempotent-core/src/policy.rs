@@ -1,0 +1,143 @@
+//! Per-route idempotency policy.
+//!
+//! A [`Policy`] is built by the `#[idempotent]` macro as a constant, so every value here is
+//! const-constructible and every duration was parsed at compile time.
+
+use std::time::Duration;
+
+/// Whether a request must carry an idempotency key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyRequirement {
+    /// A request without a key is rejected with 400 (the default).
+    Required,
+    /// A request without a key runs unprotected (gradual rollout).
+    Optional,
+}
+
+/// What a request does when it finds the same key still running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConflictMode {
+    /// Answer 409 with `Retry-After` at once (the default).
+    Reject,
+    /// Wait (up to [`Policy::wait_timeout`]) for the first request to finish and replay its
+    /// response; if the first one releases its claim, run the handler in its place.
+    Wait,
+}
+
+/// Which handler outcomes are stored and replayed; the others release the claim so a retry
+/// runs the handler again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredOutcomes {
+    /// 2xx, 3xx and 4xx except 408, 425 and 429 (the default): outcomes a retry would only repeat.
+    Final,
+    /// Only 2xx and 3xx: every error releases the claim.
+    Success,
+    /// Every status, 5xx included: the handler never runs twice for one key (panics still release).
+    All,
+}
+
+impl StoredOutcomes {
+    /// Whether a response with `status` is stored (and replayed) under this setting.
+    pub const fn stores(self, status: u16) -> bool {
+        match self {
+            StoredOutcomes::All => true,
+            StoredOutcomes::Success => status >= 200 && status < 400,
+            StoredOutcomes::Final => status < 500 && !matches!(status, 408 | 425 | 429),
+        }
+    }
+
+    /// The name used in attributes and reports.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            StoredOutcomes::Final => "final",
+            StoredOutcomes::Success => "success",
+            StoredOutcomes::All => "all",
+        }
+    }
+}
+
+impl KeyRequirement {
+    /// The name used in attributes and reports.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            KeyRequirement::Required => "required",
+            KeyRequirement::Optional => "optional",
+        }
+    }
+}
+
+impl ConflictMode {
+    /// The name used in attributes and reports.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ConflictMode::Reject => "reject",
+            ConflictMode::Wait => "wait",
+        }
+    }
+}
+
+/// The idempotency policy of one route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Namespace of the route's keys, e.g. `payments.create`.
+    pub scope: &'static str,
+    /// Declared body fields that make up the fingerprint; empty means the whole body.
+    pub fields: &'static [&'static str],
+    /// How long a completed record is kept and replayed, counted from completion.
+    pub ttl: Duration,
+    /// How long an in-progress claim is held without a heartbeat; renewed while the handler runs.
+    pub lease: Duration,
+    /// Whether the key is required.
+    pub key: KeyRequirement,
+    /// What a concurrent duplicate does.
+    pub on_conflict: ConflictMode,
+    /// Longest wait of a duplicate under [`ConflictMode::Wait`] before it answers 409.
+    pub wait_timeout: Duration,
+    /// Which outcomes are stored.
+    pub outcomes: StoredOutcomes,
+    /// When the store is unreachable, run the handler unprotected (logged) instead of answering 503.
+    pub fail_open: bool,
+}
+
+impl Policy {
+    /// Default lease of an in-progress claim.
+    pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+    /// Default wait of a duplicate under [`ConflictMode::Wait`].
+    pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Default record ttl.
+    pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+    /// A policy with the defaults: key required, 24h ttl, 10s lease, 409 on conflict, final
+    /// outcomes stored, fail closed.
+    pub const fn new(scope: &'static str) -> Self {
+        Self {
+            scope,
+            fields: &[],
+            ttl: Self::DEFAULT_TTL,
+            lease: Self::DEFAULT_LEASE,
+            key: KeyRequirement::Required,
+            on_conflict: ConflictMode::Reject,
+            wait_timeout: Self::DEFAULT_WAIT_TIMEOUT,
+            outcomes: StoredOutcomes::Final,
+            fail_open: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn final_outcomes_release_retryable_statuses() {
+        let f = StoredOutcomes::Final;
+        for s in [200, 201, 204, 301, 400, 404, 409, 422] {
+            assert!(f.stores(s), "{s} should be stored");
+        }
+        for s in [408, 425, 429, 500, 502, 503, 504] {
+            assert!(!f.stores(s), "{s} should be released");
+        }
+        assert!(!StoredOutcomes::Success.stores(422));
+        assert!(StoredOutcomes::All.stores(503));
+    }
+}

@@ -1,0 +1,130 @@
+//! The [`Store`] trait: where claims and completed responses live.
+//!
+//! A store implements the four operations of the execution state machine. Each is one atomic
+//! operation of the backend (a lock held for a few instructions, one SQL statement, one Redis
+//! script), never a check followed by a set.
+
+use crate::fingerprint::Fingerprint;
+use crate::response::StoredResponse;
+use async_trait::async_trait;
+use std::fmt;
+use std::time::Duration;
+
+pub mod memory;
+
+pub use memory::MemoryStore;
+
+/// Where a record lives: the route's scope, the caller's identity and the client's key.
+///
+/// Namespacing by actor means one caller can never replay another caller's response, even when
+/// both pick the same key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RecordKey {
+    /// The route's scope.
+    pub scope: String,
+    /// The caller's identity (empty for anonymous callers).
+    pub actor: String,
+    /// The client's idempotency key.
+    pub key: String,
+}
+
+impl RecordKey {
+    /// A key from its three parts.
+    pub fn new(scope: impl Into<String>, actor: impl Into<String>, key: impl Into<String>) -> Self {
+        Self { scope: scope.into(), actor: actor.into(), key: key.into() }
+    }
+
+    /// One string that identifies the record unambiguously: each part is length-prefixed, so no
+    /// choice of actor or key can forge another record's identity.
+    pub fn storage_key(&self) -> String {
+        format!("{}:{}|{}:{}|{}", self.scope.len(), self.scope, self.actor.len(), self.actor, self.key)
+    }
+}
+
+/// The token of an acquired claim; completion, release and renewal must present it.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ClaimToken(pub String);
+
+impl ClaimToken {
+    /// A fresh random token (128 random bits).
+    pub fn generate() -> Self {
+        Self(uuid::Uuid::new_v4().simple().to_string())
+    }
+}
+
+impl fmt::Debug for ClaimToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ClaimToken({})", self.0)
+    }
+}
+
+/// The answer to a claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The caller owns the key: run the handler, then complete or release with this token.
+    Acquired(ClaimToken),
+    /// The key completed earlier with the same fingerprint: replay this response.
+    Completed(StoredResponse),
+    /// Another request holds a live claim on the key with the same fingerprint.
+    InProgress {
+        /// Time left on that claim's lease.
+        retry_after: Duration,
+    },
+    /// The key was used with a different fingerprint (in progress or completed).
+    Mismatch,
+}
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend cannot be reached or answered with an error; the request fails closed (503)
+    /// unless its route fails open.
+    #[error("idempotency store unavailable: {0}")]
+    Unavailable(String),
+    /// The claim's token no longer owns the record: its lease expired and another request took it
+    /// over, or the record is gone. The caller must not write.
+    #[error("claim no longer held: the lease expired and another request took the key over")]
+    Fenced,
+    /// A record under our namespace cannot be decoded.
+    #[error("corrupt idempotency record: {0}")]
+    Corrupt(String),
+    /// A bounded store has no room left.
+    #[error("idempotency store is full")]
+    Full,
+}
+
+/// Backend of the execution state machine.
+///
+/// Implementations must make each method one atomic operation and must be safe to call from many
+/// tasks and processes at once.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Claims `key`, atomically:
+    /// - no record, or an in-progress record whose lease has expired: take it (new token, lease
+    ///   `lease`) and answer [`Claim::Acquired`];
+    /// - a record with another fingerprint: [`Claim::Mismatch`];
+    /// - a completed record: [`Claim::Completed`];
+    /// - a live in-progress record: [`Claim::InProgress`] with its remaining lease.
+    async fn claim(&self, key: &RecordKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError>;
+
+    /// Extends the lease of the claim held with `token` to `lease` from now.
+    /// [`StoreError::Fenced`] when the token no longer holds it.
+    async fn renew(&self, key: &RecordKey, token: &ClaimToken, lease: Duration) -> Result<(), StoreError>;
+
+    /// Stores `response` as the key's outcome, kept for `ttl`, if `token` still holds the claim;
+    /// otherwise [`StoreError::Fenced`] and nothing is written.
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: &ClaimToken,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Deletes the claim held with `token` so a retry runs again; [`StoreError::Fenced`] (and
+    /// nothing deleted) when the token no longer holds it.
+    async fn release(&self, key: &RecordKey, token: &ClaimToken) -> Result<(), StoreError>;
+
+    /// Short name for logs and reports.
+    fn name(&self) -> &'static str;
+}
