@@ -85,7 +85,8 @@ mod tests {
         assert_eq!(ActorSource::BearerToken.resolve(&head).as_deref(), Some("acct_1"));
         assert_eq!(ActorSource::Header("x-account".into()).resolve(&head).as_deref(), Some("acct_2"));
         assert_eq!(ActorSource::Anonymous.resolve(&head), None);
-        let custom = ActorSource::custom(|h| h.header("x-account").map(|v| format!("c:{}", String::from_utf8_lossy(v))));
+        let custom =
+            ActorSource::custom(|h| h.header("x-account").map(|v| format!("c:{}", String::from_utf8_lossy(v))));
         assert_eq!(custom.resolve(&head).as_deref(), Some("c:acct_2"));
         assert_eq!(ActorSource::BearerToken.resolve(&Head(vec![("authorization", "Basic x")])), None);
     }

@@ -136,7 +136,10 @@ impl Runtime {
             Ok(fp) => fp,
             Err(e) => {
                 tracing::error!(scope = policy.scope, error = %e, "cannot fingerprint request");
-                return Outcome::Problem(Problem::new(ProblemKind::Misconfigured, "The server could not fingerprint this request; this is a server bug."));
+                return Outcome::Problem(Problem::new(
+                    ProblemKind::Misconfigured,
+                    "The server could not fingerprint this request; this is a server bug.",
+                ));
             }
         };
         let record_key = RecordKey::new(policy.scope, request.actor.unwrap_or_default(), key.as_str());

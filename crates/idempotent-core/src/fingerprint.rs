@@ -71,7 +71,8 @@ impl FingerprintBuilder {
 
     /// Adds one declared field and its value.
     pub fn field<T: Serialize + ?Sized>(mut self, name: &str, value: &T) -> Result<Self, FingerprintError> {
-        let value = serde_json::to_value(value).map_err(|source| FingerprintError { field: name.to_owned(), source })?;
+        let value =
+            serde_json::to_value(value).map_err(|source| FingerprintError { field: name.to_owned(), source })?;
         put(&mut self.hasher, b"field");
         put(&mut self.hasher, name.as_bytes());
         put(&mut self.hasher, canonical_json(&value).as_bytes());
@@ -175,7 +176,10 @@ mod tests {
 
     #[test]
     fn canonical_json_sorts_and_strips() {
-        assert_eq!(canonical_json(&json!({"b": [1, {"d": 1, "c": 2}], "a": "x y"})), r#"{"a":"x y","b":[1,{"c":2,"d":1}]}"#);
+        assert_eq!(
+            canonical_json(&json!({"b": [1, {"d": 1, "c": 2}], "a": "x y"})),
+            r#"{"a":"x y","b":[1,{"c":2,"d":1}]}"#
+        );
     }
 
     #[test]
@@ -208,8 +212,10 @@ mod tests {
     fn scrambled(v: &Value, ws: &str) -> String {
         match v {
             Value::Object(m) => {
-                let mut parts: Vec<String> =
-                    m.iter().map(|(k, v)| format!("{ws}{}{ws}:{ws}{}", Value::String(k.clone()), scrambled(v, ws))).collect();
+                let mut parts: Vec<String> = m
+                    .iter()
+                    .map(|(k, v)| format!("{ws}{}{ws}:{ws}{}", Value::String(k.clone()), scrambled(v, ws)))
+                    .collect();
                 parts.reverse();
                 format!("{{{}{ws}}}", parts.join(","))
             }

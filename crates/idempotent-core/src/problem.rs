@@ -91,7 +91,13 @@ impl ProblemKind {
 impl Problem {
     /// A problem of `kind` with `detail`.
     pub fn new(kind: ProblemKind, detail: impl Into<String>) -> Self {
-        Self { type_uri: kind.type_uri(), title: kind.title(), status: kind.status(), detail: detail.into(), retry_after: None }
+        Self {
+            type_uri: kind.type_uri(),
+            title: kind.title(),
+            status: kind.status(),
+            detail: detail.into(),
+            retry_after: None,
+        }
     }
 
     /// Adds a `Retry-After`, rounded up to whole seconds (at least 1).

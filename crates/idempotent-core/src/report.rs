@@ -208,12 +208,18 @@ mod tests {
     fn validation_reports_each_problem() {
         let dup = RouteRecord { handler: "demo::other", ..A };
         let bad = RouteRecord {
-            policy: Policy { lease: Duration::from_secs(100), ttl: Duration::from_secs(10), ..Policy::new("quotes.create") },
+            policy: Policy {
+                lease: Duration::from_secs(100),
+                ttl: Duration::from_secs(10),
+                ..Policy::new("quotes.create")
+            },
             ..A
         };
         let errs = validate(&[&A, &dup, &bad]).unwrap_err();
         assert_eq!(errs.len(), 2, "{errs:?}");
-        assert!(matches!(&errs[0], RegistryError::DuplicateScope { scope: "payments.create", handlers } if handlers.len() == 2));
+        assert!(
+            matches!(&errs[0], RegistryError::DuplicateScope { scope: "payments.create", handlers } if handlers.len() == 2)
+        );
         assert!(errs[1].to_string().contains("lease (100s) is longer than ttl (10s)"), "{}", errs[1]);
         assert!(validate(&[&A]).is_ok());
     }

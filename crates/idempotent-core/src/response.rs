@@ -150,7 +150,13 @@ mod tests {
     fn filters_headers_on_capture() {
         let r = StoredResponse::new(
             201,
-            [("Content-Type", "application/json"), ("Set-Cookie", "s=1"), ("Date", "x"), ("Location", "/p/1"), ("Transfer-Encoding", "chunked")],
+            [
+                ("Content-Type", "application/json"),
+                ("Set-Cookie", "s=1"),
+                ("Date", "x"),
+                ("Location", "/p/1"),
+                ("Transfer-Encoding", "chunked"),
+            ],
             Bytes::from_static(b"{}"),
         );
         let names: Vec<&str> = r.headers.iter().map(|(n, _)| n.as_str()).collect();
@@ -159,7 +165,8 @@ mod tests {
 
     #[test]
     fn encoding_round_trips() {
-        let r = StoredResponse::new(201, [("x-a", &b"\x00\xff"[..]), ("location", b"/p/1")], Bytes::from_static(b"hello"));
+        let r =
+            StoredResponse::new(201, [("x-a", &b"\x00\xff"[..]), ("location", b"/p/1")], Bytes::from_static(b"hello"));
         assert_eq!(StoredResponse::decode(&r.encode()).unwrap(), r);
         let mut big = r.clone();
         big.body_stored = false;

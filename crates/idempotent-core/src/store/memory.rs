@@ -148,7 +148,10 @@ impl Store for MemoryStore {
         let token = ClaimToken::generate();
         inner.records.insert(
             sk,
-            Entry { fingerprint: *fingerprint, state: State::InProgress { token: token.clone(), lease_until: now + lease } },
+            Entry {
+                fingerprint: *fingerprint,
+                state: State::InProgress { token: token.clone(), lease_until: now + lease },
+            },
         );
         Ok(Claim::Acquired(token))
     }
@@ -238,7 +241,10 @@ mod tests {
         let resp = StoredResponse::new(200, [("a", "b")], Bytes::from_static(b"x"));
         store.complete(&k1, &t, &resp, Duration::from_millis(20)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(40)).await;
-        assert!(matches!(store.claim(&RecordKey::new("s", "a", "2"), &fp(1), Duration::from_secs(1)).await, Ok(Claim::Acquired(_))));
+        assert!(matches!(
+            store.claim(&RecordKey::new("s", "a", "2"), &fp(1), Duration::from_secs(1)).await,
+            Ok(Claim::Acquired(_))
+        ));
         assert_eq!(store.len(), 1);
     }
 
@@ -249,6 +255,9 @@ mod tests {
         let Claim::Acquired(t) = store.claim(&k1, &fp(1), Duration::from_secs(60)).await.unwrap() else { panic!() };
         let resp = StoredResponse::new(200, Vec::<(&str, &str)>::new(), Bytes::from(vec![0u8; 100]));
         store.complete(&k1, &t, &resp, Duration::from_secs(60)).await.unwrap();
-        assert!(matches!(store.claim(&RecordKey::new("s", "a", "2"), &fp(1), Duration::from_secs(1)).await, Err(StoreError::Full)));
+        assert!(matches!(
+            store.claim(&RecordKey::new("s", "a", "2"), &fp(1), Duration::from_secs(1)).await,
+            Err(StoreError::Full)
+        ));
     }
 }
