@@ -1,1 +1,7 @@
 //! test support
+//!
+//! Support for the cross-crate tests: the HTTP conformance suite of the payments demo, run
+//! unchanged against each framework's binary, and the harness that finds or starts real servers.
+
+pub mod http;
+pub mod redis_server;

@@ -1,1 +1,67 @@
-//! placeholder
+//! axum adapter of `idempotent`: one attribute makes a mutating handler safe to retry.
+//!
+//! ```
+//! use axum::{routing::post, Json, Router};
+//! use idempotent_axum::{idempotent, Idempotency};
+//! use idempotent_axum::core::store::MemoryStore;
+//! use serde::{Deserialize, Serialize};
+//! use std::sync::Arc;
+//!
+//! #[derive(Deserialize, Serialize)]
+//! struct Charge { amount: u64, currency: String, note: Option<String> }
+//!
+//! // Runs once per `Idempotency-Key`; retries get the stored response back.
+//! #[idempotent(scope = "charges.create", fields = [amount, currency], ttl = "24h")]
+//! async fn charge(Json(c): Json<Charge>) -> (axum::http::StatusCode, String) {
+//!     (axum::http::StatusCode::CREATED, format!("charged {} {}", c.amount, c.currency))
+//! }
+//!
+//! let idempotency = Idempotency::builder(Arc::new(MemoryStore::new())).build().unwrap();
+//! let app: Router = Router::new().route("/charges", post(charge)).layer(idempotency.layer());
+//! ```
+//!
+//! # How it works
+//! The attribute rewrites the handler: it keeps every extractor of the original, adds a
+//! [`Context`](__private::Context) extractor just before the body (so authentication extractors
+//! run first and can set an [`Actor`]), fingerprints the declared body fields, and hands the
+//! original handler to [`idempotent_core::engine::Runtime::execute`] on a spawned task: a client
+//! that disconnects does not cancel the handler, and its outcome is still recorded.
+//!
+//! The runtime is installed once with [`Idempotency::layer`]; a protected route called without it
+//! answers 500 problem+json saying so. The key header, the actor source and the stored-body cap are
+//! set on the [`IdempotencyBuilder`]. [`Idempotency::builder`]'s `build` validates the route
+//! registry (duplicate scopes, impossible settings) and refuses to start on error.
+//!
+//! Responses: a replay carries the stored status, headers and body plus `Idempotent-Replayed:
+//! true`; framework errors are `application/problem+json` with stable types (see
+//! [`idempotent_core::problem`]).
+//!
+//! # Dependencies and why
+//! `axum`, `http`, `http-body(-util)` (the framework and its body types, to capture responses),
+//! `tokio` (spawning the handler so it survives disconnects), `futures-util` (re-streaming a body
+//! too large to store), `inventory` (re-exported for the macro's registry records),
+//! `idempotent-core` and `idempotent-macros`.
+
+mod capture;
+mod context;
+mod report;
+mod runtime;
+
+pub use idempotent_core as core;
+pub use idempotent_core::actor::{Actor, ActorSource};
+pub use idempotent_macros::idempotent_axum as idempotent;
+pub use report::{policy_report, render_problem};
+pub use runtime::{Idempotency, IdempotencyBuilder, StartupError};
+
+/// Items used by the code `#[idempotent]` generates. Not a public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::context::Context;
+    pub use crate::runtime::run;
+    pub use ::axum::response::Response;
+    pub use ::core::time::Duration;
+    pub use ::idempotent_core::fingerprint::{Fingerprint, FingerprintBuilder, FingerprintError};
+    pub use ::idempotent_core::inventory;
+    pub use ::idempotent_core::policy::{ConflictMode, KeyRequirement, Policy, StoredOutcomes};
+    pub use ::idempotent_core::registry::{Framework, RouteRecord};
+}

@@ -1,1 +1,79 @@
-//! placeholder
+//! The `#[idempotent]` attribute of the `idempotent` framework.
+//!
+//! The attribute turns an `async fn` request handler into one that runs at most once per
+//! `Idempotency-Key`: it parses and validates its arguments at compile time, rewrites the
+//! handler to fingerprint the declared body fields and run through the adapter's runtime, and
+//! registers the route's policy in the link-time route registry. It contains no runtime logic.
+//!
+//! Applications do not depend on this crate: they use the attribute through an adapter,
+//! `idempotent_axum::idempotent` or `idempotent_actix::idempotent`, and the generated code only
+//! names paths that adapter re-exports (`::idempotent_axum::__private::...`), so one dependency
+//! is enough.
+//!
+//! # Dependencies and why
+//! Only `syn`, `quote` and `proc-macro2`: everything else (durations, scope rules, route forms)
+//! is checked by hand so the macro builds fast and cannot disagree with a runtime crate at a
+//! different version. The defaults it fills in mirror `idempotent_core::policy::Policy::new`.
+//!
+//! # Layout
+//! `attr` parses the argument list, `duration` parses durations, `valid` checks the values,
+//! `expand` rewrites the handler.
+
+mod attr;
+mod duration;
+mod expand;
+mod valid;
+
+use expand::Framework;
+use proc_macro::TokenStream;
+
+/// Makes an axum handler safe to retry; re-exported as `idempotent_axum::idempotent`.
+///
+/// ```ignore
+/// use idempotent_axum::idempotent;
+///
+/// #[idempotent(scope = "payments.create", fields = [amount, currency, customer.id], ttl = "24h")]
+/// async fn create_payment(State(app): State<App>, Json(req): Json<CreatePayment>)
+///     -> Result<(StatusCode, Json<Payment>), ApiError> { /* runs at most once per key */ }
+/// ```
+///
+/// # Arguments
+/// Only `scope` is required; the others default to `Policy::new`.
+///
+/// | argument | value | default |
+/// |---|---|---|
+/// | `scope` | key namespace: lowercase ASCII letters, digits and `_` in dot-separated segments, 1 to 100 characters, e.g. `"payments.create"` | required |
+/// | `fields` | body fields that make up the fingerprint, dotted paths: `[amount, customer.id]` | the whole body |
+/// | `ttl` | how long a completed response is replayed: `"500ms"`, `"90s"`, `"15m"`, `"24h"`, `"7d"`, `"1h30m"` | `"24h"` |
+/// | `lease` | how long an in-progress claim survives without a heartbeat; at most `ttl` | `"10s"` |
+/// | `key` | `"required"` (400 without a key) or `"optional"` (run unprotected without one) | `"required"` |
+/// | `on_conflict` | `"reject"` (409 while the first request runs) or `"wait"` (wait and replay) | `"reject"` |
+/// | `wait_timeout` | longest wait under `on_conflict = "wait"`; only allowed with it | `"30s"` |
+/// | `store` | outcomes stored and replayed: `"final"`, `"success"` or `"all"` | `"final"` |
+/// | `fail_open` | `true` runs the handler unprotected when the store is unreachable | `false` |
+/// | `route` | `"METHOD /path"` recorded in the route registry and reports | none |
+///
+/// # Handler shape
+/// The handler must be a free `async fn` (no `self`). Its body argument is the one of type
+/// `Json<T>`; `fields` must exist on `T` and be `Serialize` (without `fields`, `T` itself must be
+/// `Serialize`). The rewritten handler takes one more extractor, inserted just before the body
+/// argument (or last when there is none), so it runs after the handler's own extractors.
+///
+/// # Errors
+/// Every mistake is a compile error at the offending argument, value or field; the handler is then
+/// left as written so no further errors follow from the first.
+#[proc_macro_attribute]
+pub fn idempotent_axum(attr: TokenStream, item: TokenStream) -> TokenStream {
+    expand::idempotent(Framework::Axum, attr.into(), item.into()).into()
+}
+
+/// Makes an actix-web handler safe to retry; re-exported as `idempotent_actix::idempotent`.
+///
+/// Takes the same arguments as [`macro@idempotent_axum`]. When `route` is absent, the method and
+/// path are read from an actix-web routing attribute written below this one (`#[post("/path")]`,
+/// `#[put]`, `#[patch]`, `#[delete]`, or `#[route("/path", method = "POST")]`); write
+/// `#[idempotent]` above the routing attribute so it can see it.
+#[proc_macro_attribute]
+pub fn idempotent_actix(attr: TokenStream, item: TokenStream) -> TokenStream {
+    expand::idempotent(Framework::Actix, attr.into(), item.into()).into()
+}

@@ -14,6 +14,11 @@ pub mod memory;
 
 pub use memory::MemoryStore;
 
+#[cfg(feature = "redis")]
+pub mod redis;
+#[cfg(feature = "redis")]
+pub use self::redis::RedisStore;
+
 /// Where a record lives: the route's scope, the caller's identity and the client's key.
 ///
 /// Namespacing by actor means one caller can never replay another caller's response, even when
@@ -91,6 +96,9 @@ pub enum StoreError {
     /// A bounded store has no room left.
     #[error("idempotency store is full")]
     Full,
+    /// The store specification or settings are invalid (unknown scheme, feature not enabled).
+    #[error("invalid idempotency store configuration: {0}")]
+    Config(String),
 }
 
 /// Backend of the execution state machine.
@@ -127,4 +135,26 @@ pub trait Store: Send + Sync + 'static {
 
     /// Short name for logs and reports.
     fn name(&self) -> &'static str;
+}
+
+/// Opens a store from a specification string, as applications take it from configuration:
+/// `memory`, `sqlite:PATH` (feature `sqlite`), `postgres://...` (feature `postgres`),
+/// `redis://...` or `redis+cluster://host1:port1,host2:port2` (feature `redis`).
+///
+/// An unknown scheme, a scheme whose feature is not enabled, or a backend that cannot be reached
+/// is an error that says which.
+pub async fn connect(spec: &str) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    let scheme = spec.split(':').next().unwrap_or_default();
+    match scheme {
+        "memory" => Ok(std::sync::Arc::new(MemoryStore::new())),
+        #[cfg(feature = "redis")]
+        "redis" | "redis+cluster" => Ok(std::sync::Arc::new(RedisStore::connect(spec).await?)),
+        #[cfg(not(feature = "redis"))]
+        "redis" | "redis+cluster" => {
+            Err(StoreError::Config(format!("`{spec}` needs the `redis` feature of idempotent-core")))
+        }
+        _ => Err(StoreError::Config(format!(
+            "unknown store `{spec}`: use `memory`, `sqlite:PATH`, `postgres://...` or `redis://...` (with the matching cargo feature enabled)"
+        ))),
+    }
 }

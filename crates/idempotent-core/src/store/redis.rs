@@ -1,0 +1,540 @@
+//! Redis store (feature `redis`): a hot store shared by many instances, on a single node or on
+//! Redis Cluster.
+//!
+//! # Connecting
+//! - `redis://[user:password@]host:port[/db]`: one node, through a
+//!   [`ConnectionManager`](redis::aio::ConnectionManager) that reconnects by itself after the
+//!   server restarts or the connection drops.
+//! - `redis+cluster://[user:password@]host1:port1,host2:port2,...`: Redis Cluster, through the
+//!   async cluster connection, which discovers the slot map from any of the listed seed nodes
+//!   and follows `MOVED`/`ASK` redirections. [`RedisStore::cluster`] takes the seed nodes as a
+//!   list of `redis://` URLs instead.
+//!
+//! Either form accepts a `?prefix=...` query parameter (see [`RedisStoreBuilder::prefix`]); other
+//! query parameters are passed on to the `redis` crate. TLS (`rediss://`) is not enabled.
+//!
+//! Every command has a response timeout and every connection attempt a connection timeout
+//! (defaults [`DEFAULT_RESPONSE_TIMEOUT`] and [`DEFAULT_CONNECTION_TIMEOUT`]), so an unreachable
+//! server turns into [`StoreError::Unavailable`] (503 to the client) within seconds instead of
+//! a hung request. A timed-out claim is ambiguous (it may have been written): a retry then finds
+//! the key in progress until the lease expires, and never runs the handler twice.
+//!
+//! # Key layout
+//! One record is one Redis key: `{prefix}{<hex SHA-256 of the record key>}`, e.g.
+//! `idem:{9f86d0...0a08}`, where the record key is the length-prefixed scope, actor and client key
+//! ([`RecordKey::storage_key`]). The prefix (default `idem:`) separates applications sharing one
+//! Redis; it may not contain `{` or `}`. Every operation touches exactly that one key, so records
+//! spread over all Cluster slots; the braces make the hash the key's hash tag, so the slot never
+//! depends on the prefix. Client keys, actors and scopes never appear in Redis in clear.
+//!
+//! # Value layout
+//! A Redis hash with binary-safe fields:
+//! - `s`: state, `p` (in progress) or `c` (completed);
+//! - `f`: the 32-byte SHA-256 request fingerprint;
+//! - `t`: the claim token (in progress only);
+//! - `r`: the response in [`StoredResponse::encode`]'s binary form (completed only).
+//!
+//! The key's own Redis expiry carries time: an in-progress record expires with its lease (so a
+//! crashed worker's claim simply vanishes and the next claim finds the key absent), a completed
+//! record `ttl` after completion. Only Redis's clock is used: no client clock, no sweeper.
+//!
+//! A value under the prefix that is not such a hash (another type, missing or malformed fields,
+//! bytes that do not decode, an in-progress record without expiry) is [`StoreError::Corrupt`] and
+//! is never overwritten.
+//!
+//! # Round trips
+//! Each operation is one `EVALSHA` of a Lua script, executed atomically by Redis: a first
+//! execution costs two commands (claim, complete), a replay one (claim). The claim script creates
+//! the in-progress record (`HSET` + `PEXPIRE`) when the key is absent, and otherwise answers the
+//! existing record's verdict: `Mismatch` (fingerprint differs), `Completed` with the response bytes,
+//! or `InProgress` with the remaining lease (`PTTL`). Renew, complete and release compare the
+//! token first and then `PEXPIRE`, rewrite or `DEL` the record; a token that does not match (or a
+//! record that is gone) is [`StoreError::Fenced`] and nothing is written. The first call after a
+//! server (or node) restart loads the script again (`NOSCRIPT`, `SCRIPT LOAD`, `EVALSHA`).
+//!
+//! # Operational requirements
+//! - **`maxmemory-policy` must be `noeviction`.** Eviction of a live claim lets a concurrent
+//!   retry claim the key and run the handler while the first execution is still running; eviction
+//!   of a completed record lets the next retry run it again. Every record of this store has an
+//!   expiry, so a `volatile-*` policy (which evicts among keys with an expiry) is exactly as
+//!   unsafe as an `allkeys-*` one; it is tolerable only on a Redis whose memory limit is never
+//!   reached. With `noeviction` a full Redis refuses new claims (`OOM`), which this store reports
+//!   as [`StoreError::Full`] (503): a request is refused rather than run twice. Size `maxmemory`
+//!   for the records kept over the longest `ttl`, or give the store a Redis of its own.
+//! - **Persistence:** enable AOF (`appendonly yes`, `appendfsync everysec` or `always`). Without
+//!   it a restart forgets every record, and every retry of an already executed request runs again.
+//!   With `everysec`, up to about a second of records can be lost on a crash.
+//! - **Failover:** Redis replication is asynchronous. A claim or a completion acknowledged by a
+//!   primary that fails before the write reaches a replica is lost when that replica is promoted,
+//!   and a retry then runs the handler again. This store cannot prevent that; `WAIT` narrows the
+//!   window but does not close it. Where a second execution is unacceptable even across a
+//!   failover, use the PostgreSQL store.
+//! - Scripts need Redis 5 or newer (`EVALSHA` with effects replication); the cluster needs all
+//!   16384 slots covered (`cluster_state:ok`).
+
+use super::{Claim, ClaimToken, RecordKey, Store, StoreError};
+use crate::fingerprint::Fingerprint;
+use crate::response::StoredResponse;
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{RedisError, Script, ScriptInvocation, Value};
+use sha2::{Digest, Sha256};
+use std::fmt;
+use std::time::Duration;
+
+/// Default key prefix.
+pub const DEFAULT_PREFIX: &str = "idem:";
+/// Default timeout of one connection attempt.
+pub const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default timeout of one command's response.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Claim: create the in-progress record or report the existing one.
+/// KEYS[1] record, ARGV[1] fingerprint (32 bytes), ARGV[2] new token, ARGV[3] lease (ms).
+const CLAIM: &str = r#"
+local key = KEYS[1]
+local kind = redis.call('TYPE', key)['ok']
+if kind == 'none' then
+  redis.call('HSET', key, 's', 'p', 't', ARGV[2], 'f', ARGV[1])
+  redis.call('PEXPIRE', key, ARGV[3])
+  return {'a'}
+end
+if kind ~= 'hash' then return {'x', 'value of type ' .. kind} end
+local v = redis.call('HMGET', key, 's', 'f', 't', 'r')
+local s, f = v[1], v[2]
+if not f or string.len(f) ~= 32 then return {'x', 'missing or malformed fingerprint'} end
+if s == 'p' then
+  if not v[3] then return {'x', 'in-progress record without token'} end
+  local pttl = redis.call('PTTL', key)
+  if pttl < 0 then return {'x', 'in-progress record without expiry'} end
+  if f ~= ARGV[1] then return {'m'} end
+  return {'p', pttl}
+elseif s == 'c' then
+  if not v[4] then return {'x', 'completed record without response'} end
+  if f ~= ARGV[1] then return {'m'} end
+  return {'c', v[4]}
+end
+return {'x', 'unknown state'}
+"#;
+
+/// Shared prelude of the fenced scripts: 1 when `token` holds the key's claim, 0 when it does not
+/// (gone, completed or another token), -1 for a foreign type, -2 for a malformed record.
+const HELD: &str = r#"
+local key = KEYS[1]
+local function held(token)
+  local kind = redis.call('TYPE', key)['ok']
+  if kind == 'none' then return 0 end
+  if kind ~= 'hash' then return -1 end
+  local v = redis.call('HMGET', key, 's', 't')
+  if v[1] == 'c' then return 0 end
+  if v[1] ~= 'p' or not v[2] then return -2 end
+  if v[2] ~= token then return 0 end
+  return 1
+end
+local h = held(ARGV[1])
+if h ~= 1 then return h end
+"#;
+
+/// Renew: ARGV[1] token, ARGV[2] lease (ms).
+const RENEW: &str = "redis.call('PEXPIRE', key, ARGV[2])\nreturn 1\n";
+/// Complete: ARGV[1] token, ARGV[2] encoded response, ARGV[3] ttl (ms).
+const COMPLETE: &str = "redis.call('HSET', key, 's', 'c', 'r', ARGV[2])\nredis.call('HDEL', key, 't')\n\
+                        redis.call('PEXPIRE', key, ARGV[3])\nreturn 1\n";
+/// Release: ARGV[1] token.
+const RELEASE: &str = "redis.call('DEL', key)\nreturn 1\n";
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Conn {
+    async fn invoke(&self, invocation: &ScriptInvocation<'_>) -> Result<Value, RedisError> {
+        match self {
+            Conn::Single(c) => invocation.invoke_async(&mut c.clone()).await,
+            Conn::Cluster(c) => invocation.invoke_async(&mut c.clone()).await,
+        }
+    }
+}
+
+/// Where a [`RedisStoreBuilder`] connects.
+#[derive(Debug, Clone)]
+enum Target {
+    Single(String),
+    Cluster(Vec<String>),
+    Invalid(String),
+}
+
+/// Settings of a [`RedisStore`] before it connects; from [`RedisStore::builder`] or
+/// [`RedisStore::cluster`].
+#[derive(Debug, Clone)]
+pub struct RedisStoreBuilder {
+    target: Target,
+    prefix: Option<String>,
+    connection_timeout: Duration,
+    response_timeout: Duration,
+}
+
+impl RedisStoreBuilder {
+    /// Key prefix of this application's records (default [`DEFAULT_PREFIX`]); overrides a
+    /// `prefix` query parameter. Applications sharing one Redis must use distinct prefixes. It may
+    /// not contain `{` or `}`, which would change the keys' Cluster hash tag.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = Some(prefix.into());
+        self
+    }
+
+    /// Timeout of one connection attempt (default [`DEFAULT_CONNECTION_TIMEOUT`]).
+    pub fn connection_timeout(mut self, timeout: Duration) -> Self {
+        self.connection_timeout = timeout;
+        self
+    }
+
+    /// Timeout of one command's response (default [`DEFAULT_RESPONSE_TIMEOUT`]); it bounds how
+    /// long a request waits for an unresponsive Redis before failing with
+    /// [`StoreError::Unavailable`]. Keep it well above the time to transfer the largest stored
+    /// response.
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// Connects. An invalid specification or prefix is [`StoreError::Config`]; a server that
+    /// cannot be reached is [`StoreError::Unavailable`].
+    pub async fn build(self) -> Result<RedisStore, StoreError> {
+        let (target, query_prefix) = match self.target {
+            Target::Invalid(msg) => return Err(StoreError::Config(msg)),
+            Target::Single(url) => {
+                let (url, prefix) = split_prefix(&url);
+                (Target::Single(url), prefix)
+            }
+            Target::Cluster(nodes) => {
+                let mut prefix = None;
+                let nodes = nodes
+                    .iter()
+                    .map(|n| {
+                        let (url, p) = split_prefix(n);
+                        prefix = prefix.take().or(p);
+                        url
+                    })
+                    .collect();
+                (Target::Cluster(nodes), prefix)
+            }
+        };
+        let prefix = self.prefix.or(query_prefix).unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
+        if prefix.contains(['{', '}']) {
+            return Err(StoreError::Config(format!("redis key prefix `{prefix}` may not contain `{{` or `}}`")));
+        }
+        let conn = match &target {
+            Target::Single(url) => {
+                let client = redis::Client::open(url.as_str()).map_err(config)?;
+                let cfg = ConnectionManagerConfig::new()
+                    .set_connection_timeout(self.connection_timeout)
+                    .set_response_timeout(self.response_timeout)
+                    .set_number_of_retries(2)
+                    .set_factor(50)
+                    .set_max_delay(500);
+                Conn::Single(ConnectionManager::new_with_config(client, cfg).await.map_err(unavailable)?)
+            }
+            Target::Cluster(nodes) => {
+                if nodes.is_empty() {
+                    return Err(StoreError::Config("redis cluster specification lists no node".into()));
+                }
+                let client = ClusterClientBuilder::new(nodes.clone())
+                    .connection_timeout(self.connection_timeout)
+                    .response_timeout(self.response_timeout)
+                    .retries(3)
+                    .min_retry_wait(20)
+                    .max_retry_wait(500)
+                    .build()
+                    .map_err(config)?;
+                Conn::Cluster(client.get_async_connection().await.map_err(unavailable)?)
+            }
+            Target::Invalid(_) => unreachable!("handled above"),
+        };
+        Ok(RedisStore {
+            conn,
+            cluster: matches!(target, Target::Cluster(_)),
+            prefix,
+            claim: Script::new(CLAIM),
+            renew: Script::new(&format!("{HELD}{RENEW}")),
+            complete: Script::new(&format!("{HELD}{COMPLETE}")),
+            release: Script::new(&format!("{HELD}{RELEASE}")),
+        })
+    }
+}
+
+/// A [`Store`] on Redis or Redis Cluster; see the [module documentation](self) for the key
+/// layout, the scripts and the operational requirements.
+///
+/// Cloning is cheap and shares the connection.
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: Conn,
+    cluster: bool,
+    prefix: String,
+    claim: Script,
+    renew: Script,
+    complete: Script,
+    release: Script,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore").field("cluster", &self.cluster).field("prefix", &self.prefix).finish()
+    }
+}
+
+impl RedisStore {
+    /// Connects with default settings to `spec`: `redis://...` for one node or
+    /// `redis+cluster://host1:port1,host2:port2,...` for Redis Cluster.
+    pub async fn connect(spec: &str) -> Result<Self, StoreError> {
+        Self::builder(spec).build().await
+    }
+
+    /// Settings for `spec` (`redis://...` or `redis+cluster://...`), to adjust before
+    /// [`build`](RedisStoreBuilder::build).
+    pub fn builder(spec: &str) -> RedisStoreBuilder {
+        Self::with_target(parse_spec(spec))
+    }
+
+    /// Settings for Redis Cluster reached through `nodes`, each a `redis://host:port` URL of a
+    /// seed node (one reachable node is enough to discover the others).
+    pub fn cluster<S: Into<String>>(nodes: impl IntoIterator<Item = S>) -> RedisStoreBuilder {
+        Self::with_target(Target::Cluster(nodes.into_iter().map(Into::into).collect()))
+    }
+
+    fn with_target(target: Target) -> RedisStoreBuilder {
+        RedisStoreBuilder {
+            target,
+            prefix: None,
+            connection_timeout: DEFAULT_CONNECTION_TIMEOUT,
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+        }
+    }
+
+    /// The key prefix of this store's records.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Whether the store talks to Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
+    /// The Redis key that holds `key`'s record: `{prefix}{<hex SHA-256 of the record key>}`.
+    pub fn redis_key(&self, key: &RecordKey) -> String {
+        redis_key(&self.prefix, key)
+    }
+
+    async fn fenced(&self, invocation: &ScriptInvocation<'_>) -> Result<(), StoreError> {
+        match self.conn.invoke(invocation).await.map_err(unavailable)? {
+            Value::Int(1) => Ok(()),
+            Value::Int(0) => Err(StoreError::Fenced),
+            Value::Int(-1) => Err(StoreError::Corrupt("a value of another type is stored under the record's key".into())),
+            Value::Int(-2) => Err(StoreError::Corrupt("record without a valid state or token".into())),
+            other => Err(StoreError::Corrupt(format!("unexpected script reply {other:?}"))),
+        }
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn redis_key(prefix: &str, key: &RecordKey) -> String {
+    let digest = Sha256::digest(key.storage_key().as_bytes());
+    let mut out = String::with_capacity(prefix.len() + 66);
+    out.push_str(prefix);
+    out.push('{');
+    for b in digest {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    out.push('}');
+    out
+}
+
+/// Milliseconds for `PEXPIRE`, at least 1 (0 would delete the key).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 2).clamp(1, i64::MAX as u64 / 2)
+}
+
+fn parse_spec(spec: &str) -> Target {
+    if let Some(rest) = spec.strip_prefix("redis+cluster://") {
+        let (main, query) = match rest.split_once('?') {
+            Some((m, q)) => (m, Some(q)),
+            None => (rest, None),
+        };
+        let (auth, hosts) = match main.rsplit_once('@') {
+            Some((a, h)) => (Some(a), h),
+            None => (None, main),
+        };
+        let hosts = hosts.trim_end_matches('/');
+        let nodes: Vec<String> = hosts
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(|h| {
+                let mut url = String::from("redis://");
+                if let Some(a) = auth {
+                    url.push_str(a);
+                    url.push('@');
+                }
+                url.push_str(h);
+                if let Some(q) = query {
+                    url.push_str("/?");
+                    url.push_str(q);
+                }
+                url
+            })
+            .collect();
+        if nodes.is_empty() {
+            return Target::Invalid(format!("`{spec}` lists no cluster node"));
+        }
+        Target::Cluster(nodes)
+    } else if spec.starts_with("redis://") || spec.starts_with("redis+unix://") || spec.starts_with("unix://") {
+        Target::Single(spec.to_owned())
+    } else {
+        Target::Invalid(format!(
+            "`{spec}` is not a Redis URL: use `redis://host:port` or `redis+cluster://host1:port1,host2:port2`"
+        ))
+    }
+}
+
+/// Removes a `prefix=` query parameter from `url` and returns it.
+fn split_prefix(url: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else { return (url.to_owned(), None) };
+    let mut prefix = None;
+    let rest: Vec<&str> = query
+        .split('&')
+        .filter(|kv| match kv.strip_prefix("prefix=") {
+            Some(p) => {
+                prefix = Some(p.to_owned());
+                false
+            }
+            None => !kv.is_empty(),
+        })
+        .collect();
+    let url = if rest.is_empty() {
+        base.trim_end_matches('/').to_owned()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    (url, prefix)
+}
+
+fn config(e: RedisError) -> StoreError {
+    StoreError::Config(e.to_string())
+}
+
+fn unavailable(e: RedisError) -> StoreError {
+    if e.code() == Some("OOM") {
+        return StoreError::Full;
+    }
+    StoreError::Unavailable(e.to_string())
+}
+
+fn bytes(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+fn decode_claim(reply: Value, token: ClaimToken) -> Result<Claim, StoreError> {
+    let unexpected = |r: &Value| StoreError::Corrupt(format!("unexpected claim reply {r:?}"));
+    let Value::Array(items) = &reply else { return Err(unexpected(&reply)) };
+    let tag = items.first().and_then(bytes).ok_or_else(|| unexpected(&reply))?;
+    match (tag, items.get(1)) {
+        (b"a", None) => Ok(Claim::Acquired(token)),
+        (b"m", None) => Ok(Claim::Mismatch),
+        (b"p", Some(Value::Int(ms))) => {
+            Ok(Claim::InProgress { retry_after: Duration::from_millis(u64::try_from(*ms).unwrap_or(0)) })
+        }
+        (b"c", Some(r)) => {
+            let raw = bytes(r).ok_or_else(|| unexpected(&reply))?;
+            StoredResponse::decode(raw).map(Claim::Completed).map_err(|e| StoreError::Corrupt(e.to_string()))
+        }
+        (b"x", Some(why)) => {
+            Err(StoreError::Corrupt(String::from_utf8_lossy(bytes(why).unwrap_or(b"malformed record")).into_owned()))
+        }
+        _ => Err(unexpected(&reply)),
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn claim(&self, key: &RecordKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
+        let token = ClaimToken::generate();
+        let mut inv = self.claim.key(self.redis_key(key));
+        inv.arg(&fingerprint.0[..]).arg(token.0.as_str()).arg(millis(lease));
+        let reply = self.conn.invoke(&inv).await.map_err(unavailable)?;
+        decode_claim(reply, token)
+    }
+
+    async fn renew(&self, key: &RecordKey, token: &ClaimToken, lease: Duration) -> Result<(), StoreError> {
+        let mut inv = self.renew.key(self.redis_key(key));
+        inv.arg(token.0.as_str()).arg(millis(lease));
+        self.fenced(&inv).await
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: &ClaimToken,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let mut inv = self.complete.key(self.redis_key(key));
+        inv.arg(token.0.as_str()).arg(response.encode()).arg(millis(ttl));
+        self.fenced(&inv).await
+    }
+
+    async fn release(&self, key: &RecordKey, token: &ClaimToken) -> Result<(), StoreError> {
+        let mut inv = self.release.key(self.redis_key(key));
+        inv.arg(token.0.as_str());
+        self.fenced(&inv).await
+    }
+
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_specs_become_node_urls() {
+        let Target::Cluster(nodes) = parse_spec("redis+cluster://:pw@h1:1,h2:2/?prefix=app:") else { panic!() };
+        assert_eq!(nodes, ["redis://:pw@h1:1/?prefix=app:", "redis://:pw@h2:2/?prefix=app:"]);
+        assert_eq!(split_prefix(&nodes[0]), ("redis://:pw@h1:1".to_owned(), Some("app:".to_owned())));
+        assert_eq!(
+            split_prefix("redis://h/0?protocol=resp3&prefix=x:"),
+            ("redis://h/0?protocol=resp3".to_owned(), Some("x:".to_owned()))
+        );
+        assert!(matches!(parse_spec("redis+cluster://"), Target::Invalid(_)));
+        assert!(matches!(parse_spec("rediss://h"), Target::Invalid(_)));
+    }
+
+    #[test]
+    fn keys_are_prefixed_hash_tags() {
+        let k = RecordKey::new("s", "a", "k");
+        let digest = Sha256::digest(k.storage_key().as_bytes());
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(redis_key("idem:", &k), format!("idem:{{{hex}}}"));
+        assert_ne!(redis_key("idem:", &k), redis_key("idem:", &RecordKey::new("s", "b", "k")));
+    }
+
+    #[test]
+    fn millis_never_zero() {
+        assert_eq!(millis(Duration::ZERO), 1);
+        assert_eq!(millis(Duration::from_micros(1500)), 1);
+        assert_eq!(millis(Duration::from_secs(2)), 2000);
+        assert!(millis(Duration::MAX) > 0);
+    }
+}

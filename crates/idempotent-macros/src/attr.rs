@@ -1,0 +1,207 @@
+//! The argument list of `#[idempotent(...)]`, parsed as written.
+//!
+//! Values keep their literals (and so their spans); [`crate::valid`] checks what they mean.
+
+use proc_macro2::Span;
+use syn::parse::{Parse, ParseStream};
+use syn::punctuated::Punctuated;
+use syn::{bracketed, Ident, LitBool, LitStr, Token};
+
+mod kw {
+    syn::custom_keyword!(scope);
+    syn::custom_keyword!(fields);
+    syn::custom_keyword!(ttl);
+    syn::custom_keyword!(lease);
+    syn::custom_keyword!(key);
+    syn::custom_keyword!(on_conflict);
+    syn::custom_keyword!(wait_timeout);
+    syn::custom_keyword!(store);
+    syn::custom_keyword!(fail_open);
+    syn::custom_keyword!(route);
+}
+
+const KEYS: &str = "`scope`, `fields`, `ttl`, `lease`, `key`, `on_conflict`, `wait_timeout`, `store`, `fail_open`, `route`";
+
+/// A declared fingerprint field: a dotted path into the body, e.g. `customer.id`.
+#[derive(Debug, Clone)]
+pub(crate) struct FieldPath {
+    pub(crate) segments: Vec<Ident>,
+}
+
+impl FieldPath {
+    /// The path as written, e.g. `"customer.id"`: the field's name in the fingerprint.
+    pub(crate) fn name(&self) -> String {
+        self.segments.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(".")
+    }
+}
+
+impl Parse for FieldPath {
+    fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
+        let mut segments = vec![parse_field_ident(input)?];
+        while input.peek(Token![.]) {
+            input.parse::<Token![.]>()?;
+            segments.push(parse_field_ident(input)?);
+        }
+        Ok(FieldPath { segments })
+    }
+}
+
+fn parse_field_ident(input: ParseStream<'_>) -> syn::Result<Ident> {
+    if input.peek(Ident) {
+        input.parse()
+    } else {
+        Err(input.error("expected a field name; `fields` lists body fields, e.g. `fields = [amount, customer.id]`"))
+    }
+}
+
+/// `fields = [..]` with the span of its key.
+#[derive(Debug, Clone)]
+pub(crate) struct Fields {
+    pub(crate) key: Span,
+    pub(crate) paths: Vec<FieldPath>,
+}
+
+/// A string-valued argument with the span of its key.
+#[derive(Debug, Clone)]
+pub(crate) struct StrArg {
+    pub(crate) key: Span,
+    pub(crate) value: LitStr,
+}
+
+/// Everything written inside `#[idempotent(...)]`; absent keys are `None`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Args {
+    pub(crate) scope: Option<StrArg>,
+    pub(crate) fields: Option<Fields>,
+    pub(crate) ttl: Option<StrArg>,
+    pub(crate) lease: Option<StrArg>,
+    pub(crate) key: Option<StrArg>,
+    pub(crate) on_conflict: Option<StrArg>,
+    pub(crate) wait_timeout: Option<StrArg>,
+    pub(crate) store: Option<StrArg>,
+    pub(crate) fail_open: Option<LitBool>,
+    pub(crate) route: Option<StrArg>,
+}
+
+impl Parse for Args {
+    fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
+        let mut args = Args::default();
+        while !input.is_empty() {
+            let lookahead = input.lookahead1();
+            if lookahead.peek(kw::scope) {
+                let key = input.parse::<kw::scope>()?.span;
+                set(&mut args.scope, "scope", key, str_arg(input, key, "scope", "\"payments.create\"")?)?;
+            } else if lookahead.peek(kw::fields) {
+                let key = input.parse::<kw::fields>()?.span;
+                input.parse::<Token![=]>()?;
+                if !input.peek(syn::token::Bracket) {
+                    return Err(input.error("expected a list of body fields, e.g. `fields = [amount, customer.id]`"));
+                }
+                let content;
+                bracketed!(content in input);
+                let paths = Punctuated::<FieldPath, Token![,]>::parse_terminated(&content)?;
+                set(&mut args.fields, "fields", key, Fields { key, paths: paths.into_iter().collect() })?;
+            } else if lookahead.peek(kw::ttl) {
+                let key = input.parse::<kw::ttl>()?.span;
+                set(&mut args.ttl, "ttl", key, str_arg(input, key, "ttl", "\"24h\"")?)?;
+            } else if lookahead.peek(kw::lease) {
+                let key = input.parse::<kw::lease>()?.span;
+                set(&mut args.lease, "lease", key, str_arg(input, key, "lease", "\"10s\"")?)?;
+            } else if lookahead.peek(kw::key) {
+                let key = input.parse::<kw::key>()?.span;
+                set(&mut args.key, "key", key, str_arg(input, key, "key", "\"optional\"")?)?;
+            } else if lookahead.peek(kw::on_conflict) {
+                let key = input.parse::<kw::on_conflict>()?.span;
+                set(&mut args.on_conflict, "on_conflict", key, str_arg(input, key, "on_conflict", "\"wait\"")?)?;
+            } else if lookahead.peek(kw::wait_timeout) {
+                let key = input.parse::<kw::wait_timeout>()?.span;
+                set(&mut args.wait_timeout, "wait_timeout", key, str_arg(input, key, "wait_timeout", "\"30s\"")?)?;
+            } else if lookahead.peek(kw::store) {
+                let key = input.parse::<kw::store>()?.span;
+                set(&mut args.store, "store", key, str_arg(input, key, "store", "\"success\"")?)?;
+            } else if lookahead.peek(kw::fail_open) {
+                let key = input.parse::<kw::fail_open>()?.span;
+                input.parse::<Token![=]>()?;
+                if !input.peek(LitBool) {
+                    return Err(input.error("expected `true` or `false`, e.g. `fail_open = true`"));
+                }
+                set(&mut args.fail_open, "fail_open", key, input.parse()?)?;
+            } else if lookahead.peek(kw::route) {
+                let key = input.parse::<kw::route>()?.span;
+                set(&mut args.route, "route", key, str_arg(input, key, "route", "\"POST /payments\"")?)?;
+            } else if input.peek(Ident) {
+                let unknown: Ident = input.parse()?;
+                return Err(syn::Error::new(
+                    unknown.span(),
+                    format!("unknown argument `{unknown}` of #[idempotent]; expected one of {KEYS}"),
+                ));
+            } else {
+                return Err(lookahead.error());
+            }
+            if input.is_empty() {
+                break;
+            }
+            input.parse::<Token![,]>()?;
+        }
+        Ok(args)
+    }
+}
+
+/// Parses `= "literal"` after `name`, with an example in the error when the value is not a string.
+fn str_arg(input: ParseStream<'_>, key: Span, name: &str, example: &str) -> syn::Result<StrArg> {
+    input.parse::<Token![=]>()?;
+    if !input.peek(LitStr) {
+        return Err(input.error(format!("expected a string literal, e.g. `{name} = {example}`")));
+    }
+    Ok(StrArg { key, value: input.parse()? })
+}
+
+fn set<T>(slot: &mut Option<T>, name: &str, key: Span, value: T) -> syn::Result<()> {
+    if slot.is_some() {
+        return Err(syn::Error::new(key, format!("duplicate argument `{name}` of #[idempotent]")));
+    }
+    *slot = Some(value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        syn::parse_str::<Args>(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn parses_every_key() {
+        let args: Args = syn::parse_str(
+            r#"scope = "payments.create", fields = [amount, customer.id], ttl = "24h", lease = "10s",
+               key = "optional", on_conflict = "wait", wait_timeout = "5s", store = "all",
+               fail_open = true, route = "POST /payments","#,
+        )
+        .unwrap();
+        assert_eq!(args.scope.unwrap().value.value(), "payments.create");
+        let names: Vec<String> = args.fields.unwrap().paths.iter().map(FieldPath::name).collect();
+        assert_eq!(names, ["amount", "customer.id"]);
+        assert_eq!(args.ttl.unwrap().value.value(), "24h");
+        assert!(args.fail_open.unwrap().value);
+        assert_eq!(args.route.unwrap().value.value(), "POST /payments");
+    }
+
+    #[test]
+    fn empty_list_parses() {
+        let args: Args = syn::parse_str("").unwrap();
+        assert!(args.scope.is_none());
+    }
+
+    #[test]
+    fn rejects_unknown_duplicate_and_mistyped() {
+        assert!(err(r#"scope = "a", tll = "1h""#).starts_with("unknown argument `tll`"));
+        assert!(err(r#"scope = "a", scope = "b""#).starts_with("duplicate argument `scope`"));
+        assert!(err("scope = payments").starts_with("expected a string literal"));
+        assert!(err(r#"fail_open = "yes""#).starts_with("expected `true` or `false`"));
+        assert!(err("fields = amount").starts_with("expected a list of body fields"));
+        assert!(err("fields = [amount.]").starts_with("expected a field name"));
+        assert!(err(r#"scope = "a" ttl = "1h""#).starts_with("expected `,`"));
+    }
+}

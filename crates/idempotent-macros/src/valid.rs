@@ -1,0 +1,343 @@
+//! Checks what the arguments mean and turns them into a [`Spec`] the expansion can emit as a
+//! constant. Every problem becomes an error at the offending key or value; all of them are
+//! reported together.
+
+use crate::attr::{Args, Fields, StrArg};
+use crate::duration::{self, Millis};
+use proc_macro2::Span;
+use syn::LitStr;
+
+/// Longest accepted scope, in bytes.
+const MAX_SCOPE_LEN: usize = 100;
+
+/// Defaults, the same as `idempotent_core::policy::Policy::new`.
+const DEFAULT_TTL: (Millis, &str) = (Millis(24 * 60 * 60 * 1000), "24h");
+const DEFAULT_LEASE: (Millis, &str) = (Millis(10 * 1000), "10s");
+const DEFAULT_WAIT_TIMEOUT: Millis = Millis(30 * 1000);
+
+/// Mirrors `idempotent_core::policy::KeyRequirement`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyRequirement {
+    Required,
+    Optional,
+}
+
+/// Mirrors `idempotent_core::policy::ConflictMode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConflictMode {
+    Reject,
+    Wait,
+}
+
+/// Mirrors `idempotent_core::policy::StoredOutcomes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StoredOutcomes {
+    Final,
+    Success,
+    All,
+}
+
+/// An HTTP method and path, from `route = "POST /payments"` or a framework routing attribute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Route {
+    pub(crate) method: String,
+    pub(crate) path: String,
+}
+
+/// A validated policy: every value is known to be well formed.
+#[derive(Debug, Clone)]
+pub(crate) struct Spec {
+    pub(crate) scope: LitStr,
+    pub(crate) fields: Option<Fields>,
+    pub(crate) ttl: Millis,
+    pub(crate) lease: Millis,
+    pub(crate) key: KeyRequirement,
+    pub(crate) on_conflict: ConflictMode,
+    pub(crate) wait_timeout: Millis,
+    pub(crate) outcomes: StoredOutcomes,
+    pub(crate) fail_open: bool,
+    pub(crate) route: Option<Route>,
+}
+
+/// Collects errors so that one pass reports every problem.
+#[derive(Default)]
+pub(crate) struct Errors(Option<syn::Error>);
+
+impl Errors {
+    pub(crate) fn push(&mut self, error: syn::Error) {
+        match &mut self.0 {
+            Some(all) => all.combine(error),
+            None => self.0 = Some(error),
+        }
+    }
+
+    pub(crate) fn add(&mut self, span: Span, message: impl std::fmt::Display) {
+        self.push(syn::Error::new(span, message));
+    }
+
+    pub(crate) fn finish<T>(self, value: T) -> syn::Result<T> {
+        match self.0 {
+            Some(error) => Err(error),
+            None => Ok(value),
+        }
+    }
+}
+
+/// Validates `args`; `None` in the result means the defaults of `Policy::new` apply.
+pub(crate) fn validate(args: Args) -> syn::Result<Spec> {
+    let mut errors = Errors::default();
+
+    let scope = match args.scope {
+        Some(StrArg { value, .. }) => {
+            if let Err(reason) = check_scope(&value.value()) {
+                errors.add(value.span(), format!("invalid scope {:?}: {reason}", value.value()));
+            }
+            value
+        }
+        None => {
+            errors.add(
+                Span::call_site(),
+                "#[idempotent] needs a `scope`, e.g. #[idempotent(scope = \"payments.create\")]",
+            );
+            LitStr::new("", Span::call_site())
+        }
+    };
+
+    if let Some(fields) = &args.fields {
+        check_fields(fields, &mut errors);
+    }
+
+    let ttl = duration_arg(args.ttl.as_ref(), "ttl", DEFAULT_TTL, &mut errors);
+    let lease = duration_arg(args.lease.as_ref(), "lease", DEFAULT_LEASE, &mut errors);
+    if let (Some(ttl), Some(lease)) = (&ttl, &lease) {
+        if lease.0 > ttl.0 {
+            let span = args.lease.as_ref().map_or_else(Span::call_site, |l| l.value.span());
+            errors.add(
+                span,
+                format!(
+                    "`lease` ({}) is longer than `ttl` ({}{}); an in-progress claim must expire before its record",
+                    lease.1,
+                    ttl.1,
+                    if args.ttl.is_none() { ", the default" } else { "" },
+                ),
+            );
+        }
+    }
+    let wait_timeout =
+        duration_arg(args.wait_timeout.as_ref(), "wait_timeout", (DEFAULT_WAIT_TIMEOUT, "30s"), &mut errors);
+
+    let key = one_of(
+        args.key.as_ref(),
+        "key",
+        &[("required", KeyRequirement::Required), ("optional", KeyRequirement::Optional)],
+        &mut errors,
+    )
+    .unwrap_or(KeyRequirement::Required);
+    let on_conflict = one_of(
+        args.on_conflict.as_ref(),
+        "on_conflict",
+        &[("reject", ConflictMode::Reject), ("wait", ConflictMode::Wait)],
+        &mut errors,
+    );
+    let outcomes = one_of(
+        args.store.as_ref(),
+        "store",
+        &[("final", StoredOutcomes::Final), ("success", StoredOutcomes::Success), ("all", StoredOutcomes::All)],
+        &mut errors,
+    )
+    .unwrap_or(StoredOutcomes::Final);
+
+    // Only complain when `on_conflict` is valid but not `wait`: a misspelt value already has its error.
+    if let Some(wait) = &args.wait_timeout {
+        let invalid_conflict = args.on_conflict.is_some() && on_conflict.is_none();
+        if on_conflict != Some(ConflictMode::Wait) && !invalid_conflict {
+            errors.add(
+                wait.key,
+                "`wait_timeout` only applies with `on_conflict = \"wait\"`; add that or remove `wait_timeout`",
+            );
+        }
+    }
+
+    let route = args.route.as_ref().and_then(|route| match parse_route(&route.value.value()) {
+        Ok(parsed) => Some(parsed),
+        Err(reason) => {
+            errors.add(route.value.span(), format!("invalid `route` {:?}: {reason}", route.value.value()));
+            None
+        }
+    });
+
+    errors.finish(Spec {
+        scope,
+        fields: args.fields,
+        ttl: ttl.map_or(DEFAULT_TTL.0, |t| t.0),
+        lease: lease.map_or(DEFAULT_LEASE.0, |l| l.0),
+        key,
+        on_conflict: on_conflict.unwrap_or(ConflictMode::Reject),
+        wait_timeout: wait_timeout.map_or(DEFAULT_WAIT_TIMEOUT, |w| w.0),
+        outcomes,
+        fail_open: args.fail_open.is_some_and(|b| b.value),
+        route,
+    })
+}
+
+/// Checks a scope: dot-separated segments of lowercase ASCII letters, digits and `_`.
+pub(crate) fn check_scope(scope: &str) -> Result<(), String> {
+    const FORMAT: &str =
+        "use lowercase ASCII letters, digits and `_`, in segments separated by dots, e.g. \"payments.create\"";
+    if scope.is_empty() {
+        return Err(format!("a scope cannot be empty; {FORMAT}"));
+    }
+    if scope.len() > MAX_SCOPE_LEN {
+        return Err(format!("a scope is at most {MAX_SCOPE_LEN} characters, this one has {}", scope.len()));
+    }
+    if scope.split('.').any(str::is_empty) {
+        return Err(format!("empty segment; {FORMAT}"));
+    }
+    if let Some(bad) = scope.chars().find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '_' | '.')) {
+        return Err(format!("`{bad}` is not allowed; {FORMAT}"));
+    }
+    Ok(())
+}
+
+fn check_fields(fields: &Fields, errors: &mut Errors) {
+    if fields.paths.is_empty() {
+        errors.add(fields.key, "`fields` is empty; list body fields, or remove `fields` to fingerprint the whole body");
+    }
+    let mut seen = Vec::new();
+    for path in &fields.paths {
+        let name = path.name();
+        if seen.contains(&name) {
+            errors.add(path.segments[0].span(), format!("field `{name}` is listed twice in `fields`"));
+        } else {
+            seen.push(name);
+        }
+    }
+}
+
+/// Parses an optional duration argument; `None` means it was invalid (and an error was recorded).
+fn duration_arg(
+    arg: Option<&StrArg>,
+    name: &str,
+    default: (Millis, &str),
+    errors: &mut Errors,
+) -> Option<(Millis, String)> {
+    let Some(arg) = arg else {
+        return Some((default.0, format!("\"{}\"", default.1)));
+    };
+    let text = arg.value.value();
+    match duration::parse(&text) {
+        Ok(ms) => Some((ms, format!("{text:?}"))),
+        Err(error) => {
+            errors.add(arg.value.span(), format!("`{name}` {error}"));
+            None
+        }
+    }
+}
+
+/// Maps a string argument onto one of `choices`; `None` when absent or invalid.
+fn one_of<T: Copy>(arg: Option<&StrArg>, name: &str, choices: &[(&str, T)], errors: &mut Errors) -> Option<T> {
+    let arg = arg?;
+    let text = arg.value.value();
+    if let Some((_, value)) = choices.iter().find(|(choice, _)| *choice == text) {
+        return Some(*value);
+    }
+    let expected: Vec<String> = choices.iter().map(|(choice, _)| format!("\"{choice}\"")).collect();
+    let expected = match expected.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    };
+    errors.add(arg.value.span(), format!("unknown `{name}` value {text:?}; expected {expected}"));
+    None
+}
+
+/// Parses `"METHOD /path"`.
+pub(crate) fn parse_route(text: &str) -> Result<Route, String> {
+    const FORMAT: &str = "write \"METHOD /path\", e.g. \"POST /payments\"";
+    let Some((method, path)) = text.split_once(' ') else {
+        return Err(format!("expected a method and a path; {FORMAT}"));
+    };
+    if method.is_empty() || !method.chars().all(|c| c.is_ascii_uppercase()) {
+        return Err(format!("the method must be uppercase letters; {FORMAT}"));
+    }
+    check_path(path).map_err(|reason| format!("{reason}; {FORMAT}"))?;
+    Ok(Route { method: method.to_owned(), path: path.to_owned() })
+}
+
+/// A route path starts with `/` and has no whitespace or control characters.
+pub(crate) fn check_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err("the path must start with `/`".to_owned());
+    }
+    if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("the path cannot contain whitespace".to_owned());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(text: &str) -> syn::Result<Spec> {
+        validate(syn::parse_str(text).unwrap())
+    }
+
+    fn error(text: &str) -> String {
+        spec(text).unwrap_err().into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n")
+    }
+
+    #[test]
+    fn defaults_match_policy_new() {
+        let s = spec(r#"scope = "payments.create""#).unwrap();
+        assert_eq!(s.ttl, Millis(86_400_000));
+        assert_eq!(s.lease, Millis(10_000));
+        assert_eq!(s.wait_timeout, Millis(30_000));
+        assert_eq!(s.key, KeyRequirement::Required);
+        assert_eq!(s.on_conflict, ConflictMode::Reject);
+        assert_eq!(s.outcomes, StoredOutcomes::Final);
+        assert!(!s.fail_open);
+        assert!(s.route.is_none());
+    }
+
+    #[test]
+    fn scopes() {
+        for ok in ["payments", "payments.create", "v2.orders_refund.x9", &"a".repeat(100)] {
+            assert_eq!(check_scope(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "Payments", "payments..create", ".a", "a.", "a-b", "a b", "é", &"a".repeat(101)] {
+            assert!(check_scope(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn routes() {
+        assert_eq!(parse_route("POST /payments"), Ok(Route { method: "POST".into(), path: "/payments".into() }));
+        for bad in ["POST", "post /p", "POST p", "POST /a b", " /p", "POST  /p"] {
+            assert!(parse_route(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn collects_every_error() {
+        let e = error(r#"scope = "Bad", ttl = "0s", key = "maybe""#);
+        assert!(e.contains("invalid scope \"Bad\""), "{e}");
+        assert!(e.contains("`ttl` must be greater than zero"), "{e}");
+        assert!(e.contains("unknown `key` value \"maybe\"; expected \"required\" or \"optional\""), "{e}");
+    }
+
+    #[test]
+    fn lease_and_wait_rules() {
+        assert!(error(r#"scope = "a", ttl = "5s""#).contains("`lease` (\"10s\") is longer than `ttl` (\"5s\")"));
+        assert!(error(r#"scope = "a", lease = "2d""#).contains("(\"24h\", the default)"));
+        assert!(error(r#"scope = "a", wait_timeout = "5s""#).contains("only applies with `on_conflict = \"wait\"`"));
+        assert!(spec(r#"scope = "a", on_conflict = "wait", wait_timeout = "5s", lease = "5s", ttl = "5s""#).is_ok());
+        // A misspelt `on_conflict` gives one error, not two.
+        assert_eq!(spec(r#"scope = "a", on_conflict = "wiat", wait_timeout = "5s""#).unwrap_err().into_iter().count(), 1);
+    }
+
+    #[test]
+    fn missing_scope() {
+        assert!(error("").contains("needs a `scope`"));
+    }
+}

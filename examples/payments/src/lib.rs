@@ -1,0 +1,10 @@
+//! The payments demo: a small payments API whose mutating routes are protected by
+//! `#[idempotent]`. See the repository's DEMO contract for the routes.
+//!
+//! The domain (validation, the ledger, the accounts' operations) is framework-free and shared by
+//! the binaries; each binary adds only its framework's glue.
+
+pub mod axum_app;
+pub mod config;
+pub mod domain;
+pub mod ledger;

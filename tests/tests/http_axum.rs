@@ -1,0 +1,20 @@
+//! The HTTP conformance suite against the axum demo on a loopback port.
+
+use idempotent_tests::http::{temp_ledger, Demo};
+use payments_demo::config::Config;
+use std::time::Duration;
+
+async fn start_axum() -> Demo {
+    let ledger = temp_ledger();
+    let delay = Duration::from_millis(1200);
+    let config = Config {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        store: "memory".into(),
+        ledger: ledger.clone(),
+        transfer_delay: delay,
+    };
+    let (addr, _server) = payments_demo::axum_app::start(&config).await.expect("demo starts");
+    Demo::new(addr, ledger, delay)
+}
+
+idempotent_tests::http_conformance_tests!(start_axum());
