@@ -1,8 +1,7 @@
 //! The HTTP conformance suite against the axum demo on a loopback port.
 
-use idempotent_tests::http::{temp_ledger, Demo};
+use idempotent_tests::http::temp_ledger;
 use payments_demo::config::Config;
-use std::time::Duration;
 
 async fn start_axum() -> Demo {
     let ledger = temp_ledger();

@@ -9,7 +9,7 @@ use crate::attr::{Args, FieldPath};
 use crate::duration::Millis;
 use crate::valid::{self, ConflictMode, Errors, KeyRequirement, Route, Spec, StoredOutcomes};
 use proc_macro2::{Literal, Span, TokenStream};
-use quote::{format_ident, quote, quote_spanned, ToTokens};
+use quote::{format_ident, quote, quote_spanned};
 use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
 use syn::{Attribute, FnArg, GenericArgument, Ident, ItemFn, LitStr, PathArguments, Token, Type, Visibility};

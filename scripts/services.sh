@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Makes sure the real servers the tests talk to are up: PostgreSQL on 127.0.0.1:5432 with a
+# database `test`, and Redis on 127.0.0.1:6379. Starts them if they are installed but stopped,
+# installs them (Debian packages) if they are missing. Safe to run repeatedly.
+set -uo pipefail
+
+log() { echo "services: $*" >&2; }
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+apt_install() {
+  log "installing $*"
+  as_root apt-get update -qq >/dev/null 2>&1 || true
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null 2>&1 || log "could not install $*"
+}
+
+# --- Redis -------------------------------------------------------------------------------
+if [ -z "${IDEMPOTENT_TEST_REDIS_URL:-}" ]; then
+  if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+    command -v redis-server >/dev/null 2>&1 || apt_install redis-server redis-tools
+    if command -v redis-server >/dev/null 2>&1; then
+      log "starting redis-server on 6379"
+      redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null 2>&1 || true
+      for _ in $(seq 1 50); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.1; done
+    fi
+  fi
+  redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && log "redis is up" || log "redis is NOT available"
+fi
+
+# --- PostgreSQL --------------------------------------------------------------------------
+pg_up() { pg_isready -q -h 127.0.0.1 -p 5432 >/dev/null 2>&1; }
+if [ -z "${IDEMPOTENT_TEST_DATABASE_URL:-}" ]; then
+  if ! pg_up; then
+    [ -d /etc/postgresql ] && [ -n "$(ls /etc/postgresql 2>/dev/null)" ] || apt_install postgresql postgresql-client
+    if [ -d /etc/postgresql ] && [ -n "$(ls /etc/postgresql 2>/dev/null)" ]; then
+      ver=$(ls /etc/postgresql | sort -V | tail -n 1)
+      log "starting PostgreSQL $ver"
+      as_root pg_ctlcluster --skip-systemctl-redirect "$ver" main start >/dev/null 2>&1 || true
+      for _ in $(seq 1 100); do pg_up && break; sleep 0.1; done
+    fi
+  fi
+  if pg_up; then
+    # A fresh Debian install answers only with passwords over TCP: give the tests a role and a
+    # database they can use, and tell them the URL.
+    if ! psql -h 127.0.0.1 -U postgres -d test -c 'select 1' >/dev/null 2>&1; then
+      as_root su postgres -c "psql -q -c \"ALTER USER postgres PASSWORD 'postgres'\"" >/dev/null 2>&1 || true
+      as_root su postgres -c "createdb test" >/dev/null 2>&1 || true
+      if PGPASSWORD=postgres psql -h 127.0.0.1 -U postgres -d test -c 'select 1' >/dev/null 2>&1; then
+        echo "IDEMPOTENT_TEST_DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432/test"
+      fi
+    fi
+    log "postgres is up"
+  else
+    log "postgres is NOT available"
+  fi
+fi

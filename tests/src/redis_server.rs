@@ -1,0 +1,245 @@
+//! Real Redis servers for the store tests.
+//!
+//! [`redis_url`] finds a single node: `IDEMPOTENT_TEST_REDIS_URL` when set, else
+//! `redis://127.0.0.1:6379` when it answers `PING`, else a `redis-server` from `PATH` started on a
+//! free loopback port (without persistence). [`redis_cluster`] starts a three-master Redis Cluster
+//! on loopback ports, once per test binary. When no server can be had the tests print a loud
+//! `SKIPPED` line and pass — except under `CI=true`, where that is a failure.
+//!
+//! Servers started here run in the foreground as child processes, each in its own temporary
+//! directory. A small `sh` watchdog per process polls the test binary's pid and kills the server
+//! and removes its directory once the binary has exited, so nothing is left running.
+//!
+//! Every test uses its own random key prefix ([`test_prefix`]), so tests run in parallel against
+//! one server.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::sync::OnceCell;
+
+static SINGLE: OnceCell<Option<String>> = OnceCell::const_new();
+static CLUSTER: OnceCell<Option<Vec<String>>> = OnceCell::const_new();
+
+/// A fresh key prefix, unique to the calling test.
+pub fn test_prefix() -> String {
+    format!("idemtest:{}:", uuid::Uuid::new_v4().simple())
+}
+
+/// Whether an unavailable server must fail the run (`CI=true`) rather than skip.
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
+fn skip(what: &str) {
+    let msg = format!(
+        "SKIPPED: no Redis {what}: set IDEMPOTENT_TEST_REDIS_URL, run redis-server on 127.0.0.1:6379, \
+         or put redis-server and redis-cli on PATH"
+    );
+    if in_ci() {
+        panic!("{msg} (a skip is a failure under CI=true)");
+    }
+    eprintln!("\n==================== {msg} ====================\n");
+}
+
+/// Whether the server at `url` answers `PING` within a second.
+pub async fn ping(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else { return false };
+    let attempt = async {
+        let mut c = client.get_multiplexed_async_connection().await.ok()?;
+        redis::cmd("PING").query_async::<String>(&mut c).await.ok()
+    };
+    matches!(tokio::time::timeout(Duration::from_secs(1), attempt).await, Ok(Some(p)) if p == "PONG")
+}
+
+/// A single Redis node for the tests, or `None` (after a loud `SKIPPED` line) when none can be
+/// had. Panics under `CI=true` instead of returning `None`.
+pub async fn redis_url() -> Option<String> {
+    let url = SINGLE
+        .get_or_init(|| async {
+            if let Ok(url) = std::env::var("IDEMPOTENT_TEST_REDIS_URL") {
+                if !url.is_empty() {
+                    return Some(url);
+                }
+            }
+            let local = "redis://127.0.0.1:6379".to_owned();
+            if ping(&local).await {
+                return Some(local);
+            }
+            let server = RedisProcess::start(free_port(false)?, &[]).await?;
+            let url = server.url();
+            // Kept running until the test binary exits (see the module docs).
+            std::mem::forget(server);
+            Some(url)
+        })
+        .await
+        .clone();
+    if url.is_none() {
+        skip("server");
+    }
+    url
+}
+
+/// A three-master Redis Cluster on loopback ports, as `redis://127.0.0.1:PORT` seed URLs, started
+/// once per test binary; `None` (after a loud `SKIPPED` line) when it cannot be started. Panics
+/// under `CI=true` instead of returning `None`.
+pub async fn redis_cluster() -> Option<Vec<String>> {
+    let nodes = CLUSTER.get_or_init(start_cluster).await.clone();
+    if nodes.is_none() {
+        skip("cluster");
+    }
+    nodes
+}
+
+async fn start_cluster() -> Option<Vec<String>> {
+    let mut servers = Vec::new();
+    for _ in 0..3 {
+        let port = free_port(true)?;
+        let conf = format!("nodes-{port}.conf");
+        let server =
+            RedisProcess::start(port, &["--cluster-enabled", "yes", "--cluster-config-file", &conf]).await?;
+        servers.push(server);
+    }
+    let mut create = Command::new("redis-cli");
+    create.arg("--cluster").arg("create");
+    for s in &servers {
+        create.arg(format!("127.0.0.1:{}", s.port));
+    }
+    create.args(["--cluster-replicas", "0", "--cluster-yes"]).stdin(Stdio::null());
+    let out = create.output().ok()?;
+    if !out.status.success() {
+        eprintln!(
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    }
+    let urls: Vec<String> = servers.iter().map(RedisProcess::url).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut ok = true;
+        for url in &urls {
+            ok &= cluster_ok(url).await;
+        }
+        if ok {
+            break;
+        }
+        if Instant::now() > deadline {
+            eprintln!("redis cluster did not reach cluster_state:ok");
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for s in servers {
+        std::mem::forget(s);
+    }
+    Some(urls)
+}
+
+async fn cluster_ok(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else { return false };
+    let Ok(mut c) = client.get_multiplexed_async_connection().await else { return false };
+    let info: String = redis::cmd("CLUSTER").arg("INFO").query_async(&mut c).await.unwrap_or_default();
+    info.lines().any(|l| l.trim() == "cluster_state:ok")
+}
+
+/// A free loopback port; with `bus`, one whose cluster bus port (`port + 10000`) is free too.
+pub fn free_port(bus: bool) -> Option<u16> {
+    for _ in 0..200 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
+        let port = l.local_addr().ok()?.port();
+        if !bus {
+            return Some(port);
+        }
+        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return Some(port);
+        }
+    }
+    None
+}
+
+/// A `redis-server` child process started by the tests, without persistence, in its own
+/// temporary directory. Dropping it kills the server; a watchdog kills it anyway when the test
+/// binary exits.
+#[derive(Debug)]
+pub struct RedisProcess {
+    /// The loopback port it listens on.
+    pub port: u16,
+    child: Child,
+    watchdog: Option<Child>,
+    dir: PathBuf,
+}
+
+impl RedisProcess {
+    /// Starts `redis-server` from `PATH` on `port` with `extra` arguments and waits until it
+    /// answers `PING`; `None` when it is not installed or does not come up.
+    pub async fn start(port: u16, extra: &[&str]) -> Option<Self> {
+        let dir = std::env::temp_dir().join(format!("idempotent-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok()?;
+        let log = std::fs::File::create(dir.join("redis.log")).ok()?;
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--daemonize", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .args(extra)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().ok()?)
+            .stderr(log)
+            .spawn()
+            .ok()?;
+        let watchdog = watchdog(child.id(), &dir);
+        let mut server = Self { port, child, watchdog, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ping(&server.url()).await {
+            if Instant::now() > deadline || matches!(server.child.try_wait(), Ok(Some(_))) {
+                eprintln!("redis-server on port {port} did not start; log in {}", server.dir.display());
+                server.kill();
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Some(server)
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL: no shutdown, no goodbye to clients) and waits for it to exit.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(mut w) = self.watchdog.take() {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+    }
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Kills `pid` and removes `dir` once this test binary has exited.
+fn watchdog(pid: u32, dir: &std::path::Path) -> Option<Child> {
+    let script = format!(
+        "while kill -0 {me} 2>/dev/null; do sleep 1; done; kill -9 {pid} 2>/dev/null; rm -rf '{dir}'",
+        me = std::process::id(),
+        dir = dir.display()
+    );
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()
+}
