@@ -45,6 +45,8 @@
 //! (an object-safe async [`Store`](store::Store) trait), `futures-util` (catching a handler's
 //! panic as a value so its claim is released), `inventory` (the link-time route registry),
 //! `uuid` (random claim tokens), `bytes`, `thiserror`, `tracing`.
+//! `sqlx` (features `sqlite` and `postgres` only: the SQL stores, through its query API, with no
+//! compile-time checked macros and its own embedded migrations rendered for the configured table).
 //! Optional, behind the feature of the same name: `redis` (the Redis store: its connection
 //! manager reconnects by itself, its cluster connection follows the slot map, and its script
 //! support runs each operation as one atomic `EVALSHA`).

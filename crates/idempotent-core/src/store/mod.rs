@@ -19,6 +19,16 @@ pub mod redis;
 #[cfg(feature = "redis")]
 pub use self::redis::RedisStore;
 
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "postgres")]
+pub use self::postgres::{PostgresConfig, PostgresStore};
+
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+#[cfg(feature = "sqlite")]
+pub use self::sqlite::{SqliteConfig, SqliteStore};
+
 /// Where a record lives: the route's scope, the caller's identity and the client's key.
 ///
 /// Namespacing by actor means one caller can never replay another caller's response, even when
@@ -147,6 +157,18 @@ pub async fn connect(spec: &str) -> Result<std::sync::Arc<dyn Store>, StoreError
     let scheme = spec.split(':').next().unwrap_or_default();
     match scheme {
         "memory" => Ok(std::sync::Arc::new(MemoryStore::new())),
+        #[cfg(feature = "sqlite")]
+        "sqlite" => Ok(std::sync::Arc::new(SqliteStore::connect(spec).await?)),
+        #[cfg(not(feature = "sqlite"))]
+        "sqlite" => Err(StoreError::Config(format!(
+            "store `{spec}` needs the `sqlite` cargo feature (of idempotent-axum or idempotent-core)"
+        ))),
+        #[cfg(feature = "postgres")]
+        "postgres" | "postgresql" => Ok(std::sync::Arc::new(PostgresStore::connect(spec).await?)),
+        #[cfg(not(feature = "postgres"))]
+        "postgres" | "postgresql" => Err(StoreError::Config(format!(
+            "store `{spec}` needs the `postgres` cargo feature (of idempotent-axum or idempotent-core)"
+        ))),
         #[cfg(feature = "redis")]
         "redis" | "redis+cluster" => Ok(std::sync::Arc::new(RedisStore::connect(spec).await?)),
         #[cfg(not(feature = "redis"))]
@@ -158,3 +180,45 @@ pub async fn connect(spec: &str) -> Result<std::sync::Arc<dyn Store>, StoreError
         ))),
     }
 }
+
+// Helpers shared by the SQL stores.
+
+/// Aborts the background sweeper when the store is dropped.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Turns a live row into the claim's answer; anything undecodable is [`StoreError::Corrupt`].
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+fn decide(
+    fingerprint: &Fingerprint,
+    stored_fingerprint: &[u8],
+    state: &str,
+    response: Option<&[u8]>,
+    remaining: Duration,
+) -> Result<Claim, StoreError> {
+    let stored: [u8; 32] = stored_fingerprint.try_into().map_err(|_| {
+        StoreError::Corrupt(format!("fingerprint is {} bytes, expected 32", stored_fingerprint.len()))
+    })?;
+    let in_progress = match state {
+        "in_progress" => true,
+        "completed" => false,
+        other => return Err(StoreError::Corrupt(format!("unknown record state {other:?}"))),
+    };
+    if stored != fingerprint.0 {
+        return Ok(Claim::Mismatch);
+    }
+    if in_progress {
+        return Ok(Claim::InProgress { retry_after: remaining });
+    }
+    let bytes = response.ok_or_else(|| StoreError::Corrupt("completed record without a response".into()))?;
+    StoredResponse::decode(bytes).map(Claim::Completed).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+

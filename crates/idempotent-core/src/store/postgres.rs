@@ -74,7 +74,7 @@
 //! Connections use sqlx's PostgreSQL driver without TLS; reach a remote server through a
 //! private network or a local TLS proxy.
 
-use super::{Claim, ClaimToken, RecordKey, Store, StoreError};
+use super::{decide, AbortOnDrop, Claim, ClaimToken, RecordKey, Store, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use async_trait::async_trait;
@@ -291,16 +291,6 @@ WHERE {key} AND token = $4 AND state = 'in_progress'"
     }
 }
 
-/// Aborts the background sweeper when the store is dropped.
-#[derive(Debug)]
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 #[derive(Debug)]
 struct Inner {
     pool: PgPool,
@@ -454,32 +444,6 @@ async fn migrate(pool: &PgPool, config: &PostgresConfig) -> Result<(), StoreErro
             .map_err(unavailable)?;
     }
     tx.commit().await.map_err(unavailable)
-}
-
-/// Turns a live row into the claim's answer; anything undecodable is [`StoreError::Corrupt`].
-pub(crate) fn decide(
-    fingerprint: &Fingerprint,
-    stored_fingerprint: &[u8],
-    state: &str,
-    response: Option<&[u8]>,
-    remaining: Duration,
-) -> Result<Claim, StoreError> {
-    let stored: [u8; 32] = stored_fingerprint.try_into().map_err(|_| {
-        StoreError::Corrupt(format!("fingerprint is {} bytes, expected 32", stored_fingerprint.len()))
-    })?;
-    let in_progress = match state {
-        "in_progress" => true,
-        "completed" => false,
-        other => return Err(StoreError::Corrupt(format!("unknown record state {other:?}"))),
-    };
-    if stored != fingerprint.0 {
-        return Ok(Claim::Mismatch);
-    }
-    if in_progress {
-        return Ok(Claim::InProgress { retry_after: remaining });
-    }
-    let bytes = response.ok_or_else(|| StoreError::Corrupt("completed record without a response".into()))?;
-    StoredResponse::decode(bytes).map(Claim::Completed).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 /// How many times a claim is retried when a concurrent change hid the row from its snapshot.

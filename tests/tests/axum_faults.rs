@@ -1,0 +1,268 @@
+//! Fault paths of the axum adapter over real HTTP on a loopback port: panics, retryable
+//! statuses, disconnects, oversized responses, an unreachable store, a missing runtime.
+
+use async_trait::async_trait;
+use axum::body::Body;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::post;
+use axum::{Json, Router};
+use idempotent_axum::core::fingerprint::Fingerprint;
+use idempotent_axum::core::response::StoredResponse;
+use idempotent_axum::core::store::{Claim, ClaimToken, MemoryStore, RecordKey, Store, StoreError};
+use idempotent_axum::{idempotent, Idempotency};
+use idempotent_tests::http::{new_key, send, Captured};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Deserialize, Serialize)]
+struct Item {
+    name: String,
+}
+
+static PANICS: AtomicUsize = AtomicUsize::new(0);
+static FLAKY: AtomicUsize = AtomicUsize::new(0);
+static SLOW: AtomicUsize = AtomicUsize::new(0);
+static BIG: AtomicUsize = AtomicUsize::new(0);
+static STREAM: AtomicUsize = AtomicUsize::new(0);
+static WAITED: AtomicUsize = AtomicUsize::new(0);
+static OPTIONAL: AtomicUsize = AtomicUsize::new(0);
+static DOWN: AtomicUsize = AtomicUsize::new(0);
+
+#[idempotent(scope = "faults.panic", fields = [name])]
+async fn panics_once(Json(item): Json<Item>) -> (StatusCode, String) {
+    if PANICS.fetch_add(1, Ordering::SeqCst) == 0 {
+        panic!("first call fails");
+    }
+    (StatusCode::CREATED, item.name)
+}
+
+#[idempotent(scope = "faults.flaky", fields = [name])]
+async fn unavailable_once(Json(item): Json<Item>) -> (StatusCode, String) {
+    if FLAKY.fetch_add(1, Ordering::SeqCst) == 0 {
+        return (StatusCode::SERVICE_UNAVAILABLE, "downstream busy".into());
+    }
+    (StatusCode::CREATED, item.name)
+}
+
+#[idempotent(scope = "faults.slow", fields = [name])]
+async fn slow(Json(item): Json<Item>) -> (StatusCode, String) {
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    SLOW.fetch_add(1, Ordering::SeqCst);
+    (StatusCode::CREATED, format!("slow {}", item.name))
+}
+
+#[idempotent(scope = "faults.big")]
+async fn big() -> impl IntoResponse {
+    BIG.fetch_add(1, Ordering::SeqCst);
+    (StatusCode::CREATED, "x".repeat(10_000))
+}
+
+#[idempotent(scope = "faults.stream")]
+async fn stream() -> impl IntoResponse {
+    STREAM.fetch_add(1, Ordering::SeqCst);
+    let chunks = (0..20).map(|i| Ok::<_, std::io::Error>(bytes::Bytes::from(format!("{i:04}").repeat(100))));
+    (StatusCode::OK, Body::from_stream(futures_util::stream::iter(chunks)))
+}
+
+#[idempotent(scope = "faults.wait", fields = [name], on_conflict = "wait")]
+async fn waits(Json(item): Json<Item>) -> (StatusCode, String) {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    WAITED.fetch_add(1, Ordering::SeqCst);
+    (StatusCode::CREATED, item.name)
+}
+
+#[idempotent(scope = "faults.optional", key = "optional")]
+async fn optional() -> StatusCode {
+    OPTIONAL.fetch_add(1, Ordering::SeqCst);
+    StatusCode::CREATED
+}
+
+#[idempotent(scope = "faults.down")]
+async fn down() -> StatusCode {
+    DOWN.fetch_add(1, Ordering::SeqCst);
+    StatusCode::CREATED
+}
+
+#[idempotent(scope = "faults.cookie")]
+async fn cookie() -> impl IntoResponse {
+    (StatusCode::CREATED, [(header::SET_COOKIE, "session=secret"), (header::HeaderName::from_static("x-order"), "o-1")], "ok")
+}
+
+async fn serve(router: Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    format!("http://{addr}")
+}
+
+async fn app() -> String {
+    let idem = Idempotency::builder(Arc::new(MemoryStore::new())).max_stored_body(1024).build().unwrap();
+    serve(
+        Router::new()
+            .route("/panic", post(panics_once))
+            .route("/flaky", post(unavailable_once))
+            .route("/slow", post(slow))
+            .route("/big", post(big))
+            .route("/stream", post(stream))
+            .route("/wait", post(waits))
+            .route("/optional", post(optional))
+            .route("/cookie", post(cookie))
+            .layer(idem.layer()),
+    )
+    .await
+}
+
+fn post_to(base: &str, path: &str, key: Option<&str>) -> reqwest::RequestBuilder {
+    let r = reqwest::Client::new().post(format!("{base}{path}")).json(&json!({"name": "n"}));
+    match key {
+        Some(k) => r.header("Idempotency-Key", k),
+        None => r,
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_handler_releases_its_claim() {
+    let base = app().await;
+    let key = new_key();
+    let first = send(post_to(&base, "/panic", Some(&key))).await;
+    first.assert_problem(500, "urn:idempotent:problem:handler-panicked");
+    let retry = send(post_to(&base, "/panic", Some(&key))).await;
+    assert_eq!(retry.status, 201);
+    assert!(!retry.replayed());
+    assert_eq!(PANICS.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_503_releases_the_claim_and_the_retry_runs_again() {
+    let base = app().await;
+    let key = new_key();
+    assert_eq!(send(post_to(&base, "/flaky", Some(&key))).await.status, 503);
+    let retry = send(post_to(&base, "/flaky", Some(&key))).await;
+    assert_eq!((retry.status, retry.replayed()), (201, false));
+    let replay = send(post_to(&base, "/flaky", Some(&key))).await;
+    assert_eq!((replay.status, replay.replayed()), (201, true));
+    assert_eq!(FLAKY.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_does_not_cancel_the_handler() {
+    let base = app().await;
+    let key = new_key();
+    let client = reqwest::Client::builder().timeout(Duration::from_millis(150)).build().unwrap();
+    let cut = client.post(format!("{base}/slow")).header("Idempotency-Key", &key).json(&json!({"name": "n"})).send().await;
+    assert!(cut.is_err(), "the client gave up before the handler finished");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(SLOW.load(Ordering::SeqCst), 1, "the handler ran to completion");
+    let retry = send(post_to(&base, "/slow", Some(&key))).await;
+    assert_eq!(retry.status, 201);
+    assert!(retry.replayed(), "the outcome was recorded although nobody received it");
+    assert_eq!(retry.body, b"slow n");
+    assert_eq!(SLOW.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_response_over_the_cap_is_delivered_but_never_run_twice() {
+    let base = app().await;
+    for (path, counter, len) in [("/big", &BIG, 10_000), ("/stream", &STREAM, 8_000)] {
+        let key = new_key();
+        let first = send(post_to(&base, path, Some(&key))).await;
+        assert_eq!(first.body.len(), len, "{path}: the client gets every byte");
+        let retry = send(post_to(&base, path, Some(&key))).await;
+        retry.assert_problem(409, "urn:idempotent:problem:response-not-stored");
+        assert!(retry.json()["detail"].as_str().unwrap().contains("too large"));
+        assert_eq!(counter.load(Ordering::SeqCst), 1, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn wait_mode_replays_the_first_response_to_a_concurrent_duplicate() {
+    let base = app().await;
+    let key = new_key();
+    let a = tokio::spawn(post_to(&base, "/wait", Some(&key)).send());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let b = send(post_to(&base, "/wait", Some(&key))).await;
+    let a = Captured::from(a.await.unwrap().unwrap()).await;
+    assert_eq!((a.status, b.status), (201, 201));
+    assert!(b.replayed());
+    assert_eq!(a.body, b.body);
+    assert_eq!(WAITED.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn an_optional_key_runs_unprotected_without_one() {
+    let base = app().await;
+    let before = OPTIONAL.load(Ordering::SeqCst);
+    assert_eq!(send(post_to(&base, "/optional", None)).await.status, 201);
+    assert_eq!(send(post_to(&base, "/optional", None)).await.status, 201);
+    assert_eq!(OPTIONAL.load(Ordering::SeqCst) - before, 2);
+}
+
+#[tokio::test]
+async fn set_cookie_and_date_are_not_replayed() {
+    let base = app().await;
+    let key = new_key();
+    let first = send(post_to(&base, "/cookie", Some(&key))).await;
+    assert_eq!(first.header("set-cookie"), Some("session=secret"));
+    let replay = send(post_to(&base, "/cookie", Some(&key))).await;
+    assert!(replay.replayed());
+    assert_eq!(replay.header("set-cookie"), None, "a session cookie is never handed to a retry");
+    assert_eq!(replay.header("x-order"), Some("o-1"));
+    assert!(replay.header("date").is_some(), "the replay carries its own Date");
+}
+
+/// A store whose backend refuses every connection, as an unreachable server does.
+struct Unreachable;
+
+#[async_trait]
+impl Store for Unreachable {
+    async fn claim(&self, _: &RecordKey, _: &Fingerprint, _: Duration) -> Result<Claim, StoreError> {
+        Err(StoreError::Unavailable("connection refused".into()))
+    }
+    async fn renew(&self, _: &RecordKey, _: &ClaimToken, _: Duration) -> Result<(), StoreError> {
+        Err(StoreError::Unavailable("connection refused".into()))
+    }
+    async fn complete(&self, _: &RecordKey, _: &ClaimToken, _: &StoredResponse, _: Duration) -> Result<(), StoreError> {
+        Err(StoreError::Unavailable("connection refused".into()))
+    }
+    async fn release(&self, _: &RecordKey, _: &ClaimToken) -> Result<(), StoreError> {
+        Err(StoreError::Unavailable("connection refused".into()))
+    }
+    fn name(&self) -> &'static str {
+        "unreachable"
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_store_fails_closed_with_503() {
+    let idem = Idempotency::builder(Arc::new(Unreachable)).store_retry_after(Duration::from_secs(5)).build().unwrap();
+    let base = serve(Router::new().route("/down", post(down)).layer(idem.layer())).await;
+    let r = send(post_to(&base, "/down", Some(&new_key()))).await;
+    r.assert_problem(503, "urn:idempotent:problem:store-unavailable");
+    assert_eq!(r.header("retry-after"), Some("5"));
+    assert_eq!(DOWN.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_route_without_the_runtime_says_so() {
+    let base = serve(Router::new().route("/down", post(down))).await;
+    let r = send(post_to(&base, "/down", Some(&new_key()))).await;
+    r.assert_problem(500, "urn:idempotent:problem:misconfigured");
+}
+
+#[tokio::test]
+async fn the_key_header_name_is_configurable() {
+    let idem = Idempotency::builder(Arc::new(MemoryStore::new())).header_name("X-Request-Key").build().unwrap();
+    let base = serve(Router::new().route("/cookie", post(cookie)).layer(idem.layer())).await;
+    let client = reqwest::Client::new();
+    let missing = send(client.post(format!("{base}/cookie")).header("Idempotency-Key", "k")).await;
+    missing.assert_problem(400, "urn:idempotent:problem:key-missing");
+    assert!(missing.json()["detail"].as_str().unwrap().contains("x-request-key"));
+    let key = new_key();
+    assert_eq!(send(client.post(format!("{base}/cookie")).header("X-Request-Key", &key)).await.status, 201);
+    assert!(send(client.post(format!("{base}/cookie")).header("X-Request-Key", &key)).await.replayed());
+    assert!(Idempotency::builder(Arc::new(MemoryStore::new())).header_name("bad header").build().is_err());
+}

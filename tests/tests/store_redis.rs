@@ -1,0 +1,521 @@
+//! The Redis store against real servers: the store contract on a single node and on a
+//! three-master Redis Cluster, corrupt and foreign values, a worker paused past its lease, a
+//! server stopped and restarted mid-run, and the number of Redis commands per request.
+
+use idempotent_core::fingerprint::{Fingerprint, FingerprintBuilder};
+use idempotent_core::response::StoredResponse;
+use idempotent_core::store::{Claim, ClaimToken, RecordKey, RedisStore, Store, StoreError};
+use idempotent_tests::redis_server::{free_port, redis_cluster, redis_url, test_prefix, RedisProcess};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn fp(n: u32) -> Fingerprint {
+    FingerprintBuilder::new("payments.create").field("n", &n).unwrap().finish()
+}
+
+fn response(body: &'static [u8]) -> StoredResponse {
+    StoredResponse::new(
+        201,
+        [("content-type", &b"application/json"[..]), ("x-bin", b"\x00\xff\r\n")],
+        bytes::Bytes::from_static(body),
+    )
+}
+
+fn key(k: &str) -> RecordKey {
+    RecordKey::new("payments.create", "acct_1", k)
+}
+
+const LEASE: Duration = Duration::from_secs(30);
+const TTL: Duration = Duration::from_secs(3600);
+
+async fn acquire<S: Store + ?Sized>(store: &S, k: &RecordKey, f: &Fingerprint, lease: Duration) -> ClaimToken {
+    match store.claim(k, f, lease).await {
+        Ok(Claim::Acquired(t)) => t,
+        other => panic!("expected Acquired, got {other:?}"),
+    }
+}
+
+async fn single_store() -> Option<Arc<RedisStore>> {
+    let url = redis_url().await?;
+    Some(Arc::new(RedisStore::builder(&url).prefix(test_prefix()).build().await.expect("connect to redis")))
+}
+
+async fn cluster_store() -> Option<Arc<RedisStore>> {
+    let nodes = redis_cluster().await?;
+    let store = RedisStore::cluster(nodes).prefix(test_prefix()).build().await.expect("connect to redis cluster");
+    assert!(store.is_cluster());
+    Some(Arc::new(store))
+}
+
+/// Store behaviour every backend must show, written against the [`Store`] trait.
+mod contract {
+    use super::*;
+
+    pub async fn claim_complete_replay<S: Store>(s: Arc<S>) {
+        let k = key("order-1");
+        let t = acquire(&*s, &k, &fp(1), LEASE).await;
+        let body: &[u8] = b"{\"id\":\"pay_1\",\"bin\":\"\x00\x01\xfe\xff\"}";
+        let mut r = response(b"");
+        r.body = bytes::Bytes::copy_from_slice(body);
+        s.complete(&k, &t, &r, TTL).await.unwrap();
+        for _ in 0..3 {
+            match s.claim(&k, &fp(1), LEASE).await.unwrap() {
+                Claim::Completed(got) => {
+                    assert_eq!(got, r);
+                    assert_eq!(got.encode(), r.encode(), "replay is byte for byte");
+                }
+                other => panic!("expected Completed, got {other:?}"),
+            }
+        }
+        // The body-over-cap outcome is recorded too.
+        let k2 = key("order-2");
+        let t2 = acquire(&*s, &k2, &fp(1), LEASE).await;
+        let mut big = response(b"");
+        big.body_stored = false;
+        s.complete(&k2, &t2, &big, TTL).await.unwrap();
+        assert_eq!(s.claim(&k2, &fp(1), LEASE).await.unwrap(), Claim::Completed(big));
+    }
+
+    pub async fn mismatch<S: Store>(s: Arc<S>) {
+        let k = key("order-1");
+        let t = acquire(&*s, &k, &fp(1), LEASE).await;
+        assert_eq!(s.claim(&k, &fp(2), LEASE).await.unwrap(), Claim::Mismatch, "in progress");
+        s.complete(&k, &t, &response(b"ok"), TTL).await.unwrap();
+        assert_eq!(s.claim(&k, &fp(2), LEASE).await.unwrap(), Claim::Mismatch, "completed");
+    }
+
+    pub async fn in_progress_reports_remaining_lease<S: Store>(s: Arc<S>) {
+        let k = key("order-1");
+        let _t = acquire(&*s, &k, &fp(1), Duration::from_secs(10)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        match s.claim(&k, &fp(1), LEASE).await.unwrap() {
+            Claim::InProgress { retry_after } => {
+                assert!(retry_after <= Duration::from_millis(9_850), "{retry_after:?}");
+                assert!(retry_after >= Duration::from_secs(5), "{retry_after:?}");
+            }
+            other => panic!("expected InProgress, got {other:?}"),
+        }
+    }
+
+    pub async fn release_then_reclaim<S: Store>(s: Arc<S>) {
+        let k = key("order-1");
+        let t = acquire(&*s, &k, &fp(1), LEASE).await;
+        s.release(&k, &t).await.unwrap();
+        assert!(matches!(s.release(&k, &t).await, Err(StoreError::Fenced)), "released twice");
+        let t2 = acquire(&*s, &k, &fp(2), LEASE).await;
+        assert_ne!(t, t2);
+        assert!(matches!(s.complete(&k, &t, &response(b"x"), TTL).await, Err(StoreError::Fenced)));
+        s.complete(&k, &t2, &response(b"second"), TTL).await.unwrap();
+        assert!(matches!(s.release(&k, &t2).await, Err(StoreError::Fenced)), "release after complete");
+        assert!(matches!(s.complete(&k, &t2, &response(b"x"), TTL).await, Err(StoreError::Fenced)), "completed twice");
+        assert_eq!(s.claim(&k, &fp(2), LEASE).await.unwrap(), Claim::Completed(response(b"second")));
+    }
+
+    pub async fn renew_extends_the_lease<S: Store>(s: Arc<S>) {
+        let k = key("order-1");
+        let t = acquire(&*s, &k, &fp(1), Duration::from_millis(400)).await;
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            s.renew(&k, &t, Duration::from_millis(400)).await.unwrap();
+        }
+        assert!(matches!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::InProgress { .. }));
+        s.complete(&k, &t, &response(b"slow"), TTL).await.unwrap();
+        assert!(matches!(s.renew(&k, &t, LEASE).await, Err(StoreError::Fenced)), "renew after complete");
+        assert!(matches!(s.renew(&key("absent"), &t, LEASE).await, Err(StoreError::Fenced)));
+    }
+
+    pub async fn expired_lease_is_taken_over_by_exactly_one<S: Store>(s: Arc<S>) {
+        let k = key("order-1");
+        let _crashed = acquire(&*s, &k, &fp(1), Duration::from_millis(150)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let claims = futures_util::future::join_all((0..20).map(|_| {
+            let s = s.clone();
+            let k = k.clone();
+            tokio::spawn(async move { s.claim(&k, &fp(1), LEASE).await.unwrap() })
+        }))
+        .await;
+        let acquired = claims.iter().filter(|c| matches!(c, Ok(Claim::Acquired(_)))).count();
+        let waiting = claims.iter().filter(|c| matches!(c, Ok(Claim::InProgress { .. }))).count();
+        assert_eq!((acquired, waiting), (1, 19));
+    }
+
+    pub async fn stale_token_is_fenced<S: Store>(s: Arc<S>) {
+        let k = key("order-1");
+        let paused = acquire(&*s, &k, &fp(1), Duration::from_millis(150)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let fresh = acquire(&*s, &k, &fp(1), LEASE).await;
+        assert!(matches!(s.renew(&k, &paused, LEASE).await, Err(StoreError::Fenced)));
+        assert!(matches!(s.complete(&k, &paused, &response(b"late"), TTL).await, Err(StoreError::Fenced)));
+        assert!(matches!(s.release(&k, &paused).await, Err(StoreError::Fenced)));
+        // The newer claim is intact and still owned by its token.
+        assert!(matches!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::InProgress { .. }));
+        s.complete(&k, &fresh, &response(b"fresh"), TTL).await.unwrap();
+        assert_eq!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"fresh")));
+    }
+
+    pub async fn completed_records_expire_after_ttl<S: Store>(s: Arc<S>) {
+        let k = key("order-1");
+        let t = acquire(&*s, &k, &fp(1), LEASE).await;
+        s.complete(&k, &t, &response(b"short"), Duration::from_millis(200)).await.unwrap();
+        assert!(matches!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Completed(_)));
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        acquire(&*s, &k, &fp(2), LEASE).await;
+    }
+
+    pub async fn hundred_concurrent_claimers_one_winner<S: Store>(s: Arc<S>) {
+        let k = key("hot");
+        let claims = futures_util::future::join_all((0..100).map(|_| {
+            let s = s.clone();
+            let k = k.clone();
+            tokio::spawn(async move { s.claim(&k, &fp(1), LEASE).await.unwrap() })
+        }))
+        .await;
+        let acquired = claims.iter().filter(|c| matches!(c, Ok(Claim::Acquired(_)))).count();
+        assert_eq!(acquired, 1);
+        assert!(claims.iter().all(|c| matches!(c, Ok(Claim::Acquired(_) | Claim::InProgress { .. }))));
+    }
+
+    pub async fn actors_and_scopes_are_independent<S: Store>(s: Arc<S>) {
+        let keys = [
+            RecordKey::new("payments.create", "acct_1", "k"),
+            RecordKey::new("payments.create", "acct_2", "k"),
+            RecordKey::new("refunds.create", "acct_1", "k"),
+            RecordKey::new("payments.create", "", "k"),
+            // Length prefixes: these must not collide with each other.
+            RecordKey::new("a|b", "c", "d"),
+            RecordKey::new("a", "b|c", "d"),
+        ];
+        for (i, k) in keys.iter().enumerate() {
+            let t = acquire(&*s, k, &fp(i as u32), LEASE).await;
+            s.complete(k, &t, &StoredResponse::new(200, Vec::<(&str, &str)>::new(), format!("{i}").into()), TTL)
+                .await
+                .unwrap();
+        }
+        for (i, k) in keys.iter().enumerate() {
+            match s.claim(k, &fp(i as u32), LEASE).await.unwrap() {
+                Claim::Completed(r) => assert_eq!(r.body, format!("{i}").into_bytes()),
+                other => panic!("{k:?}: {other:?}"),
+            }
+        }
+    }
+
+    /// Enough keys to land on every master of a cluster.
+    pub async fn many_keys<S: Store>(s: Arc<S>) {
+        let tasks = (0..200).map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let k = key(&format!("k-{i}"));
+                let t = acquire(&*s, &k, &fp(i), LEASE).await;
+                if i % 5 == 0 {
+                    s.release(&k, &t).await.unwrap();
+                    return;
+                }
+                s.renew(&k, &t, LEASE).await.unwrap();
+                s.complete(&k, &t, &response(b"many"), TTL).await.unwrap();
+                assert_eq!(s.claim(&k, &fp(i), LEASE).await.unwrap(), Claim::Completed(response(b"many")));
+                assert_eq!(s.claim(&k, &fp(i + 1), LEASE).await.unwrap(), Claim::Mismatch);
+            })
+        });
+        for r in futures_util::future::join_all(tasks).await {
+            r.unwrap();
+        }
+    }
+}
+
+macro_rules! redis_contract {
+    ($module:ident, $store:expr, [$($case:ident),* $(,)?]) => {
+        mod $module {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let Some(store) = $store.await else { return };
+                    contract::$case(store).await;
+                }
+            )*
+        }
+    };
+}
+
+macro_rules! redis_contract_all {
+    ($module:ident, $store:expr) => {
+        redis_contract!($module, $store, [
+            claim_complete_replay,
+            mismatch,
+            in_progress_reports_remaining_lease,
+            release_then_reclaim,
+            renew_extends_the_lease,
+            expired_lease_is_taken_over_by_exactly_one,
+            stale_token_is_fenced,
+            completed_records_expire_after_ttl,
+            hundred_concurrent_claimers_one_winner,
+            actors_and_scopes_are_independent,
+            many_keys,
+        ]);
+    };
+}
+
+redis_contract_all!(single_node, single_store());
+redis_contract_all!(cluster, cluster_store());
+
+async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap()
+}
+
+fn corrupt<T: std::fmt::Debug>(r: Result<T, StoreError>, what: &str) {
+    assert!(matches!(r, Err(StoreError::Corrupt(_))), "{what}: expected Corrupt, got {r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_or_corrupt_values_are_corrupt_never_overwritten() {
+    let Some(url) = redis_url().await else { return };
+    let s = RedisStore::builder(&url).prefix(test_prefix()).build().await.unwrap();
+    let mut c = raw(&url).await;
+    let token = ClaimToken::generate();
+    let check = |name: &'static str| {
+        let s = s.clone();
+        let token = token.clone();
+        async move {
+            let k = key(name);
+            corrupt(s.claim(&k, &fp(1), LEASE).await, name);
+            corrupt(s.renew(&k, &token, LEASE).await, name);
+            corrupt(s.complete(&k, &token, &response(b"x"), TTL).await, name);
+            corrupt(s.release(&k, &token).await, name);
+        }
+    };
+    let f32 = fp(1).0.to_vec();
+
+    // A plain string.
+    let k = s.redis_key(&key("string"));
+    let _: () = redis::cmd("SET").arg(&k).arg("hello").query_async(&mut c).await.unwrap();
+    check("string").await;
+    let v: String = redis::cmd("GET").arg(&k).query_async(&mut c).await.unwrap();
+    assert_eq!(v, "hello", "a foreign value is never overwritten");
+
+    // A list.
+    let k = s.redis_key(&key("list"));
+    let _: () = redis::cmd("RPUSH").arg(&k).arg("a").query_async(&mut c).await.unwrap();
+    check("list").await;
+
+    // A hash with foreign fields.
+    let k = s.redis_key(&key("hash"));
+    let _: () = redis::cmd("HSET").arg(&k).arg("name").arg("x").query_async(&mut c).await.unwrap();
+    check("hash").await;
+
+    // An unknown state.
+    let k = s.redis_key(&key("state"));
+    let _: () = redis::cmd("HSET").arg(&k).arg("s").arg("z").arg("f").arg(&f32).arg("t").arg(&token.0).query_async(&mut c).await.unwrap();
+    check("state").await;
+
+    // An in-progress record without token (claim) and without expiry.
+    let k = s.redis_key(&key("no-token"));
+    let _: () = redis::cmd("HSET").arg(&k).arg("s").arg("p").arg("f").arg(&f32).query_async(&mut c).await.unwrap();
+    corrupt(s.claim(&key("no-token"), &fp(1), LEASE).await, "no token");
+    let k = s.redis_key(&key("no-expiry"));
+    let _: () = redis::cmd("HSET").arg(&k).arg("s").arg("p").arg("f").arg(&f32).arg("t").arg("x").query_async(&mut c).await.unwrap();
+    corrupt(s.claim(&key("no-expiry"), &fp(1), LEASE).await, "no expiry");
+
+    // A fingerprint of the wrong length.
+    let k = s.redis_key(&key("short-fp"));
+    let _: () = redis::cmd("HSET").arg(&k).arg("s").arg("c").arg("f").arg("abc").arg("r").arg(response(b"x").encode()).query_async(&mut c).await.unwrap();
+    corrupt(s.claim(&key("short-fp"), &fp(1), LEASE).await, "short fingerprint");
+
+    // A completed record whose response bytes do not decode, or that has none.
+    let k = s.redis_key(&key("bad-bytes"));
+    let _: () = redis::cmd("HSET").arg(&k).arg("s").arg("c").arg("f").arg(&f32).arg("r").arg(&b"R\x01\x01\x00"[..]).query_async(&mut c).await.unwrap();
+    corrupt(s.claim(&key("bad-bytes"), &fp(1), LEASE).await, "bad bytes");
+    let k = s.redis_key(&key("no-response"));
+    let _: () = redis::cmd("HSET").arg(&k).arg("s").arg("c").arg("f").arg(&f32).query_async(&mut c).await.unwrap();
+    corrupt(s.claim(&key("no-response"), &fp(1), LEASE).await, "no response");
+
+    let _: () = redis::cmd("DEL").arg(s.redis_key(&key("string"))).query_async(&mut c).await.unwrap();
+    acquire(&s, &key("string"), &fp(1), LEASE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_layout_is_one_hash_with_expiry() {
+    let Some(url) = redis_url().await else { return };
+    let prefix = test_prefix();
+    let s = RedisStore::builder(&url).prefix(prefix.clone()).build().await.unwrap();
+    let k = key("layout");
+    let rk = s.redis_key(&k);
+    assert!(rk.starts_with(&format!("{prefix}{{")) && rk.ends_with('}') && rk.len() == prefix.len() + 66, "{rk}");
+    let mut c = raw(&url).await;
+    let t = acquire(&s, &k, &fp(1), Duration::from_secs(10)).await;
+    let h: BTreeMap<String, Vec<u8>> = redis::cmd("HGETALL").arg(&rk).query_async(&mut c).await.unwrap();
+    assert_eq!(h.keys().map(String::as_str).collect::<Vec<_>>(), ["f", "s", "t"]);
+    assert_eq!(h["s"], b"p");
+    assert_eq!(h["f"], fp(1).0);
+    let pttl: i64 = redis::cmd("PTTL").arg(&rk).query_async(&mut c).await.unwrap();
+    assert!((9_000..=10_000).contains(&pttl), "{pttl}");
+    s.complete(&k, &t, &response(b"done"), Duration::from_secs(600)).await.unwrap();
+    let h: BTreeMap<String, Vec<u8>> = redis::cmd("HGETALL").arg(&rk).query_async(&mut c).await.unwrap();
+    assert_eq!(h.keys().map(String::as_str).collect::<Vec<_>>(), ["f", "r", "s"]);
+    assert_eq!(h["r"], response(b"done").encode());
+    let pttl: i64 = redis::cmd("PTTL").arg(&rk).query_async(&mut c).await.unwrap();
+    assert!((599_000..=600_000).contains(&pttl), "{pttl}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_by_specification() {
+    let Some(url) = redis_url().await else { return };
+    let prefix = test_prefix();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let store = idempotent_core::store::connect(&format!("{url}{sep}prefix={prefix}")).await.unwrap();
+    assert_eq!(store.name(), "redis");
+    let t = acquire(&*store, &key("spec"), &fp(1), LEASE).await;
+    store.complete(&key("spec"), &t, &response(b"spec"), TTL).await.unwrap();
+    let direct = RedisStore::builder(&url).prefix(prefix).build().await.unwrap();
+    assert_eq!(direct.claim(&key("spec"), &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"spec")));
+
+    assert!(matches!(RedisStore::builder(&url).prefix("a{b}:").build().await, Err(StoreError::Config(_))));
+    assert!(matches!(idempotent_core::store::connect("redis+cluster://").await, Err(StoreError::Config(_))));
+    let port = free_port(false).unwrap();
+    let down = RedisStore::builder(&format!("redis://127.0.0.1:{port}")).build().await;
+    assert!(matches!(down, Err(StoreError::Unavailable(_))), "{down:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_spreads_keys_over_all_masters() {
+    let Some(nodes) = redis_cluster().await else { return };
+    let s = RedisStore::cluster(nodes.clone()).prefix(test_prefix()).build().await.unwrap();
+    for i in 0..60 {
+        acquire(&s, &key(&format!("spread-{i}")), &fp(1), LEASE).await;
+    }
+    let spec = format!("redis+cluster://{}", nodes.iter().map(|n| n.trim_start_matches("redis://")).collect::<Vec<_>>().join(","));
+    let via_spec = idempotent_core::store::connect(&format!("{spec}?prefix={}", s.prefix())).await.unwrap();
+    assert!(matches!(via_spec.claim(&key("spread-0"), &fp(1), LEASE).await.unwrap(), Claim::InProgress { .. }));
+    for node in &nodes {
+        let mut c = raw(node).await;
+        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}*", s.prefix())).query_async(&mut c).await.unwrap();
+        assert!(!keys.is_empty(), "no record on {node}");
+    }
+}
+
+/// A server of this test's own, stopped and restarted on the same port: operations fail fast
+/// with `Unavailable` while it is down, and the same store instance works again afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_mid_run_then_restarted() {
+    if redis_url().await.is_none() {
+        return;
+    }
+    let port = free_port(false).expect("free port");
+    let mut server = RedisProcess::start(port, &[]).await.expect("start redis-server");
+    let s = RedisStore::builder(&server.url())
+        .prefix(test_prefix())
+        .connection_timeout(Duration::from_millis(500))
+        .response_timeout(Duration::from_secs(1))
+        .build()
+        .await
+        .unwrap();
+    let k = key("mid-run");
+    let t = acquire(&s, &k, &fp(1), LEASE).await;
+
+    // Connections dropped by the server: the manager reconnects by itself.
+    let mut c = raw(&server.url()).await;
+    let _: () = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("normal").arg("SKIPME").arg("yes").query_async(&mut c).await.unwrap();
+    let mut ok = false;
+    for _ in 0..20 {
+        if let Ok(Claim::InProgress { .. }) = s.claim(&k, &fp(1), LEASE).await {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "store did not recover from a killed connection");
+
+    server.kill();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let r = s.claim(&key("while-down"), &fp(1), LEASE).await;
+        assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+        let r = s.complete(&k, &t, &response(b"x"), TTL).await;
+        assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+        assert!(started.elapsed() < Duration::from_secs(8), "took {:?}", started.elapsed());
+    }
+
+    let _server = RedisProcess::start(port, &[]).await.expect("restart redis-server");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match s.claim(&key("after-restart"), &fp(1), LEASE).await {
+            Ok(Claim::Acquired(t2)) => {
+                s.complete(&key("after-restart"), &t2, &response(b"back"), TTL).await.unwrap();
+                break;
+            }
+            Err(StoreError::Unavailable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => panic!("store did not come back: {other:?}"),
+        }
+    }
+    assert_eq!(s.claim(&key("after-restart"), &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"back")));
+    // Without persistence the old claim is gone: its late completion is fenced, not written.
+    assert!(matches!(s.complete(&k, &t, &response(b"x"), TTL).await, Err(StoreError::Fenced)));
+}
+
+/// Commands executed by clients, from `INFO commandstats`: script invocations separately from
+/// the commands the scripts run inside Redis.
+async fn command_counts(c: &mut redis::aio::MultiplexedConnection) -> BTreeMap<String, u64> {
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(c).await.unwrap();
+    info.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?.parse().ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
+
+/// Round trips per request, counted by Redis itself on a private server: a first execution is
+/// two commands (claim, complete), a replay one (claim).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trips_per_request() {
+    if redis_url().await.is_none() {
+        return;
+    }
+    let server = RedisProcess::start(free_port(false).unwrap(), &[]).await.expect("start redis-server");
+    let s = RedisStore::builder(&server.url()).prefix(test_prefix()).build().await.unwrap();
+    let mut c = raw(&server.url()).await;
+
+    // Warm up: load the scripts once.
+    let t = acquire(&s, &key("warm"), &fp(1), LEASE).await;
+    s.complete(&key("warm"), &t, &response(b"w"), TTL).await.unwrap();
+
+    let s1 = s.clone();
+    let first = measure(&mut c, "first execution (claim + complete)", async move {
+        let t = acquire(&s1, &key("order"), &fp(1), LEASE).await;
+        s1.complete(&key("order"), &t, &response(b"paid"), TTL).await.unwrap();
+    })
+    .await;
+    let replay = measure(&mut c, "replay (claim)", async move {
+        assert_eq!(s.claim(&key("order"), &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"paid")));
+    })
+    .await;
+    assert_eq!((first, replay), (2, 1));
+}
+
+/// Client commands executed while `run` runs.
+async fn measure(
+    c: &mut redis::aio::MultiplexedConnection,
+    what: &str,
+    run: impl std::future::Future<Output = ()>,
+) -> u64 {
+    // Commands a script runs inside Redis, and this measurement's own; every other command came
+    // from the store.
+    const IN_SCRIPT: &[&str] = &["type", "hset", "hmget", "pexpire", "pttl", "hdel", "del"];
+    const OURS: &[&str] = &["info"];
+    let before = command_counts(c).await;
+    run.await;
+    let after = command_counts(c).await;
+    let mut from_clients = 0;
+    for (name, calls) in &after {
+        let delta = calls - before.get(name).copied().unwrap_or(0);
+        if delta > 0 && !IN_SCRIPT.contains(&name.as_str()) && !OURS.contains(&name.as_str()) {
+            assert_eq!(name, "evalsha", "{what}: unexpected client command {name}");
+            from_clients += delta;
+        }
+    }
+    println!("redis round trips per {what}: {from_clients}");
+    from_clients
+}
