@@ -57,10 +57,7 @@ impl Demo {
     /// Number of ledger entries of `kind`.
     pub fn ledger_count(&self, kind: &str) -> usize {
         let text = std::fs::read_to_string(&self.ledger).unwrap_or_default();
-        text.lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|e| e["kind"] == kind)
-            .count()
+        text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter(|e| e["kind"] == kind).count()
     }
 }
 
@@ -86,7 +83,8 @@ impl Captured {
 
     /// The body as JSON.
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
 
     /// A header as a string.

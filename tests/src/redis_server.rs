@@ -96,8 +96,7 @@ async fn start_cluster() -> Option<Vec<String>> {
     for _ in 0..3 {
         let port = free_port(true)?;
         let conf = format!("nodes-{port}.conf");
-        let server =
-            RedisProcess::start(port, &["--cluster-enabled", "yes", "--cluster-config-file", &conf]).await?;
+        let server = RedisProcess::start(port, &["--cluster-enabled", "yes", "--cluster-config-file", &conf]).await?;
         servers.push(server);
     }
     let mut create = Command::new("redis-cli");

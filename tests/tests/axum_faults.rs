@@ -89,7 +89,11 @@ async fn down() -> StatusCode {
 
 #[idempotent(scope = "faults.cookie")]
 async fn cookie() -> impl IntoResponse {
-    (StatusCode::CREATED, [(header::SET_COOKIE, "session=secret"), (header::HeaderName::from_static("x-order"), "o-1")], "ok")
+    (
+        StatusCode::CREATED,
+        [(header::SET_COOKIE, "session=secret"), (header::HeaderName::from_static("x-order"), "o-1")],
+        "ok",
+    )
 }
 
 async fn serve(router: Router) -> String {
@@ -153,7 +157,8 @@ async fn a_client_that_disconnects_does_not_cancel_the_handler() {
     let base = app().await;
     let key = new_key();
     let client = reqwest::Client::builder().timeout(Duration::from_millis(150)).build().unwrap();
-    let cut = client.post(format!("{base}/slow")).header("Idempotency-Key", &key).json(&json!({"name": "n"})).send().await;
+    let cut =
+        client.post(format!("{base}/slow")).header("Idempotency-Key", &key).json(&json!({"name": "n"})).send().await;
     assert!(cut.is_err(), "the client gave up before the handler finished");
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(SLOW.load(Ordering::SeqCst), 1, "the handler ran to completion");

@@ -1,5 +1,5 @@
-//! The Redis store against real servers: the store contract on a single node and on a
-//! three-master Redis Cluster, corrupt and foreign values, a worker paused past its lease, a
+//! The Redis store against real servers: the shared store contract on a single node and on a
+//! three-master Redis Cluster (many keys, so they land on every master), corrupt and foreign values, a worker paused past its lease, a
 //! server stopped and restarted mid-run, and the number of Redis commands per request.
 
 use idempotent_core::fingerprint::{Fingerprint, FingerprintBuilder};
@@ -48,157 +48,9 @@ async fn cluster_store() -> Option<Arc<RedisStore>> {
     Some(Arc::new(store))
 }
 
-/// Store behaviour every backend must show, written against the [`Store`] trait.
-mod contract {
+/// Redis-specific checks run like the shared contract, on a single node and on the cluster.
+mod extra {
     use super::*;
-
-    pub async fn claim_complete_replay<S: Store>(s: Arc<S>) {
-        let k = key("order-1");
-        let t = acquire(&*s, &k, &fp(1), LEASE).await;
-        let body: &[u8] = b"{\"id\":\"pay_1\",\"bin\":\"\x00\x01\xfe\xff\"}";
-        let mut r = response(b"");
-        r.body = bytes::Bytes::copy_from_slice(body);
-        s.complete(&k, &t, &r, TTL).await.unwrap();
-        for _ in 0..3 {
-            match s.claim(&k, &fp(1), LEASE).await.unwrap() {
-                Claim::Completed(got) => {
-                    assert_eq!(got, r);
-                    assert_eq!(got.encode(), r.encode(), "replay is byte for byte");
-                }
-                other => panic!("expected Completed, got {other:?}"),
-            }
-        }
-        // The body-over-cap outcome is recorded too.
-        let k2 = key("order-2");
-        let t2 = acquire(&*s, &k2, &fp(1), LEASE).await;
-        let mut big = response(b"");
-        big.body_stored = false;
-        s.complete(&k2, &t2, &big, TTL).await.unwrap();
-        assert_eq!(s.claim(&k2, &fp(1), LEASE).await.unwrap(), Claim::Completed(big));
-    }
-
-    pub async fn mismatch<S: Store>(s: Arc<S>) {
-        let k = key("order-1");
-        let t = acquire(&*s, &k, &fp(1), LEASE).await;
-        assert_eq!(s.claim(&k, &fp(2), LEASE).await.unwrap(), Claim::Mismatch, "in progress");
-        s.complete(&k, &t, &response(b"ok"), TTL).await.unwrap();
-        assert_eq!(s.claim(&k, &fp(2), LEASE).await.unwrap(), Claim::Mismatch, "completed");
-    }
-
-    pub async fn in_progress_reports_remaining_lease<S: Store>(s: Arc<S>) {
-        let k = key("order-1");
-        let _t = acquire(&*s, &k, &fp(1), Duration::from_secs(10)).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        match s.claim(&k, &fp(1), LEASE).await.unwrap() {
-            Claim::InProgress { retry_after } => {
-                assert!(retry_after <= Duration::from_millis(9_850), "{retry_after:?}");
-                assert!(retry_after >= Duration::from_secs(5), "{retry_after:?}");
-            }
-            other => panic!("expected InProgress, got {other:?}"),
-        }
-    }
-
-    pub async fn release_then_reclaim<S: Store>(s: Arc<S>) {
-        let k = key("order-1");
-        let t = acquire(&*s, &k, &fp(1), LEASE).await;
-        s.release(&k, &t).await.unwrap();
-        assert!(matches!(s.release(&k, &t).await, Err(StoreError::Fenced)), "released twice");
-        let t2 = acquire(&*s, &k, &fp(2), LEASE).await;
-        assert_ne!(t, t2);
-        assert!(matches!(s.complete(&k, &t, &response(b"x"), TTL).await, Err(StoreError::Fenced)));
-        s.complete(&k, &t2, &response(b"second"), TTL).await.unwrap();
-        assert!(matches!(s.release(&k, &t2).await, Err(StoreError::Fenced)), "release after complete");
-        assert!(matches!(s.complete(&k, &t2, &response(b"x"), TTL).await, Err(StoreError::Fenced)), "completed twice");
-        assert_eq!(s.claim(&k, &fp(2), LEASE).await.unwrap(), Claim::Completed(response(b"second")));
-    }
-
-    pub async fn renew_extends_the_lease<S: Store>(s: Arc<S>) {
-        let k = key("order-1");
-        let t = acquire(&*s, &k, &fp(1), Duration::from_millis(400)).await;
-        for _ in 0..4 {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            s.renew(&k, &t, Duration::from_millis(400)).await.unwrap();
-        }
-        assert!(matches!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::InProgress { .. }));
-        s.complete(&k, &t, &response(b"slow"), TTL).await.unwrap();
-        assert!(matches!(s.renew(&k, &t, LEASE).await, Err(StoreError::Fenced)), "renew after complete");
-        assert!(matches!(s.renew(&key("absent"), &t, LEASE).await, Err(StoreError::Fenced)));
-    }
-
-    pub async fn expired_lease_is_taken_over_by_exactly_one<S: Store>(s: Arc<S>) {
-        let k = key("order-1");
-        let _crashed = acquire(&*s, &k, &fp(1), Duration::from_millis(150)).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let claims = futures_util::future::join_all((0..20).map(|_| {
-            let s = s.clone();
-            let k = k.clone();
-            tokio::spawn(async move { s.claim(&k, &fp(1), LEASE).await.unwrap() })
-        }))
-        .await;
-        let acquired = claims.iter().filter(|c| matches!(c, Ok(Claim::Acquired(_)))).count();
-        let waiting = claims.iter().filter(|c| matches!(c, Ok(Claim::InProgress { .. }))).count();
-        assert_eq!((acquired, waiting), (1, 19));
-    }
-
-    pub async fn stale_token_is_fenced<S: Store>(s: Arc<S>) {
-        let k = key("order-1");
-        let paused = acquire(&*s, &k, &fp(1), Duration::from_millis(150)).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let fresh = acquire(&*s, &k, &fp(1), LEASE).await;
-        assert!(matches!(s.renew(&k, &paused, LEASE).await, Err(StoreError::Fenced)));
-        assert!(matches!(s.complete(&k, &paused, &response(b"late"), TTL).await, Err(StoreError::Fenced)));
-        assert!(matches!(s.release(&k, &paused).await, Err(StoreError::Fenced)));
-        // The newer claim is intact and still owned by its token.
-        assert!(matches!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::InProgress { .. }));
-        s.complete(&k, &fresh, &response(b"fresh"), TTL).await.unwrap();
-        assert_eq!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"fresh")));
-    }
-
-    pub async fn completed_records_expire_after_ttl<S: Store>(s: Arc<S>) {
-        let k = key("order-1");
-        let t = acquire(&*s, &k, &fp(1), LEASE).await;
-        s.complete(&k, &t, &response(b"short"), Duration::from_millis(200)).await.unwrap();
-        assert!(matches!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Completed(_)));
-        tokio::time::sleep(Duration::from_millis(350)).await;
-        acquire(&*s, &k, &fp(2), LEASE).await;
-    }
-
-    pub async fn hundred_concurrent_claimers_one_winner<S: Store>(s: Arc<S>) {
-        let k = key("hot");
-        let claims = futures_util::future::join_all((0..100).map(|_| {
-            let s = s.clone();
-            let k = k.clone();
-            tokio::spawn(async move { s.claim(&k, &fp(1), LEASE).await.unwrap() })
-        }))
-        .await;
-        let acquired = claims.iter().filter(|c| matches!(c, Ok(Claim::Acquired(_)))).count();
-        assert_eq!(acquired, 1);
-        assert!(claims.iter().all(|c| matches!(c, Ok(Claim::Acquired(_) | Claim::InProgress { .. }))));
-    }
-
-    pub async fn actors_and_scopes_are_independent<S: Store>(s: Arc<S>) {
-        let keys = [
-            RecordKey::new("payments.create", "acct_1", "k"),
-            RecordKey::new("payments.create", "acct_2", "k"),
-            RecordKey::new("refunds.create", "acct_1", "k"),
-            RecordKey::new("payments.create", "", "k"),
-            // Length prefixes: these must not collide with each other.
-            RecordKey::new("a|b", "c", "d"),
-            RecordKey::new("a", "b|c", "d"),
-        ];
-        for (i, k) in keys.iter().enumerate() {
-            let t = acquire(&*s, k, &fp(i as u32), LEASE).await;
-            s.complete(k, &t, &StoredResponse::new(200, Vec::<(&str, &str)>::new(), format!("{i}").into()), TTL)
-                .await
-                .unwrap();
-        }
-        for (i, k) in keys.iter().enumerate() {
-            match s.claim(k, &fp(i as u32), LEASE).await.unwrap() {
-                Claim::Completed(r) => assert_eq!(r.body, format!("{i}").into_bytes()),
-                other => panic!("{k:?}: {other:?}"),
-            }
-        }
-    }
 
     /// Enough keys to land on every master of a cluster.
     pub async fn many_keys<S: Store>(s: Arc<S>) {
@@ -231,33 +83,27 @@ macro_rules! redis_contract {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
                     let Some(store) = $store.await else { return };
-                    contract::$case(store).await;
+                    extra::$case(store).await;
                 }
             )*
         }
     };
 }
 
-macro_rules! redis_contract_all {
-    ($module:ident, $store:expr) => {
-        redis_contract!($module, $store, [
-            claim_complete_replay,
-            mismatch,
-            in_progress_reports_remaining_lease,
-            release_then_reclaim,
-            renew_extends_the_lease,
-            expired_lease_is_taken_over_by_exactly_one,
-            stale_token_is_fenced,
-            completed_records_expire_after_ttl,
-            hundred_concurrent_claimers_one_winner,
-            actors_and_scopes_are_independent,
-            many_keys,
-        ]);
-    };
+async fn reopen_single(store: Arc<RedisStore>) -> Arc<RedisStore> {
+    let url = redis_url().await.expect("redis url");
+    Arc::new(RedisStore::builder(&url).prefix(store.prefix()).build().await.expect("reconnect to redis"))
 }
 
-redis_contract_all!(single_node, single_store());
-redis_contract_all!(cluster, cluster_store());
+async fn reopen_cluster(store: Arc<RedisStore>) -> Arc<RedisStore> {
+    let nodes = redis_cluster().await.expect("redis cluster");
+    Arc::new(RedisStore::cluster(nodes).prefix(store.prefix()).build().await.expect("reconnect to redis cluster"))
+}
+
+idempotent_tests::store_contract_tests!(single_node, single_store(), reopen = reopen_single);
+idempotent_tests::store_contract_tests!(cluster, cluster_store(), reopen = reopen_cluster);
+redis_contract!(single_node_extra, single_store(), [many_keys]);
+redis_contract!(cluster_extra, cluster_store(), [many_keys]);
 
 async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap()
@@ -305,7 +151,17 @@ async fn foreign_or_corrupt_values_are_corrupt_never_overwritten() {
 
     // An unknown state.
     let k = s.redis_key(&key("state"));
-    let _: () = redis::cmd("HSET").arg(&k).arg("s").arg("z").arg("f").arg(&f32).arg("t").arg(&token.0).query_async(&mut c).await.unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(&k)
+        .arg("s")
+        .arg("z")
+        .arg("f")
+        .arg(&f32)
+        .arg("t")
+        .arg(&token.0)
+        .query_async(&mut c)
+        .await
+        .unwrap();
     check("state").await;
 
     // An in-progress record without token (claim) and without expiry.
@@ -313,17 +169,47 @@ async fn foreign_or_corrupt_values_are_corrupt_never_overwritten() {
     let _: () = redis::cmd("HSET").arg(&k).arg("s").arg("p").arg("f").arg(&f32).query_async(&mut c).await.unwrap();
     corrupt(s.claim(&key("no-token"), &fp(1), LEASE).await, "no token");
     let k = s.redis_key(&key("no-expiry"));
-    let _: () = redis::cmd("HSET").arg(&k).arg("s").arg("p").arg("f").arg(&f32).arg("t").arg("x").query_async(&mut c).await.unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(&k)
+        .arg("s")
+        .arg("p")
+        .arg("f")
+        .arg(&f32)
+        .arg("t")
+        .arg("x")
+        .query_async(&mut c)
+        .await
+        .unwrap();
     corrupt(s.claim(&key("no-expiry"), &fp(1), LEASE).await, "no expiry");
 
     // A fingerprint of the wrong length.
     let k = s.redis_key(&key("short-fp"));
-    let _: () = redis::cmd("HSET").arg(&k).arg("s").arg("c").arg("f").arg("abc").arg("r").arg(response(b"x").encode()).query_async(&mut c).await.unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(&k)
+        .arg("s")
+        .arg("c")
+        .arg("f")
+        .arg("abc")
+        .arg("r")
+        .arg(response(b"x").encode())
+        .query_async(&mut c)
+        .await
+        .unwrap();
     corrupt(s.claim(&key("short-fp"), &fp(1), LEASE).await, "short fingerprint");
 
     // A completed record whose response bytes do not decode, or that has none.
     let k = s.redis_key(&key("bad-bytes"));
-    let _: () = redis::cmd("HSET").arg(&k).arg("s").arg("c").arg("f").arg(&f32).arg("r").arg(&b"R\x01\x01\x00"[..]).query_async(&mut c).await.unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(&k)
+        .arg("s")
+        .arg("c")
+        .arg("f")
+        .arg(&f32)
+        .arg("r")
+        .arg(&b"R\x01\x01\x00"[..])
+        .query_async(&mut c)
+        .await
+        .unwrap();
     corrupt(s.claim(&key("bad-bytes"), &fp(1), LEASE).await, "bad bytes");
     let k = s.redis_key(&key("no-response"));
     let _: () = redis::cmd("HSET").arg(&k).arg("s").arg("c").arg("f").arg(&f32).query_async(&mut c).await.unwrap();
@@ -383,7 +269,10 @@ async fn cluster_spreads_keys_over_all_masters() {
     for i in 0..60 {
         acquire(&s, &key(&format!("spread-{i}")), &fp(1), LEASE).await;
     }
-    let spec = format!("redis+cluster://{}", nodes.iter().map(|n| n.trim_start_matches("redis://")).collect::<Vec<_>>().join(","));
+    let spec = format!(
+        "redis+cluster://{}",
+        nodes.iter().map(|n| n.trim_start_matches("redis://")).collect::<Vec<_>>().join(",")
+    );
     let via_spec = idempotent_core::store::connect(&format!("{spec}?prefix={}", s.prefix())).await.unwrap();
     assert!(matches!(via_spec.claim(&key("spread-0"), &fp(1), LEASE).await.unwrap(), Claim::InProgress { .. }));
     for node in &nodes {
@@ -414,7 +303,15 @@ async fn redis_stopped_mid_run_then_restarted() {
 
     // Connections dropped by the server: the manager reconnects by itself.
     let mut c = raw(&server.url()).await;
-    let _: () = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("normal").arg("SKIPME").arg("yes").query_async(&mut c).await.unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .arg("SKIPME")
+        .arg("yes")
+        .query_async(&mut c)
+        .await
+        .unwrap();
     let mut ok = false;
     for _ in 0..20 {
         if let Ok(Claim::InProgress { .. }) = s.claim(&k, &fp(1), LEASE).await {
@@ -432,7 +329,7 @@ async fn redis_stopped_mid_run_then_restarted() {
         assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
         let r = s.complete(&k, &t, &response(b"x"), TTL).await;
         assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
-        assert!(started.elapsed() < Duration::from_secs(8), "took {:?}", started.elapsed());
+        assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
     }
 
     let _server = RedisProcess::start(port, &[]).await.expect("restart redis-server");
@@ -518,4 +415,36 @@ async fn measure(
     }
     println!("redis round trips per {what}: {from_clients}");
     from_clients
+}
+
+/// A full Redis under `noeviction` refuses new claims: the store reports `Full` (503), and
+/// nothing already stored is evicted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_redis_refuses_claims_rather_than_evicting() {
+    if redis_url().await.is_none() {
+        return;
+    }
+    let args = ["--maxmemory", "3mb", "--maxmemory-policy", "noeviction"];
+    let server = RedisProcess::start(free_port(false).unwrap(), &args).await.expect("start redis-server");
+    let s = RedisStore::builder(&server.url()).prefix(test_prefix()).build().await.unwrap();
+    let mut big = response(b"");
+    big.body = bytes::Bytes::from(vec![7u8; 64 * 1024]);
+    let mut stored = Vec::new();
+    let full = loop {
+        let k = key(&format!("fill-{}", stored.len()));
+        match s.claim(&k, &fp(1), LEASE).await {
+            Ok(Claim::Acquired(t)) => match s.complete(&k, &t, &big, TTL).await {
+                Ok(()) => stored.push(k),
+                Err(e) => break e,
+            },
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => break e,
+        }
+        assert!(stored.len() < 1000, "maxmemory never reached");
+    };
+    assert!(matches!(full, StoreError::Full), "{full:?}");
+    assert!(!stored.is_empty());
+    for k in &stored {
+        assert_eq!(s.claim(k, &fp(1), LEASE).await.unwrap(), Claim::Completed(big.clone()));
+    }
 }

@@ -33,7 +33,8 @@
 //! - [`policy`]: per-route settings, const-built by the macro.
 //! - [`fingerprint`]: SHA-256 over a canonical, versioned encoding of scope and declared fields.
 //! - [`engine`]: the state machine: claim, run with a lease heartbeat, complete or release.
-//! - [`store`]: the [`Store`](store::Store) trait and the in-memory store.
+//! - [`store`]: the [`Store`](store::Store) trait, the in-memory store and, behind features of the
+//!   same name, the `sqlite`, `postgres` and `redis` stores.
 //! - [`response`]: captured responses, header filtering, the stored encoding.
 //! - [`problem`]: RFC 9457 problem details with stable types.
 //! - [`actor`]: the caller identity that namespaces keys.
@@ -45,8 +46,9 @@
 //! (an object-safe async [`Store`](store::Store) trait), `futures-util` (catching a handler's
 //! panic as a value so its claim is released), `inventory` (the link-time route registry),
 //! `uuid` (random claim tokens), `bytes`, `thiserror`, `tracing`.
-//! `sqlx` (features `sqlite` and `postgres` only: the SQL stores, through its query API, with no
-//! compile-time checked macros and its own embedded migrations rendered for the configured table).
+//! Optional, behind the features `sqlite` and `postgres`: `sqlx` (the SQL stores: one async
+//! driver and pool for both databases, used through its runtime query API, so building needs no
+//! database; the migrations are embedded SQL rendered for the configured table).
 //! Optional, behind the feature of the same name: `redis` (the Redis store: its connection
 //! manager reconnects by itself, its cluster connection follows the slot map, and its script
 //! support runs each operation as one atomic `EVALSHA`).

@@ -19,11 +19,18 @@ fn fp(v: i64) -> Fingerprint {
 }
 
 fn request(key: &str, v: i64) -> Request {
-    Request { key: IdempotencyKey::parse(key.as_bytes()).map(Some), actor: Some("actor".into()), fingerprint: Ok(fp(v)) }
+    Request {
+        key: IdempotencyKey::parse(key.as_bytes()).map(Some),
+        actor: Some("actor".into()),
+        fingerprint: Ok(fp(v)),
+    }
 }
 
 fn response(status: u16, body: &'static str) -> Captured<u16> {
-    Captured { record: StoredResponse::new(status, [("content-type", "text/plain")], Bytes::from_static(body.as_bytes())), live: status }
+    Captured {
+        record: StoredResponse::new(status, [("content-type", "text/plain")], Bytes::from_static(body.as_bytes())),
+        live: status,
+    }
 }
 
 fn runtime() -> Runtime {
@@ -294,7 +301,13 @@ impl Store for Switchable {
     async fn renew(&self, key: &RecordKey, token: &ClaimToken, lease: Duration) -> Result<(), StoreError> {
         self.inner.renew(key, token, lease).await
     }
-    async fn complete(&self, key: &RecordKey, token: &ClaimToken, r: &StoredResponse, ttl: Duration) -> Result<(), StoreError> {
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: &ClaimToken,
+        r: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
         if self.down.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("connection refused".into()));
         }

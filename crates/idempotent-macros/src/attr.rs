@@ -20,7 +20,8 @@ mod kw {
     syn::custom_keyword!(route);
 }
 
-const KEYS: &str = "`scope`, `fields`, `ttl`, `lease`, `key`, `on_conflict`, `wait_timeout`, `store`, `fail_open`, `route`";
+const KEYS: &str =
+    "`scope`, `fields`, `ttl`, `lease`, `key`, `on_conflict`, `wait_timeout`, `store`, `fail_open`, `route`";
 
 /// A declared fingerprint field: a dotted path into the body, e.g. `customer.id`.
 #[derive(Debug, Clone)]

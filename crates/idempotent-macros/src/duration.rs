@@ -14,11 +14,19 @@ pub(crate) struct Millis(pub(crate) u64);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum DurationError {
     Empty,
-    MissingNumber { at: String },
-    MissingUnit { number: String },
-    UnknownUnit { unit: String },
+    MissingNumber {
+        at: String,
+    },
+    MissingUnit {
+        number: String,
+    },
+    UnknownUnit {
+        unit: String,
+    },
     /// Units must go from largest to smallest, each at most once (`1h30m`, not `30m1h`).
-    OutOfOrder { unit: &'static str },
+    OutOfOrder {
+        unit: &'static str,
+    },
     Overflow,
     Zero,
 }
@@ -77,10 +85,8 @@ pub(crate) fn parse(text: &str) -> Result<Millis, DurationError> {
         }
         last_unit = Some(index);
         let value: u64 = number.parse().map_err(|_| DurationError::Overflow)?;
-        total = value
-            .checked_mul(UNITS[index].1)
-            .and_then(|ms| total.checked_add(ms))
-            .ok_or(DurationError::Overflow)?;
+        total =
+            value.checked_mul(UNITS[index].1).and_then(|ms| total.checked_add(ms)).ok_or(DurationError::Overflow)?;
         rest = next;
     }
     if total == 0 {

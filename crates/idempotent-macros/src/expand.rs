@@ -8,8 +8,8 @@
 use crate::attr::{Args, FieldPath};
 use crate::duration::Millis;
 use crate::valid::{self, ConflictMode, Errors, KeyRequirement, Route, Spec, StoredOutcomes};
-use proc_macro2::{Literal, Span, TokenStream};
-use quote::{format_ident, quote, quote_spanned};
+use proc_macro2::{Group, Literal, Span, TokenStream, TokenTree};
+use quote::{format_ident, quote};
 use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
 use syn::{Attribute, FnArg, GenericArgument, Ident, ItemFn, LitStr, PathArguments, Token, Type, Visibility};
@@ -85,7 +85,7 @@ fn try_expand(framework: Framework, attr: TokenStream, item: TokenStream) -> syn
 struct Handler {
     /// Index of the `Json<T>` argument, if any.
     body: Option<usize>,
-    /// Span of the body argument's type, for "not Serialize" errors on the whole body.
+    /// Span of `T` in the body's `Json<T>`, for "not Serialize" errors on the whole body.
     body_span: Span,
 }
 
@@ -104,14 +104,16 @@ impl Handler {
                     receiver.self_token.span,
                     "#[idempotent] handlers cannot take `self`; write a free `async fn` handler",
                 ),
-                FnArg::Typed(arg) if is_json(&arg.ty) => {
-                    if body.is_some() {
-                        errors.add(arg.ty.span(), "#[idempotent] handlers take at most one `Json<T>` body argument");
+                FnArg::Typed(arg) => {
+                    if let Some(inner) = json_inner(&arg.ty) {
+                        if body.is_some() {
+                            errors
+                                .add(arg.ty.span(), "#[idempotent] handlers take at most one `Json<T>` body argument");
+                        }
+                        body = Some(index);
+                        body_span = inner.span();
                     }
-                    body = Some(index);
-                    body_span = arg.ty.span();
                 }
-                FnArg::Typed(_) => {}
             }
         }
         if let (Some(key), None) = (fields_key, body) {
@@ -128,18 +130,46 @@ impl Handler {
     }
 }
 
-/// Whether `ty` is `Json<T>` (any path ending in `Json` with one type argument).
-fn is_json(ty: &Type) -> bool {
+/// `T` when `ty` is `Json<T>` (any path ending in `Json` with one type argument).
+fn json_inner(ty: &Type) -> Option<&Type> {
     match ty {
-        Type::Group(group) => is_json(&group.elem),
-        Type::Paren(paren) => is_json(&paren.elem),
-        Type::Path(path) if path.qself.is_none() => path.path.segments.last().is_some_and(|last| {
-            last.ident == "Json"
-                && matches!(&last.arguments, PathArguments::AngleBracketed(args)
-                    if args.args.len() == 1 && matches!(args.args[0], GenericArgument::Type(_)))
-        }),
-        _ => false,
+        Type::Group(group) => json_inner(&group.elem),
+        Type::Paren(paren) => json_inner(&paren.elem),
+        Type::Path(path) if path.qself.is_none() => {
+            let last = path.path.segments.last()?;
+            match &last.arguments {
+                PathArguments::AngleBracketed(args) if last.ident == "Json" && args.args.len() == 1 => {
+                    match &args.args[0] {
+                        GenericArgument::Type(inner) => Some(inner),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            }
+        }
+        _ => None,
     }
+}
+
+/// Gives every token of `tokens` the span `span`.
+///
+/// A compiler error about an expression points at the expression's whole span; when its tokens
+/// come from different places that span degrades to the whole attribute, so expressions whose
+/// errors belong to the user's code are spanned there entirely.
+fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+    tokens
+        .into_iter()
+        .map(|mut token| {
+            if let TokenTree::Group(group) = &token {
+                let mut respanned = Group::new(group.delimiter(), respan(group.stream(), span));
+                respanned.set_span(span);
+                token = TokenTree::Group(respanned);
+            } else {
+                token.set_span(span);
+            }
+            token
+        })
+        .collect()
 }
 
 fn emit(framework: Framework, spec: &Spec, func: &ItemFn, handler: &Handler) -> TokenStream {
@@ -183,7 +213,8 @@ fn emit(framework: Framework, spec: &Spec, func: &ItemFn, handler: &Handler) -> 
         syn::ReturnType::Type(_, ty) => ty.span(),
         syn::ReturnType::Default => name.span(),
     };
-    let call = quote_spanned!(output_span=> #name(#(#args),*));
+    let run =
+        respan(quote!(#rt::run(#ctx, &__IDEMPOTENT_POLICY, __idempotent_fp, #name(#(#args),*)).await), output_span);
 
     quote! {
         #(#outer_attrs)*
@@ -191,7 +222,7 @@ fn emit(framework: Framework, spec: &Spec, func: &ItemFn, handler: &Handler) -> 
             #inner
             static __IDEMPOTENT_POLICY: #rt::Policy = #policy;
             let __idempotent_fp = #fingerprint;
-            #rt::run(#ctx, &__IDEMPOTENT_POLICY, __idempotent_fp, #call).await
+            #run
         }
         #record
     }
@@ -267,11 +298,14 @@ fn fingerprint(rt: &TokenStream, spec: &Spec, handler: &Handler, args: &[Ident])
     let mut calls = paths.iter().zip(&names).map(|(path, name)| {
         let span = path.segments[0].span();
         let segments = &path.segments;
-        quote_spanned!(span=> .field(#name, &#body.0 #(.#segments)*))
+        // The segments keep their own spans, so a missing `customer.email` is reported at `email`.
+        let field = respan(quote!(field), span);
+        let base = respan(quote!(&#body.0), span);
+        quote!(.#field(#name, #base #(.#segments)*))
     });
     match calls.next() {
         None => {
-            let call = quote_spanned!(handler.body_span=> .body(&#body.0));
+            let call = respan(quote!(.body(&#body.0)), handler.body_span);
             quote!(#start #call .map(#rt::FingerprintBuilder::finish))
         }
         Some(first) => {
@@ -285,7 +319,9 @@ fn record(framework: Framework, rt: &TokenStream, spec: &Spec, policy: &TokenStr
     let variant = framework.variant();
     let handler = format!("::{name}");
     let (method, path) = match &spec.route {
-        Some(Route { method, path }) => (quote!(::core::option::Option::Some(#method)), quote!(::core::option::Option::Some(#path))),
+        Some(Route { method, path }) => {
+            (quote!(::core::option::Option::Some(#method)), quote!(::core::option::Option::Some(#path)))
+        }
         None => (quote!(::core::option::Option::None), quote!(::core::option::Option::None)),
     };
     // `line!()` is spanned at the attribute (the call site of this macro), the line the record

@@ -333,7 +333,10 @@ mod tests {
         assert!(error(r#"scope = "a", wait_timeout = "5s""#).contains("only applies with `on_conflict = \"wait\"`"));
         assert!(spec(r#"scope = "a", on_conflict = "wait", wait_timeout = "5s", lease = "5s", ttl = "5s""#).is_ok());
         // A misspelt `on_conflict` gives one error, not two.
-        assert_eq!(spec(r#"scope = "a", on_conflict = "wiat", wait_timeout = "5s""#).unwrap_err().into_iter().count(), 1);
+        assert_eq!(
+            spec(r#"scope = "a", on_conflict = "wiat", wait_timeout = "5s""#).unwrap_err().into_iter().count(),
+            1
+        );
     }
 
     #[test]

@@ -45,7 +45,9 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim)
-            .filter(|a| !a.is_empty() && a.len() <= 64 && a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
+            .filter(|a| {
+                !a.is_empty() && a.len() <= 64 && a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            });
         match account {
             Some(a) => Ok(Caller(a.to_owned())),
             None => {
@@ -53,7 +55,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
                     StatusCode::UNAUTHORIZED,
                     "unauthorized",
                     "Authentication required",
-                    "Send `Authorization: Bearer <account>` where account is 1 to 64 letters, digits, `_` or `-`.".into(),
+                    "Send `Authorization: Bearer <account>` where account is 1 to 64 letters, digits, `_` or `-`."
+                        .into(),
                 );
                 r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
                 Err(r)
@@ -74,10 +77,17 @@ pub enum ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match self {
-            ApiError::Invalid(e) => demo_problem(StatusCode::UNPROCESSABLE_ENTITY, "validation", "Invalid request", e.0),
+            ApiError::Invalid(e) => {
+                demo_problem(StatusCode::UNPROCESSABLE_ENTITY, "validation", "Invalid request", e.0)
+            }
             ApiError::Internal(e) => {
                 tracing::error!(error = %e, "operation failed");
-                demo_problem(StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error", "The operation was not executed; retry with the same key.".into())
+                demo_problem(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "Internal error",
+                    "The operation was not executed; retry with the same key.".into(),
+                )
             }
         }
     }
@@ -133,18 +143,22 @@ async fn list_transfers(Caller(account): Caller, State(app): State<AppState>) ->
 async fn get_payment(Caller(account): Caller, State(app): State<AppState>, Path(id): Path<String>) -> Response {
     match app.bank.payment(&account, &id) {
         Some(p) => Json(p).into_response(),
-        None => demo_problem(StatusCode::NOT_FOUND, "not-found", "Payment not found", format!("No payment `{id}` for this account.")),
+        None => demo_problem(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "Payment not found",
+            format!("No payment `{id}` for this account."),
+        ),
     }
 }
 
 /// Builds the application: opens the store and the ledger, validates the policies.
 pub async fn app(config: &Config) -> Result<Router, String> {
+    let (ledger, entries) = Ledger::open(&config.ledger)?;
     let store = idempotent_axum::core::store::connect(&config.store)
         .await
         .map_err(|e| format!("idempotency store `{}`: {e}", config.store))?;
-    let (ledger, entries) = Ledger::open(&config.ledger)?;
-    let idempotency =
-        Idempotency::builder(store).actor(ActorSource::BearerToken).build().map_err(|e| e.to_string())?;
+    let idempotency = Idempotency::builder(store).actor(ActorSource::BearerToken).build().map_err(|e| e.to_string())?;
     let state = AppState { bank: Arc::new(Bank::new(ledger, entries)), transfer_delay: config.transfer_delay };
     Ok(Router::new()
         .route("/payments", post(create_payment).get(list_payments))
@@ -160,8 +174,9 @@ pub async fn app(config: &Config) -> Result<Router, String> {
 /// Binds `config.addr` and returns the bound address and the server's task.
 pub async fn start(config: &Config) -> Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>), String> {
     let router = app(config).await?;
-    let listener =
-        tokio::net::TcpListener::bind(config.addr).await.map_err(|e| format!("cannot listen on {}: {e}", config.addr))?;
+    let listener = tokio::net::TcpListener::bind(config.addr)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.addr))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let task = tokio::spawn(async move {
         axum::serve(listener, router)
@@ -172,4 +187,3 @@ pub async fn start(config: &Config) -> Result<(SocketAddr, tokio::task::JoinHand
     });
     Ok((addr, task))
 }
-

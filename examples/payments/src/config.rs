@@ -31,7 +31,9 @@ impl Config {
     }
 }
 
-/// The embedded default store when `IDEMPOTENCY_STORE` is unset.
-pub fn default_store(_ledger: &std::path::Path) -> String {
-    "memory".to_owned()
+/// The embedded default store when `IDEMPOTENCY_STORE` is unset: a SQLite file next to the
+/// ledger, so a restarted demo still replays every completed operation.
+pub fn default_store(ledger: &std::path::Path) -> String {
+    let dir = ledger.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    format!("sqlite:{}", dir.join("payments-idempotency.sqlite").display())
 }

@@ -34,7 +34,8 @@ impl Ledger {
             .open(path)
             .map_err(|e| format!("cannot open ledger {}: {e}", path.display()))?;
         let mut entries = Vec::new();
-        let reader = BufReader::new(File::open(path).map_err(|e| format!("cannot read ledger {}: {e}", path.display()))?);
+        let reader =
+            BufReader::new(File::open(path).map_err(|e| format!("cannot read ledger {}: {e}", path.display()))?);
         for line in reader.lines() {
             let line = line.map_err(|e| format!("cannot read ledger {}: {e}", path.display()))?;
             if let Ok(entry) = serde_json::from_str::<Entry>(&line) {

@@ -1,4 +1,3 @@
-use axum::Json;
 use idempotent_axum::idempotent;
 use serde::{Deserialize, Serialize};
 

@@ -65,7 +65,10 @@ pub async fn create_payment(
         return Err(ApiError::WrongCurrency);
     }
     let _ = req.note;
-    Ok((StatusCode::CREATED, Json(Payment { id: format!("pay_{}", caller.0), amount: req.amount, customer: req.customer })))
+    Ok((
+        StatusCode::CREATED,
+        Json(Payment { id: format!("pay_{}", caller.0), amount: req.amount, customer: req.customer }),
+    ))
 }
 
 fn main() {
@@ -73,10 +76,16 @@ fn main() {
 
     let routes = idempotent_axum::core::registry::routes();
     let record = routes.iter().find(|r| r.policy.scope == "payments.create").expect("registered");
-    assert_eq!(record.handler, "demo_handler::create_payment");
+    assert!(record.handler.ends_with("::create_payment"), "{}", record.handler);
     assert_eq!(record.policy.fields, ["amount", "currency", "customer"]);
     assert_eq!(record.policy.ttl, std::time::Duration::from_secs(24 * 60 * 60));
-    assert_eq!(record.policy, idempotent_axum::core::policy::Policy { fields: record.policy.fields, ..idempotent_axum::core::policy::Policy::new("payments.create") });
+    assert_eq!(
+        record.policy,
+        idempotent_axum::core::policy::Policy {
+            fields: record.policy.fields,
+            ..idempotent_axum::core::policy::Policy::new("payments.create")
+        }
+    );
     assert_eq!(record.line, 58);
     assert!(record.file.ends_with("demo_handler.rs"), "{}", record.file);
     assert_eq!((record.method, record.path), (None, None));

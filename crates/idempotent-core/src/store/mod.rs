@@ -204,9 +204,9 @@ fn decide(
     response: Option<&[u8]>,
     remaining: Duration,
 ) -> Result<Claim, StoreError> {
-    let stored: [u8; 32] = stored_fingerprint.try_into().map_err(|_| {
-        StoreError::Corrupt(format!("fingerprint is {} bytes, expected 32", stored_fingerprint.len()))
-    })?;
+    let stored: [u8; 32] = stored_fingerprint
+        .try_into()
+        .map_err(|_| StoreError::Corrupt(format!("fingerprint is {} bytes, expected 32", stored_fingerprint.len())))?;
     let in_progress = match state {
         "in_progress" => true,
         "completed" => false,
@@ -221,4 +221,3 @@ fn decide(
     let bytes = response.ok_or_else(|| StoreError::Corrupt("completed record without a response".into()))?;
     StoredResponse::decode(bytes).map(Claim::Completed).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
-

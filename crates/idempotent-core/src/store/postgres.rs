@@ -333,8 +333,8 @@ impl PostgresStore {
     /// [`StoreError::Config`].
     pub async fn connect_with(url: &str, config: PostgresConfig) -> Result<Self, StoreError> {
         config.validate()?;
-        let mut options = PgConnectOptions::from_str(url)
-            .map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?;
+        let mut options =
+            PgConnectOptions::from_str(url).map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?;
         if let Some(name) = &config.application_name {
             options = options.application_name(name);
         }
@@ -401,12 +401,8 @@ impl PostgresStore {
 async fn sweep(pool: &PgPool, sql: &Statements, batch: u32) -> Result<u64, StoreError> {
     let mut total = 0;
     loop {
-        let n = sqlx::query(&sql.sweep)
-            .bind(i64::from(batch))
-            .execute(pool)
-            .await
-            .map_err(unavailable)?
-            .rows_affected();
+        let n =
+            sqlx::query(&sql.sweep).bind(i64::from(batch)).execute(pool).await.map_err(unavailable)?.rows_affected();
         total += n;
         if n < u64::from(batch) {
             return Ok(total);
@@ -417,7 +413,11 @@ async fn sweep(pool: &PgPool, sql: &Statements, batch: u32) -> Result<u64, Store
 
 async fn migrate(pool: &PgPool, config: &PostgresConfig) -> Result<(), StoreError> {
     let mut tx = pool.begin().await.map_err(unavailable)?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(MIGRATION_LOCK).execute(&mut *tx).await.map_err(unavailable)?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(MIGRATION_LOCK)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
     if let Some(schema) = &config.schema {
         sqlx::raw_sql(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(schema)))
             .execute(&mut *tx)

@@ -3,7 +3,7 @@
 //!
 //! # Connecting
 //! - `redis://[user:password@]host:port[/db]`: one node, through a
-//!   [`ConnectionManager`](redis::aio::ConnectionManager) that reconnects by itself after the
+//!   [`ConnectionManager`] that reconnects by itself after the
 //!   server restarts or the connection drops.
 //! - `redis+cluster://[user:password@]host1:port1,host2:port2,...`: Redis Cluster, through the
 //!   async cluster connection, which discovers the slot map from any of the listed seed nodes
@@ -16,7 +16,11 @@
 //! Every command has a response timeout and every connection attempt a connection timeout
 //! (defaults [`DEFAULT_RESPONSE_TIMEOUT`] and [`DEFAULT_CONNECTION_TIMEOUT`]), so an unreachable
 //! server turns into [`StoreError::Unavailable`] (503 to the client) within seconds instead of
-//! a hung request. A timed-out claim is ambiguous (it may have been written): a retry then finds
+//! a hung request; a refused connection fails at once. On a single node, a request that finds
+//! the connection lost fails and starts one reconnection attempt in the background; later
+//! requests use the new connection, or start another attempt, so the same store instance works
+//! again as soon as the server is back, without being rebuilt. The cluster connection retries a
+//! command up to three times (20 to 500 ms apart) while it refreshes the slot map. A timed-out claim is ambiguous (it may have been written): a retry then finds
 //! the key in progress until the lease expires, and never runs the handler twice.
 //!
 //! # Key layout
@@ -234,9 +238,10 @@ impl RedisStoreBuilder {
                 let cfg = ConnectionManagerConfig::new()
                     .set_connection_timeout(self.connection_timeout)
                     .set_response_timeout(self.response_timeout)
-                    .set_number_of_retries(2)
-                    .set_factor(50)
-                    .set_max_delay(500);
+                    // One connection attempt per reconnection, no back-off sleeps (the first
+                    // would be a full second): a request that finds the server gone fails with
+                    // `Unavailable` at once, and the next request tries to reconnect again.
+                    .set_number_of_retries(0);
                 Conn::Single(ConnectionManager::new_with_config(client, cfg).await.map_err(unavailable)?)
             }
             Target::Cluster(nodes) => {
@@ -335,7 +340,9 @@ impl RedisStore {
         match self.conn.invoke(invocation).await.map_err(unavailable)? {
             Value::Int(1) => Ok(()),
             Value::Int(0) => Err(StoreError::Fenced),
-            Value::Int(-1) => Err(StoreError::Corrupt("a value of another type is stored under the record's key".into())),
+            Value::Int(-1) => {
+                Err(StoreError::Corrupt("a value of another type is stored under the record's key".into()))
+            }
             Value::Int(-2) => Err(StoreError::Corrupt("record without a valid state or token".into())),
             other => Err(StoreError::Corrupt(format!("unexpected script reply {other:?}"))),
         }
@@ -417,11 +424,8 @@ fn split_prefix(url: &str) -> (String, Option<String>) {
             None => !kv.is_empty(),
         })
         .collect();
-    let url = if rest.is_empty() {
-        base.trim_end_matches('/').to_owned()
-    } else {
-        format!("{base}?{}", rest.join("&"))
-    };
+    let url =
+        if rest.is_empty() { base.trim_end_matches('/').to_owned() } else { format!("{base}?{}", rest.join("&")) };
     (url, prefix)
 }
 

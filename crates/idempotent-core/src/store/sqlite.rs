@@ -307,7 +307,11 @@ impl SqliteStore {
 }
 
 /// The answer a live row gives, or `None` when the row is absent or expired.
-fn live(row: Option<sqlx::sqlite::SqliteRow>, fingerprint: &Fingerprint, now: i64) -> Result<Option<Claim>, StoreError> {
+fn live(
+    row: Option<sqlx::sqlite::SqliteRow>,
+    fingerprint: &Fingerprint,
+    now: i64,
+) -> Result<Option<Claim>, StoreError> {
     let Some(row) = row else { return Ok(None) };
     let corrupt = |e: sqlx::Error| StoreError::Corrupt(format!("undecodable record: {e}"));
     let expires_at: i64 = row.try_get("expires_at").map_err(corrupt)?;

@@ -23,7 +23,11 @@ async fn main() -> ExitCode {
                 Some(f) => f.as_str(),
                 None => return fail("--format needs a value: md, json or html"),
             },
-            Some(other) => return fail(format!("unknown argument `{other}`; usage: payments-axum policies [--format md|json|html]")),
+            Some(other) => {
+                return fail(format!(
+                    "unknown argument `{other}`; usage: payments-axum policies [--format md|json|html]"
+                ))
+            }
         };
         return match format.parse::<report::Format>() {
             Ok(f) => {
@@ -39,6 +43,7 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = match Config::from_env() {
         Ok(c) => c,
@@ -48,7 +53,7 @@ async fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
-    tracing::info!(%addr, store = %config.store, ledger = %config.ledger.display(), "payments-axum listening");
+    eprintln!("payments-axum listening on http://{addr} (store: {}, ledger: {})", config.store, config.ledger.display());
     match server.await {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => fail(format!("server error: {e}")),

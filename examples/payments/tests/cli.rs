@@ -1,0 +1,158 @@
+//! The demo binary as a user runs it: configuration errors, the policies subcommand, serving.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_payments-axum"));
+    c.env_remove("IDEMPOTENCY_STORE").env_remove("PAYMENTS_ADDR").env_remove("PAYMENTS_LEDGER");
+    c
+}
+
+fn temp(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("payments-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn policies_subcommand_prints_each_format() {
+    let md = bin().args(["policies"]).output().unwrap();
+    assert!(md.status.success());
+    let text = String::from_utf8(md.stdout).unwrap();
+    assert!(text.contains("| `payments.create` | POST /payments | amount, currency, customer | 1d |"), "{text}");
+    let json = bin().args(["policies", "--format", "json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["routes"].as_array().unwrap().len(), 3);
+    let html = bin().args(["policies", "--format", "html"]).output().unwrap();
+    assert!(String::from_utf8(html.stdout).unwrap().starts_with("<!DOCTYPE html>"));
+    let bad = bin().args(["policies", "--format", "pdf"]).output().unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8(bad.stderr).unwrap().contains("unknown report format `pdf`"));
+}
+
+fn fails_with(cmd: &mut Command, needle: &str) {
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "must exit non-zero");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
+    assert!(err.contains(needle), "{err}");
+}
+
+#[test]
+fn bad_configuration_exits_with_one_clear_line() {
+    let dir = temp("bad");
+    fails_with(
+        bin().env("IDEMPOTENCY_STORE", "mongodb://x").env("PAYMENTS_LEDGER", dir.join("l.jsonl")),
+        "unknown store",
+    );
+    fails_with(bin().env("PAYMENTS_LEDGER", "/proc/no/such/dir/ledger.jsonl"), "cannot open ledger");
+    fails_with(bin().env("PAYMENTS_ADDR", "not-an-addr"), "PAYMENTS_ADDR");
+    let ledger = dir.join("l.jsonl");
+    fails_with(bin().env("IDEMPOTENCY_STORE", "postgres://postgres@127.0.0.1:1/test").env("PAYMENTS_LEDGER", &ledger), "unavailable");
+    fails_with(bin().env("IDEMPOTENCY_STORE", "redis://127.0.0.1:1/").env("PAYMENTS_LEDGER", &ledger), "unavailable");
+    fails_with(bin().arg("serve-please"), "unknown command");
+}
+
+#[test]
+fn serves_and_replays_over_http() {
+    let dir = temp("serve");
+    let ledger = dir.join("ledger.jsonl");
+    let _ = std::fs::remove_file(&ledger);
+    let mut child = bin()
+        .env("PAYMENTS_ADDR", "127.0.0.1:0")
+        .env("PAYMENTS_LEDGER", &ledger)
+        .env("IDEMPOTENCY_STORE", "memory")
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The listening line names the bound address.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_owned());
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(30));
+    let Ok(addr) = addr else {
+        child.kill().unwrap();
+        panic!("the server did not print its address");
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        let body = serde_json::json!({"amount": 10, "currency": "USD", "customer": "c"});
+        let send = || {
+            client
+                .post(format!("http://{addr}/payments"))
+                .bearer_auth("acct")
+                .header("Idempotency-Key", "cli-1")
+                .json(&body)
+                .send()
+        };
+        let a = send().await.unwrap();
+        assert_eq!(a.status(), 201);
+        let b = send().await.unwrap();
+        assert_eq!(b.headers()["idempotent-replayed"], "true");
+    });
+    child.kill().unwrap();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&ledger).unwrap();
+    assert_eq!(text.lines().count(), 1, "one execution recorded durably");
+}
+
+#[test]
+fn default_store_is_sqlite_and_survives_a_restart() {
+    let dir = temp("restart");
+    let ledger = dir.join("ledger.jsonl");
+    let _ = std::fs::remove_file(&ledger);
+    let _ = std::fs::remove_file(dir.join("payments-idempotency.sqlite"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut bodies = Vec::new();
+    for round in 0..2 {
+        let mut child = bin()
+            .env("PAYMENTS_ADDR", "127.0.0.1:0")
+            .env("PAYMENTS_LEDGER", &ledger)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    let _ = tx.send((rest.split_whitespace().next().unwrap_or_default().to_owned(), line.clone()));
+                }
+            }
+        });
+        let Ok((addr, line)) = rx.recv_timeout(Duration::from_secs(30)) else {
+            child.kill().unwrap();
+            panic!("the server did not start");
+        };
+        assert!(line.contains("store: sqlite:"), "{line}");
+        let body = rt.block_on(async {
+            let r = reqwest::Client::new()
+                .post(format!("http://{addr}/payments"))
+                .bearer_auth("acct")
+                .header("Idempotency-Key", "restart-1")
+                .json(&serde_json::json!({"amount": 10, "currency": "USD", "customer": "c"}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201);
+            let replayed = r.headers().get("idempotent-replayed").is_some();
+            assert_eq!(replayed, round == 1, "round {round}");
+            r.bytes().await.unwrap()
+        });
+        bodies.push(body);
+        child.kill().unwrap();
+        let _ = child.wait();
+    }
+    assert_eq!(bodies[0], bodies[1], "the restarted server replays the same payment");
+    assert_eq!(std::fs::read_to_string(&ledger).unwrap().lines().count(), 1);
+}

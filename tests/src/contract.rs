@@ -1,0 +1,341 @@
+//! The store contract: the behaviour every [`Store`] must show, written once and run unchanged
+//! against each backend with [`store_contract_tests!`](crate::store_contract_tests).
+//!
+//! ```ignore
+//! idempotent_tests::store_contract_tests!(memory, async { Arc::new(MemoryStore::new()) });
+//! // A durable store also proves its records survive a second instance:
+//! idempotent_tests::store_contract_tests!(sqlite, async { fresh_sqlite().await },
+//!     reopen = |store| async move { store.reopen().await });
+//! ```
+//!
+//! The setup block returns a fresh store for one test, as `Arc<S>` or `Option<Arc<S>>` (`None`
+//! skips the test, for a backend with no server here; the block reports why). Each test uses
+//! its own keys, leases of a few hundred milliseconds and time to live of about a second, so the
+//! suite runs in a few seconds.
+
+use idempotent_core::fingerprint::{Fingerprint, FingerprintBuilder};
+use idempotent_core::response::StoredResponse;
+use idempotent_core::store::{Claim, ClaimToken, RecordKey, Store, StoreError};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Expands to `mod $name { ... }` with one `#[tokio::test]` per contract behaviour.
+///
+/// `$make` is an async block evaluated once per test that returns a fresh store (`Arc<S>` for
+/// any `S: Store`, or `Option<Arc<S>>` where `None` skips). With `reopen = |store| async move {
+/// ... }`, returning a second instance on the same backing storage, the suite also checks that
+/// records survive a reconnect.
+#[macro_export]
+macro_rules! store_contract_tests {
+    ($name:ident, $make:expr $(,)?) => {
+        $crate::store_contract_tests!(@tests $name, $make, {});
+    };
+    ($name:ident, $make:expr, reopen = $reopen:expr $(,)?) => {
+        $crate::store_contract_tests!(@tests $name, $make, {
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn records_survive_reconnect() {
+                if let Some(store) = $crate::contract::IntoFixture::into_fixture($make.await) {
+                    $crate::contract::records_survive_reconnect(store, $reopen).await;
+                }
+            }
+        });
+    };
+    (@tests $name:ident, $make:expr, { $($extra:tt)* }) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $crate::store_contract_tests!(@each $make;
+                claim_complete_replay,
+                mismatch_in_progress_and_completed,
+                in_progress_reports_remaining_lease,
+                release_then_reclaim,
+                renew_extends_the_lease,
+                expired_lease_is_taken_over_by_exactly_one,
+                stale_token_is_fenced,
+                completed_records_expire_after_ttl,
+                hundred_concurrent_claimers_one_winner,
+                actors_and_scopes_are_independent,
+                absent_keys_are_fenced,
+            );
+            $($extra)*
+        }
+    };
+    (@each $make:expr; $($test:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $test() {
+                if let Some(store) = $crate::contract::IntoFixture::into_fixture($make.await) {
+                    $crate::contract::$test(store).await;
+                }
+            }
+        )*
+    };
+}
+
+/// What a setup block may return: a store, or `None` to skip.
+pub trait IntoFixture {
+    /// The store type.
+    type Store: Store;
+    /// The store, or `None` when the test is skipped.
+    fn into_fixture(self) -> Option<Arc<Self::Store>>;
+}
+
+impl<S: Store> IntoFixture for Arc<S> {
+    type Store = S;
+    fn into_fixture(self) -> Option<Arc<S>> {
+        Some(self)
+    }
+}
+
+impl<S: Store> IntoFixture for Option<Arc<S>> {
+    type Store = S;
+    fn into_fixture(self) -> Option<Arc<S>> {
+        self
+    }
+}
+
+/// A lease long enough never to expire during a test.
+const LEASE: Duration = Duration::from_secs(30);
+/// A time to live long enough never to expire during a test.
+const TTL: Duration = Duration::from_secs(3600);
+
+fn fp(n: u32) -> Fingerprint {
+    FingerprintBuilder::new("payments.create").field("n", &n).unwrap().finish()
+}
+
+fn key(k: &str) -> RecordKey {
+    RecordKey::new("payments.create", "acct_1", k)
+}
+
+fn response(body: &[u8]) -> StoredResponse {
+    StoredResponse::new(
+        201,
+        [("content-type", &b"application/json"[..]), ("location", b"/payments/1"), ("x-bin", b"\x00\xff\r\n")],
+        bytes::Bytes::copy_from_slice(body),
+    )
+}
+
+async fn acquire<S: Store + ?Sized>(s: &S, k: &RecordKey, f: &Fingerprint, lease: Duration) -> ClaimToken {
+    match s.claim(k, f, lease).await {
+        Ok(Claim::Acquired(t)) => t,
+        other => panic!("expected Acquired, got {other:?}"),
+    }
+}
+
+fn assert_fenced(r: Result<(), StoreError>, what: &str) {
+    assert!(matches!(r, Err(StoreError::Fenced)), "{what}: expected Fenced, got {r:?}");
+}
+
+async fn claim_many<S: Store>(s: &Arc<S>, k: &RecordKey, n: usize) -> Vec<Claim> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (s, k) = (s.clone(), k.clone());
+            tokio::spawn(async move { s.claim(&k, &fp(1), LEASE).await })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.push(t.await.expect("claim task").expect("claim"));
+    }
+    out
+}
+
+/// Claim, complete, then every retry replays the stored response byte for byte; an outcome
+/// whose body was not stored is recorded too.
+pub async fn claim_complete_replay<S: Store>(s: Arc<S>) {
+    let k = key("replay");
+    let t = acquire(&*s, &k, &fp(1), LEASE).await;
+    let r = response(b"{\"id\":\"pay_1\",\"raw\":\"\x00\x01\xfe\xff\"}");
+    s.complete(&k, &t, &r, TTL).await.unwrap();
+    for _ in 0..3 {
+        match s.claim(&k, &fp(1), LEASE).await.unwrap() {
+            Claim::Completed(got) => {
+                assert_eq!(got, r);
+                assert_eq!(got.encode(), r.encode(), "replay is byte for byte");
+            }
+            other => panic!("expected Completed, got {other:?}"),
+        }
+    }
+    let k2 = key("not-stored");
+    let t2 = acquire(&*s, &k2, &fp(1), LEASE).await;
+    let mut big = response(b"");
+    big.body_stored = false;
+    s.complete(&k2, &t2, &big, TTL).await.unwrap();
+    assert_eq!(s.claim(&k2, &fp(1), LEASE).await.unwrap(), Claim::Completed(big));
+    let k3 = key("empty");
+    let t3 = acquire(&*s, &k3, &fp(1), LEASE).await;
+    let empty = StoredResponse::new(204, Vec::<(&str, &str)>::new(), bytes::Bytes::new());
+    s.complete(&k3, &t3, &empty, TTL).await.unwrap();
+    assert_eq!(s.claim(&k3, &fp(1), LEASE).await.unwrap(), Claim::Completed(empty));
+}
+
+/// A different fingerprint is a mismatch while the key is in progress and once it completed.
+pub async fn mismatch_in_progress_and_completed<S: Store>(s: Arc<S>) {
+    let k = key("mismatch");
+    let t = acquire(&*s, &k, &fp(1), LEASE).await;
+    assert_eq!(s.claim(&k, &fp(2), LEASE).await.unwrap(), Claim::Mismatch, "in progress");
+    s.complete(&k, &t, &response(b"ok"), TTL).await.unwrap();
+    assert_eq!(s.claim(&k, &fp(2), LEASE).await.unwrap(), Claim::Mismatch, "completed");
+    assert_eq!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"ok")));
+}
+
+/// A claim on a live in-progress key answers with the time left on its lease.
+pub async fn in_progress_reports_remaining_lease<S: Store>(s: Arc<S>) {
+    let k = key("lease");
+    let _t = acquire(&*s, &k, &fp(1), Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    match s.claim(&k, &fp(1), LEASE).await.unwrap() {
+        Claim::InProgress { retry_after } => {
+            assert!(retry_after <= Duration::from_millis(9_850), "{retry_after:?}");
+            assert!(retry_after >= Duration::from_secs(5), "{retry_after:?}");
+        }
+        other => panic!("expected InProgress, got {other:?}"),
+    }
+}
+
+/// A released key is free again (even with another fingerprint); the old token is fenced.
+pub async fn release_then_reclaim<S: Store>(s: Arc<S>) {
+    let k = key("release");
+    let t = acquire(&*s, &k, &fp(1), LEASE).await;
+    s.release(&k, &t).await.unwrap();
+    assert_fenced(s.release(&k, &t).await, "released twice");
+    let t2 = acquire(&*s, &k, &fp(2), LEASE).await;
+    assert_ne!(t, t2);
+    assert_fenced(s.complete(&k, &t, &response(b"x"), TTL).await, "complete with the released token");
+    s.complete(&k, &t2, &response(b"second"), TTL).await.unwrap();
+    assert_fenced(s.release(&k, &t2).await, "release after complete");
+    assert_fenced(s.complete(&k, &t2, &response(b"x"), TTL).await, "completed twice");
+    assert_eq!(s.claim(&k, &fp(2), LEASE).await.unwrap(), Claim::Completed(response(b"second")));
+}
+
+/// Renewal keeps a slow handler's claim past its original lease.
+pub async fn renew_extends_the_lease<S: Store>(s: Arc<S>) {
+    let k = key("renew");
+    let lease = Duration::from_millis(400);
+    let t = acquire(&*s, &k, &fp(1), lease).await;
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        s.renew(&k, &t, lease).await.unwrap();
+    }
+    // 800 ms after the claim: well past the original lease.
+    assert!(matches!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::InProgress { .. }));
+    s.complete(&k, &t, &response(b"slow"), TTL).await.unwrap();
+    assert_fenced(s.renew(&k, &t, LEASE).await, "renew after complete");
+    assert_eq!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"slow")));
+}
+
+/// Once a lease expires, of many concurrent claimers exactly one takes the key over.
+pub async fn expired_lease_is_taken_over_by_exactly_one<S: Store>(s: Arc<S>) {
+    let k = key("takeover");
+    let _crashed = acquire(&*s, &k, &fp(1), Duration::from_millis(300)).await;
+    assert!(matches!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::InProgress { .. }));
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let claims = claim_many(&s, &k, 20).await;
+    let acquired = claims.iter().filter(|c| matches!(c, Claim::Acquired(_))).count();
+    let waiting = claims.iter().filter(|c| matches!(c, Claim::InProgress { .. })).count();
+    assert_eq!((acquired, waiting), (1, 19), "{claims:?}");
+}
+
+/// A worker whose lease was taken over can neither complete, release nor renew, and does not
+/// disturb the new owner's record.
+pub async fn stale_token_is_fenced<S: Store>(s: Arc<S>) {
+    let k = key("fencing");
+    let paused = acquire(&*s, &k, &fp(1), Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let fresh = acquire(&*s, &k, &fp(1), LEASE).await;
+    assert_fenced(s.renew(&k, &paused, LEASE).await, "stale renew");
+    assert_fenced(s.complete(&k, &paused, &response(b"late"), TTL).await, "stale complete");
+    assert_fenced(s.release(&k, &paused).await, "stale release");
+    match s.claim(&k, &fp(1), LEASE).await.unwrap() {
+        Claim::InProgress { retry_after } => assert!(retry_after > Duration::from_secs(20), "{retry_after:?}"),
+        other => panic!("the new claim was disturbed: {other:?}"),
+    }
+    s.renew(&k, &fresh, LEASE).await.unwrap();
+    s.complete(&k, &fresh, &response(b"fresh"), TTL).await.unwrap();
+    assert_eq!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"fresh")));
+    assert_fenced(s.complete(&k, &paused, &response(b"late"), TTL).await, "stale complete after completion");
+    assert_eq!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"fresh")));
+}
+
+/// A completed record is forgotten after its time to live: the key is free again, even for
+/// another fingerprint.
+pub async fn completed_records_expire_after_ttl<S: Store>(s: Arc<S>) {
+    let k = key("ttl");
+    let t = acquire(&*s, &k, &fp(1), LEASE).await;
+    s.complete(&k, &t, &response(b"short"), Duration::from_secs(1)).await.unwrap();
+    assert!(matches!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Completed(_)));
+    assert_eq!(s.claim(&k, &fp(2), LEASE).await.unwrap(), Claim::Mismatch);
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let t2 = acquire(&*s, &k, &fp(2), LEASE).await;
+    s.complete(&k, &t2, &response(b"again"), TTL).await.unwrap();
+    assert_eq!(s.claim(&k, &fp(2), LEASE).await.unwrap(), Claim::Completed(response(b"again")));
+}
+
+/// 100 concurrent claims of one fresh key: exactly one acquires, the others see it in progress.
+pub async fn hundred_concurrent_claimers_one_winner<S: Store>(s: Arc<S>) {
+    let k = key("hot");
+    let claims = claim_many(&s, &k, 100).await;
+    let acquired = claims.iter().filter(|c| matches!(c, Claim::Acquired(_))).count();
+    let waiting = claims.iter().filter(|c| matches!(c, Claim::InProgress { .. })).count();
+    assert_eq!((acquired, waiting), (1, 99));
+}
+
+/// The same client key under other actors or scopes is another record; no choice of parts can
+/// forge another record's identity.
+pub async fn actors_and_scopes_are_independent<S: Store>(s: Arc<S>) {
+    let keys = [
+        RecordKey::new("payments.create", "acct_1", "k"),
+        RecordKey::new("payments.create", "acct_2", "k"),
+        RecordKey::new("refunds.create", "acct_1", "k"),
+        RecordKey::new("payments.create", "", "k"),
+        RecordKey::new("a|b", "c", "d"),
+        RecordKey::new("a", "b|c", "d"),
+        RecordKey::new("a:1", "b", "c"),
+        RecordKey::new("a", "1:b", "c"),
+    ];
+    for (i, k) in keys.iter().enumerate() {
+        let t = acquire(&*s, k, &fp(i as u32), LEASE).await;
+        let r = StoredResponse::new(200, Vec::<(&str, &str)>::new(), format!("{i}").into());
+        s.complete(k, &t, &r, TTL).await.unwrap();
+    }
+    for (i, k) in keys.iter().enumerate() {
+        match s.claim(k, &fp(i as u32), LEASE).await.unwrap() {
+            Claim::Completed(r) => assert_eq!(r.body, format!("{i}").into_bytes(), "{k:?}"),
+            other => panic!("{k:?}: {other:?}"),
+        }
+    }
+}
+
+/// Completing, releasing or renewing a key that was never claimed is fenced and creates nothing.
+pub async fn absent_keys_are_fenced<S: Store>(s: Arc<S>) {
+    let k = key("absent");
+    let t = ClaimToken::generate();
+    assert_fenced(s.complete(&k, &t, &response(b"x"), TTL).await, "complete");
+    assert_fenced(s.release(&k, &t).await, "release");
+    assert_fenced(s.renew(&k, &t, LEASE).await, "renew");
+    acquire(&*s, &k, &fp(1), LEASE).await;
+}
+
+/// Records written by one store instance are seen by another on the same storage: a completed
+/// response replays, a live claim stays in progress and its token still completes it.
+pub async fn records_survive_reconnect<S, S2, F, Fut>(s: Arc<S>, reopen: F)
+where
+    S: Store,
+    S2: Store,
+    F: FnOnce(Arc<S>) -> Fut,
+    Fut: Future<Output = Arc<S2>>,
+{
+    let done = key("durable-done");
+    let t = acquire(&*s, &done, &fp(1), LEASE).await;
+    s.complete(&done, &t, &response(b"kept"), TTL).await.unwrap();
+    let running = key("durable-running");
+    let t2 = acquire(&*s, &running, &fp(1), LEASE).await;
+    let again = reopen(s.clone()).await;
+    drop(s);
+    assert_eq!(again.claim(&done, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"kept")));
+    assert_eq!(again.claim(&done, &fp(2), LEASE).await.unwrap(), Claim::Mismatch);
+    assert!(matches!(again.claim(&running, &fp(1), LEASE).await.unwrap(), Claim::InProgress { .. }));
+    again.complete(&running, &t2, &response(b"finished"), TTL).await.unwrap();
+    assert_eq!(again.claim(&running, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"finished")));
+}

@@ -1,0 +1,298 @@
+//! A real PostgreSQL server for the store tests.
+//!
+//! [`database_url`] finds one: `IDEMPOTENT_TEST_DATABASE_URL` when set, else
+//! `postgres://postgres@127.0.0.1:5432/test` when it answers (creating the `test` database if the
+//! server has none), else the distribution's cluster started with `pg_ctlcluster`, else a
+//! temporary cluster made with `initdb` and `pg_ctl` (from `PATH` or `/usr/lib/postgresql/*/bin`)
+//! on a free loopback port. The temporary cluster lives in its own directory; a small `sh`
+//! watchdog stops it and removes the directory once the test binary has exited. When no server
+//! can be had the tests print a loud `SKIPPED` line and pass, except under `CI=true`, where that
+//! is a failure.
+//!
+//! Each test works in its own schema ([`TestSchema`]: random name, created by the store's
+//! migration and dropped when the test ends), so tests run in parallel on one database.
+
+use async_trait::async_trait;
+use idempotent_core::fingerprint::Fingerprint;
+use idempotent_core::response::StoredResponse;
+use idempotent_core::store::{Claim, ClaimToken, PostgresConfig, PostgresStore, RecordKey, Store, StoreError};
+use sqlx::Connection;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::OnceCell;
+
+const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+static URL: OnceCell<Option<String>> = OnceCell::const_new();
+
+/// The URL of a PostgreSQL database the tests may use, or `None` (after a loud `SKIPPED` line on
+/// stderr) when there is none. Panics under `CI=true` instead of skipping.
+pub async fn database_url() -> Option<String> {
+    let url = URL.get_or_init(find).await.clone();
+    if url.is_none() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("no PostgreSQL server for the store tests (CI=true forbids skipping): set IDEMPOTENT_TEST_DATABASE_URL or install PostgreSQL");
+        }
+        eprintln!("SKIPPED: no PostgreSQL server (set IDEMPOTENT_TEST_DATABASE_URL, run one on 127.0.0.1:5432, or put initdb on PATH)");
+    }
+    url
+}
+
+async fn find() -> Option<String> {
+    if let Ok(url) = std::env::var("IDEMPOTENT_TEST_DATABASE_URL") {
+        return Some(url);
+    }
+    if let Some(url) = answers_or_create(DEFAULT_URL).await {
+        return Some(url);
+    }
+    if let Ok(versions) = std::fs::read_dir("/etc/postgresql") {
+        for v in versions.flatten() {
+            let _ = Command::new("pg_ctlcluster")
+                .args(["--skip-systemctl-redirect", &v.file_name().to_string_lossy(), "main", "start"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        for _ in 0..20 {
+            if let Some(url) = answers_or_create(DEFAULT_URL).await {
+                return Some(url);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    start_temporary_cluster().await
+}
+
+/// `url` when its server answers; creates the database when the server has no such database.
+async fn answers_or_create(url: &str) -> Option<String> {
+    match connect(url).await {
+        Ok(()) => Some(url.to_owned()),
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => {
+            let (server, db) = url.rsplit_once('/')?;
+            let mut c = tokio::time::timeout(
+                Duration::from_secs(5),
+                sqlx::PgConnection::connect(&format!("{server}/postgres")),
+            )
+            .await
+            .ok()?
+            .ok()?;
+            let _ = sqlx::raw_sql(&format!("CREATE DATABASE \"{db}\"")).execute(&mut c).await;
+            connect(url).await.ok().map(|()| url.to_owned())
+        }
+        Err(_) => None,
+    }
+}
+
+async fn connect(url: &str) -> Result<(), sqlx::Error> {
+    let c = tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(url))
+        .await
+        .map_err(|_| sqlx::Error::PoolTimedOut)??;
+    c.close().await
+}
+
+fn bin_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    if let Ok(versions) = std::fs::read_dir("/usr/lib/postgresql") {
+        let mut v: Vec<PathBuf> = versions.flatten().map(|e| e.path().join("bin")).collect();
+        v.sort();
+        dirs.extend(v.into_iter().rev());
+    }
+    dirs
+}
+
+fn find_bin(name: &str) -> Option<PathBuf> {
+    bin_dirs().into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// A command run as the `postgres` user when we are root (PostgreSQL refuses to run as root).
+fn as_cluster_owner(bin: &Path, root: bool) -> Command {
+    if root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin);
+        c
+    } else {
+        Command::new(bin)
+    }
+}
+
+async fn start_temporary_cluster() -> Option<String> {
+    let initdb = find_bin("initdb")?;
+    let pg_ctl = find_bin("pg_ctl")?;
+    let root = is_root();
+    let dir = std::env::temp_dir().join(format!("idempotent-test-pg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).ok()?;
+    if root {
+        Command::new("chown").args(["-R", "postgres:"]).arg(&dir).status().ok()?;
+    }
+    let data = dir.join("data");
+    let ok = as_cluster_owner(&initdb, root)
+        .arg("-D")
+        .arg(&data)
+        .args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .ok()?
+        .success();
+    if !ok {
+        return None;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+    let ok = as_cluster_owner(&pg_ctl, root)
+        .arg("-D")
+        .arg(&data)
+        .arg("-l")
+        .arg(dir.join("log"))
+        .arg("-o")
+        .arg(format!("-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", dir.display()))
+        .args(["-w", "start"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .ok()?
+        .success();
+    if !ok {
+        return None;
+    }
+    // Stop the cluster and remove its directory once this test binary exits.
+    let stop = format!(
+        "{} '{}' -D '{}' -m immediate stop",
+        if root { "runuser -u postgres --" } else { "" },
+        pg_ctl.display(),
+        data.display()
+    );
+    let script = format!(
+        "while kill -0 {me} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf '{dir}'",
+        me = std::process::id(),
+        dir = dir.display()
+    );
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    answers_or_create(&format!("postgres://postgres@127.0.0.1:{port}/test")).await
+}
+
+/// A schema of its own for one test: a random name, created by the store's migration, dropped
+/// (with everything in it) when the value is dropped.
+#[derive(Debug)]
+pub struct TestSchema {
+    /// The database URL.
+    pub url: String,
+    /// The schema's name, also the `application_name` of the test's connections.
+    pub name: String,
+}
+
+impl TestSchema {
+    /// A fresh schema name on the test database, or `None` when the tests are skipped.
+    pub async fn new() -> Option<Arc<Self>> {
+        let url = database_url().await?;
+        Some(Arc::new(Self { url, name: format!("idem_test_{}", uuid::Uuid::new_v4().simple()) }))
+    }
+
+    /// The store settings for this schema: short sweeps, connections named after the schema.
+    pub fn config(&self) -> PostgresConfig {
+        PostgresConfig::new()
+            .schema(&self.name)
+            .application_name(&self.name)
+            .sweep_interval(Some(Duration::from_millis(500)))
+            .max_connections(8)
+    }
+
+    /// A store on this schema with [`config`](Self::config).
+    pub async fn store(self: &Arc<Self>) -> Arc<PgTestStore> {
+        self.store_with(self.config()).await
+    }
+
+    /// A store on this schema with `config`.
+    pub async fn store_with(self: &Arc<Self>, config: PostgresConfig) -> Arc<PgTestStore> {
+        let store = PostgresStore::connect_with(&self.url, config).await.expect("connect to the test database");
+        Arc::new(PgTestStore { store, schema: self.clone() })
+    }
+
+    /// Runs `sql` on the test database (a fresh connection).
+    pub async fn execute(&self, sql: &str) -> Result<u64, sqlx::Error> {
+        let mut c = sqlx::PgConnection::connect(&self.url).await?;
+        let n = sqlx::raw_sql(sql).execute(&mut c).await?.rows_affected();
+        c.close().await?;
+        Ok(n)
+    }
+}
+
+impl Drop for TestSchema {
+    fn drop(&mut self) {
+        let (url, name) = (self.url.clone(), self.name.clone());
+        // Dropping runs inside the test's runtime; do the blocking clean-up on a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(async {
+                let mut c = sqlx::PgConnection::connect(&url).await.ok()?;
+                let _ = sqlx::raw_sql(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE")).execute(&mut c).await;
+                c.close().await.ok()
+            })
+        })
+        .join();
+    }
+}
+
+/// A [`PostgresStore`] that keeps its [`TestSchema`] alive: the schema is dropped after the last
+/// store on it.
+#[derive(Debug)]
+pub struct PgTestStore {
+    store: PostgresStore,
+    schema: Arc<TestSchema>,
+}
+
+impl PgTestStore {
+    /// The store.
+    pub fn store(&self) -> &PostgresStore {
+        &self.store
+    }
+
+    /// The schema the store works in.
+    pub fn schema(&self) -> &Arc<TestSchema> {
+        &self.schema
+    }
+
+    /// A second, independent store (its own pool) on the same schema, as after a restart.
+    pub async fn reopen(&self) -> Arc<PgTestStore> {
+        self.schema.store_with(self.store.config().clone()).await
+    }
+}
+
+#[async_trait]
+impl Store for PgTestStore {
+    async fn claim(&self, key: &RecordKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
+        self.store.claim(key, fingerprint, lease).await
+    }
+    async fn renew(&self, key: &RecordKey, token: &ClaimToken, lease: Duration) -> Result<(), StoreError> {
+        self.store.renew(key, token, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: &ClaimToken,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.store.complete(key, token, response, ttl).await
+    }
+    async fn release(&self, key: &RecordKey, token: &ClaimToken) -> Result<(), StoreError> {
+        self.store.release(key, token).await
+    }
+    fn name(&self) -> &'static str {
+        self.store.name()
+    }
+}

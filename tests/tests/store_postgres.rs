@@ -1,0 +1,240 @@
+//! The PostgreSQL store against a real server: the store contract (each test in its own schema),
+//! then the faults: an unreachable server at start-up, corrupt and foreign rows, connections
+//! lost mid-run, a process that dies between claim and completion; and the properties of the
+//! claim statement (replays write nothing), migrations and the sweeper.
+
+use idempotent_core::fingerprint::{Fingerprint, FingerprintBuilder};
+use idempotent_core::response::StoredResponse;
+use idempotent_core::store::{self, Claim, PostgresConfig, PostgresStore, RecordKey, Store, StoreError};
+use idempotent_tests::postgres::{PgTestStore, TestSchema};
+use std::sync::Arc;
+use std::time::Duration;
+
+idempotent_tests::store_contract_tests!(
+    postgres,
+    async {
+        match TestSchema::new().await {
+            Some(schema) => Some(schema.store().await),
+            None => None,
+        }
+    },
+    reopen = |store: Arc<PgTestStore>| async move { store.reopen().await }
+);
+
+fn fp(n: u32) -> Fingerprint {
+    FingerprintBuilder::new("payments.create").field("n", &n).unwrap().finish()
+}
+
+fn key(k: &str) -> RecordKey {
+    RecordKey::new("payments.create", "acct_1", k)
+}
+
+fn response(body: &'static [u8]) -> StoredResponse {
+    StoredResponse::new(201, [("content-type", "application/json")], bytes::Bytes::from_static(body))
+}
+
+const LEASE: Duration = Duration::from_secs(30);
+const TTL: Duration = Duration::from_secs(3600);
+
+#[tokio::test]
+async fn unreachable_server_at_start_up_is_unavailable() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/test");
+    let config = PostgresConfig::new().acquire_timeout(Duration::from_secs(2));
+    let err = PostgresStore::connect_with(&url, config).await.unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    let err = store::connect(&url).await.err().expect("closed port");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(err.to_string().contains("unavailable"), "{err}");
+    let err = store::connect("postgres://user@host:notaport/db").await.err().expect("bad url");
+    assert!(matches!(err, StoreError::Config(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn spec_string_connects() {
+    let Some(url) = idempotent_tests::postgres::database_url().await else { return };
+    let s = store::connect(&url).await.unwrap();
+    assert_eq!(s.name(), "postgres");
+    let k = RecordKey::new("spec", "a", uuid::Uuid::new_v4().to_string());
+    let Claim::Acquired(t) = s.claim(&k, &fp(1), LEASE).await.unwrap() else { panic!() };
+    s.release(&k, &t).await.unwrap();
+}
+
+#[tokio::test]
+async fn corrupt_and_foreign_rows_are_errors_not_panics() {
+    let Some(schema) = TestSchema::new().await else { return };
+    let s = schema.store().await;
+    let table = format!("\"{}\".idempotency_records", schema.name);
+    let good_fp = format!("'\\x{}'", "07".repeat(32));
+    let rows = [
+        ("bad-state", good_fp.clone(), "'exploded'", "NULL"),
+        ("short-fingerprint", "'\\x0707'".to_owned(), "'completed'", "NULL"),
+        ("bad-response", good_fp.clone(), "'completed'", "'\\xdeadbeef'"),
+        ("no-response", good_fp.clone(), "'completed'", "NULL"),
+    ];
+    for (k, f, state, resp) in &rows {
+        schema
+            .execute(&format!(
+                "INSERT INTO {table} (scope, actor, idem_key, fingerprint, state, token, response, expires_at)
+                 VALUES ('s', 'a', '{k}', {f}, {state}, 't', {resp}, now() + interval '1 hour')"
+            ))
+            .await
+            .unwrap();
+    }
+    let f = Fingerprint([7; 32]);
+    for (k, ..) in &rows {
+        let got = s.claim(&RecordKey::new("s", "a", *k), &f, LEASE).await;
+        assert!(matches!(got, Err(StoreError::Corrupt(_))), "{k}: {got:?}");
+    }
+    // An expired foreign row is treated as absent and replaced.
+    schema
+        .execute(&format!(
+            "INSERT INTO {table} (scope, actor, idem_key, fingerprint, state, expires_at)
+             VALUES ('s', 'a', 'old', '\\x00', 'whatever', now() - interval '1 second')"
+        ))
+        .await
+        .unwrap();
+    assert!(matches!(s.claim(&RecordKey::new("s", "a", "old"), &f, LEASE).await, Ok(Claim::Acquired(_))));
+}
+
+#[tokio::test]
+async fn connections_lost_mid_run_are_unavailable_then_recover() {
+    let Some(schema) = TestSchema::new().await else { return };
+    let s = schema.store_with(schema.config().max_connections(1).sweep_interval(None)).await;
+    let k = key("lost");
+    let Claim::Acquired(t) = s.claim(&k, &fp(1), LEASE).await.unwrap() else { panic!() };
+    let killed = schema
+        .execute(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{}'",
+            schema.name
+        ))
+        .await
+        .unwrap();
+    assert!(killed >= 1, "no backend of the store was found");
+    let first = s.claim(&k, &fp(1), LEASE).await;
+    assert!(matches!(first, Err(StoreError::Unavailable(_))), "{first:?}");
+    let mut answer = None;
+    for _ in 0..20 {
+        match s.claim(&k, &fp(1), LEASE).await {
+            Ok(c) => {
+                answer = Some(c);
+                break;
+            }
+            Err(StoreError::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert!(matches!(answer, Some(Claim::InProgress { .. })), "{answer:?}");
+    s.complete(&k, &t, &response(b"after"), TTL).await.unwrap();
+    assert_eq!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"after")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_between_claim_and_completion_runs_again_once() {
+    let Some(schema) = TestSchema::new().await else { return };
+    let k = key("crash");
+    {
+        let s = schema.store().await;
+        let Claim::Acquired(_token) = s.claim(&k, &fp(1), Duration::from_millis(500)).await.unwrap() else {
+            panic!("first claim")
+        };
+        // The process dies here: store and token dropped without completing or releasing.
+    }
+    let s = schema.store().await;
+    assert!(matches!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::InProgress { .. }));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let (s, k) = (s.clone(), k.clone());
+            tokio::spawn(async move { s.claim(&k, &fp(1), LEASE).await.unwrap() })
+        })
+        .collect();
+    let mut acquired = 0;
+    for t in tasks {
+        if matches!(t.await.unwrap(), Claim::Acquired(_)) {
+            acquired += 1;
+        }
+    }
+    assert_eq!(acquired, 1);
+}
+
+/// Replays, mismatches and in-progress answers leave the row untouched: no new tuple version, no
+/// row lock.
+#[tokio::test]
+async fn answers_from_a_live_row_write_nothing() {
+    let Some(schema) = TestSchema::new().await else { return };
+    let s = schema.store().await;
+    let pool = s.store().pool();
+    let q = format!(
+        "SELECT ctid::text || '/' || xmin::text || '/' || xmax::text FROM \"{}\".idempotency_records WHERE idem_key = $1",
+        schema.name
+    );
+    let version = |k: &'static str| {
+        let q = q.clone();
+        async move { sqlx::query_scalar::<_, String>(&q).bind(k).fetch_one(pool).await.unwrap() }
+    };
+    let k = key("quiet");
+    let Claim::Acquired(t) = s.claim(&k, &fp(1), LEASE).await.unwrap() else { panic!() };
+    let before = version("quiet").await;
+    for _ in 0..5 {
+        assert!(matches!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::InProgress { .. }));
+        assert_eq!(s.claim(&k, &fp(2), LEASE).await.unwrap(), Claim::Mismatch);
+    }
+    assert_eq!(version("quiet").await, before);
+    s.complete(&k, &t, &response(b"done"), TTL).await.unwrap();
+    let before = version("quiet").await;
+    for _ in 0..5 {
+        assert_eq!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"done")));
+    }
+    assert_eq!(version("quiet").await, before);
+}
+
+#[tokio::test]
+async fn migrations_are_concurrent_safe_and_available_as_sql() {
+    let Some(schema) = TestSchema::new().await else { return };
+    let (a, b, c) = tokio::join!(schema.store(), schema.store(), schema.store());
+    let k = key("m");
+    let Claim::Acquired(t) = a.claim(&k, &fp(1), LEASE).await.unwrap() else { panic!() };
+    assert!(matches!(b.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::InProgress { .. }));
+    c.release(&k, &t).await.unwrap();
+    let versions: i64 =
+        sqlx::query_scalar(&format!("SELECT count(*) FROM \"{}\".idempotency_records_migrations", schema.name))
+            .fetch_one(a.store().pool())
+            .await
+            .unwrap();
+    assert_eq!(versions, 1);
+
+    // Managed by hand: the SQL creates what the store needs; the store then creates nothing.
+    let config = schema.config().table("by_hand").migrate(false);
+    let sql = PostgresStore::migration_sql(&config);
+    assert!(sql.contains(&format!("\"{}\".\"by_hand\"", schema.name)));
+    schema.execute(&sql).await.unwrap();
+    schema.execute(&sql).await.unwrap();
+    let s = schema.store_with(config).await;
+    let Claim::Acquired(t) = s.claim(&k, &fp(1), LEASE).await.unwrap() else { panic!() };
+    s.complete(&k, &t, &response(b"hand"), TTL).await.unwrap();
+    assert_eq!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"hand")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweeper_deletes_expired_records_in_the_background() {
+    let Some(schema) = TestSchema::new().await else { return };
+    let s = schema.store_with(schema.config().sweep_batch(7)).await;
+    for i in 0..30 {
+        let k = key(&format!("k{i}"));
+        let Claim::Acquired(t) = s.claim(&k, &fp(1), LEASE).await.unwrap() else { panic!() };
+        let ttl = if i < 25 { Duration::from_millis(1) } else { TTL };
+        s.complete(&k, &t, &response(b"x"), ttl).await.unwrap();
+    }
+    let count = format!("SELECT count(*) FROM \"{}\".idempotency_records", schema.name);
+    let mut left = 30;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = sqlx::query_scalar::<_, i64>(&count).fetch_one(s.store().pool()).await.unwrap();
+        if left == 5 {
+            break;
+        }
+    }
+    assert_eq!(left, 5);
+    assert_eq!(s.store().sweep_expired().await.unwrap(), 0);
+}

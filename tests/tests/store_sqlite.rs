@@ -1,0 +1,188 @@
+//! The SQLite store: the store contract on a temporary database file, corrupt rows, a process
+//! that dies between claim and completion, and the store specification string.
+
+use idempotent_core::fingerprint::{Fingerprint, FingerprintBuilder};
+use idempotent_core::response::StoredResponse;
+use idempotent_core::store::{self, Claim, RecordKey, SqliteConfig, SqliteStore, Store, StoreError};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A database file in the temporary directory, removed (with its WAL files) on drop.
+struct TempDb(PathBuf);
+
+impl TempDb {
+    fn new() -> Arc<Self> {
+        Arc::new(Self(std::env::temp_dir().join(format!("idempotent-test-{}.db", uuid::Uuid::new_v4().simple()))))
+    }
+    fn spec(&self) -> String {
+        format!("sqlite:{}", self.0.display())
+    }
+}
+
+impl Drop for TempDb {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
+        }
+    }
+}
+
+/// A store that keeps its database file alive.
+struct FileStore {
+    store: SqliteStore,
+    db: Arc<TempDb>,
+}
+
+impl FileStore {
+    async fn open(db: Arc<TempDb>) -> Arc<Self> {
+        let config = SqliteConfig::new().sweep_interval(Some(Duration::from_millis(500)));
+        let store = SqliteStore::connect_with(&db.spec(), config).await.expect("open sqlite");
+        Arc::new(Self { store, db })
+    }
+    async fn reopen(&self) -> Arc<Self> {
+        Self::open(self.db.clone()).await
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for FileStore {
+    async fn claim(&self, k: &RecordKey, f: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
+        self.store.claim(k, f, lease).await
+    }
+    async fn renew(
+        &self,
+        k: &RecordKey,
+        t: &idempotent_core::store::ClaimToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.store.renew(k, t, lease).await
+    }
+    async fn complete(
+        &self,
+        k: &RecordKey,
+        t: &idempotent_core::store::ClaimToken,
+        r: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.store.complete(k, t, r, ttl).await
+    }
+    async fn release(&self, k: &RecordKey, t: &idempotent_core::store::ClaimToken) -> Result<(), StoreError> {
+        self.store.release(k, t).await
+    }
+    fn name(&self) -> &'static str {
+        self.store.name()
+    }
+}
+
+idempotent_tests::store_contract_tests!(
+    sqlite,
+    async { FileStore::open(TempDb::new()).await },
+    reopen = |store: Arc<FileStore>| async move { store.reopen().await }
+);
+
+fn fp(n: u32) -> Fingerprint {
+    FingerprintBuilder::new("payments.create").field("n", &n).unwrap().finish()
+}
+
+#[tokio::test]
+async fn spec_string_creates_the_file() {
+    let db = TempDb::new();
+    assert!(!db.0.exists());
+    let s = store::connect(&db.spec()).await.unwrap();
+    assert_eq!(s.name(), "sqlite");
+    assert!(db.0.exists());
+    let k = RecordKey::new("s", "a", "k");
+    assert!(matches!(s.claim(&k, &fp(1), Duration::from_secs(5)).await.unwrap(), Claim::Acquired(_)));
+    let bad = store::connect("sqlite:/nonexistent-dir/x/y.db").await;
+    assert!(matches!(bad, Err(StoreError::Unavailable(_))), "{:?}", bad.err());
+}
+
+#[tokio::test]
+async fn corrupt_rows_are_errors_not_panics() {
+    let db = TempDb::new();
+    let s = FileStore::open(db.clone()).await;
+    let far = 4_000_000_000_000i64;
+    let rows = [
+        ("bad-state", "X'".to_owned() + &"07".repeat(32) + "'", "'exploded'", "NULL"),
+        ("short-fingerprint", "X'0707'".to_owned(), "'completed'", "NULL"),
+        ("bad-response", "X'".to_owned() + &"07".repeat(32) + "'", "'completed'", "X'deadbeef'"),
+        ("no-response", "X'".to_owned() + &"07".repeat(32) + "'", "'completed'", "NULL"),
+        ("text-fingerprint", "'not bytes'".to_owned(), "'in_progress'", "NULL"),
+    ];
+    for (k, fpr, state, resp) in &rows {
+        sqlx::query(&format!(
+            "INSERT INTO idempotency_records (scope, actor, idem_key, fingerprint, state, token, response, expires_at, created_at)
+             VALUES ('s', 'a', '{k}', {fpr}, {state}, 't', {resp}, {far}, 0)"
+        ))
+        .execute(s.store.pool())
+        .await
+        .unwrap();
+    }
+    let f = Fingerprint([7; 32]);
+    for (k, ..) in &rows {
+        let got = s.claim(&RecordKey::new("s", "a", *k), &f, Duration::from_secs(5)).await;
+        assert!(matches!(got, Err(StoreError::Corrupt(_))), "{k}: {got:?}");
+    }
+    // A garbage expiry is corrupt too; an expired garbage row is simply replaced.
+    sqlx::query("INSERT INTO idempotency_records VALUES ('s', 'a', 'bad-expiry', X'00', 'x', NULL, NULL, 'soon', 0)")
+        .execute(s.store.pool())
+        .await
+        .unwrap();
+    let got = s.claim(&RecordKey::new("s", "a", "bad-expiry"), &f, Duration::from_secs(5)).await;
+    assert!(matches!(got, Err(StoreError::Corrupt(_))), "{got:?}");
+    sqlx::query("INSERT INTO idempotency_records VALUES ('s', 'a', 'old-garbage', X'00', 'x', NULL, X'00', 1, 0)")
+        .execute(s.store.pool())
+        .await
+        .unwrap();
+    let got = s.claim(&RecordKey::new("s", "a", "old-garbage"), &f, Duration::from_secs(5)).await;
+    assert!(matches!(got, Ok(Claim::Acquired(_))), "{got:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_between_claim_and_completion_runs_again_once() {
+    let db = TempDb::new();
+    let k = RecordKey::new("payments.create", "acct_1", "crash");
+    {
+        let s = FileStore::open(db.clone()).await;
+        let Claim::Acquired(_token) = s.claim(&k, &fp(1), Duration::from_millis(500)).await.unwrap() else {
+            panic!("first claim")
+        };
+        // The process dies here: the store and the token are dropped without completing.
+    }
+    let s = FileStore::open(db.clone()).await;
+    assert!(matches!(s.claim(&k, &fp(1), Duration::from_secs(30)).await.unwrap(), Claim::InProgress { .. }));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let (s, k) = (s.clone(), k.clone());
+            tokio::spawn(async move { s.claim(&k, &fp(1), Duration::from_secs(30)).await.unwrap() })
+        })
+        .collect();
+    let mut acquired = 0;
+    for t in tasks {
+        if matches!(t.await.unwrap(), Claim::Acquired(_)) {
+            acquired += 1;
+        }
+    }
+    assert_eq!(acquired, 1);
+}
+
+#[tokio::test]
+async fn sweeper_deletes_expired_records_and_custom_table_works() {
+    let db = TempDb::new();
+    let config = SqliteConfig::new().table("my_keys").sweep_interval(None);
+    let s = SqliteStore::connect_with(&db.spec(), config.clone()).await.unwrap();
+    assert!(SqliteStore::migration_sql(&config).contains("CREATE TABLE IF NOT EXISTS \"my_keys\""));
+    for i in 0..1200 {
+        let k = RecordKey::new("s", "a", format!("k{i}"));
+        let Claim::Acquired(t) = s.claim(&k, &fp(1), Duration::from_secs(5)).await.unwrap() else { panic!() };
+        let r = StoredResponse::new(200, Vec::<(&str, &str)>::new(), bytes::Bytes::from_static(b"x"));
+        let ttl = if i < 1100 { Duration::from_millis(1) } else { Duration::from_secs(60) };
+        s.complete(&k, &t, &r, ttl).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(s.sweep_expired().await.unwrap(), 1100);
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM my_keys").fetch_one(s.pool()).await.unwrap();
+    assert_eq!(left, 100);
+}
