@@ -40,10 +40,19 @@
 //! `axum`, `http`, `http-body(-util)` (the framework and its body types, to capture responses),
 //! `tokio` (spawning the handler so it survives disconnects), `futures-util` (re-streaming a body
 //! too large to store), `inventory` (re-exported for the macro's registry records),
-//! `idempotent-core` and `idempotent-macros`.
+//! `idempotent-core` and `idempotent-macros`, `tower-layer`/`tower-service` (the two traits the
+//! [`enforce::Enforce`] layer implements; axum already depends on them).
+//!
+//! # Enforcement
+//! [`enforce::Enforce`] is a layer that warns about (or refuses) requests to mutating routes
+//! that no `#[idempotent]` handler protects or exempts; [`enforce::assert_protected`] checks a
+//! list of routes in a test. A route that needs no key is declared with
+//! `#[idempotent(exempt = "reason", route = "PUT /path")]`: its handler is left as written and the
+//! reports list it apart with the reason.
 
 mod capture;
 mod context;
+pub mod enforce;
 mod report;
 mod runtime;
 

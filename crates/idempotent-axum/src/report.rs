@@ -7,7 +7,7 @@ use idempotent_core::registry;
 use idempotent_core::report::{render, Format};
 use std::collections::HashMap;
 
-/// Handler serving the policy report of every registered route:
+/// Handler serving the policy report of every route registered through this adapter:
 /// `.route("/_idempotency/policies", get(policy_report))`. `?format=json` (default), `md` or
 /// `html`; an unknown format is 400.
 pub async fn policy_report(Query(query): Query<HashMap<String, String>>) -> Response {
@@ -15,7 +15,7 @@ pub async fn policy_report(Query(query): Query<HashMap<String, String>>) -> Resp
         Ok(f) => f,
         Err(e) => return (http::StatusCode::BAD_REQUEST, e).into_response(),
     };
-    let body = render(&registry::routes(), format);
+    let body = render(&registry::routes_of(registry::Framework::Axum), format);
     ([(http::header::CONTENT_TYPE, format.content_type())], body).into_response()
 }
 

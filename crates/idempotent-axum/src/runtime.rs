@@ -90,7 +90,7 @@ impl IdempotencyBuilder {
         if http::HeaderName::from_bytes(self.config.header_name.as_bytes()).is_err() {
             return Err(StartupError::HeaderName(self.config.header_name));
         }
-        registry::validate_registry().map_err(StartupError::Registry)?;
+        registry::validate_framework(registry::Framework::Axum).map_err(StartupError::Registry)?;
         Ok(Idempotency { runtime: Runtime::new(self.store, self.config) })
     }
 }

@@ -1,11 +1,32 @@
 //! Policy reports rendered from the registry: Markdown, JSON and a self-contained HTML page.
 //!
-//! JSON schema (version 1): `{"version": 1, "routes": [{"scope", "method", "path", "fields",
-//! "ttl_seconds", "lease_seconds", "key", "on_conflict", "wait_timeout_seconds", "stored_outcomes",
-//! "fail_open", "framework", "handler", "file", "line"}]}`; `method` and `path` are null when unknown,
-//! `fields` is empty for a whole-body fingerprint. Routes are sorted by scope.
+//! Every format lists protected routes (sorted by scope) and exempt routes (sorted by path)
+//! apart, each with its source location.
+//!
+//! # JSON schema, version 1
+//! ```text
+//! {
+//!   "version": 1,
+//!   "summary": { "protected": <int>, "exempt": <int> },
+//!   "routes": [                      // protected routes, sorted by scope
+//!     { "scope": <string>, "method": <string|null>, "path": <string|null>,
+//!       "fields": [<string>],        // empty: the whole body is fingerprinted
+//!       "ttl_seconds": <number>, "lease_seconds": <number>,
+//!       "key": "required"|"optional", "on_conflict": "reject"|"wait",
+//!       "wait_timeout_seconds": <number>, "stored_outcomes": "final"|"success"|"all",
+//!       "fail_open": <bool>, "framework": "axum"|"actix",
+//!       "handler": <string>, "file": <string>, "line": <int> }
+//!   ],
+//!   "exempt": [                      // deliberately unprotected routes, sorted by path, method
+//!     { "method": <string|null>, "path": <string|null>, "reason": <string>,
+//!       "framework": "axum"|"actix", "handler": <string>, "file": <string>, "line": <int> }
+//!   ]
+//! }
+//! ```
+//! Fields are only ever added within a version; a removal or a change of meaning bumps it.
 
-use crate::registry::RouteRecord;
+use crate::policy::{ConflictMode, Policy};
+use crate::registry::{sorted, RouteRecord};
 use serde_json::json;
 use std::str::FromStr;
 
@@ -43,13 +64,32 @@ impl FromStr for Format {
     }
 }
 
-/// Renders `routes` in `format`.
+/// Renders `routes` in `format`. Protected and exempt routes are listed apart, each group in the
+/// order of [`RouteRecord::sort_key`] (the input order does not matter).
 pub fn render(routes: &[&RouteRecord], format: Format) -> String {
+    let (protected, exempt) = split(routes);
     match format {
-        Format::Json => to_json(routes),
-        Format::Markdown => to_markdown(routes),
-        Format::Html => to_html(routes),
+        Format::Json => to_json(&protected, &exempt),
+        Format::Markdown => to_markdown(&protected, &exempt),
+        Format::Html => to_html(&protected, &exempt),
     }
+}
+
+/// A protected route with its policy.
+type Protected<'a> = (&'a RouteRecord, Policy);
+
+fn split<'a>(routes: &[&'a RouteRecord]) -> (Vec<Protected<'a>>, Vec<(&'a RouteRecord, &'static str)>) {
+    let mut protected = Vec::new();
+    let mut exempt = Vec::new();
+    for r in sorted(routes.to_vec()) {
+        match (r.exempt, r.policy) {
+            (Some(reason), _) => exempt.push((r, reason)),
+            (None, Some(p)) => protected.push((r, p)),
+            (None, None) => {}
+        }
+    }
+    exempt.sort_by_key(|(r, _)| (r.path, r.method, r.handler));
+    (protected, exempt)
 }
 
 /// Human form of a duration: `24h`, `90s`, `1h30m`.
@@ -68,11 +108,11 @@ pub fn human_duration(d: std::time::Duration) -> String {
     out
 }
 
-fn fields(r: &RouteRecord) -> String {
-    if r.policy.fields.is_empty() {
+fn fields(p: &Policy) -> String {
+    if p.fields.is_empty() {
         "(whole body)".to_owned()
     } else {
-        r.policy.fields.join(", ")
+        p.fields.join(", ")
     }
 }
 
@@ -84,11 +124,10 @@ fn route(r: &RouteRecord) -> String {
     }
 }
 
-fn to_json(routes: &[&RouteRecord]) -> String {
-    let rows: Vec<_> = routes
+fn to_json(protected: &[Protected<'_>], exempt: &[(&RouteRecord, &str)]) -> String {
+    let rows: Vec<_> = protected
         .iter()
-        .map(|r| {
-            let p = &r.policy;
+        .map(|(r, p)| {
             json!({
                 "scope": p.scope,
                 "method": r.method,
@@ -108,93 +147,297 @@ fn to_json(routes: &[&RouteRecord]) -> String {
             })
         })
         .collect();
-    serde_json::to_string_pretty(&json!({ "version": 1, "routes": rows })).unwrap_or_default()
+    let exempt_rows: Vec<_> = exempt
+        .iter()
+        .map(|(r, reason)| {
+            json!({
+                "method": r.method,
+                "path": r.path,
+                "reason": reason,
+                "framework": r.framework.as_str(),
+                "handler": r.handler,
+                "file": r.file,
+                "line": r.line,
+            })
+        })
+        .collect();
+    let doc = json!({
+        "version": 1,
+        "summary": { "protected": rows.len(), "exempt": exempt_rows.len() },
+        "routes": rows,
+        "exempt": exempt_rows,
+    });
+    serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
 }
 
-fn to_markdown(routes: &[&RouteRecord]) -> String {
+/// Escapes a Markdown table cell.
+fn md(s: &str) -> String {
+    s.replace('|', "\\|").replace('\n', " ")
+}
+
+fn to_markdown(protected: &[Protected<'_>], exempt: &[(&RouteRecord, &str)]) -> String {
     let mut out = String::from("# Idempotency policies\n\n");
+    out.push_str(&format!("{} protected route(s), {} exempt route(s).\n\n", protected.len(), exempt.len()));
+    out.push_str("## Protected routes\n\n");
     out.push_str("| scope | route | fields | ttl | lease | key | in progress | stored | handler | source |\n");
     out.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
-    for r in routes {
-        let p = &r.policy;
+    for (r, p) in protected {
         out.push_str(&format!(
             "| `{}` | {} | {} | {} | {} | {} | {} | {} | `{}` | {}:{} |\n",
             p.scope,
-            route(r),
-            fields(r),
+            md(&route(r)),
+            md(&fields(p)),
             human_duration(p.ttl),
             human_duration(p.lease),
             p.key.as_str(),
-            p.on_conflict.as_str(),
+            on_conflict(p),
             p.outcomes.as_str(),
             r.handler,
             r.file,
             r.line
         ));
     }
-    out.push_str(&format!("\n{} protected route(s).\n", routes.len()));
+    if protected.is_empty() {
+        out.push_str("| — | | | | | | | | | |\n");
+    }
+    out.push_str("\n## Exempt routes\n\n");
+    if exempt.is_empty() {
+        out.push_str("None.\n");
+    } else {
+        out.push_str("| route | reason | handler | source |\n|---|---|---|---|\n");
+        for (r, reason) in exempt {
+            out.push_str(&format!("| {} | {} | `{}` | {}:{} |\n", md(&route(r)), md(reason), r.handler, r.file, r.line));
+        }
+    }
     out
 }
 
+fn on_conflict(p: &Policy) -> String {
+    match p.on_conflict {
+        ConflictMode::Reject => "reject (409)".to_owned(),
+        ConflictMode::Wait => format!("wait {}", human_duration(p.wait_timeout)),
+    }
+}
+
+/// Escapes text for HTML (and XML: the page is well-formed XHTML-compatible markup).
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
-fn to_html(routes: &[&RouteRecord]) -> String {
-    let mut rows = String::new();
-    for r in routes {
-        let p = &r.policy;
-        rows.push_str(&format!(
-            "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}:{}</td></tr>\n",
-            esc(p.scope),
-            esc(&route(r)),
-            esc(&fields(r)),
-            esc(&human_duration(p.ttl)),
-            esc(&human_duration(p.lease)),
-            p.key.as_str(),
-            p.on_conflict.as_str(),
-            p.outcomes.as_str(),
-            esc(r.handler),
-            esc(r.file),
-            r.line
-        ));
+const STYLE: &str = "\
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2rem auto;max-width:1500px;padding:0 1.5rem;color:#1f2328;line-height:1.4}
+h1{font-size:1.6rem;margin:0 0 .3rem}
+h2{font-size:1.15rem;margin:2rem 0 .6rem}
+p.summary{color:#57606a;margin:0 0 1rem}
+.count{display:inline-block;border-radius:1rem;padding:.1rem .7rem;font-weight:600;margin-right:.4rem}
+.count.ok{background:#dafbe1;color:#116329}
+.count.ex{background:#fff8c5;color:#7d4e00}
+table{border-collapse:collapse;width:100%;font-size:.9rem}
+th,td{border-bottom:1px solid #d0d7de;padding:.45rem .6rem;text-align:left;vertical-align:top}
+th{background:#f6f8fa;font-weight:600;white-space:nowrap;border-top:1px solid #d0d7de}
+tbody tr:hover td{background:#f6f8fa}
+code{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:.88em}
+.route{white-space:nowrap;font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
+.method{display:inline-block;min-width:3.4rem;font-weight:700;color:#0550ae}
+.src{color:#57606a;font-size:.82em;display:block;margin-top:.15rem}
+td.handler code,td.handler .src{overflow-wrap:anywhere}
+.tag{display:inline-block;border-radius:.3rem;padding:0 .4rem;font-size:.82em;background:#eaeef2;white-space:nowrap}
+.tag.warn{background:#ffebe9;color:#a40e26}
+.num{white-space:nowrap}
+.empty{color:#57606a;font-style:italic}
+";
+
+fn html_route(r: &RouteRecord) -> String {
+    match (r.method, r.path) {
+        (Some(m), Some(p)) => format!("<span class=\"method\">{}</span>{}", esc(m), esc(p)),
+        (None, Some(p)) => esc(p),
+        _ => "<span class=\"empty\">not declared</span>".to_owned(),
+    }
+}
+
+fn html_handler(r: &RouteRecord) -> String {
+    format!(
+        "<code>{}</code><span class=\"src\">{}:{} · {}</span>",
+        esc(r.handler),
+        esc(r.file),
+        r.line,
+        r.framework.as_str()
+    )
+}
+
+fn to_html(protected: &[Protected<'_>], exempt: &[(&RouteRecord, &str)]) -> String {
+    let mut body = String::new();
+    body.push_str(&format!(
+        "<h1>Idempotency policies</h1>\n<p class=\"summary\"><span class=\"count ok\">{} protected</span><span class=\"count ex\">{} exempt</span> \
+         Protected routes run once per <code>Idempotency-Key</code>; retries get the stored response.</p>\n",
+        protected.len(),
+        exempt.len()
+    ));
+    body.push_str("<h2>Protected routes</h2>\n");
+    if protected.is_empty() {
+        body.push_str("<p class=\"empty\">No protected routes.</p>\n");
+    } else {
+        body.push_str(
+            "<table id=\"protected\">\n<thead><tr><th>route</th><th>scope</th><th>fingerprint fields</th><th>ttl</th><th>lease</th>\
+             <th>key</th><th>in progress</th><th>stored outcomes</th><th>store down</th><th>handler</th></tr></thead>\n<tbody>\n",
+        );
+        for (r, p) in protected {
+            let key = match p.key {
+                crate::policy::KeyRequirement::Required => "<span class=\"tag\">required</span>".to_owned(),
+                crate::policy::KeyRequirement::Optional => "<span class=\"tag warn\">optional</span>".to_owned(),
+            };
+            let store_down = if p.fail_open {
+                "<span class=\"tag warn\">run unprotected</span>"
+            } else {
+                "<span class=\"tag\">503</span>"
+            };
+            body.push_str(&format!(
+                "<tr><td class=\"route\">{}</td><td><code>{}</code></td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+                 <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"handler\">{}</td></tr>\n",
+                html_route(r),
+                esc(p.scope),
+                esc(&fields(p)),
+                esc(&human_duration(p.ttl)),
+                esc(&human_duration(p.lease)),
+                key,
+                esc(&on_conflict(p)),
+                p.outcomes.as_str(),
+                store_down,
+                html_handler(r),
+            ));
+        }
+        body.push_str("</tbody>\n</table>\n");
+    }
+    body.push_str("<h2>Exempt routes</h2>\n");
+    if exempt.is_empty() {
+        body.push_str("<p class=\"empty\">No exempt routes.</p>\n");
+    } else {
+        body.push_str(
+            "<table id=\"exempt\">\n<thead><tr><th>route</th><th>why it needs no key</th><th>handler</th></tr></thead>\n<tbody>\n",
+        );
+        for (r, reason) in exempt {
+            body.push_str(&format!(
+                "<tr><td class=\"route\">{}</td><td>{}</td><td class=\"handler\">{}</td></tr>\n",
+                html_route(r),
+                esc(reason),
+                html_handler(r)
+            ));
+        }
+        body.push_str("</tbody>\n</table>\n");
     }
     format!(
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>Idempotency policies</title>\n<style>\nbody{{font-family:system-ui,sans-serif;margin:2rem;color:#222}}\ntable{{border-collapse:collapse;width:100%}}\nth,td{{border:1px solid #ccc;padding:.4rem .6rem;text-align:left;vertical-align:top}}\nth{{background:#f3f3f3}}\ntr:nth-child(even) td{{background:#fafafa}}\n</style>\n</head>\n<body>\n<h1>Idempotency policies</h1>\n<p>{} protected route(s).</p>\n<table>\n<thead><tr><th>scope</th><th>route</th><th>fields</th><th>ttl</th><th>lease</th><th>key</th><th>in progress</th><th>stored</th><th>handler</th><th>source</th></tr></thead>\n<tbody>\n{}</tbody>\n</table>\n</body>\n</html>\n",
-        routes.len(),
-        rows
+        "<!DOCTYPE html>\n<html lang=\"en\" xmlns=\"http://www.w3.org/1999/xhtml\">\n<head>\n<meta charset=\"utf-8\" />\n\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\" />\n<title>Idempotency policies</title>\n\
+         <style>\n{STYLE}</style>\n</head>\n<body>\n{body}</body>\n</html>\n"
     )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::Policy;
-    use crate::registry::{validate, Framework, RegistryError};
+    use crate::policy::{KeyRequirement, Policy};
+    use crate::registry::Framework;
     use std::time::Duration;
 
-    const A: RouteRecord = RouteRecord {
-        policy: Policy { fields: &["amount", "currency"], ..Policy::new("payments.create") },
-        handler: "demo::create_payment",
-        file: "src/main.rs",
-        line: 10,
-        framework: Framework::Axum,
-        method: Some("POST"),
-        path: Some("/payments"),
-    };
+    const A: RouteRecord = RouteRecord::protected(
+        Policy { fields: &["amount", "currency"], ..Policy::new("payments.create") },
+        "demo::create_payment",
+        "src/main.rs",
+        10,
+        Framework::Axum,
+    )
+    .at("POST", "/payments");
+    const B: RouteRecord = RouteRecord::protected(
+        Policy {
+            key: KeyRequirement::Optional,
+            on_conflict: ConflictMode::Wait,
+            wait_timeout: Duration::from_secs(5),
+            fail_open: true,
+            ..Policy::new("a.<b>")
+        },
+        "demo::a",
+        "src/a.rs",
+        3,
+        Framework::Actix,
+    );
+    const X: RouteRecord =
+        RouteRecord::exempted("natural key: PUT | replaces <it> & more", "demo::put", "src/x.rs", 7, Framework::Axum)
+            .at("PUT", "/me");
 
     #[test]
-    fn renders_every_format() {
-        let json: serde_json::Value = serde_json::from_str(&render(&[&A], Format::Json)).unwrap();
+    fn json_follows_the_schema() {
+        let json: serde_json::Value = serde_json::from_str(&render(&[&X, &A, &B], Format::Json)).unwrap();
         assert_eq!(json["version"], 1);
-        assert_eq!(json["routes"][0]["scope"], "payments.create");
-        assert_eq!(json["routes"][0]["ttl_seconds"], 86400.0);
-        assert_eq!(json["routes"][0]["fields"][1], "currency");
-        let md = render(&[&A], Format::Markdown);
+        assert_eq!(json["summary"], json!({"protected": 2, "exempt": 1}));
+        assert_eq!(json["routes"][0]["scope"], "a.<b>");
+        assert_eq!(json["routes"][0]["method"], serde_json::Value::Null);
+        assert_eq!(json["routes"][1]["scope"], "payments.create");
+        assert_eq!(json["routes"][1]["ttl_seconds"], 86400.0);
+        assert_eq!(json["routes"][1]["fields"][1], "currency");
+        assert_eq!(
+            json["exempt"],
+            json!([{"method": "PUT", "path": "/me", "reason": "natural key: PUT | replaces <it> & more",
+                    "framework": "axum", "handler": "demo::put", "file": "src/x.rs", "line": 7}])
+        );
+    }
+
+    #[test]
+    fn markdown_lists_both_groups() {
+        let md = render(&[&A, &X], Format::Markdown);
         assert!(md.contains("| `payments.create` | POST /payments | amount, currency | 1d | 10s | required |"), "{md}");
-        let html = render(&[&A], Format::Html);
+        assert!(md.contains("| PUT /me | natural key: PUT \\| replaces <it> & more | `demo::put` | src/x.rs:7 |"), "{md}");
+        assert!(md.contains("1 protected route(s), 1 exempt route(s)."), "{md}");
+        assert!(render(&[&A], Format::Markdown).contains("## Exempt routes\n\nNone.\n"));
+    }
+
+    /// The page is XHTML-compatible, so an XML parser checks it is well-formed: every element
+    /// closed, properly nested, attributes quoted, text escaped.
+    fn assert_well_formed(html: &str) {
+        let mut reader = quick_xml::Reader::from_str(html);
+        let mut stack: Vec<String> = Vec::new();
+        loop {
+            match reader.read_event() {
+                Ok(quick_xml::events::Event::Start(e)) => {
+                    stack.push(String::from_utf8(e.name().as_ref().to_vec()).unwrap());
+                    for a in e.attributes() {
+                        a.unwrap();
+                    }
+                }
+                Ok(quick_xml::events::Event::End(e)) => {
+                    let name = String::from_utf8(e.name().as_ref().to_vec()).unwrap();
+                    assert_eq!(stack.pop().as_deref(), Some(name.as_str()), "mismatched </{name}>");
+                }
+                Ok(quick_xml::events::Event::Text(t)) => {
+                    assert!(!t.decode().unwrap().contains('<'), "unescaped text");
+                }
+                Ok(quick_xml::events::Event::GeneralRef(r)) => {
+                    let name = r.decode().unwrap();
+                    assert!(["amp", "lt", "gt", "quot"].contains(&name.as_ref()), "undefined entity &{name};");
+                }
+                Ok(quick_xml::events::Event::Eof) => break,
+                Ok(_) => {}
+                Err(e) => panic!("not well-formed at {}: {e}\n{html}", reader.buffer_position()),
+            }
+        }
+        assert!(stack.is_empty(), "unclosed {stack:?}");
+    }
+
+    #[test]
+    fn html_is_well_formed_and_groups_routes() {
+        let html = render(&[&X, &B, &A], Format::Html);
+        assert_well_formed(&html);
         assert!(html.starts_with("<!DOCTYPE html>") && html.trim_end().ends_with("</html>"));
         assert!(html.contains("<code>payments.create</code>"));
+        assert!(html.contains("<code>a.&lt;b&gt;</code>"), "escaped");
+        assert!(html.contains("natural key: PUT | replaces &lt;it&gt; &amp; more"));
+        assert!(html.contains("<span class=\"src\">src/main.rs:10 · axum</span>"));
+        let protected = html.find("id=\"protected\"").unwrap();
+        let exempt = html.find("id=\"exempt\"").unwrap();
+        assert!(protected < html.find("payments.create").unwrap() && html.find("payments.create").unwrap() < exempt);
+        assert!(html.find("a.&lt;b&gt;").unwrap() < html.find("payments.create").unwrap(), "sorted by scope");
+        let empty = render(&[], Format::Html);
+        assert_well_formed(&empty);
+        assert!(empty.contains("No protected routes.") && empty.contains("No exempt routes."));
     }
 
     #[test]
@@ -202,25 +445,5 @@ mod tests {
         assert_eq!(human_duration(Duration::from_secs(90)), "1m30s");
         assert_eq!(human_duration(Duration::from_secs(86_400 + 3_600)), "1d1h");
         assert_eq!(human_duration(Duration::from_millis(500)), "500ms");
-    }
-
-    #[test]
-    fn validation_reports_each_problem() {
-        let dup = RouteRecord { handler: "demo::other", ..A };
-        let bad = RouteRecord {
-            policy: Policy {
-                lease: Duration::from_secs(100),
-                ttl: Duration::from_secs(10),
-                ..Policy::new("quotes.create")
-            },
-            ..A
-        };
-        let errs = validate(&[&A, &dup, &bad]).unwrap_err();
-        assert_eq!(errs.len(), 2, "{errs:?}");
-        assert!(
-            matches!(&errs[0], RegistryError::DuplicateScope { scope: "payments.create", handlers } if handlers.len() == 2)
-        );
-        assert!(errs[1].to_string().contains("lease (100s) is longer than ttl (10s)"), "{}", errs[1]);
-        assert!(validate(&[&A]).is_ok());
     }
 }

@@ -18,10 +18,11 @@ mod kw {
     syn::custom_keyword!(store);
     syn::custom_keyword!(fail_open);
     syn::custom_keyword!(route);
+    syn::custom_keyword!(exempt);
 }
 
 const KEYS: &str =
-    "`scope`, `fields`, `ttl`, `lease`, `key`, `on_conflict`, `wait_timeout`, `store`, `fail_open`, `route`";
+    "`scope`, `fields`, `ttl`, `lease`, `key`, `on_conflict`, `wait_timeout`, `store`, `fail_open`, `route`, `exempt`";
 
 /// A declared fingerprint field: a dotted path into the body, e.g. `customer.id`.
 #[derive(Debug, Clone)]
@@ -82,6 +83,7 @@ pub(crate) struct Args {
     pub(crate) store: Option<StrArg>,
     pub(crate) fail_open: Option<LitBool>,
     pub(crate) route: Option<StrArg>,
+    pub(crate) exempt: Option<StrArg>,
 }
 
 impl Parse for Args {
@@ -130,6 +132,9 @@ impl Parse for Args {
             } else if lookahead.peek(kw::route) {
                 let key = input.parse::<kw::route>()?.span;
                 set(&mut args.route, "route", key, str_arg(input, key, "route", "\"POST /payments\"")?)?;
+            } else if lookahead.peek(kw::exempt) {
+                let key = input.parse::<kw::exempt>()?.span;
+                set(&mut args.exempt, "exempt", key, str_arg(input, key, "exempt", "\"read-only despite POST\"")?)?;
             } else if input.peek(Ident) {
                 let unknown: Ident = input.parse()?;
                 return Err(syn::Error::new(

@@ -7,7 +7,7 @@
 
 use crate::attr::{Args, FieldPath};
 use crate::duration::Millis;
-use crate::valid::{self, ConflictMode, Errors, KeyRequirement, Route, Spec, StoredOutcomes};
+use crate::valid::{self, ConflictMode, Errors, KeyRequirement, Route, Spec, StoredOutcomes, Validated};
 use proc_macro2::{Group, Literal, Span, TokenStream, TokenTree};
 use quote::{format_ident, quote};
 use syn::punctuated::Punctuated;
@@ -54,7 +54,7 @@ pub(crate) fn idempotent(framework: Framework, attr: TokenStream, item: TokenStr
 
 fn try_expand(framework: Framework, attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
     let mut errors = Errors::default();
-    let spec = match syn::parse2::<Args>(attr) {
+    let validated = match syn::parse2::<Args>(attr) {
         Ok(args) => valid::validate(args).map_err(|e| errors.push(e)).ok(),
         Err(error) => {
             errors.push(error);
@@ -68,17 +68,53 @@ fn try_expand(framework: Framework, attr: TokenStream, item: TokenStream) -> syn
             None
         }
     };
-    let handler = func.as_ref().and_then(|func| {
-        let fields_key = spec.as_ref().and_then(|s| s.fields.as_ref()).map(|f| f.key);
-        Handler::inspect(func, fields_key).map_err(|e| errors.push(e)).ok()
-    });
-    let (Some(mut spec), Some(func), Some(handler)) = (spec, func, handler) else {
-        return errors.finish(TokenStream::new());
-    };
-    if spec.route.is_none() && framework == Framework::Actix {
-        spec.route = actix_route(&func.attrs);
+    match validated {
+        Some(Validated::Protected(mut spec)) => {
+            let handler = func.as_ref().and_then(|func| {
+                let fields_key = spec.fields.as_ref().map(|f| f.key);
+                Handler::inspect(func, fields_key).map_err(|e| errors.push(e)).ok()
+            });
+            let (Some(func), Some(handler)) = (func, handler) else {
+                return errors.finish(TokenStream::new());
+            };
+            if spec.route.is_none() && framework == Framework::Actix {
+                spec.route = actix_route(&func.attrs);
+            }
+            errors.finish(emit(framework, &spec, &func, &handler))
+        }
+        Some(Validated::Exempt(mut exemption)) => {
+            let Some(func) = func else {
+                return errors.finish(TokenStream::new());
+            };
+            if exemption.route.is_none() && framework == Framework::Actix {
+                exemption.route = actix_route(&func.attrs);
+            }
+            match &exemption.route {
+                Some(route) => errors.finish(emit_exempt(framework, &exemption.reason, route, &func)),
+                None => {
+                    let hint = match framework {
+                        Framework::Axum => "add `route = \"METHOD /path\"`",
+                        Framework::Actix => {
+                            "add `route = \"METHOD /path\"` or an actix-web routing attribute below this one"
+                        }
+                    };
+                    errors.add(
+                        Span::call_site(),
+                        format!("an `exempt` route needs its method and path so enforcement can recognise it; {hint}"),
+                    );
+                    errors.finish(TokenStream::new())
+                }
+            }
+        }
+        None => errors.finish(TokenStream::new()),
     }
-    errors.finish(emit(framework, &spec, &func, &handler))
+}
+
+/// An exempt handler is left as written; only its record is emitted.
+fn emit_exempt(framework: Framework, reason: &LitStr, route: &Route, func: &ItemFn) -> TokenStream {
+    let rt = framework.runtime();
+    let record = record(framework, &rt, "exempted", quote!(#reason), Some(route), &func.sig.ident);
+    quote!(#func #record)
 }
 
 /// What the expansion needs to know about the handler's signature.
@@ -206,7 +242,7 @@ fn emit(framework: Framework, spec: &Spec, func: &ItemFn, handler: &Handler) -> 
 
     let policy = policy(&rt, spec);
     let fingerprint = fingerprint(&rt, spec, handler, &args);
-    let record = record(framework, &rt, spec, &policy, name);
+    let record = record(framework, &rt, "protected", policy.clone(), spec.route.as_ref(), name);
     // Spanned at the user's return type, so "does not implement IntoResponse" or "is not Send"
     // points at the handler rather than at generated code.
     let output_span = match &func.sig.output {
@@ -315,28 +351,33 @@ fn fingerprint(rt: &TokenStream, spec: &Spec, handler: &Handler, args: &[Ident])
     }
 }
 
-fn record(framework: Framework, rt: &TokenStream, spec: &Spec, policy: &TokenStream, name: &Ident) -> TokenStream {
+/// The registry record, built with `RouteRecord::protected(policy, ..)` or
+/// `RouteRecord::exempted(reason, ..)` (`constructor` and `first`) so the record's other fields
+/// keep their defaults.
+fn record(
+    framework: Framework,
+    rt: &TokenStream,
+    constructor: &str,
+    first: TokenStream,
+    route: Option<&Route>,
+    name: &Ident,
+) -> TokenStream {
+    let constructor = format_ident!("{constructor}");
     let variant = framework.variant();
     let handler = format!("::{name}");
-    let (method, path) = match &spec.route {
-        Some(Route { method, path }) => {
-            (quote!(::core::option::Option::Some(#method)), quote!(::core::option::Option::Some(#path)))
-        }
-        None => (quote!(::core::option::Option::None), quote!(::core::option::Option::None)),
-    };
+    let at = route.map(|Route { method, path }| quote!(.at(#method, #path)));
     // `line!()` is spanned at the attribute (the call site of this macro), the line the record
     // documents.
     quote! {
         #rt::inventory::submit! {
-            #rt::RouteRecord {
-                policy: #policy,
-                handler: ::core::concat!(::core::module_path!(), #handler),
-                file: ::core::file!(),
-                line: ::core::line!(),
-                framework: #rt::Framework::#variant,
-                method: #method,
-                path: #path,
-            }
+            #rt::RouteRecord::#constructor(
+                #first,
+                ::core::concat!(::core::module_path!(), #handler),
+                ::core::file!(),
+                ::core::line!(),
+                #rt::Framework::#variant,
+            )
+            #at
         }
     }
 }
@@ -411,6 +452,15 @@ mod tests {
         assert!(out.starts_with("async fn h () -> u8 { 1 }"), "{out}");
         assert!(out.contains("compile_error"), "{out}");
         assert!(!out.contains("__idempotent"), "{out}");
+    }
+
+    #[test]
+    fn exempt_handlers_are_left_as_written() {
+        let out = expand(r#"exempt = "read-only", route = "POST /search""#, "fn search() -> u8 { 1 }");
+        assert!(out.starts_with("fn search () -> u8 { 1 }"), "{out}");
+        assert!(out.contains("RouteRecord :: exempted (\"read-only\""), "{out}");
+        assert!(out.contains(". at (\"POST\" , \"/search\")"), "{out}");
+        assert!(expand(r#"exempt = "read-only""#, "fn search() {}").contains("needs its method and path"));
     }
 
     #[test]

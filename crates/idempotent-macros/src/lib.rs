@@ -53,6 +53,12 @@ use proc_macro::TokenStream;
 /// | `fail_open` | `true` runs the handler unprotected when the store is unreachable | `false` |
 /// | `route` | `"METHOD /path"` recorded in the route registry and reports | none |
 ///
+/// # Exempt routes
+/// `#[idempotent(exempt = "why", route = "POST /search")]` marks a mutating-looking route as
+/// deliberately unprotected: the handler is left exactly as written and only a registry record
+/// with the reason, method and path is emitted, so reports list it and enforcement accepts it.
+/// An exemption takes a non-empty reason and a `route`, and none of the policy arguments.
+///
 /// # Handler shape
 /// The handler must be a free `async fn` (no `self`). Its body argument is the one of type
 /// `Json<T>`; `fields` must exist on `T` and be `Serialize` (without `fields`, `T` itself must be
@@ -69,7 +75,8 @@ pub fn idempotent_axum(attr: TokenStream, item: TokenStream) -> TokenStream {
 
 /// Makes an actix-web handler safe to retry; re-exported as `idempotent_actix::idempotent`.
 ///
-/// Takes the same arguments as [`macro@idempotent_axum`]. When `route` is absent, the method and
+/// Takes the same arguments as [`macro@idempotent_axum`]. When `route` is absent (for a protected
+/// or an exempt route), the method and
 /// path are read from an actix-web routing attribute written below this one (`#[post("/path")]`,
 /// `#[put]`, `#[patch]`, `#[delete]`, or `#[route("/path", method = "POST")]`); write
 /// `#[idempotent]` above the routing attribute so it can see it.

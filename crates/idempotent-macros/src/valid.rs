@@ -59,6 +59,20 @@ pub(crate) struct Spec {
     pub(crate) route: Option<Route>,
 }
 
+/// A route deliberately left unprotected: `#[idempotent(exempt = "reason", route = "...")]`.
+#[derive(Debug, Clone)]
+pub(crate) struct Exemption {
+    pub(crate) reason: LitStr,
+    pub(crate) route: Option<Route>,
+}
+
+/// What the attribute declares: a protected route or an exemption.
+#[derive(Debug, Clone)]
+pub(crate) enum Validated {
+    Protected(Spec),
+    Exempt(Exemption),
+}
+
 /// Collects errors so that one pass reports every problem.
 #[derive(Default)]
 pub(crate) struct Errors(Option<syn::Error>);
@@ -83,8 +97,54 @@ impl Errors {
     }
 }
 
-/// Validates `args`; `None` in the result means the defaults of `Policy::new` apply.
-pub(crate) fn validate(args: Args) -> syn::Result<Spec> {
+/// Validates `args`, filling in the defaults of `Policy::new` for absent keys. Every problem found
+/// is reported, combined into one error.
+pub(crate) fn validate(args: Args) -> syn::Result<Validated> {
+    match args.exempt.clone() {
+        Some(exempt) => validate_exemption(args, exempt).map(Validated::Exempt),
+        None => validate_policy(args).map(Validated::Protected),
+    }
+}
+
+/// An exemption takes a non-empty reason and a route, and no policy argument.
+fn validate_exemption(args: Args, exempt: StrArg) -> syn::Result<Exemption> {
+    let mut errors = Errors::default();
+    if exempt.value.value().trim().is_empty() {
+        errors.add(exempt.value.span(), "`exempt` needs a reason, e.g. `exempt = \"read-only despite POST\"`");
+    }
+    let key = |arg: &Option<StrArg>| arg.as_ref().map(|a| a.key);
+    let policy_keys = [
+        ("scope", key(&args.scope)),
+        ("fields", args.fields.as_ref().map(|f| f.key)),
+        ("ttl", key(&args.ttl)),
+        ("lease", key(&args.lease)),
+        ("key", key(&args.key)),
+        ("on_conflict", key(&args.on_conflict)),
+        ("wait_timeout", key(&args.wait_timeout)),
+        ("store", key(&args.store)),
+        ("fail_open", args.fail_open.as_ref().map(|b| b.span)),
+    ];
+    for (name, span) in policy_keys {
+        if let Some(span) = span {
+            errors.add(span, format!("`{name}` does not apply to an `exempt` route; remove `{name}` or `exempt`"));
+        }
+    }
+    let route = route_arg(args.route.as_ref(), &mut errors);
+    errors.finish(Exemption { reason: exempt.value, route })
+}
+
+fn route_arg(route: Option<&StrArg>, errors: &mut Errors) -> Option<Route> {
+    let route = route?;
+    match parse_route(&route.value.value()) {
+        Ok(parsed) => Some(parsed),
+        Err(reason) => {
+            errors.add(route.value.span(), format!("invalid `route` {:?}: {reason}", route.value.value()));
+            None
+        }
+    }
+}
+
+fn validate_policy(args: Args) -> syn::Result<Spec> {
     let mut errors = Errors::default();
 
     let scope = match args.scope {
@@ -158,13 +218,7 @@ pub(crate) fn validate(args: Args) -> syn::Result<Spec> {
         }
     }
 
-    let route = args.route.as_ref().and_then(|route| match parse_route(&route.value.value()) {
-        Ok(parsed) => Some(parsed),
-        Err(reason) => {
-            errors.add(route.value.span(), format!("invalid `route` {:?}: {reason}", route.value.value()));
-            None
-        }
-    });
+    let route = route_arg(args.route.as_ref(), &mut errors);
 
     errors.finish(Spec {
         scope,
@@ -280,7 +334,10 @@ mod tests {
     use super::*;
 
     fn spec(text: &str) -> syn::Result<Spec> {
-        validate(syn::parse_str(text).unwrap())
+        validate(syn::parse_str(text).unwrap()).map(|v| match v {
+            Validated::Protected(spec) => spec,
+            Validated::Exempt(_) => panic!("not a policy"),
+        })
     }
 
     fn error(text: &str) -> String {
@@ -337,6 +394,18 @@ mod tests {
             spec(r#"scope = "a", on_conflict = "wiat", wait_timeout = "5s""#).unwrap_err().into_iter().count(),
             1
         );
+    }
+
+    #[test]
+    fn exemptions() {
+        let v = validate(syn::parse_str(r#"exempt = "read-only", route = "POST /search""#).unwrap()).unwrap();
+        let Validated::Exempt(e) = v else { panic!("not an exemption") };
+        assert_eq!(e.reason.value(), "read-only");
+        assert_eq!(e.route, Some(Route { method: "POST".into(), path: "/search".into() }));
+        let e = error(r#"exempt = " ", scope = "a", fail_open = true"#);
+        assert!(e.contains("`exempt` needs a reason"), "{e}");
+        assert!(e.contains("`scope` does not apply to an `exempt` route"), "{e}");
+        assert!(e.contains("`fail_open` does not apply"), "{e}");
     }
 
     #[test]

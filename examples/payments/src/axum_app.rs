@@ -1,7 +1,8 @@
 //! The demo on axum: routes, authentication and error responses.
 
+use crate::api::{done, ApiError, Caller, DemoProblem, PROBLEM_CONTENT_TYPE};
 use crate::config::Config;
-use crate::domain::{Bank, CreatePayment, CreateTransfer, Invalid};
+use crate::domain::{Bank, CreatePayment, CreateTransfer};
 use crate::ledger::Ledger;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
 use axum::http::{header, request::Parts, HeaderValue, StatusCode};
@@ -9,13 +10,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use idempotent_axum::{idempotent, policy_report, ActorSource, Idempotency};
-use serde_json::json;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Largest request body accepted; larger bodies are 413 before any handler runs.
-pub const MAX_BODY: usize = 64 * 1024;
+pub use crate::api::MAX_BODY;
 
 /// Shared state of the handlers.
 #[derive(Debug, Clone)]
@@ -24,14 +23,13 @@ pub struct AppState {
     transfer_delay: Duration,
 }
 
-/// The authenticated caller: `Authorization: Bearer <account>`.
-#[derive(Debug, Clone)]
-pub struct Caller(pub String);
-
-fn demo_problem(status: StatusCode, type_slug: &str, title: &str, detail: String) -> Response {
-    let body = json!({ "type": format!("urn:payments-demo:problem:{type_slug}"), "title": title, "status": status.as_u16(), "detail": detail });
-    let mut response = (status, body.to_string()).into_response();
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+fn problem_response(p: DemoProblem) -> Response {
+    let status = StatusCode::from_u16(p.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, p.body).into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_CONTENT_TYPE));
+    if p.www_authenticate {
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
     response
 }
 
@@ -39,62 +37,15 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let account = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|a| {
-                !a.is_empty() && a.len() <= 64 && a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-            });
-        match account {
-            Some(a) => Ok(Caller(a.to_owned())),
-            None => {
-                let mut r = demo_problem(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "Authentication required",
-                    "Send `Authorization: Bearer <account>` where account is 1 to 64 letters, digits, `_` or `-`."
-                        .into(),
-                );
-                r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                Err(r)
-            }
-        }
+        Caller::from_authorization(parts.headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()))
+            .ok_or_else(|| problem_response(DemoProblem::unauthorized()))
     }
-}
-
-/// Errors a handler answers with.
-#[derive(Debug)]
-pub enum ApiError {
-    /// Domain validation: 422, a final outcome (stored and replayed).
-    Invalid(Invalid),
-    /// The operation could not be recorded: 500, released so a retry runs again.
-    Internal(String),
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        match self {
-            ApiError::Invalid(e) => {
-                demo_problem(StatusCode::UNPROCESSABLE_ENTITY, "validation", "Invalid request", e.0)
-            }
-            ApiError::Internal(e) => {
-                tracing::error!(error = %e, "operation failed");
-                demo_problem(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "Internal error",
-                    "The operation was not executed; retry with the same key.".into(),
-                )
-            }
-        }
+        problem_response(self.problem())
     }
-}
-
-fn done<T>(r: Result<Result<T, Invalid>, String>) -> Result<T, ApiError> {
-    r.map_err(ApiError::Internal)?.map_err(ApiError::Invalid)
 }
 
 /// `POST /payments`.
@@ -143,12 +94,7 @@ async fn list_transfers(Caller(account): Caller, State(app): State<AppState>) ->
 async fn get_payment(Caller(account): Caller, State(app): State<AppState>, Path(id): Path<String>) -> Response {
     match app.bank.payment(&account, &id) {
         Some(p) => Json(p).into_response(),
-        None => demo_problem(
-            StatusCode::NOT_FOUND,
-            "not-found",
-            "Payment not found",
-            format!("No payment `{id}` for this account."),
-        ),
+        None => problem_response(DemoProblem::payment_not_found(&id)),
     }
 }
 
@@ -158,6 +104,16 @@ pub async fn app(config: &Config) -> Result<Router, String> {
     let store = idempotent_axum::core::store::connect(&config.store)
         .await
         .map_err(|e| format!("idempotency store `{}`: {e}", config.store))?;
+    app_with_store(config, store, ledger, entries)
+}
+
+/// Builds the application on an already opened store and ledger.
+pub fn app_with_store(
+    config: &Config,
+    store: Arc<dyn idempotent_axum::core::store::Store>,
+    ledger: Ledger,
+    entries: Vec<crate::ledger::Entry>,
+) -> Result<Router, String> {
     let idempotency = Idempotency::builder(store).actor(ActorSource::BearerToken).build().map_err(|e| e.to_string())?;
     let state = AppState { bank: Arc::new(Bank::new(ledger, entries)), transfer_delay: config.transfer_delay };
     Ok(Router::new()

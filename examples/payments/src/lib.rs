@@ -4,7 +4,10 @@
 //! The domain (validation, the ledger, the accounts' operations) is framework-free and shared by
 //! the binaries; each binary adds only its framework's glue.
 
+pub mod actix_app;
+pub mod api;
 pub mod axum_app;
+pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod ledger;

@@ -75,18 +75,19 @@ fn main() {
     let _app: Router = Router::new().route("/p", post(create_payment)).with_state(App { currency: "EUR" });
 
     let routes = idempotent_axum::core::registry::routes();
-    let record = routes.iter().find(|r| r.policy.scope == "payments.create").expect("registered");
+    let record = routes.iter().find(|r| r.scope() == Some("payments.create")).expect("registered");
+    let policy = record.policy.expect("protected");
     assert!(record.handler.ends_with("::create_payment"), "{}", record.handler);
-    assert_eq!(record.policy.fields, ["amount", "currency", "customer"]);
-    assert_eq!(record.policy.ttl, std::time::Duration::from_secs(24 * 60 * 60));
+    assert_eq!(policy.fields, ["amount", "currency", "customer"]);
+    assert_eq!(policy.ttl, std::time::Duration::from_secs(24 * 60 * 60));
     assert_eq!(
-        record.policy,
+        policy,
         idempotent_axum::core::policy::Policy {
-            fields: record.policy.fields,
+            fields: policy.fields,
             ..idempotent_axum::core::policy::Policy::new("payments.create")
         }
     );
     assert_eq!(record.line, 58);
     assert!(record.file.ends_with("demo_handler.rs"), "{}", record.file);
-    assert_eq!((record.method, record.path), (None, None));
+    assert_eq!((record.method, record.path, record.exempt), (None, None, None));
 }

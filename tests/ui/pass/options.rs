@@ -36,7 +36,7 @@ fn main() {
     let _app: Router = Router::new().route("/p", post(place_order)).route("/c", post(cancel_order));
 
     let routes = idempotent_axum::core::registry::routes();
-    let p = &routes.iter().find(|r| r.policy.scope == "orders.place_v2").unwrap().policy;
+    let p = routes.iter().find(|r| r.scope() == Some("orders.place_v2")).unwrap().policy.unwrap();
     assert_eq!(p.ttl, Duration::from_secs(7 * 24 * 60 * 60));
     assert_eq!(p.lease, Duration::from_secs(90));
     assert_eq!(p.wait_timeout, Duration::from_millis(2500));
@@ -44,7 +44,7 @@ fn main() {
     assert_eq!(p.on_conflict, ConflictMode::Wait);
     assert_eq!(p.outcomes, StoredOutcomes::Success);
     assert!(p.fail_open);
-    let c = &routes.iter().find(|r| r.policy.scope == "orders.cancel").unwrap().policy;
+    let c = routes.iter().find(|r| r.scope() == Some("orders.cancel")).unwrap().policy.unwrap();
     assert_eq!(c.outcomes, StoredOutcomes::All);
     assert!(c.fields.is_empty());
 }

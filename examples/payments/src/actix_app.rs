@@ -1,0 +1,174 @@
+//! The demo on actix-web: routes, authentication and error responses.
+//!
+//! Only the framework glue lives here; the domain, the ledger, the caller's identity and the
+//! error bodies are shared with the axum binary.
+
+use crate::api::{done, ApiError, Caller, DemoProblem, MAX_BODY, PROBLEM_CONTENT_TYPE};
+use crate::config::Config;
+use crate::domain::{Bank, CreatePayment, CreateTransfer};
+use crate::ledger::Ledger;
+use actix_web::dev::{Payload, Server};
+use actix_web::error::InternalError;
+use actix_web::http::{header, StatusCode};
+use actix_web::{get, post, web, App, FromRequest, HttpRequest, HttpResponse, HttpServer, ResponseError};
+use idempotent_actix::{idempotent, policy_report, ActorSource, Idempotency};
+use std::future::{ready, Ready};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Shared state of the handlers.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    bank: Arc<Bank>,
+    transfer_delay: Duration,
+}
+
+fn problem_response(p: DemoProblem) -> HttpResponse {
+    let status = StatusCode::from_u16(p.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = HttpResponse::build(status);
+    response.insert_header((header::CONTENT_TYPE, PROBLEM_CONTENT_TYPE));
+    if p.www_authenticate {
+        response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+    }
+    response.body(p.body)
+}
+
+impl FromRequest for Caller {
+    type Error = actix_web::Error;
+    type Future = Ready<Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let caller = Caller::from_authorization(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()));
+        ready(caller.ok_or_else(|| {
+            InternalError::from_response("authentication required", problem_response(DemoProblem::unauthorized()))
+                .into()
+        }))
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        problem_response(self.problem())
+    }
+}
+
+/// `POST /payments`.
+#[idempotent(scope = "payments.create", fields = [amount, currency, customer], ttl = "24h")]
+#[post("/payments")]
+pub async fn create_payment(
+    Caller(account): Caller,
+    app: web::Data<AppState>,
+    web::Json(req): web::Json<CreatePayment>,
+) -> Result<HttpResponse, ApiError> {
+    let payment = done(app.bank.create_payment(&account, req))?;
+    let location = format!("/payments/{}", payment.id);
+    Ok(HttpResponse::Created().insert_header((header::LOCATION, location)).json(payment))
+}
+
+/// `POST /transfers`: takes the configured processing time.
+#[idempotent(scope = "transfers.create", fields = [amount, from, to], ttl = "24h", lease = "3s")]
+#[post("/transfers")]
+pub async fn create_transfer(
+    Caller(account): Caller,
+    app: web::Data<AppState>,
+    web::Json(req): web::Json<CreateTransfer>,
+) -> Result<HttpResponse, ApiError> {
+    actix_web::rt::time::sleep(app.transfer_delay).await;
+    let transfer = done(app.bank.create_transfer(&account, req))?;
+    Ok(HttpResponse::Created().json(transfer))
+}
+
+/// `POST /quotes`: any JSON object, fingerprinted whole, kept 3 seconds.
+#[idempotent(scope = "quotes.create", ttl = "3s", lease = "2s")]
+#[post("/quotes")]
+pub async fn create_quote(
+    Caller(account): Caller,
+    app: web::Data<AppState>,
+    web::Json(req): web::Json<serde_json::Value>,
+) -> Result<HttpResponse, ApiError> {
+    let quote = done(app.bank.create_quote(&account, req))?;
+    Ok(HttpResponse::Created().json(quote))
+}
+
+#[get("/payments")]
+async fn list_payments(Caller(account): Caller, app: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(app.bank.list(&account, "payment"))
+}
+
+#[get("/transfers")]
+async fn list_transfers(Caller(account): Caller, app: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(app.bank.list(&account, "transfer"))
+}
+
+#[get("/payments/{id}")]
+async fn get_payment(Caller(account): Caller, app: web::Data<AppState>, id: web::Path<String>) -> HttpResponse {
+    match app.bank.payment(&account, &id) {
+        Some(p) => HttpResponse::Ok().json(p),
+        None => problem_response(DemoProblem::payment_not_found(&id)),
+    }
+}
+
+/// A JSON body that is too large (413), not JSON or missing a field (400) is rejected before the
+/// idempotency layer runs, as a problem+json.
+fn json_config() -> web::JsonConfig {
+    web::JsonConfig::default().limit(MAX_BODY).error_handler(|err, _req| {
+        let status = err.status_code();
+        let response = problem_response(DemoProblem::bad_body(status.as_u16(), err.to_string()));
+        InternalError::from_response(err, response).into()
+    })
+}
+
+/// Everything the application needs, opened once: the idempotency runtime (store connected,
+/// policies validated) and the handlers' state.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    idempotency: Idempotency,
+    state: web::Data<AppState>,
+}
+
+/// Opens the ledger and the store and validates the policies.
+pub async fn prepare(config: &Config) -> Result<Prepared, String> {
+    let (ledger, entries) = Ledger::open(&config.ledger)?;
+    let store = idempotent_actix::core::store::connect(&config.store)
+        .await
+        .map_err(|e| format!("idempotency store `{}`: {e}", config.store))?;
+    let idempotency = Idempotency::builder(store).actor(ActorSource::BearerToken).build().map_err(|e| e.to_string())?;
+    let state = AppState { bank: Arc::new(Bank::new(ledger, entries)), transfer_delay: config.transfer_delay };
+    Ok(Prepared { idempotency, state: web::Data::new(state) })
+}
+
+/// Installs the application's data and routes: `App::new().configure(|c| configure(c, &prepared))`.
+pub fn configure(cfg: &mut web::ServiceConfig, prepared: &Prepared) {
+    cfg.app_data(prepared.idempotency.data())
+        .app_data(prepared.state.clone())
+        .app_data(json_config())
+        .service(create_payment)
+        .service(list_payments)
+        .service(get_payment)
+        .service(create_transfer)
+        .service(list_transfers)
+        .service(create_quote)
+        .route("/_idempotency/policies", web::get().to(policy_report));
+}
+
+/// Binds `config.addr` and returns the bound address and the running server (it runs on the
+/// current actix system until stopped).
+pub async fn start(config: &Config) -> Result<(SocketAddr, Server), String> {
+    let prepared = prepare(config).await?;
+    let server = HttpServer::new(move || {
+        let prepared = prepared.clone();
+        App::new().configure(move |c| configure(c, &prepared))
+    })
+    .bind(config.addr)
+    .map_err(|e| format!("cannot listen on {}: {e}", config.addr))?;
+    let addr = *server.addrs().first().ok_or_else(|| format!("cannot listen on {}", config.addr))?;
+    Ok((addr, server.run()))
+}

@@ -1,0 +1,107 @@
+//! The framework-free part of the demo's HTTP glue, shared by both binaries: who the caller is,
+//! and the bodies of the errors the demo itself answers with. Each framework module only turns
+//! these into its own request extractor and response type.
+
+use crate::domain::Invalid;
+use serde_json::json;
+
+/// Media type of every demo error.
+pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
+
+/// Largest request body accepted; larger bodies are 413 before any handler runs.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// The authenticated caller: `Authorization: Bearer <account>`.
+#[derive(Debug, Clone)]
+pub struct Caller(pub String);
+
+impl Caller {
+    /// The caller named by an `Authorization` header value: `Bearer <account>` where account is 1
+    /// to 64 letters, digits, `_` or `-`. `None` is a 401 ([`DemoProblem::unauthorized`]).
+    pub fn from_authorization(value: Option<&[u8]>) -> Option<Caller> {
+        let account = value
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|a| {
+                !a.is_empty() && a.len() <= 64 && a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            })?;
+        Some(Caller(account.to_owned()))
+    }
+}
+
+/// An `application/problem+json` error of the demo (as opposed to the framework's own
+/// problems), ready to be sent by either framework.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DemoProblem {
+    /// HTTP status.
+    pub status: u16,
+    /// The JSON body.
+    pub body: String,
+    /// Whether to send `WWW-Authenticate: Bearer` (401 only).
+    pub www_authenticate: bool,
+}
+
+impl DemoProblem {
+    /// A problem of type `urn:payments-demo:problem:<type_slug>`.
+    pub fn new(status: u16, type_slug: &str, title: &str, detail: impl Into<String>) -> Self {
+        let body = json!({
+            "type": format!("urn:payments-demo:problem:{type_slug}"),
+            "title": title,
+            "status": status,
+            "detail": detail.into(),
+        });
+        Self { status, body: body.to_string(), www_authenticate: false }
+    }
+
+    /// 401: no or a malformed `Authorization` header.
+    pub fn unauthorized() -> Self {
+        let mut p = Self::new(
+            401,
+            "unauthorized",
+            "Authentication required",
+            "Send `Authorization: Bearer <account>` where account is 1 to 64 letters, digits, `_` or `-`.",
+        );
+        p.www_authenticate = true;
+        p
+    }
+
+    /// 404: no such payment for this caller.
+    pub fn payment_not_found(id: &str) -> Self {
+        Self::new(404, "not-found", "Payment not found", format!("No payment `{id}` for this account."))
+    }
+
+    /// 400 / 413 / 422: the request body was rejected before the handler ran.
+    pub fn bad_body(status: u16, detail: impl Into<String>) -> Self {
+        Self::new(status, "bad-body", "Request body rejected", detail)
+    }
+}
+
+/// Errors a handler answers with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Domain validation: 422, a final outcome (stored and replayed).
+    #[error("invalid request: {0}")]
+    Invalid(Invalid),
+    /// The operation could not be recorded: 500, released so a retry runs again.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The problem sent for this error; internal errors are logged here.
+    pub fn problem(&self) -> DemoProblem {
+        match self {
+            ApiError::Invalid(e) => DemoProblem::new(422, "validation", "Invalid request", e.0.clone()),
+            ApiError::Internal(e) => {
+                tracing::error!(error = %e, "operation failed");
+                DemoProblem::new(500, "internal", "Internal error", "The operation was not executed; retry with the same key.")
+            }
+        }
+    }
+}
+
+/// Flattens a domain call's result: an outer error is internal, an inner one is validation.
+pub fn done<T>(r: Result<Result<T, Invalid>, String>) -> Result<T, ApiError> {
+    r.map_err(ApiError::Internal)?.map_err(ApiError::Invalid)
+}

@@ -1,0 +1,27 @@
+//! `payments-actix`: the payments demo on actix-web.
+//!
+//! `payments-actix` serves; `payments-actix policies [--format md|json|html]` prints the
+//! idempotency policy report and exits.
+
+use idempotent_actix::core::registry::Framework;
+use payments_demo::{actix_app, cli};
+use std::process::ExitCode;
+
+const BIN: &str = "payments-actix";
+
+#[actix_web::main]
+async fn main() -> ExitCode {
+    let config = match cli::parse(BIN, Framework::Actix) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let (addr, server) = match actix_app::start(&config).await {
+        Ok(s) => s,
+        Err(e) => return cli::fail(BIN, e),
+    };
+    cli::listening(BIN, addr, &config);
+    match server.await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => cli::fail(BIN, format!("server error: {e}")),
+    }
+}

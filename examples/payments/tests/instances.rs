@@ -1,0 +1,158 @@
+//! Several demo processes behind one shared store, as instances behind a load balancer: clients
+//! racing one key across processes, and a process killed in the middle of a transfer.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Instance {
+    child: Child,
+    addr: String,
+    ledger: PathBuf,
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(store: &str, ledger: &Path, delay_ms: u64) -> Instance {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_payments-axum"))
+        .env("PAYMENTS_ADDR", "127.0.0.1:0")
+        .env("PAYMENTS_LEDGER", ledger)
+        .env("IDEMPOTENCY_STORE", store)
+        .env("PAYMENTS_TRANSFER_DELAY_MS", delay_ms.to_string())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_owned());
+            }
+        }
+    });
+    let Ok(addr) = rx.recv_timeout(Duration::from_secs(30)) else {
+        let _ = child.kill();
+        panic!("instance on {store} did not start");
+    };
+    Instance { child, addr, ledger: ledger.to_owned() }
+}
+
+fn ledger_count(instances: &[&Instance], kind: &str) -> usize {
+    instances
+        .iter()
+        .map(|i| {
+            std::fs::read_to_string(&i.ledger)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains(&format!("\"kind\":\"{kind}\"")))
+                .count()
+        })
+        .sum()
+}
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("payments-instances-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+async fn stores() -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    if let Some(url) = idempotent_tests::postgres::database_url().await {
+        out.push(("postgres", url));
+    }
+    if let Some(url) = idempotent_tests::redis_server::redis_url().await {
+        out.push(("redis", url));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_racing_one_key_across_three_instances_execute_once() {
+    for (name, store) in stores().await {
+        let d = dir(&format!("race-{name}"));
+        let instances: Vec<Instance> = (0..3).map(|i| start(&store, &d.join(format!("l{i}.jsonl")), 0)).collect();
+        let key = format!("race-{name}-{}", std::process::id());
+        let client = reqwest::Client::new();
+        let mut tasks = Vec::new();
+        for i in 0..60 {
+            let url = format!("http://{}/payments", instances[i % 3].addr);
+            let (client, key) = (client.clone(), key.clone());
+            tasks.push(tokio::spawn(async move {
+                let r = client
+                    .post(url)
+                    .bearer_auth("acct_lb")
+                    .header("Idempotency-Key", key)
+                    .json(&serde_json::json!({"amount": 500, "currency": "EUR", "customer": "c"}))
+                    .send()
+                    .await
+                    .unwrap();
+                (r.status().as_u16(), r.bytes().await.unwrap())
+            }));
+        }
+        let mut bodies = Vec::new();
+        for t in tasks {
+            let (status, body) = t.await.unwrap();
+            match status {
+                201 => bodies.push(body),
+                409 => {}
+                other => panic!("{name}: unexpected status {other}: {}", String::from_utf8_lossy(&body)),
+            }
+        }
+        assert!(!bodies.is_empty(), "{name}");
+        assert!(bodies.windows(2).all(|w| w[0] == w[1]), "{name}: every 201 is the same payment");
+        let refs: Vec<&Instance> = instances.iter().collect();
+        assert_eq!(ledger_count(&refs, "payment"), 1, "{name}: exactly one execution across instances");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_killed_mid_transfer_is_retried_once_elsewhere() {
+    for (name, store) in stores().await {
+        let d = dir(&format!("kill-{name}"));
+        let mut a = start(&store, &d.join("a.jsonl"), 2_000);
+        let b = start(&store, &d.join("b.jsonl"), 200);
+        let key = format!("kill-{name}-{}", std::process::id());
+        let body = serde_json::json!({"amount": 70, "from": "x", "to": "y"});
+        let client = reqwest::Client::new();
+        let send = |addr: String| {
+            client
+                .post(format!("http://{addr}/transfers"))
+                .bearer_auth("acct_kill")
+                .header("Idempotency-Key", &key)
+                .json(&body)
+                .send()
+        };
+        let doomed = tokio::spawn(send(a.addr.clone()));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        a.child.kill().unwrap(); // SIGKILL: no release, no completion.
+        let _ = a.child.wait();
+        assert!(doomed.await.unwrap().is_err(), "{name}: the client lost its connection");
+        // The claim outlives the process until its lease (3s) runs out: retries see 409 first.
+        let first_retry = send(b.addr.clone()).await.unwrap();
+        assert_eq!(first_retry.status(), 409, "{name}");
+        assert!(first_retry.headers().contains_key("retry-after"));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let done = loop {
+            let r = send(b.addr.clone()).await.unwrap();
+            if r.status() == 201 {
+                break r;
+            }
+            assert_eq!(r.status(), 409, "{name}");
+            assert!(Instant::now() < deadline, "{name}: the lease never expired");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        assert!(done.headers().get("idempotent-replayed").is_none(), "{name}: the retry ran the transfer");
+        let again = send(b.addr.clone()).await.unwrap();
+        assert_eq!(again.headers()["idempotent-replayed"], "true");
+        assert_eq!(ledger_count(&[&a, &b], "transfer"), 1, "{name}: the killed attempt never executed, the retry once");
+    }
+}

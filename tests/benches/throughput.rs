@@ -1,0 +1,338 @@
+//! Throughput and round trips of the idempotent path, printed as figures (never asserted).
+//!
+//! `cargo bench -p idempotent-tests --bench throughput` prints:
+//! 1. the in-process cost per request (no network) of a bare axum handler, a protected first
+//!    execution and a replay, on the memory store, and their ratios;
+//! 2. the payments demo's `POST /payments` over loopback HTTP on memory, SQLite, PostgreSQL and
+//!    Redis, beside a bare handler and a handler doing the same Redis commands by hand;
+//! 3. PostgreSQL round trips per first execution and per replay, counted by a proxy that parses
+//!    the wire protocol.
+//!
+//! Machines are shared and noisy: compare the ratios within one run, not absolute numbers
+//! across runs.
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{Request, StatusCode};
+use axum::routing::post;
+use axum::{Json, Router};
+use idempotent_axum::core::store::{MemoryStore, PostgresStore, RedisStore, SqliteStore, Store};
+use idempotent_axum::{idempotent, Idempotency};
+use idempotent_tests::http::temp_ledger;
+use payments_demo::config::Config;
+use payments_demo::ledger::Ledger;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tower::ServiceExt;
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+struct Charge {
+    amount: i64,
+    currency: String,
+}
+
+async fn bare(Json(c): Json<Charge>) -> (StatusCode, Json<Charge>) {
+    (StatusCode::CREATED, Json(c))
+}
+
+#[idempotent(scope = "bench.charge", fields = [amount, currency])]
+async fn protected(Json(c): Json<Charge>) -> (StatusCode, Json<Charge>) {
+    (StatusCode::CREATED, Json(c))
+}
+
+fn charge_request(path: &str, key: Option<&str>) -> Request<Body> {
+    let mut b = Request::post(path).header("content-type", "application/json");
+    if let Some(k) = key {
+        b = b.header("idempotency-key", k);
+    }
+    b.body(Body::from(r#"{"amount":100,"currency":"EUR"}"#)).unwrap()
+}
+
+async fn in_process() {
+    const N: usize = 20_000;
+    let idem = Idempotency::builder(Arc::new(MemoryStore::new())).build().unwrap();
+    let app = Router::new().route("/bare", post(bare)).route("/protected", post(protected)).layer(idem.layer());
+    let time = |label: &'static str, f: Box<dyn Fn(usize) -> Request<Body>>| {
+        let app = app.clone();
+        async move {
+            for i in 0..1000 {
+                app.clone().oneshot(f(N + i)).await.unwrap();
+            }
+            let start = Instant::now();
+            for i in 0..N {
+                let r = app.clone().oneshot(f(i)).await.unwrap();
+                assert!(r.status().is_success());
+            }
+            let per = start.elapsed().as_secs_f64() * 1e6 / N as f64;
+            println!("  {label:<34} {per:>8.2} µs/request");
+            per
+        }
+    };
+    println!("1. in-process cost per request, memory store, {N} requests each");
+    let bare_us = time("bare handler", Box::new(|_| charge_request("/bare", None))).await;
+    let first_us =
+        time("protected, first execution", Box::new(|i| charge_request("/protected", Some(&format!("k-{i}"))))).await;
+    let replay_us = time("protected, replay", Box::new(|_| charge_request("/protected", Some("k-0")))).await;
+    println!(
+        "  ratios: first/bare {:.2}x, replay/bare {:.2}x; added cost of a first execution {:.2} µs",
+        first_us / bare_us,
+        replay_us / bare_us,
+        first_us - bare_us
+    );
+}
+
+async fn serve(router: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    addr
+}
+
+async fn demo(store: Arc<dyn Store>) -> SocketAddr {
+    let ledger = temp_ledger();
+    let config = Config {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        store: "bench".into(),
+        ledger: ledger.clone(),
+        transfer_delay: Duration::ZERO,
+    };
+    let (ledger, entries) = Ledger::open(&ledger).unwrap();
+    serve(payments_demo::axum_app::app_with_store(&config, store, ledger, entries).unwrap()).await
+}
+
+/// Sends `n` requests with `concurrency` clients; `key(i)` is the key of request `i`.
+async fn drive(addr: SocketAddr, path: &str, n: usize, concurrency: usize, key: impl Fn(usize) -> String) -> f64 {
+    let client = reqwest::Client::new();
+    let url = format!("http://{addr}{path}");
+    let next = Arc::new(AtomicU64::new(0));
+    let keys: Arc<Vec<String>> = Arc::new((0..n).map(key).collect());
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, url, next, keys) = (client.clone(), url.clone(), next.clone(), keys.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= keys.len() {
+                    break;
+                }
+                let r = client
+                    .post(&url)
+                    .bearer_auth("acct_bench")
+                    .header("Idempotency-Key", &keys[i])
+                    .header("content-type", "application/json")
+                    .body(r#"{"amount":100,"currency":"EUR","customer":"cus_1"}"#)
+                    .send()
+                    .await
+                    .expect("request");
+                assert!(r.status().is_success(), "status {}", r.status());
+                r.bytes().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+#[derive(Clone)]
+struct Hand {
+    redis: redis::aio::ConnectionManager,
+    prefix: String,
+}
+
+/// A bare handler doing by hand what the Redis store does: claim with `SET NX PX`, run, store
+/// the response with `SET PX`; a replay is one `GET` (two commands first, one on replay).
+async fn by_hand(
+    State(h): State<Hand>,
+    headers: axum::http::HeaderMap,
+    Json(c): Json<serde_json::Value>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let key = format!("{}{}", h.prefix, headers["idempotency-key"].to_str().unwrap());
+    let mut conn = h.redis.clone();
+    let claimed: Option<String> =
+        redis::cmd("SET").arg(&key).arg("p").arg("NX").arg("GET").arg("PX").arg(10_000).query_async(&mut conn).await.unwrap();
+    match claimed {
+        None => {
+            let body = serde_json::json!({"id": "pay_1", "amount": c["amount"], "currency": c["currency"]}).to_string();
+            let _: () = redis::cmd("SET").arg(&key).arg(&body).arg("PX").arg(86_400_000).query_async(&mut conn).await.unwrap();
+            (StatusCode::CREATED, body).into_response()
+        }
+        Some(stored) => (StatusCode::CREATED, stored).into_response(),
+    }
+}
+
+async fn over_http(redis_url: Option<String>, pg: Option<Arc<idempotent_tests::postgres::TestSchema>>) {
+    const N: usize = 2_000;
+    const C: usize = 16;
+    println!("\n2. POST /payments over loopback HTTP, {C} concurrent clients, {N} requests per row");
+    println!("  {:<44} {:>12} {:>12}", "server", "first req/s", "replay req/s");
+    let row = |label: &str, first: f64, replay: f64| println!("  {label:<44} {first:>12.0} {replay:>12.0}");
+
+    let bare_addr = serve(Router::new().route("/payments", post(bare))).await;
+    let b = drive(bare_addr, "/payments", N, C, |i| format!("b{i}")).await;
+    row("bare handler (no idempotency, no ledger)", b, b);
+
+    let mut stores: Vec<(&str, Arc<dyn Store>)> = vec![("demo on memory", Arc::new(MemoryStore::new()))];
+    let sqlite_path = std::env::temp_dir().join(format!("bench-{}.sqlite", std::process::id()));
+    let sqlite = SqliteStore::connect(&format!("sqlite:{}", sqlite_path.display())).await.unwrap();
+    stores.push(("demo on SQLite", Arc::new(sqlite)));
+    if let Some(pg) = &pg {
+        stores.push(("demo on PostgreSQL", Arc::new(PostgresStore::connect_with(&pg.url, pg.config()).await.unwrap())));
+    }
+    if let Some(url) = &redis_url {
+        let store = RedisStore::builder(url).prefix(format!("bench:{}:", std::process::id())).build().await.unwrap();
+        stores.push(("demo on Redis", Arc::new(store)));
+    }
+    for (label, store) in stores {
+        let addr = demo(store).await;
+        let first = drive(addr, "/payments", N, C, |i| format!("f{i}")).await;
+        let replay = drive(addr, "/payments", N, C, |i| format!("f{}", i % 100)).await;
+        row(label, first, replay);
+    }
+    if let Some(url) = &redis_url {
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let hand = Hand {
+            redis: redis::aio::ConnectionManager::new(client).await.unwrap(),
+            prefix: format!("bench-hand:{}:", std::process::id()),
+        };
+        let addr = serve(Router::new().route("/payments", post(by_hand)).with_state(hand)).await;
+        let first = drive(addr, "/payments", N, C, |i| format!("h{i}")).await;
+        let replay = drive(addr, "/payments", N, C, |i| format!("h{}", i % 100)).await;
+        row("bare handler, same Redis commands by hand", first, replay);
+    }
+    let _ = std::fs::remove_file(&sqlite_path);
+}
+
+/// A TCP proxy in front of PostgreSQL that counts the frontend's Sync and Query messages: one
+/// per round trip of the extended or simple protocol.
+async fn counting_proxy(upstream: String) -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(AtomicU64::new(0));
+    let c = count.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else { return };
+            let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            tokio::spawn(async move { tokio::io::copy(&mut sr, &mut cw).await });
+            let c = c.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 16 * 1024];
+                let mut started = false;
+                loop {
+                    let n = match cr.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    if sw.write_all(&chunk[..n]).await.is_err() {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    loop {
+                        if !started {
+                            // Untyped start-up packets: an SSLRequest (answered 'N') then the startup message.
+                            if buf.len() < 8 {
+                                break;
+                            }
+                            let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+                            if buf.len() < len {
+                                break;
+                            }
+                            let code = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+                            buf.drain(..len);
+                            if code != 80_877_103 {
+                                started = true;
+                            }
+                            continue;
+                        }
+                        if buf.len() < 5 {
+                            break;
+                        }
+                        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize + 1;
+                        if buf.len() < len {
+                            break;
+                        }
+                        if buf[0] == b'S' || buf[0] == b'Q' {
+                            c.fetch_add(1, Ordering::SeqCst);
+                        }
+                        buf.drain(..len);
+                    }
+                }
+            });
+        }
+    });
+    (addr, count)
+}
+
+async fn postgres_round_trips(pg: &idempotent_tests::postgres::TestSchema) {
+    use idempotent_axum::core::engine::{Captured, Config as EngineConfig, Request as EngineRequest, Runtime};
+    use idempotent_axum::core::fingerprint::FingerprintBuilder;
+    use idempotent_axum::core::key::IdempotencyKey;
+    use idempotent_axum::core::policy::Policy;
+    use idempotent_axum::core::response::StoredResponse;
+    const POLICY: Policy = Policy::new("bench.rt");
+    let upstream = pg.url.split('@').nth(1).and_then(|r| r.split('/').next()).unwrap_or("127.0.0.1:5432").to_owned();
+    let (proxy, count) = counting_proxy(upstream.clone()).await;
+    let url = pg.url.replace(&upstream, &proxy.to_string());
+    let store = PostgresStore::connect_with(&url, pg.config().sweep_interval(None).max_connections(1)).await.unwrap();
+    let runtime = Runtime::new(Arc::new(store), EngineConfig::default());
+    let run = |key: String| {
+        let runtime = runtime.clone();
+        async move {
+            let req = EngineRequest {
+                key: IdempotencyKey::parse(key.as_bytes()).map(Some),
+                actor: None,
+                fingerprint: Ok(FingerprintBuilder::new(POLICY.scope).finish()),
+            };
+            runtime
+                .execute(&POLICY, req, async {
+                    Captured { record: StoredResponse::new(201, [("a", "b")], "x".into()), live: () }
+                })
+                .await;
+        }
+    };
+    // Warm up: the connection and its prepared statements.
+    run("warm".into()).await;
+    run("warm".into()).await;
+    const N: u64 = 200;
+    let before = count.load(Ordering::SeqCst);
+    for i in 0..N {
+        run(format!("first-{i}")).await;
+    }
+    let first = count.load(Ordering::SeqCst) - before;
+    let before = count.load(Ordering::SeqCst);
+    for i in 0..N {
+        run(format!("first-{i}")).await;
+    }
+    let replay = count.load(Ordering::SeqCst) - before;
+    println!("\n3. PostgreSQL round trips (frontend Sync/Query messages through a counting proxy), {N} requests each");
+    println!("  first execution: {:.2} per request", first as f64 / N as f64);
+    println!("  replay:          {:.2} per request", replay as f64 / N as f64);
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("throughput: run with `cargo bench -p idempotent-tests --bench throughput`");
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        in_process().await;
+        let redis_url = idempotent_tests::redis_server::redis_url().await;
+        let pg = idempotent_tests::postgres::TestSchema::new().await;
+        over_http(redis_url, pg.clone()).await;
+        if let Some(pg) = &pg {
+            postgres_round_trips(pg).await;
+        }
+    });
+}

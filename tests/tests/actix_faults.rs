@@ -1,0 +1,343 @@
+//! Fault paths of the actix-web adapter over real HTTP on a loopback port: panics, retryable
+//! statuses, disconnects, oversized responses, an unreachable store, a missing runtime.
+
+use actix_web::dev::Payload;
+use actix_web::{post, web, App, FromRequest, HttpMessage, HttpRequest, HttpResponse, HttpServer};
+use async_trait::async_trait;
+use idempotent_actix::core::fingerprint::Fingerprint;
+use idempotent_actix::core::registry::{self, Framework};
+use idempotent_actix::core::response::StoredResponse;
+use idempotent_actix::core::store::{Claim, ClaimToken, MemoryStore, RecordKey, Store, StoreError};
+use idempotent_actix::{idempotent, Actor, Idempotency};
+use idempotent_tests::http::{new_key, send, Captured};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::future::{ready, Ready};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Deserialize, Serialize)]
+struct Item {
+    name: String,
+}
+
+static PANICS: AtomicUsize = AtomicUsize::new(0);
+static FLAKY: AtomicUsize = AtomicUsize::new(0);
+static SLOW: AtomicUsize = AtomicUsize::new(0);
+static BIG: AtomicUsize = AtomicUsize::new(0);
+static STREAM: AtomicUsize = AtomicUsize::new(0);
+static WAITED: AtomicUsize = AtomicUsize::new(0);
+static OPTIONAL: AtomicUsize = AtomicUsize::new(0);
+static DOWN: AtomicUsize = AtomicUsize::new(0);
+static WHO: AtomicUsize = AtomicUsize::new(0);
+
+#[idempotent(scope = "faults.panic", fields = [name])]
+#[post("/panic")]
+async fn panics_once(item: web::Json<Item>) -> HttpResponse {
+    if PANICS.fetch_add(1, Ordering::SeqCst) == 0 {
+        panic!("first call fails");
+    }
+    HttpResponse::Created().body(item.into_inner().name)
+}
+
+#[idempotent(scope = "faults.flaky", fields = [name])]
+#[post("/flaky")]
+async fn unavailable_once(item: web::Json<Item>) -> HttpResponse {
+    if FLAKY.fetch_add(1, Ordering::SeqCst) == 0 {
+        return HttpResponse::ServiceUnavailable().body("downstream busy");
+    }
+    HttpResponse::Created().body(item.into_inner().name)
+}
+
+#[idempotent(scope = "faults.slow", fields = [name])]
+#[post("/slow")]
+async fn slow(item: web::Json<Item>) -> HttpResponse {
+    actix_web::rt::time::sleep(Duration::from_millis(600)).await;
+    SLOW.fetch_add(1, Ordering::SeqCst);
+    HttpResponse::Created().body(format!("slow {}", item.name))
+}
+
+#[idempotent(scope = "faults.big")]
+async fn big() -> HttpResponse {
+    BIG.fetch_add(1, Ordering::SeqCst);
+    HttpResponse::Created().body("x".repeat(10_000))
+}
+
+#[idempotent(scope = "faults.stream")]
+async fn stream() -> HttpResponse {
+    STREAM.fetch_add(1, Ordering::SeqCst);
+    let chunks = (0..20).map(|i| Ok::<_, std::io::Error>(bytes::Bytes::from(format!("{i:04}").repeat(100))));
+    HttpResponse::Ok().streaming(futures_util::stream::iter(chunks))
+}
+
+#[idempotent(scope = "faults.wait", fields = [name], on_conflict = "wait")]
+async fn waits(item: web::Json<Item>) -> (String, actix_web::http::StatusCode) {
+    actix_web::rt::time::sleep(Duration::from_millis(300)).await;
+    WAITED.fetch_add(1, Ordering::SeqCst);
+    (item.into_inner().name, actix_web::http::StatusCode::CREATED)
+}
+
+#[idempotent(scope = "faults.optional", key = "optional")]
+async fn optional() -> HttpResponse {
+    OPTIONAL.fetch_add(1, Ordering::SeqCst);
+    HttpResponse::Created().finish()
+}
+
+#[idempotent(scope = "faults.down")]
+async fn down() -> HttpResponse {
+    DOWN.fetch_add(1, Ordering::SeqCst);
+    HttpResponse::Created().finish()
+}
+
+#[idempotent(scope = "faults.cookie")]
+async fn cookie() -> HttpResponse {
+    HttpResponse::Created().insert_header(("set-cookie", "session=secret")).insert_header(("x-order", "o-1")).body("ok")
+}
+
+/// Authentication that names the caller through an [`Actor`] extension.
+struct Who;
+
+impl FromRequest for Who {
+    type Error = actix_web::Error;
+    type Future = Ready<Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        if let Some(user) = req.headers().get("x-user").and_then(|v| v.to_str().ok()) {
+            req.extensions_mut().insert(Actor(user.to_owned()));
+        }
+        ready(Ok(Who))
+    }
+}
+
+#[idempotent(scope = "faults.who", route = "POST /who")]
+async fn who(_who: Who) -> HttpResponse {
+    let n = WHO.fetch_add(1, Ordering::SeqCst);
+    HttpResponse::Created().body(n.to_string())
+}
+
+/// Runs an actix-web server on its own system thread and returns its base URL.
+async fn serve<F>(idempotency: Option<Idempotency>, routes: F) -> String
+where
+    F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(async move {
+            let server = HttpServer::new(move || {
+                let app = App::new().configure(routes.clone());
+                match &idempotency {
+                    Some(i) => app.app_data(i.data()),
+                    None => app,
+                }
+            })
+            .workers(1)
+            .bind("127.0.0.1:0")
+            .unwrap();
+            let _ = tx.send(server.addrs()[0]);
+            let _ = server.run().await;
+        })
+    });
+    format!("http://{}", rx.await.unwrap())
+}
+
+async fn app() -> String {
+    let idem = Idempotency::builder(Arc::new(MemoryStore::new())).max_stored_body(1024).build().unwrap();
+    serve(Some(idem), |c: &mut web::ServiceConfig| {
+        c.service(panics_once)
+            .service(unavailable_once)
+            .service(slow)
+            .route("/big", web::post().to(big))
+            .route("/stream", web::post().to(stream))
+            .route("/wait", web::post().to(waits))
+            .route("/optional", web::post().to(optional))
+            .route("/cookie", web::post().to(cookie))
+            .route("/who", web::post().to(who));
+    })
+    .await
+}
+
+fn post_to(base: &str, path: &str, key: Option<&str>) -> reqwest::RequestBuilder {
+    let r = reqwest::Client::new().post(format!("{base}{path}")).json(&json!({"name": "n"}));
+    match key {
+        Some(k) => r.header("Idempotency-Key", k),
+        None => r,
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_handler_releases_its_claim() {
+    let base = app().await;
+    let key = new_key();
+    let first = send(post_to(&base, "/panic", Some(&key))).await;
+    first.assert_problem(500, "urn:idempotent:problem:handler-panicked");
+    let retry = send(post_to(&base, "/panic", Some(&key))).await;
+    assert_eq!(retry.status, 201);
+    assert!(!retry.replayed());
+    assert_eq!(PANICS.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_503_releases_the_claim_and_the_retry_runs_again() {
+    let base = app().await;
+    let key = new_key();
+    assert_eq!(send(post_to(&base, "/flaky", Some(&key))).await.status, 503);
+    let retry = send(post_to(&base, "/flaky", Some(&key))).await;
+    assert_eq!((retry.status, retry.replayed()), (201, false));
+    let replay = send(post_to(&base, "/flaky", Some(&key))).await;
+    assert_eq!((replay.status, replay.replayed()), (201, true));
+    assert_eq!(FLAKY.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_does_not_cancel_the_handler() {
+    let base = app().await;
+    let key = new_key();
+    let client = reqwest::Client::builder().timeout(Duration::from_millis(150)).build().unwrap();
+    let cut =
+        client.post(format!("{base}/slow")).header("Idempotency-Key", &key).json(&json!({"name": "n"})).send().await;
+    assert!(cut.is_err(), "the client gave up before the handler finished");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(SLOW.load(Ordering::SeqCst), 1, "the handler ran to completion");
+    let retry = send(post_to(&base, "/slow", Some(&key))).await;
+    assert_eq!(retry.status, 201);
+    assert!(retry.replayed(), "the outcome was recorded although nobody received it");
+    assert_eq!(retry.body, b"slow n");
+    assert_eq!(SLOW.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_response_over_the_cap_is_delivered_but_never_run_twice() {
+    let base = app().await;
+    for (path, counter, len) in [("/big", &BIG, 10_000), ("/stream", &STREAM, 8_000)] {
+        let key = new_key();
+        let first = send(post_to(&base, path, Some(&key))).await;
+        assert_eq!(first.body.len(), len, "{path}: the client gets every byte");
+        let retry = send(post_to(&base, path, Some(&key))).await;
+        retry.assert_problem(409, "urn:idempotent:problem:response-not-stored");
+        assert!(retry.json()["detail"].as_str().unwrap().contains("too large"));
+        assert_eq!(counter.load(Ordering::SeqCst), 1, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn wait_mode_replays_the_first_response_to_a_concurrent_duplicate() {
+    let base = app().await;
+    let key = new_key();
+    let a = tokio::spawn(post_to(&base, "/wait", Some(&key)).send());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let b = send(post_to(&base, "/wait", Some(&key))).await;
+    let a = Captured::from(a.await.unwrap().unwrap()).await;
+    assert_eq!((a.status, b.status), (201, 201));
+    assert!(b.replayed());
+    assert_eq!(a.body, b.body);
+    assert_eq!(WAITED.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn an_optional_key_runs_unprotected_without_one() {
+    let base = app().await;
+    let before = OPTIONAL.load(Ordering::SeqCst);
+    assert_eq!(send(post_to(&base, "/optional", None)).await.status, 201);
+    assert_eq!(send(post_to(&base, "/optional", None)).await.status, 201);
+    assert_eq!(OPTIONAL.load(Ordering::SeqCst) - before, 2);
+}
+
+#[tokio::test]
+async fn set_cookie_and_date_are_not_replayed() {
+    let base = app().await;
+    let key = new_key();
+    let first = send(post_to(&base, "/cookie", Some(&key))).await;
+    assert_eq!(first.header("set-cookie"), Some("session=secret"));
+    let replay = send(post_to(&base, "/cookie", Some(&key))).await;
+    assert!(replay.replayed());
+    assert_eq!(replay.header("set-cookie"), None, "a session cookie is never handed to a retry");
+    assert_eq!(replay.header("x-order"), Some("o-1"));
+    assert!(replay.header("date").is_some(), "the replay carries its own Date");
+}
+
+#[tokio::test]
+async fn an_actor_extension_namespaces_keys() {
+    let base = app().await;
+    let key = new_key();
+    let as_user = |user: &str| post_to(&base, "/who", Some(&key)).header("x-user", user.to_owned());
+    let a = send(as_user("alice")).await;
+    let b = send(as_user("bob")).await;
+    assert_eq!((a.status, b.status), (201, 201));
+    assert!(!b.replayed(), "another caller's response is never replayed");
+    let again = send(as_user("alice")).await;
+    assert!(again.replayed());
+    assert_eq!(again.body, a.body);
+}
+
+#[tokio::test]
+async fn the_registry_reads_the_neighbouring_routing_attribute() {
+    let routes = registry::routes_of(Framework::Actix);
+    let find = |scope: &str| *routes.iter().find(|r| r.policy.scope == scope).unwrap();
+    assert_eq!((find("faults.panic").method, find("faults.panic").path), (Some("POST"), Some("/panic")));
+    assert_eq!((find("faults.who").method, find("faults.who").path), (Some("POST"), Some("/who")));
+    assert_eq!((find("faults.big").method, find("faults.big").path), (None, None));
+    assert!(routes.iter().all(|r| r.framework == Framework::Actix));
+}
+
+/// A store whose backend refuses every connection, as an unreachable server does.
+struct Unreachable;
+
+#[async_trait]
+impl Store for Unreachable {
+    async fn claim(&self, _: &RecordKey, _: &Fingerprint, _: Duration) -> Result<Claim, StoreError> {
+        Err(StoreError::Unavailable("connection refused".into()))
+    }
+    async fn renew(&self, _: &RecordKey, _: &ClaimToken, _: Duration) -> Result<(), StoreError> {
+        Err(StoreError::Unavailable("connection refused".into()))
+    }
+    async fn complete(&self, _: &RecordKey, _: &ClaimToken, _: &StoredResponse, _: Duration) -> Result<(), StoreError> {
+        Err(StoreError::Unavailable("connection refused".into()))
+    }
+    async fn release(&self, _: &RecordKey, _: &ClaimToken) -> Result<(), StoreError> {
+        Err(StoreError::Unavailable("connection refused".into()))
+    }
+    fn name(&self) -> &'static str {
+        "unreachable"
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_store_fails_closed_with_503() {
+    let idem = Idempotency::builder(Arc::new(Unreachable)).store_retry_after(Duration::from_secs(5)).build().unwrap();
+    let base = serve(Some(idem), |c: &mut web::ServiceConfig| {
+        c.route("/down", web::post().to(down));
+    })
+    .await;
+    let r = send(post_to(&base, "/down", Some(&new_key()))).await;
+    r.assert_problem(503, "urn:idempotent:problem:store-unavailable");
+    assert_eq!(r.header("retry-after"), Some("5"));
+    assert_eq!(DOWN.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_route_without_the_runtime_says_so() {
+    let base = serve(None, |c: &mut web::ServiceConfig| {
+        c.route("/down", web::post().to(down));
+    })
+    .await;
+    let r = send(post_to(&base, "/down", Some(&new_key()))).await;
+    r.assert_problem(500, "urn:idempotent:problem:misconfigured");
+}
+
+#[tokio::test]
+async fn the_key_header_name_is_configurable() {
+    let idem = Idempotency::builder(Arc::new(MemoryStore::new())).header_name("X-Request-Key").build().unwrap();
+    let base = serve(Some(idem), |c: &mut web::ServiceConfig| {
+        c.route("/cookie", web::post().to(cookie));
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let missing = send(client.post(format!("{base}/cookie")).header("Idempotency-Key", "k")).await;
+    missing.assert_problem(400, "urn:idempotent:problem:key-missing");
+    assert!(missing.json()["detail"].as_str().unwrap().contains("x-request-key"));
+    let key = new_key();
+    assert_eq!(send(client.post(format!("{base}/cookie")).header("X-Request-Key", &key)).await.status, 201);
+    assert!(send(client.post(format!("{base}/cookie")).header("X-Request-Key", &key)).await.replayed());
+    assert!(Idempotency::builder(Arc::new(MemoryStore::new())).header_name("bad header").build().is_err());
+}
