@@ -416,7 +416,7 @@ macro_rules! http_conformance_tests {
             assert!(String::from_utf8_lossy(&md.body).contains("`payments.create`"));
             let html = send(d.req(Method::GET, "/_idempotency/policies?format=html", "acct_a")).await;
             assert!(html.header("content-type").unwrap().starts_with("text/html"));
-            assert!(String::from_utf8_lossy(&html.body).contains("<table>"));
+            assert!(String::from_utf8_lossy(&html.body).contains("<table"));
             let bad = send(d.req(Method::GET, "/_idempotency/policies?format=pdf", "acct_a")).await;
             assert_eq!(bad.status, 400);
         }

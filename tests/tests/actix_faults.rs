@@ -273,7 +273,7 @@ async fn an_actor_extension_namespaces_keys() {
 #[tokio::test]
 async fn the_registry_reads_the_neighbouring_routing_attribute() {
     let routes = registry::routes_of(Framework::Actix);
-    let find = |scope: &str| *routes.iter().find(|r| r.policy.scope == scope).unwrap();
+    let find = |scope: &str| *routes.iter().find(|r| r.scope() == Some(scope)).unwrap();
     assert_eq!((find("faults.panic").method, find("faults.panic").path), (Some("POST"), Some("/panic")));
     assert_eq!((find("faults.who").method, find("faults.who").path), (Some("POST"), Some("/who")));
     assert_eq!((find("faults.big").method, find("faults.big").path), (None, None));

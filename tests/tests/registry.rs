@@ -102,8 +102,8 @@ fn record_json(r: &RouteRecord) -> Value {
 
 #[test]
 fn registry_matches_the_snapshot() {
-    let actual = serde_json::to_string_pretty(&fixture().iter().map(|r| record_json(r)).collect::<Vec<_>>()).unwrap()
-        + "\n";
+    let actual =
+        serde_json::to_string_pretty(&fixture().iter().map(|r| record_json(r)).collect::<Vec<_>>()).unwrap() + "\n";
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("snapshots/registry.json");
     if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
         std::fs::write(&path, &actual).unwrap();

@@ -5,4 +5,7 @@ fn ui() {
     let t = trybuild::TestCases::new();
     t.pass("ui/pass/*.rs");
     t.compile_fail("ui/fail/*.rs");
+    // The actix-web entry point: the same attribute next to actix-web's routing attributes.
+    t.pass("ui/actix_pass/*.rs");
+    t.compile_fail("ui/actix_fail/*.rs");
 }

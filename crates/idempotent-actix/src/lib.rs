@@ -77,14 +77,16 @@
 
 mod capture;
 mod context;
+pub mod enforce;
 mod report;
 mod runtime;
 
 pub use idempotent_core as core;
 pub use idempotent_core::actor::{Actor, ActorSource};
+pub use idempotent_core::engine::StartupError;
 pub use idempotent_macros::idempotent_actix as idempotent;
 pub use report::{policy_report, render_problem};
-pub use runtime::{Idempotency, IdempotencyBuilder, StartupError};
+pub use runtime::{Idempotency, IdempotencyBuilder};
 
 /// Items used by the code `#[idempotent]` generates. Not a public API.
 #[doc(hidden)]

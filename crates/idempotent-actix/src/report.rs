@@ -13,7 +13,11 @@ use std::collections::HashMap;
 pub async fn policy_report(query: web::Query<HashMap<String, String>>) -> HttpResponse {
     let format = match query.get("format").map(String::as_str).unwrap_or("json").parse::<Format>() {
         Ok(f) => f,
-        Err(e) => return HttpResponse::BadRequest().insert_header((header::CONTENT_TYPE, "text/plain; charset=utf-8")).body(e),
+        Err(e) => {
+            return HttpResponse::BadRequest()
+                .insert_header((header::CONTENT_TYPE, "text/plain; charset=utf-8"))
+                .body(e)
+        }
     };
     let body = render(&registry::routes_of(Framework::Actix), format);
     HttpResponse::Ok().insert_header((header::CONTENT_TYPE, format.content_type())).body(body)

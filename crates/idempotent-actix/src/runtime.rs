@@ -2,15 +2,15 @@
 
 use crate::capture::{capture, problem_response, replay_response};
 use crate::context::Context;
-use actix_web::http::header::{HeaderMap, HeaderName};
+use actix_web::http::header::HeaderMap;
 use actix_web::{HttpMessage, HttpResponse, Responder};
 use idempotent_core::actor::{Actor, ActorSource, RequestHead};
-use idempotent_core::engine::{Config, Outcome, Request, Runtime};
+use idempotent_core::engine::{Config, Outcome, Request, Runtime, StartupError};
 use idempotent_core::fingerprint::{Fingerprint, FingerprintError};
 use idempotent_core::key::IdempotencyKey;
 use idempotent_core::policy::Policy;
 use idempotent_core::problem::{Problem, ProblemKind};
-use idempotent_core::registry::{self, Framework, RegistryError};
+use idempotent_core::registry::Framework;
 use idempotent_core::store::Store;
 use std::future::Future;
 use std::sync::Arc;
@@ -32,17 +32,6 @@ impl std::fmt::Debug for IdempotencyBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IdempotencyBuilder").field("store", &self.store.name()).field("config", &self.config).finish()
     }
-}
-
-/// Why the runtime refused to start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartupError {
-    /// The route registry has problems; one line each.
-    #[error("invalid idempotency policies:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
-    Registry(Vec<RegistryError>),
-    /// The header name is not a valid HTTP header name.
-    #[error("invalid idempotency key header name `{0}`")]
-    HeaderName(String),
 }
 
 impl Idempotency {
@@ -92,11 +81,8 @@ impl IdempotencyBuilder {
     /// Validates the route registry (the routes written for this adapter) and the settings;
     /// refuses to start with one message per problem.
     pub fn build(self) -> Result<Idempotency, StartupError> {
-        if HeaderName::from_bytes(self.config.header_name.as_bytes()).is_err() {
-            return Err(StartupError::HeaderName(self.config.header_name));
-        }
-        registry::validate_framework(Framework::Actix).map_err(StartupError::Registry)?;
-        Ok(Idempotency { runtime: Runtime::new(self.store, self.config) })
+        let runtime = Runtime::start(self.store, self.config, Framework::Actix)?;
+        Ok(Idempotency { runtime })
     }
 }
 

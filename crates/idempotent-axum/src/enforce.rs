@@ -25,8 +25,8 @@
 //!
 //! Protected and exempt handlers are recognised by the method and path of their registry
 //! record, so on axum each of them needs `route = "METHOD /path"` in its attribute, with the path
-//! written exactly as given to `Router::route` (`/payments/{id}`). [`Enforce::refuse`] logs an
-//! error at construction for every axum handler without one, since its requests would be refused.
+//! written exactly as given to `Router::route` (`/payments/{id}`). Building an [`Enforce`] logs
+//! every axum handler without one (an error under [`Mode::Refuse`], whose requests it would refuse).
 
 use crate::capture::problem_response;
 use axum::extract::{MatchedPath, Request};
@@ -81,14 +81,12 @@ impl Enforce {
 
     /// Enforcement against `records` instead of the registry.
     pub fn with_records(mode: Mode, records: Vec<&'static RouteRecord>) -> Self {
-        if mode == Mode::Refuse {
-            for r in records.iter().filter(|r| r.route().is_none()) {
-                tracing::error!(
-                    handler = r.handler,
-                    file = r.file,
-                    line = r.line,
-                    "#[idempotent] handler has no `route = \"METHOD /path\"`: enforcement cannot match it and will refuse its requests"
-                );
+        for r in records.iter().filter(|r| r.route().is_none()) {
+            let message = "#[idempotent] handler has no `route = \"METHOD /path\"`: enforcement cannot match it \
+                           and treats its route as unprotected";
+            match mode {
+                Mode::Refuse => tracing::error!(handler = r.handler, file = r.file, line = r.line, "{message}"),
+                Mode::Warn => tracing::warn!(handler = r.handler, file = r.file, line = r.line, "{message}"),
             }
         }
         Self { mode, methods: MutatingMethods::default(), records: records.into(), warned: Arc::default() }

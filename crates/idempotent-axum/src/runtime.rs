@@ -4,11 +4,11 @@ use crate::capture::{capture, problem_response, replay_response};
 use crate::context::Context;
 use axum::response::{IntoResponse, Response};
 use idempotent_core::actor::ActorSource;
-use idempotent_core::engine::{Config, Outcome, Request, Runtime};
+use idempotent_core::engine::{Config, Outcome, Request, Runtime, StartupError};
 use idempotent_core::fingerprint::{Fingerprint, FingerprintError};
 use idempotent_core::policy::Policy;
 use idempotent_core::problem::{Problem, ProblemKind};
-use idempotent_core::registry::{self, RegistryError};
+use idempotent_core::registry::Framework;
 use idempotent_core::store::Store;
 use std::future::Future;
 use std::sync::Arc;
@@ -32,17 +32,6 @@ impl std::fmt::Debug for IdempotencyBuilder {
     }
 }
 
-/// Why the runtime refused to start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartupError {
-    /// The route registry has problems; one line each.
-    #[error("invalid idempotency policies:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
-    Registry(Vec<RegistryError>),
-    /// The header name is not a valid HTTP header name.
-    #[error("invalid idempotency key header name `{0}`")]
-    HeaderName(String),
-}
-
 impl Idempotency {
     /// Starts configuring a runtime on `store`.
     pub fn builder(store: Arc<dyn Store>) -> IdempotencyBuilder {
@@ -57,6 +46,17 @@ impl Idempotency {
     /// The framework-free runtime.
     pub fn runtime(&self) -> &Runtime {
         &self.runtime
+    }
+
+    /// Documents every protected axum route on `openapi` (feature `utoipa`): the key header, under
+    /// this runtime's header name, the problem responses and the replay header; returns how many
+    /// operations were documented. See [`idempotent_core::openapi`].
+    #[cfg(feature = "utoipa")]
+    pub fn document_openapi(&self, openapi: &mut utoipa::openapi::OpenApi) -> usize {
+        let configured = &self.runtime.config().header_name;
+        let header = if configured.eq_ignore_ascii_case("idempotency-key") { "Idempotency-Key" } else { configured };
+        let routes = idempotent_core::registry::routes_of(Framework::Axum);
+        idempotent_core::openapi::document_with_header(openapi, &routes, header)
     }
 }
 
@@ -87,11 +87,8 @@ impl IdempotencyBuilder {
 
     /// Validates the route registry and the settings; refuses to start with one message per problem.
     pub fn build(self) -> Result<Idempotency, StartupError> {
-        if http::HeaderName::from_bytes(self.config.header_name.as_bytes()).is_err() {
-            return Err(StartupError::HeaderName(self.config.header_name));
-        }
-        registry::validate_framework(registry::Framework::Axum).map_err(StartupError::Registry)?;
-        Ok(Idempotency { runtime: Runtime::new(self.store, self.config) })
+        let runtime = Runtime::start(self.store, self.config, Framework::Axum)?;
+        Ok(Idempotency { runtime })
     }
 }
 

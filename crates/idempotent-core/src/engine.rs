@@ -10,6 +10,7 @@ use crate::fingerprint::{Fingerprint, FingerprintError};
 use crate::key::{IdempotencyKey, KeyError};
 use crate::policy::{ConflictMode, KeyRequirement, Policy};
 use crate::problem::{Problem, ProblemKind};
+use crate::registry::{self, Framework, RegistryError};
 use crate::response::StoredResponse;
 use crate::store::{Claim, ClaimToken, RecordKey, Store, StoreError};
 use futures_util::FutureExt;
@@ -94,10 +95,37 @@ impl std::fmt::Debug for Runtime {
     }
 }
 
+/// Why an adapter's runtime refused to start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// The route registry has problems; one line each.
+    #[error("invalid idempotency policies:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    Registry(Vec<RegistryError>),
+    /// The header name is not a valid HTTP header name.
+    #[error("invalid idempotency key header name `{0}`")]
+    HeaderName(String),
+}
+
+/// Whether `name` is a valid HTTP field name (an RFC 9110 token).
+pub fn is_valid_header_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
 impl Runtime {
     /// A runtime on `store` with `config`.
     pub fn new(store: Arc<dyn Store>, config: Config) -> Self {
         Self { store, config: Arc::new(config) }
+    }
+
+    /// What an adapter's `build` does: checks the settings and validates the routes registered
+    /// through `framework`'s adapter (see [`registry::validate_framework`]), then builds the
+    /// runtime. Refuses to start with one message per problem.
+    pub fn start(store: Arc<dyn Store>, config: Config, framework: Framework) -> Result<Self, StartupError> {
+        if !is_valid_header_name(&config.header_name) {
+            return Err(StartupError::HeaderName(config.header_name));
+        }
+        registry::validate_framework(framework).map_err(StartupError::Registry)?;
+        Ok(Self::new(store, config))
     }
 
     /// The settings.
@@ -276,4 +304,19 @@ fn replay<R>(response: StoredResponse) -> Outcome<R> {
             response.status
         ),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_names_are_tokens() {
+        for ok in ["idempotency-key", "x-request-key", "X_Key.1", "a!#$%&'*+-.^_`|~z"] {
+            assert!(is_valid_header_name(ok), "{ok}");
+        }
+        for bad in ["", "bad header", "key:", "k\u{e9}y", "a\"b", "(x)"] {
+            assert!(!is_valid_header_name(bad), "{bad}");
+        }
+    }
 }

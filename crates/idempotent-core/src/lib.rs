@@ -39,6 +39,8 @@
 //! - [`problem`]: RFC 9457 problem details with stable types.
 //! - [`actor`]: the caller identity that namespaces keys.
 //! - [`registry`] and [`report`]: every annotated route, validated and rendered.
+//! - `openapi` (feature `utoipa`): the key header and problem responses added to a `utoipa`
+//!   OpenAPI document for every protected operation.
 //!
 //! # Dependencies and why
 //! `sha2` (the fingerprint digest), `serde`/`serde_json` (field values and reports),
@@ -49,6 +51,8 @@
 //! Optional, behind the features `sqlite` and `postgres`: `sqlx` (the SQL stores: one async
 //! driver and pool for both databases, used through its runtime query API, so building needs no
 //! database; the migrations are embedded SQL rendered for the configured table).
+//! Optional, behind the feature of the same name: `utoipa` (its OpenAPI model: the document an
+//! application already builds with it is the one the protected operations are added to).
 //! Optional, behind the feature of the same name: `redis` (the Redis store: its connection
 //! manager reconnects by itself, its cluster connection follows the slot map, and its script
 //! support runs each operation as one atomic `EVALSHA`).
@@ -57,6 +61,8 @@ pub mod actor;
 pub mod engine;
 pub mod fingerprint;
 pub mod key;
+#[cfg(feature = "utoipa")]
+pub mod openapi;
 pub mod policy;
 pub mod problem;
 pub mod registry;

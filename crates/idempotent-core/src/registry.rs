@@ -152,7 +152,7 @@ pub fn routes_of(framework: Framework) -> Vec<&'static RouteRecord> {
 }
 
 /// Sorts `records` by [`RouteRecord::sort_key`].
-pub fn sorted<'a>(mut records: Vec<&'a RouteRecord>) -> Vec<&'a RouteRecord> {
+pub fn sorted(mut records: Vec<&RouteRecord>) -> Vec<&RouteRecord> {
     records.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
     records
 }
@@ -362,7 +362,11 @@ pub fn covers(records: &[&RouteRecord], method: &str, path: &str) -> bool {
 ///
 /// A protected handler is only matched when its record knows its method and path: on axum that
 /// is the attribute's `route = "METHOD /path"`.
-pub fn check_routes(records: &[&RouteRecord], app_routes: &[(&str, &str)], methods: MutatingMethods) -> Vec<Unprotected> {
+pub fn check_routes(
+    records: &[&RouteRecord],
+    app_routes: &[(&str, &str)],
+    methods: MutatingMethods,
+) -> Vec<Unprotected> {
     let mut out: Vec<Unprotected> = app_routes
         .iter()
         .filter(|(m, p)| methods.contains(m) && !covers(records, m, p))
@@ -411,10 +415,7 @@ mod tests {
             errs,
             [RegistryError::DuplicateScope {
                 scope: "payments.create",
-                handlers: vec![
-                    "demo::create_payment at src/main.rs:10".into(),
-                    "demo::other at src/main.rs:10".into()
-                ],
+                handlers: vec!["demo::create_payment at src/main.rs:10".into(), "demo::other at src/main.rs:10".into()],
             }]
         );
     }

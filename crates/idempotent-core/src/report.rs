@@ -206,7 +206,14 @@ fn to_markdown(protected: &[Protected<'_>], exempt: &[(&RouteRecord, &str)]) -> 
     } else {
         out.push_str("| route | reason | handler | source |\n|---|---|---|---|\n");
         for (r, reason) in exempt {
-            out.push_str(&format!("| {} | {} | `{}` | {}:{} |\n", md(&route(r)), md(reason), r.handler, r.file, r.line));
+            out.push_str(&format!(
+                "| {} | {} | `{}` | {}:{} |\n",
+                md(&route(r)),
+                md(reason),
+                r.handler,
+                r.file,
+                r.line
+            ));
         }
     }
     out
@@ -240,7 +247,7 @@ code{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:
 .route{white-space:nowrap;font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
 .method{display:inline-block;min-width:3.4rem;font-weight:700;color:#0550ae}
 .src{color:#57606a;font-size:.82em;display:block;margin-top:.15rem}
-td.handler code,td.handler .src{overflow-wrap:anywhere}
+td.handler code,td.handler .src{overflow-wrap:break-word}
 .tag{display:inline-block;border-radius:.3rem;padding:0 .4rem;font-size:.82em;background:#eaeef2;white-space:nowrap}
 .tag.warn{background:#ffebe9;color:#a40e26}
 .num{white-space:nowrap}
@@ -255,11 +262,16 @@ fn html_route(r: &RouteRecord) -> String {
     }
 }
 
+/// Escapes `s` and lets a narrow column wrap it after each `::` and `/` only.
+fn breakable(s: &str) -> String {
+    esc(s).replace('/', "/<wbr />").replace("::", "::<wbr />")
+}
+
 fn html_handler(r: &RouteRecord) -> String {
     format!(
         "<code>{}</code><span class=\"src\">{}:{} · {}</span>",
-        esc(r.handler),
-        esc(r.file),
+        breakable(r.handler),
+        breakable(r.file),
         r.line,
         r.framework.as_str()
     )
@@ -385,7 +397,10 @@ mod tests {
     fn markdown_lists_both_groups() {
         let md = render(&[&A, &X], Format::Markdown);
         assert!(md.contains("| `payments.create` | POST /payments | amount, currency | 1d | 10s | required |"), "{md}");
-        assert!(md.contains("| PUT /me | natural key: PUT \\| replaces <it> & more | `demo::put` | src/x.rs:7 |"), "{md}");
+        assert!(
+            md.contains("| PUT /me | natural key: PUT \\| replaces <it> & more | `demo::put` | src/x.rs:7 |"),
+            "{md}"
+        );
         assert!(md.contains("1 protected route(s), 1 exempt route(s)."), "{md}");
         assert!(render(&[&A], Format::Markdown).contains("## Exempt routes\n\nNone.\n"));
     }
@@ -430,7 +445,12 @@ mod tests {
         assert!(html.contains("<code>payments.create</code>"));
         assert!(html.contains("<code>a.&lt;b&gt;</code>"), "escaped");
         assert!(html.contains("natural key: PUT | replaces &lt;it&gt; &amp; more"));
-        assert!(html.contains("<span class=\"src\">src/main.rs:10 · axum</span>"));
+        assert!(
+            html.contains(
+                "<code>demo::<wbr />create_payment</code><span class=\"src\">src/<wbr />main.rs:10 · axum</span>"
+            ),
+            "{html}"
+        );
         let protected = html.find("id=\"protected\"").unwrap();
         let exempt = html.find("id=\"exempt\"").unwrap();
         assert!(protected < html.find("payments.create").unwrap() && html.find("payments.create").unwrap() < exempt);

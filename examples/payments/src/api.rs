@@ -95,7 +95,12 @@ impl ApiError {
             ApiError::Invalid(e) => DemoProblem::new(422, "validation", "Invalid request", e.0.clone()),
             ApiError::Internal(e) => {
                 tracing::error!(error = %e, "operation failed");
-                DemoProblem::new(500, "internal", "Internal error", "The operation was not executed; retry with the same key.")
+                DemoProblem::new(
+                    500,
+                    "internal",
+                    "Internal error",
+                    "The operation was not executed; retry with the same key.",
+                )
             }
         }
     }

@@ -9,6 +9,7 @@ use axum::http::{header, request::Parts, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use idempotent_axum::enforce::Enforce;
 use idempotent_axum::{idempotent, policy_report, ActorSource, Idempotency};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -122,6 +123,9 @@ pub fn app_with_store(
         .route("/transfers", post(create_transfer).get(list_transfers))
         .route("/quotes", post(create_quote))
         .route("/_idempotency/policies", get(policy_report))
+        // A payments API would rather fail a request than run a mutating route that can charge
+        // twice: a POST or PATCH route added without #[idempotent] answers 500 until it has one.
+        .layer(Enforce::refuse())
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(idempotency.layer())
         .with_state(state))

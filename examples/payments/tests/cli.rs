@@ -1,33 +1,41 @@
-//! The demo binary as a user runs it: configuration errors, the policies subcommand, serving.
+//! The demo binaries as a user runs them: configuration errors, the policies subcommand, serving.
+//! Every test runs against each binary (`payments-axum`, `payments-actix`): they implement the
+//! same contract.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_payments-axum"));
+/// One demo binary: its path, and a tag that keeps its temporary files apart.
+#[derive(Clone, Copy)]
+struct Bin {
+    path: &'static str,
+    tag: &'static str,
+}
+
+fn bin(b: Bin) -> Command {
+    let mut c = Command::new(b.path);
     c.env_remove("IDEMPOTENCY_STORE").env_remove("PAYMENTS_ADDR").env_remove("PAYMENTS_LEDGER");
     c
 }
 
-fn temp(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("payments-cli-{}-{name}", std::process::id()));
+fn temp(b: Bin, name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("payments-cli-{}-{}-{name}", std::process::id(), b.tag));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
 
-#[test]
-fn policies_subcommand_prints_each_format() {
-    let md = bin().args(["policies"]).output().unwrap();
+fn policies_subcommand_prints_each_format(b: Bin) {
+    let md = bin(b).args(["policies"]).output().unwrap();
     assert!(md.status.success());
     let text = String::from_utf8(md.stdout).unwrap();
     assert!(text.contains("| `payments.create` | POST /payments | amount, currency, customer | 1d |"), "{text}");
-    let json = bin().args(["policies", "--format", "json"]).output().unwrap();
+    let json = bin(b).args(["policies", "--format", "json"]).output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(v["routes"].as_array().unwrap().len(), 3);
-    let html = bin().args(["policies", "--format", "html"]).output().unwrap();
+    let html = bin(b).args(["policies", "--format", "html"]).output().unwrap();
     assert!(String::from_utf8(html.stdout).unwrap().starts_with("<!DOCTYPE html>"));
-    let bad = bin().args(["policies", "--format", "pdf"]).output().unwrap();
+    let bad = bin(b).args(["policies", "--format", "pdf"]).output().unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8(bad.stderr).unwrap().contains("unknown report format `pdf`"));
 }
@@ -40,27 +48,28 @@ fn fails_with(cmd: &mut Command, needle: &str) {
     assert!(err.contains(needle), "{err}");
 }
 
-#[test]
-fn bad_configuration_exits_with_one_clear_line() {
-    let dir = temp("bad");
+fn bad_configuration_exits_with_one_clear_line(b: Bin) {
+    let dir = temp(b, "bad");
     fails_with(
-        bin().env("IDEMPOTENCY_STORE", "mongodb://x").env("PAYMENTS_LEDGER", dir.join("l.jsonl")),
+        bin(b).env("IDEMPOTENCY_STORE", "mongodb://x").env("PAYMENTS_LEDGER", dir.join("l.jsonl")),
         "unknown store",
     );
-    fails_with(bin().env("PAYMENTS_LEDGER", "/proc/no/such/dir/ledger.jsonl"), "cannot open ledger");
-    fails_with(bin().env("PAYMENTS_ADDR", "not-an-addr"), "PAYMENTS_ADDR");
+    fails_with(bin(b).env("PAYMENTS_LEDGER", "/proc/no/such/dir/ledger.jsonl"), "cannot open ledger");
+    fails_with(bin(b).env("PAYMENTS_ADDR", "not-an-addr"), "PAYMENTS_ADDR");
     let ledger = dir.join("l.jsonl");
-    fails_with(bin().env("IDEMPOTENCY_STORE", "postgres://postgres@127.0.0.1:1/test").env("PAYMENTS_LEDGER", &ledger), "unavailable");
-    fails_with(bin().env("IDEMPOTENCY_STORE", "redis://127.0.0.1:1/").env("PAYMENTS_LEDGER", &ledger), "unavailable");
-    fails_with(bin().arg("serve-please"), "unknown command");
+    fails_with(
+        bin(b).env("IDEMPOTENCY_STORE", "postgres://postgres@127.0.0.1:1/test").env("PAYMENTS_LEDGER", &ledger),
+        "unavailable",
+    );
+    fails_with(bin(b).env("IDEMPOTENCY_STORE", "redis://127.0.0.1:1/").env("PAYMENTS_LEDGER", &ledger), "unavailable");
+    fails_with(bin(b).arg("serve-please"), "unknown command");
 }
 
-#[test]
-fn serves_and_replays_over_http() {
-    let dir = temp("serve");
+fn serves_and_replays_over_http(b: Bin) {
+    let dir = temp(b, "serve");
     let ledger = dir.join("ledger.jsonl");
     let _ = std::fs::remove_file(&ledger);
-    let mut child = bin()
+    let mut child = bin(b)
         .env("PAYMENTS_ADDR", "127.0.0.1:0")
         .env("PAYMENTS_LEDGER", &ledger)
         .env("IDEMPOTENCY_STORE", "memory")
@@ -106,16 +115,15 @@ fn serves_and_replays_over_http() {
     assert_eq!(text.lines().count(), 1, "one execution recorded durably");
 }
 
-#[test]
-fn default_store_is_sqlite_and_survives_a_restart() {
-    let dir = temp("restart");
+fn default_store_is_sqlite_and_survives_a_restart(b: Bin) {
+    let dir = temp(b, "restart");
     let ledger = dir.join("ledger.jsonl");
     let _ = std::fs::remove_file(&ledger);
     let _ = std::fs::remove_file(dir.join("payments-idempotency.sqlite"));
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut bodies = Vec::new();
     for round in 0..2 {
-        let mut child = bin()
+        let mut child = bin(b)
             .env("PAYMENTS_ADDR", "127.0.0.1:0")
             .env("PAYMENTS_LEDGER", &ledger)
             .stderr(Stdio::piped())
@@ -135,6 +143,7 @@ fn default_store_is_sqlite_and_survives_a_restart() {
             panic!("the server did not start");
         };
         assert!(line.contains("store: sqlite:"), "{line}");
+        assert!(line.starts_with(&format!("{} listening on http://", b.tag)), "{line}");
         let body = rt.block_on(async {
             let r = reqwest::Client::new()
                 .post(format!("http://{addr}/payments"))
@@ -156,3 +165,34 @@ fn default_store_is_sqlite_and_survives_a_restart() {
     assert_eq!(bodies[0], bodies[1], "the restarted server replays the same payment");
     assert_eq!(std::fs::read_to_string(&ledger).unwrap().lines().count(), 1);
 }
+
+/// One test per behaviour and binary: `axum::serves_and_replays_over_http`, `actix::...`.
+macro_rules! cli_tests {
+    ($($module:ident => $bin:literal),* $(,)?) => {$(
+        mod $module {
+            const BIN: super::Bin = super::Bin { path: env!(concat!("CARGO_BIN_EXE_", $bin)), tag: $bin };
+
+            #[test]
+            fn policies_subcommand_prints_each_format() {
+                super::policies_subcommand_prints_each_format(BIN);
+            }
+
+            #[test]
+            fn bad_configuration_exits_with_one_clear_line() {
+                super::bad_configuration_exits_with_one_clear_line(BIN);
+            }
+
+            #[test]
+            fn serves_and_replays_over_http() {
+                super::serves_and_replays_over_http(BIN);
+            }
+
+            #[test]
+            fn default_store_is_sqlite_and_survives_a_restart() {
+                super::default_store_is_sqlite_and_survives_a_restart(BIN);
+            }
+        }
+    )*};
+}
+
+cli_tests!(axum => "payments-axum", actix => "payments-actix");

@@ -1,8 +1,10 @@
+use axum::Json;
 use idempotent_axum::idempotent;
+use serde_json::Value;
 
-#[idempotent(exempt = "read-only search")]
-async fn search() -> &'static str {
-    "results"
+#[idempotent(exempt = "natural key: PUT replaces the resource")]
+async fn put_profile(Json(profile): Json<Value>) -> Json<Value> {
+    Json(profile)
 }
 
 fn main() {}

@@ -1,0 +1,174 @@
+//! Enforcement: making a mutating route without an idempotency policy visible, or refusing it.
+//!
+//! The [`Enforce`] middleware (`App::new().wrap(Enforce::warn())`) reads each request's method
+//! and matched route pattern ([`ServiceRequest::match_pattern`]) and compares them with the route
+//! registry. A request to a mutating route (`POST`, `PATCH`, and `PUT`/`DELETE` when configured,
+//! see [`MutatingMethods`]) that no `#[idempotent]` handler protects or exempts is, depending on
+//! the [`Mode`]:
+//! - [`Mode::Warn`]: served, with one `tracing` warning per route for the life of the middleware;
+//! - [`Mode::Refuse`]: answered `500 application/problem+json`
+//!   (`urn:idempotent:problem:misconfigured`) before the handler runs.
+//!
+//! Handlers are recognised by the method and path of their registry record: the macro reads them
+//! from the routing attribute (`#[post("/payments")]`) or from `route = "METHOD /path"`. The path
+//! must be the full pattern the request matches, so a handler mounted under `web::scope("/api")`
+//! needs `route = "POST /api/payments"`. [`assert_protected`] checks a list of routes in a test.
+
+use crate::capture::problem_response;
+use actix_web::body::EitherBody;
+use actix_web::dev::{forward_ready, Service, ServiceRequest, ServiceResponse, Transform};
+use futures_util::future::LocalBoxFuture;
+use idempotent_core::problem::{Problem, ProblemKind};
+use idempotent_core::registry::{self, Framework, RouteRecord};
+pub use idempotent_core::registry::{MutatingMethods, Unprotected};
+use std::collections::HashSet;
+use std::future::{ready, Ready};
+use std::sync::{Arc, Mutex};
+
+/// What [`Enforce`] does with a request to an unprotected, non-exempt mutating route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Serve it and log one warning per route.
+    Warn,
+    /// Answer 500 problem+json without running the handler.
+    Refuse,
+}
+
+/// The enforcement middleware: `App::new().wrap(Enforce::warn())`. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Enforce {
+    mode: Mode,
+    methods: MutatingMethods,
+    records: Arc<[&'static RouteRecord]>,
+    warned: Arc<Mutex<HashSet<(String, String)>>>,
+}
+
+impl Enforce {
+    /// Enforcement in `mode` against the actix routes of the registry, `POST` and `PATCH` counted
+    /// as mutating.
+    pub fn new(mode: Mode) -> Self {
+        Self::with_records(mode, registry::routes_of(Framework::Actix))
+    }
+
+    /// Serve unprotected mutating routes, warning once per route.
+    pub fn warn() -> Self {
+        Self::new(Mode::Warn)
+    }
+
+    /// Refuse unprotected mutating routes with 500 problem+json.
+    pub fn refuse() -> Self {
+        Self::new(Mode::Refuse)
+    }
+
+    /// Enforcement against `records` instead of the registry.
+    pub fn with_records(mode: Mode, records: Vec<&'static RouteRecord>) -> Self {
+        Self { mode, methods: MutatingMethods::default(), records: records.into(), warned: Arc::default() }
+    }
+
+    /// Which methods count as mutating (default [`MutatingMethods::POST_PATCH`]).
+    pub fn methods(self, methods: MutatingMethods) -> Self {
+        Self { methods, ..self }
+    }
+
+    /// Whether a request to `method` + `pattern` is unprotected and not exempt.
+    pub fn is_unprotected(&self, method: &str, pattern: &str) -> bool {
+        self.methods.contains(method) && !registry::covers(&self.records, method, pattern)
+    }
+
+    /// `true` to refuse the request.
+    fn refuses(&self, request: &ServiceRequest) -> bool {
+        let Some(pattern) = request.match_pattern() else { return false };
+        let method = request.method().as_str();
+        if !self.is_unprotected(method, &pattern) {
+            return false;
+        }
+        let unprotected = Unprotected { method: method.to_owned(), path: pattern };
+        match self.mode {
+            Mode::Warn => {
+                let key = (unprotected.method.clone(), unprotected.path.clone());
+                if self.warned.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(key) {
+                    tracing::warn!(method, path = %unprotected.path, "{unprotected}");
+                }
+                false
+            }
+            Mode::Refuse => {
+                tracing::error!(method, path = %unprotected.path, "refused: {unprotected}");
+                true
+            }
+        }
+    }
+}
+
+impl<S, B> Transform<S, ServiceRequest> for Enforce
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
+    S::Future: 'static,
+    B: 'static,
+{
+    type Response = ServiceResponse<EitherBody<B>>;
+    type Error = actix_web::Error;
+    type Transform = EnforceMiddleware<S>;
+    type InitError = ();
+    type Future = Ready<Result<Self::Transform, Self::InitError>>;
+
+    fn new_transform(&self, service: S) -> Self::Future {
+        ready(Ok(EnforceMiddleware { enforce: self.clone(), service }))
+    }
+}
+
+/// The service [`Enforce`] wraps an application in.
+#[derive(Debug)]
+pub struct EnforceMiddleware<S> {
+    enforce: Enforce,
+    service: S,
+}
+
+impl<S, B> Service<ServiceRequest> for EnforceMiddleware<S>
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
+    S::Future: 'static,
+    B: 'static,
+{
+    type Response = ServiceResponse<EitherBody<B>>;
+    type Error = actix_web::Error;
+    type Future = LocalBoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    forward_ready!(service);
+
+    fn call(&self, request: ServiceRequest) -> Self::Future {
+        if self.enforce.refuses(&request) {
+            let detail = format!(
+                "{} {} changes state but has no idempotency policy, and this server refuses such routes; this is a \
+                 server configuration bug.",
+                request.method(),
+                request.match_pattern().unwrap_or_default()
+            );
+            let response = problem_response(&Problem::new(ProblemKind::Misconfigured, detail));
+            return Box::pin(ready(Ok(request.into_response(response).map_into_right_body())));
+        }
+        let future = self.service.call(request);
+        Box::pin(async move { future.await.map(ServiceResponse::map_into_left_body) })
+    }
+}
+
+/// The mutating routes among `routes` (`(method, full route pattern)`) that no actix
+/// `#[idempotent]` handler protects or exempts, `POST` and `PATCH` counted as mutating.
+pub fn unprotected(routes: &[(&str, &str)]) -> Vec<Unprotected> {
+    unprotected_with(routes, MutatingMethods::default())
+}
+
+/// [`unprotected`] with a choice of mutating methods.
+pub fn unprotected_with(routes: &[(&str, &str)], methods: MutatingMethods) -> Vec<Unprotected> {
+    registry::check_routes(&registry::routes_of(Framework::Actix), routes, methods)
+}
+
+/// Test helper: panics, listing each one, when a mutating route among `routes` is neither
+/// protected nor exempt.
+#[track_caller]
+pub fn assert_protected(routes: &[(&str, &str)]) {
+    let missing = unprotected(routes);
+    if !missing.is_empty() {
+        let lines: Vec<String> = missing.iter().map(|u| format!("  - {u}")).collect();
+        panic!("{} mutating route(s) without an idempotency policy:\n{}", missing.len(), lines.join("\n"));
+    }
+}

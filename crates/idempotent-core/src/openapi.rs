@@ -1,0 +1,256 @@
+//! OpenAPI documentation of protected operations, on a `utoipa` document (feature `utoipa`).
+//!
+//! [`document`] finds, for every protected route of the registry that knows its method and path,
+//! the operation of the same method and path in the document, and adds:
+//! - the `Idempotency-Key` header parameter, required or optional as the policy says;
+//! - the problem responses (`application/problem+json`): 400 (key missing or malformed), 409 (the
+//!   first request with the key is still running), 422 (the key was used with a different request)
+//!   and, unless the route fails open, 503 (the store is unreachable); a status the operation
+//!   already documents is left as it is;
+//! - the `Idempotent-Replayed` response header on every documented response whose status the
+//!   policy stores (so a replay can carry it).
+//!
+//! Paths are compared as written: `/payments/{id}` in the route attribute matches
+//! `/payments/{id}` in the document. Exempt routes and operations the registry does not know are
+//! left untouched.
+//!
+//! ```
+//! # use idempotent_core::{openapi, registry::{Framework, RouteRecord}, policy::Policy};
+//! use utoipa::openapi::{path::{HttpMethod, OperationBuilder, PathItem}, OpenApiBuilder, PathsBuilder};
+//!
+//! const PAY: RouteRecord = RouteRecord::protected(Policy::new("payments.create"), "app::pay", "src/main.rs", 1,
+//!     Framework::Axum).at("POST", "/payments");
+//! let mut api = OpenApiBuilder::new()
+//!     .paths(PathsBuilder::new().path("/payments", PathItem::new(HttpMethod::Post, OperationBuilder::new())))
+//!     .build();
+//! assert_eq!(openapi::document(&mut api, &[&PAY]), 1);
+//! ```
+
+use crate::policy::{KeyRequirement, Policy};
+use crate::registry::RouteRecord;
+use utoipa::openapi::content::ContentBuilder;
+use utoipa::openapi::header::HeaderBuilder;
+use utoipa::openapi::path::{Operation, ParameterBuilder, ParameterIn, PathItem};
+use utoipa::openapi::response::ResponseBuilder;
+use utoipa::openapi::schema::{ObjectBuilder, Type};
+use utoipa::openapi::{OpenApi, RefOr, Required};
+
+/// The header a replayed response carries.
+pub const REPLAYED_HEADER: &str = "Idempotent-Replayed";
+
+/// Documents every protected operation of `routes` found in `openapi`, with the key header named
+/// `Idempotency-Key`; returns how many operations were documented.
+pub fn document(openapi: &mut OpenApi, routes: &[&RouteRecord]) -> usize {
+    document_with_header(openapi, routes, "Idempotency-Key")
+}
+
+/// [`document`] with the key header named `header` (see the adapters' `header_name` setting).
+pub fn document_with_header(openapi: &mut OpenApi, routes: &[&RouteRecord], header: &str) -> usize {
+    let mut documented = 0;
+    for r in routes {
+        let (Some(policy), None, Some(method), Some(path)) = (r.policy, r.exempt, r.method, r.path) else {
+            continue;
+        };
+        let Some(item) = openapi.paths.paths.get_mut(path) else { continue };
+        if let Some(operation) = operation_mut(item, method) {
+            document_operation(operation, &policy, header);
+            documented += 1;
+        }
+    }
+    documented
+}
+
+fn operation_mut<'a>(item: &'a mut PathItem, method: &str) -> Option<&'a mut Operation> {
+    match method.to_ascii_uppercase().as_str() {
+        "GET" => item.get.as_mut(),
+        "PUT" => item.put.as_mut(),
+        "POST" => item.post.as_mut(),
+        "DELETE" => item.delete.as_mut(),
+        "OPTIONS" => item.options.as_mut(),
+        "HEAD" => item.head.as_mut(),
+        "PATCH" => item.patch.as_mut(),
+        "TRACE" => item.trace.as_mut(),
+        _ => None,
+    }
+}
+
+fn document_operation(operation: &mut Operation, policy: &Policy, header: &str) {
+    let parameters = operation.parameters.get_or_insert_with(Vec::new);
+    let has_key =
+        parameters.iter().any(|p| p.parameter_in == ParameterIn::Header && p.name.eq_ignore_ascii_case(header));
+    if !has_key {
+        let required = policy.key == KeyRequirement::Required;
+        let description = if required {
+            "Makes the request safe to retry: a retry with the same key replays the first response. Required."
+        } else {
+            "Makes the request safe to retry: a retry with the same key replays the first response. \
+             Optional: without it the request runs unprotected."
+        };
+        parameters.push(
+            ParameterBuilder::new()
+                .name(header)
+                .parameter_in(ParameterIn::Header)
+                .required(if required { Required::True } else { Required::False })
+                .description(Some(format!(
+                    "{description} An RFC 8941 string or token, 1 to 255 visible ASCII characters."
+                )))
+                .schema(Some(ObjectBuilder::new().schema_type(Type::String).min_length(Some(1)).max_length(Some(255))))
+                .build(),
+        );
+    }
+
+    // The replay header on the responses a replay can repeat.
+    for (status, response) in operation.responses.responses.iter_mut() {
+        let RefOr::T(response) = response else { continue };
+        if stores(policy, status) && !response.headers.contains_key(REPLAYED_HEADER) {
+            response.headers.insert(
+                REPLAYED_HEADER.to_owned(),
+                HeaderBuilder::new()
+                    .schema(ObjectBuilder::new().schema_type(Type::String).enum_values(Some(["true"])))
+                    .description(Some("`true` when this response is a replay of the first one with the same key."))
+                    .build(),
+            );
+        }
+    }
+
+    let mut problems = vec![
+        ("400", "The idempotency key is missing or malformed."),
+        ("409", "A request with the same idempotency key is still in progress; retry after `Retry-After`."),
+        ("422", "The idempotency key was already used with a different request."),
+    ];
+    if !policy.fail_open {
+        problems.push(("503", "The idempotency store is unreachable; retry after `Retry-After`."));
+    }
+    for (status, description) in problems {
+        operation
+            .responses
+            .responses
+            .entry(status.to_owned())
+            .or_insert_with(|| RefOr::T(problem_response(description)));
+    }
+}
+
+fn problem_response(description: &str) -> utoipa::openapi::Response {
+    let schema = ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property("type", ObjectBuilder::new().schema_type(Type::String))
+        .property("title", ObjectBuilder::new().schema_type(Type::String))
+        .property("status", ObjectBuilder::new().schema_type(Type::Integer))
+        .property("detail", ObjectBuilder::new().schema_type(Type::String))
+        .required("type")
+        .required("title")
+        .required("status");
+    ResponseBuilder::new()
+        .description(format!("{description} RFC 9457 problem details."))
+        .content("application/problem+json", ContentBuilder::new().schema(Some(schema)).build())
+        .build()
+}
+
+/// Whether a documented response status (`201`, `2XX`, `default`) can be a stored outcome.
+fn stores(policy: &Policy, status: &str) -> bool {
+    if status == "default" {
+        return true;
+    }
+    match status.parse::<u16>() {
+        Ok(code) => policy.outcomes.stores(code),
+        Err(_) => status.as_bytes().first().is_some_and(|d| policy.outcomes.stores(u16::from(d - b'0') * 100)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::StoredOutcomes;
+    use crate::registry::Framework;
+    use utoipa::openapi::path::{HttpMethod, OperationBuilder};
+    use utoipa::openapi::{OpenApiBuilder, PathsBuilder};
+
+    const PAY: RouteRecord = RouteRecord::protected(
+        Policy::new("payments.create"),
+        "app::create_payment",
+        "src/main.rs",
+        1,
+        Framework::Axum,
+    )
+    .at("POST", "/payments");
+    const NOTE: RouteRecord = RouteRecord::protected(
+        Policy {
+            key: KeyRequirement::Optional,
+            fail_open: true,
+            outcomes: StoredOutcomes::Success,
+            ..Policy::new("notes")
+        },
+        "app::patch_note",
+        "src/main.rs",
+        2,
+        Framework::Axum,
+    )
+    .at("PATCH", "/notes/{id}");
+    const SEARCH: RouteRecord =
+        RouteRecord::exempted("read-only", "app::search", "src/main.rs", 3, Framework::Axum).at("POST", "/search");
+
+    fn op(responses: &[&str]) -> OperationBuilder {
+        let mut b = OperationBuilder::new();
+        for status in responses {
+            b = b.response(*status, ResponseBuilder::new().description("ok").build());
+        }
+        b
+    }
+
+    fn api() -> OpenApi {
+        let mut payments = PathItem::new(HttpMethod::Post, op(&["201", "404"]));
+        payments.get = Some(op(&["200"]).build());
+        OpenApiBuilder::new()
+            .paths(
+                PathsBuilder::new()
+                    .path("/payments", payments)
+                    .path("/notes/{id}", PathItem::new(HttpMethod::Patch, op(&["2XX", "409", "default"])))
+                    .path("/search", PathItem::new(HttpMethod::Post, op(&["200"]))),
+            )
+            .build()
+    }
+
+    fn json(api: &OpenApi) -> serde_json::Value {
+        serde_json::to_value(api).unwrap()
+    }
+
+    #[test]
+    fn documents_protected_operations() {
+        let mut api = api();
+        assert_eq!(document(&mut api, &[&PAY, &NOTE, &SEARCH]), 2);
+        let v = json(&api);
+        let post = &v["paths"]["/payments"]["post"];
+        assert_eq!(post["parameters"][0]["name"], "Idempotency-Key");
+        assert_eq!(post["parameters"][0]["in"], "header");
+        assert_eq!(post["parameters"][0]["required"], true);
+        assert_eq!(post["parameters"][0]["schema"]["maxLength"], 255);
+        for status in ["400", "409", "422", "503"] {
+            let r = &post["responses"][status];
+            assert!(r["content"]["application/problem+json"]["schema"]["properties"]["type"].is_object(), "{status}");
+        }
+        assert_eq!(post["responses"]["201"]["headers"]["Idempotent-Replayed"]["schema"]["enum"][0], "true");
+        // 404 is a final outcome under the default policy: a replay can repeat it.
+        assert!(post["responses"]["404"]["headers"]["Idempotent-Replayed"].is_object());
+        // Other operations are untouched.
+        assert!(v["paths"]["/payments"]["get"]["parameters"].is_null());
+        assert!(v["paths"]["/search"]["post"]["parameters"].is_null());
+
+        let patch = &v["paths"]["/notes/{id}"]["patch"];
+        assert_eq!(patch["parameters"][0]["required"], false);
+        assert_eq!(patch["responses"]["409"]["description"], "ok", "a documented status is kept");
+        assert!(patch["responses"]["503"].is_null(), "fails open: no 503");
+        assert!(patch["responses"]["2XX"]["headers"]["Idempotent-Replayed"].is_object());
+        assert!(patch["responses"]["409"]["headers"]["Idempotent-Replayed"].is_null(), "success only");
+    }
+
+    #[test]
+    fn is_idempotent_and_honours_the_header_name() {
+        let mut api = api();
+        document_with_header(&mut api, &[&PAY], "X-Request-Key");
+        document_with_header(&mut api, &[&PAY], "x-request-key");
+        let v = json(&api);
+        let params = v["paths"]["/payments"]["post"]["parameters"].as_array().unwrap();
+        assert_eq!(params.len(), 1);
+        assert_eq!(params[0]["name"], "X-Request-Key");
+    }
+}

@@ -1,0 +1,10 @@
+use axum::Json;
+use idempotent_axum::idempotent;
+use serde_json::Value;
+
+#[idempotent(exempt = "  ", route = "PUT /profile")]
+async fn put_profile(Json(profile): Json<Value>) -> Json<Value> {
+    Json(profile)
+}
+
+fn main() {}
