@@ -165,7 +165,8 @@ pub async fn start(config: &Config) -> Result<(SocketAddr, Server), String> {
     let prepared = prepare(config).await?;
     let server = HttpServer::new(move || {
         let prepared = prepared.clone();
-        App::new().configure(move |c| configure(c, &prepared))
+        // A mutating route without a policy is refused rather than served unprotected.
+        App::new().wrap(idempotent_actix::enforce::Enforce::refuse()).configure(move |c| configure(c, &prepared))
     })
     .bind(config.addr)
     .map_err(|e| format!("cannot listen on {}: {e}", config.addr))?;
