@@ -56,7 +56,7 @@ async fn in_process() {
     const N: usize = 20_000;
     let idem = Idempotency::builder(Arc::new(MemoryStore::new())).build().unwrap();
     let app = Router::new().route("/bare", post(bare)).route("/protected", post(protected)).layer(idem.layer());
-    let time = |label: &'static str, f: Box<dyn Fn(usize) -> Request<Body>>| {
+    let time = |label: &'static str, f: Box<dyn Fn(usize) -> Request<Body> + Send + Sync>| {
         let app = app.clone();
         async move {
             for i in 0..1000 {
@@ -357,7 +357,9 @@ fn main() {
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
-        in_process().await;
+        // On a worker thread, as a server's handlers run (block_on's own thread is not one, and
+        // every task it spawns would pay a cross-thread wake-up that servers do not).
+        tokio::spawn(in_process()).await.unwrap();
         let redis_url = idempotent_tests::redis_server::redis_url().await;
         let pg = idempotent_tests::postgres::TestSchema::new().await;
         over_http(redis_url, pg.clone()).await;
