@@ -1,9 +1,8 @@
-//! test support
-//!
 //! Support for the cross-crate tests: the HTTP conformance suite of the payments demo, run
 //! unchanged against each framework's binary, and the harness that finds or starts real servers.
 
 pub mod contract;
 pub mod http;
 pub mod postgres;
+pub mod process;
 pub mod redis_server;

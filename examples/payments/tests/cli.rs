@@ -2,9 +2,8 @@
 //! Every test runs against each binary (`payments-axum`, `payments-actix`): they implement the
 //! same contract.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use idempotent_tests::process::DemoProcess;
+use std::process::Command;
 
 /// One demo binary: its path, and a tag that keeps its temporary files apart.
 #[derive(Clone, Copy)]
@@ -69,29 +68,10 @@ fn serves_and_replays_over_http(b: Bin) {
     let dir = temp(b, "serve");
     let ledger = dir.join("ledger.jsonl");
     let _ = std::fs::remove_file(&ledger);
-    let mut child = bin(b)
-        .env("PAYMENTS_ADDR", "127.0.0.1:0")
-        .env("PAYMENTS_LEDGER", &ledger)
-        .env("IDEMPOTENCY_STORE", "memory")
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The listening line names the bound address.
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("listening on http://").nth(1) {
-                let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_owned());
-            }
-        }
-    });
-    let addr = rx.recv_timeout(Duration::from_secs(30));
-    let Ok(addr) = addr else {
-        child.kill().unwrap();
-        panic!("the server did not print its address");
-    };
+    let mut cmd = bin(b);
+    cmd.env("PAYMENTS_LEDGER", &ledger).env("IDEMPOTENCY_STORE", "memory");
+    let mut demo = DemoProcess::start(cmd);
+    let addr = demo.addr.clone();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let client = reqwest::Client::new();
@@ -109,8 +89,7 @@ fn serves_and_replays_over_http(b: Bin) {
         let b = send().await.unwrap();
         assert_eq!(b.headers()["idempotent-replayed"], "true");
     });
-    child.kill().unwrap();
-    let _ = child.wait();
+    demo.kill();
     let text = std::fs::read_to_string(&ledger).unwrap();
     assert_eq!(text.lines().count(), 1, "one execution recorded durably");
 }
@@ -123,25 +102,10 @@ fn default_store_is_sqlite_and_survives_a_restart(b: Bin) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut bodies = Vec::new();
     for round in 0..2 {
-        let mut child = bin(b)
-            .env("PAYMENTS_ADDR", "127.0.0.1:0")
-            .env("PAYMENTS_LEDGER", &ledger)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on http://").nth(1) {
-                    let _ = tx.send((rest.split_whitespace().next().unwrap_or_default().to_owned(), line.clone()));
-                }
-            }
-        });
-        let Ok((addr, line)) = rx.recv_timeout(Duration::from_secs(30)) else {
-            child.kill().unwrap();
-            panic!("the server did not start");
-        };
+        let mut cmd = bin(b);
+        cmd.env("PAYMENTS_LEDGER", &ledger);
+        let mut demo = DemoProcess::start(cmd);
+        let (addr, line) = (demo.addr.clone(), demo.banner.clone());
         assert!(line.contains("store: sqlite:"), "{line}");
         assert!(line.starts_with(&format!("{} listening on http://", b.tag)), "{line}");
         let body = rt.block_on(async {
@@ -159,8 +123,7 @@ fn default_store_is_sqlite_and_survives_a_restart(b: Bin) {
             r.bytes().await.unwrap()
         });
         bodies.push(body);
-        child.kill().unwrap();
-        let _ = child.wait();
+        demo.kill();
     }
     assert_eq!(bodies[0], bodies[1], "the restarted server replays the same payment");
     assert_eq!(std::fs::read_to_string(&ledger).unwrap().lines().count(), 1);

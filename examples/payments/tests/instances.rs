@@ -1,47 +1,25 @@
 //! Several demo processes behind one shared store, as instances behind a load balancer: clients
 //! racing one key across processes, and a process killed in the middle of a transfer.
 
-use std::io::{BufRead, BufReader};
+use idempotent_tests::process::DemoProcess;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 struct Instance {
-    child: Child,
-    addr: String,
+    demo: DemoProcess,
     ledger: PathBuf,
 }
 
-impl Drop for Instance {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// Both demo binaries: the scenario must hold whichever framework serves it.
+const BINS: [&str; 2] = [env!("CARGO_BIN_EXE_payments-axum"), env!("CARGO_BIN_EXE_payments-actix")];
 
-fn start(store: &str, ledger: &Path, delay_ms: u64) -> Instance {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_payments-axum"))
-        .env("PAYMENTS_ADDR", "127.0.0.1:0")
-        .env("PAYMENTS_LEDGER", ledger)
+fn start(bin: &str, store: &str, ledger: &Path, delay_ms: u64) -> Instance {
+    let mut cmd = Command::new(bin);
+    cmd.env("PAYMENTS_LEDGER", ledger)
         .env("IDEMPOTENCY_STORE", store)
-        .env("PAYMENTS_TRANSFER_DELAY_MS", delay_ms.to_string())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("listening on http://").nth(1) {
-                let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_owned());
-            }
-        }
-    });
-    let Ok(addr) = rx.recv_timeout(Duration::from_secs(30)) else {
-        let _ = child.kill();
-        panic!("instance on {store} did not start");
-    };
-    Instance { child, addr, ledger: ledger.to_owned() }
+        .env("PAYMENTS_TRANSFER_DELAY_MS", delay_ms.to_string());
+    Instance { demo: DemoProcess::start(cmd), ledger: ledger.to_owned() }
 }
 
 fn ledger_count(instances: &[&Instance], kind: &str) -> usize {
@@ -64,27 +42,35 @@ fn dir(name: &str) -> PathBuf {
     d
 }
 
-async fn stores() -> Vec<(&'static str, String)> {
-    let mut out = Vec::new();
+/// Every (binary, shared store) pair, named for messages and temporary files.
+async fn setups() -> Vec<(String, &'static str, String)> {
+    let mut stores = Vec::new();
     if let Some(url) = idempotent_tests::postgres::database_url().await {
-        out.push(("postgres", url));
+        stores.push(("postgres", url));
     }
     if let Some(url) = idempotent_tests::redis_server::redis_url().await {
-        out.push(("redis", url));
+        stores.push(("redis", url));
+    }
+    let mut out = Vec::new();
+    for bin in BINS {
+        let framework = if bin.ends_with("actix") { "actix" } else { "axum" };
+        for (store, url) in &stores {
+            out.push((format!("{framework}-{store}"), bin, url.clone()));
+        }
     }
     out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_racing_one_key_across_three_instances_execute_once() {
-    for (name, store) in stores().await {
+    for (name, bin, store) in setups().await {
         let d = dir(&format!("race-{name}"));
-        let instances: Vec<Instance> = (0..3).map(|i| start(&store, &d.join(format!("l{i}.jsonl")), 0)).collect();
+        let instances: Vec<Instance> = (0..3).map(|i| start(bin, &store, &d.join(format!("l{i}.jsonl")), 0)).collect();
         let key = format!("race-{name}-{}", std::process::id());
         let client = reqwest::Client::new();
         let mut tasks = Vec::new();
         for i in 0..60 {
-            let url = format!("http://{}/payments", instances[i % 3].addr);
+            let url = format!("http://{}/payments", instances[i % 3].demo.addr);
             let (client, key) = (client.clone(), key.clone());
             tasks.push(tokio::spawn(async move {
                 let r = client
@@ -116,10 +102,10 @@ async fn clients_racing_one_key_across_three_instances_execute_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_killed_mid_transfer_is_retried_once_elsewhere() {
-    for (name, store) in stores().await {
+    for (name, bin, store) in setups().await {
         let d = dir(&format!("kill-{name}"));
-        let mut a = start(&store, &d.join("a.jsonl"), 2_000);
-        let b = start(&store, &d.join("b.jsonl"), 200);
+        let mut a = start(bin, &store, &d.join("a.jsonl"), 2_000);
+        let b = start(bin, &store, &d.join("b.jsonl"), 200);
         let key = format!("kill-{name}-{}", std::process::id());
         let body = serde_json::json!({"amount": 70, "from": "x", "to": "y"});
         let client = reqwest::Client::new();
@@ -131,18 +117,17 @@ async fn an_instance_killed_mid_transfer_is_retried_once_elsewhere() {
                 .json(&body)
                 .send()
         };
-        let doomed = tokio::spawn(send(a.addr.clone()));
+        let doomed = tokio::spawn(send(a.demo.addr.clone()));
         tokio::time::sleep(Duration::from_millis(500)).await;
-        a.child.kill().unwrap(); // SIGKILL: no release, no completion.
-        let _ = a.child.wait();
+        a.demo.kill(); // SIGKILL: no release, no completion.
         assert!(doomed.await.unwrap().is_err(), "{name}: the client lost its connection");
         // The claim outlives the process until its lease (3s) runs out: retries see 409 first.
-        let first_retry = send(b.addr.clone()).await.unwrap();
+        let first_retry = send(b.demo.addr.clone()).await.unwrap();
         assert_eq!(first_retry.status(), 409, "{name}");
         assert!(first_retry.headers().contains_key("retry-after"));
         let deadline = Instant::now() + Duration::from_secs(15);
         let done = loop {
-            let r = send(b.addr.clone()).await.unwrap();
+            let r = send(b.demo.addr.clone()).await.unwrap();
             if r.status() == 201 {
                 break r;
             }
@@ -151,7 +136,7 @@ async fn an_instance_killed_mid_transfer_is_retried_once_elsewhere() {
             tokio::time::sleep(Duration::from_millis(250)).await;
         };
         assert!(done.headers().get("idempotent-replayed").is_none(), "{name}: the retry ran the transfer");
-        let again = send(b.addr.clone()).await.unwrap();
+        let again = send(b.demo.addr.clone()).await.unwrap();
         assert_eq!(again.headers()["idempotent-replayed"], "true");
         assert_eq!(ledger_count(&[&a, &b], "transfer"), 1, "{name}: the killed attempt never executed, the retry once");
     }

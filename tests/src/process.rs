@@ -1,0 +1,54 @@
+//! Demo binaries run as real processes: started with an environment, found by the address they
+//! print, killed when dropped.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A running demo process.
+#[derive(Debug)]
+pub struct DemoProcess {
+    /// The child process.
+    pub child: Child,
+    /// `127.0.0.1:PORT` it listens on.
+    pub addr: String,
+    /// Its "listening on" line, which also names the store and the ledger.
+    pub banner: String,
+}
+
+impl DemoProcess {
+    /// Starts `cmd` (with `PAYMENTS_ADDR=127.0.0.1:0`) and waits up to 30 seconds for its
+    /// `listening on http://ADDR` line on stderr; panics, after killing it, if none comes.
+    pub fn start(mut cmd: Command) -> Self {
+        let mut child = cmd.env("PAYMENTS_ADDR", "127.0.0.1:0").stderr(Stdio::piped()).spawn().expect("spawn demo");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap_or_default().to_owned();
+                    let _ = tx.send((addr, line.clone()));
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok((addr, banner)) => Self { child, addr, banner },
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the demo did not print its address");
+            }
+        }
+    }
+
+    /// Kills the process at once (SIGKILL: no clean-up of any kind) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for DemoProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
