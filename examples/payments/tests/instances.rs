@@ -141,3 +141,52 @@ async fn an_instance_killed_mid_transfer_is_retried_once_elsewhere() {
         assert_eq!(ledger_count(&[&a, &b], "transfer"), 1, "{name}: the killed attempt never executed, the retry once");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_mid_run_fails_closed_and_the_service_recovers_by_itself() {
+    use idempotent_tests::redis_server::{free_port, RedisProcess};
+    let port = free_port(false).expect("a free port");
+    let Some(mut redis) = RedisProcess::start(port, &[]).await else {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("redis-server is needed (CI=true forbids skipping)");
+        }
+        eprintln!("SKIPPED: no redis-server on PATH for the outage test");
+        return;
+    };
+    for bin in BINS {
+        let d = dir(&format!("outage-{}", bin.rsplit('-').next().unwrap_or("bin")));
+        let demo = start(bin, &redis.url(), &d.join("l.jsonl"), 0);
+        let client = reqwest::Client::new();
+        let pay = |key: &'static str| {
+            client
+                .post(format!("http://{}/payments", demo.demo.addr))
+                .bearer_auth("acct_outage")
+                .header("Idempotency-Key", key)
+                .json(&serde_json::json!({"amount": 42, "currency": "EUR", "customer": "c"}))
+                .send()
+        };
+        assert_eq!(pay("before").await.unwrap().status(), 201);
+
+        redis.kill();
+        let down = pay("during").await.unwrap();
+        assert_eq!(down.status(), 503, "{bin}");
+        assert_eq!(down.headers()["content-type"], "application/problem+json");
+        assert!(down.headers().contains_key("retry-after"));
+        let problem: serde_json::Value = down.json().await.unwrap();
+        assert_eq!(problem["type"], "urn:idempotent:problem:store-unavailable");
+        assert_eq!(ledger_count(&[&demo], "payment"), 1, "{bin}: nothing executed while the store was down");
+
+        redis = RedisProcess::start(port, &[]).await.expect("redis restarts on the same port");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let back = loop {
+            let r = pay("during").await.unwrap();
+            if r.status() != 503 || Instant::now() > deadline {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(back.status(), 201, "{bin}: the same process serves again without a restart");
+        assert_eq!(pay("during").await.unwrap().headers()["idempotent-replayed"], "true");
+        assert_eq!(ledger_count(&[&demo], "payment"), 2, "{bin}");
+    }
+}
