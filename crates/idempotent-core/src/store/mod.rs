@@ -196,6 +196,17 @@ impl Drop for AbortOnDrop {
 }
 
 /// Turns a live row into the claim's answer; anything undecodable is [`StoreError::Corrupt`].
+/// The answer of a statement fenced by a claim's token: no row touched means the token no longer
+/// holds the claim.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+fn fenced(rows_affected: u64) -> Result<(), StoreError> {
+    if rows_affected == 0 {
+        Err(StoreError::Fenced)
+    } else {
+        Ok(())
+    }
+}
+
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 fn decide(
     fingerprint: &Fingerprint,

@@ -74,7 +74,7 @@
 //! Connections use sqlx's PostgreSQL driver without TLS; reach a remote server through a
 //! private network or a local TLS proxy.
 
-use super::{decide, AbortOnDrop, Claim, ClaimToken, RecordKey, Store, StoreError};
+use super::{decide, fenced, AbortOnDrop, Claim, ClaimToken, RecordKey, Store, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use async_trait::async_trait;
@@ -449,6 +449,16 @@ async fn migrate(pool: &PgPool, config: &PostgresConfig) -> Result<(), StoreErro
 /// How many times a claim is retried when a concurrent change hid the row from its snapshot.
 const CLAIM_ATTEMPTS: usize = 16;
 
+/// A statement fenced by a claim's token, with the record's key and the token bound as its first
+/// four parameters.
+fn fenced_query<'q>(
+    sql: &'q str,
+    key: &'q RecordKey,
+    token: &'q ClaimToken,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(sql).bind(&key.scope).bind(&key.actor).bind(&key.key).bind(&token.0)
+}
+
 #[async_trait]
 impl Store for PostgresStore {
     async fn claim(&self, key: &RecordKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
@@ -485,21 +495,14 @@ impl Store for PostgresStore {
     }
 
     async fn renew(&self, key: &RecordKey, token: &ClaimToken, lease: Duration) -> Result<(), StoreError> {
-        let n = sqlx::query(&self.inner.sql.renew)
-            .bind(&key.scope)
-            .bind(&key.actor)
-            .bind(&key.key)
-            .bind(&token.0)
-            .bind(millis(lease))
-            .execute(&self.inner.pool)
-            .await
-            .map_err(unavailable)?
-            .rows_affected();
-        if n == 0 {
-            Err(StoreError::Fenced)
-        } else {
-            Ok(())
-        }
+        fenced(
+            fenced_query(&self.inner.sql.renew, key, token)
+                .bind(millis(lease))
+                .execute(&self.inner.pool)
+                .await
+                .map_err(unavailable)?
+                .rows_affected(),
+        )
     }
 
     async fn complete(
@@ -509,39 +512,25 @@ impl Store for PostgresStore {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let n = sqlx::query(&self.inner.sql.complete)
-            .bind(&key.scope)
-            .bind(&key.actor)
-            .bind(&key.key)
-            .bind(&token.0)
-            .bind(response.encode())
-            .bind(millis(ttl))
-            .execute(&self.inner.pool)
-            .await
-            .map_err(unavailable)?
-            .rows_affected();
-        if n == 0 {
-            Err(StoreError::Fenced)
-        } else {
-            Ok(())
-        }
+        fenced(
+            fenced_query(&self.inner.sql.complete, key, token)
+                .bind(response.encode())
+                .bind(millis(ttl))
+                .execute(&self.inner.pool)
+                .await
+                .map_err(unavailable)?
+                .rows_affected(),
+        )
     }
 
     async fn release(&self, key: &RecordKey, token: &ClaimToken) -> Result<(), StoreError> {
-        let n = sqlx::query(&self.inner.sql.release)
-            .bind(&key.scope)
-            .bind(&key.actor)
-            .bind(&key.key)
-            .bind(&token.0)
-            .execute(&self.inner.pool)
-            .await
-            .map_err(unavailable)?
-            .rows_affected();
-        if n == 0 {
-            Err(StoreError::Fenced)
-        } else {
-            Ok(())
-        }
+        fenced(
+            fenced_query(&self.inner.sql.release, key, token)
+                .execute(&self.inner.pool)
+                .await
+                .map_err(unavailable)?
+                .rows_affected(),
+        )
     }
 
     fn name(&self) -> &'static str {

@@ -32,7 +32,7 @@
 //! Expired records are treated as absent by claims and deleted by a background task in batches,
 //! off the request path; the task stops when the store is dropped.
 
-use super::{decide, AbortOnDrop, Claim, ClaimToken, RecordKey, Store, StoreError};
+use super::{decide, fenced, AbortOnDrop, Claim, ClaimToken, RecordKey, Store, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use async_trait::async_trait;
@@ -369,6 +369,16 @@ async fn migrate(pool: &SqlitePool, config: &SqliteConfig) -> Result<(), StoreEr
     tx.commit().await.map_err(unavailable)
 }
 
+/// A statement fenced by a claim's token, with the record's key and the token bound as its first
+/// four parameters.
+fn fenced_query<'q>(
+    sql: &'q str,
+    key: &'q RecordKey,
+    token: &'q ClaimToken,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+    sqlx::query(sql).bind(&key.scope).bind(&key.actor).bind(&key.key).bind(&token.0)
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn claim(&self, key: &RecordKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
@@ -407,22 +417,15 @@ impl Store for SqliteStore {
 
     async fn renew(&self, key: &RecordKey, token: &ClaimToken, lease: Duration) -> Result<(), StoreError> {
         let now = now_ms();
-        let n = sqlx::query(&self.inner.sql.renew)
-            .bind(&key.scope)
-            .bind(&key.actor)
-            .bind(&key.key)
-            .bind(&token.0)
-            .bind(now.saturating_add(millis(lease)))
-            .bind(now)
-            .execute(&self.inner.pool)
-            .await
-            .map_err(unavailable)?
-            .rows_affected();
-        if n == 0 {
-            Err(StoreError::Fenced)
-        } else {
-            Ok(())
-        }
+        fenced(
+            fenced_query(&self.inner.sql.renew, key, token)
+                .bind(now.saturating_add(millis(lease)))
+                .bind(now)
+                .execute(&self.inner.pool)
+                .await
+                .map_err(unavailable)?
+                .rows_affected(),
+        )
     }
 
     async fn complete(
@@ -432,39 +435,25 @@ impl Store for SqliteStore {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let n = sqlx::query(&self.inner.sql.complete)
-            .bind(&key.scope)
-            .bind(&key.actor)
-            .bind(&key.key)
-            .bind(&token.0)
-            .bind(response.encode())
-            .bind(now_ms().saturating_add(millis(ttl)))
-            .execute(&self.inner.pool)
-            .await
-            .map_err(unavailable)?
-            .rows_affected();
-        if n == 0 {
-            Err(StoreError::Fenced)
-        } else {
-            Ok(())
-        }
+        fenced(
+            fenced_query(&self.inner.sql.complete, key, token)
+                .bind(response.encode())
+                .bind(now_ms().saturating_add(millis(ttl)))
+                .execute(&self.inner.pool)
+                .await
+                .map_err(unavailable)?
+                .rows_affected(),
+        )
     }
 
     async fn release(&self, key: &RecordKey, token: &ClaimToken) -> Result<(), StoreError> {
-        let n = sqlx::query(&self.inner.sql.release)
-            .bind(&key.scope)
-            .bind(&key.actor)
-            .bind(&key.key)
-            .bind(&token.0)
-            .execute(&self.inner.pool)
-            .await
-            .map_err(unavailable)?
-            .rows_affected();
-        if n == 0 {
-            Err(StoreError::Fenced)
-        } else {
-            Ok(())
-        }
+        fenced(
+            fenced_query(&self.inner.sql.release, key, token)
+                .execute(&self.inner.pool)
+                .await
+                .map_err(unavailable)?
+                .rows_affected(),
+        )
     }
 
     fn name(&self) -> &'static str {
