@@ -3,8 +3,7 @@
 use crate::capture::{capture, problem_response, replay_response};
 use crate::context::Context;
 use axum::response::{IntoResponse, Response};
-use idempotent_core::actor::ActorSource;
-use idempotent_core::engine::{Config, Outcome, Request, Runtime, StartupError};
+use idempotent_core::engine::{Adapter, Builder, Outcome, Request, Runtime};
 use idempotent_core::fingerprint::{Fingerprint, FingerprintError};
 use idempotent_core::policy::Policy;
 use idempotent_core::problem::{Problem, ProblemKind};
@@ -12,7 +11,6 @@ use idempotent_core::registry::Framework;
 use idempotent_core::store::Store;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// The installed idempotency runtime; cheap to clone.
 #[derive(Debug, Clone)]
@@ -20,22 +18,22 @@ pub struct Idempotency {
     runtime: Runtime,
 }
 
-/// Settings of an [`Idempotency`] runtime.
-pub struct IdempotencyBuilder {
-    store: Arc<dyn Store>,
-    config: Config,
-}
+/// Settings of an [`Idempotency`] runtime: header name, actor source, stored-body cap,
+/// `Retry-After` of an unreachable store; `build` validates the routes written for this adapter.
+pub type IdempotencyBuilder = Builder<Idempotency>;
 
-impl std::fmt::Debug for IdempotencyBuilder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IdempotencyBuilder").field("store", &self.store.name()).field("config", &self.config).finish()
+impl Adapter for Idempotency {
+    const FRAMEWORK: Framework = Framework::Axum;
+
+    fn from_runtime(runtime: Runtime) -> Self {
+        Self { runtime }
     }
 }
 
 impl Idempotency {
     /// Starts configuring a runtime on `store`.
     pub fn builder(store: Arc<dyn Store>) -> IdempotencyBuilder {
-        IdempotencyBuilder { store, config: Config::default() }
+        Builder::new(store)
     }
 
     /// The layer that installs this runtime on a router: `router.layer(idempotency.layer())`.
@@ -57,38 +55,6 @@ impl Idempotency {
         let header = if configured.eq_ignore_ascii_case("idempotency-key") { "Idempotency-Key" } else { configured };
         let routes = idempotent_core::registry::routes_of(Framework::Axum);
         idempotent_core::openapi::document_with_header(openapi, &routes, header)
-    }
-}
-
-impl IdempotencyBuilder {
-    /// Name of the key header (default `Idempotency-Key`).
-    pub fn header_name(mut self, name: &str) -> Self {
-        self.config.header_name = name.to_ascii_lowercase();
-        self
-    }
-
-    /// Where the caller's identity comes from when no [`Actor`](crate::Actor) extension is set.
-    pub fn actor(mut self, source: ActorSource) -> Self {
-        self.config.actor = source;
-        self
-    }
-
-    /// Largest response body stored for replay (default 1 MiB).
-    pub fn max_stored_body(mut self, bytes: usize) -> Self {
-        self.config.max_stored_body = bytes;
-        self
-    }
-
-    /// `Retry-After` sent with 503 when the store is unreachable (default 2s).
-    pub fn store_retry_after(mut self, after: Duration) -> Self {
-        self.config.store_retry_after = after;
-        self
-    }
-
-    /// Validates the route registry and the settings; refuses to start with one message per problem.
-    pub fn build(self) -> Result<Idempotency, StartupError> {
-        let runtime = Runtime::start(self.store, self.config, Framework::Axum)?;
-        Ok(Idempotency { runtime })
     }
 }
 

@@ -111,6 +111,67 @@ pub fn is_valid_header_name(name: &str) -> bool {
     !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
+/// A framework adapter's installed runtime, as built by [`Builder`].
+pub trait Adapter: Sized {
+    /// The framework whose registered routes [`Builder::build`] validates.
+    const FRAMEWORK: Framework;
+
+    /// Wraps a started runtime.
+    fn from_runtime(runtime: Runtime) -> Self;
+}
+
+/// Settings of a runtime, shared by every adapter: `Idempotency::builder(store)` in
+/// `idempotent-axum` and `idempotent-actix` returns a `Builder` of that adapter's type.
+pub struct Builder<A> {
+    store: Arc<dyn Store>,
+    config: Config,
+    adapter: std::marker::PhantomData<fn() -> A>,
+}
+
+impl<A> std::fmt::Debug for Builder<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder").field("store", &self.store.name()).field("config", &self.config).finish()
+    }
+}
+
+impl<A: Adapter> Builder<A> {
+    /// Starts configuring a runtime on `store` with the default [`Config`].
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store, config: Config::default(), adapter: std::marker::PhantomData }
+    }
+
+    /// Name of the key header (default `Idempotency-Key`).
+    pub fn header_name(mut self, name: &str) -> Self {
+        self.config.header_name = name.to_ascii_lowercase();
+        self
+    }
+
+    /// Where the caller's identity comes from when no [`Actor`](crate::actor::Actor) extension is
+    /// set.
+    pub fn actor(mut self, source: ActorSource) -> Self {
+        self.config.actor = source;
+        self
+    }
+
+    /// Largest response body stored for replay (default 1 MiB).
+    pub fn max_stored_body(mut self, bytes: usize) -> Self {
+        self.config.max_stored_body = bytes;
+        self
+    }
+
+    /// `Retry-After` sent with 503 when the store is unreachable (default 2s).
+    pub fn store_retry_after(mut self, after: Duration) -> Self {
+        self.config.store_retry_after = after;
+        self
+    }
+
+    /// Checks the settings and validates the routes registered through this adapter, then
+    /// starts the runtime; refuses to start with one message per problem (see [`Runtime::start`]).
+    pub fn build(self) -> Result<A, StartupError> {
+        Runtime::start(self.store, self.config, A::FRAMEWORK).map(A::from_runtime)
+    }
+}
+
 impl Runtime {
     /// A runtime on `store` with `config`.
     pub fn new(store: Arc<dyn Store>, config: Config) -> Self {
