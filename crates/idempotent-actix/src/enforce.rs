@@ -18,36 +18,21 @@ use crate::capture::problem_response;
 use actix_web::body::EitherBody;
 use actix_web::dev::{forward_ready, Service, ServiceRequest, ServiceResponse, Transform};
 use futures_util::future::LocalBoxFuture;
-use idempotent_core::problem::{Problem, ProblemKind};
-use idempotent_core::registry::{self, Framework, RouteRecord};
-pub use idempotent_core::registry::{MutatingMethods, Unprotected};
-use std::collections::HashSet;
+pub use idempotent_core::enforce::{Enforcer, Mode, MutatingMethods, Unprotected};
+use idempotent_core::registry::{Framework, RouteRecord};
 use std::future::{ready, Ready};
-use std::sync::{Arc, Mutex};
 
-/// What [`Enforce`] does with a request to an unprotected, non-exempt mutating route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Serve it and log one warning per route.
-    Warn,
-    /// Answer 500 problem+json without running the handler.
-    Refuse,
-}
-
-/// The enforcement middleware: `App::new().wrap(Enforce::warn())`. Cheap to clone.
+/// The enforcement middleware: `App::new().wrap(Enforce::warn())`. Cheap to clone; its decisions (and the
+/// methods it counts as mutating, [`Mode`], `is_unprotected`) are those of the framework-free
+/// [`Enforcer`] it derefs to.
 #[derive(Debug, Clone)]
-pub struct Enforce {
-    mode: Mode,
-    methods: MutatingMethods,
-    records: Arc<[&'static RouteRecord]>,
-    warned: Arc<Mutex<HashSet<(String, String)>>>,
-}
+pub struct Enforce(Enforcer);
 
 impl Enforce {
-    /// Enforcement in `mode` against the actix routes of the registry, `POST` and `PATCH` counted
-    /// as mutating.
+    /// Enforcement in `mode` against the actix routes of the registry, `POST` and `PATCH`
+    /// counted as mutating.
     pub fn new(mode: Mode) -> Self {
-        Self::with_records(mode, registry::routes_of(Framework::Actix))
+        Self(Enforcer::new(mode, Framework::Actix))
     }
 
     /// Serve unprotected mutating routes, warning once per route.
@@ -62,40 +47,20 @@ impl Enforce {
 
     /// Enforcement against `records` instead of the registry.
     pub fn with_records(mode: Mode, records: Vec<&'static RouteRecord>) -> Self {
-        Self { mode, methods: MutatingMethods::default(), records: records.into(), warned: Arc::default() }
+        Self(Enforcer::with_records(mode, records))
     }
 
     /// Which methods count as mutating (default [`MutatingMethods::POST_PATCH`]).
     pub fn methods(self, methods: MutatingMethods) -> Self {
-        Self { methods, ..self }
+        Self(self.0.methods(methods))
     }
+}
 
-    /// Whether a request to `method` + `pattern` is unprotected and not exempt.
-    pub fn is_unprotected(&self, method: &str, pattern: &str) -> bool {
-        self.methods.contains(method) && !registry::covers(&self.records, method, pattern)
-    }
+impl std::ops::Deref for Enforce {
+    type Target = Enforcer;
 
-    /// `true` to refuse the request.
-    fn refuses(&self, request: &ServiceRequest) -> bool {
-        let Some(pattern) = request.match_pattern() else { return false };
-        let method = request.method().as_str();
-        if !self.is_unprotected(method, &pattern) {
-            return false;
-        }
-        let unprotected = Unprotected { method: method.to_owned(), path: pattern };
-        match self.mode {
-            Mode::Warn => {
-                let key = (unprotected.method.clone(), unprotected.path.clone());
-                if self.warned.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(key) {
-                    tracing::warn!(method, path = %unprotected.path, "{unprotected}");
-                }
-                false
-            }
-            Mode::Refuse => {
-                tracing::error!(method, path = %unprotected.path, "refused: {unprotected}");
-                true
-            }
-        }
+    fn deref(&self) -> &Enforcer {
+        &self.0
     }
 }
 
@@ -136,14 +101,9 @@ where
     forward_ready!(service);
 
     fn call(&self, request: ServiceRequest) -> Self::Future {
-        if self.enforce.refuses(&request) {
-            let detail = format!(
-                "{} {} changes state but has no idempotency policy, and this server refuses such routes; this is a \
-                 server configuration bug.",
-                request.method(),
-                request.match_pattern().unwrap_or_default()
-            );
-            let response = problem_response(&Problem::new(ProblemKind::Misconfigured, detail));
+        let refused = request.match_pattern().and_then(|path| self.enforce.check(request.method().as_str(), &path));
+        if let Some(problem) = refused {
+            let response = problem_response(&problem);
             return Box::pin(ready(Ok(request.into_response(response).map_into_right_body())));
         }
         let future = self.service.call(request);
@@ -159,16 +119,12 @@ pub fn unprotected(routes: &[(&str, &str)]) -> Vec<Unprotected> {
 
 /// [`unprotected`] with a choice of mutating methods.
 pub fn unprotected_with(routes: &[(&str, &str)], methods: MutatingMethods) -> Vec<Unprotected> {
-    registry::check_routes(&registry::routes_of(Framework::Actix), routes, methods)
+    idempotent_core::enforce::unprotected(Framework::Actix, routes, methods)
 }
 
 /// Test helper: panics, listing each one, when a mutating route among `routes` is neither
 /// protected nor exempt.
 #[track_caller]
 pub fn assert_protected(routes: &[(&str, &str)]) {
-    let missing = unprotected(routes);
-    if !missing.is_empty() {
-        let lines: Vec<String> = missing.iter().map(|u| format!("  - {u}")).collect();
-        panic!("{} mutating route(s) without an idempotency policy:\n{}", missing.len(), lines.join("\n"));
-    }
+    idempotent_core::enforce::assert_protected(Framework::Actix, routes, MutatingMethods::default());
 }

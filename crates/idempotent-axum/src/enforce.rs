@@ -31,42 +31,24 @@
 use crate::capture::problem_response;
 use axum::extract::{MatchedPath, Request};
 use axum::response::Response;
-use idempotent_core::problem::{Problem, ProblemKind};
-use idempotent_core::registry::{self, Framework, RouteRecord};
-pub use idempotent_core::registry::{MutatingMethods, Unprotected};
-use std::collections::HashSet;
+pub use idempotent_core::enforce::{Enforcer, Mode, MutatingMethods, Unprotected};
+use idempotent_core::registry::{Framework, RouteRecord};
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-/// What [`Enforce`] does with a request to an unprotected, non-exempt mutating route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Serve it and log one warning per route.
-    Warn,
-    /// Answer 500 problem+json without running the handler.
-    Refuse,
-}
-
-/// The enforcement layer: `router.layer(Enforce::warn())`. Cheap to clone.
-///
-/// Add it with `Router::layer` (not `route_layer` on a sub-router only) so that it sees every
-/// route; requests that match no route are passed through untouched.
+/// The enforcement layer: `router.layer(Enforce::warn())`. Cheap to clone; its decisions (and the
+/// methods it counts as mutating, [`Mode`], `is_unprotected`) are those of the framework-free
+/// [`Enforcer`] it derefs to.
 #[derive(Debug, Clone)]
-pub struct Enforce {
-    mode: Mode,
-    methods: MutatingMethods,
-    records: Arc<[&'static RouteRecord]>,
-    warned: Arc<Mutex<HashSet<(String, String)>>>,
-}
+pub struct Enforce(Enforcer);
 
 impl Enforce {
-    /// Enforcement in `mode` against the axum routes of the registry, `POST` and `PATCH` counted
-    /// as mutating.
+    /// Enforcement in `mode` against the axum routes of the registry, `POST` and `PATCH`
+    /// counted as mutating.
     pub fn new(mode: Mode) -> Self {
-        Self::with_records(mode, registry::routes_of(Framework::Axum))
+        Self(Enforcer::new(mode, Framework::Axum))
     }
 
     /// Serve unprotected mutating routes, warning once per route.
@@ -81,63 +63,20 @@ impl Enforce {
 
     /// Enforcement against `records` instead of the registry.
     pub fn with_records(mode: Mode, records: Vec<&'static RouteRecord>) -> Self {
-        for r in records.iter().filter(|r| r.route().is_none()) {
-            let message = "#[idempotent] handler has no `route = \"METHOD /path\"`: enforcement cannot match it \
-                           and treats its route as unprotected";
-            match mode {
-                Mode::Refuse => tracing::error!(handler = r.handler, file = r.file, line = r.line, "{message}"),
-                Mode::Warn => tracing::warn!(handler = r.handler, file = r.file, line = r.line, "{message}"),
-            }
-        }
-        Self { mode, methods: MutatingMethods::default(), records: records.into(), warned: Arc::default() }
+        Self(Enforcer::with_records(mode, records))
     }
 
     /// Which methods count as mutating (default [`MutatingMethods::POST_PATCH`]).
     pub fn methods(self, methods: MutatingMethods) -> Self {
-        Self { methods, ..self }
+        Self(self.0.methods(methods))
     }
+}
 
-    /// The mode.
-    pub fn mode(&self) -> Mode {
-        self.mode
-    }
+impl std::ops::Deref for Enforce {
+    type Target = Enforcer;
 
-    /// Whether a request to `method` + `path` (a matched route path) is unprotected and not exempt.
-    pub fn is_unprotected(&self, method: &str, path: &str) -> bool {
-        self.methods.contains(method) && !registry::covers(&self.records, method, path)
-    }
-
-    /// `None` to serve the request, `Some(response)` to refuse it.
-    fn check(&self, request: &Request) -> Option<Response> {
-        let path = request.extensions().get::<MatchedPath>()?.as_str();
-        let method = request.method().as_str();
-        if !self.is_unprotected(method, path) {
-            return None;
-        }
-        let unprotected = Unprotected { method: method.to_owned(), path: path.to_owned() };
-        match self.mode {
-            Mode::Warn => {
-                let first = self
-                    .warned
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .insert((unprotected.method.clone(), unprotected.path.clone()));
-                if first {
-                    tracing::warn!(method, path, "{unprotected}");
-                }
-                None
-            }
-            Mode::Refuse => {
-                tracing::error!(method, path, "refused: {unprotected}");
-                Some(problem_response(&Problem::new(
-                    ProblemKind::Misconfigured,
-                    format!(
-                        "{method} {path} changes state but has no idempotency policy, and this server refuses such \
-                         routes; this is a server configuration bug."
-                    ),
-                )))
-            }
-        }
+    fn deref(&self) -> &Enforcer {
+        &self.0
     }
 }
 
@@ -170,8 +109,12 @@ where
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        if let Some(refused) = self.enforce.check(&request) {
-            return Box::pin(std::future::ready(Ok(refused)));
+        let refused = request
+            .extensions()
+            .get::<MatchedPath>()
+            .and_then(|path| self.enforce.check(request.method().as_str(), path.as_str()));
+        if let Some(problem) = refused {
+            return Box::pin(std::future::ready(Ok(problem_response(&problem))));
         }
         // The clone that was polled ready serves this request; a fresh clone waits for the next.
         let clone = self.inner.clone();
@@ -180,15 +123,15 @@ where
     }
 }
 
-/// The mutating routes among `routes` (`(method, path)` as given to `Router::route`) that no
-/// axum `#[idempotent]` handler protects or exempts, `POST` and `PATCH` counted as mutating.
+/// The mutating routes among `routes` (`(method, path as given to `Router::route`)`) that no axum
+/// `#[idempotent]` handler protects or exempts, `POST` and `PATCH` counted as mutating.
 pub fn unprotected(routes: &[(&str, &str)]) -> Vec<Unprotected> {
     unprotected_with(routes, MutatingMethods::default())
 }
 
 /// [`unprotected`] with a choice of mutating methods.
 pub fn unprotected_with(routes: &[(&str, &str)], methods: MutatingMethods) -> Vec<Unprotected> {
-    registry::check_routes(&registry::routes_of(Framework::Axum), routes, methods)
+    idempotent_core::enforce::unprotected(Framework::Axum, routes, methods)
 }
 
 /// Test helper: panics, listing each one, when a mutating route among `routes` is neither
@@ -205,9 +148,5 @@ pub fn assert_protected(routes: &[(&str, &str)]) {
 /// [`assert_protected`] with a choice of mutating methods.
 #[track_caller]
 pub fn assert_protected_with(routes: &[(&str, &str)], methods: MutatingMethods) {
-    let missing = unprotected_with(routes, methods);
-    if !missing.is_empty() {
-        let lines: Vec<String> = missing.iter().map(|u| format!("  - {u}")).collect();
-        panic!("{} mutating route(s) without an idempotency policy:\n{}", missing.len(), lines.join("\n"));
-    }
+    idempotent_core::enforce::assert_protected(Framework::Axum, routes, methods);
 }

@@ -58,6 +58,7 @@
 //! support runs each operation as one atomic `EVALSHA`).
 
 pub mod actor;
+pub mod enforce;
 pub mod engine;
 pub mod fingerprint;
 pub mod key;
