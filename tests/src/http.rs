@@ -119,12 +119,24 @@ pub fn payment(amount: i64) -> Value {
     serde_json::json!({"amount": amount, "currency": "EUR", "customer": "cus_1", "description": "first"})
 }
 
+/// A valid refund body.
+pub fn refund(amount: i64) -> Value {
+    serde_json::json!({"amount": amount, "reason": "requested_by_customer"})
+}
+
+/// Creates a payment of `amount` for `account` (under a fresh key) and returns it.
+pub async fn paid(demo: &Demo, account: &str, amount: i64) -> Value {
+    let created = send(demo.post("/payments", account, &new_key(), &payment(amount))).await;
+    assert_eq!(created.status, 201, "{}", String::from_utf8_lossy(&created.body));
+    created.json()
+}
+
 /// Expands to the conformance tests; `$start` is an async expression returning a [`Demo`] whose
 /// transfer delay is about one second.
 #[macro_export]
 macro_rules! http_conformance_tests {
     ($start:expr) => {
-        use $crate::http::{new_key, payment, send, Demo};
+        use $crate::http::{new_key, paid, payment, refund, send, Demo};
         use reqwest::Method;
         use serde_json::json;
         use std::time::Duration;
@@ -398,13 +410,230 @@ macro_rules! http_conformance_tests {
         }
 
         #[tokio::test]
+        async fn refund_created_then_replayed_byte_for_byte() {
+            let d = demo().await;
+            let p = paid(&d, "acct_a", 1000).await;
+            let id = p["id"].as_str().unwrap();
+            let path = format!("/payments/{id}/refunds");
+            let key = new_key();
+            let first = send(d.post(&path, "acct_a", &key, &refund(300))).await;
+            assert_eq!(first.status, 201, "{}", String::from_utf8_lossy(&first.body));
+            assert!(!first.replayed());
+            let r = first.json();
+            let mut fields: Vec<&str> = r.as_object().unwrap().keys().map(String::as_str).collect();
+            fields.sort_unstable();
+            assert_eq!(fields, ["amount", "created_at", "id", "payment", "reason"]);
+            assert!(r["id"].as_str().unwrap().starts_with("re_"), "{r}");
+            assert_eq!((&r["payment"], &r["amount"], &r["reason"]), (&json!(id), &json!(300), &json!("requested_by_customer")));
+            for _ in 0..3 {
+                let again = send(d.post(&path, "acct_a", &key, &refund(300))).await;
+                assert_eq!(again.status, 201);
+                assert_eq!(again.body, first.body, "replay must be byte-identical");
+                assert_eq!(again.header("content-type"), first.header("content-type"));
+                assert!(again.replayed());
+            }
+            // The reason is not part of the fingerprint.
+            let other_reason = send(d.post(&path, "acct_a", &key, &json!({"amount": 300}))).await;
+            assert!(other_reason.replayed());
+            assert_eq!(other_reason.body, first.body);
+            let changed = send(d.post(&path, "acct_a", &key, &refund(301))).await;
+            changed.assert_problem(422, "urn:idempotent:problem:key-reused");
+            assert_eq!(d.ledger_count("refund"), 1);
+        }
+
+        #[tokio::test]
+        async fn refund_key_reused_on_another_payment_is_422_and_executes_nothing() {
+            let d = demo().await;
+            let p1 = paid(&d, "acct_a", 1000).await;
+            let p2 = paid(&d, "acct_a", 1000).await;
+            let (id1, id2) = (p1["id"].as_str().unwrap(), p2["id"].as_str().unwrap());
+            let key = new_key();
+            let first = send(d.post(&format!("/payments/{id1}/refunds"), "acct_a", &key, &refund(100))).await;
+            assert_eq!(first.status, 201, "{}", String::from_utf8_lossy(&first.body));
+            let other = send(d.post(&format!("/payments/{id2}/refunds"), "acct_a", &key, &refund(100))).await;
+            other.assert_problem(422, "urn:idempotent:problem:key-reused");
+            assert!(!other.replayed());
+            assert_eq!(d.ledger_count("refund"), 1);
+            let listed = send(d.req(Method::GET, &format!("/payments/{id2}/refunds"), "acct_a")).await;
+            assert_eq!((listed.status, listed.json()), (200, json!([])));
+            // The key still replays the refund it was first used for.
+            let again = send(d.post(&format!("/payments/{id1}/refunds"), "acct_a", &key, &refund(100))).await;
+            assert!(again.replayed());
+            assert_eq!(again.body, first.body);
+        }
+
+        #[tokio::test]
+        async fn refund_of_an_unknown_payment_is_404_stored_and_replayed() {
+            let d = demo().await;
+            let key = new_key();
+            let first = send(d.post("/payments/pay_nope/refunds", "acct_a", &key, &refund(100))).await;
+            first.assert_problem(404, "urn:payments-demo:problem:not-found");
+            assert!(!first.replayed());
+            let again = send(d.post("/payments/pay_nope/refunds", "acct_a", &key, &refund(100))).await;
+            assert_eq!(again.status, 404);
+            assert!(again.replayed());
+            assert_eq!(again.body, first.body);
+            assert_eq!(again.header("content-type"), Some("application/problem+json"));
+            // Another account's payment is unknown to this caller.
+            let foreign = paid(&d, "acct_b", 1000).await;
+            let path = format!("/payments/{}/refunds", foreign["id"].as_str().unwrap());
+            let r = send(d.post(&path, "acct_a", &new_key(), &refund(100))).await;
+            r.assert_problem(404, "urn:payments-demo:problem:not-found");
+            let listed = send(d.req(Method::GET, &path, "acct_a")).await;
+            listed.assert_problem(404, "urn:payments-demo:problem:not-found");
+            assert_eq!(d.ledger_count("refund"), 0);
+        }
+
+        #[tokio::test]
+        async fn over_refund_is_422_stored_and_replayed() {
+            let d = demo().await;
+            let p = paid(&d, "acct_a", 1000).await;
+            let path = format!("/payments/{}/refunds", p["id"].as_str().unwrap());
+            let r = send(d.post(&path, "acct_a", &new_key(), &refund(600))).await;
+            assert_eq!(r.status, 201);
+            let key = new_key();
+            let over = send(d.post(&path, "acct_a", &key, &refund(401))).await;
+            over.assert_problem(422, "urn:payments-demo:problem:validation");
+            assert!(!over.replayed());
+            let again = send(d.post(&path, "acct_a", &key, &refund(401))).await;
+            assert_eq!(again.status, 422);
+            assert!(again.replayed());
+            assert_eq!(again.body, over.body);
+            for amount in [0, -5] {
+                let k = new_key();
+                let bad = send(d.post(&path, "acct_a", &k, &refund(amount))).await;
+                bad.assert_problem(422, "urn:payments-demo:problem:validation");
+                let replay = send(d.post(&path, "acct_a", &k, &refund(amount))).await;
+                assert!(replay.replayed());
+                assert_eq!((replay.status, &replay.body), (422, &bad.body));
+            }
+            // Exactly what is left can still be refunded, and then nothing more.
+            let rest = send(d.post(&path, "acct_a", &new_key(), &refund(400))).await;
+            assert_eq!(rest.status, 201, "{}", String::from_utf8_lossy(&rest.body));
+            let more = send(d.post(&path, "acct_a", &new_key(), &refund(1))).await;
+            more.assert_problem(422, "urn:payments-demo:problem:validation");
+            assert_eq!(d.ledger_count("refund"), 2);
+        }
+
+        #[tokio::test]
+        async fn refunds_are_listed_oldest_first() {
+            let d = demo().await;
+            let p = paid(&d, "acct_l", 1000).await;
+            let other = paid(&d, "acct_l", 1000).await;
+            let path = format!("/payments/{}/refunds", p["id"].as_str().unwrap());
+            let r1 = send(d.post(&path, "acct_l", &new_key(), &refund(100))).await.json();
+            let r2 = send(d.post(&path, "acct_l", &new_key(), &json!({"amount": 200}))).await.json();
+            assert_eq!(r2["reason"], json!(null));
+            let other_path = format!("/payments/{}/refunds", other["id"].as_str().unwrap());
+            let r3 = send(d.post(&other_path, "acct_l", &new_key(), &refund(300))).await.json();
+            let list = send(d.req(Method::GET, &path, "acct_l")).await;
+            assert_eq!(list.status, 200);
+            assert_eq!(list.json(), json!([r1, r2]));
+            let list = send(d.req(Method::GET, &other_path, "acct_l")).await;
+            assert_eq!((list.status, list.json()), (200, json!([r3])));
+            let missing = send(d.req(Method::GET, "/payments/pay_nope/refunds", "acct_l")).await;
+            missing.assert_problem(404, "urn:payments-demo:problem:not-found");
+            assert_eq!(d.ledger_count("refund"), 3);
+        }
+
+        #[tokio::test]
+        async fn v1_payment_routes_behave_like_the_unprefixed_ones() {
+            let d = demo().await;
+            let key = new_key();
+            let first = send(d.post("/v1/payments", "acct_v", &key, &payment(1000))).await;
+            assert_eq!(first.status, 201, "{}", String::from_utf8_lossy(&first.body));
+            assert!(!first.replayed());
+            let p = first.json();
+            let id = p["id"].as_str().unwrap();
+            // The same handler answers, so the same Location: a replay must not depend on the prefix.
+            assert_eq!(first.header("location"), Some(format!("/payments/{id}").as_str()));
+            let again = send(d.post("/v1/payments", "acct_v", &key, &payment(1000))).await;
+            assert_eq!(again.status, 201);
+            assert!(again.replayed());
+            assert_eq!(again.body, first.body);
+            assert_eq!(again.header("location"), first.header("location"));
+            let changed = send(d.post("/v1/payments", "acct_v", &key, &payment(1001))).await;
+            changed.assert_problem(422, "urn:idempotent:problem:key-reused");
+            let no_key = send(d.req(Method::POST, "/v1/payments", "acct_v").json(&payment(5))).await;
+            no_key.assert_problem(400, "urn:idempotent:problem:key-missing");
+            for prefix in ["/v1", ""] {
+                let one = send(d.req(Method::GET, &format!("{prefix}/payments/{id}"), "acct_v")).await;
+                assert_eq!((one.status, one.json()), (200, p.clone()), "{prefix}");
+                let list = send(d.req(Method::GET, &format!("{prefix}/payments"), "acct_v")).await;
+                assert_eq!((list.status, list.json()), (200, json!([p.clone()])), "{prefix}");
+            }
+            let missing = send(d.req(Method::GET, "/v1/payments/pay_nope", "acct_v")).await;
+            missing.assert_problem(404, "urn:payments-demo:problem:not-found");
+
+            let refunds = format!("/v1/payments/{id}/refunds");
+            let rkey = new_key();
+            let r = send(d.post(&refunds, "acct_v", &rkey, &refund(250))).await;
+            assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+            assert_eq!(r.json()["payment"], json!(id));
+            let replay = send(d.post(&refunds, "acct_v", &rkey, &refund(250))).await;
+            assert!(replay.replayed());
+            assert_eq!((replay.status, &replay.body), (201, &r.body));
+            let over = send(d.post(&refunds, "acct_v", &new_key(), &refund(751))).await;
+            over.assert_problem(422, "urn:payments-demo:problem:validation");
+            let unknown = send(d.post("/v1/payments/pay_nope/refunds", "acct_v", &new_key(), &refund(1))).await;
+            unknown.assert_problem(404, "urn:payments-demo:problem:not-found");
+            for path in [refunds.clone(), format!("/payments/{id}/refunds")] {
+                let list = send(d.req(Method::GET, &path, "acct_v")).await;
+                assert_eq!((list.status, list.json()), (200, json!([r.json()])), "{path}");
+            }
+            assert_eq!(d.ledger_count("payment"), 1);
+            assert_eq!(d.ledger_count("refund"), 1);
+        }
+
+        #[tokio::test]
+        async fn key_used_on_payments_replays_on_v1_payments() {
+            let d = demo().await;
+            let key = new_key();
+            let first = send(d.post("/payments", "acct_w", &key, &payment(1000))).await;
+            assert_eq!(first.status, 201);
+            let v1 = send(d.post("/v1/payments", "acct_w", &key, &payment(1000))).await;
+            assert_eq!(v1.status, 201, "{}", String::from_utf8_lossy(&v1.body));
+            assert!(v1.replayed(), "the prefix does not make it another operation");
+            assert_eq!(v1.body, first.body);
+            assert_eq!(v1.header("location"), first.header("location"));
+            assert_eq!(d.ledger_count("payment"), 1);
+
+            let id = first.json()["id"].as_str().unwrap().to_owned();
+            let rkey = new_key();
+            let r = send(d.post(&format!("/payments/{id}/refunds"), "acct_w", &rkey, &refund(10))).await;
+            assert_eq!(r.status, 201);
+            let v1 = send(d.post(&format!("/v1/payments/{id}/refunds"), "acct_w", &rkey, &refund(10))).await;
+            assert_eq!(v1.status, 201, "{}", String::from_utf8_lossy(&v1.body));
+            assert!(v1.replayed());
+            assert_eq!(v1.body, r.body);
+            assert_eq!(d.ledger_count("refund"), 1);
+        }
+
+        #[tokio::test]
+        async fn policy_report_lists_refunds() {
+            let d = demo().await;
+            let report = send(d.req(Method::GET, "/_idempotency/policies?format=json", "acct_a")).await;
+            assert_eq!(report.status, 200);
+            let v = report.json();
+            let routes = v["routes"].as_array().unwrap();
+            let refunds = routes
+                .iter()
+                .find(|r| r["scope"] == "refunds.create" && r["path"] == "/payments/{id}/refunds")
+                .unwrap_or_else(|| panic!("no refunds.create route at /payments/{{id}}/refunds in {v}"));
+            assert_eq!(refunds["fields"], json!(["amount"]));
+            assert_eq!(refunds["method"], "POST");
+            let md = send(d.req(Method::GET, "/_idempotency/policies?format=md", "acct_a")).await;
+            assert!(String::from_utf8_lossy(&md.body).contains("`refunds.create`"));
+        }
+
+        #[tokio::test]
         async fn policy_report_is_served_in_every_format() {
             let d = demo().await;
             let json = send(d.req(Method::GET, "/_idempotency/policies?format=json", "acct_a")).await;
             assert_eq!(json.status, 200);
             let v = json.json();
             let scopes: Vec<&str> = v["routes"].as_array().unwrap().iter().map(|r| r["scope"].as_str().unwrap()).collect();
-            for s in ["payments.create", "transfers.create", "quotes.create"] {
+            for s in ["payments.create", "transfers.create", "quotes.create", "refunds.create"] {
                 assert!(scopes.contains(&s), "{scopes:?}");
             }
             let pay = v["routes"].as_array().unwrap().iter().find(|r| r["scope"] == "payments.create").unwrap();

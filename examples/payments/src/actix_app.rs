@@ -5,7 +5,7 @@
 
 use crate::api::{done, ApiError, Caller, DemoProblem, MAX_BODY, PROBLEM_CONTENT_TYPE};
 use crate::config::Config;
-use crate::domain::{Bank, CreatePayment, CreateTransfer};
+use crate::domain::{Bank, CreatePayment, CreateRefund, CreateTransfer};
 use crate::ledger::Ledger;
 use actix_web::dev::{Payload, Server};
 use actix_web::error::InternalError;
@@ -51,6 +51,7 @@ impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::PaymentNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -71,6 +72,21 @@ pub async fn create_payment(
     let payment = done(app.bank.create_payment(&account, req))?;
     let location = format!("/payments/{}", payment.id);
     Ok(HttpResponse::Created().insert_header((header::LOCATION, location)).json(payment))
+}
+
+/// `POST /payments/{id}/refunds`: the payment must be the caller's and not already refunded in
+/// full. An unknown payment (404) and an excessive amount (422) are final outcomes, stored and
+/// replayed like a refund.
+#[idempotent(scope = "refunds.create", fields = [amount])]
+#[post("/payments/{id}/refunds")]
+pub async fn create_refund(
+    Caller(account): Caller,
+    app: web::Data<AppState>,
+    payment: web::Path<String>,
+    web::Json(req): web::Json<CreateRefund>,
+) -> Result<HttpResponse, ApiError> {
+    let refund = done(app.bank.create_refund(&account, &payment, req))?;
+    Ok(HttpResponse::Created().json(refund))
 }
 
 /// `POST /transfers`: takes the configured processing time.
@@ -116,6 +132,23 @@ async fn get_payment(Caller(account): Caller, app: web::Data<AppState>, id: web:
     }
 }
 
+#[get("/payments/{id}/refunds")]
+async fn list_refunds(Caller(account): Caller, app: web::Data<AppState>, id: web::Path<String>) -> HttpResponse {
+    match app.bank.refunds(&account, &id) {
+        Some(refunds) => HttpResponse::Ok().json(refunds),
+        None => problem_response(DemoProblem::payment_not_found(&id)),
+    }
+}
+
+/// The payment routes, served both at the root and under `/v1`.
+fn payment_routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(create_payment)
+        .service(list_payments)
+        .service(get_payment)
+        .service(create_refund)
+        .service(list_refunds);
+}
+
 /// A JSON body that is too large (413), not JSON or missing a field (400) is rejected before the
 /// idempotency layer runs, as a problem+json.
 fn json_config() -> web::JsonConfig {
@@ -150,9 +183,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, prepared: &Prepared) {
     cfg.app_data(prepared.idempotency.data())
         .app_data(prepared.state.clone())
         .app_data(json_config())
-        .service(create_payment)
-        .service(list_payments)
-        .service(get_payment)
+        .configure(payment_routes)
+        .service(web::scope("/v1").configure(payment_routes))
         .service(create_transfer)
         .service(list_transfers)
         .service(create_quote)

@@ -2,7 +2,7 @@
 //! and the bodies of the errors the demo itself answers with. Each framework module only turns
 //! these into its own request extractor and response type.
 
-use crate::domain::Invalid;
+use crate::domain::{Invalid, RefundRefused};
 use serde_json::json;
 
 /// Media type of every demo error.
@@ -83,6 +83,9 @@ pub enum ApiError {
     /// Domain validation: 422, a final outcome (stored and replayed).
     #[error("invalid request: {0}")]
     Invalid(Invalid),
+    /// The caller has no payment with this id: 404, a final outcome (stored and replayed).
+    #[error("payment not found: {0}")]
+    PaymentNotFound(String),
     /// The operation could not be recorded: 500, released so a retry runs again.
     #[error("internal error: {0}")]
     Internal(String),
@@ -93,6 +96,7 @@ impl ApiError {
     pub fn problem(&self) -> DemoProblem {
         match self {
             ApiError::Invalid(e) => DemoProblem::new(422, "validation", "Invalid request", e.0.clone()),
+            ApiError::PaymentNotFound(id) => DemoProblem::payment_not_found(id),
             ApiError::Internal(e) => {
                 tracing::error!(error = %e, "operation failed");
                 DemoProblem::new(
@@ -106,7 +110,23 @@ impl ApiError {
     }
 }
 
-/// Flattens a domain call's result: an outer error is internal, an inner one is validation.
-pub fn done<T>(r: Result<Result<T, Invalid>, String>) -> Result<T, ApiError> {
-    r.map_err(ApiError::Internal)?.map_err(ApiError::Invalid)
+impl From<Invalid> for ApiError {
+    fn from(e: Invalid) -> Self {
+        ApiError::Invalid(e)
+    }
+}
+
+impl From<RefundRefused> for ApiError {
+    fn from(e: RefundRefused) -> Self {
+        match e {
+            RefundRefused::UnknownPayment(id) => ApiError::PaymentNotFound(id),
+            RefundRefused::Invalid(e) => ApiError::Invalid(e),
+        }
+    }
+}
+
+/// Flattens a domain call's result: an outer error is internal, an inner one is the domain's
+/// refusal (validation, unknown payment), a final outcome.
+pub fn done<T, E: Into<ApiError>>(r: Result<Result<T, E>, String>) -> Result<T, ApiError> {
+    r.map_err(ApiError::Internal)?.map_err(Into::into)
 }

@@ -2,7 +2,7 @@
 
 use crate::api::{done, ApiError, Caller, DemoProblem, PROBLEM_CONTENT_TYPE};
 use crate::config::Config;
-use crate::domain::{Bank, CreatePayment, CreateTransfer};
+use crate::domain::{Bank, CreatePayment, CreateRefund, CreateTransfer};
 use crate::ledger::Ledger;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
 use axum::http::{header, request::Parts, HeaderValue, StatusCode};
@@ -61,6 +61,20 @@ pub async fn create_payment(
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(payment)))
 }
 
+/// `POST /payments/{id}/refunds`: the payment must be the caller's and not already refunded in
+/// full. An unknown payment (404) and an excessive amount (422) are final outcomes, stored and
+/// replayed like a refund.
+#[idempotent(scope = "refunds.create", fields = [amount], route = "POST /payments/{id}/refunds")]
+pub async fn create_refund(
+    Caller(account): Caller,
+    State(app): State<AppState>,
+    Path(payment): Path<String>,
+    Json(req): Json<CreateRefund>,
+) -> Result<impl IntoResponse, ApiError> {
+    let refund = done(app.bank.create_refund(&account, &payment, req))?;
+    Ok((StatusCode::CREATED, Json(refund)))
+}
+
 /// `POST /transfers`: takes the configured processing time.
 #[idempotent(scope = "transfers.create", fields = [amount, from, to], ttl = "24h", lease = "3s", route = "POST /transfers")]
 pub async fn create_transfer(
@@ -99,6 +113,21 @@ async fn get_payment(Caller(account): Caller, State(app): State<AppState>, Path(
     }
 }
 
+async fn list_refunds(Caller(account): Caller, State(app): State<AppState>, Path(id): Path<String>) -> Response {
+    match app.bank.refunds(&account, &id) {
+        Some(refunds) => Json(refunds).into_response(),
+        None => problem_response(DemoProblem::payment_not_found(&id)),
+    }
+}
+
+/// The payment routes, served both at the root and under `/v1`.
+fn payment_routes() -> Router<AppState> {
+    Router::new()
+        .route("/payments", post(create_payment).get(list_payments))
+        .route("/payments/{id}", get(get_payment))
+        .route("/payments/{id}/refunds", post(create_refund).get(list_refunds))
+}
+
 /// Builds the application: opens the store and the ledger, validates the policies.
 pub async fn app(config: &Config) -> Result<Router, String> {
     let (ledger, entries) = Ledger::open(&config.ledger)?;
@@ -117,9 +146,10 @@ pub fn app_with_store(
 ) -> Result<Router, String> {
     let idempotency = Idempotency::builder(store).actor(ActorSource::BearerToken).build().map_err(|e| e.to_string())?;
     let state = AppState { bank: Arc::new(Bank::new(ledger, entries)), transfer_delay: config.transfer_delay };
+    let payments = payment_routes();
     Ok(Router::new()
-        .route("/payments", post(create_payment).get(list_payments))
-        .route("/payments/{id}", get(get_payment))
+        .merge(payments.clone())
+        .nest("/v1", payments)
         .route("/transfers", post(create_transfer).get(list_transfers))
         .route("/quotes", post(create_quote))
         .route("/_idempotency/policies", get(policy_report))

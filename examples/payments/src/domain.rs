@@ -62,6 +62,42 @@ pub struct Transfer {
     pub created_at: String,
 }
 
+/// `POST /payments/{id}/refunds` body.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct CreateRefund {
+    /// Minor units, > 0 and at most the payment's unrefunded amount.
+    pub amount: i64,
+    /// Free text; not part of the fingerprint.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// A created refund.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct Refund {
+    /// `re_...`.
+    pub id: String,
+    /// The refunded payment's id.
+    pub payment: String,
+    /// Minor units.
+    pub amount: i64,
+    /// Free text.
+    pub reason: Option<String>,
+    /// RFC 3339 timestamp.
+    pub created_at: String,
+}
+
+/// Why a refund was refused: both are final outcomes, answered by the handler.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RefundRefused {
+    /// The caller has no payment with this id (404).
+    #[error("no payment `{0}` for this account")]
+    UnknownPayment(String),
+    /// The amount is not positive or exceeds what is left to refund (422).
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+}
+
 /// A domain validation failure, answered as 422 problem+json by the handler.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -88,11 +124,21 @@ impl Bank {
         Self { ledger, entries: Mutex::new(entries) }
     }
 
+    fn entries(&self) -> std::sync::MutexGuard<'_, Vec<Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn record(&self, kind: &str, account: &str, operation: serde_json::Value) -> Result<(), String> {
+        let entry = self.append(kind, account, operation)?;
+        self.entries().push(entry);
+        Ok(())
+    }
+
+    /// Writes an entry to the ledger and returns it, for the caller to add to the entries.
+    fn append(&self, kind: &str, account: &str, operation: serde_json::Value) -> Result<Entry, String> {
         let entry = Entry { kind: kind.to_owned(), account: account.to_owned(), operation };
         self.ledger.append(&entry).map_err(|e| format!("ledger write failed: {e}"))?;
-        self.entries.lock().unwrap_or_else(|p| p.into_inner()).push(entry);
-        Ok(())
+        Ok(entry)
     }
 
     /// Validates and executes a payment, recording it in the ledger.
@@ -141,14 +187,149 @@ impl Bank {
         Ok(Ok(quote))
     }
 
+    /// Validates and executes a refund of one of the account's payments, recording it in the
+    /// ledger. An unknown payment is refused before the amount is looked at.
+    ///
+    /// The check against the unrefunded amount and the recording happen under one lock, so two
+    /// concurrent refunds (under different keys) can never refund more than the payment.
+    pub fn create_refund(
+        &self,
+        account: &str,
+        payment: &str,
+        req: CreateRefund,
+    ) -> Result<Result<Refund, RefundRefused>, String> {
+        let mut entries = self.entries();
+        let Some(paid) = find_payment(&entries, account, payment).map(|p| p["amount"].as_i64().unwrap_or(0)) else {
+            return Ok(Err(RefundRefused::UnknownPayment(payment.to_owned())));
+        };
+        if req.amount <= 0 {
+            return Ok(Err(Invalid(format!("amount must be a positive integer, got {}", req.amount)).into()));
+        }
+        let refunded: i64 = refunds_of(&entries, account, payment).filter_map(|r| r["amount"].as_i64()).sum();
+        let left = paid - refunded;
+        if req.amount > left {
+            return Ok(Err(Invalid(format!(
+                "amount {} exceeds what is left to refund of payment `{payment}`: {left} of {paid}",
+                req.amount
+            ))
+            .into()));
+        }
+        let refund = Refund {
+            id: new_id("re"),
+            payment: payment.to_owned(),
+            amount: req.amount,
+            reason: req.reason,
+            created_at: now(),
+        };
+        let entry = self.append("refund", account, serde_json::to_value(&refund).map_err(|e| e.to_string())?)?;
+        entries.push(entry);
+        Ok(Ok(refund))
+    }
+
     /// The account's executed operations of `kind`, oldest first.
     pub fn list(&self, account: &str, kind: &str) -> Vec<serde_json::Value> {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let entries = self.entries();
         entries.iter().filter(|e| e.account == account && e.kind == kind).map(|e| e.operation.clone()).collect()
     }
 
     /// One of the account's payments.
     pub fn payment(&self, account: &str, id: &str) -> Option<serde_json::Value> {
-        self.list(account, "payment").into_iter().find(|p| p["id"] == id)
+        find_payment(&self.entries(), account, id).cloned()
+    }
+
+    /// The refunds of one of the account's payments, oldest first; `None` when the account has
+    /// no such payment.
+    pub fn refunds(&self, account: &str, payment: &str) -> Option<Vec<serde_json::Value>> {
+        let entries = self.entries();
+        find_payment(&entries, account, payment)?;
+        Some(refunds_of(&entries, account, payment).cloned().collect())
+    }
+}
+
+fn find_payment<'a>(entries: &'a [Entry], account: &str, id: &str) -> Option<&'a serde_json::Value> {
+    entries
+        .iter()
+        .find(|e| e.account == account && e.kind == "payment" && e.operation["id"] == id)
+        .map(|e| &e.operation)
+}
+
+fn refunds_of<'a>(
+    entries: &'a [Entry],
+    account: &'a str,
+    payment: &'a str,
+) -> impl Iterator<Item = &'a serde_json::Value> + 'a {
+    entries
+        .iter()
+        .filter(move |e| e.account == account && e.kind == "refund" && e.operation["payment"] == payment)
+        .map(|e| &e.operation)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn ledger_path(name: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("payments-domain-{}-{name}.jsonl", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        path
+    }
+
+    fn open(path: &std::path::Path) -> Bank {
+        let (ledger, entries) = Ledger::open(path).unwrap();
+        Bank::new(ledger, entries)
+    }
+
+    fn pay(bank: &Bank, account: &str, amount: i64) -> Payment {
+        let req = CreatePayment { amount, currency: "EUR".into(), customer: "c".into(), description: None };
+        bank.create_payment(account, req).unwrap().unwrap()
+    }
+
+    fn refund(bank: &Bank, account: &str, payment: &str, amount: i64) -> Result<Refund, RefundRefused> {
+        bank.create_refund(account, payment, CreateRefund { amount, reason: None }).unwrap()
+    }
+
+    #[test]
+    fn refunds_never_exceed_the_payment() {
+        let path = ledger_path("exceed");
+        let bank = open(&path);
+        let p = pay(&bank, "a", 1000);
+        let r = refund(&bank, "a", &p.id, 600).unwrap();
+        assert!(r.id.starts_with("re_"), "{}", r.id);
+        assert_eq!((r.payment.as_str(), r.amount), (p.id.as_str(), 600));
+        assert!(matches!(refund(&bank, "a", &p.id, 401), Err(RefundRefused::Invalid(_))));
+        assert!(matches!(refund(&bank, "a", &p.id, 0), Err(RefundRefused::Invalid(_))));
+        assert!(matches!(refund(&bank, "a", &p.id, -1), Err(RefundRefused::Invalid(_))));
+        refund(&bank, "a", &p.id, 400).unwrap();
+        assert!(matches!(refund(&bank, "a", &p.id, 1), Err(RefundRefused::Invalid(_))));
+        assert_eq!(bank.refunds("a", &p.id).unwrap().len(), 2);
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn an_unknown_or_foreign_payment_has_no_refunds() {
+        let path = ledger_path("unknown");
+        let bank = open(&path);
+        let p = pay(&bank, "a", 1000);
+        assert_eq!(refund(&bank, "b", &p.id, 1), Err(RefundRefused::UnknownPayment(p.id.clone())));
+        assert_eq!(refund(&bank, "a", "pay_nope", 0), Err(RefundRefused::UnknownPayment("pay_nope".into())));
+        assert_eq!(bank.refunds("b", &p.id), None);
+        assert_eq!(bank.refunds("a", &p.id), Some(vec![]));
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn refunds_survive_a_restart() {
+        let path = ledger_path("restart");
+        let (p, r) = {
+            let bank = open(&path);
+            let p = pay(&bank, "a", 1000);
+            (p.clone(), refund(&bank, "a", &p.id, 700).unwrap())
+        };
+        let bank = open(&path);
+        assert_eq!(bank.refunds("a", &p.id), Some(vec![serde_json::to_value(&r).unwrap()]));
+        assert!(matches!(refund(&bank, "a", &p.id, 301), Err(RefundRefused::Invalid(_))));
+        refund(&bank, "a", &p.id, 300).unwrap();
+        let _ = std::fs::remove_file(path);
     }
 }

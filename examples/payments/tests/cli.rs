@@ -29,9 +29,12 @@ fn policies_subcommand_prints_each_format(b: Bin) {
     assert!(md.status.success());
     let text = String::from_utf8(md.stdout).unwrap();
     assert!(text.contains("| `payments.create` | POST /payments | amount, currency, customer | 1d |"), "{text}");
+    assert!(text.contains("| `refunds.create` | POST /payments/{id}/refunds | amount | 1d |"), "{text}");
     let json = bin(b).args(["policies", "--format", "json"]).output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
-    assert_eq!(v["routes"].as_array().unwrap().len(), 3);
+    let mut scopes: Vec<&str> = v["routes"].as_array().unwrap().iter().map(|r| r["scope"].as_str().unwrap()).collect();
+    scopes.sort_unstable();
+    assert_eq!(scopes, ["payments.create", "quotes.create", "refunds.create", "transfers.create"]);
     let html = bin(b).args(["policies", "--format", "html"]).output().unwrap();
     assert!(String::from_utf8(html.stdout).unwrap().starts_with("<!DOCTYPE html>"));
     let bad = bin(b).args(["policies", "--format", "pdf"]).output().unwrap();
