@@ -19,6 +19,9 @@ pub mod redis;
 #[cfg(feature = "redis")]
 pub use self::redis::RedisStore;
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub mod sql;
+
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "postgres")]
@@ -179,56 +182,4 @@ pub async fn connect(spec: &str) -> Result<std::sync::Arc<dyn Store>, StoreError
             "unknown store `{spec}`: use `memory`, `sqlite:PATH`, `postgres://...` or `redis://...` (with the matching cargo feature enabled)"
         ))),
     }
-}
-
-// Helpers shared by the SQL stores.
-
-/// Aborts the background sweeper when the store is dropped.
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
-#[derive(Debug)]
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Turns a live row into the claim's answer; anything undecodable is [`StoreError::Corrupt`].
-/// The answer of a statement fenced by a claim's token: no row touched means the token no longer
-/// holds the claim.
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
-fn fenced(rows_affected: u64) -> Result<(), StoreError> {
-    if rows_affected == 0 {
-        Err(StoreError::Fenced)
-    } else {
-        Ok(())
-    }
-}
-
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
-fn decide(
-    fingerprint: &Fingerprint,
-    stored_fingerprint: &[u8],
-    state: &str,
-    response: Option<&[u8]>,
-    remaining: Duration,
-) -> Result<Claim, StoreError> {
-    let stored: [u8; 32] = stored_fingerprint
-        .try_into()
-        .map_err(|_| StoreError::Corrupt(format!("fingerprint is {} bytes, expected 32", stored_fingerprint.len())))?;
-    let in_progress = match state {
-        "in_progress" => true,
-        "completed" => false,
-        other => return Err(StoreError::Corrupt(format!("unknown record state {other:?}"))),
-    };
-    if stored != fingerprint.0 {
-        return Ok(Claim::Mismatch);
-    }
-    if in_progress {
-        return Ok(Claim::InProgress { retry_after: remaining });
-    }
-    let bytes = response.ok_or_else(|| StoreError::Corrupt("completed record without a response".into()))?;
-    StoredResponse::decode(bytes).map(Claim::Completed).map_err(|e| StoreError::Corrupt(e.to_string()))
 }

@@ -74,21 +74,92 @@
 //! Connections use sqlx's PostgreSQL driver without TLS; reach a remote server through a
 //! private network or a local TLS proxy.
 
-use super::{decide, fenced, AbortOnDrop, Claim, ClaimToken, RecordKey, Store, StoreError};
+use super::sql::{column, decide_row, millis, quote_ident, sealed, Backend, SqlConfig, SqlStore};
+use super::{Claim, ClaimToken, RecordKey, Store, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use async_trait::async_trait;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::Row;
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::query::Query;
+use sqlx::{Executor, Postgres, Transaction};
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
-/// Migrations, in order: `(version, SQL)`. `{schema_ddl}`, `{table}` and `{index}` are replaced
-/// by the configured, quoted names. Every statement is idempotent.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "{schema_ddl}CREATE TABLE IF NOT EXISTS {table} (
+/// Settings of a [`PostgresStore`]: the shared ones, and [`schema`](SqlConfig::schema),
+/// [`acquire_timeout`](SqlConfig::acquire_timeout) and
+/// [`application_name`](SqlConfig::application_name).
+pub type PostgresConfig = SqlConfig<Postgres>;
+
+/// A [`Store`] in a PostgreSQL table; see the [module docs](self) for how it works.
+///
+/// Cloning is cheap and shares the pool and the sweeper.
+pub type PostgresStore = SqlStore<Postgres>;
+
+/// Key of the advisory lock taken while migrating (an arbitrary constant).
+const MIGRATION_LOCK: i64 = 0x1de0_7e47_5701_2e01;
+
+/// What the shared SQL store code keeps for PostgreSQL (public only to be named by [`Backend`]).
+mod own {
+    use std::time::Duration;
+
+    /// PostgreSQL's own settings.
+    #[derive(Debug, Clone)]
+    pub struct Settings {
+        pub(super) acquire_timeout: Duration,
+        pub(super) application_name: Option<String>,
+    }
+
+    impl Default for Settings {
+        fn default() -> Self {
+            Self { acquire_timeout: Duration::from_secs(5), application_name: None }
+        }
+    }
+
+    /// The statements of one configured store, rendered once.
+    #[derive(Debug)]
+    pub struct Statements {
+        pub(super) claim: String,
+        pub(super) renew: String,
+        pub(super) complete: String,
+        pub(super) release: String,
+        pub(super) sweep: String,
+    }
+}
+
+use own::{Settings, Statements};
+
+impl SqlConfig<Postgres> {
+    /// Puts the table in `schema` (created by the migration if missing).
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = Some(schema.into());
+        self
+    }
+
+    /// How long a request waits for a connection before the store reports itself unavailable
+    /// (default 5 s).
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.acquire_timeout = timeout;
+        self
+    }
+
+    /// The `application_name` the store's connections report to the server.
+    pub fn application_name(mut self, name: impl Into<String>) -> Self {
+        self.settings.application_name = Some(name.into());
+        self
+    }
+}
+
+impl sealed::Sealed for Postgres {}
+
+#[async_trait]
+impl Backend for Postgres {
+    const MAX_CONNECTIONS: u32 = 10;
+    const SWEEP_BATCH: u32 = 1000;
+    const MAX_NAME_LEN: usize = 63;
+    const NAME_RULE: &'static str = "PostgreSQL table and schema names must be 1 to 63 bytes without NUL";
+    const MIGRATIONS: &'static [(i32, &'static str)] = &[(
+        1,
+        "{schema_ddl}CREATE TABLE IF NOT EXISTS {table} (
     scope       TEXT        NOT NULL,
     actor       TEXT        NOT NULL,
     idem_key    TEXT        NOT NULL,
@@ -102,152 +173,15 @@ const MIGRATIONS: &[(i32, &str)] = &[(
 );
 CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);
 ",
-)];
+    )];
 
-/// Key of the advisory lock taken while migrating (an arbitrary constant).
-const MIGRATION_LOCK: i64 = 0x1de0_7e47_5701_2e01;
+    type Settings = Settings;
+    type Statements = Statements;
 
-/// Settings of a [`PostgresStore`].
-#[derive(Debug, Clone)]
-pub struct PostgresConfig {
-    schema: Option<String>,
-    table: String,
-    migrate: bool,
-    max_connections: u32,
-    acquire_timeout: Duration,
-    sweep_interval: Option<Duration>,
-    sweep_batch: u32,
-    application_name: Option<String>,
-}
-
-impl Default for PostgresConfig {
-    fn default() -> Self {
-        Self {
-            schema: None,
-            table: "idempotency_records".into(),
-            migrate: true,
-            max_connections: 10,
-            acquire_timeout: Duration::from_secs(5),
-            sweep_interval: Some(Duration::from_secs(60)),
-            sweep_batch: 1000,
-            application_name: None,
-        }
-    }
-}
-
-impl PostgresConfig {
-    /// The defaults: table `idempotency_records` on the connection's `search_path`, migrations on
-    /// start-up, 10 connections, a 5 s acquire timeout, a sweep every minute in batches of 1000.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Puts the table in `schema` (created by the migration if missing).
-    pub fn schema(mut self, schema: impl Into<String>) -> Self {
-        self.schema = Some(schema.into());
-        self
-    }
-
-    /// Names the table (default `idempotency_records`).
-    pub fn table(mut self, table: impl Into<String>) -> Self {
-        self.table = table.into();
-        self
-    }
-
-    /// Whether to apply the embedded migrations on start-up (default `true`).
-    pub fn migrate(mut self, migrate: bool) -> Self {
-        self.migrate = migrate;
-        self
-    }
-
-    /// Size of the connection pool (default 10).
-    pub fn max_connections(mut self, n: u32) -> Self {
-        self.max_connections = n.max(1);
-        self
-    }
-
-    /// How long a request waits for a connection before the store reports itself unavailable
-    /// (default 5 s).
-    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
-        self.acquire_timeout = timeout;
-        self
-    }
-
-    /// How often expired records are deleted; `None` disables the background sweeper (then call
-    /// [`PostgresStore::sweep_expired`] yourself). Default one minute.
-    pub fn sweep_interval(mut self, interval: Option<Duration>) -> Self {
-        self.sweep_interval = interval;
-        self
-    }
-
-    /// Rows deleted per sweeper statement (default 1000).
-    pub fn sweep_batch(mut self, batch: u32) -> Self {
-        self.sweep_batch = batch.max(1);
-        self
-    }
-
-    /// The `application_name` the store's connections report to the server.
-    pub fn application_name(mut self, name: impl Into<String>) -> Self {
-        self.application_name = Some(name.into());
-        self
-    }
-
-    fn validate(&self) -> Result<(), StoreError> {
-        let ok = |s: &str| !s.is_empty() && s.len() <= 63 && !s.contains('\0');
-        if !ok(&self.table) || self.schema.as_deref().is_some_and(|s| !ok(s)) {
-            return Err(StoreError::Config(
-                "PostgreSQL table and schema names must be 1 to 63 bytes without NUL".into(),
-            ));
-        }
-        Ok(())
-    }
-
-    fn qualified_table(&self) -> String {
-        match &self.schema {
-            Some(schema) => format!("{}.{}", quote_ident(schema), quote_ident(&self.table)),
-            None => quote_ident(&self.table),
-        }
-    }
-
-    fn versions_table(&self) -> String {
-        let name = format!("{}_migrations", self.table);
-        match &self.schema {
-            Some(schema) => format!("{}.{}", quote_ident(schema), quote_ident(&name)),
-            None => quote_ident(&name),
-        }
-    }
-
-    fn render(&self, template: &str) -> String {
-        let schema_ddl = match &self.schema {
-            Some(schema) => format!("CREATE SCHEMA IF NOT EXISTS {};\n", quote_ident(schema)),
-            None => String::new(),
-        };
-        template
-            .replace("{schema_ddl}", &schema_ddl)
-            .replace("{table}", &self.qualified_table())
-            .replace("{index}", &quote_ident(&format!("{}_expires_at_idx", self.table)))
-    }
-}
-
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// The statements of one configured store, rendered once.
-#[derive(Debug)]
-struct Statements {
-    claim: String,
-    renew: String,
-    complete: String,
-    release: String,
-    sweep: String,
-}
-
-impl Statements {
-    fn new(config: &PostgresConfig) -> Self {
+    fn statements(config: &PostgresConfig) -> Statements {
         let t = config.qualified_table();
         let key = "scope = $1 AND actor = $2 AND idem_key = $3";
-        Self {
+        Statements {
             claim: format!(
                 "WITH existing AS (
     SELECT fingerprint, state, response, expires_at FROM {t} WHERE {key}
@@ -289,38 +223,50 @@ WHERE {key} AND token = $4 AND state = 'in_progress'"
             ),
         }
     }
-}
 
-#[derive(Debug)]
-struct Inner {
-    pool: PgPool,
-    config: PostgresConfig,
-    sql: Arc<Statements>,
-    _sweeper: Option<AbortOnDrop>,
-}
+    fn sweep_query(sql: &Statements, batch: i64) -> Query<'_, Postgres, PgArguments> {
+        sqlx::query(&sql.sweep).bind(batch)
+    }
 
-/// A [`Store`] in a PostgreSQL table; see the [module docs](self) for how it works.
-///
-/// Cloning is cheap and shares the pool and the sweeper.
-#[derive(Debug, Clone)]
-pub struct PostgresStore {
-    inner: Arc<Inner>,
-}
+    async fn execute<'q>(pool: &PgPool, query: Query<'q, Postgres, PgArguments>) -> Result<u64, sqlx::Error> {
+        Ok(query.execute(pool).await?.rows_affected())
+    }
 
-/// Connection failures and server errors: the store is unavailable (503, fail closed).
-fn unavailable(e: sqlx::Error) -> StoreError {
-    match e {
-        sqlx::Error::Configuration(e) => StoreError::Config(format!("PostgreSQL: {e}")),
-        e => StoreError::Unavailable(format!("PostgreSQL: {e}")),
+    async fn begin_migration(
+        pool: &PgPool,
+        config: &PostgresConfig,
+        versions: &str,
+    ) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        let mut tx = pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(MIGRATION_LOCK).execute(&mut *tx).await?;
+        if let Some(schema) = &config.schema {
+            (&mut *tx).execute(sqlx::raw_sql(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(schema)))).await?;
+        }
+        (&mut *tx)
+            .execute(sqlx::raw_sql(&format!(
+            "CREATE TABLE IF NOT EXISTS {versions} (version INT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )))
+            .await?;
+        Ok(tx)
+    }
+
+    async fn applied_version(conn: &mut PgConnection, versions: &str) -> Result<Option<i32>, sqlx::Error> {
+        sqlx::query_scalar(&format!("SELECT max(version) FROM {versions}")).fetch_one(conn).await
+    }
+
+    async fn apply_migration(
+        conn: &mut PgConnection,
+        versions: &str,
+        version: i32,
+        sql: &str,
+    ) -> Result<(), sqlx::Error> {
+        (&mut *conn).execute(sqlx::raw_sql(sql)).await?;
+        sqlx::query(&format!("INSERT INTO {versions} (version) VALUES ($1)")).bind(version).execute(conn).await?;
+        Ok(())
     }
 }
 
-fn millis(d: Duration) -> i64 {
-    // Ten years is far beyond any lease or time to live and keeps timestamps in range.
-    d.as_millis().min(10 * 365 * 24 * 3600 * 1000) as i64
-}
-
-impl PostgresStore {
+impl SqlStore<Postgres> {
     /// Connects to `url` (`postgres://user:password@host:port/database`) with the default
     /// [`PostgresConfig`], applies the migrations and starts the sweeper.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
@@ -335,174 +281,49 @@ impl PostgresStore {
         config.validate()?;
         let mut options =
             PgConnectOptions::from_str(url).map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?;
-        if let Some(name) = &config.application_name {
+        if let Some(name) = &config.settings.application_name {
             options = options.application_name(name);
         }
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
-            .acquire_timeout(config.acquire_timeout)
+            .acquire_timeout(config.settings.acquire_timeout)
             // A ping before every query would double the round trips; a dead connection fails
             // one request and is then dropped by the pool.
             .test_before_acquire(false)
             .connect_with(options)
             .await
-            .map_err(unavailable)?;
+            .map_err(Postgres::unavailable)?;
         Self::from_pool(pool, config).await
     }
-
-    /// A store on an existing pool (shared with the application, for instance).
-    pub async fn from_pool(pool: PgPool, config: PostgresConfig) -> Result<Self, StoreError> {
-        config.validate()?;
-        if config.migrate {
-            migrate(&pool, &config).await?;
-        }
-        let sql = Arc::new(Statements::new(&config));
-        let sweeper = config.sweep_interval.map(|interval| {
-            let (pool, sql, batch) = (pool.clone(), sql.clone(), config.sweep_batch);
-            AbortOnDrop(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(interval);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tick.tick().await;
-                    match sweep(&pool, &sql, batch).await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::debug!(deleted = n, "idempotency store: expired records swept"),
-                        Err(e) => tracing::warn!(error = %e, "idempotency store: sweeping expired records failed"),
-                    }
-                }
-            }))
-        });
-        Ok(Self { inner: Arc::new(Inner { pool, config, sql, _sweeper: sweeper }) })
-    }
-
-    /// The SQL that creates the store's table and index for `config`, for applications that
-    /// manage migrations themselves (with [`PostgresConfig::migrate`] set to `false`). Every
-    /// statement is idempotent (`IF NOT EXISTS`).
-    pub fn migration_sql(config: &PostgresConfig) -> String {
-        MIGRATIONS.iter().map(|(_, sql)| config.render(sql)).collect::<Vec<_>>().join("\n")
-    }
-
-    /// The store's connection pool.
-    pub fn pool(&self) -> &PgPool {
-        &self.inner.pool
-    }
-
-    /// The store's settings.
-    pub fn config(&self) -> &PostgresConfig {
-        &self.inner.config
-    }
-
-    /// Deletes every expired record now, in batches; returns how many were deleted.
-    pub async fn sweep_expired(&self) -> Result<u64, StoreError> {
-        sweep(&self.inner.pool, &self.inner.sql, self.inner.config.sweep_batch).await
-    }
-}
-
-async fn sweep(pool: &PgPool, sql: &Statements, batch: u32) -> Result<u64, StoreError> {
-    let mut total = 0;
-    loop {
-        let n =
-            sqlx::query(&sql.sweep).bind(i64::from(batch)).execute(pool).await.map_err(unavailable)?.rows_affected();
-        total += n;
-        if n < u64::from(batch) {
-            return Ok(total);
-        }
-        tokio::task::yield_now().await;
-    }
-}
-
-async fn migrate(pool: &PgPool, config: &PostgresConfig) -> Result<(), StoreError> {
-    let mut tx = pool.begin().await.map_err(unavailable)?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(MIGRATION_LOCK)
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-    if let Some(schema) = &config.schema {
-        sqlx::raw_sql(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(schema)))
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-    }
-    let versions = config.versions_table();
-    sqlx::raw_sql(&format!(
-        "CREATE TABLE IF NOT EXISTS {versions} (version INT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
-    ))
-    .execute(&mut *tx)
-    .await
-    .map_err(unavailable)?;
-    let current: Option<i32> = sqlx::query_scalar(&format!("SELECT max(version) FROM {versions}"))
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| Some(*v) > current) {
-        sqlx::raw_sql(&config.render(sql)).execute(&mut *tx).await.map_err(unavailable)?;
-        sqlx::query(&format!("INSERT INTO {versions} (version) VALUES ($1)"))
-            .bind(version)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-    }
-    tx.commit().await.map_err(unavailable)
 }
 
 /// How many times a claim is retried when a concurrent change hid the row from its snapshot.
 const CLAIM_ATTEMPTS: usize = 16;
-
-/// A statement fenced by a claim's token, with the record's key and the token bound as its first
-/// four parameters.
-fn fenced_query<'q>(
-    sql: &'q str,
-    key: &'q RecordKey,
-    token: &'q ClaimToken,
-) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
-    sqlx::query(sql).bind(&key.scope).bind(&key.actor).bind(&key.key).bind(&token.0)
-}
 
 #[async_trait]
 impl Store for PostgresStore {
     async fn claim(&self, key: &RecordKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
         for _ in 0..CLAIM_ATTEMPTS {
             let token = ClaimToken::generate();
-            let row = sqlx::query(&self.inner.sql.claim)
-                .bind(&key.scope)
-                .bind(&key.actor)
-                .bind(&key.key)
+            let row = Self::key_query(&self.sql().claim, key)
                 .bind(&fingerprint.0[..])
                 .bind(&token.0)
                 .bind(millis(lease))
-                .fetch_optional(&self.inner.pool)
+                .fetch_optional(self.pool())
                 .await
-                .map_err(unavailable)?;
+                .map_err(Postgres::unavailable)?;
             let Some(row) = row else { continue };
-            let corrupt = |e: sqlx::Error| StoreError::Corrupt(format!("undecodable record: {e}"));
-            if row.try_get::<bool, _>("acquired").map_err(corrupt)? {
+            if column::<_, bool>(&row, "acquired")? {
                 return Ok(Claim::Acquired(token));
             }
-            let stored: Vec<u8> = row.try_get("fingerprint").map_err(corrupt)?;
-            let state: String = row.try_get("state").map_err(corrupt)?;
-            let response: Option<Vec<u8>> = row.try_get("response").map_err(corrupt)?;
-            let remaining: i64 = row.try_get("remaining_ms").map_err(corrupt)?;
-            return decide(
-                fingerprint,
-                &stored,
-                &state,
-                response.as_deref(),
-                Duration::from_millis(remaining.max(0) as u64),
-            );
+            let remaining: i64 = column(&row, "remaining_ms")?;
+            return decide_row(&row, fingerprint, Duration::from_millis(remaining.max(0) as u64));
         }
         Err(StoreError::Unavailable("PostgreSQL: claim kept losing races on one key".into()))
     }
 
     async fn renew(&self, key: &RecordKey, token: &ClaimToken, lease: Duration) -> Result<(), StoreError> {
-        fenced(
-            fenced_query(&self.inner.sql.renew, key, token)
-                .bind(millis(lease))
-                .execute(&self.inner.pool)
-                .await
-                .map_err(unavailable)?
-                .rows_affected(),
-        )
+        self.run_fenced(Self::fenced_query(&self.sql().renew, key, token).bind(millis(lease))).await
     }
 
     async fn complete(
@@ -512,25 +333,12 @@ impl Store for PostgresStore {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        fenced(
-            fenced_query(&self.inner.sql.complete, key, token)
-                .bind(response.encode())
-                .bind(millis(ttl))
-                .execute(&self.inner.pool)
-                .await
-                .map_err(unavailable)?
-                .rows_affected(),
-        )
+        self.run_fenced(Self::fenced_query(&self.sql().complete, key, token).bind(response.encode()).bind(millis(ttl)))
+            .await
     }
 
     async fn release(&self, key: &RecordKey, token: &ClaimToken) -> Result<(), StoreError> {
-        fenced(
-            fenced_query(&self.inner.sql.release, key, token)
-                .execute(&self.inner.pool)
-                .await
-                .map_err(unavailable)?
-                .rows_affected(),
-        )
+        self.run_fenced(Self::fenced_query(&self.sql().release, key, token)).await
     }
 
     fn name(&self) -> &'static str {
@@ -548,17 +356,5 @@ mod tests {
         assert!(sql.contains("CREATE SCHEMA IF NOT EXISTS \"app\";"));
         assert!(sql.contains("CREATE TABLE IF NOT EXISTS \"app\".\"we\"\"ird\""));
         assert!(sql.contains("\"we\"\"ird_expires_at_idx\""));
-    }
-
-    #[test]
-    fn undecodable_rows_are_corrupt() {
-        let fp = Fingerprint([7; 32]);
-        let d = Duration::ZERO;
-        assert!(matches!(decide(&fp, &[7; 5], "completed", None, d), Err(StoreError::Corrupt(_))));
-        assert!(matches!(decide(&fp, &[7; 32], "done", None, d), Err(StoreError::Corrupt(_))));
-        assert!(matches!(decide(&fp, &[7; 32], "completed", None, d), Err(StoreError::Corrupt(_))));
-        assert!(matches!(decide(&fp, &[7; 32], "completed", Some(b"xx"), d), Err(StoreError::Corrupt(_))));
-        assert!(matches!(decide(&fp, &[8; 32], "completed", Some(b"xx"), d), Ok(Claim::Mismatch)));
-        assert!(matches!(decide(&fp, &[7; 32], "in_progress", None, d), Ok(Claim::InProgress { .. })));
     }
 }

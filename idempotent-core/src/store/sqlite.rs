@@ -32,21 +32,79 @@
 //! Expired records are treated as absent by claims and deleted by a background task in batches,
 //! off the request path; the task stops when the store is dropped.
 
-use super::{decide, fenced, AbortOnDrop, Claim, ClaimToken, RecordKey, Store, StoreError};
+use super::sql::{column, decide_row, millis, sealed, Backend, SqlConfig, SqlStore};
+use super::{Claim, ClaimToken, RecordKey, Store, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use async_trait::async_trait;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::Row;
+use sqlx::query::Query;
+use sqlx::sqlite::{
+    SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Executor, Sqlite, Transaction};
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Migrations, in order: `(version, SQL)`. `{table}` and `{index}` are replaced by the
-/// configured, quoted names. Every statement is idempotent.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "CREATE TABLE IF NOT EXISTS {table} (
+/// Settings of a [`SqliteStore`]: the shared ones, and
+/// [`busy_timeout`](SqlConfig::busy_timeout).
+pub type SqliteConfig = SqlConfig<Sqlite>;
+
+/// A [`Store`] in a SQLite database; see the [module docs](self) for how it works.
+///
+/// Cloning is cheap and shares the pool and the sweeper.
+pub type SqliteStore = SqlStore<Sqlite>;
+
+/// What the shared SQL store code keeps for SQLite (public only to be named by [`Backend`]).
+mod own {
+    use std::time::Duration;
+
+    /// SQLite's own settings.
+    #[derive(Debug, Clone)]
+    pub struct Settings {
+        pub(super) busy_timeout: Duration,
+    }
+
+    impl Default for Settings {
+        fn default() -> Self {
+            Self { busy_timeout: Duration::from_secs(10) }
+        }
+    }
+
+    /// The statements of one configured store, rendered once.
+    #[derive(Debug)]
+    pub struct Statements {
+        pub(super) select: String,
+        pub(super) upsert: String,
+        pub(super) renew: String,
+        pub(super) complete: String,
+        pub(super) release: String,
+        pub(super) sweep: String,
+    }
+}
+
+use own::{Settings, Statements};
+
+impl SqlConfig<Sqlite> {
+    /// How long a statement waits for SQLite's write lock before the store reports itself
+    /// unavailable (default 10 s).
+    pub fn busy_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.busy_timeout = timeout;
+        self
+    }
+}
+
+impl sealed::Sealed for Sqlite {}
+
+#[async_trait]
+impl Backend for Sqlite {
+    const MAX_CONNECTIONS: u32 = 4;
+    const SWEEP_BATCH: u32 = 500;
+    const MAX_NAME_LEN: usize = usize::MAX;
+    const NAME_RULE: &'static str = "SQLite table name must be non-empty without NUL";
+    const MIGRATIONS: &'static [(i32, &'static str)] = &[(
+        1,
+        "CREATE TABLE IF NOT EXISTS {table} (
     scope       TEXT    NOT NULL,
     actor       TEXT    NOT NULL,
     idem_key    TEXT    NOT NULL,
@@ -60,110 +118,15 @@ const MIGRATIONS: &[(i64, &str)] = &[(
 );
 CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);
 ",
-)];
+    )];
 
-/// Settings of a [`SqliteStore`].
-#[derive(Debug, Clone)]
-pub struct SqliteConfig {
-    table: String,
-    migrate: bool,
-    max_connections: u32,
-    busy_timeout: Duration,
-    sweep_interval: Option<Duration>,
-    sweep_batch: u32,
-}
+    type Settings = Settings;
+    type Statements = Statements;
 
-impl Default for SqliteConfig {
-    fn default() -> Self {
-        Self {
-            table: "idempotency_records".into(),
-            migrate: true,
-            max_connections: 4,
-            busy_timeout: Duration::from_secs(10),
-            sweep_interval: Some(Duration::from_secs(60)),
-            sweep_batch: 500,
-        }
-    }
-}
-
-impl SqliteConfig {
-    /// The defaults: table `idempotency_records`, migrations on start-up, 4 connections, a 10 s
-    /// busy timeout, a sweep every minute in batches of 500.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Names the table (default `idempotency_records`).
-    pub fn table(mut self, table: impl Into<String>) -> Self {
-        self.table = table.into();
-        self
-    }
-
-    /// Whether to create the table on start-up (default `true`).
-    pub fn migrate(mut self, migrate: bool) -> Self {
-        self.migrate = migrate;
-        self
-    }
-
-    /// Size of the connection pool (default 4).
-    pub fn max_connections(mut self, n: u32) -> Self {
-        self.max_connections = n.max(1);
-        self
-    }
-
-    /// How long a statement waits for SQLite's write lock before the store reports itself
-    /// unavailable (default 10 s).
-    pub fn busy_timeout(mut self, timeout: Duration) -> Self {
-        self.busy_timeout = timeout;
-        self
-    }
-
-    /// How often expired records are deleted; `None` disables the background sweeper (then call
-    /// [`SqliteStore::sweep_expired`] yourself). Default one minute.
-    pub fn sweep_interval(mut self, interval: Option<Duration>) -> Self {
-        self.sweep_interval = interval;
-        self
-    }
-
-    /// Rows deleted per sweeper statement (default 500).
-    pub fn sweep_batch(mut self, batch: u32) -> Self {
-        self.sweep_batch = batch.max(1);
-        self
-    }
-
-    fn validate(&self) -> Result<(), StoreError> {
-        if self.table.is_empty() || self.table.contains('\0') {
-            return Err(StoreError::Config("SQLite table name must be non-empty without NUL".into()));
-        }
-        Ok(())
-    }
-
-    fn render(&self, template: &str) -> String {
-        template
-            .replace("{table}", &quote_ident(&self.table))
-            .replace("{index}", &quote_ident(&format!("{}_expires_at_idx", self.table)))
-    }
-}
-
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-#[derive(Debug)]
-struct Statements {
-    select: String,
-    upsert: String,
-    renew: String,
-    complete: String,
-    release: String,
-    sweep: String,
-}
-
-impl Statements {
-    fn new(config: &SqliteConfig) -> Self {
-        let t = quote_ident(&config.table);
+    fn statements(config: &SqliteConfig) -> Statements {
+        let t = config.qualified_table();
         let key = "scope = ?1 AND actor = ?2 AND idem_key = ?3";
-        Self {
+        Statements {
             select: format!("SELECT fingerprint, state, response, expires_at FROM {t} WHERE {key}"),
             upsert: format!(
                 "INSERT INTO {t} (scope, actor, idem_key, fingerprint, state, token, response, expires_at, created_at)
@@ -185,28 +148,49 @@ WHERE {key} AND token = ?4 AND state = 'in_progress'"
             ),
         }
     }
-}
 
-#[derive(Debug)]
-struct Inner {
-    pool: SqlitePool,
-    config: SqliteConfig,
-    sql: Arc<Statements>,
-    _sweeper: Option<AbortOnDrop>,
-}
+    fn sweep_query(sql: &Statements, batch: i64) -> Query<'_, Sqlite, SqliteArguments<'_>> {
+        sqlx::query(&sql.sweep).bind(now_ms()).bind(batch)
+    }
 
-/// A [`Store`] in a SQLite database; see the [module docs](self) for how it works.
-///
-/// Cloning is cheap and shares the pool and the sweeper.
-#[derive(Debug, Clone)]
-pub struct SqliteStore {
-    inner: Arc<Inner>,
-}
+    async fn execute<'q>(pool: &SqlitePool, query: Query<'q, Sqlite, SqliteArguments<'q>>) -> Result<u64, sqlx::Error> {
+        Ok(query.execute(pool).await?.rows_affected())
+    }
 
-fn unavailable(e: sqlx::Error) -> StoreError {
-    match e {
-        sqlx::Error::Configuration(e) => StoreError::Config(format!("SQLite: {e}")),
-        e => StoreError::Unavailable(format!("SQLite: {e}")),
+    async fn begin_migration(
+        pool: &SqlitePool,
+        _config: &SqliteConfig,
+        versions: &str,
+    ) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+        (&mut *tx)
+            .execute(sqlx::raw_sql(&format!(
+                "CREATE TABLE IF NOT EXISTS {versions} (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)"
+            )))
+            .await?;
+        Ok(tx)
+    }
+
+    async fn applied_version(conn: &mut SqliteConnection, versions: &str) -> Result<Option<i32>, sqlx::Error> {
+        let current: Option<i64> =
+            sqlx::query_scalar(&format!("SELECT max(version) FROM {versions}")).fetch_one(conn).await?;
+        // A version beyond ours (none is) means there is nothing to apply.
+        Ok(current.map(|v| i32::try_from(v).unwrap_or(i32::MAX)))
+    }
+
+    async fn apply_migration(
+        conn: &mut SqliteConnection,
+        versions: &str,
+        version: i32,
+        sql: &str,
+    ) -> Result<(), sqlx::Error> {
+        (&mut *conn).execute(sqlx::raw_sql(sql)).await?;
+        sqlx::query(&format!("INSERT INTO {versions} (version, applied_at) VALUES (?1, ?2)"))
+            .bind(i64::from(version))
+            .bind(now_ms())
+            .execute(conn)
+            .await?;
+        Ok(())
     }
 }
 
@@ -215,12 +199,7 @@ fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-fn millis(d: Duration) -> i64 {
-    // Ten years is far beyond any lease or time to live and keeps sums in range.
-    d.as_millis().min(10 * 365 * 24 * 3600 * 1000) as i64
-}
-
-impl SqliteStore {
+impl SqlStore<Sqlite> {
     /// Opens `spec` (`sqlite:PATH`, `sqlite://PATH` or `sqlite::memory:`) with the default
     /// [`SqliteConfig`], creating the file and the table if missing, and starts the sweeper.
     pub async fn connect(spec: &str) -> Result<Self, StoreError> {
@@ -235,148 +214,32 @@ impl SqliteStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(config.busy_timeout);
+            .busy_timeout(config.settings.busy_timeout);
         let pool = SqlitePoolOptions::new()
             .max_connections(config.max_connections)
-            .acquire_timeout(config.busy_timeout)
+            .acquire_timeout(config.settings.busy_timeout)
             .test_before_acquire(false)
             .connect_with(options)
             .await
-            .map_err(unavailable)?;
+            .map_err(Sqlite::unavailable)?;
         Self::from_pool(pool, config).await
     }
 
-    /// A store on an existing pool. The pool's connections should have a busy timeout; in WAL
-    /// mode, readers never wait.
-    pub async fn from_pool(pool: SqlitePool, config: SqliteConfig) -> Result<Self, StoreError> {
-        config.validate()?;
-        if config.migrate {
-            migrate(&pool, &config).await?;
-        }
-        let sql = Arc::new(Statements::new(&config));
-        let sweeper = config.sweep_interval.map(|interval| {
-            let (pool, sql, batch) = (pool.clone(), sql.clone(), config.sweep_batch);
-            AbortOnDrop(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(interval);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tick.tick().await;
-                    match sweep(&pool, &sql, batch).await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::debug!(deleted = n, "idempotency store: expired records swept"),
-                        Err(e) => tracing::warn!(error = %e, "idempotency store: sweeping expired records failed"),
-                    }
-                }
-            }))
-        });
-        Ok(Self { inner: Arc::new(Inner { pool, config, sql, _sweeper: sweeper }) })
-    }
-
-    /// The SQL that creates the store's table and index for `config`, for applications that
-    /// manage migrations themselves (with [`SqliteConfig::migrate`] set to `false`). Every
-    /// statement is idempotent (`IF NOT EXISTS`).
-    pub fn migration_sql(config: &SqliteConfig) -> String {
-        MIGRATIONS.iter().map(|(_, sql)| config.render(sql)).collect::<Vec<_>>().join("\n")
-    }
-
-    /// The store's connection pool.
-    pub fn pool(&self) -> &SqlitePool {
-        &self.inner.pool
-    }
-
-    /// The store's settings.
-    pub fn config(&self) -> &SqliteConfig {
-        &self.inner.config
-    }
-
-    /// Deletes every expired record now, in batches; returns how many were deleted.
-    pub async fn sweep_expired(&self) -> Result<u64, StoreError> {
-        sweep(&self.inner.pool, &self.inner.sql, self.inner.config.sweep_batch).await
-    }
-
     async fn read(&self, key: &RecordKey, fingerprint: &Fingerprint) -> Result<Option<Claim>, StoreError> {
-        let row = sqlx::query(&self.inner.sql.select)
-            .bind(&key.scope)
-            .bind(&key.actor)
-            .bind(&key.key)
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(unavailable)?;
+        let row =
+            Self::key_query(&self.sql().select, key).fetch_optional(self.pool()).await.map_err(Sqlite::unavailable)?;
         live(row, fingerprint, now_ms())
     }
 }
 
 /// The answer a live row gives, or `None` when the row is absent or expired.
-fn live(
-    row: Option<sqlx::sqlite::SqliteRow>,
-    fingerprint: &Fingerprint,
-    now: i64,
-) -> Result<Option<Claim>, StoreError> {
+fn live(row: Option<SqliteRow>, fingerprint: &Fingerprint, now: i64) -> Result<Option<Claim>, StoreError> {
     let Some(row) = row else { return Ok(None) };
-    let corrupt = |e: sqlx::Error| StoreError::Corrupt(format!("undecodable record: {e}"));
-    let expires_at: i64 = row.try_get("expires_at").map_err(corrupt)?;
+    let expires_at: i64 = column(&row, "expires_at")?;
     if expires_at <= now {
         return Ok(None);
     }
-    let stored: Vec<u8> = row.try_get("fingerprint").map_err(corrupt)?;
-    let state: String = row.try_get("state").map_err(corrupt)?;
-    let response: Option<Vec<u8>> = row.try_get("response").map_err(corrupt)?;
-    let remaining = Duration::from_millis((expires_at - now) as u64);
-    decide(fingerprint, &stored, &state, response.as_deref(), remaining).map(Some)
-}
-
-async fn sweep(pool: &SqlitePool, sql: &Statements, batch: u32) -> Result<u64, StoreError> {
-    let mut total = 0;
-    loop {
-        let n = sqlx::query(&sql.sweep)
-            .bind(now_ms())
-            .bind(i64::from(batch))
-            .execute(pool)
-            .await
-            .map_err(unavailable)?
-            .rows_affected();
-        total += n;
-        if n < u64::from(batch) {
-            return Ok(total);
-        }
-        // Let waiting writers in between batches.
-        tokio::task::yield_now().await;
-    }
-}
-
-async fn migrate(pool: &SqlitePool, config: &SqliteConfig) -> Result<(), StoreError> {
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
-    let versions = quote_ident(&format!("{}_migrations", config.table));
-    sqlx::raw_sql(&format!(
-        "CREATE TABLE IF NOT EXISTS {versions} (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)"
-    ))
-    .execute(&mut *tx)
-    .await
-    .map_err(unavailable)?;
-    let current: Option<i64> = sqlx::query_scalar(&format!("SELECT max(version) FROM {versions}"))
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| Some(*v) > current) {
-        sqlx::raw_sql(&config.render(sql)).execute(&mut *tx).await.map_err(unavailable)?;
-        sqlx::query(&format!("INSERT INTO {versions} (version, applied_at) VALUES (?1, ?2)"))
-            .bind(version)
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-    }
-    tx.commit().await.map_err(unavailable)
-}
-
-/// A statement fenced by a claim's token, with the record's key and the token bound as its first
-/// four parameters.
-fn fenced_query<'q>(
-    sql: &'q str,
-    key: &'q RecordKey,
-    token: &'q ClaimToken,
-) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
-    sqlx::query(sql).bind(&key.scope).bind(&key.actor).bind(&key.key).bind(&token.0)
+    decide_row(&row, fingerprint, Duration::from_millis((expires_at - now) as u64)).map(Some)
 }
 
 #[async_trait]
@@ -386,46 +249,33 @@ impl Store for SqliteStore {
         if let Some(answer) = self.read(key, fingerprint).await? {
             return Ok(answer);
         }
-        let mut tx = self.inner.pool.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await.map_err(Sqlite::unavailable)?;
         let now = now_ms();
-        let row = sqlx::query(&self.inner.sql.select)
-            .bind(&key.scope)
-            .bind(&key.actor)
-            .bind(&key.key)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+        let row =
+            Self::key_query(&self.sql().select, key).fetch_optional(&mut *tx).await.map_err(Sqlite::unavailable)?;
         if let Some(answer) = live(row, fingerprint, now)? {
-            tx.commit().await.map_err(unavailable)?;
+            tx.commit().await.map_err(Sqlite::unavailable)?;
             return Ok(answer);
         }
         let token = ClaimToken::generate();
-        sqlx::query(&self.inner.sql.upsert)
-            .bind(&key.scope)
-            .bind(&key.actor)
-            .bind(&key.key)
+        Self::key_query(&self.sql().upsert, key)
             .bind(&fingerprint.0[..])
             .bind(&token.0)
             .bind(now.saturating_add(millis(lease)))
             .bind(now)
             .execute(&mut *tx)
             .await
-            .map_err(unavailable)?;
-        tx.commit().await.map_err(unavailable)?;
+            .map_err(Sqlite::unavailable)?;
+        tx.commit().await.map_err(Sqlite::unavailable)?;
         Ok(Claim::Acquired(token))
     }
 
     async fn renew(&self, key: &RecordKey, token: &ClaimToken, lease: Duration) -> Result<(), StoreError> {
         let now = now_ms();
-        fenced(
-            fenced_query(&self.inner.sql.renew, key, token)
-                .bind(now.saturating_add(millis(lease)))
-                .bind(now)
-                .execute(&self.inner.pool)
-                .await
-                .map_err(unavailable)?
-                .rows_affected(),
+        self.run_fenced(
+            Self::fenced_query(&self.sql().renew, key, token).bind(now.saturating_add(millis(lease))).bind(now),
         )
+        .await
     }
 
     async fn complete(
@@ -435,25 +285,16 @@ impl Store for SqliteStore {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        fenced(
-            fenced_query(&self.inner.sql.complete, key, token)
+        self.run_fenced(
+            Self::fenced_query(&self.sql().complete, key, token)
                 .bind(response.encode())
-                .bind(now_ms().saturating_add(millis(ttl)))
-                .execute(&self.inner.pool)
-                .await
-                .map_err(unavailable)?
-                .rows_affected(),
+                .bind(now_ms().saturating_add(millis(ttl))),
         )
+        .await
     }
 
     async fn release(&self, key: &RecordKey, token: &ClaimToken) -> Result<(), StoreError> {
-        fenced(
-            fenced_query(&self.inner.sql.release, key, token)
-                .execute(&self.inner.pool)
-                .await
-                .map_err(unavailable)?
-                .rows_affected(),
-        )
+        self.run_fenced(Self::fenced_query(&self.sql().release, key, token)).await
     }
 
     fn name(&self) -> &'static str {

@@ -1,0 +1,424 @@
+//! What the SQL stores share: [`SqlConfig`] and [`SqlStore`], generic over the database
+//! ([`Backend`]); `PostgresConfig` and `PostgresStore` are `SqlConfig<sqlx::Postgres>` and
+//! `SqlStore<sqlx::Postgres>`, `SqliteConfig` and `SqliteStore` the same over `sqlx::Sqlite`.
+//!
+//! Everything the PostgreSQL and SQLite stores do alike lives here, once, so that a fix reaches
+//! both: the settings and their builder, table names (validation, quoting, rendering of the
+//! migrations), running the migrations, the background sweeper, statements fenced by a claim's
+//! token, decoding stored rows and mapping driver errors. `postgres.rs` and `sqlite.rs` keep
+//! only what is theirs: their SQL, their connection setup and settings, and their
+//! [`Store`](super::Store) impl (how a claim runs).
+
+use super::{Claim, ClaimToken, RecordKey, StoreError};
+use crate::fingerprint::Fingerprint;
+use crate::response::StoredResponse;
+use async_trait::async_trait;
+use sqlx::query::Query;
+use sqlx::{ColumnIndex, Database, Decode, Encode, Pool, Row, Transaction, Type};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A database the SQL stores run on: what its store does differently, besides its `Store` impl.
+///
+/// Implemented by `sqlx::Postgres` (feature `postgres`) and `sqlx::Sqlite` (feature `sqlite`);
+/// sealed.
+#[async_trait]
+pub trait Backend: Database + sealed::Sealed {
+    /// Default size of the connection pool.
+    const MAX_CONNECTIONS: u32;
+    /// Default number of rows deleted per sweeper statement.
+    const SWEEP_BATCH: u32;
+    /// Longest table or schema name, in bytes.
+    const MAX_NAME_LEN: usize;
+    /// The rule table and schema names break when they are invalid, as the error says it.
+    const NAME_RULE: &'static str;
+    /// Migrations, in order: `(version, SQL)`. `{schema_ddl}`, `{table}` and `{index}` are
+    /// replaced by the configured, quoted names. Every statement is idempotent.
+    const MIGRATIONS: &'static [(i32, &'static str)];
+
+    /// The settings only this database has (timeouts, connection names).
+    type Settings: fmt::Debug + Clone + Default + Send + Sync + 'static;
+    /// The statements of one configured store, rendered once.
+    type Statements: fmt::Debug + Send + Sync + 'static;
+
+    /// Renders the statements for `config`.
+    fn statements(config: &SqlConfig<Self>) -> Self::Statements;
+
+    /// One sweeper statement: deletes at most `batch` expired records.
+    fn sweep_query(sql: &Self::Statements, batch: i64) -> Query<'_, Self, Self::Arguments<'_>>;
+
+    /// Runs `query` on `pool`; returns how many rows it affected.
+    async fn execute<'q>(pool: &Pool<Self>, query: Query<'q, Self, Self::Arguments<'q>>) -> Result<u64, sqlx::Error>;
+
+    /// Opens the migrations' transaction, which keeps other instances from migrating until it
+    /// ends, and creates the schema and the table of applied versions (`versions`) if missing.
+    async fn begin_migration(
+        pool: &Pool<Self>,
+        config: &SqlConfig<Self>,
+        versions: &str,
+    ) -> Result<Transaction<'static, Self>, sqlx::Error>;
+
+    /// The newest version recorded in `versions`, if any.
+    async fn applied_version(conn: &mut Self::Connection, versions: &str) -> Result<Option<i32>, sqlx::Error>;
+
+    /// Runs one migration's rendered `sql` and records its `version` in `versions`.
+    async fn apply_migration(
+        conn: &mut Self::Connection,
+        versions: &str,
+        version: i32,
+        sql: &str,
+    ) -> Result<(), sqlx::Error>;
+
+    /// Connection failures and server errors: the store is unavailable (503, fail closed); a
+    /// driver configuration error is a configuration error.
+    fn unavailable(e: sqlx::Error) -> StoreError {
+        match e {
+            sqlx::Error::Configuration(e) => StoreError::Config(format!("{}: {e}", <Self as Database>::NAME)),
+            e => StoreError::Unavailable(format!("{}: {e}", <Self as Database>::NAME)),
+        }
+    }
+}
+
+/// Settings of a SQL store: `PostgresConfig` (`SqlConfig<sqlx::Postgres>`) or `SqliteConfig`
+/// (`SqlConfig<sqlx::Sqlite>`).
+///
+/// The setters in the first block apply to both; each database adds its own: `schema`,
+/// `acquire_timeout` and `application_name` for PostgreSQL, `busy_timeout` for SQLite.
+#[derive(Debug)]
+pub struct SqlConfig<B: Backend> {
+    pub(super) schema: Option<String>,
+    pub(super) table: String,
+    pub(super) migrate: bool,
+    pub(super) max_connections: u32,
+    pub(super) sweep_interval: Option<Duration>,
+    pub(super) sweep_batch: u32,
+    pub(super) settings: B::Settings,
+}
+
+impl<B: Backend> Default for SqlConfig<B> {
+    fn default() -> Self {
+        Self {
+            schema: None,
+            table: "idempotency_records".into(),
+            migrate: true,
+            max_connections: B::MAX_CONNECTIONS,
+            sweep_interval: Some(Duration::from_secs(60)),
+            sweep_batch: B::SWEEP_BATCH,
+            settings: B::Settings::default(),
+        }
+    }
+}
+
+impl<B: Backend> Clone for SqlConfig<B> {
+    fn clone(&self) -> Self {
+        Self { schema: self.schema.clone(), table: self.table.clone(), settings: self.settings.clone(), ..*self }
+    }
+}
+
+impl<B: Backend> SqlConfig<B> {
+    /// The defaults: table `idempotency_records`, migrations on start-up, a sweep every minute.
+    /// PostgreSQL: the table on the connection's `search_path`, 10 connections, a 5 s acquire
+    /// timeout, sweeps in batches of 1000. SQLite: 4 connections, a 10 s busy timeout, sweeps in
+    /// batches of 500.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Names the table (default `idempotency_records`).
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+
+    /// Whether to apply the embedded migrations (create the table) on start-up (default `true`).
+    pub fn migrate(mut self, migrate: bool) -> Self {
+        self.migrate = migrate;
+        self
+    }
+
+    /// Size of the connection pool (default 10 for PostgreSQL, 4 for SQLite).
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// How often expired records are deleted; `None` disables the background sweeper (then call
+    /// the store's `sweep_expired` yourself). Default one minute.
+    pub fn sweep_interval(mut self, interval: Option<Duration>) -> Self {
+        self.sweep_interval = interval;
+        self
+    }
+
+    /// Rows deleted per sweeper statement (default 1000 for PostgreSQL, 500 for SQLite).
+    pub fn sweep_batch(mut self, batch: u32) -> Self {
+        self.sweep_batch = batch.max(1);
+        self
+    }
+
+    pub(super) fn validate(&self) -> Result<(), StoreError> {
+        let ok = |s: &str| !s.is_empty() && s.len() <= B::MAX_NAME_LEN && !s.contains('\0');
+        if !ok(&self.table) || self.schema.as_deref().is_some_and(|s| !ok(s)) {
+            return Err(StoreError::Config(B::NAME_RULE.into()));
+        }
+        Ok(())
+    }
+
+    /// The table's name, quoted, in its schema if one is set.
+    pub(super) fn qualified_table(&self) -> String {
+        self.qualified(&self.table)
+    }
+
+    /// The name of the table of applied migrations, quoted, in the table's schema.
+    fn versions_table(&self) -> String {
+        self.qualified(&format!("{}_migrations", self.table))
+    }
+
+    fn qualified(&self, name: &str) -> String {
+        match &self.schema {
+            Some(schema) => format!("{}.{}", quote_ident(schema), quote_ident(name)),
+            None => quote_ident(name),
+        }
+    }
+
+    /// A migration with the configured names put in.
+    fn render(&self, template: &str) -> String {
+        let schema_ddl = match &self.schema {
+            Some(schema) => format!("CREATE SCHEMA IF NOT EXISTS {};\n", quote_ident(schema)),
+            None => String::new(),
+        };
+        template
+            .replace("{schema_ddl}", &schema_ddl)
+            .replace("{table}", &self.qualified_table())
+            .replace("{index}", &quote_ident(&format!("{}_expires_at_idx", self.table)))
+    }
+}
+
+/// `name` as a quoted SQL identifier.
+pub(super) fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A [`Store`](super::Store) in a SQL database: `PostgresStore` (`SqlStore<sqlx::Postgres>`)
+/// or `SqliteStore` (`SqlStore<sqlx::Sqlite>`); the module docs of `store::postgres` and
+/// `store::sqlite` say how each works.
+///
+/// Cloning is cheap and shares the pool and the sweeper.
+#[derive(Debug)]
+pub struct SqlStore<B: Backend> {
+    inner: Arc<Inner<B>>,
+}
+
+impl<B: Backend> Clone for SqlStore<B> {
+    fn clone(&self) -> Self {
+        Self { inner: self.inner.clone() }
+    }
+}
+
+#[derive(Debug)]
+struct Inner<B: Backend> {
+    pool: Pool<B>,
+    config: SqlConfig<B>,
+    sql: Arc<B::Statements>,
+    _sweeper: Option<AbortOnDrop>,
+}
+
+impl<B: Backend> SqlStore<B> {
+    /// A store on an existing pool (shared with the application, for instance): applies the
+    /// migrations (unless [`SqlConfig::migrate`] is off) and starts the sweeper. With SQLite, the
+    /// pool's connections should have a busy timeout; in WAL mode, readers never wait.
+    pub async fn from_pool(pool: Pool<B>, config: SqlConfig<B>) -> Result<Self, StoreError> {
+        config.validate()?;
+        if config.migrate {
+            migrate(&pool, &config).await?;
+        }
+        let sql = Arc::new(B::statements(&config));
+        let sweeper = config.sweep_interval.map(|interval| {
+            let (pool, sql, batch) = (pool.clone(), sql.clone(), config.sweep_batch);
+            AbortOnDrop(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    match sweep(&pool, &sql, batch).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::debug!(deleted = n, "idempotency store: expired records swept"),
+                        Err(e) => tracing::warn!(error = %e, "idempotency store: sweeping expired records failed"),
+                    }
+                }
+            }))
+        });
+        Ok(Self { inner: Arc::new(Inner { pool, config, sql, _sweeper: sweeper }) })
+    }
+
+    /// The SQL that creates the store's table and index for `config`, for applications that
+    /// manage migrations themselves (with [`SqlConfig::migrate`] set to `false`). Every
+    /// statement is idempotent (`IF NOT EXISTS`).
+    pub fn migration_sql(config: &SqlConfig<B>) -> String {
+        B::MIGRATIONS.iter().map(|(_, sql)| config.render(sql)).collect::<Vec<_>>().join("\n")
+    }
+
+    /// The store's connection pool.
+    pub fn pool(&self) -> &Pool<B> {
+        &self.inner.pool
+    }
+
+    /// The store's settings.
+    pub fn config(&self) -> &SqlConfig<B> {
+        &self.inner.config
+    }
+
+    /// Deletes every expired record now, in batches; returns how many were deleted.
+    pub async fn sweep_expired(&self) -> Result<u64, StoreError> {
+        sweep(&self.inner.pool, &self.inner.sql, self.inner.config.sweep_batch).await
+    }
+
+    /// The store's statements.
+    pub(super) fn sql(&self) -> &B::Statements {
+        &self.inner.sql
+    }
+
+    /// A statement with the record's key bound as its first three parameters.
+    pub(super) fn key_query<'q>(sql: &'q str, key: &'q RecordKey) -> Query<'q, B, B::Arguments<'q>>
+    where
+        String: Type<B> + Encode<'q, B>,
+    {
+        sqlx::query(sql).bind(&key.scope).bind(&key.actor).bind(&key.key)
+    }
+
+    /// A statement fenced by a claim's token, with the record's key and the token bound as its
+    /// first four parameters; run it with [`run_fenced`](Self::run_fenced).
+    pub(super) fn fenced_query<'q>(
+        sql: &'q str,
+        key: &'q RecordKey,
+        token: &'q ClaimToken,
+    ) -> Query<'q, B, B::Arguments<'q>>
+    where
+        String: Type<B> + Encode<'q, B>,
+    {
+        Self::key_query(sql, key).bind(&token.0)
+    }
+
+    /// Runs a statement fenced by a claim's token: no row touched means the token no longer holds
+    /// the claim ([`StoreError::Fenced`]).
+    pub(super) async fn run_fenced<'q>(&self, query: Query<'q, B, B::Arguments<'q>>) -> Result<(), StoreError> {
+        match B::execute(&self.inner.pool, query).await.map_err(B::unavailable)? {
+            0 => Err(StoreError::Fenced),
+            _ => Ok(()),
+        }
+    }
+}
+
+async fn sweep<B: Backend>(pool: &Pool<B>, sql: &B::Statements, batch: u32) -> Result<u64, StoreError> {
+    let mut total = 0;
+    loop {
+        let n = B::execute(pool, B::sweep_query(sql, i64::from(batch))).await.map_err(B::unavailable)?;
+        total += n;
+        if n < u64::from(batch) {
+            return Ok(total);
+        }
+        // Let waiting writers in between batches.
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Applies, in one transaction, the migrations newer than the newest recorded one.
+async fn migrate<B: Backend>(pool: &Pool<B>, config: &SqlConfig<B>) -> Result<(), StoreError> {
+    let versions = config.versions_table();
+    let mut tx = B::begin_migration(pool, config, &versions).await.map_err(B::unavailable)?;
+    let current = B::applied_version(&mut tx, &versions).await.map_err(B::unavailable)?;
+    for (version, sql) in B::MIGRATIONS.iter().filter(|(v, _)| Some(*v) > current) {
+        B::apply_migration(&mut tx, &versions, *version, &config.render(sql)).await.map_err(B::unavailable)?;
+    }
+    tx.commit().await.map_err(B::unavailable)
+}
+
+/// Keeps [`Backend`] to the databases this crate implements it for.
+pub(super) mod sealed {
+    /// Implemented by each [`Backend`](super::Backend).
+    pub trait Sealed {}
+}
+
+/// Aborts the background sweeper when the store is dropped.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A lease or time to live in milliseconds, for the database.
+pub(super) fn millis(d: Duration) -> i64 {
+    // Ten years is far beyond any lease or time to live and keeps timestamps and sums in range.
+    d.as_millis().min(10 * 365 * 24 * 3600 * 1000) as i64
+}
+
+/// Column `name` of a stored row; a value that cannot be decoded is [`StoreError::Corrupt`].
+pub(super) fn column<'r, R, T>(row: &'r R, name: &str) -> Result<T, StoreError>
+where
+    R: Row,
+    T: Decode<'r, R::Database> + Type<R::Database>,
+    for<'n> &'n str: ColumnIndex<R>,
+{
+    row.try_get(name).map_err(|e| StoreError::Corrupt(format!("undecodable record: {e}")))
+}
+
+/// The claim's answer from a live row (its `fingerprint`, `state` and `response` columns), with
+/// `remaining` left on its lease.
+pub(super) fn decide_row<R>(row: &R, fingerprint: &Fingerprint, remaining: Duration) -> Result<Claim, StoreError>
+where
+    R: Row,
+    Vec<u8>: for<'r> Decode<'r, R::Database> + Type<R::Database>,
+    String: for<'r> Decode<'r, R::Database> + Type<R::Database>,
+    for<'n> &'n str: ColumnIndex<R>,
+{
+    let stored: Vec<u8> = column(row, "fingerprint")?;
+    let state: String = column(row, "state")?;
+    let response: Option<Vec<u8>> = column(row, "response")?;
+    decide(fingerprint, &stored, &state, response.as_deref(), remaining)
+}
+
+/// Turns a live record into the claim's answer; anything undecodable is [`StoreError::Corrupt`].
+fn decide(
+    fingerprint: &Fingerprint,
+    stored_fingerprint: &[u8],
+    state: &str,
+    response: Option<&[u8]>,
+    remaining: Duration,
+) -> Result<Claim, StoreError> {
+    let stored: [u8; 32] = stored_fingerprint
+        .try_into()
+        .map_err(|_| StoreError::Corrupt(format!("fingerprint is {} bytes, expected 32", stored_fingerprint.len())))?;
+    let in_progress = match state {
+        "in_progress" => true,
+        "completed" => false,
+        other => return Err(StoreError::Corrupt(format!("unknown record state {other:?}"))),
+    };
+    if stored != fingerprint.0 {
+        return Ok(Claim::Mismatch);
+    }
+    if in_progress {
+        return Ok(Claim::InProgress { retry_after: remaining });
+    }
+    let bytes = response.ok_or_else(|| StoreError::Corrupt("completed record without a response".into()))?;
+    StoredResponse::decode(bytes).map(Claim::Completed).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn undecodable_rows_are_corrupt() {
+        let fp = Fingerprint([7; 32]);
+        let d = Duration::ZERO;
+        assert!(matches!(decide(&fp, &[7; 5], "completed", None, d), Err(StoreError::Corrupt(_))));
+        assert!(matches!(decide(&fp, &[7; 32], "done", None, d), Err(StoreError::Corrupt(_))));
+        assert!(matches!(decide(&fp, &[7; 32], "completed", None, d), Err(StoreError::Corrupt(_))));
+        assert!(matches!(decide(&fp, &[7; 32], "completed", Some(b"xx"), d), Err(StoreError::Corrupt(_))));
+        assert!(matches!(decide(&fp, &[8; 32], "completed", Some(b"xx"), d), Ok(Claim::Mismatch)));
+        assert!(matches!(decide(&fp, &[7; 32], "in_progress", None, d), Ok(Claim::InProgress { .. })));
+    }
+}
