@@ -1,38 +1,35 @@
 //! Enforcement: making a mutating route without an idempotency policy visible, or refusing it.
 //!
-//! The [`Enforce`] middleware (`App::new().wrap(Enforce::warn())`) reads each request's method
-//! and matched route pattern ([`ServiceRequest::match_pattern`]) and compares them with the route
-//! registry. A request to a mutating route (`POST`, `PATCH`, and `PUT`/`DELETE` when configured,
-//! see [`MutatingMethods`]) that no `#[idempotent]` handler protects or exempts is, depending on
-//! the [`Mode`]:
-//! - [`Mode::Warn`]: served, with one `tracing` warning per route for the life of the middleware;
-//! - [`Mode::Refuse`]: answered `500 application/problem+json`
-//!   (`urn:idempotent:problem:misconfigured`) before the handler runs.
-//!
-//! Handlers are recognised by the method and path of their registry record: the macro reads them
-//! from the routing attribute (`#[post("/payments")]`) or from `route = "METHOD /path"`. The path
-//! must be the full pattern the request matches, so a handler mounted under `web::scope("/api")`
-//! needs `route = "POST /api/payments"`. [`assert_protected`] checks a list of routes in a test.
+//! The [`Enforce`] middleware (`App::new().wrap(Enforce::refuse())`) reads each request's method
+//! and matched route pattern ([`ServiceRequest::match_pattern`], scopes included) and recognises a
+//! protected or exempt handler by what its generated code does on the first request that reaches
+//! it, never by a path written in the attribute, so a handler mounted under `web::scope("/api")`
+//! needs nothing more. See [`idempotent_core::enforce`] for how, and for the one case refuse mode
+//! cannot stop before it runs (a mutating handler that reads no payload, on its first request).
 
-use crate::capture::problem_response;
+use crate::runtime::into_actix;
 use actix_web::body::EitherBody;
-use actix_web::dev::{forward_ready, Service, ServiceRequest, ServiceResponse, Transform};
+use actix_web::dev::{forward_ready, Payload, Service, ServiceRequest, ServiceResponse, Transform};
+use actix_web::error::PayloadError;
+use actix_web::HttpMessage;
 use futures_util::future::LocalBoxFuture;
-pub use idempotent_core::enforce::{Enforcer, Mode, MutatingMethods, Unprotected};
-use idempotent_core::registry::{Framework, RouteRecord};
+use futures_util::StreamExt;
+use idempotent_core::enforce::{Decision, GatedBody};
+pub use idempotent_core::enforce::{Enforcer, Learned, Mode, MutatingMethods, Unprotected};
+use idempotent_core::problem::Problem;
+use idempotent_core::protocol::{problem_response, ResponseBody};
+use idempotent_core::registry::Framework;
 use std::future::{ready, Ready};
 
-/// The enforcement middleware: `App::new().wrap(Enforce::warn())`. Cheap to clone; its decisions (and the
-/// methods it counts as mutating, [`Mode`], `is_unprotected`) are those of the framework-free
-/// [`Enforcer`] it derefs to.
+/// The enforcement middleware: `App::new().wrap(Enforce::warn())`. Cheap to clone; clones share
+/// what they learned. Its decisions are those of the framework-free [`Enforcer`] it derefs to.
 #[derive(Debug, Clone)]
 pub struct Enforce(Enforcer);
 
 impl Enforce {
-    /// Enforcement in `mode` against the actix routes of the registry, `POST` and `PATCH`
-    /// counted as mutating.
+    /// Enforcement in `mode`, `POST` and `PATCH` counted as mutating.
     pub fn new(mode: Mode) -> Self {
-        Self(Enforcer::new(mode, Framework::Actix))
+        Self(Enforcer::new(mode))
     }
 
     /// Serve unprotected mutating routes, warning once per route.
@@ -43,11 +40,6 @@ impl Enforce {
     /// Refuse unprotected mutating routes with 500 problem+json.
     pub fn refuse() -> Self {
         Self::new(Mode::Refuse)
-    }
-
-    /// Enforcement against `records` instead of the registry.
-    pub fn with_records(mode: Mode, records: Vec<&'static RouteRecord>) -> Self {
-        Self(Enforcer::with_records(mode, records))
     }
 
     /// Which methods count as mutating (default [`MutatingMethods::POST_PATCH`]).
@@ -88,6 +80,11 @@ pub struct EnforceMiddleware<S> {
     service: S,
 }
 
+fn refused<B>(request: actix_web::HttpRequest, problem: &Problem) -> ServiceResponse<EitherBody<B>> {
+    let response = into_actix(problem_response(problem).map(ResponseBody::full));
+    ServiceResponse::new(request, response).map_into_right_body()
+}
+
 impl<S, B> Service<ServiceRequest> for EnforceMiddleware<S>
 where
     S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
@@ -100,30 +97,47 @@ where
 
     forward_ready!(service);
 
-    fn call(&self, request: ServiceRequest) -> Self::Future {
-        let refused = request.match_pattern().and_then(|path| self.enforce.check(request.method().as_str(), &path));
-        if let Some(problem) = refused {
-            let response = problem_response(&problem);
-            return Box::pin(ready(Ok(request.into_response(response).map_into_right_body())));
+    fn call(&self, mut request: ServiceRequest) -> Self::Future {
+        let route = request.match_pattern();
+        let method = request.method().as_str().to_owned();
+        let decision = route.as_deref().map_or(Decision::Serve, |route| self.enforce.before(&method, route));
+        match (decision, route) {
+            (Decision::Refuse(problem), _) => Box::pin(ready(Ok(refused(request.request().clone(), &problem)))),
+            (Decision::Gate(gate), Some(route)) => {
+                request.extensions_mut().insert(gate.clone());
+                let held = GatedBody::new(gate.clone(), request.take_payload()).map(|chunk| {
+                    chunk.map_err(|e| e.unwrap_or_else(|held| PayloadError::Io(std::io::Error::other(held))))
+                });
+                let held: std::pin::Pin<Box<dyn futures_util::Stream<Item = _>>> = Box::pin(held);
+                request.set_payload(Payload::from(held));
+                let enforcer = self.enforce.0.clone();
+                let response = self.service.call(request);
+                Box::pin(async move {
+                    let response = response.await?;
+                    Ok(match enforcer.after(&method, &route, &gate) {
+                        Some(problem) => refused(response.request().clone(), &problem),
+                        None => response.map_into_left_body(),
+                    })
+                })
+            }
+            _ => {
+                let response = self.service.call(request);
+                Box::pin(async move { response.await.map(ServiceResponse::map_into_left_body) })
+            }
         }
-        let future = self.service.call(request);
-        Box::pin(async move { future.await.map(ServiceResponse::map_into_left_body) })
     }
 }
 
 /// The mutating routes among `routes` (`(method, full route pattern)`) that no actix
-/// `#[idempotent]` handler protects or exempts, `POST` and `PATCH` counted as mutating.
+/// `#[idempotent]` handler declaring that route protects or exempts, `POST` and `PATCH` counted
+/// as mutating. A test helper for routes declared in routing attributes; the [`Enforce`]
+/// middleware needs no declaration.
 pub fn unprotected(routes: &[(&str, &str)]) -> Vec<Unprotected> {
-    unprotected_with(routes, MutatingMethods::default())
-}
-
-/// [`unprotected`] with a choice of mutating methods.
-pub fn unprotected_with(routes: &[(&str, &str)], methods: MutatingMethods) -> Vec<Unprotected> {
-    idempotent_core::enforce::unprotected(Framework::Actix, routes, methods)
+    idempotent_core::enforce::unprotected_routes(Framework::Actix, routes, MutatingMethods::default())
 }
 
 /// Test helper: panics, listing each one, when a mutating route among `routes` is neither
-/// protected nor exempt.
+/// protected nor exempt by a handler that declares it.
 #[track_caller]
 pub fn assert_protected(routes: &[(&str, &str)]) {
     idempotent_core::enforce::assert_protected(Framework::Actix, routes, MutatingMethods::default());

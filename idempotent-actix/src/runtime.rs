@@ -1,19 +1,23 @@
-//! Installing the runtime and running a protected handler.
+//! Installing the runtime, running a protected handler, and the conversions between actix-web's
+//! responses and the `http` types the protocol speaks.
 
-use crate::capture::{capture, problem_response, replay_response};
-use crate::context::Context;
-use actix_web::http::header::HeaderMap;
-use actix_web::{HttpMessage, HttpResponse, Responder};
+use crate::extract::Context;
+use actix_web::body::{BodySize, BodyStream, BoxBody, MessageBody};
+use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
+use actix_web::http::StatusCode;
+use actix_web::{HttpMessage, HttpRequest, HttpResponse, Responder};
+use bytes::Bytes;
 use idempotent_core::actor::{Actor, RequestHead};
-use idempotent_core::engine::{Adapter, Builder, Outcome, Request, Runtime};
+use idempotent_core::engine::{Adapter, Builder, Runtime};
 use idempotent_core::fingerprint::{Fingerprint, FingerprintError};
-use idempotent_core::key::IdempotencyKey;
 use idempotent_core::policy::Policy;
-use idempotent_core::problem::{Problem, ProblemKind};
+use idempotent_core::protocol::{self, Caller, ResponseBody};
 use idempotent_core::registry::Framework;
 use idempotent_core::store::Store;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 
 /// The installed idempotency runtime; cheap to clone.
 #[derive(Debug, Clone)]
@@ -39,9 +43,9 @@ impl Idempotency {
         Builder::new(store)
     }
 
-    /// The application data that installs this runtime:
-    /// `App::new().app_data(idempotency.data())`. It may also be set on a `web::scope`, which
-    /// then protects only the routes below it.
+    /// The application data that installs this runtime: `App::new().app_data(idempotency.data())`
+    /// (`web::Data::new(idempotency)` works too). Set on a `web::scope`, it protects only the
+    /// routes below it.
     pub fn data(&self) -> Idempotency {
         self.clone()
     }
@@ -49,6 +53,13 @@ impl Idempotency {
     /// The framework-free runtime.
     pub fn runtime(&self) -> &Runtime {
         &self.runtime
+    }
+
+    /// Documents every protected actix-web route on `openapi` (feature `utoipa`); returns how
+    /// many operations were documented. See [`idempotent_core::openapi::document_runtime`].
+    #[cfg(feature = "utoipa")]
+    pub fn document_openapi(&self, openapi: &mut utoipa::openapi::OpenApi) -> usize {
+        idempotent_core::openapi::document_runtime(openapi, &self.runtime, Framework::Actix)
     }
 }
 
@@ -58,54 +69,113 @@ impl RequestHead for Head<'_> {
     fn header(&self, name: &str) -> Option<&[u8]> {
         self.0.get(name).map(|v| v.as_bytes())
     }
+
+    fn header_values(&self, name: &str) -> Vec<&[u8]> {
+        self.0.get_all(name).map(|v| v.as_bytes()).collect()
+    }
 }
 
 /// Runs a protected handler: called by the code `#[idempotent]` generates.
 ///
-/// actix-web handlers are not `Send`, so the execution is spawned on the worker's local task set
+/// actix-web handlers are not `Send`, so the protocol runs on the worker's local task set
 /// (`actix_web::rt::spawn`): a client that disconnects drops this future, not the task, so the
-/// handler is never cancelled between its side effects and the recording of its outcome.
+/// handler is never cancelled between its side effects and the recording of its outcome. The key
+/// and actor are read here, once every extractor of the handler has run, so an authentication
+/// extractor anywhere in the argument list can set an [`Actor`] first.
 pub async fn run<F, T>(
-    ctx: Context,
+    context: Context,
     policy: &'static Policy,
+    handler: &'static str,
     fingerprint: Result<Fingerprint, FingerprintError>,
-    handler: F,
+    future: F,
 ) -> HttpResponse
 where
     F: Future<Output = T> + 'static,
     T: Responder + 'static,
 {
-    let Some(runtime) = ctx.runtime else {
-        tracing::error!(scope = policy.scope, "idempotency runtime not installed on this app");
-        return problem_response(&Problem::new(
-            ProblemKind::Misconfigured,
-            "The server has no idempotency runtime installed for this route; this is a server configuration bug.",
-        ));
+    let Some(runtime) = context.runtime else {
+        return into_actix(protocol::runtime_missing(policy).map(ResponseBody::full));
     };
-    let req = ctx.request;
-    let headers = req.headers();
-    let config = runtime.config();
-    let key = IdempotencyKey::from_header_values(headers.get_all(config.header_name.as_str()).map(|v| v.as_bytes()));
-    let actor = match req.extensions().get::<Actor>() {
-        Some(a) => Some(a.0.clone()),
-        None => config.actor.resolve(&Head(headers)),
-    };
-    let request = Request { key, actor, fingerprint };
-    let max = config.max_stored_body;
+    protocol::observe(Framework::Actix, handler, &context.incoming);
+    let request = context.request;
+    let caller = Caller::identify(runtime.config(), &Head(request.headers()), request.extensions().get::<Actor>());
     let task = actix_web::rt::spawn(async move {
-        let handler = async move { capture(handler.await.respond_to(&req).map_into_boxed_body(), max).await };
-        runtime.execute(policy, request, handler).await
+        let handler = async move { from_actix(future.await.respond_to(&request).map_into_boxed_body()) };
+        protocol::respond(&runtime, policy, caller, fingerprint, handler).await
     });
     match task.await {
-        Ok(Outcome::Executed(response)) => response,
-        Ok(Outcome::Replayed(stored)) => replay_response(stored),
-        Ok(Outcome::Problem(problem)) => problem_response(&problem),
-        Err(e) => {
-            tracing::error!(scope = policy.scope, error = %e, "idempotent execution task failed");
-            problem_response(&Problem::new(
-                ProblemKind::HandlerPanicked,
-                "The request failed before completing. Retry with the same key.",
-            ))
+        Ok(response) => into_actix(response),
+        Err(e) => into_actix(protocol::task_failed(policy, &e).map(ResponseBody::full)),
+    }
+}
+
+/// Handler serving the policy report of every route registered through this adapter:
+/// `.route("/_idempotency/policies", web::get().to(policy_report))`. `?format=json` (default),
+/// `md` or `html`; an unknown format is 400.
+pub async fn policy_report(request: HttpRequest) -> HttpResponse {
+    into_actix(protocol::policy_report(Framework::Actix, Some(request.query_string())).map(ResponseBody::full))
+}
+
+/// Renders a [`Problem`](idempotent_core::problem::Problem) as an `application/problem+json`
+/// response, for applications that want their own errors to look like the framework's.
+pub fn render_problem(problem: &idempotent_core::problem::Problem) -> HttpResponse {
+    into_actix(protocol::problem_response(problem).map(ResponseBody::full))
+}
+
+/// An actix-web response body seen as an `http_body::Body`.
+pub(crate) struct ActixBody(BoxBody);
+
+impl http_body::Body for ActixBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.0).poll_next(cx).map(|chunk| chunk.map(|r| r.map(http_body::Frame::data)))
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self.0.size() {
+            BodySize::None => http_body::SizeHint::with_exact(0),
+            BodySize::Sized(n) => http_body::SizeHint::with_exact(n),
+            BodySize::Stream => http_body::SizeHint::default(),
         }
     }
+}
+
+fn from_actix(response: HttpResponse) -> http::Response<ActixBody> {
+    let (head, body) = response.into_parts();
+    let mut out = http::Response::new(ActixBody(body));
+    *out.status_mut() = http::StatusCode::from_u16(head.status().as_u16()).unwrap_or_default();
+    for (name, value) in head.headers() {
+        if let (Ok(n), Ok(v)) =
+            (http::HeaderName::from_bytes(name.as_str().as_bytes()), http::HeaderValue::from_bytes(value.as_bytes()))
+        {
+            out.headers_mut().append(n, v);
+        }
+    }
+    out
+}
+
+/// Converts a response of the protocol to actix-web's; a body passed through untouched keeps its
+/// own size (and so its `Content-Length`).
+pub(crate) fn into_actix(response: http::Response<ResponseBody<ActixBody>>) -> HttpResponse {
+    let (parts, body) = response.into_parts();
+    let body = match body {
+        ResponseBody::Full(bytes) => BoxBody::new(bytes.unwrap_or_default()),
+        ResponseBody::Stream { head: None, rest } => rest.0,
+        streaming => BoxBody::new(BodyStream::new(http_body_util::BodyDataStream::new(streaming))),
+    };
+    let status = StatusCode::from_u16(parts.status.as_u16()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut out = HttpResponse::with_body(status, body);
+    for (name, value) in &parts.headers {
+        if let (Ok(n), Ok(v)) =
+            (HeaderName::from_bytes(name.as_str().as_bytes()), HeaderValue::from_bytes(value.as_bytes()))
+        {
+            out.headers_mut().append(n, v);
+        }
+    }
+    out
 }

@@ -50,28 +50,25 @@
 //! `#[idempotent(exempt = "reason", route = "PUT /path")]`: its handler is left as written and the
 //! reports list it apart with the reason.
 
-mod capture;
-mod context;
 pub mod enforce;
-mod report;
+mod extract;
 mod runtime;
 
 pub use idempotent_core as core;
 pub use idempotent_core::actor::{Actor, ActorSource};
 pub use idempotent_core::engine::StartupError;
 pub use idempotent_macros::idempotent_axum as idempotent;
-pub use report::{policy_report, render_problem};
-pub use runtime::{Idempotency, IdempotencyBuilder};
+pub use runtime::{policy_report, render_problem, Idempotency, IdempotencyBuilder};
 
 /// Items used by the code `#[idempotent]` generates. Not a public API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::context::Context;
+    pub use crate::extract::{Context, Exempt, Protected};
     pub use crate::runtime::run;
     pub use ::axum::response::Response;
     pub use ::core::time::Duration;
-    pub use ::idempotent_core::fingerprint::{Fingerprint, FingerprintBuilder, FingerprintError};
     pub use ::idempotent_core::inventory;
-    pub use ::idempotent_core::policy::{ConflictMode, KeyRequirement, Policy, StoredOutcomes};
+    pub use ::idempotent_core::policy::{ConflictMode, Identity, KeyRequirement, Part, Policy, StoredOutcomes};
+    pub use ::idempotent_core::protocol::field::{Field, PlainField, SetField};
     pub use ::idempotent_core::registry::{Framework, RouteRecord};
 }

@@ -1,12 +1,12 @@
 //! Installing the runtime and running a protected handler.
 
-use crate::capture::{capture, problem_response, replay_response};
-use crate::context::Context;
+use crate::extract::Context;
+use axum::body::Body;
 use axum::response::{IntoResponse, Response};
-use idempotent_core::engine::{Adapter, Builder, Outcome, Request, Runtime};
+use idempotent_core::engine::{Adapter, Builder, Runtime};
 use idempotent_core::fingerprint::{Fingerprint, FingerprintError};
 use idempotent_core::policy::Policy;
-use idempotent_core::problem::{Problem, ProblemKind};
+use idempotent_core::protocol;
 use idempotent_core::registry::Framework;
 use idempotent_core::store::Store;
 use std::future::Future;
@@ -46,54 +46,52 @@ impl Idempotency {
         &self.runtime
     }
 
-    /// Documents every protected axum route on `openapi` (feature `utoipa`): the key header, under
-    /// this runtime's header name, the problem responses and the replay header; returns how many
-    /// operations were documented. See [`idempotent_core::openapi`].
+    /// Documents every protected axum route on `openapi` (feature `utoipa`); returns how many
+    /// operations were documented. See [`idempotent_core::openapi::document_runtime`].
     #[cfg(feature = "utoipa")]
     pub fn document_openapi(&self, openapi: &mut utoipa::openapi::OpenApi) -> usize {
-        let configured = &self.runtime.config().header_name;
-        let header = if configured.eq_ignore_ascii_case("idempotency-key") { "Idempotency-Key" } else { configured };
-        let routes = idempotent_core::registry::routes_of(Framework::Axum);
-        idempotent_core::openapi::document_with_header(openapi, &routes, header)
+        idempotent_core::openapi::document_runtime(openapi, &self.runtime, Framework::Axum)
     }
 }
 
 /// Runs a protected handler: called by the code `#[idempotent]` generates.
+///
+/// The protocol runs on a spawned task, so a client that disconnects (which drops this future)
+/// cannot cancel the handler between its side effects and the recording of its outcome.
 pub async fn run<F, T>(
-    ctx: Context,
+    context: Context,
     policy: &'static Policy,
+    handler: &'static str,
     fingerprint: Result<Fingerprint, FingerprintError>,
-    handler: F,
+    future: F,
 ) -> Response
 where
     F: Future<Output = T> + Send + 'static,
     T: IntoResponse,
 {
-    let Some(runtime) = ctx.runtime else {
-        tracing::error!(scope = policy.scope, "idempotency runtime not installed on this router");
-        return problem_response(&Problem::new(
-            ProblemKind::Misconfigured,
-            "The server has no idempotency runtime installed for this route; this is a server configuration bug.",
-        ));
+    let Some((runtime, caller)) = context.runtime else {
+        return protocol::runtime_missing(policy).map(Body::from);
     };
-    let request = Request { key: ctx.key, actor: ctx.actor, fingerprint };
-    let max = runtime.config().max_stored_body;
-    // Spawned so that a client disconnect, which drops this future, does not cancel the
-    // handler between its side effects and the recording of its outcome.
+    protocol::observe(Framework::Axum, handler, &context.incoming);
     let task = tokio::spawn(async move {
-        let handler = async move { capture(handler.await.into_response(), max).await };
-        runtime.execute(policy, request, handler).await
+        let handler = async move { future.await.into_response() };
+        protocol::respond(&runtime, policy, caller, fingerprint, handler).await
     });
     match task.await {
-        Ok(Outcome::Executed(response)) => response,
-        Ok(Outcome::Replayed(stored)) => replay_response(stored),
-        Ok(Outcome::Problem(problem)) => problem_response(&problem),
-        Err(e) => {
-            tracing::error!(scope = policy.scope, error = %e, "idempotent execution task failed");
-            problem_response(&Problem::new(
-                ProblemKind::HandlerPanicked,
-                "The request failed before completing. Retry with the same key.",
-            ))
-        }
+        Ok(response) => response.map(Body::new),
+        Err(e) => protocol::task_failed(policy, &e).map(Body::from),
     }
+}
+
+/// Handler serving the policy report of every route registered through this adapter:
+/// `.route("/_idempotency/policies", get(policy_report))`. `?format=json` (default), `md` or
+/// `html`; an unknown format is 400.
+pub async fn policy_report(uri: http::Uri) -> Response {
+    protocol::policy_report(Framework::Axum, uri.query()).map(Body::from)
+}
+
+/// Renders a [`Problem`](idempotent_core::problem::Problem) as an `application/problem+json`
+/// response, for applications that want their own errors to look like the framework's.
+pub fn render_problem(problem: &idempotent_core::problem::Problem) -> Response {
+    protocol::problem_response(problem).map(Body::from)
 }

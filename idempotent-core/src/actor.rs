@@ -4,6 +4,26 @@
 //! response by guessing or reusing its key. The actor is resolved once per request: an [`Actor`]
 //! placed in the request's extensions by the application's authentication wins; otherwise the
 //! [`ActorSource`] configured at start-up reads it from the request head.
+//!
+//! # Which identity
+//! The actor should be the *verified* principal, not the credential: the `sub` of a JWT your
+//! authentication layer has checked, an account id looked up from an API key. Set it as an
+//! [`Actor`] request extension from that layer (an axum middleware or extractor, an actix-web
+//! middleware or `FromRequest` impl that runs before the handler's body). A client that refreshes
+//! its token between two attempts then keeps its namespace and gets its replay.
+//! [`ActorSource::BearerToken`] namespaces by the raw token instead: a fallback for services whose
+//! tokens are long-lived opaque account keys, where a new token is a new caller.
+//!
+//! # What is stored
+//! Stores never see the actor itself, only [`digest`] of it: a fixed 64-character SHA-256 hex
+//! string, so a credential used as an actor is never written in clear, and a 3 kB JWT cannot
+//! overflow a database index.
+//!
+//! # A source that finds nobody
+//! [`ActorSource::Anonymous`] (the default) means "no caller identity": every request shares one
+//! namespace, for single-tenant services. Any other source that finds no actor on a request makes
+//! it a `401` problem (`urn:idempotent:problem:actor-missing`) rather than letting unrelated
+//! callers share the anonymous namespace.
 
 use std::fmt;
 use std::sync::Arc;
@@ -16,6 +36,39 @@ pub struct Actor(pub String);
 pub trait RequestHead {
     /// The first value of header `name` (case-insensitive), if any.
     fn header(&self, name: &str) -> Option<&[u8]>;
+
+    /// Every value of header `name`, in order (the key header must appear exactly once).
+    fn header_values(&self, name: &str) -> Vec<&[u8]> {
+        self.header(name).into_iter().collect()
+    }
+}
+
+impl RequestHead for ::http::HeaderMap {
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.get(name).map(|v| v.as_bytes())
+    }
+
+    fn header_values(&self, name: &str) -> Vec<&[u8]> {
+        self.get_all(name).iter().map(|v| v.as_bytes()).collect()
+    }
+}
+
+/// Why a request has no usable actor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the configured actor source found no caller identity on this request")]
+pub struct ActorMissing;
+
+/// What stores see of an actor: SHA-256 over a tagged encoding of it, as 64 lowercase hex
+/// characters; the empty string for the anonymous namespace.
+pub fn digest(actor: &str) -> String {
+    use sha2::{Digest, Sha256};
+    if actor.is_empty() {
+        return String::new();
+    }
+    let mut hasher = Sha256::new();
+    hasher.update(b"idempotent-actor/v1\0");
+    hasher.update(actor.as_bytes());
+    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A custom resolver function.
@@ -52,7 +105,22 @@ impl ActorSource {
         ActorSource::Custom(Arc::new(f))
     }
 
-    /// Resolves the actor of a request; `None` means anonymous.
+    /// The actor of a request: `extension` (an [`Actor`] set by the application's
+    /// authentication) when present, else what this source finds. `Ok(None)` is the anonymous
+    /// namespace, only for [`ActorSource::Anonymous`]; any other source that finds nothing is
+    /// [`ActorMissing`] (a 401).
+    pub fn actor_of(&self, extension: Option<&Actor>, head: &dyn RequestHead) -> Result<Option<String>, ActorMissing> {
+        if let Some(actor) = extension {
+            return Ok(Some(actor.0.clone()));
+        }
+        match self {
+            ActorSource::Anonymous => Ok(None),
+            source => source.resolve(head).filter(|a| !a.is_empty()).map(Some).ok_or(ActorMissing),
+        }
+    }
+
+    /// What this source reads from a request head; `None` when it finds nothing (and always for
+    /// [`ActorSource::Anonymous`]).
     pub fn resolve(&self, head: &dyn RequestHead) -> Option<String> {
         match self {
             ActorSource::Anonymous => None,
@@ -89,5 +157,25 @@ mod tests {
             ActorSource::custom(|h| h.header("x-account").map(|v| format!("c:{}", String::from_utf8_lossy(v))));
         assert_eq!(custom.resolve(&head).as_deref(), Some("c:acct_2"));
         assert_eq!(ActorSource::BearerToken.resolve(&Head(vec![("authorization", "Basic x")])), None);
+    }
+
+    #[test]
+    fn an_extension_wins_and_a_configured_source_that_finds_nobody_is_missing() {
+        let none = Head(vec![]);
+        let ext = Actor("user_1".into());
+        assert_eq!(ActorSource::BearerToken.actor_of(Some(&ext), &none), Ok(Some("user_1".into())));
+        assert_eq!(ActorSource::BearerToken.actor_of(None, &none), Err(ActorMissing));
+        assert_eq!(ActorSource::Header("x-account".into()).actor_of(None, &none), Err(ActorMissing));
+        assert_eq!(ActorSource::Anonymous.actor_of(None, &none), Ok(None));
+    }
+
+    #[test]
+    fn stores_see_a_fixed_size_digest_never_the_credential() {
+        let jwt = "eyJ".repeat(1000);
+        let d = digest(&jwt);
+        assert_eq!(d.len(), 64);
+        assert!(!d.contains("eyJ"));
+        assert_ne!(digest("a"), digest("b"));
+        assert_eq!(digest(""), "");
     }
 }

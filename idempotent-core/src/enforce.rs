@@ -1,14 +1,34 @@
 //! Enforcement decisions, framework-free: is a request's route a mutating one that no
 //! `#[idempotent]` handler protects or exempts, and what to do about it.
 //!
-//! Each adapter's `Enforce` middleware reads the request's method and matched route and asks an
-//! [`Enforcer`]; the adapters add only their framework's glue.
+//! # How a protected route is recognised
+//! Not by comparing strings: the path a handler serves is the router's business (nested routers,
+//! scopes, prefixes), and a path written twice goes stale. Instead, the code `#[idempotent]`
+//! generates *says* it is there: an adapter's `Enforce` middleware puts a [`Gate`] on each
+//! request to a mutating route it has not seen yet, and the generated extractor of a protected
+//! (or exempt) handler opens it before anything reads the body. After the response the
+//! [`Enforcer`] learns the route (method and matched pattern, e.g. `POST /v1/payments/{id}`):
+//! protected, exempt, or unprotected. Learned routes are decided without a gate from then on.
+//!
+//! Under [`Mode::Refuse`] the gate also holds the request body shut until a protected handler
+//! opens it, so an unprotected handler that reads a body (every `Json`, `Form`, `Bytes` or
+//! `String` extractor) fails before its code runs, and the client gets the 500 problem instead.
+//! A mutating handler that reads no body has nothing to hold back: its first request runs (and is
+//! logged as an error), every later one is refused. [`Mode::Warn`] never holds a body; it logs
+//! each unprotected route once.
+//!
+//! Each adapter's middleware adds only its framework's glue: reading the method and matched
+//! route, wrapping its body type in [`GatedBody`], and sending the problem.
 
 use crate::problem::{Problem, ProblemKind};
-use crate::registry::{self, Framework, RouteRecord};
+use crate::registry::{self, Framework};
 pub use crate::registry::{MutatingMethods, Unprotected};
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
 
 /// What to do with a request to an unprotected, non-exempt mutating route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,35 +39,158 @@ pub enum Mode {
     Refuse,
 }
 
-/// Decides, per request, whether a route is unprotected, and logs it. Cheap to clone.
+/// What a route turned out to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Learned {
+    /// An `#[idempotent(scope = ..)]` handler serves it.
+    Protected,
+    /// An `#[idempotent(exempt = ..)]` handler serves it.
+    Exempt,
+    /// A mutating route no `#[idempotent]` handler serves.
+    Unprotected,
+}
+
+const CLOSED: u8 = 0;
+const PROTECTED: u8 = 1;
+const EXEMPT: u8 = 2;
+
+/// Put on a request by `Enforce`; opened by the generated code of protected and exempt handlers.
+#[derive(Debug)]
+pub struct Gate {
+    state: AtomicU8,
+    holds_body: bool,
+    tripped: AtomicBool,
+}
+
+impl Gate {
+    /// A closed gate; `holds_body` keeps the request body shut until it is opened.
+    pub fn new(holds_body: bool) -> Self {
+        Self { state: AtomicU8::new(CLOSED), holds_body, tripped: AtomicBool::new(false) }
+    }
+
+    /// Called by a protected handler's generated extractor, before it reads the body.
+    pub fn open_protected(&self) {
+        self.state.store(PROTECTED, Ordering::Release);
+    }
+
+    /// Called by an exempt handler's generated extractor, before any other extractor.
+    pub fn open_exempt(&self) {
+        self.state.store(EXEMPT, Ordering::Release);
+    }
+
+    /// What opened the gate, if anything did.
+    pub fn opened_by(&self) -> Option<Learned> {
+        match self.state.load(Ordering::Acquire) {
+            PROTECTED => Some(Learned::Protected),
+            EXEMPT => Some(Learned::Exempt),
+            _ => None,
+        }
+    }
+
+    /// Whether body data may flow: always when the gate does not hold the body or is open;
+    /// otherwise `false`, and the attempt is remembered.
+    pub fn admits_body(&self) -> bool {
+        if !self.holds_body || self.opened_by().is_some() {
+            return true;
+        }
+        self.tripped.store(true, Ordering::Release);
+        false
+    }
+
+    /// Whether something tried to read the body while the gate held it.
+    pub fn tripped(&self) -> bool {
+        self.tripped.load(Ordering::Acquire)
+    }
+}
+
+/// The error a [`GatedBody`] yields when its gate holds the body.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("request body held back: this mutating route has no idempotency policy")]
+pub struct BodyHeld;
+
+/// A request body behind a [`Gate`]: data flows once the gate is open, and an attempt to read
+/// it before is an error. Implements `http_body::Body` (axum) and `Stream` (actix-web payloads).
+#[derive(Debug)]
+pub struct GatedBody<B> {
+    gate: Arc<Gate>,
+    inner: B,
+}
+
+impl<B> GatedBody<B> {
+    /// `inner` behind `gate`.
+    pub fn new(gate: Arc<Gate>, inner: B) -> Self {
+        Self { gate, inner }
+    }
+}
+
+impl<B> http_body::Body for GatedBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if !this.gate.admits_body() {
+            return Poll::Ready(Some(Err(Box::new(BodyHeld))));
+        }
+        Pin::new(&mut this.inner).poll_frame(cx).map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<S, E> futures_util::Stream for GatedBody<S>
+where
+    S: futures_util::Stream<Item = Result<Bytes, E>> + Unpin,
+{
+    type Item = Result<Bytes, Result<E, BodyHeld>>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if !this.gate.admits_body() {
+            return Poll::Ready(Some(Err(Err(BodyHeld))));
+        }
+        Pin::new(&mut this.inner).poll_next(cx).map(|item| item.map(|r| r.map_err(Ok)))
+    }
+}
+
+/// What the middleware does with a request, before calling the application.
+#[derive(Debug)]
+pub enum Decision {
+    /// Serve it as it is.
+    Serve,
+    /// Serve it with this gate on it (and its body behind it); report back with
+    /// [`Enforcer::after`].
+    Gate(Arc<Gate>),
+    /// Answer this problem instead.
+    Refuse(Problem),
+}
+
+/// Decides, per request, whether a route is unprotected, learns each route from the first
+/// request that takes it, and logs. Cheap to clone; clones share what they learned.
 #[derive(Debug, Clone)]
 pub struct Enforcer {
     mode: Mode,
     methods: MutatingMethods,
-    records: Arc<[&'static RouteRecord]>,
-    warned: Arc<Mutex<HashSet<(String, String)>>>,
+    learned: Arc<RwLock<HashMap<(String, String), Learned>>>,
 }
 
 impl Enforcer {
-    /// Enforcement in `mode` against the registered routes of `framework`, `POST` and `PATCH`
-    /// counted as mutating.
-    pub fn new(mode: Mode, framework: Framework) -> Self {
-        Self::with_records(mode, registry::routes_of(framework))
-    }
-
-    /// Enforcement against `records` instead of the registry. Logs every record without a method
-    /// and path: enforcement cannot match it and treats its route as unprotected (an error under
-    /// [`Mode::Refuse`], whose requests would be refused).
-    pub fn with_records(mode: Mode, records: Vec<&'static RouteRecord>) -> Self {
-        for r in records.iter().filter(|r| r.route().is_none()) {
-            let message = "#[idempotent] handler has no method and path (add `route = \"METHOD /path\"`): \
-                           enforcement cannot match it and treats its route as unprotected";
-            match mode {
-                Mode::Refuse => tracing::error!(handler = r.handler, file = r.file, line = r.line, "{message}"),
-                Mode::Warn => tracing::warn!(handler = r.handler, file = r.file, line = r.line, "{message}"),
-            }
-        }
-        Self { mode, methods: MutatingMethods::default(), records: records.into(), warned: Arc::default() }
+    /// Enforcement in `mode`, `POST` and `PATCH` counted as mutating.
+    pub fn new(mode: Mode) -> Self {
+        Self { mode, methods: MutatingMethods::default(), learned: Arc::default() }
     }
 
     /// Which methods count as mutating (default [`MutatingMethods::POST_PATCH`]).
@@ -60,58 +203,143 @@ impl Enforcer {
         self.mode
     }
 
-    /// Whether a request to `method` + `path` (the matched route pattern) is unprotected and not
-    /// exempt.
-    pub fn is_unprotected(&self, method: &str, path: &str) -> bool {
-        self.methods.contains(method) && !registry::covers(&self.records, method, path)
+    /// What is known of `method` + `route` (the matched route pattern) so far.
+    pub fn learned(&self, method: &str, route: &str) -> Option<Learned> {
+        let learned = self.learned.read().unwrap_or_else(|p| p.into_inner());
+        learned.get(&(method.to_ascii_uppercase(), route.to_owned())).copied()
     }
 
-    /// `None` to serve the request, `Some(problem)` to refuse it with that problem. Under
-    /// [`Mode::Warn`] the first request to each unprotected route is logged as a warning.
-    pub fn check(&self, method: &str, path: &str) -> Option<Problem> {
-        if !self.is_unprotected(method, path) {
+    /// The decision for a request to `method` + `route`, before the application sees it.
+    pub fn before(&self, method: &str, route: &str) -> Decision {
+        if !self.methods.contains(method) {
+            return Decision::Serve;
+        }
+        match self.learned(method, route) {
+            Some(Learned::Protected | Learned::Exempt) => Decision::Serve,
+            Some(Learned::Unprotected) => match self.mode {
+                Mode::Warn => Decision::Serve,
+                Mode::Refuse => {
+                    tracing::error!(method, route, "refused: {}", unprotected(method, route));
+                    Decision::Refuse(refusal(method, route))
+                }
+            },
+            None => Decision::Gate(Arc::new(Gate::new(self.mode == Mode::Refuse))),
+        }
+    }
+
+    /// After the application answered a gated request: learns what the route is, and returns
+    /// the problem to send instead of the application's response when the gate held back the
+    /// body of an unprotected route (its handler failed before running, nothing happened).
+    pub fn after(&self, method: &str, route: &str, gate: &Gate) -> Option<Problem> {
+        let found = gate.opened_by().unwrap_or(Learned::Unprotected);
+        let first = {
+            let mut learned = self.learned.write().unwrap_or_else(|p| p.into_inner());
+            learned.insert((method.to_ascii_uppercase(), route.to_owned()), found).is_none()
+        };
+        if found != Learned::Unprotected {
             return None;
         }
-        let unprotected = Unprotected { method: method.to_owned(), path: path.to_owned() };
+        let unprotected = unprotected(method, route);
         match self.mode {
             Mode::Warn => {
-                let first = self
-                    .warned
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .insert((unprotected.method.clone(), unprotected.path.clone()));
                 if first {
-                    tracing::warn!(method, path, "{unprotected}");
+                    tracing::warn!(method, route, "{unprotected}");
                 }
                 None
             }
+            Mode::Refuse if gate.tripped() => {
+                tracing::error!(method, route, "refused: {unprotected}");
+                Some(refusal(method, route))
+            }
             Mode::Refuse => {
-                tracing::error!(method, path, "refused: {unprotected}");
-                Some(Problem::new(
-                    ProblemKind::Misconfigured,
-                    format!(
-                        "{method} {path} changes state but has no idempotency policy, and this server refuses such \
-                         routes; this is a server configuration bug."
-                    ),
-                ))
+                tracing::error!(
+                    method,
+                    route,
+                    "{unprotected}; its handler reads no body, so this first request ran unprotected; later ones are refused"
+                );
+                None
             }
         }
     }
 }
 
+fn unprotected(method: &str, route: &str) -> Unprotected {
+    Unprotected { method: method.to_ascii_uppercase(), path: route.to_owned() }
+}
+
+fn refusal(method: &str, route: &str) -> Problem {
+    Problem::new(
+        ProblemKind::Misconfigured,
+        format!(
+            "{} {route} changes state but has no idempotency policy, and this server refuses such routes; nothing \
+             was executed. This is a server configuration bug.",
+            method.to_ascii_uppercase()
+        ),
+    )
+}
+
 /// The mutating routes among `routes` (`(method, route pattern)`) that no `#[idempotent]` handler
-/// of `framework` protects or exempts.
-pub fn unprotected(framework: Framework, routes: &[(&str, &str)], methods: MutatingMethods) -> Vec<Unprotected> {
+/// of `framework` protects or exempts, judged by the method and path the records declare (an
+/// actix-web routing attribute, or `route = ".."`). A test helper: at run time the `Enforce`
+/// middleware recognises handlers by their generated code instead.
+pub fn unprotected_routes(framework: Framework, routes: &[(&str, &str)], methods: MutatingMethods) -> Vec<Unprotected> {
     registry::check_routes(&registry::routes_of(framework), routes, methods)
 }
 
 /// Test helper behind the adapters' `assert_protected`: panics, listing each one, when a
-/// mutating route among `routes` is neither protected nor exempt.
+/// mutating route among `routes` is neither protected nor exempt by a record that declares it.
 #[track_caller]
 pub fn assert_protected(framework: Framework, routes: &[(&str, &str)], methods: MutatingMethods) {
-    let missing = unprotected(framework, routes, methods);
+    let missing = unprotected_routes(framework, routes, methods);
     if !missing.is_empty() {
         let lines: Vec<String> = missing.iter().map(|u| format!("  - {u}")).collect();
         panic!("{} mutating route(s) without an idempotency policy:\n{}", missing.len(), lines.join("\n"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_route_is_learned_from_what_its_handler_does() {
+        let e = Enforcer::new(Mode::Refuse);
+        let Decision::Gate(gate) = e.before("POST", "/v1/payments") else { panic!("first request is gated") };
+        gate.open_protected();
+        assert!(gate.admits_body());
+        assert!(e.after("POST", "/v1/payments", &gate).is_none());
+        assert!(matches!(e.before("POST", "/v1/payments"), Decision::Serve));
+        assert!(matches!(e.before("GET", "/anything"), Decision::Serve));
+    }
+
+    #[test]
+    fn refuse_holds_the_body_of_an_unprotected_route_and_refuses_from_then_on() {
+        let e = Enforcer::new(Mode::Refuse);
+        let Decision::Gate(gate) = e.before("POST", "/unprotected") else { panic!() };
+        assert!(!gate.admits_body());
+        let problem = e.after("POST", "/unprotected", &gate).expect("refused");
+        assert_eq!(problem.status, 500);
+        assert!(problem.detail.contains("POST /unprotected changes state"));
+        assert!(matches!(e.before("POST", "/unprotected"), Decision::Refuse(_)));
+        assert!(matches!(e.clone().before("post", "/unprotected"), Decision::Refuse(_)), "clones share");
+    }
+
+    #[test]
+    fn warn_never_holds_a_body() {
+        let e = Enforcer::new(Mode::Warn);
+        let Decision::Gate(gate) = e.before("PATCH", "/notes/{id}") else { panic!() };
+        assert!(gate.admits_body());
+        assert!(e.after("PATCH", "/notes/{id}", &gate).is_none());
+        assert!(matches!(e.before("PATCH", "/notes/{id}"), Decision::Serve));
+        assert_eq!(e.learned("PATCH", "/notes/{id}"), Some(Learned::Unprotected));
+    }
+
+    #[test]
+    fn an_exempt_handler_opens_the_gate_too() {
+        let e = Enforcer::new(Mode::Refuse).methods(MutatingMethods::ALL);
+        let Decision::Gate(gate) = e.before("PUT", "/profile") else { panic!() };
+        gate.open_exempt();
+        assert!(e.after("PUT", "/profile", &gate).is_none());
+        assert_eq!(e.learned("PUT", "/profile"), Some(Learned::Exempt));
     }
 }

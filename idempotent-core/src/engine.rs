@@ -51,13 +51,24 @@ impl Default for Config {
     }
 }
 
-/// A handler's response as captured by the adapter.
+/// A handler's response as captured for storing.
 #[derive(Debug)]
 pub struct Captured<R> {
     /// What would be stored; `body_stored` is false when the body was over the cap.
     pub record: StoredResponse,
     /// The response to send to this client (it may still hold an unread body stream).
     pub live: R,
+    /// The handler ran but its response failed while being read: the outcome is final whatever
+    /// its status (the handler's effects happened), so it is stored even where the route's
+    /// [`StoredOutcomes`](crate::policy::StoredOutcomes) would release it.
+    pub failed: bool,
+}
+
+impl<R> Captured<R> {
+    /// A complete response: `record` to store, `live` to send.
+    pub fn new(record: StoredResponse, live: R) -> Self {
+        Self { record, live, failed: false }
+    }
 }
 
 /// What the adapter sends.
@@ -76,7 +87,7 @@ pub enum Outcome<R> {
 pub struct Request {
     /// The parsed key header.
     pub key: Result<Option<IdempotencyKey>, KeyError>,
-    /// The resolved actor, `None` for anonymous.
+    /// The resolved actor, `None` for anonymous; stored and compared as a digest.
     pub actor: Option<String>,
     /// The request's fingerprint.
     pub fingerprint: Result<Fingerprint, FingerprintError>,
@@ -231,7 +242,9 @@ impl Runtime {
                 ));
             }
         };
-        let record_key = RecordKey::new(policy.scope, request.actor.unwrap_or_default(), key.as_str());
+        // Stores only ever see a digest of the actor (see `actor::digest`).
+        let actor = request.actor.as_deref().map(crate::actor::digest).unwrap_or_default();
+        let record_key = RecordKey::new(policy.scope, actor, key.as_str());
         let deadline = Instant::now() + policy.wait_timeout;
         let mut backoff = Duration::from_millis(10);
         loop {
@@ -316,7 +329,7 @@ impl Runtime {
                 ))
             }
             Ok(captured) => {
-                if policy.outcomes.stores(captured.record.status) {
+                if captured.failed || policy.outcomes.stores(captured.record.status) {
                     self.complete(policy, key, &token, &captured.record).await;
                 } else {
                     self.release(policy, key, &token).await;

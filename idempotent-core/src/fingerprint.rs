@@ -1,7 +1,7 @@
 //! Request fingerprints.
 //!
 //! A fingerprint is SHA-256 over a canonical, versioned encoding of a request's whole identity as
-//! the route's policy sees it: its scope, method, route template and path parameters, query,
+//! the route's policy sees it: its scope, method, path parameters, query,
 //! declared fields or body, and the parts the policy deliberately leaves out. Every part is
 //! canonicalised first (object keys sorted, no whitespace, one spelling per number, query and form
 //! pairs sorted, set elements sorted), so what a client may vary without changing the meaning of
@@ -24,7 +24,7 @@
 //! | method | tag | items |
 //! | --- | --- | --- |
 //! | [`method`](FingerprintBuilder::method) | `method` | the method, ASCII-uppercased |
-//! | [`path`](FingerprintBuilder::path) | `path` | the route template, then per parameter (in the given order) its name and its value |
+//! | [`path`](FingerprintBuilder::path) | `path` | per parameter (in route order) its name and its value |
 //! | [`path_params`](FingerprintBuilder::path_params) | `path-params` | as `path` |
 //! | [`query`](FingerprintBuilder::query) | `query` | per decoded pair, sorted by (name bytes, value bytes): its name and its value |
 //! | [`query_params`](FingerprintBuilder::query_params) | `query-params` | first one item that is itself `put(name)` per selected name (sorted bytewise, duplicates once), then the selected pairs as for `query` |
@@ -120,15 +120,26 @@ impl fmt::Display for Fingerprint {
     }
 }
 
-/// Error raised when a declared field cannot be serialized to JSON.
+/// Error raised when a declared part of a request cannot be fingerprinted: a field that does not
+/// serialize to JSON, or a declared path parameter the route does not have.
 #[derive(Debug, thiserror::Error)]
-#[error("field `{field}` cannot be fingerprinted: {source}")]
+#[error("`{field}` cannot be fingerprinted: {reason}")]
 pub struct FingerprintError {
-    /// The declared field path.
+    /// The declared field path, or `path(name)`.
     pub field: String,
-    /// What serde_json said.
-    #[source]
-    pub source: serde_json::Error,
+    /// Why.
+    pub reason: String,
+}
+
+impl FingerprintError {
+    fn json(field: &str, source: serde_json::Error) -> Self {
+        Self { field: field.to_owned(), reason: source.to_string() }
+    }
+
+    /// A declared part the request does not have.
+    pub fn missing(field: impl Into<String>) -> Self {
+        Self { field: field.into(), reason: "the matched route has no such parameter".to_owned() }
+    }
 }
 
 /// Builds a fingerprint incrementally: the scope first, then each part of the request in the
@@ -152,17 +163,21 @@ impl FingerprintBuilder {
         self
     }
 
-    /// Adds the route template (e.g. `/payments/{id}/refunds`) and the values of all its
-    /// parameters, in the given order (tag `path`).
-    pub fn path(mut self, template: &str, params: &[(&str, &str)]) -> Self {
-        self.path_part(b"path", template, params);
+    /// Adds every path parameter of the route (`id` of `/payments/{id}/refunds`): names and
+    /// values, in route order (tag `path`).
+    ///
+    /// The route template itself is not part of the identity: the scope already names the
+    /// handler, and the prefix a router mounts it under (`/v1`) does not change what it does, so
+    /// one key sent to `/payments/{id}` and to `/v1/payments/{id}` is one operation.
+    pub fn path(mut self, params: &[(&str, &str)]) -> Self {
+        self.path_part(b"path", params);
         self
     }
 
-    /// Adds the route template and the values of only the parameters the route declares, in the
-    /// given order (tag `path-params`); the caller passes only those.
-    pub fn path_params(mut self, template: &str, params: &[(&str, &str)]) -> Self {
-        self.path_part(b"path-params", template, params);
+    /// Adds only the path parameters the route declares (`fields = [path(id)]`), in declaration
+    /// order (tag `path-params`); the caller passes only those.
+    pub fn path_params(mut self, params: &[(&str, &str)]) -> Self {
+        self.path_part(b"path-params", params);
         self
     }
 
@@ -280,9 +295,8 @@ impl FingerprintBuilder {
         }
     }
 
-    fn path_part(&mut self, tag: &[u8], template: &str, params: &[(&str, &str)]) {
-        let mut items: Vec<&[u8]> = Vec::with_capacity(1 + 2 * params.len());
-        items.push(template.as_bytes());
+    fn path_part(&mut self, tag: &[u8], params: &[(&str, &str)]) {
+        let mut items: Vec<&[u8]> = Vec::with_capacity(2 * params.len());
         for (name, value) in params {
             items.push(name.as_bytes());
             items.push(value.as_bytes());
@@ -302,7 +316,7 @@ fn put_into(out: &mut Vec<u8>, item: &[u8]) {
 }
 
 fn to_canonical<T: Serialize + ?Sized>(field: &str, value: &T) -> Result<String, FingerprintError> {
-    let value = serde_json::to_value(value).map_err(|source| FingerprintError { field: field.to_owned(), source })?;
+    let value = serde_json::to_value(value).map_err(|source| FingerprintError::json(field, source))?;
     Ok(canonical_json(&value))
 }
 
@@ -503,8 +517,8 @@ mod tests {
         let f2 = FingerprintBuilder::new("a").field("bc", &1).unwrap().finish();
         assert_ne!(f1, f2);
         // A path parameter must not pass for a following part.
-        let f1 = FingerprintBuilder::new("s").path("/t", &[("method", "GET")]).finish();
-        let f2 = FingerprintBuilder::new("s").path("/t", &[]).method("GET").finish();
+        let f1 = FingerprintBuilder::new("s").path(&[("method", "GET")]).finish();
+        let f2 = FingerprintBuilder::new("s").path(&[]).method("GET").finish();
         assert_ne!(f1, f2);
         // Nor a query pair for the next part's tag and item.
         let f1 = FingerprintBuilder::new("s").query(Some("omitted=body")).finish();
@@ -736,22 +750,20 @@ mod tests {
 
     #[test]
     fn path_and_method_matter() {
-        let refund = |id: &str| {
-            FingerprintBuilder::new("s").method("POST").path("/payments/{id}/refunds", &[("id", id)]).finish()
-        };
+        let refund = |id: &str| FingerprintBuilder::new("s").method("POST").path(&[("id", id)]).finish();
         assert_ne!(refund("1"), refund("2"));
         assert_eq!(refund("1"), refund("1"));
-        let put = FingerprintBuilder::new("s").method("PUT").path("/payments/{id}/refunds", &[("id", "1")]).finish();
+        let put = FingerprintBuilder::new("s").method("PUT").path(&[("id", "1")]).finish();
         assert_ne!(refund("1"), put);
         assert_eq!(
             FingerprintBuilder::new("s").method("post").finish(),
             FingerprintBuilder::new("s").method("POST").finish()
         );
-        let all = FingerprintBuilder::new("s").path("/p/{id}", &[("id", "1")]).finish();
-        let declared = FingerprintBuilder::new("s").path_params("/p/{id}", &[("id", "1")]).finish();
+        let all = FingerprintBuilder::new("s").path(&[("id", "1")]).finish();
+        let declared = FingerprintBuilder::new("s").path_params(&[("id", "1")]).finish();
         assert_ne!(all, declared);
-        let other_template = FingerprintBuilder::new("s").path("/q/{id}", &[("id", "1")]).finish();
-        assert_ne!(all, other_template);
+        let other_name = FingerprintBuilder::new("s").path(&[("key", "1")]).finish();
+        assert_ne!(all, other_name);
     }
 
     #[test]
@@ -766,19 +778,19 @@ mod tests {
         // head = put(b'idempotent-fingerprint/v2') + put(b'payments.create')
         // print(hashlib.sha256(head + part(b'field', b'amount', b'100')).hexdigest())
         // print(hashlib.sha256(head + part(b'method', b'POST')
-        //     + part(b'path', b'/payments/{id}/refunds', b'id', b'pay_1')
+        //     + part(b'path', b'id', b'pay_1')
         //     + part(b'query', b'a', b'1', b'b', b'2')
         //     + part(b'field', b'amount', b'100')).hexdigest())
         let fields_only = FingerprintBuilder::new("payments.create").field("amount", &100).unwrap().finish();
         assert_eq!(fields_only.to_hex(), "ca0d18648d18aaf9cdfbc738612728fd81493e47028db2838894d34f0d3a89c8");
         let whole = FingerprintBuilder::new("payments.create")
             .method("POST")
-            .path("/payments/{id}/refunds", &[("id", "pay_1")])
+            .path(&[("id", "pay_1")])
             .query(Some("b=2&a=1"))
             .field("amount", &100)
             .unwrap()
             .finish();
-        assert_eq!(whole.to_hex(), "f881d9250878f9d7303141e51c9ea494f77c6cd766d9bbe68209698997cdacf9");
+        assert_eq!(whole.to_hex(), "d837fa5416944889fb2f4af469fce92c58ddd39ab90c20f3236b974319de3e1e");
     }
 
     fn arb_json() -> impl Strategy<Value = Value> {

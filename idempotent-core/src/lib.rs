@@ -17,7 +17,7 @@
 //!     };
 //!     let outcome = runtime.execute(&POLICY, request, async {
 //!         runs.fetch_add(1, Ordering::SeqCst);
-//!         Captured { record: StoredResponse::new(201, [("content-type", "text/plain")], "charged".into()), live: "charged" }
+//!         Captured::new(StoredResponse::new(201, [("content-type", "text/plain")], "charged".into()), "charged")
 //!     }).await;
 //!     assert!(matches!(outcome, Outcome::Executed(_) | Outcome::Replayed(_)));
 //! }
@@ -37,6 +37,8 @@
 //!   same name, the `sqlite`, `postgres` and `redis` stores.
 //! - [`response`]: captured responses, header filtering, the stored encoding.
 //! - [`problem`]: RFC 9457 problem details with stable types.
+//! - [`protocol`]: the HTTP protocol over `http` types, shared by every adapter: the request's
+//!   identity, key and actor, capture under the cap, replays, problem responses, the report.
 //! - [`actor`]: the caller identity that namespaces keys.
 //! - [`registry`] and [`report`]: every annotated route, validated and rendered.
 //! - `openapi` (feature `utoipa`): the key header and problem responses added to a `utoipa`
@@ -66,6 +68,7 @@ pub mod key;
 pub mod openapi;
 pub mod policy;
 pub mod problem;
+pub mod protocol;
 pub mod registry;
 pub mod report;
 pub mod response;

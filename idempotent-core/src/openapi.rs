@@ -10,9 +10,11 @@
 //! - the `Idempotent-Replayed` response header on every documented response whose status the
 //!   policy stores (so a replay can carry it).
 //!
-//! Paths are compared as written: `/payments/{id}` in the route attribute matches
-//! `/payments/{id}` in the document. Exempt routes and operations the registry does not know are
-//! left untouched.
+//! An operation is matched to a protected handler by its `operationId` (utoipa's default is the
+//! handler function's name, `create_payment`), or by method and path: the path declared in the
+//! route attribute (an actix-web routing attribute, `route = ".."`) or any full path the handler
+//! has served (nested routers and scopes included, see [`registry::served_at`]). Exempt routes and
+//! operations the registry does not know are left untouched.
 //!
 //! ```
 //! # use idempotent_core::{openapi, registry::{Framework, RouteRecord}, policy::Policy};
@@ -27,7 +29,7 @@
 //! ```
 
 use crate::policy::{KeyRequirement, Policy};
-use crate::registry::RouteRecord;
+use crate::registry::{self, Framework, RouteRecord};
 use utoipa::openapi::content::ContentBuilder;
 use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::path::{Operation, ParameterBuilder, ParameterIn, PathItem};
@@ -44,17 +46,33 @@ pub fn document(openapi: &mut OpenApi, routes: &[&RouteRecord]) -> usize {
     document_with_header(openapi, routes, "Idempotency-Key")
 }
 
+/// What an adapter's `Idempotency::document_openapi` does: documents the protected routes of
+/// `framework` with the key header named as `runtime` reads it.
+pub fn document_runtime(openapi: &mut OpenApi, runtime: &crate::engine::Runtime, framework: Framework) -> usize {
+    let configured = &runtime.config().header_name;
+    let header = if configured.eq_ignore_ascii_case("idempotency-key") { "Idempotency-Key" } else { configured };
+    document_with_header(openapi, &registry::routes_of(framework), header)
+}
+
 /// [`document`] with the key header named `header` (see the adapters' `header_name` setting).
 pub fn document_with_header(openapi: &mut OpenApi, routes: &[&RouteRecord], header: &str) -> usize {
     let mut documented = 0;
     for r in routes {
-        let (Some(policy), None, Some(method), Some(path)) = (r.policy, r.exempt, r.method, r.path) else {
-            continue;
-        };
-        let Some(item) = openapi.paths.paths.get_mut(path) else { continue };
-        if let Some(operation) = operation_mut(item, method) {
-            document_operation(operation, &policy, header);
-            documented += 1;
+        let (Some(policy), None) = (r.policy, r.exempt) else { continue };
+        let name = r.handler.rsplit("::").next().unwrap_or(r.handler);
+        let mut routes: Vec<String> = registry::served_at(r);
+        routes.extend(r.route());
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            for method in ["GET", "PUT", "POST", "DELETE", "OPTIONS", "HEAD", "PATCH", "TRACE"] {
+                let declared = routes
+                    .iter()
+                    .any(|route| route.strip_prefix(method).and_then(|p| p.strip_prefix(' ')) == Some(path));
+                let Some(operation) = operation_mut(item, method) else { continue };
+                if declared || operation.operation_id.as_deref() == Some(name) {
+                    document_operation(operation, &policy, header);
+                    documented += 1;
+                }
+            }
         }
     }
     documented

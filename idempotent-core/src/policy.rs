@@ -76,13 +76,55 @@ impl ConflictMode {
     }
 }
 
+/// How much of one part of a request (its path parameters, its query, its body) belongs to the
+/// request's identity, and so to its fingerprint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// All of it (the default): every path parameter, the whole canonical query, the whole body
+    /// canonicalised by its content type.
+    Whole,
+    /// Only these names: path parameters, query parameters, or dotted paths of declared body
+    /// fields.
+    Only(&'static [&'static str]),
+    /// None of it, deliberately (`exclude = [..]` in the attribute); shown in the policy report.
+    Omitted,
+}
+
+impl Part {
+    /// How the report shows this part: `all`, the names, or `excluded`.
+    pub fn describe(self) -> String {
+        match self {
+            Part::Whole => "all".to_owned(),
+            Part::Only(names) => names.join(", "),
+            Part::Omitted => "excluded".to_owned(),
+        }
+    }
+}
+
+/// What makes two requests with one key the same request: the method and scope always, plus
+/// these three parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    /// The path parameters (`/payments/{id}`): names and values.
+    pub path: Part,
+    /// The query string, decoded and sorted.
+    pub query: Part,
+    /// The body: declared fields of the typed body, or the whole body by content type.
+    pub body: Part,
+}
+
+impl Identity {
+    /// Everything: every path parameter, the whole query, the whole body.
+    pub const WHOLE: Identity = Identity { path: Part::Whole, query: Part::Whole, body: Part::Whole };
+}
+
 /// The idempotency policy of one route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
     /// Namespace of the route's keys, e.g. `payments.create`.
     pub scope: &'static str,
-    /// Declared body fields that make up the fingerprint; empty means the whole body.
-    pub fields: &'static [&'static str],
+    /// What of the request makes up its fingerprint (see [`Identity`]).
+    pub identity: Identity,
     /// How long a completed record is kept and replayed, counted from completion.
     pub ttl: Duration,
     /// How long an in-progress claim is held without a heartbeat; renewed while the handler runs.
@@ -107,12 +149,20 @@ impl Policy {
     /// Default record ttl.
     pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
-    /// A policy with the defaults: key required, 24h ttl, 10s lease, 409 on conflict, final
+    /// The declared body fields, empty when the whole body (or none of it) is fingerprinted.
+    pub const fn fields(&self) -> &'static [&'static str] {
+        match self.identity.body {
+            Part::Only(names) => names,
+            _ => &[],
+        }
+    }
+
+    /// A policy with the defaults: the whole request is its identity, key required, 24h ttl, 10s lease, 409 on conflict, final
     /// outcomes stored, fail closed.
     pub const fn new(scope: &'static str) -> Self {
         Self {
             scope,
-            fields: &[],
+            identity: Identity::WHOLE,
             ttl: Self::DEFAULT_TTL,
             lease: Self::DEFAULT_LEASE,
             key: KeyRequirement::Required,

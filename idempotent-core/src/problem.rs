@@ -45,6 +45,15 @@ pub enum ProblemKind {
     ResponseNotStored,
     /// 500: the application is misconfigured (runtime not installed, fingerprint failed).
     Misconfigured,
+    /// 401: the configured actor source found no caller identity on the request.
+    ActorMissing,
+    /// 413: the request body is larger than the route accepts; nothing ran.
+    BodyTooLarge,
+    /// 400: the request body could not be read; nothing ran.
+    BodyUnreadable,
+    /// 500: the handler ran but its response failed while being produced; the outcome is stored
+    /// as it is and a retry replays it instead of running the handler again.
+    ResponseFailed,
 }
 
 impl ProblemKind {
@@ -59,6 +68,10 @@ impl ProblemKind {
             ProblemKind::HandlerPanicked => "urn:idempotent:problem:handler-panicked",
             ProblemKind::ResponseNotStored => "urn:idempotent:problem:response-not-stored",
             ProblemKind::Misconfigured => "urn:idempotent:problem:misconfigured",
+            ProblemKind::ActorMissing => "urn:idempotent:problem:actor-missing",
+            ProblemKind::BodyTooLarge => "urn:idempotent:problem:body-too-large",
+            ProblemKind::BodyUnreadable => "urn:idempotent:problem:body-unreadable",
+            ProblemKind::ResponseFailed => "urn:idempotent:problem:response-failed",
         }
     }
 
@@ -69,7 +82,10 @@ impl ProblemKind {
             ProblemKind::KeyReused => 422,
             ProblemKind::InProgress | ProblemKind::ResponseNotStored => 409,
             ProblemKind::StoreUnavailable => 503,
-            ProblemKind::HandlerPanicked | ProblemKind::Misconfigured => 500,
+            ProblemKind::HandlerPanicked | ProblemKind::Misconfigured | ProblemKind::ResponseFailed => 500,
+            ProblemKind::ActorMissing => 401,
+            ProblemKind::BodyTooLarge => 413,
+            ProblemKind::BodyUnreadable => 400,
         }
     }
 
@@ -84,6 +100,10 @@ impl ProblemKind {
             ProblemKind::HandlerPanicked => "Request failed",
             ProblemKind::ResponseNotStored => "Response not stored",
             ProblemKind::Misconfigured => "Idempotency misconfigured",
+            ProblemKind::ActorMissing => "Caller identity missing",
+            ProblemKind::BodyTooLarge => "Request body too large",
+            ProblemKind::BodyUnreadable => "Request body unreadable",
+            ProblemKind::ResponseFailed => "Response failed after the request ran",
         }
     }
 }

@@ -19,7 +19,7 @@
 //! - `on_conflict = "wait"` has a zero `wait_timeout` (a duplicate could never wait);
 //! - `store = "all"` is combined with `fail_open = true`: `all` promises that the handler never
 //!   runs twice for one key, `fail_open` runs it unprotected whenever the store is unreachable;
-//! - an exemption has an empty reason, no method and path, or also declares a policy;
+//! - an exemption has an empty reason, or also declares a policy;
 //! - a record has neither a policy nor an exemption.
 //!
 //! `key = "optional"` together with `fail_open = true` is accepted: both say "best effort"
@@ -244,9 +244,6 @@ pub fn validate(records: &[&RouteRecord]) -> Result<(), Vec<RegistryError>> {
                 if reason.trim().is_empty() {
                     bad("the exemption reason is empty; say why the route needs no idempotency key".into());
                 }
-                if r.method.is_none() || r.path.is_none() {
-                    bad("the exemption does not name its route; add `route = \"METHOD /path\"`".into());
-                }
                 if let Some(p) = policy {
                     bad(format!("the route is exempt and also declares a policy (scope `{}`); keep one", p.scope));
                 }
@@ -298,6 +295,39 @@ pub fn validate_registry() -> Result<(), Vec<RegistryError>> {
 /// Validates the registered routes of `framework`; see [`validate`].
 pub fn validate_framework(framework: Framework) -> Result<(), Vec<RegistryError>> {
     validate(&routes_of(framework))
+}
+
+/// Where requests reached each handler: `METHOD /full/path`, as served.
+///
+/// The path a handler is mounted at is only known to the router, and on axum only once a request
+/// takes it (`Router::nest` prefixes, actix-web scopes). Protected handlers report every route they
+/// serve here, so reports show full paths without the application writing them twice.
+static SERVED: std::sync::RwLock<BTreeMap<(Framework, &'static str), std::collections::BTreeSet<String>>> =
+    std::sync::RwLock::new(BTreeMap::new());
+
+/// Records that `handler` of `framework` served `method` + `path` (the matched route pattern).
+/// Cheap once a route is known: a shared read lock and one lookup.
+pub fn observe(framework: Framework, handler: &'static str, method: &str, path: &str) {
+    let known = |served: &BTreeMap<(Framework, &'static str), std::collections::BTreeSet<String>>| {
+        served.get(&(framework, handler)).is_some_and(|routes| {
+            routes
+                .iter()
+                .any(|r| r.len() == method.len() + 1 + path.len() && r.starts_with(method) && r.ends_with(path))
+        })
+    };
+    if known(&SERVED.read().unwrap_or_else(|p| p.into_inner())) {
+        return;
+    }
+    let mut served = SERVED.write().unwrap_or_else(|p| p.into_inner());
+    if !known(&served) {
+        served.entry((framework, handler)).or_default().insert(format!("{method} {path}"));
+    }
+}
+
+/// The routes `record`'s handler has served so far (`METHOD /full/path`), sorted.
+pub fn served_at(record: &RouteRecord) -> Vec<String> {
+    let served = SERVED.read().unwrap_or_else(|p| p.into_inner());
+    served.get(&(record.framework, record.handler)).map(|r| r.iter().cloned().collect()).unwrap_or_default()
 }
 
 /// Which methods count as mutating for enforcement.
@@ -383,7 +413,13 @@ mod tests {
     use std::time::Duration;
 
     const PAY: RouteRecord = RouteRecord::protected(
-        Policy { fields: &["amount"], ..Policy::new("payments.create") },
+        Policy {
+            identity: crate::policy::Identity {
+                body: crate::policy::Part::Only(&["amount"]),
+                ..crate::policy::Identity::WHOLE
+            },
+            ..Policy::new("payments.create")
+        },
         "demo::create_payment",
         "src/main.rs",
         10,
@@ -496,8 +532,6 @@ mod tests {
                  policy (scope `me.put`); keep one",
                 "exempt route (demo::put_profile at src/main.rs:30): the exemption reason is empty; say why the \
                  route needs no idempotency key",
-                "exempt route (demo::put_profile at src/main.rs:30): the exemption does not name its route; add \
-                 `route = \"METHOD /path\"`",
                 "exempt route (demo::create_payment at src/main.rs:10): the record has neither a policy nor an \
                  exemption",
             ]

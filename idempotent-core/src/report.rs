@@ -10,7 +10,11 @@
 //!   "summary": { "protected": <int>, "exempt": <int> },
 //!   "routes": [                      // protected routes, sorted by scope
 //!     { "scope": <string>, "method": <string|null>, "path": <string|null>,
-//!       "fields": [<string>],        // empty: the whole body is fingerprinted
+//!       "fields": [<string>],        // declared body fields; empty: see identity.body
+//!       "identity": { "path": <part>, "query": <part>, "body": <part> },
+//!                                    // <part>: "all" | [<string>] (only these) | "excluded"
+//!       "served_at": [<string>],     // "METHOD /full/path" as requests reached it, under any
+//!                                    // nested router or scope (empty before the first request)
 //!       "ttl_seconds": <number>, "lease_seconds": <number>,
 //!       "key": "required"|"optional", "on_conflict": "reject"|"wait",
 //!       "wait_timeout_seconds": <number>, "stored_outcomes": "final"|"success"|"all",
@@ -25,7 +29,9 @@
 //! ```
 //! Fields are only ever added within a version; a removal or a change of meaning bumps it.
 
-use crate::policy::{ConflictMode, Policy};
+#[cfg(test)]
+use crate::policy::Identity;
+use crate::policy::{ConflictMode, Part, Policy};
 use crate::registry::{sorted, RouteRecord};
 use serde_json::json;
 use std::str::FromStr;
@@ -108,15 +114,29 @@ pub fn human_duration(d: std::time::Duration) -> String {
     out
 }
 
+/// The request's identity as the report shows it: `path: all; query: all; body: amount, currency`.
 fn fields(p: &Policy) -> String {
-    if p.fields.is_empty() {
-        "(whole body)".to_owned()
-    } else {
-        p.fields.join(", ")
+    let id = p.identity;
+    let body = match id.body {
+        Part::Whole => "whole body".to_owned(),
+        other => other.describe(),
+    };
+    format!("path: {}; query: {}; body: {body}", id.path.describe(), id.query.describe())
+}
+
+fn part_json(part: Part) -> serde_json::Value {
+    match part {
+        Part::Whole => json!("all"),
+        Part::Only(names) => json!(names),
+        Part::Omitted => json!("excluded"),
     }
 }
 
 fn route(r: &RouteRecord) -> String {
+    let served = crate::registry::served_at(r);
+    if !served.is_empty() {
+        return served.join(", ");
+    }
     match (r.method, r.path) {
         (Some(m), Some(p)) => format!("{m} {p}"),
         (None, Some(p)) => p.to_owned(),
@@ -132,7 +152,13 @@ fn to_json(protected: &[Protected<'_>], exempt: &[(&RouteRecord, &str)]) -> Stri
                 "scope": p.scope,
                 "method": r.method,
                 "path": r.path,
-                "fields": p.fields,
+                "served_at": crate::registry::served_at(r),
+                "fields": p.fields(),
+                "identity": {
+                    "path": part_json(p.identity.path),
+                    "query": part_json(p.identity.query),
+                    "body": part_json(p.identity.body),
+                },
                 "ttl_seconds": p.ttl.as_secs_f64(),
                 "lease_seconds": p.lease.as_secs_f64(),
                 "key": p.key.as_str(),
@@ -179,7 +205,7 @@ fn to_markdown(protected: &[Protected<'_>], exempt: &[(&RouteRecord, &str)]) -> 
     let mut out = String::from("# Idempotency policies\n\n");
     out.push_str(&format!("{} protected route(s), {} exempt route(s).\n\n", protected.len(), exempt.len()));
     out.push_str("## Protected routes\n\n");
-    out.push_str("| scope | route | fields | ttl | lease | key | in progress | stored | handler | source |\n");
+    out.push_str("| scope | route | identity | ttl | lease | key | in progress | stored | handler | source |\n");
     out.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
     for (r, p) in protected {
         out.push_str(&format!(
@@ -255,6 +281,17 @@ td.handler code,td.handler .src{overflow-wrap:break-word}
 ";
 
 fn html_route(r: &RouteRecord) -> String {
+    let served = crate::registry::served_at(r);
+    if !served.is_empty() {
+        let routes: Vec<String> = served
+            .iter()
+            .map(|s| match s.split_once(' ') {
+                Some((m, p)) => format!("<span class=\"method\">{}</span>{}", esc(m), esc(p)),
+                None => esc(s),
+            })
+            .collect();
+        return routes.join("<br />");
+    }
     match (r.method, r.path) {
         (Some(m), Some(p)) => format!("<span class=\"method\">{}</span>{}", esc(m), esc(p)),
         (None, Some(p)) => esc(p),
@@ -290,7 +327,7 @@ fn to_html(protected: &[Protected<'_>], exempt: &[(&RouteRecord, &str)]) -> Stri
         body.push_str("<p class=\"empty\">No protected routes.</p>\n");
     } else {
         body.push_str(
-            "<table id=\"protected\">\n<thead><tr><th>route</th><th>scope</th><th>fingerprint fields</th><th>ttl</th><th>lease</th>\
+            "<table id=\"protected\">\n<thead><tr><th>route</th><th>scope</th><th>identity</th><th>ttl</th><th>lease</th>\
              <th>key</th><th>in progress</th><th>stored outcomes</th><th>store down</th><th>handler</th></tr></thead>\n<tbody>\n",
         );
         for (r, p) in protected {
@@ -352,7 +389,10 @@ mod tests {
     use std::time::Duration;
 
     const A: RouteRecord = RouteRecord::protected(
-        Policy { fields: &["amount", "currency"], ..Policy::new("payments.create") },
+        Policy {
+            identity: Identity { body: Part::Only(&["amount", "currency"]), ..Identity::WHOLE },
+            ..Policy::new("payments.create")
+        },
         "demo::create_payment",
         "src/main.rs",
         10,
@@ -387,6 +427,11 @@ mod tests {
         assert_eq!(json["routes"][1]["ttl_seconds"], 86400.0);
         assert_eq!(json["routes"][1]["fields"][1], "currency");
         assert_eq!(
+            json["routes"][1]["identity"],
+            json!({"path": "all", "query": "all", "body": ["amount", "currency"]})
+        );
+        assert_eq!(json["routes"][1]["served_at"], json!([]));
+        assert_eq!(
             json["exempt"],
             json!([{"method": "PUT", "path": "/me", "reason": "natural key: PUT | replaces <it> & more",
                     "framework": "axum", "handler": "demo::put", "file": "src/x.rs", "line": 7}])
@@ -396,7 +441,12 @@ mod tests {
     #[test]
     fn markdown_lists_both_groups() {
         let md = render(&[&A, &X], Format::Markdown);
-        assert!(md.contains("| `payments.create` | POST /payments | amount, currency | 1d | 10s | required |"), "{md}");
+        assert!(
+            md.contains(
+                "| `payments.create` | POST /payments | path: all; query: all; body: amount, currency | 1d | 10s | required |"
+            ),
+            "{md}"
+        );
         assert!(
             md.contains("| PUT /me | natural key: PUT \\| replaces <it> & more | `demo::put` | src/x.rs:7 |"),
             "{md}"

@@ -27,10 +27,10 @@ fn request(key: &str, v: i64) -> Request {
 }
 
 fn response(status: u16, body: &'static str) -> Captured<u16> {
-    Captured {
-        record: StoredResponse::new(status, [("content-type", "text/plain")], Bytes::from_static(body.as_bytes())),
-        live: status,
-    }
+    Captured::new(
+        StoredResponse::new(status, [("content-type", "text/plain")], Bytes::from_static(body.as_bytes())),
+        status,
+    )
 }
 
 fn runtime() -> Runtime {
@@ -114,7 +114,7 @@ async fn expired_lease_is_taken_over_exactly_once() {
     const SHORT: Policy = Policy { lease: Duration::from_millis(200), ..Policy::new("engine.takeover") };
     let store = Arc::new(MemoryStore::new());
     let rt = Runtime::new(store.clone(), Config::default());
-    let key = RecordKey::new(SHORT.scope, "actor", "crashed");
+    let key = RecordKey::new(SHORT.scope, idempotent_core::actor::digest("actor"), "crashed");
     let fp0 = FingerprintBuilder::new(SHORT.scope).finish();
     // A worker claims and "crashes": it never completes nor releases.
     assert!(matches!(store.claim(&key, &fp0, SHORT.lease).await.unwrap(), Claim::Acquired(_)));

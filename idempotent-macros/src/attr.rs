@@ -19,10 +19,11 @@ mod kw {
     syn::custom_keyword!(fail_open);
     syn::custom_keyword!(route);
     syn::custom_keyword!(exempt);
+    syn::custom_keyword!(exclude);
 }
 
-const KEYS: &str =
-    "`scope`, `fields`, `ttl`, `lease`, `key`, `on_conflict`, `wait_timeout`, `store`, `fail_open`, `route`, `exempt`";
+const KEYS: &str = "`scope`, `fields`, `exclude`, `ttl`, `lease`, `key`, `on_conflict`, `wait_timeout`, `store`, \
+                    `fail_open`, `route`, `exempt`";
 
 /// A declared fingerprint field: a dotted path into the body, e.g. `customer.id`.
 #[derive(Debug, Clone)]
@@ -52,15 +53,63 @@ fn parse_field_ident(input: ParseStream<'_>) -> syn::Result<Ident> {
     if input.peek(Ident) {
         input.parse()
     } else {
-        Err(input.error("expected a field name; `fields` lists body fields, e.g. `fields = [amount, customer.id]`"))
+        Err(input.error(
+            "expected a field name; `fields` lists body fields, path and query parameters, \
+             e.g. `fields = [amount, customer.id, path(id), query(page)]`",
+        ))
     }
 }
 
-/// `fields = [..]` with the span of its key.
+/// One entry of `fields = [..]`: a body field, `path(name)` or `query(name)`.
+#[derive(Debug, Clone)]
+pub(crate) enum FieldEntry {
+    /// A dotted path into the typed body.
+    Body(FieldPath),
+    /// A path parameter of the route.
+    Path(Ident),
+    /// A query parameter.
+    Query(Ident),
+}
+
+impl Parse for FieldEntry {
+    fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
+        if (input.peek(Ident) || input.peek(Token![type])) && input.peek2(syn::token::Paren) {
+            let which: Ident = input.call(syn::ext::IdentExt::parse_any)?;
+            let content;
+            syn::parenthesized!(content in input);
+            let name: Ident = content.call(syn::ext::IdentExt::parse_any).map_err(|_| {
+                syn::Error::new(content.span(), format!("expected a parameter name, e.g. `{which}(id)`"))
+            })?;
+            if !content.is_empty() {
+                return Err(content.error(format!("expected one parameter name, e.g. `{which}(id)`")));
+            }
+            return match which.to_string().as_str() {
+                "path" => Ok(FieldEntry::Path(name)),
+                "query" => Ok(FieldEntry::Query(name)),
+                other => Err(syn::Error::new(
+                    which.span(),
+                    format!("unknown `{other}(..)` in `fields`; use `path(name)` for a path parameter or `query(name)` for a query parameter"),
+                )),
+            };
+        }
+        input.parse().map(FieldEntry::Body)
+    }
+}
+
+/// `fields = [..]` with the span of its key: body fields, path and query parameters.
 #[derive(Debug, Clone)]
 pub(crate) struct Fields {
     pub(crate) key: Span,
     pub(crate) paths: Vec<FieldPath>,
+    pub(crate) path_params: Vec<Ident>,
+    pub(crate) query_params: Vec<Ident>,
+}
+
+/// `exclude = [path, query, body]`: parts of the request deliberately left out of its identity.
+#[derive(Debug, Clone)]
+pub(crate) struct Exclude {
+    pub(crate) key: Span,
+    pub(crate) parts: Vec<Ident>,
 }
 
 /// A string-valued argument with the span of its key.
@@ -75,6 +124,7 @@ pub(crate) struct StrArg {
 pub(crate) struct Args {
     pub(crate) scope: Option<StrArg>,
     pub(crate) fields: Option<Fields>,
+    pub(crate) exclude: Option<Exclude>,
     pub(crate) ttl: Option<StrArg>,
     pub(crate) lease: Option<StrArg>,
     pub(crate) key: Option<StrArg>,
@@ -102,8 +152,26 @@ impl Parse for Args {
                 }
                 let content;
                 bracketed!(content in input);
-                let paths = Punctuated::<FieldPath, Token![,]>::parse_terminated(&content)?;
-                set(&mut args.fields, "fields", key, Fields { key, paths: paths.into_iter().collect() })?;
+                let entries = Punctuated::<FieldEntry, Token![,]>::parse_terminated(&content)?;
+                let mut fields = Fields { key, paths: Vec::new(), path_params: Vec::new(), query_params: Vec::new() };
+                for entry in entries {
+                    match entry {
+                        FieldEntry::Body(path) => fields.paths.push(path),
+                        FieldEntry::Path(name) => fields.path_params.push(name),
+                        FieldEntry::Query(name) => fields.query_params.push(name),
+                    }
+                }
+                set(&mut args.fields, "fields", key, fields)?;
+            } else if lookahead.peek(kw::exclude) {
+                let key = input.parse::<kw::exclude>()?.span;
+                input.parse::<Token![=]>()?;
+                if !input.peek(syn::token::Bracket) {
+                    return Err(input.error("expected a list of request parts, e.g. `exclude = [query]`"));
+                }
+                let content;
+                bracketed!(content in input);
+                let parts = Punctuated::<Ident, Token![,]>::parse_terminated(&content)?;
+                set(&mut args.exclude, "exclude", key, Exclude { key, parts: parts.into_iter().collect() })?;
             } else if lookahead.peek(kw::ttl) {
                 let key = input.parse::<kw::ttl>()?.span;
                 set(&mut args.ttl, "ttl", key, str_arg(input, key, "ttl", "\"24h\"")?)?;
@@ -209,5 +277,20 @@ mod tests {
         assert!(err("fields = amount").starts_with("expected a list of body fields"));
         assert!(err("fields = [amount.]").contains("expected a field name"));
         assert!(err(r#"scope = "a" ttl = "1h""#).starts_with("expected `,`"));
+        assert!(err("fields = [header(x)]").starts_with("unknown `header(..)` in `fields`"));
+        assert!(err("fields = [path(a, b)]").starts_with("expected one parameter name"));
+        assert!(err("exclude = query").starts_with("expected a list of request parts"));
+    }
+
+    #[test]
+    fn fields_name_body_path_and_query_values() {
+        let args: Args =
+            syn::parse_str("fields = [amount, path(id), customer.id, query(page)], exclude = [body]").unwrap();
+        let fields = args.fields.unwrap();
+        let names: Vec<String> = fields.paths.iter().map(FieldPath::name).collect();
+        assert_eq!(names, ["amount", "customer.id"]);
+        assert_eq!(fields.path_params[0], "id");
+        assert_eq!(fields.query_params[0], "page");
+        assert_eq!(args.exclude.unwrap().parts[0], "body");
     }
 }

@@ -12,7 +12,7 @@ use proc_macro2::{Group, Literal, Span, TokenStream, TokenTree};
 use quote::{format_ident, quote};
 use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
-use syn::{Attribute, FnArg, GenericArgument, Ident, ItemFn, LitStr, PathArguments, Token, Type, Visibility};
+use syn::{Attribute, FnArg, Ident, ItemFn, LitStr, Token, Type, Visibility};
 
 /// The web framework a macro entry point serves, and where its runtime support lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,13 +40,21 @@ impl Framework {
     }
 }
 
-/// Expands `#[idempotent(attr)] item`. On any error the item is emitted unchanged next to the
-/// errors, so the only messages the user sees are about the mistake itself.
+/// Expands `#[idempotent(attr)] item`. On any error the item is emitted unchanged (less our own
+/// `#[body]` marks) next to the errors, so the only messages the user sees are about the mistake
+/// itself.
 pub(crate) fn idempotent(framework: Framework, attr: TokenStream, item: TokenStream) -> TokenStream {
     match try_expand(framework, attr, item.clone()) {
         Ok(tokens) => tokens,
         Err(error) => {
             let errors = error.to_compile_error();
+            let item = match syn::parse2::<ItemFn>(item.clone()) {
+                Ok(mut func) => {
+                    strip_body_marks(&mut func);
+                    quote!(#func)
+                }
+                Err(_) => item,
+            };
             quote!(#item #errors)
         }
     }
@@ -71,8 +79,8 @@ fn try_expand(framework: Framework, attr: TokenStream, item: TokenStream) -> syn
     match validated {
         Some(Validated::Protected(mut spec)) => {
             let handler = func.as_ref().and_then(|func| {
-                let fields_key = spec.fields.as_ref().map(|f| f.key);
-                Handler::inspect(func, fields_key).map_err(|e| errors.push(e)).ok()
+                let body_fields = spec.fields.as_ref().filter(|f| !f.paths.is_empty()).map(|f| f.key);
+                Handler::inspect(framework, func, body_fields).map_err(|e| errors.push(e)).ok()
             });
             let (Some(func), Some(handler)) = (func, handler) else {
                 return errors.finish(TokenStream::new());
@@ -80,6 +88,7 @@ fn try_expand(framework: Framework, attr: TokenStream, item: TokenStream) -> syn
             if spec.route.is_none() && framework == Framework::Actix {
                 spec.route = actix_route(&func.attrs);
             }
+            check_path_params(&spec, &mut errors);
             errors.finish(emit(framework, &spec, &func, &handler))
         }
         Some(Validated::Exempt(mut exemption)) => {
@@ -89,51 +98,76 @@ fn try_expand(framework: Framework, attr: TokenStream, item: TokenStream) -> syn
             if exemption.route.is_none() && framework == Framework::Actix {
                 exemption.route = actix_route(&func.attrs);
             }
-            match &exemption.route {
-                Some(route) => errors.finish(emit_exempt(framework, &exemption.reason, route, &func)),
-                None => {
-                    let hint = match framework {
-                        Framework::Axum => "add `route = \"METHOD /path\"`",
-                        Framework::Actix => {
-                            "add `route = \"METHOD /path\"` or an actix-web routing attribute below this one"
-                        }
-                    };
-                    errors.add(
-                        Span::call_site(),
-                        format!("an `exempt` route needs its method and path so enforcement can recognise it; {hint}"),
-                    );
-                    errors.finish(TokenStream::new())
-                }
-            }
+            errors.finish(emit_exempt(framework, &exemption.reason, exemption.route.as_ref(), func))
         }
         None => errors.finish(TokenStream::new()),
     }
 }
 
-/// An exempt handler is left as written; only its record is emitted.
-fn emit_exempt(framework: Framework, reason: &LitStr, route: &Route, func: &ItemFn) -> TokenStream {
+/// `path(name)` must name a parameter of the route when the route is known at compile time (an
+/// actix-web routing attribute, or `route = ".."`); otherwise it is checked per request.
+fn check_path_params(spec: &Spec, errors: &mut Errors) {
+    let (Some(fields), Some(route)) = (&spec.fields, &spec.route) else { return };
+    let params = template_params(&route.path);
+    for name in &fields.path_params {
+        if !params.iter().any(|p| name == p) {
+            let known = if params.is_empty() { "none".to_owned() } else { params.join(", ") };
+            errors.add(
+                name.span(),
+                format!(
+                    "`path({name})`: the route `{}` has no parameter `{name}` (its parameters: {known})",
+                    route.path
+                ),
+            );
+        }
+    }
+}
+
+/// The parameter names of a route template: `{id}`, `{id:\d+}` (actix-web), `{*rest}` (axum).
+fn template_params(path: &str) -> Vec<String> {
+    path.split('{')
+        .skip(1)
+        .filter_map(|rest| rest.split_once('}'))
+        .map(|(inner, _)| inner.split(':').next().unwrap_or("").trim_start_matches('*').to_owned())
+        .collect()
+}
+
+/// An exempt handler is left as written except for one extractor in front of its own, which
+/// tells enforcement that this handler serves the route; its record is emitted next to it.
+fn emit_exempt(framework: Framework, reason: &LitStr, route: Option<&Route>, mut func: ItemFn) -> TokenStream {
     let rt = framework.runtime();
-    let record = record(framework, &rt, "exempted", quote!(#reason), Some(route), &func.sig.ident);
+    let record = record(framework, &rt, "exempted", quote!(#reason), route, &func.sig.ident);
+    if func.sig.receiver().is_none() {
+        func.sig.inputs.insert(0, syn::parse_quote!(_: #rt::Exempt));
+    }
     quote!(#func #record)
 }
 
 /// What the expansion needs to know about the handler's signature.
 struct Handler {
-    /// Index of the `Json<T>` argument, if any.
+    /// The argument the declared body fields are read from: `#[body]`, else the one typed `Json`,
+    /// `Form`, `Bytes` or `String`.
     body: Option<usize>,
-    /// Span of `T` in the body's `Json<T>`, for "not Serialize" errors on the whole body.
-    body_span: Span,
+    /// Whether the body is `Json<T>` or `Form<T>`, whose fields are reached through `.0` (so an
+    /// unknown field is reported on `T`, not on the wrapper).
+    wrapper: bool,
+    /// The argument the adapter's `Protected` extractor wraps: on axum the last one (the only one
+    /// allowed to read the body); on actix-web the body argument. `None`: an extra last argument.
+    wrapped: Option<usize>,
 }
 
+/// Type names recognised as the body extractor when no argument is marked `#[body]`.
+const BODY_TYPES: [&str; 4] = ["Json", "Form", "Bytes", "String"];
+
 impl Handler {
-    fn inspect(func: &ItemFn, fields_key: Option<Span>) -> syn::Result<Handler> {
+    fn inspect(framework: Framework, func: &ItemFn, body_fields: Option<Span>) -> syn::Result<Handler> {
         let mut errors = Errors::default();
         let sig = &func.sig;
         if sig.asyncness.is_none() {
             errors.add(sig.fn_token.span, "#[idempotent] handlers must be `async fn`");
         }
-        let mut body = None;
-        let mut body_span = Span::call_site();
+        let mut marked = None;
+        let mut recognised = Vec::new();
         for (index, input) in sig.inputs.iter().enumerate() {
             match input {
                 FnArg::Receiver(receiver) => errors.add(
@@ -141,49 +175,81 @@ impl Handler {
                     "#[idempotent] handlers cannot take `self`; write a free `async fn` handler",
                 ),
                 FnArg::Typed(arg) => {
-                    if let Some(inner) = json_inner(&arg.ty) {
-                        if body.is_some() {
-                            errors
-                                .add(arg.ty.span(), "#[idempotent] handlers take at most one `Json<T>` body argument");
+                    if let Some(mark) = arg.attrs.iter().find(|a| a.path().is_ident("body")) {
+                        if marked.is_some() {
+                            errors.add(mark.span(), "only one argument can be marked `#[body]`");
                         }
-                        body = Some(index);
-                        body_span = inner.span();
+                        marked = Some(index);
+                    } else if type_name(&arg.ty).is_some_and(|name| BODY_TYPES.contains(&name.as_str())) {
+                        recognised.push(index);
                     }
                 }
             }
         }
-        if let (Some(key), None) = (fields_key, body) {
+        let body = match (marked, recognised.as_slice()) {
+            (Some(index), _) => Some(index),
+            (None, []) => None,
+            (None, [index]) => Some(*index),
+            (None, [.., index]) => {
+                if body_fields.is_some() {
+                    errors.add(
+                        sig.inputs[*index].span(),
+                        "more than one argument could be the body; mark the one `fields` are read from with `#[body]`",
+                    );
+                }
+                Some(*index)
+            }
+        };
+        let last = sig.inputs.len().checked_sub(1);
+        let wrapped = match framework {
+            Framework::Axum => {
+                if let (Some(body), Some(last)) = (body, last) {
+                    if body != last {
+                        errors.add(
+                            sig.inputs[body].span(),
+                            "on axum the body extractor must be the handler's last argument",
+                        );
+                    }
+                }
+                last
+            }
+            Framework::Actix => body,
+        };
+        if let (Some(key), None) = (body_fields, body) {
             errors.add(
                 key,
                 format!(
-                    "`fields` names fields of the JSON body, but `{}` has no `Json<T>` argument; \
-                     remove `fields` or add the body argument",
+                    "`fields` names fields of the request body, but `{}` has no body argument (`Json<T>`, `Form<T>`, \
+                     or a custom extractor marked `#[body]`); remove the body fields or add the body argument",
                     sig.ident
                 ),
             );
         }
-        errors.finish(Handler { body, body_span })
+        let wrapper = body.is_some_and(|index| match &sig.inputs[index] {
+            FnArg::Typed(arg) => type_name(&arg.ty).is_some_and(|name| name == "Json" || name == "Form"),
+            FnArg::Receiver(_) => false,
+        });
+        errors.finish(Handler { body, wrapper, wrapped })
     }
 }
 
-/// `T` when `ty` is `Json<T>` (any path ending in `Json` with one type argument).
-fn json_inner(ty: &Type) -> Option<&Type> {
+/// The last segment of a path type, through references, groups and parentheses.
+fn type_name(ty: &Type) -> Option<String> {
     match ty {
-        Type::Group(group) => json_inner(&group.elem),
-        Type::Paren(paren) => json_inner(&paren.elem),
-        Type::Path(path) if path.qself.is_none() => {
-            let last = path.path.segments.last()?;
-            match &last.arguments {
-                PathArguments::AngleBracketed(args) if last.ident == "Json" && args.args.len() == 1 => {
-                    match &args.args[0] {
-                        GenericArgument::Type(inner) => Some(inner),
-                        _ => None,
-                    }
-                }
-                _ => None,
-            }
-        }
+        Type::Group(group) => type_name(&group.elem),
+        Type::Paren(paren) => type_name(&paren.elem),
+        Type::Reference(r) => type_name(&r.elem),
+        Type::Path(path) if path.qself.is_none() => path.path.segments.last().map(|s| s.ident.to_string()),
         _ => None,
+    }
+}
+
+/// Removes our `#[body]` marks from the handler's arguments (they are not real attributes).
+fn strip_body_marks(func: &mut ItemFn) {
+    for input in &mut func.sig.inputs {
+        if let FnArg::Typed(arg) = input {
+            arg.attrs.retain(|a| !a.path().is_ident("body"));
+        }
     }
 }
 
@@ -212,20 +278,26 @@ fn emit(framework: Framework, spec: &Spec, func: &ItemFn, handler: &Handler) -> 
     let rt = framework.runtime();
     let name = &func.sig.ident;
     let ctx = format_ident!("__idempotent_ctx");
+    let guarded = format_ident!("__idempotent_protected");
 
+    let mut func = func.clone();
+    strip_body_marks(&mut func);
     let args: Vec<Ident> = (0..func.sig.inputs.len()).map(|i| format_ident!("__idempotent_arg{i}")).collect();
     let mut outer_inputs: Punctuated<FnArg, Token![,]> = Punctuated::new();
+    let mut unwrap = quote!(let (#ctx, ()) = #guarded.into_parts(););
     for (index, (input, arg)) in func.sig.inputs.iter().zip(&args).enumerate() {
-        if handler.body == Some(index) {
-            outer_inputs.push(syn::parse_quote!(#ctx: #rt::Context));
-        }
         if let FnArg::Typed(typed) = input {
             let ty = &typed.ty;
-            outer_inputs.push(syn::parse_quote!(#arg: #ty));
+            if handler.wrapped == Some(index) {
+                outer_inputs.push(syn::parse_quote!(#guarded: #rt::Protected<#ty>));
+                unwrap = quote!(let (#ctx, #arg) = #guarded.into_parts(););
+            } else {
+                outer_inputs.push(syn::parse_quote!(#arg: #ty));
+            }
         }
     }
-    if handler.body.is_none() {
-        outer_inputs.push(syn::parse_quote!(#ctx: #rt::Context));
+    if handler.wrapped.is_none() {
+        outer_inputs.push(syn::parse_quote!(#guarded: #rt::Protected<()>));
     }
 
     let mut outer_sig = func.sig.clone();
@@ -241,22 +313,32 @@ fn emit(framework: Framework, spec: &Spec, func: &ItemFn, handler: &Handler) -> 
     let vis = &func.vis;
 
     let policy = policy(&rt, spec);
-    let fingerprint = fingerprint(&rt, spec, handler, &args);
+    let fingerprint = fingerprint(&rt, spec, handler, &args, &ctx);
     let record = record(framework, &rt, "protected", policy.clone(), spec.route.as_ref(), name);
+    let handler_path = format!("::{name}");
     // Spanned at the user's return type, so "does not implement IntoResponse" or "is not Send"
     // points at the handler rather than at generated code.
     let output_span = match &func.sig.output {
         syn::ReturnType::Type(_, ty) => ty.span(),
         syn::ReturnType::Default => name.span(),
     };
-    let run =
-        respan(quote!(#rt::run(#ctx, &__IDEMPOTENT_POLICY, __idempotent_fp, #name(#(#args),*)).await), output_span);
+    let run = respan(
+        quote!(#rt::run(
+            #ctx,
+            &__IDEMPOTENT_POLICY,
+            ::core::concat!(::core::module_path!(), #handler_path),
+            __idempotent_fp,
+            #name(#(#args),*),
+        ).await),
+        output_span,
+    );
 
     quote! {
         #(#outer_attrs)*
         #vis #outer_sig {
             #inner
             static __IDEMPOTENT_POLICY: #rt::Policy = #policy;
+            #unwrap
             let __idempotent_fp = #fingerprint;
             #run
         }
@@ -284,9 +366,25 @@ fn field_names(spec: &Spec) -> Vec<LitStr> {
     paths.map(|path| LitStr::new(&path.name(), path.segments[0].span())).collect()
 }
 
+/// `Part::Omitted`, `Part::Only(&[names])` or `Part::Whole`.
+fn part(rt: &TokenStream, excluded: bool, names: &[LitStr]) -> TokenStream {
+    if excluded {
+        quote!(#rt::Part::Omitted)
+    } else if names.is_empty() {
+        quote!(#rt::Part::Whole)
+    } else {
+        quote!(#rt::Part::Only(&[#(#names),*]))
+    }
+}
+
 fn policy(rt: &TokenStream, spec: &Spec) -> TokenStream {
     let scope = &spec.scope;
-    let fields = field_names(spec);
+    let names = |idents: Option<&Vec<Ident>>| -> Vec<LitStr> {
+        idents.into_iter().flatten().map(|i| LitStr::new(&i.to_string(), i.span())).collect()
+    };
+    let path = part(rt, spec.excluded.path, &names(spec.fields.as_ref().map(|f| &f.path_params)));
+    let query = part(rt, spec.excluded.query, &names(spec.fields.as_ref().map(|f| &f.query_params)));
+    let body = part(rt, spec.excluded.body, &field_names(spec));
     let ttl = duration(rt, spec.ttl);
     let lease = duration(rt, spec.lease);
     let wait_timeout = duration(rt, spec.wait_timeout);
@@ -307,7 +405,7 @@ fn policy(rt: &TokenStream, spec: &Spec) -> TokenStream {
     quote! {
         #rt::Policy {
             scope: #scope,
-            fields: &[#(#fields),*],
+            identity: #rt::Identity { path: #path, query: #query, body: #body },
             ttl: #ttl,
             lease: #lease,
             key: #rt::KeyRequirement::#key,
@@ -319,35 +417,34 @@ fn policy(rt: &TokenStream, spec: &Spec) -> TokenStream {
     }
 }
 
-/// The expression computing `Result<Fingerprint, FingerprintError>` from the arguments.
+/// The expression computing `Result<Fingerprint, FingerprintError>`: the context fingerprints
+/// method, path, query and body as the policy says, and calls back for the declared body fields.
 ///
 /// Each field access is spanned at the field's name in the attribute, so a field that does not
-/// exist or is not `Serialize` is reported there.
-fn fingerprint(rt: &TokenStream, spec: &Spec, handler: &Handler, args: &[Ident]) -> TokenStream {
-    let scope = &spec.scope;
-    let start = quote!(#rt::FingerprintBuilder::new(#scope));
-    let Some(body) = handler.body.map(|index| &args[index]) else {
-        return quote!(::core::result::Result::Ok(#start.finish()));
-    };
+/// exist or is not `Serialize` is reported there. A field typed `HashSet`/`BTreeSet` is
+/// fingerprinted as a set (elements sorted), whatever its iteration order.
+fn fingerprint(rt: &TokenStream, spec: &Spec, handler: &Handler, args: &[Ident], ctx: &Ident) -> TokenStream {
     let paths: &[FieldPath] = spec.fields.as_ref().map_or(&[], |f| &f.paths);
+    let (Some(body), false) = (handler.body.map(|index| &args[index]), paths.is_empty()) else {
+        return quote!(#ctx.fingerprint(&__IDEMPOTENT_POLICY, ::core::result::Result::Ok));
+    };
     let names = field_names(spec);
-    let mut calls = paths.iter().zip(&names).map(|(path, name)| {
+    let calls = paths.iter().zip(&names).map(|(path, name)| {
         let span = path.segments[0].span();
         let segments = &path.segments;
         // The segments keep their own spans, so a missing `customer.email` is reported at `email`.
-        let field = respan(quote!(field), span);
-        let base = respan(quote!(&#body.0), span);
-        quote!(.#field(#name, #base #(.#segments)*))
+        let access = if handler.wrapper { respan(quote!(&#body.0), span) } else { respan(quote!(&#body), span) };
+        let wrapper = respan(quote!(#rt::Field), span);
+        let add = respan(quote!(add_to), span);
+        quote!(let __idempotent_b = (&#wrapper(#access #(.#segments)*)).#add(__idempotent_b, #name)?;)
     });
-    match calls.next() {
-        None => {
-            let call = respan(quote!(.body(&#body.0)), handler.body_span);
-            quote!(#start #call .map(#rt::FingerprintBuilder::finish))
-        }
-        Some(first) => {
-            let rest = calls.map(|call| quote!(.and_then(|__idempotent_b| __idempotent_b #call)));
-            quote!(#start #first #(#rest)* .map(#rt::FingerprintBuilder::finish))
-        }
+    quote! {
+        #ctx.fingerprint(&__IDEMPOTENT_POLICY, |__idempotent_b| {
+            #[allow(unused_imports)]
+            use #rt::{PlainField as _, SetField as _};
+            #(#calls)*
+            ::core::result::Result::Ok(__idempotent_b)
+        })
     }
 }
 
@@ -426,41 +523,85 @@ mod tests {
     }
 
     #[test]
-    fn context_goes_before_the_body() {
+    fn axum_wraps_the_last_argument_and_reads_fields_through_it() {
         let out = expand(
             r#"scope = "payments.create", fields = [amount]"#,
             "async fn h(c: Caller, Json(req): Json<Req>) -> u8 { 1 }",
         );
-        let ctx = out.find("__idempotent_ctx :").unwrap();
-        assert!(out.find("__idempotent_arg0 : Caller").unwrap() < ctx);
-        assert!(ctx < out.find("__idempotent_arg1 : Json < Req >").unwrap());
-        assert!(out.contains(". field (\"amount\" , & __idempotent_arg1 . 0 . amount)"), "{out}");
+        assert!(out.contains("__idempotent_arg0 : Caller , __idempotent_protected : :: idempotent_axum :: __private :: Protected < Json < Req > >"), "{out}");
+        assert!(
+            out.contains("let (__idempotent_ctx , __idempotent_arg1) = __idempotent_protected . into_parts ()"),
+            "{out}"
+        );
+        assert!(out.contains("(& __idempotent_arg1 . 0 . amount)) . add_to (__idempotent_b , \"amount\")"), "{out}");
+        assert!(out.contains("identity : :: idempotent_axum :: __private :: Identity { path : :: idempotent_axum :: __private :: Part :: Whole"), "{out}");
         assert!(out.contains("Duration :: from_secs (86400)"), "{out}");
     }
 
     #[test]
-    fn context_is_last_without_a_body() {
-        let out = expand(r#"scope = "a", lease = "1500ms""#, "async fn h(c: Caller) -> u8 { 1 }");
-        assert!(out.contains("(__idempotent_arg0 : Caller , __idempotent_ctx :"), "{out}");
+    fn a_handler_without_arguments_gets_a_protected_unit() {
+        let out = expand(r#"scope = "a", lease = "1500ms""#, "async fn h() -> u8 { 1 }");
+        assert!(out.contains("__idempotent_protected : :: idempotent_axum :: __private :: Protected < () >"), "{out}");
+        assert!(out.contains("let (__idempotent_ctx , ()) ="), "{out}");
         assert!(out.contains("Duration :: from_millis (1500)"), "{out}");
-        assert!(out.contains("Ok (:: idempotent_axum :: __private :: FingerprintBuilder :: new (\"a\") . finish ())"));
+        assert!(
+            out.contains("__idempotent_ctx . fingerprint (& __IDEMPOTENT_POLICY , :: core :: result :: Result :: Ok)"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn path_query_and_excluded_parts_reach_the_policy() {
+        let out = expand(
+            r#"scope = "a", fields = [path(id), query(page)], exclude = [body]"#,
+            "async fn h(Path(id): Path<u64>) -> u8 { 1 }",
+        );
+        assert!(out.contains("path : :: idempotent_axum :: __private :: Part :: Only (& [\"id\"])"), "{out}");
+        assert!(out.contains("query : :: idempotent_axum :: __private :: Part :: Only (& [\"page\"])"), "{out}");
+        assert!(out.contains("body : :: idempotent_axum :: __private :: Part :: Omitted"), "{out}");
+    }
+
+    #[test]
+    fn a_marked_body_is_used_and_the_mark_removed() {
+        let out = idempotent(
+            Framework::Actix,
+            r#"scope = "a", fields = [amount]"#.parse().unwrap(),
+            "async fn h(#[body] b: Validated<Req>, c: Caller) -> u8 { 1 }".parse().unwrap(),
+        )
+        .to_string();
+        assert!(
+            out.contains(
+                "__idempotent_protected : :: idempotent_actix :: __private :: Protected < Validated < Req > >"
+            ),
+            "{out}"
+        );
+        assert!(!out.contains("# [body]"), "{out}");
     }
 
     #[test]
     fn errors_keep_the_item() {
-        let out = expand(r#"scope = "A""#, "async fn h() -> u8 { 1 }");
-        assert!(out.starts_with("async fn h () -> u8 { 1 }"), "{out}");
+        let out = expand(r#"scope = "A""#, "async fn h(#[body] b: B) -> u8 { 1 }");
+        assert!(out.starts_with("async fn h (b : B) -> u8 { 1 }"), "{out}");
         assert!(out.contains("compile_error"), "{out}");
         assert!(!out.contains("__idempotent"), "{out}");
     }
 
     #[test]
-    fn exempt_handlers_are_left_as_written() {
-        let out = expand(r#"exempt = "read-only", route = "POST /search""#, "fn search() -> u8 { 1 }");
-        assert!(out.starts_with("fn search () -> u8 { 1 }"), "{out}");
+    fn exempt_handlers_gain_only_the_marker_extractor() {
+        let out = expand(r#"exempt = "read-only", route = "POST /search""#, "async fn search(q: Q) -> u8 { 1 }");
+        assert!(
+            out.starts_with("async fn search (_ : :: idempotent_axum :: __private :: Exempt , q : Q) -> u8 { 1 }"),
+            "{out}"
+        );
         assert!(out.contains("RouteRecord :: exempted (\"read-only\""), "{out}");
         assert!(out.contains(". at (\"POST\" , \"/search\")"), "{out}");
-        assert!(expand(r#"exempt = "read-only""#, "fn search() {}").contains("needs its method and path"));
+        assert!(!expand(r#"exempt = "read-only""#, "async fn search() {}").contains("compile_error"));
+    }
+
+    #[test]
+    fn template_parameters() {
+        assert_eq!(template_params("/p/{id}/r/{rid:\\d+}/{*rest}"), ["id", "rid", "rest"]);
+        assert!(template_params("/p").is_empty());
     }
 
     #[test]

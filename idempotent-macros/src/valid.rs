@@ -2,7 +2,7 @@
 //! constant. Every problem becomes an error at the offending key or value; all of them are
 //! reported together.
 
-use crate::attr::{Args, Fields, StrArg};
+use crate::attr::{Args, Exclude, Fields, StrArg};
 use crate::duration::{self, Millis};
 use proc_macro2::Span;
 use syn::LitStr;
@@ -49,6 +49,7 @@ pub(crate) struct Route {
 pub(crate) struct Spec {
     pub(crate) scope: LitStr,
     pub(crate) fields: Option<Fields>,
+    pub(crate) excluded: Excluded,
     pub(crate) ttl: Millis,
     pub(crate) lease: Millis,
     pub(crate) key: KeyRequirement,
@@ -57,6 +58,14 @@ pub(crate) struct Spec {
     pub(crate) outcomes: StoredOutcomes,
     pub(crate) fail_open: bool,
     pub(crate) route: Option<Route>,
+}
+
+/// The parts of the request `exclude = [..]` leaves out of its identity.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Excluded {
+    pub(crate) path: bool,
+    pub(crate) query: bool,
+    pub(crate) body: bool,
 }
 
 /// A route deliberately left unprotected: `#[idempotent(exempt = "reason", route = "...")]`.
@@ -116,6 +125,7 @@ fn validate_exemption(args: Args, exempt: StrArg) -> syn::Result<Exemption> {
     let policy_keys = [
         ("scope", key(&args.scope)),
         ("fields", args.fields.as_ref().map(|f| f.key)),
+        ("exclude", args.exclude.as_ref().map(|e| e.key)),
         ("ttl", key(&args.ttl)),
         ("lease", key(&args.lease)),
         ("key", key(&args.key)),
@@ -166,6 +176,7 @@ fn validate_policy(args: Args) -> syn::Result<Spec> {
     if let Some(fields) = &args.fields {
         check_fields(fields, &mut errors);
     }
+    let excluded = check_exclude(args.exclude.as_ref(), args.fields.as_ref(), &mut errors);
 
     let ttl = duration_arg(args.ttl.as_ref(), "ttl", DEFAULT_TTL, &mut errors);
     let lease = duration_arg(args.lease.as_ref(), "lease", DEFAULT_LEASE, &mut errors);
@@ -223,6 +234,7 @@ fn validate_policy(args: Args) -> syn::Result<Spec> {
     errors.finish(Spec {
         scope,
         fields: args.fields,
+        excluded,
         ttl: ttl.map_or(DEFAULT_TTL.0, |t| t.0),
         lease: lease.map_or(DEFAULT_LEASE.0, |l| l.0),
         key,
@@ -254,8 +266,11 @@ pub(crate) fn check_scope(scope: &str) -> Result<(), String> {
 }
 
 fn check_fields(fields: &Fields, errors: &mut Errors) {
-    if fields.paths.is_empty() {
-        errors.add(fields.key, "`fields` is empty; list body fields, or remove `fields` to fingerprint the whole body");
+    if fields.paths.is_empty() && fields.path_params.is_empty() && fields.query_params.is_empty() {
+        errors.add(
+            fields.key,
+            "`fields` is empty; list body fields (or `path(name)`, `query(name)`), or remove `fields` to fingerprint the whole request",
+        );
     }
     let mut seen = Vec::new();
     for path in &fields.paths {
@@ -266,6 +281,54 @@ fn check_fields(fields: &Fields, errors: &mut Errors) {
             seen.push(name);
         }
     }
+    for (which, names) in [("path", &fields.path_params), ("query", &fields.query_params)] {
+        let mut seen = Vec::new();
+        for name in names {
+            if seen.contains(&name) {
+                errors.add(name.span(), format!("`{which}({name})` is listed twice in `fields`"));
+            } else {
+                seen.push(name);
+            }
+        }
+    }
+}
+
+/// `exclude = [..]` names each of `path`, `query` and `body` at most once, and never a part that
+/// `fields` also selects from.
+fn check_exclude(exclude: Option<&Exclude>, fields: Option<&Fields>, errors: &mut Errors) -> Excluded {
+    let mut excluded = Excluded::default();
+    let Some(exclude) = exclude else { return excluded };
+    if exclude.parts.is_empty() {
+        errors.add(
+            exclude.key,
+            "`exclude` is empty; name the parts left out of the request's identity: `path`, `query` or `body`",
+        );
+    }
+    for part in &exclude.parts {
+        let (slot, selected) = match part.to_string().as_str() {
+            "path" => (&mut excluded.path, fields.is_some_and(|f| !f.path_params.is_empty())),
+            "query" => (&mut excluded.query, fields.is_some_and(|f| !f.query_params.is_empty())),
+            "body" => (&mut excluded.body, fields.is_some_and(|f| !f.paths.is_empty())),
+            other => {
+                errors.add(
+                    part.span(),
+                    format!("unknown request part `{other}` in `exclude`; expected `path`, `query` or `body`"),
+                );
+                continue;
+            }
+        };
+        if *slot {
+            errors.add(part.span(), format!("`{part}` is listed twice in `exclude`"));
+        }
+        *slot = true;
+        if selected {
+            errors.add(
+                part.span(),
+                format!("`{part}` is excluded, but `fields` names values of it; remove one of the two"),
+            );
+        }
+    }
+    excluded
 }
 
 /// Parses an optional duration argument; `None` means it was invalid (and an error was recorded).

@@ -319,9 +319,7 @@ async fn postgres_round_trips(pg: &idempotent_tests::postgres::TestSchema) {
                 fingerprint: Ok(FingerprintBuilder::new(POLICY.scope).finish()),
             };
             runtime
-                .execute(&POLICY, req, async {
-                    Captured { record: StoredResponse::new(201, [("a", "b")], "x".into()), live: () }
-                })
+                .execute(&POLICY, req, async { Captured::new(StoredResponse::new(201, [("a", "b")], "x".into()), ()) })
                 .await;
         }
     };

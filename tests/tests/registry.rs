@@ -68,6 +68,16 @@ async fn unprotected() -> &'static str {
     "changed"
 }
 
+async fn unprotected_with_body(Json(_): Json<Value>) -> &'static str {
+    "changed"
+}
+
+/// Declares a route it is not mounted at: a stale `route` must not make that route look protected.
+#[idempotent(scope = "fixture.stale.create", route = "POST /stale")]
+async fn stale_route(Json(body): Json<Value>) -> Json<Value> {
+    Json(body)
+}
+
 async fn list() -> &'static str {
     "[]"
 }
@@ -88,7 +98,8 @@ fn record_json(r: &RouteRecord) -> Value {
         "exempt": r.exempt,
         "policy": r.policy.map(|p| json!({
             "scope": p.scope,
-            "fields": p.fields,
+            "fields": p.fields(),
+            "identity": [p.identity.path.describe(), p.identity.query.describe(), p.identity.body.describe()],
             "ttl_ms": p.ttl.as_millis() as u64,
             "lease_ms": p.lease.as_millis() as u64,
             "key": p.key.as_str(),
@@ -121,6 +132,7 @@ fn iteration_is_sorted_and_filterable() {
             "registry::update_note",
             "registry::create_order",
             "registry::refund_order",
+            "registry::stale_route",
             "registry::put_profile",
             "registry::search"
         ]
@@ -134,9 +146,12 @@ fn iteration_is_sorted_and_filterable() {
 fn reports_list_protected_and_exempt_routes_apart() {
     let json: Value = serde_json::from_str(&report::render(&fixture(), Format::Json)).unwrap();
     assert_eq!(json["version"], 1);
-    assert_eq!(json["summary"], json!({"protected": 3, "exempt": 2}));
+    assert_eq!(json["summary"], json!({"protected": 4, "exempt": 2}));
     let scopes: Vec<&str> = json["routes"].as_array().unwrap().iter().map(|r| r["scope"].as_str().unwrap()).collect();
-    assert_eq!(scopes, ["fixture.notes.update", "fixture.orders.create", "fixture.refunds.create"]);
+    assert_eq!(
+        scopes,
+        ["fixture.notes.update", "fixture.orders.create", "fixture.refunds.create", "fixture.stale.create"]
+    );
     assert_eq!(json["routes"][0]["method"], Value::Null);
     assert_eq!(json["exempt"][0]["path"], "/profile");
     assert_eq!(json["exempt"][0]["reason"], "natural key: PUT replaces the resource");
@@ -152,13 +167,19 @@ fn reports_list_protected_and_exempt_routes_apart() {
 
 fn app(enforce: Enforce) -> Router {
     let idempotency = Idempotency::builder(Arc::new(MemoryStore::new())).build().expect("valid registry");
-    Router::new()
+    let orders = Router::new()
         .route("/orders", post(create_order).get(list))
         .route("/orders/{id}/refunds", post(refund_order))
+        .route("/elsewhere", post(stale_route));
+    Router::new()
+        .merge(orders.clone())
+        .nest("/v1", orders)
         .route("/notes/{id}", patch(update_note))
         .route("/profile", put(put_profile))
         .route("/search", post(search))
+        .route("/stale", post(unprotected_with_body))
         .route("/unprotected", post(unprotected).put(unprotected))
+        .route("/unprotected-body", post(unprotected_with_body).put(unprotected_with_body))
         .route("/list", get(list))
         .layer(enforce)
         .layer(idempotency.layer())
@@ -178,15 +199,21 @@ async fn call(app: &Router, method: &str, uri: &str) -> (StatusCode, String) {
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+fn refused(response: &(StatusCode, String), route: &str) -> bool {
+    response.0 == StatusCode::INTERNAL_SERVER_ERROR
+        && response.1.contains("urn:idempotent:problem:misconfigured")
+        && response.1.contains(&format!("{route} changes state but has no idempotency policy"))
+}
+
 #[tokio::test]
-async fn refuse_mode_answers_500_for_an_unprotected_mutating_route() {
+async fn refuse_mode_refuses_an_unprotected_route_that_reads_a_body_before_it_runs() {
     let app = app(Enforce::refuse());
-    let (status, body) = call(&app, "POST", "/unprotected").await;
-    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
-    assert!(body.contains("urn:idempotent:problem:misconfigured"), "{body}");
-    assert!(body.contains("POST /unprotected changes state but has no idempotency policy"), "{body}");
+    for _ in 0..2 {
+        let response = call(&app, "POST", "/unprotected-body").await;
+        assert!(refused(&response, "POST /unprotected-body"), "{response:?}");
+    }
     // PUT is not counted by default; GET never is; protected and exempt routes run.
-    assert_eq!(call(&app, "PUT", "/unprotected").await, (StatusCode::OK, "changed".into()));
+    assert_eq!(call(&app, "PUT", "/unprotected-body").await, (StatusCode::OK, "changed".into()));
     assert_eq!(call(&app, "GET", "/list").await.0, StatusCode::OK);
     assert_eq!(call(&app, "POST", "/orders").await, (StatusCode::CREATED, "1 EUR".into()));
     assert_eq!(call(&app, "POST", "/search").await, (StatusCode::OK, "[]".into()));
@@ -197,16 +224,50 @@ async fn refuse_mode_answers_500_for_an_unprotected_mutating_route() {
 }
 
 #[tokio::test]
+async fn refuse_mode_refuses_a_bodiless_unprotected_route_from_its_second_request() {
+    let app = app(Enforce::refuse());
+    // Nothing can be held back from a handler that reads no body: its first request runs (and is
+    // logged as an error); every later one is refused.
+    assert_eq!(call(&app, "POST", "/unprotected").await, (StatusCode::OK, "changed".into()));
+    let second = call(&app, "POST", "/unprotected").await;
+    assert!(refused(&second, "POST /unprotected"), "{second:?}");
+}
+
+#[tokio::test]
+async fn refuse_mode_recognises_protected_routes_under_a_nested_router() {
+    let app = app(Enforce::refuse());
+    assert_eq!(call(&app, "POST", "/v1/orders").await, (StatusCode::CREATED, "1 EUR".into()));
+    assert_eq!(call(&app, "POST", "/v1/orders/7/refunds").await.0, StatusCode::OK);
+    assert_eq!(call(&app, "POST", "/v1/elsewhere").await.0, StatusCode::OK);
+    // Learned: the second request is decided without a gate, and still served.
+    assert_eq!(call(&app, "POST", "/v1/orders").await.0, StatusCode::CREATED);
+    let order = registry::routes().into_iter().find(|r| r.handler == "registry::create_order").unwrap();
+    let served = registry::served_at(order);
+    assert!(served.contains(&"POST /v1/orders".to_owned()), "{served:?}");
+}
+
+#[tokio::test]
+async fn a_stale_route_cannot_hide_an_unprotected_handler() {
+    // `stale_route` says `route = "POST /stale"` but is mounted at `/elsewhere`; the handler at
+    // `/stale` is unprotected, and is refused.
+    let app = app(Enforce::refuse());
+    let response = call(&app, "POST", "/stale").await;
+    assert!(refused(&response, "POST /stale"), "{response:?}");
+}
+
+#[tokio::test]
 async fn refuse_mode_can_count_put_and_delete() {
     let app = app(Enforce::refuse().methods(MutatingMethods::ALL));
-    assert_eq!(call(&app, "PUT", "/unprotected").await.0, StatusCode::INTERNAL_SERVER_ERROR);
+    let response = call(&app, "PUT", "/unprotected-body").await;
+    assert!(refused(&response, "PUT /unprotected-body"), "{response:?}");
     assert_eq!(call(&app, "PUT", "/profile").await.0, StatusCode::OK, "exempt");
 }
 
 #[tokio::test]
 async fn warn_mode_serves_the_request() {
     let app = app(Enforce::warn());
-    assert_eq!(call(&app, "POST", "/unprotected").await, (StatusCode::OK, "changed".into()));
+    assert_eq!(call(&app, "POST", "/unprotected-body").await, (StatusCode::OK, "changed".into()));
+    assert_eq!(call(&app, "POST", "/unprotected-body").await, (StatusCode::OK, "changed".into()));
     assert_eq!(call(&app, "POST", "/unprotected").await, (StatusCode::OK, "changed".into()));
 }
 

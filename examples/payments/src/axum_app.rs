@@ -50,7 +50,7 @@ impl IntoResponse for ApiError {
 }
 
 /// `POST /payments`.
-#[idempotent(scope = "payments.create", fields = [amount, currency, customer], ttl = "24h", route = "POST /payments")]
+#[idempotent(scope = "payments.create", fields = [amount, currency, customer], ttl = "24h")]
 pub async fn create_payment(
     Caller(account): Caller,
     State(app): State<AppState>,
@@ -64,7 +64,7 @@ pub async fn create_payment(
 /// `POST /payments/{id}/refunds`: the payment must be the caller's and not already refunded in
 /// full. An unknown payment (404) and an excessive amount (422) are final outcomes, stored and
 /// replayed like a refund.
-#[idempotent(scope = "refunds.create", fields = [amount], route = "POST /payments/{id}/refunds")]
+#[idempotent(scope = "refunds.create", fields = [amount])]
 pub async fn create_refund(
     Caller(account): Caller,
     State(app): State<AppState>,
@@ -76,7 +76,7 @@ pub async fn create_refund(
 }
 
 /// `POST /transfers`: takes the configured processing time.
-#[idempotent(scope = "transfers.create", fields = [amount, from, to], ttl = "24h", lease = "3s", route = "POST /transfers")]
+#[idempotent(scope = "transfers.create", fields = [amount, from, to], ttl = "24h", lease = "3s")]
 pub async fn create_transfer(
     Caller(account): Caller,
     State(app): State<AppState>,
@@ -88,7 +88,7 @@ pub async fn create_transfer(
 }
 
 /// `POST /quotes`: any JSON object, fingerprinted whole, kept 3 seconds.
-#[idempotent(scope = "quotes.create", ttl = "3s", lease = "2s", route = "POST /quotes")]
+#[idempotent(scope = "quotes.create", ttl = "3s", lease = "2s")]
 pub async fn create_quote(
     Caller(account): Caller,
     State(app): State<AppState>,

@@ -78,12 +78,12 @@ fn main() {
     let record = routes.iter().find(|r| r.scope() == Some("payments.create")).expect("registered");
     let policy = record.policy.expect("protected");
     assert!(record.handler.ends_with("::create_payment"), "{}", record.handler);
-    assert_eq!(policy.fields, ["amount", "currency", "customer"]);
+    assert_eq!(policy.fields(), ["amount", "currency", "customer"]);
     assert_eq!(policy.ttl, std::time::Duration::from_secs(24 * 60 * 60));
     assert_eq!(
         policy,
         idempotent_axum::core::policy::Policy {
-            fields: policy.fields,
+            identity: policy.identity,
             ..idempotent_axum::core::policy::Policy::new("payments.create")
         }
     );

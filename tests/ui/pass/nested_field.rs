@@ -24,5 +24,5 @@ async fn subscribe(Json(req): Json<Subscribe>) -> String {
 fn main() {
     let _app: Router = Router::new().route("/p", post(subscribe));
     let routes = idempotent_axum::core::registry::routes();
-    assert_eq!(routes[0].policy.unwrap().fields, ["customer.id", "plan"]);
+    assert_eq!(routes[0].policy.unwrap().fields(), ["customer.id", "plan"]);
 }

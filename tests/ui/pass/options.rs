@@ -46,5 +46,5 @@ fn main() {
     assert!(p.fail_open);
     let c = routes.iter().find(|r| r.scope() == Some("orders.cancel")).unwrap().policy.unwrap();
     assert_eq!(c.outcomes, StoredOutcomes::All);
-    assert!(c.fields.is_empty());
+    assert!(c.fields().is_empty());
 }

@@ -1,3 +1,5 @@
+//! Without `fields` the whole body is fingerprinted as received (canonical JSON here), so the
+//! body type need not be `Serialize`.
 use axum::Json;
 use idempotent_axum::idempotent;
 use serde::Deserialize;

@@ -1,0 +1,115 @@
+//! The extractors `#[idempotent]` adds to a handler.
+
+use crate::runtime::{into_actix, Idempotency};
+use actix_web::dev::Payload;
+use actix_web::error::InternalError;
+use actix_web::http::header::CONTENT_TYPE;
+use actix_web::{web, FromRequest, HttpMessage, HttpRequest};
+use futures_util::future::LocalBoxFuture;
+use idempotent_core::enforce::Gate;
+use idempotent_core::engine::Runtime;
+use idempotent_core::fingerprint::{Fingerprint, FingerprintBuilder, FingerprintError};
+use idempotent_core::policy::Policy;
+use idempotent_core::protocol::{self, Incoming, ResponseBody};
+use std::future::{ready, Ready};
+use std::sync::Arc;
+
+/// What a protected handler knows of its request before it runs: the request (its key and actor
+/// are read once every extractor has run), the installed runtime, and the parts of the request
+/// that make up its identity.
+#[derive(Debug)]
+pub struct Context {
+    pub(crate) request: HttpRequest,
+    pub(crate) runtime: Option<Runtime>,
+    pub(crate) incoming: Incoming,
+}
+
+impl Context {
+    /// The request's fingerprint under `policy`; `fields` adds the declared body fields.
+    pub fn fingerprint(
+        &self,
+        policy: &Policy,
+        fields: impl FnOnce(FingerprintBuilder) -> Result<FingerprintBuilder, FingerprintError>,
+    ) -> Result<Fingerprint, FingerprintError> {
+        self.incoming.fingerprint(policy, fields)
+    }
+}
+
+/// The runtime installed as application data: `app_data(idempotency.data())` or
+/// `app_data(web::Data::new(idempotency))`.
+fn runtime_of(request: &HttpRequest) -> Option<Runtime> {
+    let direct = request.app_data::<Idempotency>();
+    let data = || request.app_data::<web::Data<Idempotency>>().map(|d| d.get_ref());
+    direct.or_else(data).map(|i| i.runtime().clone())
+}
+
+/// Wraps a protected handler's body extractor `T` (or stands in for one): reads the payload
+/// (within actix-web's `PayloadConfig` limit) so the whole request can be fingerprinted, then
+/// hands the same bytes to `T`.
+#[derive(Debug)]
+pub struct Protected<T> {
+    context: Context,
+    inner: T,
+}
+
+impl<T> Protected<T> {
+    /// The context and the handler's own extractor.
+    pub fn into_parts(self) -> (Context, T) {
+        (self.context, self.inner)
+    }
+}
+
+impl<T> FromRequest for Protected<T>
+where
+    T: FromRequest + 'static,
+    T::Future: 'static,
+{
+    type Error = actix_web::Error;
+    type Future = LocalBoxFuture<'static, Result<Self, actix_web::Error>>;
+
+    fn from_request(request: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        if let Some(gate) = request.extensions().get::<Arc<Gate>>() {
+            gate.open_protected();
+        }
+        let request = request.clone();
+        let mut payload = payload.take();
+        Box::pin(async move {
+            let bytes = match web::Bytes::from_request(&request, &mut payload).await {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    let too_large = e.as_response_error().status_code().as_u16() == 413;
+                    let problem = into_actix(protocol::body_problem(too_large, &e).map(ResponseBody::full));
+                    return Err(InternalError::from_response(e.to_string(), problem).into());
+                }
+            };
+            let content_type = request.headers().get(CONTENT_TYPE).map(|v| v.as_bytes());
+            let route = request.match_pattern();
+            let mut incoming = Incoming::new(request.method().as_str(), route.as_deref())
+                .query(Some(request.query_string()))
+                .body(content_type, bytes.clone());
+            for (name, value) in request.match_info().iter() {
+                incoming = incoming.param(name, value);
+            }
+            let inner = T::from_request(&request, &mut Payload::from(bytes)).await.map_err(Into::into)?;
+            let runtime = runtime_of(&request);
+            Ok(Self { context: Context { request, runtime, incoming }, inner })
+        })
+    }
+}
+
+/// The first extractor of an `#[idempotent(exempt = "..")]` handler: tells enforcement that this
+/// handler serves the route; nothing else.
+#[derive(Debug, Clone, Copy)]
+pub struct Exempt;
+
+impl FromRequest for Exempt {
+    type Error = std::convert::Infallible;
+    type Future = Ready<Result<Self, Self::Error>>;
+
+    fn from_request(request: &HttpRequest, _: &mut Payload) -> Self::Future {
+        if let Some(gate) = request.extensions().get::<Arc<Gate>>() {
+            gate.open_exempt();
+        }
+        ready(Ok(Exempt))
+    }
+}

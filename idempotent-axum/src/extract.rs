@@ -1,0 +1,125 @@
+//! The extractors `#[idempotent]` adds to a handler.
+
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, RawPathParams, Request};
+use axum::response::{IntoResponse, Response};
+use axum::RequestExt;
+use http::request::Parts;
+use http_body_util::BodyExt;
+use idempotent_core::actor::Actor;
+use idempotent_core::enforce::Gate;
+use idempotent_core::engine::Runtime;
+use idempotent_core::fingerprint::{Fingerprint, FingerprintBuilder, FingerprintError};
+use idempotent_core::policy::Policy;
+use idempotent_core::protocol::{self, Caller, Incoming};
+use std::sync::Arc;
+
+/// What a protected handler knows of its request before it runs: the installed runtime with the
+/// caller's key and actor, and the parts of the request that make up its identity.
+#[derive(Debug)]
+pub struct Context {
+    pub(crate) runtime: Option<(Runtime, Caller)>,
+    pub(crate) incoming: Incoming,
+}
+
+impl Context {
+    /// The request's fingerprint under `policy`; `fields` adds the declared body fields.
+    pub fn fingerprint(
+        &self,
+        policy: &Policy,
+        fields: impl FnOnce(FingerprintBuilder) -> Result<FingerprintBuilder, FingerprintError>,
+    ) -> Result<Fingerprint, FingerprintError> {
+        self.incoming.fingerprint(policy, fields)
+    }
+}
+
+/// Wraps a protected handler's last extractor `T`: reads the body (within axum's
+/// `DefaultBodyLimit`) so the whole request can be fingerprinted, then hands the same bytes to `T`.
+/// Every other extractor of the handler has run by then, so an authentication extractor can set
+/// the [`Actor`] first.
+#[derive(Debug)]
+pub struct Protected<T> {
+    context: Context,
+    inner: T,
+}
+
+impl<T> Protected<T> {
+    /// The context and the handler's own extractor.
+    pub fn into_parts(self) -> (Context, T) {
+        (self.context, self.inner)
+    }
+}
+
+/// Marker of [`Protected`]'s `FromRequest` impl, whatever `T`'s own marker is.
+#[derive(Debug)]
+pub struct Via<M>(M);
+
+impl<S, T, M> FromRequest<S, Via<M>> for Protected<T>
+where
+    S: Send + Sync,
+    T: FromRequest<S, M>,
+{
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Response> {
+        if let Some(gate) = request.extensions().get::<Arc<Gate>>() {
+            gate.open_protected();
+        }
+        let (mut parts, body) = request.with_limited_body().into_parts();
+        let bytes = match body.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) => {
+                let too_large = source_is::<http_body_util::LengthLimitError>(&e);
+                return Err(protocol::body_problem(too_large, &e).map(Body::from));
+            }
+        };
+        let context = context(&mut parts, state, bytes.clone()).await;
+        let inner = T::from_request(Request::from_parts(parts, Body::from(bytes)), state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        Ok(Self { context, inner })
+    }
+}
+
+async fn context<S: Send + Sync>(parts: &mut Parts, state: &S, body: Bytes) -> Context {
+    let route = parts.extensions.get::<MatchedPath>().map(MatchedPath::as_str);
+    let content_type = parts.headers.get(http::header::CONTENT_TYPE).map(|v| v.as_bytes());
+    let mut incoming = Incoming::new(parts.method.as_str(), route).query(parts.uri.query()).body(content_type, body);
+    if let Ok(params) = RawPathParams::from_request_parts(parts, state).await {
+        for (name, value) in &params {
+            incoming = incoming.param(name, value);
+        }
+    }
+    let runtime = parts.extensions.get::<Runtime>().map(|runtime| {
+        let caller = Caller::identify(runtime.config(), &parts.headers, parts.extensions.get::<Actor>());
+        (runtime.clone(), caller)
+    });
+    Context { runtime, incoming }
+}
+
+fn source_is<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if e.is::<E>() {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}
+
+/// The first extractor of an `#[idempotent(exempt = "..")]` handler: tells enforcement that this
+/// handler serves the route; nothing else.
+#[derive(Debug, Clone, Copy)]
+pub struct Exempt;
+
+impl<S: Send + Sync> FromRequestParts<S> for Exempt {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        if let Some(gate) = parts.extensions.get::<Arc<Gate>>() {
+            gate.open_exempt();
+        }
+        Ok(Exempt)
+    }
+}

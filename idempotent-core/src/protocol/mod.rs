@@ -1,0 +1,305 @@
+//! The HTTP protocol of a protected route, written once over `http` crate types.
+//!
+//! An adapter does three things per request, and nothing else: it gathers an [`Incoming`] (the
+//! parts of the request that make up its identity) and a [`Caller`] (key and actor) from its
+//! framework's request, lets the generated handler compute the fingerprint with
+//! [`Incoming::fingerprint`], and spawns [`respond`] with the handler's response converted to an
+//! `http::Response`. Every rule of the protocol lives here:
+//!
+//! - key parsing and the actor ([`Caller::identify`]; 400 and 401 problems),
+//! - the request's identity: method, path parameters, canonical query and body by content type
+//!   ([`Incoming::fingerprint`], per the route's [`Identity`](crate::policy::Identity)),
+//! - claim, run, complete or release ([`Runtime::execute`]),
+//! - capture under the cap ([`capture::capture`]), replays and problem responses,
+//! - and the report endpoint ([`policy_report`]).
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http_body_util::{BodyExt, Full};
+//! use idempotent_core::engine::{Config, Runtime};
+//! use idempotent_core::policy::Policy;
+//! use idempotent_core::protocol::{respond, Caller, Incoming};
+//! use idempotent_core::store::MemoryStore;
+//! use std::sync::Arc;
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+//! static POLICY: Policy = Policy::new("orders.cancel");
+//! let runtime = Runtime::new(Arc::new(MemoryStore::new()), Config::default());
+//! let mut statuses = Vec::new();
+//! for order in ["1", "1", "2"] {
+//!     let incoming = Incoming::new("POST", Some("/orders/{id}/cancel")).param("id", order);
+//!     let mut headers = http::HeaderMap::new();
+//!     headers.insert("idempotency-key", "k-1".parse().unwrap());
+//!     let caller = Caller::identify(runtime.config(), &headers, None);
+//!     let fingerprint = incoming.fingerprint(&POLICY, Ok);
+//!     let response = respond(&runtime, &POLICY, caller, fingerprint, async {
+//!         http::Response::new(Full::new(Bytes::from("cancelled")))
+//!     })
+//!     .await;
+//!     statuses.push(response.status().as_u16());
+//! }
+//! // The same key on another order is a different request: 422, never order 1's answer.
+//! assert_eq!(statuses, [200, 200, 422]);
+//! # });
+//! ```
+
+pub mod body;
+pub mod capture;
+pub mod field;
+
+pub use body::ResponseBody;
+
+use crate::actor::{Actor, ActorMissing, RequestHead};
+use crate::engine::{Config, Outcome, Request, Runtime, REPLAYED_HEADER};
+use crate::fingerprint::{Fingerprint, FingerprintBuilder, FingerprintError};
+use crate::key::{IdempotencyKey, KeyError};
+use crate::policy::{Part, Policy};
+use crate::problem::{Problem, ProblemKind, CONTENT_TYPE};
+use crate::registry::{self, Framework};
+use crate::report::Format;
+use crate::response::StoredResponse;
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use std::future::Future;
+
+/// The parts of a request that make up its identity, gathered by the adapter before the handler
+/// runs: method, matched route, path parameters, query and body.
+#[derive(Debug, Clone, Default)]
+pub struct Incoming {
+    method: String,
+    route: Option<String>,
+    params: Vec<(String, String)>,
+    query: Option<String>,
+    content_type: Option<String>,
+    body: Bytes,
+}
+
+impl Incoming {
+    /// A request with `method` that matched `route` (the route pattern as the router knows it,
+    /// `/v1/payments/{id}`; `None` when the framework does not say).
+    pub fn new(method: &str, route: Option<&str>) -> Self {
+        Self { method: method.to_ascii_uppercase(), route: route.map(str::to_owned), ..Self::default() }
+    }
+
+    /// Adds a path parameter, decoded, in route order.
+    pub fn param(mut self, name: &str, value: &str) -> Self {
+        self.params.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// The raw query string (without `?`).
+    pub fn query(mut self, query: Option<&str>) -> Self {
+        self.query = query.filter(|q| !q.is_empty()).map(str::to_owned);
+        self
+    }
+
+    /// The body as received, and its `Content-Type`.
+    pub fn body(mut self, content_type: Option<&[u8]>, body: Bytes) -> Self {
+        self.content_type = content_type.and_then(|c| std::str::from_utf8(c).ok()).map(str::to_owned);
+        self.body = body;
+        self
+    }
+
+    /// The method, uppercase.
+    pub fn method(&self) -> &str {
+        &self.method
+    }
+
+    /// The matched route pattern, if the framework gave one.
+    pub fn route(&self) -> Option<&str> {
+        self.route.as_deref()
+    }
+
+    /// The request's fingerprint under `policy`: scope and method, then each part of its
+    /// [`Identity`](crate::policy::Identity): every path parameter or the named ones, the whole
+    /// canonical query or the named parameters, and the whole body by content type, or
+    /// `fields` (the declared body fields, added by generated code) — or the part's omission.
+    ///
+    /// A path parameter the policy names but the route does not have is an error (a server bug,
+    /// answered 500 rather than fingerprinting less than declared).
+    pub fn fingerprint(
+        &self,
+        policy: &Policy,
+        fields: impl FnOnce(FingerprintBuilder) -> Result<FingerprintBuilder, FingerprintError>,
+    ) -> Result<Fingerprint, FingerprintError> {
+        let id = policy.identity;
+        let mut b = FingerprintBuilder::new(policy.scope).method(&self.method);
+        let params: Vec<(&str, &str)> = self.params.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        b = match id.path {
+            Part::Whole => b.path(&params),
+            Part::Only(names) => {
+                let mut chosen = Vec::with_capacity(names.len());
+                for name in names {
+                    let Some(p) = params.iter().find(|(n, _)| n == name) else {
+                        return Err(FingerprintError::missing(format!("path({name})")));
+                    };
+                    chosen.push(*p);
+                }
+                b.path_params(&chosen)
+            }
+            Part::Omitted => b.omitted("path"),
+        };
+        b = match id.query {
+            Part::Whole => b.query(self.query.as_deref()),
+            Part::Only(names) => b.query_params(self.query.as_deref(), names),
+            Part::Omitted => b.omitted("query"),
+        };
+        b = match id.body {
+            Part::Whole => b.raw_body(self.content_type.as_deref(), &self.body),
+            Part::Only(_) => fields(b)?,
+            Part::Omitted => b.omitted("body"),
+        };
+        Ok(b.finish())
+    }
+}
+
+/// Who is asking, and under which key: read from the request head once the application's
+/// authentication has run.
+#[derive(Debug)]
+pub struct Caller {
+    /// The parsed key header: `Ok(None)` when absent.
+    pub key: Result<Option<IdempotencyKey>, KeyError>,
+    /// The actor: `Ok(None)` for the anonymous namespace.
+    pub actor: Result<Option<String>, ActorMissing>,
+}
+
+impl Caller {
+    /// Reads the key header named in `config` and resolves the actor: `extension` (an [`Actor`]
+    /// the application's authentication set) first, then the configured source.
+    pub fn identify(config: &Config, head: &dyn RequestHead, extension: Option<&Actor>) -> Self {
+        let key = IdempotencyKey::from_header_values(head.header_values(&config.header_name));
+        let actor = config.actor.actor_of(extension, head);
+        Self { key, actor }
+    }
+}
+
+/// Runs one protected request: answers a missing actor with 401, then claims, runs `handler`
+/// (capturing its response under the runtime's cap), completes or releases, and returns what the
+/// client gets: the handler's response, a replay, or a problem. Adapters run this on a spawned
+/// task so a client that disconnects cannot cancel it between the handler's effects and the
+/// recording of its outcome.
+pub async fn respond<B, Fut>(
+    runtime: &Runtime,
+    policy: &Policy,
+    caller: Caller,
+    fingerprint: Result<Fingerprint, FingerprintError>,
+    handler: Fut,
+) -> Response<ResponseBody<B>>
+where
+    Fut: Future<Output = Response<B>>,
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let actor = match caller.actor {
+        Ok(actor) => actor,
+        Err(e) => {
+            tracing::info!(scope = policy.scope, "{e}");
+            let problem = Problem::new(
+                ProblemKind::ActorMissing,
+                "This operation needs to know who is calling, and the request did not say: authenticate and retry with the same key.",
+            );
+            return problem_response(&problem).map(ResponseBody::full);
+        }
+    };
+    let max = runtime.config().max_stored_body;
+    let request = Request { key: caller.key, actor, fingerprint };
+    let handler = async move { capture::capture(handler.await, max).await };
+    match runtime.execute(policy, request, handler).await {
+        Outcome::Executed(response) => response,
+        Outcome::Replayed(stored) => replay_response(stored).map(ResponseBody::full),
+        Outcome::Problem(problem) => problem_response(&problem).map(ResponseBody::full),
+    }
+}
+
+/// Records that the handler `handler` of `framework` served this request's route (for reports:
+/// full paths under nested routers and scopes).
+pub fn observe(framework: Framework, handler: &'static str, incoming: &Incoming) {
+    if let Some(route) = incoming.route() {
+        registry::observe(framework, handler, &incoming.method, route);
+    }
+}
+
+/// An `application/problem+json` response, with `Retry-After` when the problem has one.
+pub fn problem_response(problem: &Problem) -> Response<Bytes> {
+    let mut response = Response::new(Bytes::from(problem.to_json()));
+    *response.status_mut() = StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = response.headers_mut();
+    headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+    if let Some(secs) = problem.retry_after {
+        headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
+}
+
+/// A stored response rebuilt for a retry, marked `Idempotent-Replayed: true`.
+pub fn replay_response(stored: StoredResponse) -> Response<Bytes> {
+    let mut response = Response::new(stored.body);
+    *response.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = response.headers_mut();
+    for (name, value) in stored.headers {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_bytes(&value)) {
+            headers.append(n, v);
+        }
+    }
+    headers.insert(HeaderName::from_static(REPLAYED_HEADER), HeaderValue::from_static("true"));
+    response
+}
+
+/// The 500 a protected route answers when no runtime is installed on its router or app.
+pub fn runtime_missing(policy: &Policy) -> Response<Bytes> {
+    tracing::error!(scope = policy.scope, "idempotency runtime not installed for this route");
+    problem_response(&Problem::new(
+        ProblemKind::Misconfigured,
+        "The server has no idempotency runtime installed for this route; this is a server configuration bug.",
+    ))
+}
+
+/// The 500 sent when the task running a protected request failed (it panicked outside the
+/// handler, or the runtime shut down).
+pub fn task_failed(policy: &Policy, error: &dyn std::fmt::Display) -> Response<Bytes> {
+    tracing::error!(scope = policy.scope, %error, "idempotent execution task failed");
+    problem_response(&Problem::new(
+        ProblemKind::HandlerPanicked,
+        "The request failed before completing. Retry with the same key.",
+    ))
+}
+
+/// The problem for a request body that could not be read before the handler ran: 413 when it was
+/// over the limit, 400 otherwise. Nothing ran and nothing was stored.
+pub fn body_problem(too_large: bool, error: &dyn std::fmt::Display) -> Response<Bytes> {
+    let problem = if too_large {
+        Problem::new(
+            ProblemKind::BodyTooLarge,
+            format!("The request body is larger than this route accepts ({error}); nothing was executed."),
+        )
+    } else {
+        Problem::new(
+            ProblemKind::BodyUnreadable,
+            format!("The request body could not be read ({error}); nothing was executed. Retry with the same key."),
+        )
+    };
+    problem_response(&problem)
+}
+
+/// The policy report of `framework`'s routes for a request with `query` (`format=json|md|html`,
+/// default JSON); an unknown format is 400 with a plain-text message naming the formats.
+pub fn policy_report(framework: Framework, query: Option<&str>) -> Response<Bytes> {
+    let format =
+        query.into_iter().flat_map(|q| q.split('&')).find_map(|pair| pair.strip_prefix("format=")).unwrap_or("json");
+    match format.parse::<Format>() {
+        Ok(format) => {
+            let body = crate::report::render(&registry::routes_of(framework), format);
+            let mut response = Response::new(Bytes::from(body));
+            response.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
+            response
+        }
+        Err(e) => {
+            let mut response = Response::new(Bytes::from(e));
+            *response.status_mut() = StatusCode::BAD_REQUEST;
+            let text = HeaderValue::from_static("text/plain; charset=utf-8");
+            response.headers_mut().insert(http::header::CONTENT_TYPE, text);
+            response
+        }
+    }
+}
