@@ -3,6 +3,7 @@
 
 pub mod contract;
 pub mod http;
+pub mod identity;
 pub mod postgres;
 pub mod process;
 pub mod redis_server;
