@@ -15,46 +15,11 @@ use actix_web::HttpMessage;
 use futures_util::future::LocalBoxFuture;
 use futures_util::StreamExt;
 use idempotent_core::enforce::{Decision, GatedBody};
-pub use idempotent_core::enforce::{Enforcer, Learned, Mode, MutatingMethods, Unprotected};
 use idempotent_core::problem::Problem;
 use idempotent_core::protocol::{problem_response, ResponseBody};
-use idempotent_core::registry::Framework;
 use std::future::{ready, Ready};
 
-/// The enforcement middleware: `App::new().wrap(Enforce::warn())`. Cheap to clone; clones share
-/// what they learned. Its decisions are those of the framework-free [`Enforcer`] it derefs to.
-#[derive(Debug, Clone)]
-pub struct Enforce(Enforcer);
-
-impl Enforce {
-    /// Enforcement in `mode`, `POST` and `PATCH` counted as mutating.
-    pub fn new(mode: Mode) -> Self {
-        Self(Enforcer::new(mode))
-    }
-
-    /// Serve unprotected mutating routes, warning once per route.
-    pub fn warn() -> Self {
-        Self::new(Mode::Warn)
-    }
-
-    /// Refuse unprotected mutating routes with 500 problem+json.
-    pub fn refuse() -> Self {
-        Self::new(Mode::Refuse)
-    }
-
-    /// Which methods count as mutating (default [`MutatingMethods::POST_PATCH`]).
-    pub fn methods(self, methods: MutatingMethods) -> Self {
-        Self(self.0.methods(methods))
-    }
-}
-
-impl std::ops::Deref for Enforce {
-    type Target = Enforcer;
-
-    fn deref(&self) -> &Enforcer {
-        &self.0
-    }
-}
+idempotent_core::__adapter_enforce!(Actix, "App::new().wrap(Enforce::warn())");
 
 impl<S, B> Transform<S, ServiceRequest> for Enforce
 where
@@ -126,19 +91,4 @@ where
             }
         }
     }
-}
-
-/// The mutating routes among `routes` (`(method, full route pattern)`) that no actix
-/// `#[idempotent]` handler declaring that route protects or exempts, `POST` and `PATCH` counted
-/// as mutating. A test helper for routes declared in routing attributes; the [`Enforce`]
-/// middleware needs no declaration.
-pub fn unprotected(routes: &[(&str, &str)]) -> Vec<Unprotected> {
-    idempotent_core::enforce::unprotected_routes(Framework::Actix, routes, MutatingMethods::default())
-}
-
-/// Test helper: panics, listing each one, when a mutating route among `routes` is neither
-/// protected nor exempt by a handler that declares it.
-#[track_caller]
-pub fn assert_protected(routes: &[(&str, &str)]) {
-    idempotent_core::enforce::assert_protected(Framework::Actix, routes, MutatingMethods::default());
 }

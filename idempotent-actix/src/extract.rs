@@ -1,6 +1,7 @@
 //! The extractors `#[idempotent]` adds to a handler.
 
-use crate::runtime::{into_actix, Idempotency};
+use crate::runtime::into_actix;
+use crate::{Context, Idempotency, Protected};
 use actix_web::dev::Payload;
 use actix_web::error::InternalError;
 use actix_web::http::header::CONTENT_TYPE;
@@ -8,32 +9,9 @@ use actix_web::{web, FromRequest, HttpMessage, HttpRequest};
 use futures_util::future::LocalBoxFuture;
 use idempotent_core::enforce::Gate;
 use idempotent_core::engine::Runtime;
-use idempotent_core::fingerprint::{Fingerprint, FingerprintBuilder, FingerprintError};
-use idempotent_core::policy::Policy;
 use idempotent_core::protocol::{self, Incoming, ResponseBody};
 use std::future::{ready, Ready};
 use std::sync::Arc;
-
-/// What a protected handler knows of its request before it runs: the request (its key and actor
-/// are read once every extractor has run), the installed runtime, and the parts of the request
-/// that make up its identity.
-#[derive(Debug)]
-pub struct Context {
-    pub(crate) request: HttpRequest,
-    pub(crate) runtime: Option<Runtime>,
-    pub(crate) incoming: Incoming,
-}
-
-impl Context {
-    /// The request's fingerprint under `policy`; `fields` adds the declared body fields.
-    pub fn fingerprint(
-        &self,
-        policy: &Policy,
-        fields: impl FnOnce(FingerprintBuilder) -> Result<FingerprintBuilder, FingerprintError>,
-    ) -> Result<Fingerprint, FingerprintError> {
-        self.incoming.fingerprint(policy, fields)
-    }
-}
 
 /// The runtime installed as application data: `app_data(idempotency.data())` or
 /// `app_data(web::Data::new(idempotency))`.
@@ -41,22 +19,6 @@ fn runtime_of(request: &HttpRequest) -> Option<Runtime> {
     let direct = request.app_data::<Idempotency>();
     let data = || request.app_data::<web::Data<Idempotency>>().map(|d| d.get_ref());
     direct.or_else(data).map(|i| i.runtime().clone())
-}
-
-/// Wraps a protected handler's body extractor `T` (or stands in for one): reads the payload
-/// (within actix-web's `PayloadConfig` limit) so the whole request can be fingerprinted, then
-/// hands the same bytes to `T`.
-#[derive(Debug)]
-pub struct Protected<T> {
-    context: Context,
-    inner: T,
-}
-
-impl<T> Protected<T> {
-    /// The context and the handler's own extractor.
-    pub fn into_parts(self) -> (Context, T) {
-        (self.context, self.inner)
-    }
 }
 
 impl<T> FromRequest for Protected<T>
@@ -92,7 +54,7 @@ where
             }
             let inner = T::from_request(&request, &mut Payload::from(bytes)).await.map_err(Into::into)?;
             let runtime = runtime_of(&request);
-            Ok(Self { context: Context { request, runtime, incoming }, inner })
+            Ok(Self { context: Context { incoming, pending: (request, runtime) }, inner })
         })
     }
 }

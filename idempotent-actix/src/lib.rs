@@ -83,13 +83,16 @@ pub use idempotent_core as core;
 pub use idempotent_core::actor::{Actor, ActorSource};
 pub use idempotent_core::engine::StartupError;
 pub use idempotent_macros::idempotent_actix as idempotent;
-pub use runtime::{policy_report, render_problem, Idempotency, IdempotencyBuilder};
+pub use runtime::{policy_report, render_problem};
+
+idempotent_core::__adapter_types!(Actix, (actix_web::HttpRequest, Option<idempotent_core::engine::Runtime>));
 
 /// Items used by the code `#[idempotent]` generates. Not a public API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::extract::{Context, Exempt, Protected};
+    pub use crate::extract::Exempt;
     pub use crate::runtime::run;
+    pub use crate::{Context, Protected};
     pub use ::actix_web::HttpResponse as Response;
     pub use ::core::time::Duration;
     pub use ::idempotent_core::inventory;

@@ -1,65 +1,27 @@
 //! Installing the runtime, running a protected handler, and the conversions between actix-web's
 //! responses and the `http` types the protocol speaks.
 
-use crate::extract::Context;
+use crate::{Context, Idempotency};
 use actix_web::body::{BodySize, BodyStream, BoxBody, MessageBody};
 use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::{HttpMessage, HttpRequest, HttpResponse, Responder};
 use bytes::Bytes;
 use idempotent_core::actor::{Actor, RequestHead};
-use idempotent_core::engine::{Adapter, Builder, Runtime};
 use idempotent_core::fingerprint::{Fingerprint, FingerprintError};
 use idempotent_core::policy::Policy;
 use idempotent_core::protocol::{self, Caller, ResponseBody};
 use idempotent_core::registry::Framework;
-use idempotent_core::store::Store;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
-/// The installed idempotency runtime; cheap to clone.
-#[derive(Debug, Clone)]
-pub struct Idempotency {
-    runtime: Runtime,
-}
-
-/// Settings of an [`Idempotency`] runtime: header name, actor source, stored-body cap,
-/// `Retry-After` of an unreachable store; `build` validates the routes written for this adapter.
-pub type IdempotencyBuilder = Builder<Idempotency>;
-
-impl Adapter for Idempotency {
-    const FRAMEWORK: Framework = Framework::Actix;
-
-    fn from_runtime(runtime: Runtime) -> Self {
-        Self { runtime }
-    }
-}
-
 impl Idempotency {
-    /// Starts configuring a runtime on `store`.
-    pub fn builder(store: Arc<dyn Store>) -> IdempotencyBuilder {
-        Builder::new(store)
-    }
-
     /// The application data that installs this runtime: `App::new().app_data(idempotency.data())`
     /// (`web::Data::new(idempotency)` works too). Set on a `web::scope`, it protects only the
     /// routes below it.
     pub fn data(&self) -> Idempotency {
         self.clone()
-    }
-
-    /// The framework-free runtime.
-    pub fn runtime(&self) -> &Runtime {
-        &self.runtime
-    }
-
-    /// Documents every protected actix-web route on `openapi` (feature `utoipa`); returns how
-    /// many operations were documented. See [`idempotent_core::openapi::document_runtime`].
-    #[cfg(feature = "utoipa")]
-    pub fn document_openapi(&self, openapi: &mut utoipa::openapi::OpenApi) -> usize {
-        idempotent_core::openapi::document_runtime(openapi, &self.runtime, Framework::Actix)
     }
 }
 
@@ -93,11 +55,10 @@ where
     F: Future<Output = T> + 'static,
     T: Responder + 'static,
 {
-    let Some(runtime) = context.runtime else {
+    let (request, Some(runtime)) = context.pending else {
         return into_actix(protocol::runtime_missing(policy).map(ResponseBody::full));
     };
     protocol::observe(Framework::Actix, handler, &context.incoming);
-    let request = context.request;
     let caller = Caller::identify(runtime.config(), &Head(request.headers()), request.extensions().get::<Actor>());
     let task = actix_web::rt::spawn(async move {
         let handler = async move { from_actix(future.await.respond_to(&request).map_into_boxed_body()) };

@@ -19,48 +19,13 @@ use axum::body::Body;
 use axum::extract::{MatchedPath, Request};
 use axum::response::Response;
 use idempotent_core::enforce::{Decision, GatedBody};
-pub use idempotent_core::enforce::{Enforcer, Learned, Mode, MutatingMethods, Unprotected};
 use idempotent_core::protocol::problem_response;
-use idempotent_core::registry::Framework;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-/// The enforcement layer: `router.layer(Enforce::warn())`. Cheap to clone; clones share what
-/// they learned. Its decisions are those of the framework-free [`Enforcer`] it derefs to.
-#[derive(Debug, Clone)]
-pub struct Enforce(Enforcer);
-
-impl Enforce {
-    /// Enforcement in `mode`, `POST` and `PATCH` counted as mutating.
-    pub fn new(mode: Mode) -> Self {
-        Self(Enforcer::new(mode))
-    }
-
-    /// Serve unprotected mutating routes, warning once per route.
-    pub fn warn() -> Self {
-        Self::new(Mode::Warn)
-    }
-
-    /// Refuse unprotected mutating routes with 500 problem+json.
-    pub fn refuse() -> Self {
-        Self::new(Mode::Refuse)
-    }
-
-    /// Which methods count as mutating (default [`MutatingMethods::POST_PATCH`]).
-    pub fn methods(self, methods: MutatingMethods) -> Self {
-        Self(self.0.methods(methods))
-    }
-}
-
-impl std::ops::Deref for Enforce {
-    type Target = Enforcer;
-
-    fn deref(&self) -> &Enforcer {
-        &self.0
-    }
-}
+idempotent_core::__adapter_enforce!(Axum, "router.layer(Enforce::warn())");
 
 impl<S> tower_layer::Layer<S> for Enforce {
     type Service = EnforceService<S>;
@@ -117,28 +82,4 @@ where
             }
         }
     }
-}
-
-/// The mutating routes among `routes` (`(method, path)`) that no axum `#[idempotent]` handler
-/// declaring that route (`route = ".."`) protects or exempts, `POST` and `PATCH` counted as
-/// mutating. A test helper for routes declared in attributes; the [`Enforce`] layer needs no
-/// declaration.
-pub fn unprotected(routes: &[(&str, &str)]) -> Vec<Unprotected> {
-    unprotected_with(routes, MutatingMethods::default())
-}
-
-/// [`unprotected`] with a choice of mutating methods.
-pub fn unprotected_with(routes: &[(&str, &str)], methods: MutatingMethods) -> Vec<Unprotected> {
-    idempotent_core::enforce::unprotected_routes(Framework::Axum, routes, methods)
-}
-
-/// Test helper: panics, listing each one, when a mutating route among `routes` is neither
-/// protected nor exempt by a handler that declares it.
-///
-/// ```should_panic
-/// idempotent_axum::enforce::assert_protected(&[("GET", "/payments"), ("POST", "/refunds")]);
-/// ```
-#[track_caller]
-pub fn assert_protected(routes: &[(&str, &str)]) {
-    idempotent_core::enforce::assert_protected(Framework::Axum, routes, MutatingMethods::default());
 }

@@ -1,5 +1,6 @@
 //! The extractors `#[idempotent]` adds to a handler.
 
+use crate::{Context, Protected};
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, FromRequestParts, MatchedPath, RawPathParams, Request};
 use axum::response::{IntoResponse, Response};
@@ -9,46 +10,8 @@ use http_body_util::BodyExt;
 use idempotent_core::actor::Actor;
 use idempotent_core::enforce::Gate;
 use idempotent_core::engine::Runtime;
-use idempotent_core::fingerprint::{Fingerprint, FingerprintBuilder, FingerprintError};
-use idempotent_core::policy::Policy;
 use idempotent_core::protocol::{self, Caller, Incoming};
 use std::sync::Arc;
-
-/// What a protected handler knows of its request before it runs: the installed runtime with the
-/// caller's key and actor, and the parts of the request that make up its identity.
-#[derive(Debug)]
-pub struct Context {
-    pub(crate) runtime: Option<(Runtime, Caller)>,
-    pub(crate) incoming: Incoming,
-}
-
-impl Context {
-    /// The request's fingerprint under `policy`; `fields` adds the declared body fields.
-    pub fn fingerprint(
-        &self,
-        policy: &Policy,
-        fields: impl FnOnce(FingerprintBuilder) -> Result<FingerprintBuilder, FingerprintError>,
-    ) -> Result<Fingerprint, FingerprintError> {
-        self.incoming.fingerprint(policy, fields)
-    }
-}
-
-/// Wraps a protected handler's last extractor `T`: reads the body (within axum's
-/// `DefaultBodyLimit`) so the whole request can be fingerprinted, then hands the same bytes to `T`.
-/// Every other extractor of the handler has run by then, so an authentication extractor can set
-/// the [`Actor`] first.
-#[derive(Debug)]
-pub struct Protected<T> {
-    context: Context,
-    inner: T,
-}
-
-impl<T> Protected<T> {
-    /// The context and the handler's own extractor.
-    pub fn into_parts(self) -> (Context, T) {
-        (self.context, self.inner)
-    }
-}
 
 /// Marker of [`Protected`]'s `FromRequest` impl, whatever `T`'s own marker is.
 #[derive(Debug)]
@@ -94,7 +57,7 @@ async fn context<S: Send + Sync>(parts: &mut Parts, state: &S, body: Bytes) -> C
         let caller = Caller::identify(runtime.config(), &parts.headers, parts.extensions.get::<Actor>());
         (runtime.clone(), caller)
     });
-    Context { runtime, incoming }
+    Context { incoming, pending: runtime }
 }
 
 fn source_is<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {

@@ -1,56 +1,19 @@
 //! Installing the runtime and running a protected handler.
 
-use crate::extract::Context;
+use crate::{Context, Idempotency};
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
-use idempotent_core::engine::{Adapter, Builder, Runtime};
+use idempotent_core::engine::Runtime;
 use idempotent_core::fingerprint::{Fingerprint, FingerprintError};
 use idempotent_core::policy::Policy;
 use idempotent_core::protocol;
 use idempotent_core::registry::Framework;
-use idempotent_core::store::Store;
 use std::future::Future;
-use std::sync::Arc;
-
-/// The installed idempotency runtime; cheap to clone.
-#[derive(Debug, Clone)]
-pub struct Idempotency {
-    runtime: Runtime,
-}
-
-/// Settings of an [`Idempotency`] runtime: header name, actor source, stored-body cap,
-/// `Retry-After` of an unreachable store; `build` validates the routes written for this adapter.
-pub type IdempotencyBuilder = Builder<Idempotency>;
-
-impl Adapter for Idempotency {
-    const FRAMEWORK: Framework = Framework::Axum;
-
-    fn from_runtime(runtime: Runtime) -> Self {
-        Self { runtime }
-    }
-}
 
 impl Idempotency {
-    /// Starts configuring a runtime on `store`.
-    pub fn builder(store: Arc<dyn Store>) -> IdempotencyBuilder {
-        Builder::new(store)
-    }
-
     /// The layer that installs this runtime on a router: `router.layer(idempotency.layer())`.
     pub fn layer(&self) -> axum::Extension<Runtime> {
         axum::Extension(self.runtime.clone())
-    }
-
-    /// The framework-free runtime.
-    pub fn runtime(&self) -> &Runtime {
-        &self.runtime
-    }
-
-    /// Documents every protected axum route on `openapi` (feature `utoipa`); returns how many
-    /// operations were documented. See [`idempotent_core::openapi::document_runtime`].
-    #[cfg(feature = "utoipa")]
-    pub fn document_openapi(&self, openapi: &mut utoipa::openapi::OpenApi) -> usize {
-        idempotent_core::openapi::document_runtime(openapi, &self.runtime, Framework::Axum)
     }
 }
 
@@ -69,7 +32,7 @@ where
     F: Future<Output = T> + Send + 'static,
     T: IntoResponse,
 {
-    let Some((runtime, caller)) = context.runtime else {
+    let Some((runtime, caller)) = context.pending else {
         return protocol::runtime_missing(policy).map(Body::from);
     };
     protocol::observe(Framework::Axum, handler, &context.incoming);

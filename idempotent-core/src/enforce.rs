@@ -278,6 +278,76 @@ fn refusal(method: &str, route: &str) -> Problem {
     )
 }
 
+/// Declares an adapter's enforcement middleware type `Enforce`, a newtype of [`Enforcer`] with
+/// the same constructors in every adapter, and the adapter's `unprotected` and
+/// `assert_protected` test helpers. The adapter adds its framework's middleware impl.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __adapter_enforce {
+    ($framework:ident, $install:literal) => {
+        pub use $crate::enforce::{Enforcer, Learned, Mode, MutatingMethods, Unprotected};
+
+        #[doc = concat!("The enforcement middleware: `", $install, "`. Cheap to clone; clones share what they")]
+        /// learned. Its decisions are those of the framework-free [`Enforcer`] it derefs to.
+        #[derive(Debug, Clone)]
+        pub struct Enforce(Enforcer);
+
+        impl Enforce {
+            /// Enforcement in `mode`, `POST` and `PATCH` counted as mutating.
+            pub fn new(mode: Mode) -> Self {
+                Self(Enforcer::new(mode))
+            }
+
+            /// Serve unprotected mutating routes, warning once per route.
+            pub fn warn() -> Self {
+                Self::new(Mode::Warn)
+            }
+
+            /// Refuse unprotected mutating routes with 500 problem+json.
+            pub fn refuse() -> Self {
+                Self::new(Mode::Refuse)
+            }
+
+            /// Which methods count as mutating (default [`MutatingMethods::POST_PATCH`]).
+            pub fn methods(self, methods: MutatingMethods) -> Self {
+                Self(self.0.methods(methods))
+            }
+        }
+
+        impl ::std::ops::Deref for Enforce {
+            type Target = Enforcer;
+
+            fn deref(&self) -> &Enforcer {
+                &self.0
+            }
+        }
+
+        /// The mutating routes among `routes` (`(method, full route pattern)`) that no
+        /// `#[idempotent]` handler of this framework declaring that route (in a routing attribute
+        /// or `route = ".."`) protects or exempts, `POST` and `PATCH` counted as mutating. A test
+        /// helper for declared routes: [`Enforce`] itself needs no declaration.
+        pub fn unprotected(routes: &[(&str, &str)]) -> Vec<Unprotected> {
+            unprotected_with(routes, MutatingMethods::default())
+        }
+
+        /// [`unprotected`] with a choice of mutating methods.
+        pub fn unprotected_with(routes: &[(&str, &str)], methods: MutatingMethods) -> Vec<Unprotected> {
+            $crate::enforce::unprotected_routes($crate::registry::Framework::$framework, routes, methods)
+        }
+
+        /// Test helper: panics, listing each one, when a mutating route among `routes` is neither
+        /// protected nor exempt by a handler that declares it.
+        #[track_caller]
+        pub fn assert_protected(routes: &[(&str, &str)]) {
+            $crate::enforce::assert_protected(
+                $crate::registry::Framework::$framework,
+                routes,
+                MutatingMethods::default(),
+            );
+        }
+    };
+}
+
 /// The mutating routes among `routes` (`(method, route pattern)`) that no `#[idempotent]` handler
 /// of `framework` protects or exempts, judged by the method and path the records declare (an
 /// actix-web routing attribute, or `route = ".."`). A test helper: at run time the `Enforce`

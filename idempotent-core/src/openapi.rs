@@ -35,7 +35,8 @@ use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::path::{Operation, ParameterBuilder, ParameterIn, PathItem};
 use utoipa::openapi::response::ResponseBuilder;
 use utoipa::openapi::schema::{ObjectBuilder, Type};
-use utoipa::openapi::{OpenApi, RefOr, Required};
+pub use utoipa::openapi::OpenApi;
+use utoipa::openapi::{RefOr, Required};
 
 /// The header a replayed response carries.
 pub const REPLAYED_HEADER: &str = "Idempotent-Replayed";

@@ -154,6 +154,97 @@ impl Incoming {
     }
 }
 
+/// What a protected handler knows of its request before it runs: the parts that make up its
+/// identity, and `pending`, what the adapter still needs to run it (the runtime, the caller or the
+/// framework's request).
+#[derive(Debug)]
+pub struct Context<P> {
+    /// The request's identity parts.
+    pub incoming: Incoming,
+    /// The adapter's own part.
+    pub pending: P,
+}
+
+impl<P> Context<P> {
+    /// The request's fingerprint under `policy`; `fields` adds the declared body fields (see
+    /// [`Incoming::fingerprint`]).
+    pub fn fingerprint(
+        &self,
+        policy: &Policy,
+        fields: impl FnOnce(FingerprintBuilder) -> Result<FingerprintBuilder, FingerprintError>,
+    ) -> Result<Fingerprint, FingerprintError> {
+        self.incoming.fingerprint(policy, fields)
+    }
+}
+
+/// Declares the types every adapter has, so they are written once: the installed runtime
+/// `Idempotency` (with `builder`, `runtime` and, with the `utoipa` feature, `document_openapi`),
+/// and the extractor `Protected<T>` that wraps a handler's body extractor and carries its
+/// [`Context`]. The adapter adds its framework's trait impls and installation method.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __adapter_types {
+    ($framework:ident, $pending:ty) => {
+        /// The installed idempotency runtime; cheap to clone.
+        #[derive(Debug, Clone)]
+        pub struct Idempotency {
+            runtime: $crate::engine::Runtime,
+        }
+
+        /// Settings of an [`Idempotency`] runtime: header name, actor source, stored-body cap,
+        /// `Retry-After` of an unreachable store; `build` validates the routes written for this
+        /// adapter and refuses to start on error.
+        pub type IdempotencyBuilder = $crate::engine::Builder<Idempotency>;
+
+        impl $crate::engine::Adapter for Idempotency {
+            const FRAMEWORK: $crate::registry::Framework = $crate::registry::Framework::$framework;
+
+            fn from_runtime(runtime: $crate::engine::Runtime) -> Self {
+                Self { runtime }
+            }
+        }
+
+        impl Idempotency {
+            /// Starts configuring a runtime on `store`.
+            pub fn builder(store: ::std::sync::Arc<dyn $crate::store::Store>) -> IdempotencyBuilder {
+                $crate::engine::Builder::new(store)
+            }
+
+            /// The framework-free runtime.
+            pub fn runtime(&self) -> &$crate::engine::Runtime {
+                &self.runtime
+            }
+
+            /// Documents every protected route of this framework on `openapi` (feature
+            /// `utoipa`), matched by operation id or by path; returns how many operations were
+            /// documented. See `idempotent_core::openapi`.
+            #[cfg(feature = "utoipa")]
+            pub fn document_openapi(&self, openapi: &mut $crate::openapi::OpenApi) -> usize {
+                $crate::openapi::document_runtime(openapi, &self.runtime, $crate::registry::Framework::$framework)
+            }
+        }
+
+        /// What a protected handler knows of its request before it runs.
+        pub type Context = $crate::protocol::Context<$pending>;
+
+        /// Wraps a protected handler's body extractor `T` (or stands in for one): reads the body,
+        /// within the framework's configured limit, so the whole request can be fingerprinted,
+        /// then hands the same bytes to `T`.
+        #[derive(Debug)]
+        pub struct Protected<T> {
+            context: Context,
+            inner: T,
+        }
+
+        impl<T> Protected<T> {
+            /// The context and the handler's own extractor.
+            pub fn into_parts(self) -> (Context, T) {
+                (self.context, self.inner)
+            }
+        }
+    };
+}
+
 /// Who is asking, and under which key: read from the request head once the application's
 /// authentication has run.
 #[derive(Debug)]
