@@ -35,12 +35,15 @@
 //! ```
 //!
 //! # How it works
-//! The attribute rewrites the handler: it keeps every extractor of the original, adds a
-//! [`Context`](__private::Context) extractor just before the body, fingerprints the declared body
-//! fields, and hands the original handler to [`idempotent_core::engine::Runtime::execute`].
-//! actix-web handlers are not `Send`, so the execution is spawned on the worker's local task set
-//! (`actix_web::rt::spawn`): a client that disconnects drops the request, not the task, so the
-//! handler still runs to completion and its outcome is recorded.
+//! The attribute rewrites the handler: it keeps every extractor of the original and wraps its body
+//! extractor (`web::Json`, `web::Form`, `Bytes`, `String`, or one marked `#[body]`; without one it
+//! adds a last argument) in a [`Protected`] extractor that reads the payload within actix-web's
+//! `PayloadConfig` limit, computes the request's identity (method, path parameters, canonical
+//! query, whole body by content type or the declared `fields`; see `idempotent_axum` for the
+//! rules, which are the same) and hands the same bytes to the original extractor. The protocol
+//! itself is [`idempotent_core::protocol`]. actix-web handlers are not `Send`, so it runs on the
+//! worker's local task set (`actix_web::rt::spawn`): a client that disconnects drops the request,
+//! not the task, so the handler still runs to completion and its outcome is recorded.
 //!
 //! The key header and the actor are read once every extractor of the handler has run: an
 //! authentication extractor (or middleware) that inserts an [`Actor`] into the request's
@@ -59,7 +62,9 @@
 //! path in the registry and reports. The reverse order also compiles and protects the handler
 //! the same way, but the routing attribute has already consumed its arguments, so the record has
 //! no method and path unless the attribute's `route = "POST /path"` argument gives them. Handlers
-//! registered with `web::post().to(handler)` work unchanged; give them `route` for the reports.
+//! registered with `web::post().to(handler)` work unchanged. Either way the reports also list the
+//! full paths each handler has served (`web::scope` prefixes included), and enforcement
+//! ([`enforce::Enforce`]) recognises handlers by what their generated code does, never by path.
 //!
 //! # Responses
 //! A replay carries the stored status, headers and body plus `Idempotent-Replayed: true`;
@@ -70,10 +75,10 @@
 //!
 //! # Dependencies and why
 //! `actix-web` (the framework: extractors, responders, bodies, and `rt::spawn` to run the handler
-//! on the worker's local task set so it survives disconnects), `bytes` and `futures-util`
-//! (reading a response body and re-streaming one too large to store), `inventory` (re-exported
-//! for the macro's registry records), `tracing`, `thiserror`, `idempotent-core` and
-//! `idempotent-macros`.
+//! on the worker's local task set so it survives disconnects), `http`, `http-body` and
+//! `http-body-util` (the types the protocol in core speaks, converted to and from actix-web's),
+//! `bytes` and `futures-util` (bodies and payload streams), `inventory` (re-exported for the
+//! macro's registry records), `idempotent-core` and `idempotent-macros`.
 
 pub mod enforce;
 mod extract;

@@ -21,11 +21,24 @@
 //! ```
 //!
 //! # How it works
-//! The attribute rewrites the handler: it keeps every extractor of the original, adds a
-//! [`Context`](__private::Context) extractor just before the body (so authentication extractors
-//! run first and can set an [`Actor`]), fingerprints the declared body fields, and hands the
-//! original handler to [`idempotent_core::engine::Runtime::execute`] on a spawned task: a client
-//! that disconnects does not cancel the handler, and its outcome is still recorded.
+//! The attribute rewrites the handler: it keeps every extractor of the original and wraps the
+//! last one (the only one axum lets read the body) in a [`Protected`] extractor. That runs after
+//! the handler's other extractors (so an authentication extractor or middleware can set an
+//! [`Actor`] first), reads the body within axum's `DefaultBodyLimit`, computes the request's
+//! identity, and hands the same bytes to the original extractor. The protocol itself (key and
+//! actor, identity, claim, capture, replay, problems) is [`idempotent_core::protocol`]; this crate
+//! runs it on a spawned task, so a client that disconnects does not cancel the handler and its
+//! outcome is still recorded.
+//!
+//! # A request's identity
+//! By default it is the scope, the method, every path parameter (`Path`), the canonical query
+//! and the whole body by content type: JSON per RFC 8785 (`1000` and `1e3` are one number, key
+//! order does not matter), forms as sorted pairs, anything else byte for byte. `fields = [..]`
+//! narrows it to what the handler acts on: body fields (`amount`, `customer.id`, read from the
+//! `Json<T>` or `Form<T>` argument, or one marked `#[body]`; a `HashSet` field compares as a
+//! set), path parameters (`path(id)`) and query parameters (`query(page)`). `exclude = [query]`
+//! leaves a part out. Both show in the policy report. The prefix a router is nested under is not
+//! part of the identity: one key on `/payments` and `/v1/payments` is one operation.
 //!
 //! The runtime is installed once with [`Idempotency::layer`]; a protected route called without it
 //! answers 500 problem+json saying so. The key header, the actor source and the stored-body cap are
@@ -37,18 +50,17 @@
 //! [`idempotent_core::problem`]).
 //!
 //! # Dependencies and why
-//! `axum`, `http`, `http-body(-util)` (the framework and its body types, to capture responses),
-//! `tokio` (spawning the handler so it survives disconnects), `futures-util` (re-streaming a body
-//! too large to store), `inventory` (re-exported for the macro's registry records),
-//! `idempotent-core` and `idempotent-macros`, `tower-layer`/`tower-service` (the two traits the
-//! [`enforce::Enforce`] layer implements; axum already depends on them).
+//! `axum` and `http-body-util` (the framework, and collecting a request body), `tokio` (spawning
+//! the protocol so it survives disconnects), `inventory` (re-exported for the macro's registry
+//! records), `idempotent-core` and `idempotent-macros`, `tower-layer`/`tower-service` (the two
+//! traits the [`enforce::Enforce`] layer implements; axum already depends on them).
 //!
 //! # Enforcement
 //! [`enforce::Enforce`] is a layer that warns about (or refuses) requests to mutating routes
-//! that no `#[idempotent]` handler protects or exempts; [`enforce::assert_protected`] checks a
-//! list of routes in a test. A route that needs no key is declared with
-//! `#[idempotent(exempt = "reason", route = "PUT /path")]`: its handler is left as written and the
-//! reports list it apart with the reason.
+//! that no `#[idempotent]` handler protects or exempts. It recognises handlers by what their
+//! generated code does, so nested routers need nothing and no path is written twice. A route that
+//! needs no key is declared with `#[idempotent(exempt = "reason")]`: its handler is left as
+//! written but for one marker extractor, and the reports list it apart with the reason.
 
 pub mod enforce;
 mod extract;

@@ -31,7 +31,9 @@
 //! # Modules
 //! - [`key`]: the `Idempotency-Key` header (sf-String or bare token, 1–255 visible ASCII).
 //! - [`policy`]: per-route settings, const-built by the macro.
-//! - [`fingerprint`]: SHA-256 over a canonical, versioned encoding of scope and declared fields.
+//! - [`fingerprint`]: SHA-256 over a canonical, versioned encoding of a request's identity:
+//!   scope, method, path parameters, query, body (RFC 8785 JSON, sorted form pairs, bytes) or
+//!   declared fields.
 //! - [`engine`]: the state machine: claim, run with a lease heartbeat, complete or release.
 //! - [`store`]: the [`Store`](store::Store) trait, the in-memory store and, behind features of the
 //!   same name, the `sqlite`, `postgres` and `redis` stores.
@@ -39,13 +41,20 @@
 //! - [`problem`]: RFC 9457 problem details with stable types.
 //! - [`protocol`]: the HTTP protocol over `http` types, shared by every adapter: the request's
 //!   identity, key and actor, capture under the cap, replays, problem responses, the report.
-//! - [`actor`]: the caller identity that namespaces keys.
-//! - [`registry`] and [`report`]: every annotated route, validated and rendered.
+//! - [`actor`]: the caller identity that namespaces keys (stores see only its digest).
+//! - [`registry`] and [`report`]: every annotated route, validated and rendered, with the full
+//!   paths it has served.
+//! - [`enforce`]: recognising unprotected mutating routes by what generated code does.
 //! - `openapi` (feature `utoipa`): the key header and problem responses added to a `utoipa`
 //!   OpenAPI document for every protected operation.
 //!
 //! # Dependencies and why
-//! `sha2` (the fingerprint digest), `serde`/`serde_json` (field values and reports),
+//! `sha2` (the fingerprint digest), `serde`/`serde_json` (field values and reports; its
+//! `float_roundtrip` feature so a number parses to the same double whatever other crates enable),
+//! `ryu-js` (RFC 8785 prescribes ECMAScript's number-to-string for floats; this is that
+//! algorithm), `percent-encoding` (decoding query and form pairs to their exact bytes),
+//! `http`, `http-body` and `http-body-util` (the protocol is written once over these types, which
+//! axum uses directly and actix-web converts to),
 //! `tokio` (timers for leases, heartbeats and waits; both adapters run on it), `async-trait`
 //! (an object-safe async [`Store`](store::Store) trait), `futures-util` (catching a handler's
 //! panic as a value so its claim is released), `inventory` (the link-time route registry),

@@ -2,8 +2,9 @@
 //!
 //! The attribute turns an `async fn` request handler into one that runs at most once per
 //! `Idempotency-Key`: it parses and validates its arguments at compile time, rewrites the
-//! handler to fingerprint the declared body fields and run through the adapter's runtime, and
-//! registers the route's policy in the link-time route registry. It contains no runtime logic.
+//! handler to fingerprint the request (its declared fields, or all of it) and run through the
+//! adapter's runtime, and registers the route's policy in the link-time route registry. It
+//! contains no runtime logic.
 //!
 //! Applications do not depend on this crate: they use the attribute through an adapter,
 //! `idempotent_axum::idempotent` or `idempotent_actix::idempotent`, and the generated code only
@@ -43,7 +44,8 @@ use proc_macro::TokenStream;
 /// | argument | value | default |
 /// |---|---|---|
 /// | `scope` | key namespace: lowercase ASCII letters, digits and `_` in dot-separated segments, 1 to 100 characters, e.g. `"payments.create"` | required |
-/// | `fields` | body fields that make up the fingerprint, dotted paths: `[amount, customer.id]` | the whole body |
+/// | `fields` | what of the request makes up its identity: body fields as dotted paths, `path(name)` for a path parameter, `query(name)` for a query parameter: `[amount, customer.id, path(id)]` | every path parameter, the whole query, the whole body |
+/// | `exclude` | parts left out of the identity on purpose: `[path]`, `[query]`, `[body]` | none |
 /// | `ttl` | how long a completed response is replayed: `"500ms"`, `"90s"`, `"15m"`, `"24h"`, `"7d"`, `"1h30m"` | `"24h"` |
 /// | `lease` | how long an in-progress claim survives without a heartbeat; at most `ttl` | `"10s"` |
 /// | `key` | `"required"` (400 without a key) or `"optional"` (run unprotected without one) | `"required"` |
@@ -51,19 +53,26 @@ use proc_macro::TokenStream;
 /// | `wait_timeout` | longest wait under `on_conflict = "wait"`; only allowed with it | `"30s"` |
 /// | `store` | outcomes stored and replayed: `"final"`, `"success"` or `"all"` | `"final"` |
 /// | `fail_open` | `true` runs the handler unprotected when the store is unreachable | `false` |
-/// | `route` | `"METHOD /path"` recorded in the route registry and reports | none |
+/// | `route` | `"METHOD /path"` recorded in the route registry and reports before the route has served a request; not needed for enforcement | none (actix-web: the routing attribute) |
+///
+/// A part of the request that `fields` selects from (body, path or query) is compared only by the
+/// values named; the others are compared whole. Without a body field the whole body counts,
+/// canonicalised by content type, so the body type need not be `Serialize`.
 ///
 /// # Exempt routes
-/// `#[idempotent(exempt = "why", route = "POST /search")]` marks a mutating-looking route as
-/// deliberately unprotected: the handler is left exactly as written and only a registry record
-/// with the reason, method and path is emitted, so reports list it and enforcement accepts it.
-/// An exemption takes a non-empty reason and a `route`, and none of the policy arguments.
+/// `#[idempotent(exempt = "why")]` marks a mutating-looking route as deliberately unprotected:
+/// the handler is left as written but for one extra first argument, an extractor that tells
+/// enforcement the handler is there, and a registry record with the reason is emitted, so reports
+/// list it and enforcement accepts it. An exemption takes a non-empty reason, an optional `route`,
+/// and none of the policy arguments.
 ///
 /// # Handler shape
-/// The handler must be a free `async fn` (no `self`). Its body argument is the one of type
-/// `Json<T>`; `fields` must exist on `T` and be `Serialize` (without `fields`, `T` itself must be
-/// `Serialize`). The rewritten handler takes one more extractor, inserted just before the body
-/// argument (or last when there is none), so it runs after the handler's own extractors.
+/// The handler must be a free `async fn` (no `self`). Its body argument is the one typed `Json`,
+/// `Form`, `Bytes` or `String` (any path), or the one marked `#[body]` (a custom extractor; the
+/// mark is removed); body fields must exist on it (reached through `.0` for `Json`/`Form`, by
+/// auto-deref otherwise) and be `Serialize`. On axum the body argument is the last one; the
+/// rewritten handler wraps the last argument in the adapter's `Protected` extractor (or adds one),
+/// so it runs after the handler's own extractors and reads the body once for both.
 ///
 /// # Errors
 /// Every mistake is a compile error at the offending argument, value or field; the handler is then

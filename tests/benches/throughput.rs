@@ -9,7 +9,8 @@
 //!    the wire protocol (request-path statements apart from sqlx's background pool checks).
 //!
 //! Machines are shared and noisy: compare the ratios within one run, not absolute numbers
-//! across runs.
+//! across runs. `cargo bench -p idempotent-tests --bench throughput -- in-process` runs only the
+//! first part.
 
 use axum::body::Body;
 use axum::extract::State;
@@ -358,6 +359,9 @@ fn main() {
         // On a worker thread, as a server's handlers run (block_on's own thread is not one, and
         // every task it spawns would pay a cross-thread wake-up that servers do not).
         tokio::spawn(in_process()).await.unwrap();
+        if std::env::args().any(|a| a == "in-process") {
+            return;
+        }
         let redis_url = idempotent_tests::redis_server::redis_url().await;
         let pg = idempotent_tests::postgres::TestSchema::new().await;
         over_http(redis_url, pg.clone()).await;
