@@ -79,7 +79,7 @@ where
                 let response = self.service.call(request);
                 Box::pin(async move {
                     let response = response.await?;
-                    Ok(match enforcer.after(&method, &route, &gate) {
+                    Ok(match enforcer.after(&method, &route, &gate, response.status().as_u16()) {
                         Some(problem) => refused(response.request().clone(), &problem),
                         None => response.map_into_left_body(),
                     })

@@ -6,6 +6,7 @@ use actix_web::dev::Payload;
 use actix_web::error::InternalError;
 use actix_web::http::header::CONTENT_TYPE;
 use actix_web::{web, FromRequest, HttpMessage, HttpRequest};
+use bytes::Bytes;
 use futures_util::future::LocalBoxFuture;
 use idempotent_core::enforce::Gate;
 use idempotent_core::engine::Runtime;
@@ -21,7 +22,7 @@ fn runtime_of(request: &HttpRequest) -> Option<Runtime> {
     direct.or_else(data).map(|i| i.runtime().clone())
 }
 
-impl<T> FromRequest for Protected<T>
+impl<T, const BODY: bool> FromRequest for Protected<T, BODY>
 where
     T: FromRequest + 'static,
     T::Future: 'static,
@@ -36,6 +37,12 @@ where
         let request = request.clone();
         let mut payload = payload.take();
         Box::pin(async move {
+            if !BODY {
+                let incoming = incoming(&request, Bytes::new());
+                let inner = T::from_request(&request, &mut payload).await.map_err(Into::into)?;
+                let runtime = runtime_of(&request);
+                return Ok(Self { context: Context { incoming, pending: (request, runtime) }, inner });
+            }
             let bytes = match web::Bytes::from_request(&request, &mut payload).await {
                 Ok(bytes) => bytes,
                 Err(e) => {
@@ -44,19 +51,24 @@ where
                     return Err(InternalError::from_response(e.to_string(), problem).into());
                 }
             };
-            let content_type = request.headers().get(CONTENT_TYPE).map(|v| v.as_bytes());
-            let route = request.match_pattern();
-            let mut incoming = Incoming::new(request.method().as_str(), route.as_deref())
-                .query(Some(request.query_string()))
-                .body(content_type, bytes.clone());
-            for (name, value) in request.match_info().iter() {
-                incoming = incoming.param(name, value);
-            }
+            let incoming = incoming(&request, bytes.clone());
             let inner = T::from_request(&request, &mut Payload::from(bytes)).await.map_err(Into::into)?;
             let runtime = runtime_of(&request);
             Ok(Self { context: Context { incoming, pending: (request, runtime) }, inner })
         })
     }
+}
+
+fn incoming(request: &HttpRequest, body: Bytes) -> Incoming {
+    let content_type = request.headers().get(CONTENT_TYPE).map(|v| v.as_bytes());
+    let route = request.match_pattern();
+    let mut incoming = Incoming::new(request.method().as_str(), route.as_deref())
+        .query(Some(request.query_string()))
+        .body(content_type, body);
+    for (name, value) in request.match_info().iter() {
+        incoming = incoming.param(name, value);
+    }
+    incoming
 }
 
 /// The first extractor of an `#[idempotent(exempt = "..")]` handler: tells enforcement that this

@@ -11,7 +11,7 @@ use idempotent_core::actor::{Actor, RequestHead};
 use idempotent_core::fingerprint::{Fingerprint, FingerprintError};
 use idempotent_core::policy::Policy;
 use idempotent_core::protocol::{self, Caller, ResponseBody};
-use idempotent_core::registry::Framework;
+use idempotent_core::registry::{Framework, Site};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
@@ -47,7 +47,7 @@ impl RequestHead for Head<'_> {
 pub async fn run<F, T>(
     context: Context,
     policy: &'static Policy,
-    handler: &'static str,
+    site: &'static Site,
     fingerprint: Result<Fingerprint, FingerprintError>,
     future: F,
 ) -> HttpResponse
@@ -58,7 +58,7 @@ where
     let (request, Some(runtime)) = context.pending else {
         return into_actix(protocol::runtime_missing(policy).map(ResponseBody::full));
     };
-    protocol::observe(Framework::Actix, handler, &context.incoming);
+    protocol::observe(Framework::Actix, site, &context.incoming);
     let caller = Caller::identify(runtime.config(), &Head(request.headers()), request.extensions().get::<Actor>());
     let task = actix_web::rt::spawn(async move {
         let handler = async move { from_actix(future.await.respond_to(&request).map_into_boxed_body()) };

@@ -74,7 +74,7 @@ where
                 let response = ready.call(request);
                 Box::pin(async move {
                     let response = response.await?;
-                    Ok(match enforcer.after(method.as_str(), &route, &gate) {
+                    Ok(match enforcer.after(method.as_str(), &route, &gate, response.status().as_u16()) {
                         Some(problem) => problem_response(&problem).map(Body::from),
                         None => response,
                     })

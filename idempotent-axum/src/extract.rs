@@ -17,7 +17,7 @@ use std::sync::Arc;
 #[derive(Debug)]
 pub struct Via<M>(M);
 
-impl<S, T, M> FromRequest<S, Via<M>> for Protected<T>
+impl<S, T, M, const BODY: bool> FromRequest<S, Via<M>> for Protected<T, BODY>
 where
     S: Send + Sync,
     T: FromRequest<S, M>,
@@ -27,6 +27,12 @@ where
     async fn from_request(request: Request, state: &S) -> Result<Self, Response> {
         if let Some(gate) = request.extensions().get::<Arc<Gate>>() {
             gate.open_protected();
+        }
+        if !BODY {
+            let (mut parts, body) = request.into_parts();
+            let context = context(&mut parts, state, Bytes::new()).await;
+            let inner = T::from_request(Request::from_parts(parts, body), state).await;
+            return Ok(Self { context, inner: inner.map_err(IntoResponse::into_response)? });
         }
         let (mut parts, body) = request.with_limited_body().into_parts();
         let bytes = match body.collect().await {

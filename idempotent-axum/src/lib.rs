@@ -85,5 +85,5 @@ pub mod __private {
     pub use ::idempotent_core::inventory;
     pub use ::idempotent_core::policy::{ConflictMode, Identity, KeyRequirement, Part, Policy, StoredOutcomes};
     pub use ::idempotent_core::protocol::field::{Field, PlainField, SetField};
-    pub use ::idempotent_core::registry::{Framework, RouteRecord};
+    pub use ::idempotent_core::registry::{Framework, RouteRecord, Site};
 }

@@ -6,8 +6,8 @@ use axum::response::{IntoResponse, Response};
 use idempotent_core::engine::Runtime;
 use idempotent_core::fingerprint::{Fingerprint, FingerprintError};
 use idempotent_core::policy::Policy;
-use idempotent_core::protocol;
-use idempotent_core::registry::Framework;
+use idempotent_core::protocol::{self, ResponseBody};
+use idempotent_core::registry::{Framework, Site};
 use std::future::Future;
 
 impl Idempotency {
@@ -24,7 +24,7 @@ impl Idempotency {
 pub async fn run<F, T>(
     context: Context,
     policy: &'static Policy,
-    handler: &'static str,
+    site: &'static Site,
     fingerprint: Result<Fingerprint, FingerprintError>,
     future: F,
 ) -> Response
@@ -35,13 +35,18 @@ where
     let Some((runtime, caller)) = context.pending else {
         return protocol::runtime_missing(policy).map(Body::from);
     };
-    protocol::observe(Framework::Axum, handler, &context.incoming);
+    protocol::observe(Framework::Axum, site, &context.incoming);
     let task = tokio::spawn(async move {
         let handler = async move { future.await.into_response() };
         protocol::respond(&runtime, policy, caller, fingerprint, handler).await
     });
     match task.await {
-        Ok(response) => response.map(Body::new),
+        Ok(response) => response.map(|body| match body {
+            // Bytes in hand and untouched bodies are sent as they are, without another box.
+            ResponseBody::Full(bytes) => Body::from(bytes.unwrap_or_default()),
+            ResponseBody::Stream { head: None, rest } => rest,
+            streaming => Body::new(streaming),
+        }),
         Err(e) => protocol::task_failed(policy, &e).map(Body::from),
     }
 }

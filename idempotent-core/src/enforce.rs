@@ -13,8 +13,11 @@
 //! Under [`Mode::Refuse`] the gate also holds the request body shut until a protected handler
 //! opens it, so an unprotected handler that reads a body (every `Json`, `Form`, `Bytes` or
 //! `String` extractor) fails before its code runs, and the client gets the 500 problem instead.
-//! A mutating handler that reads no body has nothing to hold back: its first request runs (and is
-//! logged as an error), every later one is refused. [`Mode::Warn`] never holds a body; it logs
+//! A mutating handler that reads no body has nothing to hold back: its first successful request
+//! runs (and is logged as an error), every later one is refused.
+//!
+//! Install `Enforce` innermost, next to the handlers (the first `.layer(..)` of an axum router):
+//! a middleware inside it that reads the body would find it held back. [`Mode::Warn`] never holds a body; it logs
 //! each unprotected route once.
 //!
 //! Each adapter's middleware adds only its framework's glue: reading the method and matched
@@ -227,39 +230,45 @@ impl Enforcer {
         }
     }
 
-    /// After the application answered a gated request: learns what the route is, and returns
-    /// the problem to send instead of the application's response when the gate held back the
-    /// body of an unprotected route (its handler failed before running, nothing happened).
-    pub fn after(&self, method: &str, route: &str, gate: &Gate) -> Option<Problem> {
-        let found = gate.opened_by().unwrap_or(Learned::Unprotected);
-        let first = {
+    /// After the application answered a gated request with `status`: learns what the route is,
+    /// and returns the problem to send instead of the application's response when the gate held
+    /// back the body of an unprotected route (its handler failed before running; nothing
+    /// happened).
+    ///
+    /// Only evidence is learned: a handler that opened the gate is protected (or exempt); a
+    /// success (`2xx`/`3xx`) that nothing opened the gate for came from an unprotected handler.
+    /// An error that nothing opened the gate for proves nothing (an authentication middleware or
+    /// an earlier extractor may have answered before the handler was reached), so it is served
+    /// and nothing is learned. A request whose held body was read is refused, but not learned
+    /// either: whatever read it was refused, and the next request is judged afresh.
+    pub fn after(&self, method: &str, route: &str, gate: &Gate, status: u16) -> Option<Problem> {
+        let learn = |what: Learned| {
             let mut learned = self.learned.write().unwrap_or_else(|p| p.into_inner());
-            learned.insert((method.to_ascii_uppercase(), route.to_owned()), found).is_none()
+            learned.insert((method.to_ascii_uppercase(), route.to_owned()), what).is_none()
         };
-        if found != Learned::Unprotected {
+        if let Some(opened) = gate.opened_by() {
+            learn(opened);
             return None;
         }
         let unprotected = unprotected(method, route);
-        match self.mode {
-            Mode::Warn => {
-                if first {
-                    tracing::warn!(method, route, "{unprotected}");
-                }
-                None
-            }
-            Mode::Refuse if gate.tripped() => {
-                tracing::error!(method, route, "refused: {unprotected}");
-                Some(refusal(method, route))
-            }
-            Mode::Refuse => {
-                tracing::error!(
-                    method,
-                    route,
-                    "{unprotected}; its handler reads no body, so this first request ran unprotected; later ones are refused"
-                );
-                None
-            }
+        if gate.tripped() {
+            tracing::error!(method, route, "refused: {unprotected}");
+            return Some(refusal(method, route));
         }
+        if !(200..400).contains(&status) {
+            return None;
+        }
+        let first = learn(Learned::Unprotected);
+        match self.mode {
+            Mode::Warn if first => tracing::warn!(method, route, "{unprotected}"),
+            Mode::Warn => {}
+            Mode::Refuse => tracing::error!(
+                method,
+                route,
+                "{unprotected}; its handler reads no body, so this request ran unprotected; later ones are refused"
+            ),
+        }
+        None
     }
 }
 
@@ -377,7 +386,7 @@ mod tests {
         let Decision::Gate(gate) = e.before("POST", "/v1/payments") else { panic!("first request is gated") };
         gate.open_protected();
         assert!(gate.admits_body());
-        assert!(e.after("POST", "/v1/payments", &gate).is_none());
+        assert!(e.after("POST", "/v1/payments", &gate, 201).is_none());
         assert!(matches!(e.before("POST", "/v1/payments"), Decision::Serve));
         assert!(matches!(e.before("GET", "/anything"), Decision::Serve));
     }
@@ -387,11 +396,33 @@ mod tests {
         let e = Enforcer::new(Mode::Refuse);
         let Decision::Gate(gate) = e.before("POST", "/unprotected") else { panic!() };
         assert!(!gate.admits_body());
-        let problem = e.after("POST", "/unprotected", &gate).expect("refused");
+        let problem = e.after("POST", "/unprotected", &gate, 400).expect("refused");
         assert_eq!(problem.status, 500);
         assert!(problem.detail.contains("POST /unprotected changes state"));
-        assert!(matches!(e.before("POST", "/unprotected"), Decision::Refuse(_)));
-        assert!(matches!(e.clone().before("post", "/unprotected"), Decision::Refuse(_)), "clones share");
+        // Each request is judged afresh: whatever read the held body was refused.
+        assert!(matches!(e.before("POST", "/unprotected"), Decision::Gate(_)));
+    }
+
+    #[test]
+    fn a_success_nothing_opened_the_gate_for_is_learned_as_unprotected() {
+        let e = Enforcer::new(Mode::Refuse);
+        let Decision::Gate(gate) = e.before("POST", "/bodiless") else { panic!() };
+        assert!(e.after("POST", "/bodiless", &gate, 200).is_none(), "it ran; its answer is sent");
+        assert!(matches!(e.before("POST", "/bodiless"), Decision::Refuse(_)));
+        assert!(matches!(e.clone().before("post", "/bodiless"), Decision::Refuse(_)), "clones share");
+    }
+
+    #[test]
+    fn an_error_nothing_opened_the_gate_for_proves_nothing() {
+        // An authentication middleware answered 401 before the (protected) handler was reached.
+        let e = Enforcer::new(Mode::Refuse);
+        let Decision::Gate(gate) = e.before("POST", "/payments") else { panic!() };
+        assert!(e.after("POST", "/payments", &gate, 401).is_none());
+        assert_eq!(e.learned("POST", "/payments"), None);
+        let Decision::Gate(gate) = e.before("POST", "/payments") else { panic!("still unknown") };
+        gate.open_protected();
+        assert!(e.after("POST", "/payments", &gate, 201).is_none());
+        assert_eq!(e.learned("POST", "/payments"), Some(Learned::Protected));
     }
 
     #[test]
@@ -399,7 +430,7 @@ mod tests {
         let e = Enforcer::new(Mode::Warn);
         let Decision::Gate(gate) = e.before("PATCH", "/notes/{id}") else { panic!() };
         assert!(gate.admits_body());
-        assert!(e.after("PATCH", "/notes/{id}", &gate).is_none());
+        assert!(e.after("PATCH", "/notes/{id}", &gate, 200).is_none());
         assert!(matches!(e.before("PATCH", "/notes/{id}"), Decision::Serve));
         assert_eq!(e.learned("PATCH", "/notes/{id}"), Some(Learned::Unprotected));
     }
@@ -409,7 +440,7 @@ mod tests {
         let e = Enforcer::new(Mode::Refuse).methods(MutatingMethods::ALL);
         let Decision::Gate(gate) = e.before("PUT", "/profile") else { panic!() };
         gate.open_exempt();
-        assert!(e.after("PUT", "/profile", &gate).is_none());
+        assert!(e.after("PUT", "/profile", &gate, 200).is_none());
         assert_eq!(e.learned("PUT", "/profile"), Some(Learned::Exempt));
     }
 }

@@ -305,23 +305,38 @@ pub fn validate_framework(framework: Framework) -> Result<(), Vec<RegistryError>
 static SERVED: std::sync::RwLock<BTreeMap<(Framework, &'static str), std::collections::BTreeSet<String>>> =
     std::sync::RwLock::new(BTreeMap::new());
 
-/// Records that `handler` of `framework` served `method` + `path` (the matched route pattern).
-/// Cheap once a route is known: a shared read lock and one lookup.
-pub fn observe(framework: Framework, handler: &'static str, method: &str, path: &str) {
-    let known = |served: &BTreeMap<(Framework, &'static str), std::collections::BTreeSet<String>>| {
-        served.get(&(framework, handler)).is_some_and(|routes| {
-            routes
-                .iter()
-                .any(|r| r.len() == method.len() + 1 + path.len() && r.starts_with(method) && r.ends_with(path))
-        })
-    };
-    if known(&SERVED.read().unwrap_or_else(|p| p.into_inner())) {
+/// One protected handler as generated code sees it: its name, and the last route it reported, so
+/// that reporting the same route again costs one atomic load.
+#[derive(Debug)]
+pub struct Site {
+    /// `module::path::handler_name`, as in its [`RouteRecord`].
+    pub handler: &'static str,
+    seen: std::sync::atomic::AtomicU64,
+}
+
+impl Site {
+    /// The site of `handler`.
+    pub const fn new(handler: &'static str) -> Self {
+        Self { handler, seen: std::sync::atomic::AtomicU64::new(0) }
+    }
+}
+
+/// Records that `site`'s handler of `framework` served `method` + `path` (the matched route
+/// pattern). A route already reported last time is recognised without a lock (FNV-1a of method
+/// and path against the site's last one), so this is cheap on every request.
+pub fn observe(framework: Framework, site: &Site, method: &str, path: &str) {
+    use std::sync::atomic::Ordering;
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in method.bytes().chain([b' ']).chain(path.bytes()) {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+    }
+    if site.seen.load(Ordering::Relaxed) == hash {
         return;
     }
+    let route = format!("{method} {path}");
     let mut served = SERVED.write().unwrap_or_else(|p| p.into_inner());
-    if !known(&served) {
-        served.entry((framework, handler)).or_default().insert(format!("{method} {path}"));
-    }
+    served.entry((framework, site.handler)).or_default().insert(route);
+    site.seen.store(hash, Ordering::Relaxed);
 }
 
 /// The routes `record`'s handler has served so far (`METHOD /full/path`), sorted.

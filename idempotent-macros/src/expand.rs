@@ -285,11 +285,13 @@ fn emit(framework: Framework, spec: &Spec, func: &ItemFn, handler: &Handler) -> 
     let args: Vec<Ident> = (0..func.sig.inputs.len()).map(|i| format_ident!("__idempotent_arg{i}")).collect();
     let mut outer_inputs: Punctuated<FnArg, Token![,]> = Punctuated::new();
     let mut unwrap = quote!(let (#ctx, ()) = #guarded.into_parts(););
+    // The whole body is read up front only when it is part of the identity.
+    let whole_body = !spec.excluded.body && spec.fields.as_ref().is_none_or(|f| f.paths.is_empty());
     for (index, (input, arg)) in func.sig.inputs.iter().zip(&args).enumerate() {
         if let FnArg::Typed(typed) = input {
             let ty = &typed.ty;
             if handler.wrapped == Some(index) {
-                outer_inputs.push(syn::parse_quote!(#guarded: #rt::Protected<#ty>));
+                outer_inputs.push(syn::parse_quote!(#guarded: #rt::Protected<#ty, #whole_body>));
                 unwrap = quote!(let (#ctx, #arg) = #guarded.into_parts(););
             } else {
                 outer_inputs.push(syn::parse_quote!(#arg: #ty));
@@ -297,7 +299,7 @@ fn emit(framework: Framework, spec: &Spec, func: &ItemFn, handler: &Handler) -> 
         }
     }
     if handler.wrapped.is_none() {
-        outer_inputs.push(syn::parse_quote!(#guarded: #rt::Protected<()>));
+        outer_inputs.push(syn::parse_quote!(#guarded: #rt::Protected<(), #whole_body>));
     }
 
     let mut outer_sig = func.sig.clone();
@@ -323,13 +325,7 @@ fn emit(framework: Framework, spec: &Spec, func: &ItemFn, handler: &Handler) -> 
         syn::ReturnType::Default => name.span(),
     };
     let run = respan(
-        quote!(#rt::run(
-            #ctx,
-            &__IDEMPOTENT_POLICY,
-            ::core::concat!(::core::module_path!(), #handler_path),
-            __idempotent_fp,
-            #name(#(#args),*),
-        ).await),
+        quote!(#rt::run(#ctx, &__IDEMPOTENT_POLICY, &__IDEMPOTENT_SITE, __idempotent_fp, #name(#(#args),*)).await),
         output_span,
     );
 
@@ -338,6 +334,7 @@ fn emit(framework: Framework, spec: &Spec, func: &ItemFn, handler: &Handler) -> 
         #vis #outer_sig {
             #inner
             static __IDEMPOTENT_POLICY: #rt::Policy = #policy;
+            static __IDEMPOTENT_SITE: #rt::Site = #rt::Site::new(::core::concat!(::core::module_path!(), #handler_path));
             #unwrap
             let __idempotent_fp = #fingerprint;
             #run
@@ -528,7 +525,7 @@ mod tests {
             r#"scope = "payments.create", fields = [amount]"#,
             "async fn h(c: Caller, Json(req): Json<Req>) -> u8 { 1 }",
         );
-        assert!(out.contains("__idempotent_arg0 : Caller , __idempotent_protected : :: idempotent_axum :: __private :: Protected < Json < Req > >"), "{out}");
+        assert!(out.contains("__idempotent_arg0 : Caller , __idempotent_protected : :: idempotent_axum :: __private :: Protected < Json < Req > , false >"), "{out}");
         assert!(
             out.contains("let (__idempotent_ctx , __idempotent_arg1) = __idempotent_protected . into_parts ()"),
             "{out}"
@@ -541,7 +538,10 @@ mod tests {
     #[test]
     fn a_handler_without_arguments_gets_a_protected_unit() {
         let out = expand(r#"scope = "a", lease = "1500ms""#, "async fn h() -> u8 { 1 }");
-        assert!(out.contains("__idempotent_protected : :: idempotent_axum :: __private :: Protected < () >"), "{out}");
+        assert!(
+            out.contains("__idempotent_protected : :: idempotent_axum :: __private :: Protected < () , true >"),
+            "{out}"
+        );
         assert!(out.contains("let (__idempotent_ctx , ()) ="), "{out}");
         assert!(out.contains("Duration :: from_millis (1500)"), "{out}");
         assert!(
@@ -571,7 +571,7 @@ mod tests {
         .to_string();
         assert!(
             out.contains(
-                "__idempotent_protected : :: idempotent_actix :: __private :: Protected < Validated < Req > >"
+                "__idempotent_protected : :: idempotent_actix :: __private :: Protected < Validated < Req > , false >"
             ),
             "{out}"
         );

@@ -31,6 +31,23 @@ static WAITED: AtomicUsize = AtomicUsize::new(0);
 static OPTIONAL: AtomicUsize = AtomicUsize::new(0);
 static DOWN: AtomicUsize = AtomicUsize::new(0);
 static WHO: AtomicUsize = AtomicUsize::new(0);
+static BROKEN: AtomicUsize = AtomicUsize::new(0);
+static LIMITED: AtomicUsize = AtomicUsize::new(0);
+
+/// Its effects happen, then its response body fails half-way (an upstream stream that breaks).
+#[idempotent(scope = "faults.broken")]
+async fn broken_body() -> HttpResponse {
+    BROKEN.fetch_add(1, Ordering::SeqCst);
+    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> =
+        vec![Ok(bytes::Bytes::from_static(b"partial")), Err(std::io::Error::other("upstream closed"))];
+    HttpResponse::Ok().streaming(futures_util::stream::iter(chunks))
+}
+
+#[idempotent(scope = "faults.limited")]
+async fn limited(item: web::Json<Item>) -> HttpResponse {
+    LIMITED.fetch_add(1, Ordering::SeqCst);
+    HttpResponse::Ok().body(item.name.clone())
+}
 
 #[idempotent(scope = "faults.panic", fields = [name])]
 #[post("/panic")]
@@ -152,7 +169,9 @@ async fn app() -> String {
             .route("/wait", web::post().to(waits))
             .route("/optional", web::post().to(optional))
             .route("/cookie", web::post().to(cookie))
-            .route("/who", web::post().to(who));
+            .route("/who", web::post().to(who))
+            .route("/broken", web::post().to(broken_body))
+            .service(web::resource("/limited").app_data(web::PayloadConfig::new(64)).route(web::post().to(limited)));
     })
     .await
 }
@@ -218,6 +237,32 @@ async fn a_response_over_the_cap_is_delivered_but_never_run_twice() {
         assert!(retry.json()["detail"].as_str().unwrap().contains("too large"));
         assert_eq!(counter.load(Ordering::SeqCst), 1, "{path}");
     }
+}
+
+#[tokio::test]
+async fn a_response_body_that_fails_after_the_handler_ran_is_final_and_replayed() {
+    let base = app().await;
+    let key = new_key();
+    let first = send(post_to(&base, "/broken", Some(&key))).await;
+    first.assert_problem(500, "urn:idempotent:problem:response-failed");
+    assert!(!first.replayed());
+    let retry = send(post_to(&base, "/broken", Some(&key))).await;
+    assert!(retry.replayed());
+    assert_eq!((retry.status, &retry.body), (first.status, &first.body), "the retry gets what the client got");
+    assert_eq!(BROKEN.load(Ordering::SeqCst), 1, "never run twice");
+}
+
+#[tokio::test]
+async fn a_request_body_over_the_limit_is_413_and_runs_nothing() {
+    let base = app().await;
+    let key = new_key();
+    let big = json!({"name": "x".repeat(200)});
+    let r = reqwest::Client::new().post(format!("{base}/limited")).header("Idempotency-Key", &key).json(&big);
+    send(r).await.assert_problem(413, "urn:idempotent:problem:body-too-large");
+    assert_eq!(LIMITED.load(Ordering::SeqCst), 0);
+    let ok = send(post_to(&base, "/limited", Some(&key))).await;
+    assert_eq!((ok.status, ok.body.as_slice()), (200, b"n".as_slice()));
+    assert_eq!(LIMITED.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]

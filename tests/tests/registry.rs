@@ -68,6 +68,26 @@ async fn unprotected() -> &'static str {
     "changed"
 }
 
+/// Rejects requests carrying `x-deny`, as an authentication extractor would.
+struct Allowed;
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Allowed {
+    type Rejection = StatusCode;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, StatusCode> {
+        if parts.headers.contains_key("x-deny") {
+            Err(StatusCode::UNAUTHORIZED)
+        } else {
+            Ok(Allowed)
+        }
+    }
+}
+
+#[idempotent(scope = "fixture.guarded.create")]
+async fn guarded(_: Allowed, Json(body): Json<Value>) -> Json<Value> {
+    Json(body)
+}
+
 async fn unprotected_with_body(Json(_): Json<Value>) -> &'static str {
     "changed"
 }
@@ -129,6 +149,7 @@ fn iteration_is_sorted_and_filterable() {
     assert_eq!(
         order,
         [
+            "registry::guarded",
             "registry::update_note",
             "registry::create_order",
             "registry::refund_order",
@@ -146,11 +167,17 @@ fn iteration_is_sorted_and_filterable() {
 fn reports_list_protected_and_exempt_routes_apart() {
     let json: Value = serde_json::from_str(&report::render(&fixture(), Format::Json)).unwrap();
     assert_eq!(json["version"], 1);
-    assert_eq!(json["summary"], json!({"protected": 4, "exempt": 2}));
+    assert_eq!(json["summary"], json!({"protected": 5, "exempt": 2}));
     let scopes: Vec<&str> = json["routes"].as_array().unwrap().iter().map(|r| r["scope"].as_str().unwrap()).collect();
     assert_eq!(
         scopes,
-        ["fixture.notes.update", "fixture.orders.create", "fixture.refunds.create", "fixture.stale.create"]
+        [
+            "fixture.guarded.create",
+            "fixture.notes.update",
+            "fixture.orders.create",
+            "fixture.refunds.create",
+            "fixture.stale.create"
+        ]
     );
     assert_eq!(json["routes"][0]["method"], Value::Null);
     assert_eq!(json["exempt"][0]["path"], "/profile");
@@ -178,6 +205,7 @@ fn app(enforce: Enforce) -> Router {
         .route("/profile", put(put_profile))
         .route("/search", post(search))
         .route("/stale", post(unprotected_with_body))
+        .route("/guarded", post(guarded))
         .route("/unprotected", post(unprotected).put(unprotected))
         .route("/unprotected-body", post(unprotected_with_body).put(unprotected_with_body))
         .route("/list", get(list))
@@ -253,6 +281,20 @@ async fn a_stale_route_cannot_hide_an_unprotected_handler() {
     let app = app(Enforce::refuse());
     let response = call(&app, "POST", "/stale").await;
     assert!(refused(&response, "POST /stale"), "{response:?}");
+}
+
+#[tokio::test]
+async fn a_request_rejected_before_the_handler_does_not_make_a_protected_route_look_unprotected() {
+    let app = app(Enforce::refuse());
+    let denied = Request::builder()
+        .method("POST")
+        .uri("/guarded")
+        .header("x-deny", "1")
+        .header("content-type", "application/json")
+        .body(Body::from("{}"))
+        .unwrap();
+    assert_eq!(app.clone().oneshot(denied).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&app, "POST", "/guarded").await.0, StatusCode::OK);
 }
 
 #[tokio::test]

@@ -67,11 +67,11 @@ use std::future::Future;
 /// runs: method, matched route, path parameters, query and body.
 #[derive(Debug, Clone, Default)]
 pub struct Incoming {
-    method: String,
+    method: http::Method,
     route: Option<String>,
     params: Vec<(String, String)>,
     query: Option<String>,
-    content_type: Option<String>,
+    content_type: Option<HeaderValue>,
     body: Bytes,
 }
 
@@ -79,7 +79,9 @@ impl Incoming {
     /// A request with `method` that matched `route` (the route pattern as the router knows it,
     /// `/v1/payments/{id}`; `None` when the framework does not say).
     pub fn new(method: &str, route: Option<&str>) -> Self {
-        Self { method: method.to_ascii_uppercase(), route: route.map(str::to_owned), ..Self::default() }
+        // Standard methods parse without allocating; an extension method keeps its spelling.
+        let method = http::Method::from_bytes(method.as_bytes()).unwrap_or_default();
+        Self { method, route: route.map(str::to_owned), ..Self::default() }
     }
 
     /// Adds a path parameter, decoded, in route order.
@@ -96,14 +98,14 @@ impl Incoming {
 
     /// The body as received, and its `Content-Type`.
     pub fn body(mut self, content_type: Option<&[u8]>, body: Bytes) -> Self {
-        self.content_type = content_type.and_then(|c| std::str::from_utf8(c).ok()).map(str::to_owned);
+        self.content_type = content_type.and_then(|c| HeaderValue::from_bytes(c).ok());
         self.body = body;
         self
     }
 
-    /// The method, uppercase.
+    /// The method.
     pub fn method(&self) -> &str {
-        &self.method
+        self.method.as_str()
     }
 
     /// The matched route pattern, if the framework gave one.
@@ -124,7 +126,7 @@ impl Incoming {
         fields: impl FnOnce(FingerprintBuilder) -> Result<FingerprintBuilder, FingerprintError>,
     ) -> Result<Fingerprint, FingerprintError> {
         let id = policy.identity;
-        let mut b = FingerprintBuilder::new(policy.scope).method(&self.method);
+        let mut b = FingerprintBuilder::new(policy.scope).method(self.method.as_str());
         let params: Vec<(&str, &str)> = self.params.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
         b = match id.path {
             Part::Whole => b.path(&params),
@@ -146,7 +148,7 @@ impl Incoming {
             Part::Omitted => b.omitted("query"),
         };
         b = match id.body {
-            Part::Whole => b.raw_body(self.content_type.as_deref(), &self.body),
+            Part::Whole => b.raw_body(self.content_type.as_ref().and_then(|c| c.to_str().ok()), &self.body),
             Part::Only(_) => fields(b)?,
             Part::Omitted => b.omitted("body"),
         };
@@ -227,16 +229,18 @@ macro_rules! __adapter_types {
         /// What a protected handler knows of its request before it runs.
         pub type Context = $crate::protocol::Context<$pending>;
 
-        /// Wraps a protected handler's body extractor `T` (or stands in for one): reads the body,
-        /// within the framework's configured limit, so the whole request can be fingerprinted,
-        /// then hands the same bytes to `T`.
+        /// Wraps a protected handler's body extractor `T` (or stands in for one). With `BODY`
+        /// (the whole body is part of the request's identity) it reads the body, within the
+        /// framework's configured limit, and hands the same bytes to `T`; without, `T` reads the
+        /// body itself as it would unprotected (the identity takes declared fields from `T`, or
+        /// leaves the body out).
         #[derive(Debug)]
-        pub struct Protected<T> {
+        pub struct Protected<T, const BODY: bool = true> {
             context: Context,
             inner: T,
         }
 
-        impl<T> Protected<T> {
+        impl<T, const BODY: bool> Protected<T, BODY> {
             /// The context and the handler's own extractor.
             pub fn into_parts(self) -> (Context, T) {
                 (self.context, self.inner)
@@ -303,11 +307,11 @@ where
     }
 }
 
-/// Records that the handler `handler` of `framework` served this request's route (for reports:
+/// Records that the handler at `site` of `framework` served this request's route (for reports:
 /// full paths under nested routers and scopes).
-pub fn observe(framework: Framework, handler: &'static str, incoming: &Incoming) {
+pub fn observe(framework: Framework, site: &registry::Site, incoming: &Incoming) {
     if let Some(route) = incoming.route() {
-        registry::observe(framework, handler, &incoming.method, route);
+        registry::observe(framework, site, incoming.method.as_str(), route);
     }
 }
 
