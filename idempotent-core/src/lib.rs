@@ -62,8 +62,9 @@
 //! Optional, behind the features `sqlite` and `postgres`: `sqlx` (the SQL stores: one async
 //! driver and pool for both databases, used through its runtime query API, so building needs no
 //! database; the migrations are embedded SQL rendered for the configured table).
-//! Optional, behind the feature of the same name: `utoipa` (its OpenAPI model: the document an
-//! application already builds with it is the one the protected operations are added to).
+//! Optional, behind the feature of the same name: `utoipa` 6 (its OpenAPI model: the document an
+//! application already builds with it is the one the protected operations are added to;
+//! re-exported as `idempotent_core::utoipa`).
 //! Optional, behind the feature of the same name: `redis` (the Redis store: its connection
 //! manager reconnects by itself, its cluster connection follows the slot map, and its script
 //! support runs each operation as one atomic `EVALSHA`).
@@ -84,3 +85,7 @@ pub mod response;
 pub mod store;
 
 pub use inventory;
+/// The OpenAPI model [`openapi`] documents: `utoipa` 6. An application's document must come from
+/// this major (`idempotent_core::utoipa` is the same crate).
+#[cfg(feature = "utoipa")]
+pub use utoipa;

@@ -95,8 +95,10 @@ fn operation_mut<'a>(item: &'a mut PathItem, method: &str) -> Option<&'a mut Ope
 
 fn document_operation(operation: &mut Operation, policy: &Policy, header: &str) {
     let parameters = operation.parameters.get_or_insert_with(Vec::new);
-    let has_key =
-        parameters.iter().any(|p| p.parameter_in == ParameterIn::Header && p.name.eq_ignore_ascii_case(header));
+    let has_key = parameters.iter().any(|p| match p {
+        RefOr::T(p) => p.parameter_in == ParameterIn::Header && p.name.eq_ignore_ascii_case(header),
+        RefOr::Ref(_) => false,
+    });
     if !has_key {
         let required = policy.key == KeyRequirement::Required;
         let description = if required {
@@ -114,7 +116,8 @@ fn document_operation(operation: &mut Operation, policy: &Policy, header: &str) 
                     "{description} An RFC 8941 string or token, 1 to 255 visible ASCII characters."
                 )))
                 .schema(Some(ObjectBuilder::new().schema_type(Type::String).min_length(Some(1)).max_length(Some(255))))
-                .build(),
+                .build()
+                .into(),
         );
     }
 
@@ -125,9 +128,10 @@ fn document_operation(operation: &mut Operation, policy: &Policy, header: &str) 
             response.headers.insert(
                 REPLAYED_HEADER.to_owned(),
                 HeaderBuilder::new()
-                    .schema(ObjectBuilder::new().schema_type(Type::String).enum_values(Some(["true"])))
+                    .schema(Some(ObjectBuilder::new().schema_type(Type::String).enum_values(Some(["true"]))))
                     .description(Some("`true` when this response is a replay of the first one with the same key."))
-                    .build(),
+                    .build()
+                    .into(),
             );
         }
     }

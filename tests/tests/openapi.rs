@@ -3,10 +3,10 @@
 //! key header and the problem responses; other operations are left as they are.
 
 use idempotent_axum::core::store::MemoryStore;
+use idempotent_axum::core::utoipa::openapi::path::{HttpMethod, OperationBuilder, ParameterIn, PathItem};
+use idempotent_axum::core::utoipa::openapi::{OpenApi, OpenApiBuilder, PathsBuilder, RefOr, ResponseBuilder};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use utoipa::openapi::path::{HttpMethod, OperationBuilder, ParameterIn, PathItem};
-use utoipa::openapi::{OpenApi, OpenApiBuilder, PathsBuilder, ResponseBuilder};
 
 /// Only ever deserialized by the handlers, which this test documents but never calls.
 #[allow(dead_code)]
@@ -42,7 +42,10 @@ fn document(operation_id: &str, path: &str) -> OpenApi {
 
 fn has_key_header(api: &OpenApi, path: &str) -> bool {
     let op = api.paths.paths[path].post.as_ref().unwrap();
-    op.parameters.iter().flatten().any(|p| p.parameter_in == ParameterIn::Header && p.name == "Idempotency-Key")
+    op.parameters.iter().flatten().any(|p| match p {
+        RefOr::T(p) => p.parameter_in == ParameterIn::Header && p.name == "Idempotency-Key",
+        RefOr::Ref(_) => false,
+    })
 }
 
 #[test]
