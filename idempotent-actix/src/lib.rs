@@ -77,8 +77,8 @@
 //! `actix-web` (the framework: extractors, responders, bodies, and `rt::spawn` to run the handler
 //! on the worker's local task set so it survives disconnects), `http`, `http-body` and
 //! `http-body-util` (the types the protocol in core speaks, converted to and from actix-web's),
-//! `bytes` and `futures-util` (bodies and payload streams), `inventory` (re-exported for the
-//! macro's registry records), `idempotent-core` and `idempotent-macros`.
+//! `bytes` and `futures-util` (bodies and payload streams), `idempotent-core` (which also
+//! re-exports `inventory` for the macro's registry records) and `idempotent-macros`.
 
 pub mod enforce;
 mod extract;

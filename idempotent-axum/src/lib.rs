@@ -50,9 +50,9 @@
 //! [`idempotent_core::problem`]).
 //!
 //! # Dependencies and why
-//! `axum` and `http-body-util` (the framework, and collecting a request body), `tokio` (spawning
-//! the protocol so it survives disconnects), `inventory` (re-exported for the macro's registry
-//! records), `idempotent-core` and `idempotent-macros`, `tower-layer`/`tower-service` (the two
+//! `axum`, `http` and `http-body-util` (the framework, and collecting a request body), `tokio`
+//! (spawning the protocol so it survives disconnects), `idempotent-core` (which also re-exports
+//! `inventory` for the macro's registry records) and `idempotent-macros`, `tower-layer`/`tower-service` (the two
 //! traits the [`enforce::Enforce`] layer implements; axum already depends on them).
 //!
 //! # Enforcement

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The checks that are not tests: formatting, lints, docs as docs.rs builds them, a true MSRV and
+# no unused dependencies. Run by CI before the test suite; each failure names its cause.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+step() { echo "check: $*" >&2; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (all targets, all features, warnings are errors)"
+cargo clippy --workspace --all-targets --all-features --quiet -- -D warnings
+
+step "cargo doc (all features, warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps --quiet
+
+step "rust-version covers every locked dependency"
+bash scripts/msrv.sh
+
+step "no unused dependencies (cargo-machete)"
+if ! command -v cargo-machete >/dev/null 2>&1; then
+  cargo install cargo-machete --locked --quiet
+fi
+cargo machete
