@@ -17,6 +17,9 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps --quie
 step "rust-version covers every locked dependency"
 bash scripts/msrv.sh
 
+step "the published crates package (cargo package, without the demo and the tests)"
+cargo package --workspace --exclude payments-demo --exclude idempotent-tests --no-verify --allow-dirty --quiet
+
 step "no unused dependencies (cargo-machete)"
 if ! command -v cargo-machete >/dev/null 2>&1; then
   cargo install cargo-machete --locked --quiet

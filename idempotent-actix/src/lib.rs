@@ -80,6 +80,8 @@
 //! `bytes` and `futures-util` (bodies and payload streams), `idempotent-core` (which also
 //! re-exports `inventory` for the macro's registry records) and `idempotent-macros`.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 pub mod enforce;
 mod extract;
 mod runtime;

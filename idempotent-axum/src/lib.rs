@@ -62,6 +62,8 @@
 //! needs no key is declared with `#[idempotent(exempt = "reason")]`: its handler is left as
 //! written but for one marker extractor, and the reports list it apart with the reason.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 pub mod enforce;
 mod extract;
 mod runtime;

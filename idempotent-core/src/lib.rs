@@ -45,6 +45,7 @@
 //! - [`registry`] and [`report`]: every annotated route, validated and rendered, with the full
 //!   paths it has served.
 //! - [`enforce`]: recognising unprotected mutating routes by what generated code does.
+//! - `testing` (feature `testing`): the store contract suite, for a custom store to run.
 //! - `openapi` (feature `utoipa`): the key header and problem responses added to a `utoipa`
 //!   OpenAPI document for every protected operation.
 //!
@@ -69,6 +70,8 @@
 //! manager reconnects by itself, its cluster connection follows the slot map, and its script
 //! support runs each operation as one atomic `EVALSHA`).
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 pub mod actor;
 pub mod enforce;
 pub mod engine;
@@ -83,7 +86,12 @@ pub mod registry;
 pub mod report;
 pub mod response;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 
+/// The attribute a custom [`Store`](store::Store) implementation is written with: the trait is
+/// declared with `async_trait`, so `#[idempotent_core::async_trait]` on the impl is all it needs.
+pub use async_trait::async_trait;
 pub use inventory;
 /// The OpenAPI model [`openapi`] documents: `utoipa` 6. An application's document must come from
 /// this major (`idempotent_core::utoipa` is the same crate).

@@ -1,7 +1,9 @@
 //! Support for the cross-crate tests: the HTTP conformance suite of the payments demo, run
 //! unchanged against each framework's binary, and the harness that finds or starts real servers.
 
-pub mod contract;
+/// The store contract suite, from `idempotent-core` (feature `testing`).
+pub use idempotent_core::store_contract_tests;
+pub use idempotent_core::testing as contract;
 pub mod http;
 pub mod identity;
 pub mod postgres;

@@ -1,11 +1,17 @@
-//! The store contract: the behaviour every [`Store`] must show, written once and run unchanged
-//! against each backend with [`store_contract_tests!`](crate::store_contract_tests).
+//! The store contract (feature `testing`): the behaviour every [`Store`] must show, written once
+//! and run unchanged against each backend with [`store_contract_tests!`](crate::store_contract_tests),
+//! ours and yours. A custom store adds `idempotent-core` with the `testing` feature and `tokio`
+//! (`macros`, `rt-multi-thread`) as dev-dependencies and runs:
 //!
-//! ```ignore
-//! idempotent_tests::store_contract_tests!(memory, async { Arc::new(MemoryStore::new()) });
+//! ```
+//! use idempotent_core::store::MemoryStore;
+//! use std::sync::Arc;
+//!
+//! idempotent_core::store_contract_tests!(memory, async { Arc::new(MemoryStore::new()) });
 //! // A durable store also proves its records survive a second instance:
-//! idempotent_tests::store_contract_tests!(sqlite, async { fresh_sqlite().await },
-//!     reopen = |store| async move { store.reopen().await });
+//! // idempotent_core::store_contract_tests!(mine, async { fresh().await },
+//! //     reopen = |store| async move { store.reopen().await });
+//! # fn main() {}
 //! ```
 //!
 //! The setup block returns a fresh store for one test, as `Arc<S>` or `Option<Arc<S>>` (`None`
@@ -13,9 +19,9 @@
 //! its own keys, leases of a few hundred milliseconds and time to live of about a second, so the
 //! suite runs in a few seconds.
 
-use idempotent_core::fingerprint::{Fingerprint, FingerprintBuilder};
-use idempotent_core::response::StoredResponse;
-use idempotent_core::store::{Claim, ClaimToken, RecordKey, Store, StoreError};
+use crate::fingerprint::{Fingerprint, FingerprintBuilder};
+use crate::response::StoredResponse;
+use crate::store::{Claim, ClaimToken, RecordKey, Store, StoreError};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,8 +41,8 @@ macro_rules! store_contract_tests {
         $crate::store_contract_tests!(@tests $name, $make, {
             #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn records_survive_reconnect() {
-                if let Some(store) = $crate::contract::IntoFixture::into_fixture($make.await) {
-                    $crate::contract::records_survive_reconnect(store, $reopen).await;
+                if let Some(store) = $crate::testing::IntoFixture::into_fixture($make.await) {
+                    $crate::testing::records_survive_reconnect(store, $reopen).await;
                 }
             }
         });
@@ -65,8 +71,8 @@ macro_rules! store_contract_tests {
         $(
             #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $test() {
-                if let Some(store) = $crate::contract::IntoFixture::into_fixture($make.await) {
-                    $crate::contract::$test(store).await;
+                if let Some(store) = $crate::testing::IntoFixture::into_fixture($make.await) {
+                    $crate::testing::$test(store).await;
                 }
             }
         )*
