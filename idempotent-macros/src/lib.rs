@@ -30,12 +30,32 @@ use proc_macro::TokenStream;
 
 /// Makes an axum handler safe to retry; re-exported as `idempotent_axum::idempotent`.
 ///
-/// ```ignore
-/// use idempotent_axum::idempotent;
+/// ```
+/// use axum::{extract::State, http::StatusCode, routing::post, Json, Router};
+/// use idempotent_axum::{core::store::MemoryStore, idempotent, Idempotency};
+/// use serde::{Deserialize, Serialize};
+/// use std::sync::Arc;
+///
+/// #[derive(Clone)]
+/// struct App { currency: &'static str }
+///
+/// #[derive(Deserialize, Serialize)]
+/// struct Customer { id: String, name: String }
+///
+/// #[derive(Deserialize, Serialize)]
+/// struct CreatePayment { amount: u64, currency: String, customer: Customer }
 ///
 /// #[idempotent(scope = "payments.create", fields = [amount, currency, customer.id], ttl = "24h")]
-/// async fn create_payment(State(app): State<App>, Json(req): Json<CreatePayment>)
-///     -> Result<(StatusCode, Json<Payment>), ApiError> { /* runs at most once per key */ }
+/// async fn create_payment(State(app): State<App>, Json(req): Json<CreatePayment>) -> (StatusCode, String) {
+///     // Runs at most once per key; a retry gets this response back.
+///     (StatusCode::CREATED, format!("{} {} for {} ({})", req.amount, req.currency, req.customer.name, app.currency))
+/// }
+///
+/// let idempotency = Idempotency::builder(Arc::new(MemoryStore::new())).build().unwrap();
+/// let _app: Router = Router::new()
+///     .route("/payments", post(create_payment))
+///     .layer(idempotency.layer())
+///     .with_state(App { currency: "EUR" });
 /// ```
 ///
 /// # Arguments

@@ -9,3 +9,8 @@ pub mod identity;
 pub mod postgres;
 pub mod process;
 pub mod redis_server;
+
+/// The README's Rust examples, compiled (and run) as doctests so they cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
