@@ -66,9 +66,11 @@
 //! Optional, behind the feature of the same name: `utoipa` 6 (its OpenAPI model: the document an
 //! application already builds with it is the one the protected operations are added to;
 //! re-exported as `idempotent_core::utoipa`).
-//! Optional, behind the feature of the same name: `redis` (the Redis store: its connection
-//! manager reconnects by itself, its cluster connection follows the slot map, and its script
-//! support runs each operation as one atomic `EVALSHA`).
+//! Optional, behind the feature of the same name: `redis`, major version 1 (the Redis store: its
+//! connection manager reconnects by itself, its cluster connection follows the slot map, and its
+//! script support runs each operation as one atomic `EVALSHA`). It is re-exported as
+//! `idempotent_core::redis`, and an application's own connection handed to the store must come
+//! from this same major version (redis 1.x).
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -97,3 +99,11 @@ pub use inventory;
 /// this major (`idempotent_core::utoipa` is the same crate).
 #[cfg(feature = "utoipa")]
 pub use utoipa;
+
+/// The `redis` client crate (feature `redis`), major version 1, that the Redis store is built on.
+/// A connection passed to [`RedisStore::from_connection_manager`](store::RedisStore::from_connection_manager)
+/// or [`RedisStore::from_cluster_connection`](store::RedisStore::from_cluster_connection) must come
+/// from redis 1.x: depend on `redis = "1"` or use this re-export (a connection of redis 0.x or 2.x
+/// is another type and does not compile).
+#[cfg(feature = "redis")]
+pub use ::redis;

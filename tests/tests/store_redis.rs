@@ -1,6 +1,7 @@
-//! The Redis store against real servers: the shared store contract on a single node and on a
-//! three-master Redis Cluster (many keys, so they land on every master), corrupt and foreign values, a worker paused past its lease, a
-//! server stopped and restarted mid-run, and the number of Redis commands per request.
+//! The Redis store against real servers: the shared store contract on a single node, on a
+//! three-master Redis Cluster (many keys, so they land on every master) and on an application's
+//! own `ConnectionManager`, corrupt and foreign values, a worker paused past its lease, a server
+//! stopped and restarted mid-run, and the number of Redis commands per request.
 
 use idempotent_core::fingerprint::{Fingerprint, FingerprintBuilder};
 use idempotent_core::response::StoredResponse;
@@ -100,7 +101,20 @@ async fn reopen_cluster(store: Arc<RedisStore>) -> Arc<RedisStore> {
     Arc::new(RedisStore::cluster(nodes).prefix(store.prefix()).build().await.expect("reconnect to redis cluster"))
 }
 
+/// A store on a `ConnectionManager` the test builds itself with redis 1.x, as an application does.
+async fn manager_store() -> Option<Arc<RedisStore>> {
+    let url = redis_url().await?;
+    let manager = app_manager(&url, RedisStore::connection_manager_config()).await;
+    Some(Arc::new(RedisStore::from_connection_manager(manager).prefix(test_prefix()).build().await.unwrap()))
+}
+
+async fn app_manager(url: &str, config: redis::aio::ConnectionManagerConfig) -> redis::aio::ConnectionManager {
+    let client = redis::Client::open(url).unwrap();
+    redis::aio::ConnectionManager::new_with_config(client, config).await.expect("connect to redis")
+}
+
 idempotent_tests::store_contract_tests!(single_node, single_store(), reopen = reopen_single);
+idempotent_tests::store_contract_tests!(applications_manager, manager_store(), reopen = reopen_single);
 idempotent_tests::store_contract_tests!(cluster, cluster_store(), reopen = reopen_cluster);
 redis_contract!(single_node_extra, single_store(), [many_keys]);
 redis_contract!(cluster_extra, cluster_store(), [many_keys]);
@@ -446,5 +460,116 @@ async fn full_redis_refuses_claims_rather_than_evicting() {
     assert!(!stored.is_empty());
     for k in &stored {
         assert_eq!(s.claim(k, &fp(1), LEASE).await.unwrap(), Claim::Completed(big.clone()));
+    }
+}
+
+/// The tests crate's `redis` (the workspace's) and the store's re-export are one crate, so an
+/// application's connection is the store's connection type.
+#[allow(dead_code)]
+fn same_redis_crate(m: redis::aio::ConnectionManager) -> idempotent_core::redis::aio::ConnectionManager {
+    m
+}
+
+/// The application builds its own redis 1.x `ConnectionManager`, hands a clone to the store, and
+/// keeps using it for its own commands: the store's records and the application's keys travel
+/// over one client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_on_the_applications_connection_manager() {
+    let Some(url) = redis_url().await else { return };
+    let manager = app_manager(&url, RedisStore::connection_manager_config()).await;
+    let s = RedisStore::from_connection_manager(manager.clone()).prefix(test_prefix()).build().await.unwrap();
+    assert!(!s.is_cluster());
+    assert!(format!("{s:?}").contains("prefix"));
+
+    let k = key("app-manager");
+    let t = acquire(&s, &k, &fp(1), LEASE).await;
+    assert!(matches!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::InProgress { .. }));
+    s.renew(&k, &t, LEASE).await.unwrap();
+    s.complete(&k, &t, &response(b"shared"), TTL).await.unwrap();
+    assert_eq!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"shared")));
+    assert_eq!(s.claim(&k, &fp(2), LEASE).await.unwrap(), Claim::Mismatch);
+
+    // The application's own command, on the same manager.
+    let mut app = manager;
+    let own = format!("{}app:own", s.prefix());
+    let _: () = redis::cmd("SET").arg(&own).arg("app value").arg("PX").arg(60_000).query_async(&mut app).await.unwrap();
+    let v: String = redis::cmd("GET").arg(&own).query_async(&mut app).await.unwrap();
+    assert_eq!(v, "app value");
+    // And the store's record, read through it.
+    let state: Vec<u8> = redis::cmd("HGET").arg(s.redis_key(&k)).arg("s").query_async(&mut app).await.unwrap();
+    assert_eq!(state, b"c");
+
+    // A prefix is still checked, and an application's connection needs no specification.
+    assert!(matches!(
+        RedisStore::from_connection_manager(app).prefix("a{b}:").build().await,
+        Err(StoreError::Config(_))
+    ));
+}
+
+/// An application's manager with redis 1.x's default reconnection policy (six retries with
+/// back-off) on a server that goes away: the store's own bound still answers `Unavailable`
+/// within its response timeout, and the same store works again once the server is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applications_manager_outage_fails_within_the_store_bound() {
+    if redis_url().await.is_none() {
+        return;
+    }
+    let port = free_port(false).expect("free port");
+    let mut server = RedisProcess::start(port, &[]).await.expect("start redis-server");
+    let manager = app_manager(&server.url(), redis::aio::ConnectionManagerConfig::new()).await;
+    let s = RedisStore::from_connection_manager(manager)
+        .prefix(test_prefix())
+        .response_timeout(Duration::from_millis(500))
+        .build()
+        .await
+        .unwrap();
+    let k = key("app-outage");
+    let t = acquire(&s, &k, &fp(1), LEASE).await;
+
+    server.kill();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let r = s.claim(&key("while-down"), &fp(1), LEASE).await;
+        assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+        let r = s.renew(&k, &t, LEASE).await;
+        assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+        assert!(started.elapsed() < Duration::from_millis(2500), "took {:?}", started.elapsed());
+    }
+
+    let _server = RedisProcess::start(port, &[]).await.expect("restart redis-server");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match s.claim(&key("after-restart"), &fp(1), LEASE).await {
+            Ok(Claim::Acquired(_)) => break,
+            Err(StoreError::Unavailable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => panic!("store did not come back: {other:?}"),
+        }
+    }
+}
+
+/// The application's own Redis Cluster connection (redis 1.x), shared the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_on_the_applications_cluster_connection() {
+    let Some(nodes) = redis_cluster().await else { return };
+    let client =
+        redis::cluster::ClusterClientBuilder::new(nodes).response_timeout(Duration::from_secs(2)).build().unwrap();
+    let conn = client.get_async_connection().await.expect("connect to redis cluster");
+    let s = RedisStore::from_cluster_connection(conn.clone()).prefix(test_prefix()).build().await.unwrap();
+    assert!(s.is_cluster());
+    for i in 0..30 {
+        let k = key(&format!("app-cluster-{i}"));
+        let t = acquire(&s, &k, &fp(1), LEASE).await;
+        s.complete(&k, &t, &response(b"cluster"), TTL).await.unwrap();
+        assert_eq!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"cluster")));
+    }
+
+    let mut app = conn;
+    for i in 0..10 {
+        let own = format!("{}app:own:{i}", s.prefix());
+        let _: () = redis::cmd("SET").arg(&own).arg(i).arg("PX").arg(60_000).query_async(&mut app).await.unwrap();
+        let v: u32 = redis::cmd("GET").arg(&own).query_async(&mut app).await.unwrap();
+        assert_eq!(v, i);
     }
 }

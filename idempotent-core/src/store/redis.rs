@@ -9,19 +9,42 @@
 //!   async cluster connection, which discovers the slot map from any of the listed seed nodes
 //!   and follows `MOVED`/`ASK` redirections. [`RedisStore::cluster`] takes the seed nodes as a
 //!   list of `redis://` URLs instead.
+//! - An application's own connection: [`RedisStore::from_connection_manager`] or
+//!   [`RedisStore::from_cluster_connection`], so the store and the application share one client
+//!   (one connection, one reconnection policy). The connection must come from the `redis` crate of
+//!   major version 1, the one this crate re-exports as [`crate::redis`].
 //!
-//! Either form accepts a `?prefix=...` query parameter (see [`RedisStoreBuilder::prefix`]); other
-//! query parameters are passed on to the `redis` crate. TLS (`rediss://`) is not enabled.
+//! Either URL form accepts a `?prefix=...` query parameter (see [`RedisStoreBuilder::prefix`]);
+//! other query parameters are passed on to the `redis` crate. TLS (`rediss://`) is not enabled.
 //!
-//! Every command has a response timeout and every connection attempt a connection timeout
-//! (defaults [`DEFAULT_RESPONSE_TIMEOUT`] and [`DEFAULT_CONNECTION_TIMEOUT`]), so an unreachable
-//! server turns into [`StoreError::Unavailable`] (503 to the client) within seconds instead of
-//! a hung request; a refused connection fails at once. On a single node, a request that finds
-//! the connection lost fails and starts one reconnection attempt in the background; later
-//! requests use the new connection, or start another attempt, so the same store instance works
-//! again as soon as the server is back, without being rebuilt. The cluster connection retries a
-//! command up to three times (20 to 500 ms apart) while it refreshes the slot map. A timed-out claim is ambiguous (it may have been written): a retry then finds
-//! the key in progress until the lease expires, and never runs the handler twice.
+//! # Timeouts and outages
+//! The store fails closed: when Redis cannot answer, an operation fails with
+//! [`StoreError::Unavailable`] (503 to the client) rather than hang or run the handler unprotected.
+//! Every command of a connection the store opens has a response timeout and every connection
+//! attempt a connection timeout (defaults [`DEFAULT_RESPONSE_TIMEOUT`] and
+//! [`DEFAULT_CONNECTION_TIMEOUT`]; the reasons for each value are on the constants). A refused
+//! connection (server stopped, port closed) fails at once. On a single node, a request that finds
+//! the connection lost fails and starts one reconnection attempt in the background, without
+//! retries or back-off sleeps; later requests use the new connection, or start another attempt,
+//! so the same store instance works again as soon as the server is back, without being rebuilt.
+//! The cluster connection retries a command up to three times (20 to 500 ms apart) while it
+//! refreshes the slot map, within the same response timeout for the whole request.
+//!
+//! A timed-out claim is ambiguous (it may have been written): a retry then finds the key in
+//! progress until the lease expires, and never runs the handler twice. A timed-out renewal has
+//! usually been applied by a Redis that is slow rather than gone; the engine sends the next one a
+//! third of a lease later. Keep leases at least five times the response timeout, so that a renewal
+//! that timed out is followed by another one while the lease still has time left.
+//!
+//! A connection of the application's keeps the settings it was built with: the store cannot
+//! change its timeouts or its reconnection policy. [`RedisStoreBuilder::response_timeout`] then
+//! bounds each whole store operation on top of them, so even a connection built without a response
+//! timeout fails closed. Build the application's [`ConnectionManager`] with
+//! [`RedisStore::connection_manager_config`] to get the store's own policy (redis 1.x's default
+//! retries a lost connection six times with exponential back-off, so during an outage every
+//! request would wait for the store's timeout instead of failing at once), and do not share with
+//! the store a connection that runs blocking commands (`BLPOP`, `XREAD BLOCK`, ...): on a
+//! multiplexed connection they hold up every command behind them.
 //!
 //! # Key layout
 //! One record is one Redis key: `{prefix}{<hex SHA-256 of the record key>}`, e.g.
@@ -90,10 +113,23 @@ use std::time::Duration;
 
 /// Default key prefix.
 pub const DEFAULT_PREFIX: &str = "idem:";
-/// Default timeout of one connection attempt.
+/// Default timeout of one connection attempt: 2 s.
+///
+/// Connecting to a Redis on the local network takes well under a millisecond, and a refused
+/// connection fails at once whatever this is, so it only bounds how long requests wait on a
+/// (re)connection to a host that does not answer (a partition, a host gone without a reset)
+/// before they fail with [`StoreError::Unavailable`]. Two seconds lets one lost `SYN` be
+/// retransmitted (Linux retransmits after one second) rather than failing the attempt.
 pub const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
-/// Default timeout of one command's response.
-pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default timeout of one command's response: 2 s.
+///
+/// Four times the `redis` crate's own default (500 ms), so a Redis that is slow but alive (a fork
+/// for an AOF rewrite or a snapshot of a large data set, a slow disk under `appendfsync`, another
+/// client's long script) answers late rather than failing claims with 503 and lease renewals with
+/// a warning. A fifth of the default 10 s lease: the engine renews every third of a lease, so
+/// after a renewal that timed out the next one is sent with more than a second of the lease left.
+/// And the longest a request waits for a Redis that has stopped answering before 503.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Claim: create the in-progress record or report the existing one.
 /// KEYS[1] record, ARGV[1] fingerprint (32 bytes), ARGV[2] new token, ARGV[3] lease (ms).
@@ -165,15 +201,30 @@ impl Conn {
 }
 
 /// Where a [`RedisStoreBuilder`] connects.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 enum Target {
     Single(String),
     Cluster(Vec<String>),
+    /// A connection of the application's, used as it is.
+    Given(Conn),
     Invalid(String),
 }
 
-/// Settings of a [`RedisStore`] before it connects; from [`RedisStore::builder`] or
-/// [`RedisStore::cluster`].
+impl fmt::Debug for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Single(url) => f.debug_tuple("Single").field(url).finish(),
+            Target::Cluster(nodes) => f.debug_tuple("Cluster").field(nodes).finish(),
+            Target::Given(Conn::Single(_)) => f.write_str("ConnectionManager"),
+            Target::Given(Conn::Cluster(_)) => f.write_str("ClusterConnection"),
+            Target::Invalid(msg) => f.debug_tuple("Invalid").field(msg).finish(),
+        }
+    }
+}
+
+/// Settings of a [`RedisStore`] before it connects; from [`RedisStore::builder`],
+/// [`RedisStore::cluster`], [`RedisStore::from_connection_manager`] or
+/// [`RedisStore::from_cluster_connection`].
 #[derive(Debug, Clone)]
 pub struct RedisStoreBuilder {
     target: Target,
@@ -191,7 +242,8 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Timeout of one connection attempt (default [`DEFAULT_CONNECTION_TIMEOUT`]).
+    /// Timeout of one connection attempt (default [`DEFAULT_CONNECTION_TIMEOUT`]). It does not
+    /// apply to a connection of the application's, which keeps its own.
     pub fn connection_timeout(mut self, timeout: Duration) -> Self {
         self.connection_timeout = timeout;
         self
@@ -200,17 +252,23 @@ impl RedisStoreBuilder {
     /// Timeout of one command's response (default [`DEFAULT_RESPONSE_TIMEOUT`]); it bounds how
     /// long a request waits for an unresponsive Redis before failing with
     /// [`StoreError::Unavailable`]. Keep it well above the time to transfer the largest stored
-    /// response.
+    /// response, and leases at least five times longer (see the [module documentation](self)).
+    ///
+    /// On a connection of the application's it bounds each whole store operation (one script
+    /// invocation, with the script's reload after a server restart), on top of the connection's
+    /// own timeouts.
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.response_timeout = timeout;
         self
     }
 
     /// Connects. An invalid specification or prefix is [`StoreError::Config`]; a server that
-    /// cannot be reached is [`StoreError::Unavailable`].
+    /// cannot be reached is [`StoreError::Unavailable`]. A connection of the application's is
+    /// used as it is, without a round trip.
     pub async fn build(self) -> Result<RedisStore, StoreError> {
         let (target, query_prefix) = match self.target {
             Target::Invalid(msg) => return Err(StoreError::Config(msg)),
+            Target::Given(conn) => (Target::Given(conn), None),
             Target::Single(url) => {
                 let (url, prefix) = split_prefix(&url);
                 (Target::Single(url), prefix)
@@ -232,37 +290,42 @@ impl RedisStoreBuilder {
         if prefix.contains(['{', '}']) {
             return Err(StoreError::Config(format!("redis key prefix `{prefix}` may not contain `{{` or `}}`")));
         }
-        let conn = match &target {
+        let (conn, deadline) = match target {
             Target::Single(url) => {
                 let client = redis::Client::open(url.as_str()).map_err(config)?;
-                let cfg = ConnectionManagerConfig::new()
-                    .set_connection_timeout(self.connection_timeout)
-                    .set_response_timeout(self.response_timeout)
-                    // One connection attempt per reconnection, no back-off sleeps (the first
-                    // would be a full second): a request that finds the server gone fails with
-                    // `Unavailable` at once, and the next request tries to reconnect again.
-                    .set_number_of_retries(0);
-                Conn::Single(ConnectionManager::new_with_config(client, cfg).await.map_err(unavailable)?)
+                let cfg = RedisStore::connection_manager_config()
+                    .set_connection_timeout(Some(self.connection_timeout))
+                    .set_response_timeout(Some(self.response_timeout));
+                (Conn::Single(ConnectionManager::new_with_config(client, cfg).await.map_err(unavailable)?), None)
             }
             Target::Cluster(nodes) => {
                 if nodes.is_empty() {
                     return Err(StoreError::Config("redis cluster specification lists no node".into()));
                 }
-                let client = ClusterClientBuilder::new(nodes.clone())
+                let client = ClusterClientBuilder::new(nodes)
                     .connection_timeout(self.connection_timeout)
+                    // Per node command; and, explicitly, for the whole request with its retries
+                    // and redirections (redis 1.x's default, stated so it does not drift): a
+                    // cluster request never waits longer than one response timeout before 503.
                     .response_timeout(self.response_timeout)
+                    .overall_response_timeout(Some(self.response_timeout))
+                    // A few quick retries while the slot map is refreshed after `MOVED` or a
+                    // dropped node connection, instead of the default 16 with waits of seconds
+                    // that the overall timeout would cut short anyway.
                     .retries(3)
                     .min_retry_wait(20)
                     .max_retry_wait(500)
                     .build()
                     .map_err(config)?;
-                Conn::Cluster(client.get_async_connection().await.map_err(unavailable)?)
+                (Conn::Cluster(client.get_async_connection().await.map_err(unavailable)?), None)
             }
+            Target::Given(conn) => (conn, Some(self.response_timeout)),
             Target::Invalid(_) => unreachable!("handled above"),
         };
         Ok(RedisStore {
+            cluster: matches!(conn, Conn::Cluster(_)),
             conn,
-            cluster: matches!(target, Target::Cluster(_)),
+            deadline,
             prefix,
             claim: Script::new(CLAIM),
             renew: Script::new(&format!("{HELD}{RENEW}")),
@@ -279,6 +342,8 @@ impl RedisStoreBuilder {
 #[derive(Clone)]
 pub struct RedisStore {
     conn: Conn,
+    /// Bound of each whole operation, on a connection of the application's.
+    deadline: Option<Duration>,
     cluster: bool,
     prefix: String,
     claim: Script,
@@ -312,6 +377,52 @@ impl RedisStore {
         Self::with_target(Target::Cluster(nodes.into_iter().map(Into::into).collect()))
     }
 
+    /// Settings for a store on the application's own single-node [`ConnectionManager`], from the
+    /// `redis` crate of major version 1 ([`crate::redis`]). The store uses (a clone of) it as it
+    /// is: its timeouts and reconnection policy stay the application's, see the
+    /// [module documentation](self); [`RedisStore::connection_manager_config`] gives the store's.
+    ///
+    /// ```no_run
+    /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+    /// use idempotent_core::redis::{self, aio::ConnectionManager};
+    /// use idempotent_core::store::RedisStore;
+    ///
+    /// let client = redis::Client::open("redis://127.0.0.1:6379")?;
+    /// let manager = ConnectionManager::new_with_config(client, RedisStore::connection_manager_config()).await?;
+    /// let store = RedisStore::from_connection_manager(manager.clone()).prefix("payments:").build().await?;
+    /// // `manager` keeps serving the application's own commands.
+    /// # let _ = store;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn from_connection_manager(manager: ConnectionManager) -> RedisStoreBuilder {
+        Self::with_target(Target::Given(Conn::Single(manager)))
+    }
+
+    /// Settings for a store on the application's own Redis Cluster connection, from the `redis`
+    /// crate of major version 1 ([`crate::redis`]). The store uses (a clone of) it as it is. Build
+    /// it with a response timeout (`ClusterClientBuilder::response_timeout`): without one, the
+    /// cluster client waits for a node indefinitely and only the store's own bound
+    /// ([`RedisStoreBuilder::response_timeout`]) turns a silent node into 503.
+    pub fn from_cluster_connection(connection: ClusterConnection) -> RedisStoreBuilder {
+        Self::with_target(Target::Given(Conn::Cluster(connection)))
+    }
+
+    /// The single-node [`ConnectionManager`] settings of the stores this crate connects itself:
+    /// the default timeouts ([`DEFAULT_CONNECTION_TIMEOUT`], [`DEFAULT_RESPONSE_TIMEOUT`]) and
+    /// no reconnection retries. Build an application's manager with it to share the store's
+    /// fail-fast behaviour, adjusting with the `redis` crate's setters where needed.
+    pub fn connection_manager_config() -> ConnectionManagerConfig {
+        ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(DEFAULT_CONNECTION_TIMEOUT))
+            .set_response_timeout(Some(DEFAULT_RESPONSE_TIMEOUT))
+            // One connection attempt per reconnection, no back-off sleeps (redis 1.x's default
+            // is six retries, 100 ms doubling with jitter): a request that finds the server gone
+            // fails with `Unavailable` at once (about a millisecond for a refused connection)
+            // instead of waiting through the retries, and the next request tries again.
+            .set_number_of_retries(0)
+    }
+
     fn with_target(target: Target) -> RedisStoreBuilder {
         RedisStoreBuilder {
             target,
@@ -336,8 +447,20 @@ impl RedisStore {
         redis_key(&self.prefix, key)
     }
 
+    /// Runs one script invocation, within the store's own bound on an application's connection.
+    async fn invoke(&self, invocation: &ScriptInvocation<'_>) -> Result<Value, StoreError> {
+        let run = self.conn.invoke(invocation);
+        match self.deadline {
+            None => run.await.map_err(unavailable),
+            Some(limit) => match tokio::time::timeout(limit, run).await {
+                Ok(r) => r.map_err(unavailable),
+                Err(_) => Err(StoreError::Unavailable(format!("redis did not answer within {limit:?}"))),
+            },
+        }
+    }
+
     async fn fenced(&self, invocation: &ScriptInvocation<'_>) -> Result<(), StoreError> {
-        match self.conn.invoke(invocation).await.map_err(unavailable)? {
+        match self.invoke(invocation).await? {
             Value::Int(1) => Ok(()),
             Value::Int(0) => Err(StoreError::Fenced),
             Value::Int(-1) => {
@@ -433,7 +556,13 @@ fn config(e: RedisError) -> StoreError {
     StoreError::Config(e.to_string())
 }
 
+/// Classifies a failed operation: Redis's `OOM` error (a full Redis under `noeviction`) is
+/// [`StoreError::Full`]; anything else (a refused, dropped or timed-out connection, a cluster
+/// that cannot serve the slot, any other server error) is [`StoreError::Unavailable`], so the
+/// request fails closed.
 fn unavailable(e: RedisError) -> StoreError {
+    // redis 1.x has no error kind for `OOM`: it is an extension error whose code is the first
+    // word of the server's reply.
     if e.code() == Some("OOM") {
         return StoreError::Full;
     }
@@ -475,7 +604,7 @@ impl Store for RedisStore {
         let token = ClaimToken::generate();
         let mut inv = self.claim.key(self.redis_key(key));
         inv.arg(&fingerprint.0[..]).arg(token.0.as_str()).arg(millis(lease));
-        let reply = self.conn.invoke(&inv).await.map_err(unavailable)?;
+        let reply = self.invoke(&inv).await?;
         decode_claim(reply, token)
     }
 
@@ -532,6 +661,18 @@ mod tests {
         let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(redis_key("idem:", &k), format!("idem:{{{hex}}}"));
         assert_ne!(redis_key("idem:", &k), redis_key("idem:", &RecordKey::new("s", "b", "k")));
+    }
+
+    #[test]
+    fn server_errors_are_classified() {
+        let reply = |raw: &[u8]| redis::parse_redis_value(raw).unwrap().extract_error().unwrap_err();
+        let oom = reply(b"-OOM command not allowed when used memory > 'maxmemory'. script: x, on @user_script:4.\r\n");
+        assert!(matches!(unavailable(oom), StoreError::Full));
+        for other in [&b"-ERR unknown command\r\n"[..], b"-NOSCRIPT No matching script\r\n", b"-CLUSTERDOWN down\r\n"] {
+            assert!(matches!(unavailable(reply(other)), StoreError::Unavailable(_)));
+        }
+        let refused = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(matches!(unavailable(refused), StoreError::Unavailable(_)));
     }
 
     #[test]
