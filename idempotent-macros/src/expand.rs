@@ -163,6 +163,12 @@ impl Handler {
     fn inspect(framework: Framework, func: &ItemFn, body_fields: Option<Span>) -> syn::Result<Handler> {
         let mut errors = Errors::default();
         let sig = &func.sig;
+        // syn keeps function modifiers it may learn in later releases (e.g. `gen fn`) apart from
+        // the signature; the wrapper only knows how to call a plain `async fn`, so any modifier is
+        // reported where it is written. A parsed `ItemFn` has none today.
+        if let Err(error) = func.modifiers.require_empty() {
+            errors.push(error);
+        }
         if sig.asyncness.is_none() {
             errors.add(sig.fn_token.span, "#[idempotent] handlers must be `async fn`");
         }
@@ -596,6 +602,15 @@ mod tests {
         assert!(out.contains("RouteRecord :: exempted (\"read-only\""), "{out}");
         assert!(out.contains(". at (\"POST\" , \"/search\")"), "{out}");
         assert!(!expand(r#"exempt = "read-only""#, "async fn search() {}").contains("compile_error"));
+    }
+
+    #[test]
+    fn function_modifiers_are_rejected() {
+        let mut func: ItemFn = syn::parse_str("async fn h() -> u8 { 1 }").unwrap();
+        assert!(Handler::inspect(Framework::Axum, &func, None).is_ok());
+        func.modifiers.defaultness = Some(Default::default());
+        let error = Handler::inspect(Framework::Axum, &func, None).err().unwrap();
+        assert_eq!(error.to_string(), "unexpected function modifier");
     }
 
     #[test]
