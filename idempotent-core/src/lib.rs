@@ -60,9 +60,14 @@
 //! (an object-safe async [`Store`](store::Store) trait), `futures-util` (catching a handler's
 //! panic as a value so its claim is released), `inventory` (the link-time route registry),
 //! `uuid` (random claim tokens), `bytes`, `thiserror`, `tracing`.
-//! Optional, behind the features `sqlite` and `postgres`: `sqlx` (the SQL stores: one async
-//! driver and pool for both databases, used through its runtime query API, so building needs no
-//! database; the migrations are embedded SQL rendered for the configured table).
+//! Optional, behind the features `sqlite` and `postgres`: `sqlx`, major version 0.9 (the SQL
+//! stores: one async driver and pool for both databases, used through its runtime query API, so
+//! building needs no database; the migrations and statements are SQL rendered once for the
+//! configured table, values always bound). An application that hands its own pool to
+//! `PostgresStore::from_pool` or `SqliteStore::from_pool` must build it with sqlx 0.9: a pool of
+//! sqlx 0.8 is another type; the crate is re-exported as `idempotent_core::sqlx`. The `sqlite`
+//! feature builds SQLite from source (sqlx's `sqlite-bundled`, and `sqlite-unlock-notify` so that
+//! a shared-cache in-memory database waits for a lock rather than failing).
 //! Optional, behind the feature of the same name: `utoipa` 6 (its OpenAPI model: the document an
 //! application already builds with it is the one the protected operations are added to;
 //! re-exported as `idempotent_core::utoipa`).
@@ -95,6 +100,14 @@ pub mod testing;
 /// declared with `async_trait`, so `#[idempotent_core::async_trait]` on the impl is all it needs.
 pub use async_trait::async_trait;
 pub use inventory;
+
+/// The sqlx the SQL stores are built on (features `sqlite` and `postgres`). A pool given to
+/// `PostgresStore::from_pool` or `SqliteStore::from_pool` must come from sqlx 0.9: this
+/// re-export, or the application's own `sqlx = "0.9"` dependency, which Cargo resolves to this
+/// same crate.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use sqlx;
+
 /// The OpenAPI model [`openapi`] documents: `utoipa` 6. An application's document must come from
 /// this major (`idempotent_core::utoipa` is the same crate).
 #[cfg(feature = "utoipa")]

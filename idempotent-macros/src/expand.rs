@@ -292,7 +292,7 @@ fn emit(framework: Framework, spec: &Spec, func: &ItemFn, handler: &Handler) -> 
     let mut outer_inputs: Punctuated<FnArg, Token![,]> = Punctuated::new();
     let mut unwrap = quote!(let (#ctx, ()) = #guarded.into_parts(););
     // The whole body is read up front only when it is part of the identity.
-    let whole_body = !spec.excluded.body && !spec.fields.as_ref().is_some_and(|f| !f.paths.is_empty());
+    let whole_body = !spec.excluded.body && spec.fields.as_ref().is_none_or(|f| f.paths.is_empty());
     for (index, (input, arg)) in func.sig.inputs.iter().zip(&args).enumerate() {
         if let FnArg::Typed(typed) = input {
             let ty = &typed.ty;

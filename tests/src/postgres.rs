@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use idempotent_core::fingerprint::Fingerprint;
 use idempotent_core::response::StoredResponse;
 use idempotent_core::store::{Claim, ClaimToken, PostgresConfig, PostgresStore, RecordKey, Store, StoreError};
-use sqlx::Connection;
+use sqlx::{AssertSqlSafe, Connection};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -79,7 +79,8 @@ async fn answers_or_create(url: &str) -> Option<String> {
             .await
             .ok()?
             .ok()?;
-            let _ = sqlx::raw_sql(&format!("CREATE DATABASE \"{db}\"")).execute(&mut c).await;
+            // The name comes from the test database URL, set by whoever runs the tests.
+            let _ = sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE \"{db}\""))).execute(&mut c).await;
             connect(url).await.ok().map(|()| url.to_owned())
         }
         Err(_) => None,
@@ -222,10 +223,10 @@ impl TestSchema {
         Arc::new(PgTestStore { store, schema: self.clone() })
     }
 
-    /// Runs `sql` on the test database (a fresh connection).
+    /// Runs `sql`, written by the test, on the test database (a fresh connection).
     pub async fn execute(&self, sql: &str) -> Result<u64, sqlx::Error> {
         let mut c = sqlx::PgConnection::connect(&self.url).await?;
-        let n = sqlx::raw_sql(sql).execute(&mut c).await?.rows_affected();
+        let n = sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut c).await?.rows_affected();
         c.close().await?;
         Ok(n)
     }
@@ -239,7 +240,10 @@ impl Drop for TestSchema {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
             rt.block_on(async {
                 let mut c = sqlx::PgConnection::connect(&url).await.ok()?;
-                let _ = sqlx::raw_sql(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE")).execute(&mut c).await;
+                // The schema's name is random hex made by this module.
+                let _ = sqlx::raw_sql(AssertSqlSafe(format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE")))
+                    .execute(&mut c)
+                    .await;
                 c.close().await.ok()
             })
         })

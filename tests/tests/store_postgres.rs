@@ -7,6 +7,8 @@ use idempotent_core::fingerprint::{Fingerprint, FingerprintBuilder};
 use idempotent_core::response::StoredResponse;
 use idempotent_core::store::{self, Claim, PostgresConfig, PostgresStore, RecordKey, Store, StoreError};
 use idempotent_tests::postgres::{PgTestStore, TestSchema};
+use sqlx::AssertSqlSafe;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -171,7 +173,7 @@ async fn answers_from_a_live_row_write_nothing() {
     );
     let version = |k: &'static str| {
         let q = q.clone();
-        async move { sqlx::query_scalar::<_, String>(&q).bind(k).fetch_one(pool).await.unwrap() }
+        async move { sqlx::query_scalar::<_, String>(AssertSqlSafe(q)).bind(k).fetch_one(pool).await.unwrap() }
     };
     let k = key("quiet");
     let Claim::Acquired(t) = s.claim(&k, &fp(1), LEASE).await.unwrap() else { panic!() };
@@ -197,11 +199,13 @@ async fn migrations_are_concurrent_safe_and_available_as_sql() {
     let Claim::Acquired(t) = a.claim(&k, &fp(1), LEASE).await.unwrap() else { panic!() };
     assert!(matches!(b.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::InProgress { .. }));
     c.release(&k, &t).await.unwrap();
-    let versions: i64 =
-        sqlx::query_scalar(&format!("SELECT count(*) FROM \"{}\".idempotency_records_migrations", schema.name))
-            .fetch_one(a.store().pool())
-            .await
-            .unwrap();
+    let versions: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM \"{}\".idempotency_records_migrations",
+        schema.name
+    )))
+    .fetch_one(a.store().pool())
+    .await
+    .unwrap();
     assert_eq!(versions, 1);
 
     // Managed by hand: the SQL creates what the store needs; the store then creates nothing.
@@ -230,11 +234,62 @@ async fn sweeper_deletes_expired_records_in_the_background() {
     let mut left = 30;
     for _ in 0..30 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        left = sqlx::query_scalar::<_, i64>(&count).fetch_one(s.store().pool()).await.unwrap();
+        left = sqlx::query_scalar::<_, i64>(AssertSqlSafe(count.as_str())).fetch_one(s.store().pool()).await.unwrap();
         if left == 5 {
             break;
         }
     }
     assert_eq!(left, 5);
     assert_eq!(s.store().sweep_expired().await.unwrap(), 0);
+}
+
+/// An application's own sqlx 0.9 pool, built with its own settings, is handed to the store as it
+/// is (no conversion: `idempotent_core::sqlx` is the application's sqlx) and keeps serving the
+/// application's own queries beside the store's.
+#[tokio::test]
+async fn store_on_the_applications_own_pool() {
+    let Some(schema) = TestSchema::new().await else { return };
+    // The application's pool, from its own `sqlx` dependency. Its `search_path` puts unqualified
+    // names in the test's schema.
+    let options = sqlx::postgres::PgConnectOptions::from_str(&schema.url)
+        .unwrap()
+        .application_name(&schema.name)
+        .options([("search_path", schema.name.as_str())]);
+    let pool: sqlx::PgPool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(3)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await
+        .unwrap();
+    let _same_type: &idempotent_core::sqlx::PgPool = &pool;
+    let s = PostgresStore::from_pool(pool.clone(), schema.config()).await.unwrap();
+    // The store runs on the application's pool and settings, not on a pool of its own.
+    assert_eq!(s.pool().options().get_max_connections(), 3);
+
+    let k = key("own-pool");
+    let Claim::Acquired(t) = s.claim(&k, &fp(1), LEASE).await.unwrap() else { panic!("first claim") };
+    s.complete(&k, &t, &response(b"paid"), TTL).await.unwrap();
+    assert_eq!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"paid")));
+
+    // The application's own work on the same pool: a transaction, then a query over its table and
+    // the store's.
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("CREATE TABLE orders (id BIGINT PRIMARY KEY, amount BIGINT NOT NULL)").execute(&mut *tx).await.unwrap();
+    sqlx::query("INSERT INTO orders (id, amount) VALUES ($1, $2)")
+        .bind(1_i64)
+        .bind(100_i64)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let (state, amount): (String, i64) = sqlx::query_as(
+        "SELECT r.state, o.amount FROM idempotency_records r, orders o WHERE r.idem_key = $1 AND o.id = $2",
+    )
+    .bind("own-pool")
+    .bind(1_i64)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((state.as_str(), amount), ("completed", 100));
+    assert_eq!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"paid")));
 }

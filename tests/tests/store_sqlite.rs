@@ -4,6 +4,7 @@
 use idempotent_core::fingerprint::{Fingerprint, FingerprintBuilder};
 use idempotent_core::response::StoredResponse;
 use idempotent_core::store::{self, Claim, RecordKey, SqliteConfig, SqliteStore, Store, StoreError};
+use sqlx::AssertSqlSafe;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,10 +112,10 @@ async fn corrupt_rows_are_errors_not_panics() {
         ("text-fingerprint", "'not bytes'".to_owned(), "'in_progress'", "NULL"),
     ];
     for (k, fpr, state, resp) in &rows {
-        sqlx::query(&format!(
+        sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO idempotency_records (scope, actor, idem_key, fingerprint, state, token, response, expires_at, created_at)
              VALUES ('s', 'a', '{k}', {fpr}, {state}, 't', {resp}, {far}, 0)"
-        ))
+        )))
         .execute(s.store.pool())
         .await
         .unwrap();
@@ -185,4 +186,57 @@ async fn sweeper_deletes_expired_records_and_custom_table_works() {
     assert_eq!(s.sweep_expired().await.unwrap(), 1100);
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM my_keys").fetch_one(s.pool()).await.unwrap();
     assert_eq!(left, 100);
+}
+
+fn paid() -> StoredResponse {
+    StoredResponse::new(201, [("content-type", "application/json")], bytes::Bytes::from_static(b"paid"))
+}
+
+/// An application's own sqlx 0.9 pool, built with its own settings, is handed to the store as it
+/// is (no conversion: `idempotent_core::sqlx` is the application's sqlx) and keeps serving the
+/// application's own queries beside the store's.
+#[tokio::test]
+async fn store_on_the_applications_own_pool() {
+    let db = TempDb::new();
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&db.0)
+        .create_if_missing(true)
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+        .busy_timeout(Duration::from_secs(5));
+    let pool: sqlx::SqlitePool =
+        sqlx::sqlite::SqlitePoolOptions::new().max_connections(2).connect_with(options).await.unwrap();
+    let _same_type: &idempotent_core::sqlx::SqlitePool = &pool;
+    let s = SqliteStore::from_pool(pool.clone(), SqliteConfig::new().sweep_interval(None)).await.unwrap();
+    // The store runs on the application's pool and settings, not on a pool of its own.
+    assert_eq!(s.pool().options().get_max_connections(), 2);
+
+    let k = RecordKey::new("payments.create", "acct_1", "own-pool");
+    let Claim::Acquired(t) = s.claim(&k, &fp(1), Duration::from_secs(30)).await.unwrap() else { panic!("first claim") };
+    s.complete(&k, &t, &paid(), Duration::from_secs(3600)).await.unwrap();
+    assert_eq!(s.claim(&k, &fp(1), Duration::from_secs(30)).await.unwrap(), Claim::Completed(paid()));
+
+    // The application's own work on the same pool: a transaction, then a query over its table and
+    // the store's.
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("CREATE TABLE orders (id INTEGER PRIMARY KEY, amount INTEGER NOT NULL)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO orders (id, amount) VALUES (?1, ?2)")
+        .bind(1_i64)
+        .bind(100_i64)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let (state, amount): (String, i64) = sqlx::query_as(
+        "SELECT r.state, o.amount FROM idempotency_records r, orders o WHERE r.idem_key = ?1 AND o.id = ?2",
+    )
+    .bind("own-pool")
+    .bind(1_i64)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((state.as_str(), amount), ("completed", 100));
+    assert_eq!(s.claim(&k, &fp(1), Duration::from_secs(30)).await.unwrap(), Claim::Completed(paid()));
 }

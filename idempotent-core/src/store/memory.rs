@@ -124,7 +124,7 @@ impl Store for MemoryStore {
         let sk = key.storage_key();
         let mut inner = self.lock();
         inner.claims += 1;
-        if inner.claims % SWEEP_EVERY == 0 {
+        if inner.claims.is_multiple_of(SWEEP_EVERY) {
             inner.sweep(now);
         }
         if let Some(e) = inner.records.get(&sk) {

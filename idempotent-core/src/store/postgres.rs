@@ -74,14 +74,14 @@
 //! Connections use sqlx's PostgreSQL driver without TLS; reach a remote server through a
 //! private network or a local TLS proxy.
 
-use super::sql::{column, decide_row, millis, quote_ident, sealed, Backend, SqlConfig, SqlStore};
+use super::sql::{column, decide_row, millis, quote_ident, rendered, sealed, Backend, SqlConfig, SqlStore};
 use super::{Claim, ClaimToken, RecordKey, Store, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use async_trait::async_trait;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::query::Query;
-use sqlx::{Executor, Postgres, Transaction};
+use sqlx::{Executor, Postgres, SqlStr, Transaction};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -100,6 +100,7 @@ const MIGRATION_LOCK: i64 = 0x1de0_7e47_5701_2e01;
 
 /// What the shared SQL store code keeps for PostgreSQL (public only to be named by [`Backend`]).
 mod own {
+    use sqlx::SqlStr;
     use std::time::Duration;
 
     /// PostgreSQL's own settings.
@@ -118,11 +119,11 @@ mod own {
     /// The statements of one configured store, rendered once.
     #[derive(Debug)]
     pub struct Statements {
-        pub(super) claim: String,
-        pub(super) renew: String,
-        pub(super) complete: String,
-        pub(super) release: String,
-        pub(super) sweep: String,
+        pub(super) claim: SqlStr,
+        pub(super) renew: SqlStr,
+        pub(super) complete: SqlStr,
+        pub(super) release: SqlStr,
+        pub(super) sweep: SqlStr,
     }
 }
 
@@ -182,7 +183,7 @@ CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);
         let t = config.qualified_table();
         let key = "scope = $1 AND actor = $2 AND idem_key = $3";
         Statements {
-            claim: format!(
+            claim: rendered(format!(
                 "WITH existing AS (
     SELECT fingerprint, state, response, expires_at FROM {t} WHERE {key}
 ), takeover AS (
@@ -205,30 +206,30 @@ UNION ALL
 SELECT FALSE, fingerprint, state, response,
     GREATEST(0, CEIL(EXTRACT(EPOCH FROM (expires_at - now())) * 1000))::int8
 FROM existing WHERE expires_at > now()"
-            ),
-            renew: format!(
+            )),
+            renew: rendered(format!(
                 "UPDATE {t} SET expires_at = now() + $5::int8 * interval '1 millisecond'
 WHERE {key} AND token = $4 AND state = 'in_progress' AND expires_at > now()"
-            ),
-            complete: format!(
+            )),
+            complete: rendered(format!(
                 "UPDATE {t} SET state = 'completed', token = NULL, response = $5,
     expires_at = now() + $6::int8 * interval '1 millisecond'
 WHERE {key} AND token = $4 AND state = 'in_progress'"
-            ),
-            release: format!("DELETE FROM {t} WHERE {key} AND token = $4 AND state = 'in_progress'"),
-            sweep: format!(
+            )),
+            release: rendered(format!("DELETE FROM {t} WHERE {key} AND token = $4 AND state = 'in_progress'")),
+            sweep: rendered(format!(
                 "DELETE FROM {t} WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM {t} WHERE expires_at <= now() LIMIT $1 FOR UPDATE SKIP LOCKED
 )) AND expires_at <= now()"
-            ),
+            )),
         }
     }
 
-    fn sweep_query(sql: &Statements, batch: i64) -> Query<'_, Postgres, PgArguments> {
-        sqlx::query(&sql.sweep).bind(batch)
+    fn sweep_query(sql: &Statements, batch: i64) -> Query<'static, Postgres, PgArguments> {
+        sqlx::query(sql.sweep.clone()).bind(batch)
     }
 
-    async fn execute<'q>(pool: &PgPool, query: Query<'q, Postgres, PgArguments>) -> Result<u64, sqlx::Error> {
+    async fn execute(pool: &PgPool, query: Query<'static, Postgres, PgArguments>) -> Result<u64, sqlx::Error> {
         Ok(query.execute(pool).await?.rows_affected())
     }
 
@@ -240,28 +241,33 @@ WHERE {key} AND token = $4 AND state = 'in_progress'"
         let mut tx = pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(MIGRATION_LOCK).execute(&mut *tx).await?;
         if let Some(schema) = &config.schema {
-            (&mut *tx).execute(sqlx::raw_sql(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(schema)))).await?;
+            (&mut *tx)
+                .execute(sqlx::raw_sql(rendered(format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(schema)))))
+                .await?;
         }
         (&mut *tx)
-            .execute(sqlx::raw_sql(&format!(
+            .execute(sqlx::raw_sql(rendered(format!(
             "CREATE TABLE IF NOT EXISTS {versions} (version INT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
-            )))
+            ))))
             .await?;
         Ok(tx)
     }
 
     async fn applied_version(conn: &mut PgConnection, versions: &str) -> Result<Option<i32>, sqlx::Error> {
-        sqlx::query_scalar(&format!("SELECT max(version) FROM {versions}")).fetch_one(conn).await
+        sqlx::query_scalar(rendered(format!("SELECT max(version) FROM {versions}"))).fetch_one(conn).await
     }
 
     async fn apply_migration(
         conn: &mut PgConnection,
         versions: &str,
         version: i32,
-        sql: &str,
+        sql: SqlStr,
     ) -> Result<(), sqlx::Error> {
         (&mut *conn).execute(sqlx::raw_sql(sql)).await?;
-        sqlx::query(&format!("INSERT INTO {versions} (version) VALUES ($1)")).bind(version).execute(conn).await?;
+        sqlx::query(rendered(format!("INSERT INTO {versions} (version) VALUES ($1)")))
+            .bind(version)
+            .execute(conn)
+            .await?;
         Ok(())
     }
 }

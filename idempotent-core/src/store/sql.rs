@@ -14,7 +14,7 @@ use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use async_trait::async_trait;
 use sqlx::query::Query;
-use sqlx::{ColumnIndex, Database, Decode, Encode, Pool, Row, Transaction, Type};
+use sqlx::{AssertSqlSafe, ColumnIndex, Database, Decode, Encode, Pool, Row, SqlSafeStr, SqlStr, Transaction, Type};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,17 +39,17 @@ pub trait Backend: Database + sealed::Sealed {
 
     /// The settings only this database has (timeouts, connection names).
     type Settings: fmt::Debug + Clone + Default + Send + Sync + 'static;
-    /// The statements of one configured store, rendered once.
+    /// The statements of one configured store, rendered once (with `rendered`).
     type Statements: fmt::Debug + Send + Sync + 'static;
 
-    /// Renders the statements for `config`.
+    /// Renders the statements for `config`, which has been validated.
     fn statements(config: &SqlConfig<Self>) -> Self::Statements;
 
     /// One sweeper statement: deletes at most `batch` expired records.
-    fn sweep_query(sql: &Self::Statements, batch: i64) -> Query<'_, Self, Self::Arguments<'_>>;
+    fn sweep_query(sql: &Self::Statements, batch: i64) -> Query<'static, Self, Self::Arguments>;
 
     /// Runs `query` on `pool`; returns how many rows it affected.
-    async fn execute<'q>(pool: &Pool<Self>, query: Query<'q, Self, Self::Arguments<'q>>) -> Result<u64, sqlx::Error>;
+    async fn execute(pool: &Pool<Self>, query: Query<'static, Self, Self::Arguments>) -> Result<u64, sqlx::Error>;
 
     /// Opens the migrations' transaction, which keeps other instances from migrating until it
     /// ends, and creates the schema and the table of applied versions (`versions`) if missing.
@@ -67,7 +67,7 @@ pub trait Backend: Database + sealed::Sealed {
         conn: &mut Self::Connection,
         versions: &str,
         version: i32,
-        sql: &str,
+        sql: SqlStr,
     ) -> Result<(), sqlx::Error>;
 
     /// Connection failures and server errors: the store is unavailable (503, fail closed); a
@@ -199,6 +199,19 @@ pub(super) fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// A statement of this crate with the configured names put in, as the text sqlx runs. Shared:
+/// cloning the result for a request costs a reference count, not a copy of the text.
+///
+/// Every SQL text the stores hand to sqlx that is not a literal passes through here.
+pub(super) fn rendered(sql: String) -> SqlStr {
+    // The assertion holds because the text is one of this crate's own templates into which only
+    // table, index and schema names are put, and those come from the store's configuration,
+    // checked by `SqlConfig::validate` and quoted by `quote_ident` (an embedded `"` is doubled, so
+    // a name can never end its identifier). No request data ever reaches the text: keys, actors,
+    // tokens, fingerprints, responses, times and limits are always bound parameters.
+    AssertSqlSafe(Arc::<str>::from(sql)).into_sql_str()
+}
+
 /// A [`Store`](super::Store) in a SQL database: `PostgresStore` (`SqlStore<sqlx::Postgres>`)
 /// or `SqliteStore` (`SqlStore<sqlx::Sqlite>`); the module docs of `store::postgres` and
 /// `store::sqlite` say how each works.
@@ -225,8 +238,16 @@ struct Inner<B: Backend> {
 
 impl<B: Backend> SqlStore<B> {
     /// A store on an existing pool (shared with the application, for instance): applies the
-    /// migrations (unless [`SqlConfig::migrate`] is off) and starts the sweeper. With SQLite, the
-    /// pool's connections should have a busy timeout; in WAL mode, readers never wait.
+    /// migrations (unless [`SqlConfig::migrate`] is off) and starts the sweeper.
+    ///
+    /// The pool is a sqlx 0.9 pool (`sqlx::PgPool` or `sqlx::SqlitePool`, re-exported as
+    /// [`crate::sqlx`]); a pool from another major version of sqlx is another type and does not
+    /// compile. Its settings are the application's and the store keeps them: a connection that
+    /// cannot be had within the pool's acquire timeout, or that fails, is
+    /// [`StoreError::Unavailable`] (fail closed). [`SqlConfig::max_connections`] and the database's
+    /// own timeouts in [`SqlConfig`] apply only to the pools `connect_with` opens. With SQLite, the
+    /// pool's connections should have a busy timeout (sqlx's default is 5 s); in WAL mode,
+    /// readers never wait.
     pub async fn from_pool(pool: Pool<B>, config: SqlConfig<B>) -> Result<Self, StoreError> {
         config.validate()?;
         if config.migrate {
@@ -279,29 +300,25 @@ impl<B: Backend> SqlStore<B> {
     }
 
     /// A statement with the record's key bound as its first three parameters.
-    pub(super) fn key_query<'q>(sql: &'q str, key: &'q RecordKey) -> Query<'q, B, B::Arguments<'q>>
+    pub(super) fn key_query(sql: &SqlStr, key: &RecordKey) -> Query<'static, B, B::Arguments>
     where
-        String: Type<B> + Encode<'q, B>,
+        String: Type<B> + for<'e> Encode<'e, B>,
     {
-        sqlx::query(sql).bind(&key.scope).bind(&key.actor).bind(&key.key)
+        sqlx::query(sql.clone()).bind(&key.scope).bind(&key.actor).bind(&key.key)
     }
 
     /// A statement fenced by a claim's token, with the record's key and the token bound as its
     /// first four parameters; run it with [`run_fenced`](Self::run_fenced).
-    pub(super) fn fenced_query<'q>(
-        sql: &'q str,
-        key: &'q RecordKey,
-        token: &'q ClaimToken,
-    ) -> Query<'q, B, B::Arguments<'q>>
+    pub(super) fn fenced_query(sql: &SqlStr, key: &RecordKey, token: &ClaimToken) -> Query<'static, B, B::Arguments>
     where
-        String: Type<B> + Encode<'q, B>,
+        String: Type<B> + for<'e> Encode<'e, B>,
     {
         Self::key_query(sql, key).bind(&token.0)
     }
 
     /// Runs a statement fenced by a claim's token: no row touched means the token no longer holds
     /// the claim ([`StoreError::Fenced`]).
-    pub(super) async fn run_fenced<'q>(&self, query: Query<'q, B, B::Arguments<'q>>) -> Result<(), StoreError> {
+    pub(super) async fn run_fenced(&self, query: Query<'static, B, B::Arguments>) -> Result<(), StoreError> {
         match B::execute(&self.inner.pool, query).await.map_err(B::unavailable)? {
             0 => Err(StoreError::Fenced),
             _ => Ok(()),
@@ -328,7 +345,7 @@ async fn migrate<B: Backend>(pool: &Pool<B>, config: &SqlConfig<B>) -> Result<()
     let mut tx = B::begin_migration(pool, config, &versions).await.map_err(B::unavailable)?;
     let current = B::applied_version(&mut tx, &versions).await.map_err(B::unavailable)?;
     for (version, sql) in B::MIGRATIONS.iter().filter(|(v, _)| Some(*v) > current) {
-        B::apply_migration(&mut tx, &versions, *version, &config.render(sql)).await.map_err(B::unavailable)?;
+        B::apply_migration(&mut tx, &versions, *version, rendered(config.render(sql))).await.map_err(B::unavailable)?;
     }
     tx.commit().await.map_err(B::unavailable)
 }

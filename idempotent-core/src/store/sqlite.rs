@@ -32,7 +32,7 @@
 //! Expired records are treated as absent by claims and deleted by a background task in batches,
 //! off the request path; the task stops when the store is dropped.
 
-use super::sql::{column, decide_row, millis, sealed, Backend, SqlConfig, SqlStore};
+use super::sql::{column, decide_row, millis, rendered, sealed, Backend, SqlConfig, SqlStore};
 use super::{Claim, ClaimToken, RecordKey, Store, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
@@ -42,7 +42,7 @@ use sqlx::sqlite::{
     SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteRow, SqliteSynchronous,
 };
-use sqlx::{Executor, Sqlite, Transaction};
+use sqlx::{Executor, SqlStr, Sqlite, Transaction};
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -57,6 +57,7 @@ pub type SqliteStore = SqlStore<Sqlite>;
 
 /// What the shared SQL store code keeps for SQLite (public only to be named by [`Backend`]).
 mod own {
+    use sqlx::SqlStr;
     use std::time::Duration;
 
     /// SQLite's own settings.
@@ -74,12 +75,12 @@ mod own {
     /// The statements of one configured store, rendered once.
     #[derive(Debug)]
     pub struct Statements {
-        pub(super) select: String,
-        pub(super) upsert: String,
-        pub(super) renew: String,
-        pub(super) complete: String,
-        pub(super) release: String,
-        pub(super) sweep: String,
+        pub(super) select: SqlStr,
+        pub(super) upsert: SqlStr,
+        pub(super) renew: SqlStr,
+        pub(super) complete: SqlStr,
+        pub(super) release: SqlStr,
+        pub(super) sweep: SqlStr,
     }
 }
 
@@ -127,33 +128,33 @@ CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);
         let t = config.qualified_table();
         let key = "scope = ?1 AND actor = ?2 AND idem_key = ?3";
         Statements {
-            select: format!("SELECT fingerprint, state, response, expires_at FROM {t} WHERE {key}"),
-            upsert: format!(
+            select: rendered(format!("SELECT fingerprint, state, response, expires_at FROM {t} WHERE {key}")),
+            upsert: rendered(format!(
                 "INSERT INTO {t} (scope, actor, idem_key, fingerprint, state, token, response, expires_at, created_at)
 VALUES (?1, ?2, ?3, ?4, 'in_progress', ?5, NULL, ?6, ?7)
 ON CONFLICT (scope, actor, idem_key) DO UPDATE SET fingerprint = excluded.fingerprint,
     state = 'in_progress', token = excluded.token, response = NULL,
     expires_at = excluded.expires_at, created_at = excluded.created_at"
-            ),
-            renew: format!(
+            )),
+            renew: rendered(format!(
                 "UPDATE {t} SET expires_at = ?5 WHERE {key} AND token = ?4 AND state = 'in_progress' AND expires_at > ?6"
-            ),
-            complete: format!(
+            )),
+            complete: rendered(format!(
                 "UPDATE {t} SET state = 'completed', token = NULL, response = ?5, expires_at = ?6
 WHERE {key} AND token = ?4 AND state = 'in_progress'"
-            ),
-            release: format!("DELETE FROM {t} WHERE {key} AND token = ?4 AND state = 'in_progress'"),
-            sweep: format!(
+            )),
+            release: rendered(format!("DELETE FROM {t} WHERE {key} AND token = ?4 AND state = 'in_progress'")),
+            sweep: rendered(format!(
                 "DELETE FROM {t} WHERE rowid IN (SELECT rowid FROM {t} WHERE expires_at <= ?1 LIMIT ?2)"
-            ),
+            )),
         }
     }
 
-    fn sweep_query(sql: &Statements, batch: i64) -> Query<'_, Sqlite, SqliteArguments<'_>> {
-        sqlx::query(&sql.sweep).bind(now_ms()).bind(batch)
+    fn sweep_query(sql: &Statements, batch: i64) -> Query<'static, Sqlite, SqliteArguments> {
+        sqlx::query(sql.sweep.clone()).bind(now_ms()).bind(batch)
     }
 
-    async fn execute<'q>(pool: &SqlitePool, query: Query<'q, Sqlite, SqliteArguments<'q>>) -> Result<u64, sqlx::Error> {
+    async fn execute(pool: &SqlitePool, query: Query<'static, Sqlite, SqliteArguments>) -> Result<u64, sqlx::Error> {
         Ok(query.execute(pool).await?.rows_affected())
     }
 
@@ -164,16 +165,16 @@ WHERE {key} AND token = ?4 AND state = 'in_progress'"
     ) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
         let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
         (&mut *tx)
-            .execute(sqlx::raw_sql(&format!(
+            .execute(sqlx::raw_sql(rendered(format!(
                 "CREATE TABLE IF NOT EXISTS {versions} (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)"
-            )))
+            ))))
             .await?;
         Ok(tx)
     }
 
     async fn applied_version(conn: &mut SqliteConnection, versions: &str) -> Result<Option<i32>, sqlx::Error> {
         let current: Option<i64> =
-            sqlx::query_scalar(&format!("SELECT max(version) FROM {versions}")).fetch_one(conn).await?;
+            sqlx::query_scalar(rendered(format!("SELECT max(version) FROM {versions}"))).fetch_one(conn).await?;
         // A version beyond ours (none is) means there is nothing to apply.
         Ok(current.map(|v| i32::try_from(v).unwrap_or(i32::MAX)))
     }
@@ -182,10 +183,10 @@ WHERE {key} AND token = ?4 AND state = 'in_progress'"
         conn: &mut SqliteConnection,
         versions: &str,
         version: i32,
-        sql: &str,
+        sql: SqlStr,
     ) -> Result<(), sqlx::Error> {
         (&mut *conn).execute(sqlx::raw_sql(sql)).await?;
-        sqlx::query(&format!("INSERT INTO {versions} (version, applied_at) VALUES (?1, ?2)"))
+        sqlx::query(rendered(format!("INSERT INTO {versions} (version, applied_at) VALUES (?1, ?2)")))
             .bind(i64::from(version))
             .bind(now_ms())
             .execute(conn)
@@ -299,5 +300,45 @@ impl Store for SqliteStore {
 
     fn name(&self) -> &'static str {
         "sqlite"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paid() -> StoredResponse {
+        StoredResponse::new(201, [("content-type", "application/json")], bytes::Bytes::from_static(b"paid"))
+    }
+
+    /// `sqlite::memory:` is one shared-cache database for all the store's connections, where a
+    /// writer's table lock is not covered by the busy timeout: concurrent claims must wait for it
+    /// (SQLite's unlock notification, sqlx's `sqlite-unlock-notify`) rather than fail as
+    /// unavailable. Here, in this crate's tests, no other crate's sqlx features are unified in.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn in_memory_database_serves_concurrent_requests() {
+        let s = SqliteStore::connect("sqlite::memory:").await.unwrap();
+        let fp = Fingerprint([1; 32]);
+        let tasks: Vec<_> = (0..40)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let k = RecordKey::new("s", "a", format!("k{}", i % 10));
+                    match s.claim(&k, &fp, Duration::from_secs(30)).await? {
+                        Claim::Acquired(t) => s.complete(&k, &t, &paid(), Duration::from_secs(3600)).await.map(|()| 1),
+                        _ => Ok(0),
+                    }
+                })
+            })
+            .collect();
+        let mut acquired = 0;
+        for t in tasks {
+            acquired += t.await.unwrap().unwrap();
+        }
+        assert_eq!(acquired, 10);
+        for i in 0..10 {
+            let k = RecordKey::new("s", "a", format!("k{i}"));
+            assert_eq!(s.claim(&k, &fp, Duration::from_secs(30)).await.unwrap(), Claim::Completed(paid()));
+        }
     }
 }
