@@ -2,6 +2,7 @@
 //! unchanged against each framework's binary, and the harness that finds or starts real servers.
 
 pub mod contract;
+pub mod fault_proxy;
 pub mod http;
 pub mod identity;
 pub mod postgres;
