@@ -4,6 +4,7 @@
 /// The store contract suite, from `idempotent-core` (feature `testing`).
 pub use idempotent_core::store_contract_tests;
 pub use idempotent_core::testing as contract;
+pub mod fault_proxy;
 pub mod http;
 pub mod identity;
 pub mod postgres;
