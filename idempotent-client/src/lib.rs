@@ -97,6 +97,9 @@ mod middleware;
 pub mod retry;
 
 pub use middleware::{Builder, IdempotencyMiddleware};
+/// The middleware framework this crate plugs into (0.5, on reqwest 0.13): a client is built with
+/// its `ClientBuilder`.
+pub use reqwest_middleware;
 pub use retry::RetryPolicy;
 
 use http::Method;
