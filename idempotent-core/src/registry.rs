@@ -8,8 +8,10 @@
 //!   [`routes_of`] keeps one framework's.
 //! - [`validate`] checks records before the application serves traffic: one
 //!   [`RegistryError`] per problem.
-//! - [`check_routes`] compares an application's actual routes with the registry and lists the
-//!   mutating ones that are neither protected nor exempt (the framework-free part of enforcement).
+//! - [`check_routes`] compares a list of routes with the routes the records declare and lists the
+//!   mutating ones that are neither protected nor exempt (a test helper; enforcement at run time
+//!   is [`crate::enforce`]).
+//! - [`observe`] and [`served_at`]: the full paths each protected handler has served, for reports.
 //!
 //! # Validation rules
 //! A registry is refused when:
@@ -405,8 +407,10 @@ pub fn covers(records: &[&RouteRecord], method: &str, path: &str) -> bool {
 /// The mutating routes among `app_routes` (`(method, path)` pairs, paths as registered with the
 /// framework) that `records` neither protect nor exempt; sorted, without duplicates.
 ///
-/// A protected handler is only matched when its record knows its method and path: on axum that
-/// is the attribute's `route = "METHOD /path"`.
+/// A handler is only matched when its record declares its method and path (an actix-web routing
+/// attribute, or `route = "METHOD /path"`): a test helper for declared routes. At run time the
+/// adapters' `Enforce` recognises handlers by what their generated code does instead (see
+/// [`crate::enforce`]).
 pub fn check_routes(
     records: &[&RouteRecord],
     app_routes: &[(&str, &str)],
