@@ -41,7 +41,10 @@
 //! `PayloadConfig` limit, computes the request's identity (method, path parameters, canonical
 //! query, whole body by content type or the declared `fields`; see `idempotent_axum` for the
 //! rules, which are the same) and hands the same bytes to the original extractor. The protocol
-//! itself is [`idempotent_core::protocol`]. actix-web handlers are not `Send`, so it runs on the
+//! itself is [`idempotent_core::protocol`]. When the whole body is part of the identity it is read
+//! under the route's `web::PayloadConfig` limit (256 KiB by default) before the body extractor's
+//! own limit applies, so a route that accepts larger JSON (`JsonConfig::limit`) needs a
+//! `PayloadConfig` at least as large. actix-web handlers are not `Send`, so it runs on the
 //! worker's local task set (`actix_web::rt::spawn`): a client that disconnects drops the request,
 //! not the task, so the handler still runs to completion and its outcome is recorded.
 //!
