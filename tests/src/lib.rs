@@ -5,6 +5,7 @@
 pub use idempotent_core::store_contract_tests;
 pub use idempotent_core::testing as contract;
 pub mod fault_proxy;
+pub mod faults;
 pub mod http;
 pub mod identity;
 pub mod postgres;

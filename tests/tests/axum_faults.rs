@@ -1,5 +1,8 @@
-//! Fault paths of the axum adapter over real HTTP on a loopback port: panics, retryable
-//! statuses, disconnects, oversized responses, an unreachable store, a missing runtime.
+//! Fault paths of the axum adapter over real HTTP on a loopback port. The fixture app below
+//! serves the routes of the shared fault suite ([`idempotent_tests::fault_tests!`]: panics,
+//! retryable statuses, disconnects, oversized and failing bodies, wait mode, optional keys,
+//! cookies); the tests after it are this adapter's own (an unreachable store, a missing runtime,
+//! the key header's name).
 
 use async_trait::async_trait;
 use axum::body::Body;
@@ -147,123 +150,7 @@ fn post_to(base: &str, path: &str, key: Option<&str>) -> reqwest::RequestBuilder
     }
 }
 
-#[tokio::test]
-async fn a_panicking_handler_releases_its_claim() {
-    let base = app().await;
-    let key = new_key();
-    let first = send(post_to(&base, "/panic", Some(&key))).await;
-    first.assert_problem(500, "urn:idempotent:problem:handler-panicked");
-    let retry = send(post_to(&base, "/panic", Some(&key))).await;
-    assert_eq!(retry.status, 201);
-    assert!(!retry.replayed());
-    assert_eq!(PANICS.load(Ordering::SeqCst), 2);
-}
-
-#[tokio::test]
-async fn a_503_releases_the_claim_and_the_retry_runs_again() {
-    let base = app().await;
-    let key = new_key();
-    assert_eq!(send(post_to(&base, "/flaky", Some(&key))).await.status, 503);
-    let retry = send(post_to(&base, "/flaky", Some(&key))).await;
-    assert_eq!((retry.status, retry.replayed()), (201, false));
-    let replay = send(post_to(&base, "/flaky", Some(&key))).await;
-    assert_eq!((replay.status, replay.replayed()), (201, true));
-    assert_eq!(FLAKY.load(Ordering::SeqCst), 2);
-}
-
-#[tokio::test]
-async fn a_client_that_disconnects_does_not_cancel_the_handler() {
-    let base = app().await;
-    let key = new_key();
-    let client = reqwest::Client::builder().timeout(Duration::from_millis(150)).build().unwrap();
-    let cut =
-        client.post(format!("{base}/slow")).header("Idempotency-Key", &key).json(&json!({"name": "n"})).send().await;
-    assert!(cut.is_err(), "the client gave up before the handler finished");
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(SLOW.load(Ordering::SeqCst), 1, "the handler ran to completion");
-    let retry = send(post_to(&base, "/slow", Some(&key))).await;
-    assert_eq!(retry.status, 201);
-    assert!(retry.replayed(), "the outcome was recorded although nobody received it");
-    assert_eq!(retry.body, b"slow n");
-    assert_eq!(SLOW.load(Ordering::SeqCst), 1);
-}
-
-#[tokio::test]
-async fn a_response_over_the_cap_is_delivered_but_never_run_twice() {
-    let base = app().await;
-    for (path, counter, len) in [("/big", &BIG, 10_000), ("/stream", &STREAM, 8_000)] {
-        let key = new_key();
-        let first = send(post_to(&base, path, Some(&key))).await;
-        assert_eq!(first.body.len(), len, "{path}: the client gets every byte");
-        let retry = send(post_to(&base, path, Some(&key))).await;
-        retry.assert_problem(409, "urn:idempotent:problem:response-not-stored");
-        assert!(retry.json()["detail"].as_str().unwrap().contains("too large"));
-        assert_eq!(counter.load(Ordering::SeqCst), 1, "{path}");
-    }
-}
-
-#[tokio::test]
-async fn a_response_body_that_fails_after_the_handler_ran_is_final_and_replayed() {
-    let base = app().await;
-    let key = new_key();
-    let first = send(post_to(&base, "/broken", Some(&key))).await;
-    first.assert_problem(500, "urn:idempotent:problem:response-failed");
-    assert!(!first.replayed());
-    let retry = send(post_to(&base, "/broken", Some(&key))).await;
-    assert!(retry.replayed());
-    assert_eq!((retry.status, &retry.body), (first.status, &first.body), "the retry gets what the client got");
-    assert_eq!(BROKEN.load(Ordering::SeqCst), 1, "never run twice");
-}
-
-#[tokio::test]
-async fn a_request_body_over_the_limit_is_413_and_runs_nothing() {
-    let base = app().await;
-    let key = new_key();
-    let big = json!({"name": "x".repeat(200)});
-    let r = reqwest::Client::new().post(format!("{base}/limited")).header("Idempotency-Key", &key).json(&big);
-    send(r).await.assert_problem(413, "urn:idempotent:problem:body-too-large");
-    assert_eq!(LIMITED.load(Ordering::SeqCst), 0);
-    // Nothing was claimed: the same key with a body under the limit runs.
-    let ok = send(post_to(&base, "/limited", Some(&key))).await;
-    assert_eq!((ok.status, ok.body.as_slice()), (200, b"n".as_slice()));
-    assert_eq!(LIMITED.load(Ordering::SeqCst), 1);
-}
-
-#[tokio::test]
-async fn wait_mode_replays_the_first_response_to_a_concurrent_duplicate() {
-    let base = app().await;
-    let key = new_key();
-    let a = tokio::spawn(post_to(&base, "/wait", Some(&key)).send());
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let b = send(post_to(&base, "/wait", Some(&key))).await;
-    let a = Captured::from(a.await.unwrap().unwrap()).await;
-    assert_eq!((a.status, b.status), (201, 201));
-    assert!(b.replayed());
-    assert_eq!(a.body, b.body);
-    assert_eq!(WAITED.load(Ordering::SeqCst), 1);
-}
-
-#[tokio::test]
-async fn an_optional_key_runs_unprotected_without_one() {
-    let base = app().await;
-    let before = OPTIONAL.load(Ordering::SeqCst);
-    assert_eq!(send(post_to(&base, "/optional", None)).await.status, 201);
-    assert_eq!(send(post_to(&base, "/optional", None)).await.status, 201);
-    assert_eq!(OPTIONAL.load(Ordering::SeqCst) - before, 2);
-}
-
-#[tokio::test]
-async fn set_cookie_and_date_are_not_replayed() {
-    let base = app().await;
-    let key = new_key();
-    let first = send(post_to(&base, "/cookie", Some(&key))).await;
-    assert_eq!(first.header("set-cookie"), Some("session=secret"));
-    let replay = send(post_to(&base, "/cookie", Some(&key))).await;
-    assert!(replay.replayed());
-    assert_eq!(replay.header("set-cookie"), None, "a session cookie is never handed to a retry");
-    assert_eq!(replay.header("x-order"), Some("o-1"));
-    assert!(replay.header("date").is_some(), "the replay carries its own Date");
-}
+idempotent_tests::fault_tests!();
 
 /// A store whose backend refuses every connection, as an unreachable server does.
 struct Unreachable;
