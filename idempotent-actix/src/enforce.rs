@@ -63,8 +63,8 @@ where
     forward_ready!(service);
 
     fn call(&self, mut request: ServiceRequest) -> Self::Future {
-        let route = request.match_pattern();
         let method = request.method().as_str().to_owned();
+        let route = if self.enforce.judges(&method) { request.match_pattern() } else { None };
         let decision = route.as_deref().map_or(Decision::Serve, |route| self.enforce.before(&method, route));
         match (decision, route) {
             (Decision::Refuse(problem), _) => Box::pin(ready(Ok(refused(request.request().clone(), &problem)))),

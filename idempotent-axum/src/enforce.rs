@@ -59,7 +59,9 @@ where
         // The clone that was polled ready serves this request; a fresh clone waits for the next.
         let clone = self.inner.clone();
         let mut ready = std::mem::replace(&mut self.inner, clone);
-        let Some(route) = request.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned()) else {
+        let judged = self.enforce.judges(request.method().as_str());
+        let route = request.extensions().get::<MatchedPath>().filter(|_| judged).map(|m| m.as_str().to_owned());
+        let Some(route) = route else {
             return Box::pin(ready.call(request));
         };
         let method = request.method().clone();

@@ -206,6 +206,12 @@ impl Enforcer {
         self.mode
     }
 
+    /// Whether requests with `method` are judged at all (the mutating methods); the others are
+    /// always served, so a middleware need not even look up their route.
+    pub fn judges(&self, method: &str) -> bool {
+        self.methods.contains(method)
+    }
+
     /// What is known of `method` + `route` (the matched route pattern) so far.
     pub fn learned(&self, method: &str, route: &str) -> Option<Learned> {
         let learned = self.learned.read().unwrap_or_else(|p| p.into_inner());
