@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The checks that are not tests: formatting, lints, docs as docs.rs builds them, a true MSRV and
-# no unused dependencies. Run by CI before the test suite; each failure names its cause.
+# The checks that are not tests: formatting, lints, docs as docs.rs builds them, a declared MSRV
+# no lower than any locked dependency declares (no older toolchain can be installed here to build
+# with it), packaging, and no unused dependencies. Run by CI before the test suite; each failure names its cause.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step() { echo "check: $*" >&2; }

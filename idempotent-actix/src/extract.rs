@@ -43,6 +43,18 @@ where
                 let runtime = runtime_of(&request);
                 return Ok(Self { context: Context { incoming, pending: (request, runtime) }, inner });
             }
+            if matches!(payload, Payload::None) && declares_body(&request) {
+                // Another extractor (an unmarked `Option<Json<T>>`, `Either`, `Multipart`...) took
+                // the payload first: fingerprinting an empty body would replay other requests'
+                // answers, so refuse rather than guess.
+                let problem = idempotent_core::problem::Problem::new(
+                    idempotent_core::problem::ProblemKind::Misconfigured,
+                    "Another extractor read this request's body before the idempotency layer could; mark the body \
+                     argument #[body] or declare exclude = [body]. This is a server configuration bug.",
+                );
+                let response = into_actix(protocol::problem_response(&problem).map(ResponseBody::full));
+                return Err(InternalError::from_response("request body taken by another extractor", response).into());
+            }
             let bytes = match web::Bytes::from_request(&request, &mut payload).await {
                 Ok(bytes) => bytes,
                 Err(e) => {
@@ -57,6 +69,13 @@ where
             Ok(Self { context: Context { incoming, pending: (request, runtime) }, inner })
         })
     }
+}
+
+/// Whether the request says it carries a body (a non-zero `Content-Length`, or chunked).
+fn declares_body(request: &HttpRequest) -> bool {
+    let header = |name| request.headers().get(name).and_then(|v| v.to_str().ok());
+    header(actix_web::http::header::CONTENT_LENGTH).is_some_and(|n| n.trim() != "0")
+        || header(actix_web::http::header::TRANSFER_ENCODING).is_some_and(|t| t.contains("chunked"))
 }
 
 fn incoming(request: &HttpRequest, body: Bytes) -> Incoming {

@@ -2,6 +2,7 @@
 
 use crate::{Context, Protected};
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::RawPathParamsRejection;
 use axum::extract::{FromRequest, FromRequestParts, MatchedPath, RawPathParams, Request};
 use axum::response::{IntoResponse, Response};
 use axum::RequestExt;
@@ -30,7 +31,7 @@ where
         }
         if !BODY {
             let (mut parts, body) = request.into_parts();
-            let context = context(&mut parts, state, Bytes::new()).await;
+            let context = context(&mut parts, state, Bytes::new()).await?;
             let inner = T::from_request(Request::from_parts(parts, body), state).await;
             return Ok(Self { context, inner: inner.map_err(IntoResponse::into_response)? });
         }
@@ -42,7 +43,7 @@ where
                 return Err(protocol::body_problem(too_large, &e).map(Body::from));
             }
         };
-        let context = context(&mut parts, state, bytes.clone()).await;
+        let context = context(&mut parts, state, bytes.clone()).await?;
         let inner = T::from_request(Request::from_parts(parts, Body::from(bytes)), state)
             .await
             .map_err(IntoResponse::into_response)?;
@@ -50,20 +51,26 @@ where
     }
 }
 
-async fn context<S: Send + Sync>(parts: &mut Parts, state: &S, body: Bytes) -> Context {
+async fn context<S: Send + Sync>(parts: &mut Parts, state: &S, body: Bytes) -> Result<Context, Response> {
     let route = parts.extensions.get::<MatchedPath>().map(MatchedPath::as_str);
     let content_type = parts.headers.get(http::header::CONTENT_TYPE).map(|v| v.as_bytes());
     let mut incoming = Incoming::new(parts.method.as_str(), route).query(parts.uri.query()).body(content_type, body);
-    if let Ok(params) = RawPathParams::from_request_parts(parts, state).await {
-        for (name, value) in &params {
-            incoming = incoming.param(name, value);
+    // A route without parameters has none to add; a parameter that is not UTF-8 once decoded is
+    // the client's error (400, from axum), never a reason to leave the path out of the identity.
+    match RawPathParams::from_request_parts(parts, state).await {
+        Ok(params) => {
+            for (name, value) in &params {
+                incoming = incoming.param(name, value);
+            }
         }
+        Err(RawPathParamsRejection::MissingPathParams(_)) => {}
+        Err(rejection) => return Err(rejection.into_response()),
     }
     let runtime = parts.extensions.get::<Runtime>().map(|runtime| {
         let caller = Caller::identify(runtime.config(), &parts.headers, parts.extensions.get::<Actor>());
         (runtime.clone(), caller)
     });
-    Context { incoming, pending: runtime }
+    Ok(Context { incoming, pending: runtime })
 }
 
 fn source_is<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {

@@ -110,7 +110,8 @@ impl ActorSource {
     /// namespace, only for [`ActorSource::Anonymous`]; any other source that finds nothing is
     /// [`ActorMissing`] (a 401).
     pub fn actor_of(&self, extension: Option<&Actor>, head: &dyn RequestHead) -> Result<Option<String>, ActorMissing> {
-        if let Some(actor) = extension {
+        // An empty identity is none: it must never land in the shared anonymous namespace.
+        if let Some(actor) = extension.filter(|a| !a.0.is_empty()) {
             return Ok(Some(actor.0.clone()));
         }
         match self {
@@ -167,6 +168,8 @@ mod tests {
         assert_eq!(ActorSource::BearerToken.actor_of(None, &none), Err(ActorMissing));
         assert_eq!(ActorSource::Header("x-account".into()).actor_of(None, &none), Err(ActorMissing));
         assert_eq!(ActorSource::Anonymous.actor_of(None, &none), Ok(None));
+        // An empty extension (say, a JWT with an empty `sub`) is no identity.
+        assert_eq!(ActorSource::BearerToken.actor_of(Some(&Actor(String::new())), &none), Err(ActorMissing));
     }
 
     #[test]

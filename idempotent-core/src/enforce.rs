@@ -13,8 +13,9 @@
 //! Under [`Mode::Refuse`] the gate also holds the request body shut until a protected handler
 //! opens it, so an unprotected handler that reads a body (every `Json`, `Form`, `Bytes` or
 //! `String` extractor) fails before its code runs, and the client gets the 500 problem instead.
-//! A mutating handler that reads no body has nothing to hold back: its first successful request
-//! runs (and is logged as an error), every later one is refused.
+//! A mutating handler that reads no body has nothing to hold back: it runs until its first
+//! success (requests racing that first one run too; each is logged as an error), and every later
+//! request is refused.
 //!
 //! Install `Enforce` innermost, next to the handlers (the first `.layer(..)` of an axum router):
 //! a middleware inside it that reads the body would find it held back. [`Mode::Warn`] never holds a body; it logs
@@ -242,10 +243,10 @@ impl Enforcer {
     /// happened).
     ///
     /// Only evidence is learned: a handler that opened the gate is protected (or exempt); a
-    /// success (`2xx`/`3xx`) that nothing opened the gate for came from an unprotected handler.
-    /// An error that nothing opened the gate for proves nothing (an authentication middleware or
-    /// an earlier extractor may have answered before the handler was reached), so it is served
-    /// and nothing is learned. A request whose held body was read is refused, but not learned
+    /// success (`2xx`) that nothing opened the gate for came from an unprotected handler. Any other
+    /// answer that nothing opened the gate for proves nothing (an authentication middleware or an
+    /// earlier extractor may have answered, or redirected, before the handler was reached), so it
+    /// is served and nothing is learned. A request whose held body was read is refused, but not learned
     /// either: whatever read it was refused, and the next request is judged afresh.
     pub fn after(&self, method: &str, route: &str, gate: &Gate, status: u16) -> Option<Problem> {
         let learn = |what: Learned| {
@@ -261,7 +262,9 @@ impl Enforcer {
             tracing::error!(method, route, "refused: {unprotected}");
             return Some(refusal(method, route));
         }
-        if !(200..400).contains(&status) {
+        // Only a success proves a handler ran: an error or a redirect (say, to a login page) may
+        // come from an extractor or middleware that answered before the handler was reached.
+        if !(200..300).contains(&status) {
             return None;
         }
         let first = learn(Learned::Unprotected);
@@ -424,6 +427,10 @@ mod tests {
         let e = Enforcer::new(Mode::Refuse);
         let Decision::Gate(gate) = e.before("POST", "/payments") else { panic!() };
         assert!(e.after("POST", "/payments", &gate, 401).is_none());
+        assert_eq!(e.learned("POST", "/payments"), None);
+        // Nor does a redirect to a login page from an extractor that ran first.
+        let Decision::Gate(gate) = e.before("POST", "/payments") else { panic!("still unknown") };
+        assert!(e.after("POST", "/payments", &gate, 303).is_none());
         assert_eq!(e.learned("POST", "/payments"), None);
         let Decision::Gate(gate) = e.before("POST", "/payments") else { panic!("still unknown") };
         gate.open_protected();

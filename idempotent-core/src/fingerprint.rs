@@ -26,7 +26,7 @@
 //! | [`method`](FingerprintBuilder::method) | `method` | the method, ASCII-uppercased |
 //! | [`path`](FingerprintBuilder::path) | `path` | per parameter (in route order) its name and its value |
 //! | [`path_params`](FingerprintBuilder::path_params) | `path-params` | as `path` |
-//! | [`query`](FingerprintBuilder::query) | `query` | per decoded pair, sorted by (name bytes, value bytes): its name and its value |
+//! | [`query`](FingerprintBuilder::query) | `query` | per decoded pair, sorted by name bytes (stably: the values of a repeated name keep their order): its name and its value |
 //! | [`query_params`](FingerprintBuilder::query_params) | `query-params` | first one item that is itself `put(name)` per selected name (sorted bytewise, duplicates once), then the selected pairs as for `query` |
 //! | [`field`](FingerprintBuilder::field) | `field` | the field's name, its canonical JSON |
 //! | [`set_field`](FingerprintBuilder::set_field) | `field-set` | the field's name, then each element's canonical JSON, sorted bytewise, duplicates once |
@@ -49,7 +49,8 @@
 //! space, then percent-decoded. This is exactly what the `form_urlencoded` crate (the parser of
 //! the `url` crate) does, except that names and values are kept as the decoded *bytes*:
 //! `form_urlencoded` replaces bytes that are not UTF-8 with U+FFFD, which would make `a=%FF` and
-//! `a=%FE` one fingerprint. The pairs are then sorted, so `b=2&a=1` equals `a=1&b=2`, and `a=%20`
+//! `a=%FE` one fingerprint. The pairs are then sorted by name, stably, so `b=2&a=1` equals `a=1&b=2` while `a=1&a=2`
+//! differs from `a=2&a=1` (a handler reading a list sees the order), and `a=%20`
 //! equals `a=+`. Repeated names are all kept (`a=1&a=2` differs from `a=1`). An absent query and
 //! an empty one are the same: no pairs.
 //!
@@ -181,9 +182,9 @@ impl FingerprintBuilder {
         self
     }
 
-    /// Adds the whole query string, canonicalised: its decoded pairs sorted by (name bytes, value
-    /// bytes) (tag `query`). `raw` is the query without its `?`; `None` and `Some("")` are the
-    /// same.
+    /// Adds the whole query string, canonicalised: its decoded pairs sorted by name bytes, stably,
+    /// so the values of one repeated name keep their order (tag `query`). `raw` is the query
+    /// without its `?`; `None` and `Some("")` are the same.
     pub fn query(mut self, raw: Option<&str>) -> Self {
         let pairs = form_pairs(raw.unwrap_or("").as_bytes());
         let items = pair_items(&pairs);
@@ -341,7 +342,9 @@ fn form_pairs(input: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
             None => (form_decode(piece), Vec::new()),
         })
         .collect();
-    pairs.sort_unstable();
+    // By name only, and stably: the values of one repeated name keep their order, which a
+    // handler reading a list (`?tag=a&tag=b`) sees.
+    pairs.sort_by(|a, b| a.0.cmp(&b.0));
     pairs
 }
 
@@ -686,8 +689,8 @@ mod tests {
         // Invalid UTF-8 after decoding is kept as bytes, not collapsed into U+FFFD.
         assert_ne!(fp_query(Some("a=%FF")), fp_query(Some("a=%FE")));
         assert_ne!(fp_query(Some("a=%FF")), fp_query(Some("a=%EF%BF%BD")));
-        // Pairs sort by name, then value: a=1&a=2 in any order is one query.
-        assert_eq!(fp_query(Some("a=2&a=1")), fp_query(Some("a=1&a=2")));
+        // Pairs sort by name only: the values of a repeated name keep their order.
+        assert_ne!(fp_query(Some("a=2&a=1")), fp_query(Some("a=1&a=2")));
     }
 
     #[test]
@@ -902,13 +905,24 @@ mod tests {
         }
 
         #[test]
-        fn query_pair_order_does_not_matter(pairs in prop::collection::vec(("[a-c]{0,2}", "[a-c ]{0,2}"), 0..6)) {
+        fn query_pair_order_does_not_matter(pairs in prop::collection::btree_map("[a-c]{0,2}", "[a-c ]{0,2}", 0..6)) {
             let enc = |s: &str| s.replace(' ', "+");
             let forward: Vec<String> = pairs.iter().map(|(n, v)| format!("{}={}", enc(n), enc(v))).collect();
             let mut backward = forward.clone();
             backward.reverse();
             prop_assert_eq!(fp_query(Some(&forward.join("&"))), fp_query(Some(&backward.join("&"))));
         }
+    }
+
+    #[test]
+    fn the_values_of_a_repeated_name_keep_their_order() {
+        // A handler reading `?tag=a&tag=b` as a list sees the order.
+        assert_ne!(fp_query(Some("tag=a&tag=b")), fp_query(Some("tag=b&tag=a")));
+        assert_eq!(fp_query(Some("tag=a&x=1&tag=b")), fp_query(Some("x=1&tag=a&tag=b")));
+        let form = |b: &str| {
+            FingerprintBuilder::new("s").raw_body(Some("application/x-www-form-urlencoded"), b.as_bytes()).finish()
+        };
+        assert_ne!(form("tag=a&tag=b"), form("tag=b&tag=a"));
     }
 
     fn same_value(a: &Value, b: &Value) -> bool {

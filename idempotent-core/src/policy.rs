@@ -25,7 +25,8 @@ pub enum ConflictMode {
 }
 
 /// Which handler outcomes are stored and replayed; the others release the claim so a retry
-/// runs the handler again.
+/// runs the handler again. Whatever the setting, a handler whose response body failed after it
+/// ran is stored (as a 500 `response-failed`): its effects happened, so it never runs twice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoredOutcomes {
     /// 2xx, 3xx and 4xx except 408, 425 and 429 (the default): outcomes a retry would only repeat.

@@ -88,7 +88,6 @@ fn try_expand(framework: Framework, attr: TokenStream, item: TokenStream) -> syn
             if spec.route.is_none() && framework == Framework::Actix {
                 spec.route = actix_route(&func.attrs);
             }
-            check_path_params(&spec, &mut errors);
             errors.finish(emit(framework, &spec, &func, &handler))
         }
         Some(Validated::Exempt(mut exemption)) => {
@@ -102,34 +101,6 @@ fn try_expand(framework: Framework, attr: TokenStream, item: TokenStream) -> syn
         }
         None => errors.finish(TokenStream::new()),
     }
-}
-
-/// `path(name)` must name a parameter of the route when the route is known at compile time (an
-/// actix-web routing attribute, or `route = ".."`); otherwise it is checked per request.
-fn check_path_params(spec: &Spec, errors: &mut Errors) {
-    let (Some(fields), Some(route)) = (&spec.fields, &spec.route) else { return };
-    let params = template_params(&route.path);
-    for name in &fields.path_params {
-        if !params.iter().any(|p| name == p) {
-            let known = if params.is_empty() { "none".to_owned() } else { params.join(", ") };
-            errors.add(
-                name.span(),
-                format!(
-                    "`path({name})`: the route `{}` has no parameter `{name}` (its parameters: {known})",
-                    route.path
-                ),
-            );
-        }
-    }
-}
-
-/// The parameter names of a route template: `{id}`, `{id:\d+}` (actix-web), `{*rest}` (axum).
-fn template_params(path: &str) -> Vec<String> {
-    path.split('{')
-        .skip(1)
-        .filter_map(|rest| rest.split_once('}'))
-        .map(|(inner, _)| inner.split(':').next().unwrap_or("").trim_start_matches('*').to_owned())
-        .collect()
 }
 
 /// An exempt handler is left as written except for one extractor in front of its own, which
@@ -157,7 +128,7 @@ struct Handler {
 }
 
 /// Type names recognised as the body extractor when no argument is marked `#[body]`.
-const BODY_TYPES: [&str; 4] = ["Json", "Form", "Bytes", "String"];
+const BODY_TYPES: [&str; 5] = ["Json", "Form", "Bytes", "String", "Payload"];
 
 impl Handler {
     fn inspect(framework: Framework, func: &ItemFn, body_fields: Option<Span>) -> syn::Result<Handler> {
@@ -611,12 +582,6 @@ mod tests {
         func.modifiers.defaultness = Some(Default::default());
         let error = Handler::inspect(Framework::Axum, &func, None).err().unwrap();
         assert_eq!(error.to_string(), "unexpected function modifier");
-    }
-
-    #[test]
-    fn template_parameters() {
-        assert_eq!(template_params("/p/{id}/r/{rid:\\d+}/{*rest}"), ["id", "rid", "rest"]);
-        assert!(template_params("/p").is_empty());
     }
 
     #[test]

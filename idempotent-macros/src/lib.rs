@@ -76,7 +76,9 @@ use proc_macro::TokenStream;
 /// | `route` | `"METHOD /path"` recorded in the route registry and reports before the route has served a request; not needed for enforcement | none (actix-web: the routing attribute) |
 ///
 /// A part of the request that `fields` selects from (body, path or query) is compared only by the
-/// values named; the others are compared whole. Without a body field the whole body counts,
+/// values named; the others are compared whole. A `path(name)` is checked on each request, since
+/// a router may add parameters when it mounts the handler (`web::scope("/t/{tenant}")`): a route
+/// without that parameter answers 500 `misconfigured` and runs nothing. Without a body field the whole body counts,
 /// canonicalised by content type, so the body type need not be `Serialize`.
 ///
 /// # Exempt routes

@@ -7,8 +7,8 @@
 //! call), `FLAKY` (`/flaky`, 503 on its first call), `SLOW` (`/slow`), `BIG` and `STREAM`
 //! (`/big`, `/stream`, bodies over the cap), `BROKEN` (`/broken`, a body that fails half-way),
 //! `LIMITED` (`/limited`, a 64-byte request body limit), `WAITED` (`/wait`, `on_conflict =
-//! "wait"`), `OPTIONAL` (`/optional`, `key = "optional"`), and `/cookie` (sets a cookie and a
-//! date).
+//! "wait"`), `OPTIONAL` (`/optional`, `key = "optional"`), and `/cookie` (sets a cookie, an
+//! `x-order` header and the Date `Thu, 01 Jan 1970 00:00:00 GMT`).
 
 /// Expands to one `#[tokio::test]` per fault path, against the invoking file's fixture.
 #[macro_export]
@@ -129,7 +129,9 @@ macro_rules! fault_tests {
             assert!(replay.replayed());
             assert_eq!(replay.header("set-cookie"), None, "a session cookie is never handed to a retry");
             assert_eq!(replay.header("x-order"), Some("o-1"));
-            assert!(replay.header("date").is_some(), "the replay carries its own Date");
+            assert_eq!(first.header("date"), Some("Thu, 01 Jan 1970 00:00:00 GMT"));
+            let date = replay.header("date").expect("the replay carries a Date");
+            assert_ne!(date, "Thu, 01 Jan 1970 00:00:00 GMT", "the replay carries its own Date, not the stored one");
         }
     };
 }

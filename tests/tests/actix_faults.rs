@@ -36,6 +36,15 @@ static DOWN: AtomicUsize = AtomicUsize::new(0);
 static WHO: AtomicUsize = AtomicUsize::new(0);
 static BROKEN: AtomicUsize = AtomicUsize::new(0);
 static LIMITED: AtomicUsize = AtomicUsize::new(0);
+static OPTION_BODY: AtomicUsize = AtomicUsize::new(0);
+
+/// Its body is read by an extractor the attribute does not recognise as the body (and it is not
+/// marked `#[body]`), so the request's body cannot be part of its identity.
+#[idempotent(scope = "faults.option_body")]
+async fn option_body(item: Option<web::Json<Item>>) -> HttpResponse {
+    OPTION_BODY.fetch_add(1, Ordering::SeqCst);
+    HttpResponse::Ok().body(item.map(|i| i.name.clone()).unwrap_or_default())
+}
 
 /// Its effects happen, then its response body fails half-way (an upstream stream that breaks).
 #[idempotent(scope = "faults.broken")]
@@ -112,7 +121,11 @@ async fn down() -> HttpResponse {
 
 #[idempotent(scope = "faults.cookie")]
 async fn cookie() -> HttpResponse {
-    HttpResponse::Created().insert_header(("set-cookie", "session=secret")).insert_header(("x-order", "o-1")).body("ok")
+    HttpResponse::Created()
+        .insert_header(("set-cookie", "session=secret"))
+        .insert_header(("x-order", "o-1"))
+        .insert_header(("date", "Thu, 01 Jan 1970 00:00:00 GMT"))
+        .body("ok")
 }
 
 /// Authentication that names the caller through an [`Actor`] extension.
@@ -174,6 +187,7 @@ async fn app() -> String {
             .route("/cookie", web::post().to(cookie))
             .route("/who", web::post().to(who))
             .route("/broken", web::post().to(broken_body))
+            .route("/option-body", web::post().to(option_body))
             .service(web::resource("/limited").app_data(web::PayloadConfig::new(64)).route(web::post().to(limited)));
     })
     .await
@@ -188,6 +202,15 @@ fn post_to(base: &str, path: &str, key: Option<&str>) -> reqwest::RequestBuilder
 }
 
 idempotent_tests::fault_tests!();
+
+#[tokio::test]
+async fn a_body_taken_by_an_unmarked_extractor_is_refused_not_fingerprinted_as_empty() {
+    let base = app().await;
+    let response = send(post_to(&base, "/option-body", Some(&new_key()))).await;
+    response.assert_problem(500, "urn:idempotent:problem:misconfigured");
+    assert!(response.json()["detail"].as_str().unwrap().contains("#[body]"));
+    assert_eq!(OPTION_BODY.load(Ordering::SeqCst), 0, "nothing ran");
+}
 
 #[tokio::test]
 async fn an_actor_extension_namespaces_keys() {

@@ -36,6 +36,13 @@ static OPTIONAL: AtomicUsize = AtomicUsize::new(0);
 static DOWN: AtomicUsize = AtomicUsize::new(0);
 static BROKEN: AtomicUsize = AtomicUsize::new(0);
 static LIMITED: AtomicUsize = AtomicUsize::new(0);
+static CANCELLED: AtomicUsize = AtomicUsize::new(0);
+
+#[idempotent(scope = "faults.cancel")]
+async fn cancel(axum::extract::Path(id): axum::extract::Path<String>) -> String {
+    CANCELLED.fetch_add(1, Ordering::SeqCst);
+    id
+}
 
 #[idempotent(scope = "faults.panic", fields = [name])]
 async fn panics_once(Json(item): Json<Item>) -> (StatusCode, String) {
@@ -96,7 +103,11 @@ async fn down() -> StatusCode {
 async fn cookie() -> impl IntoResponse {
     (
         StatusCode::CREATED,
-        [(header::SET_COOKIE, "session=secret"), (header::HeaderName::from_static("x-order"), "o-1")],
+        [
+            (header::SET_COOKIE, "session=secret"),
+            (header::HeaderName::from_static("x-order"), "o-1"),
+            (header::DATE, "Thu, 01 Jan 1970 00:00:00 GMT"),
+        ],
         "ok",
     )
 }
@@ -136,6 +147,7 @@ async fn app() -> String {
             .route("/optional", post(optional))
             .route("/cookie", post(cookie))
             .route("/broken", post(broken_body))
+            .route("/orders/{id}/cancel", post(cancel))
             .route("/limited", post(limited).layer(axum::extract::DefaultBodyLimit::max(64)))
             .layer(idem.layer()),
     )
@@ -151,6 +163,16 @@ fn post_to(base: &str, path: &str, key: Option<&str>) -> reqwest::RequestBuilder
 }
 
 idempotent_tests::fault_tests!();
+
+#[tokio::test]
+async fn a_path_parameter_that_is_not_utf8_is_a_400_never_left_out_of_the_identity() {
+    let base = app().await;
+    let response = send(post_to(&base, "/orders/%FF/cancel", Some(&new_key()))).await;
+    assert_eq!(response.status, 400, "{}", String::from_utf8_lossy(&response.body));
+    assert_eq!(CANCELLED.load(Ordering::SeqCst), 0);
+    let ok = send(post_to(&base, "/orders/7/cancel", Some(&new_key()))).await;
+    assert_eq!((ok.status, ok.body.as_slice()), (200, b"7".as_slice()));
+}
 
 /// A store whose backend refuses every connection, as an unreachable server does.
 struct Unreachable;

@@ -47,21 +47,29 @@ where
             }
             Err(e) => {
                 tracing::error!(error = %e, status = parts.status.as_u16(), "response body failed after the handler ran");
-                let problem = Problem::new(
-                    ProblemKind::ResponseFailed,
-                    "The operation ran, but its response failed while being produced. It will not run again for this \
-                     key: retrying replays this answer. Check the resource's state before starting a new operation.",
-                );
-                let sent = problem_response(&problem);
-                let headers = sent.headers().iter().map(|(n, v)| (n.as_str(), v.as_bytes()));
-                let record = StoredResponse::new(sent.status().as_u16(), headers, sent.body().clone());
-                return Captured { record, live: sent.map(ResponseBody::full), failed: true };
+                return failed(&e);
             }
         }
     }
     record.body = buf.freeze();
     let live = ResponseBody::full(record.body.clone());
     Captured::new(record, Response::from_parts(parts, live))
+}
+
+/// The final outcome of a handler whose response could not be produced (its body errored or
+/// panicked after the handler ran): the client gets a 500 problem saying so, and exactly that
+/// is stored and replayed (`failed` is set, so even routes that release 5xx store it).
+pub fn failed<B>(error: &dyn std::fmt::Display) -> Captured<Response<ResponseBody<B>>> {
+    tracing::error!(%error, "the handler ran but its response failed; storing that as its outcome");
+    let problem = Problem::new(
+        ProblemKind::ResponseFailed,
+        "The operation ran, but its response failed while being produced. It will not run again for this \
+         key: retrying replays this answer. Check the resource's state before starting a new operation.",
+    );
+    let sent = problem_response(&problem);
+    let headers = sent.headers().iter().map(|(n, v)| (n.as_str(), v.as_bytes()));
+    let record = StoredResponse::new(sent.status().as_u16(), headers, sent.body().clone());
+    Captured { record, live: sent.map(ResponseBody::full), failed: true }
 }
 
 #[cfg(test)]

@@ -59,9 +59,11 @@ use crate::registry::{self, Framework};
 use crate::report::Format;
 use crate::response::StoredResponse;
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::header::{HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 
 /// The parts of a request that make up its identity, gathered by the adapter before the handler
 /// runs: method, matched route, path parameters, query and body.
@@ -286,8 +288,12 @@ where
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
+    // Without a key on a route whose key is optional the request runs unprotected: no namespace
+    // is needed, so a missing actor is no reason to refuse it.
+    let unprotected = matches!(caller.key, Ok(None)) && policy.key == crate::policy::KeyRequirement::Optional;
     let actor = match caller.actor {
         Ok(actor) => actor,
+        Err(_) if unprotected => None,
         Err(e) => {
             tracing::info!(scope = policy.scope, "{e}");
             let problem = Problem::new(
@@ -299,7 +305,16 @@ where
     };
     let max = runtime.config().max_stored_body;
     let request = Request { key: caller.key, actor, fingerprint };
-    let handler = async move { capture::capture(handler.await, max).await };
+    // A panic in the handler is the engine's to catch (the claim is released: nothing finished).
+    // A panic while its response body is produced comes after the handler's effects, so it is a
+    // failed but final outcome, like a body that errors.
+    let handler = async move {
+        let response = handler.await;
+        match AssertUnwindSafe(capture::capture(response, max)).catch_unwind().await {
+            Ok(captured) => captured,
+            Err(_) => capture::failed(&"the response body panicked"),
+        }
+    };
     match runtime.execute(policy, request, handler).await {
         Outcome::Executed(response) => response,
         Outcome::Replayed(stored) => replay_response(stored).map(ResponseBody::full),
@@ -396,5 +411,103 @@ pub fn policy_report(framework: Framework, query: Option<&str>) -> Response<Byte
             response.headers_mut().insert(http::header::CONTENT_TYPE, text);
             response
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::actor::ActorSource;
+    use crate::policy::{Identity, KeyRequirement};
+    use crate::store::MemoryStore;
+    use futures_util::StreamExt;
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    fn block_on<F: Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(f)
+    }
+
+    fn runtime(actor: ActorSource) -> Runtime {
+        Runtime::new(Arc::new(MemoryStore::new()), Config { actor, ..Config::default() })
+    }
+
+    fn caller(runtime: &Runtime, key: Option<&str>) -> Caller {
+        let mut headers = http::HeaderMap::new();
+        if let Some(k) = key {
+            headers.insert("idempotency-key", k.parse().unwrap());
+        }
+        Caller::identify(runtime.config(), &headers, None)
+    }
+
+    #[test]
+    fn an_optional_key_route_runs_without_key_or_actor_but_a_keyed_request_needs_an_actor() {
+        block_on(async {
+            static OPTIONAL: Policy = Policy { key: KeyRequirement::Optional, ..Policy::new("t.optional") };
+            let rt = runtime(ActorSource::BearerToken);
+            let fp = || Incoming::new("POST", Some("/x")).fingerprint(&OPTIONAL, Ok);
+            let ok = || async { http::Response::new(Full::new(Bytes::from_static(b"ran"))) };
+            let unkeyed = respond(&rt, &OPTIONAL, caller(&rt, None), fp(), ok()).await;
+            assert_eq!(unkeyed.status(), 200, "no key: runs unprotected, no namespace needed");
+            let keyed = respond(&rt, &OPTIONAL, caller(&rt, Some("k")), fp(), ok()).await;
+            assert_eq!(keyed.status(), 401, "a key needs a caller to namespace it");
+        });
+    }
+
+    #[test]
+    fn a_response_body_that_panics_after_the_handler_ran_is_stored_not_run_again() {
+        block_on(async {
+            static POLICY: Policy = Policy::new("t.panicking-body");
+            let rt = runtime(ActorSource::Anonymous);
+            let runs = AtomicUsize::new(0);
+            let mut bodies = Vec::new();
+            for _ in 0..2 {
+                let handler = async {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    let chunks = futures_util::stream::iter(0..2).map(|i| {
+                        assert!(i == 0, "the body breaks half-way");
+                        Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from_static(b"part")))
+                    });
+                    http::Response::new(StreamBody::new(chunks))
+                };
+                let fp = Incoming::new("POST", None).fingerprint(&POLICY, Ok);
+                let response = respond(&rt, &POLICY, caller(&rt, Some("k")), fp, handler).await;
+                let replayed = response.headers().contains_key(REPLAYED_HEADER);
+                let status = response.status();
+                bodies.push((status, replayed, response.into_body().collect().await.unwrap().to_bytes()));
+            }
+            assert_eq!(runs.load(Ordering::SeqCst), 1, "never run twice");
+            assert_eq!(bodies[0].0, 500);
+            assert!(String::from_utf8_lossy(&bodies[0].2).contains("response-failed"));
+            assert_eq!((bodies[1].0, bodies[1].1), (StatusCode::INTERNAL_SERVER_ERROR, true));
+            assert_eq!(bodies[1].2, bodies[0].2, "the retry gets what the client got");
+        });
+    }
+
+    #[test]
+    fn declared_parts_of_the_identity() {
+        let only_id = Policy {
+            identity: Identity { path: Part::Only(&["id"]), query: Part::Omitted, body: Part::Omitted },
+            ..Policy::new("t.parts")
+        };
+        let fp = |id: &str, other: &str, query: &str, body: &str| {
+            Incoming::new("POST", Some("/o/{id}/x/{other}"))
+                .param("id", id)
+                .param("other", other)
+                .query(Some(query))
+                .body(Some(b"text/plain"), Bytes::copy_from_slice(body.as_bytes()))
+                .fingerprint(&only_id, Ok)
+                .unwrap()
+        };
+        assert_eq!(fp("1", "a", "q=1", "x"), fp("1", "b", "q=2", "y"), "undeclared parts do not count");
+        assert_ne!(fp("1", "a", "", ""), fp("2", "a", "", ""), "the declared parameter does");
+        let no_query =
+            Policy { identity: Identity { query: Part::Omitted, ..Identity::WHOLE }, ..Policy::new("t.parts") };
+        let empty_query = Incoming::new("POST", None).fingerprint(&Policy::new("t.parts"), Ok).unwrap();
+        let omitted = Incoming::new("POST", None).fingerprint(&no_query, Ok).unwrap();
+        assert_ne!(empty_query, omitted, "leaving a part out is itself part of the identity");
+        let missing = Incoming::new("POST", Some("/o")).fingerprint(&only_id, Ok).unwrap_err();
+        assert_eq!(missing.field, "path(id)");
     }
 }
