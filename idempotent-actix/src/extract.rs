@@ -85,7 +85,7 @@ fn incoming(request: &HttpRequest, body: Bytes) -> Incoming {
         .query(Some(request.query_string()))
         .body(content_type, body);
     for (name, value) in request.match_info().iter() {
-        incoming = incoming.param(name, value);
+        incoming = incoming.param_partly_encoded(name, value);
     }
     incoming
 }

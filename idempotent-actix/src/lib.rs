@@ -44,7 +44,11 @@
 //! itself is [`idempotent_core::protocol`]. When the whole body is part of the identity it is read
 //! under the route's `web::PayloadConfig` limit (256 KiB by default) before the body extractor's
 //! own limit applies, so a route that accepts larger JSON (`JsonConfig::limit`) needs a
-//! `PayloadConfig` at least as large. actix-web handlers are not `Send`, so it runs on the
+//! `PayloadConfig` at least as large. That read decodes a compressed request body
+//! (`Content-Encoding`), and the body extractor is then handed the decoded bytes under the
+//! original headers: a route that accepts compressed request bodies should declare its body
+//! `fields` (the body extractor then reads the payload itself) or `exclude = [body]`. actix-web
+//! handlers are not `Send`, so it runs on the
 //! worker's local task set (`actix_web::rt::spawn`): a client that disconnects drops the request,
 //! not the task, so the handler still runs to completion and its outcome is recorded.
 //!

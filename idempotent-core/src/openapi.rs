@@ -3,10 +3,12 @@
 //! [`document`] finds, for every protected route of the registry that knows its method and path,
 //! the operation of the same method and path in the document, and adds:
 //! - the `Idempotency-Key` header parameter, required or optional as the policy says;
-//! - the problem responses (`application/problem+json`): 400 (key missing or malformed), 409 (the
-//!   first request with the key is still running), 422 (the key was used with a different request)
-//!   and, unless the route fails open, 503 (the store is unreachable); a status the operation
-//!   already documents is left as it is;
+//! - the problem responses (`application/problem+json`): 400 (key missing or malformed, body
+//!   unreadable), 409 (the first request with the key is still running), 413 (body too large),
+//!   422 (the key was used with a different request), 500 (the response failed after the operation
+//!   ran; replayed) and, unless the route fails open, 503 (the store is unreachable); a status the
+//!   operation already documents is left as it is. A 401 for a missing caller identity depends on
+//!   the application's actor source, so it is left to the application's own documentation;
 //! - the `Idempotent-Replayed` response header on every documented response whose status the
 //!   policy stores (so a replay can carry it).
 //!
@@ -137,9 +139,15 @@ fn document_operation(operation: &mut Operation, policy: &Policy, header: &str) 
     }
 
     let mut problems = vec![
-        ("400", "The idempotency key is missing or malformed."),
+        ("400", "The idempotency key is missing or malformed, or the request body could not be read."),
         ("409", "A request with the same idempotency key is still in progress; retry after `Retry-After`."),
+        ("413", "The request body is larger than this operation accepts; nothing was executed."),
         ("422", "The idempotency key was already used with a different request."),
+        (
+            "500",
+            "The operation ran but its response failed while being produced; retrying with the same key \
+             replays this answer instead of running it again.",
+        ),
     ];
     if !policy.fail_open {
         problems.push(("503", "The idempotency store is unreachable; retry after `Retry-After`."));

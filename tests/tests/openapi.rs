@@ -55,7 +55,7 @@ fn axum_documents_a_nested_operation_found_by_its_operation_id() {
     assert_eq!(idempotency.document_openapi(&mut api), 1);
     assert!(has_key_header(&api, "/v1/orders"));
     let responses = &api.paths.paths["/v1/orders"].post.as_ref().unwrap().responses.responses;
-    for status in ["400", "409", "422", "503"] {
+    for status in ["400", "409", "413", "422", "500", "503"] {
         assert!(responses.contains_key(status), "{status}");
     }
     assert!(!has_key_header(&api, "/unrelated"));

@@ -103,6 +103,7 @@ mod tests {
         block_on(async {
             let c = capture(Response::new(Full::new(Bytes::from(vec![7u8; 100]))), 10).await;
             assert!(!c.record.body_stored);
+            assert!(matches!(c.live.body(), ResponseBody::Stream { head: None, .. }), "passed on unread");
             assert_eq!(collect(c.live).await.len(), 100);
         });
     }
