@@ -1,6 +1,6 @@
 //! The extractors `#[idempotent]` adds to a handler.
 
-use crate::runtime::into_actix;
+use crate::runtime::{into_actix, Head};
 use crate::{Context, Idempotency, Protected};
 use actix_web::dev::Payload;
 use actix_web::error::InternalError;
@@ -37,45 +37,28 @@ where
         let request = request.clone();
         let mut payload = payload.take();
         Box::pin(async move {
-            if !BODY {
-                let incoming = incoming(&request, Bytes::new());
-                let inner = T::from_request(&request, &mut payload).await.map_err(Into::into)?;
-                let runtime = runtime_of(&request);
-                return Ok(Self { context: Context { incoming, pending: (request, runtime) }, inner });
-            }
-            if matches!(payload, Payload::None) && declares_body(&request) {
-                // Another extractor (an unmarked `Option<Json<T>>`, `Either`, `Multipart`...) took
-                // the payload first: fingerprinting an empty body would replay other requests'
-                // answers, so refuse rather than guess.
-                let problem = idempotent_core::problem::Problem::new(
-                    idempotent_core::problem::ProblemKind::Misconfigured,
-                    "Another extractor read this request's body before the idempotency layer could; mark the body \
-                     argument #[body] or declare exclude = [body]. This is a server configuration bug.",
-                );
-                let response = into_actix(protocol::problem_response(&problem).map(ResponseBody::full));
-                return Err(InternalError::from_response("request body taken by another extractor", response).into());
-            }
-            let bytes = match web::Bytes::from_request(&request, &mut payload).await {
-                Ok(bytes) => bytes,
-                Err(e) => {
+            let mut bytes = Bytes::new();
+            if BODY {
+                // Another extractor (an unmarked `Option<Json<T>>`, `Either`...) took the payload.
+                if matches!(payload, Payload::None) && protocol::declares_body(&Head(request.headers())) {
+                    let response = into_actix(protocol::body_taken().map(ResponseBody::full));
+                    return Err(
+                        InternalError::from_response("request body taken by another extractor", response).into()
+                    );
+                }
+                bytes = web::Bytes::from_request(&request, &mut payload).await.map_err(|e| {
                     let too_large = e.as_response_error().status_code().as_u16() == 413;
                     let problem = into_actix(protocol::body_problem(too_large, &e).map(ResponseBody::full));
-                    return Err(InternalError::from_response(e.to_string(), problem).into());
-                }
-            };
-            let incoming = incoming(&request, bytes.clone());
-            let inner = T::from_request(&request, &mut Payload::from(bytes)).await.map_err(Into::into)?;
+                    InternalError::from_response(e.to_string(), problem)
+                })?;
+                payload = Payload::from(bytes.clone());
+            }
+            let incoming = incoming(&request, bytes);
+            let inner = T::from_request(&request, &mut payload).await.map_err(Into::into)?;
             let runtime = runtime_of(&request);
             Ok(Self { context: Context { incoming, pending: (request, runtime) }, inner })
         })
     }
-}
-
-/// Whether the request says it carries a body (a non-zero `Content-Length`, or chunked).
-fn declares_body(request: &HttpRequest) -> bool {
-    let header = |name| request.headers().get(name).and_then(|v| v.to_str().ok());
-    header(actix_web::http::header::CONTENT_LENGTH).is_some_and(|n| n.trim() != "0")
-        || header(actix_web::http::header::TRANSFER_ENCODING).is_some_and(|t| t.contains("chunked"))
 }
 
 fn incoming(request: &HttpRequest, body: Bytes) -> Incoming {

@@ -25,7 +25,8 @@ impl Idempotency {
     }
 }
 
-struct Head<'a>(&'a HeaderMap);
+/// actix-web's headers, as the protocol reads them.
+pub(crate) struct Head<'a>(pub(crate) &'a HeaderMap);
 
 impl RequestHead for Head<'_> {
     fn header(&self, name: &str) -> Option<&[u8]> {

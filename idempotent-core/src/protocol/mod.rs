@@ -400,6 +400,26 @@ pub fn body_problem(too_large: bool, error: &dyn std::fmt::Display) -> Response<
     problem_response(&problem)
 }
 
+/// Whether a request head says a body follows (a non-zero `Content-Length`, or chunked
+/// `Transfer-Encoding`).
+pub fn declares_body(head: &dyn RequestHead) -> bool {
+    let header = |name| head.header(name).and_then(|v| std::str::from_utf8(v).ok());
+    header("content-length").is_some_and(|n| n.trim() != "0")
+        || header("transfer-encoding").is_some_and(|t| t.to_ascii_lowercase().contains("chunked"))
+}
+
+/// The 500 for a request whose body another extractor consumed before the body could become part
+/// of its identity: fingerprinting it as empty would replay other requests' answers, so nothing
+/// runs and the server's configuration is blamed.
+pub fn body_taken() -> Response<Bytes> {
+    tracing::error!("the request body was read by an extractor the idempotency layer does not know");
+    problem_response(&Problem::new(
+        ProblemKind::Misconfigured,
+        "Another extractor read this request's body before the idempotency layer could; mark the body argument \
+         #[body] or declare exclude = [body]. Nothing was executed. This is a server configuration bug.",
+    ))
+}
+
 /// The policy report of `framework`'s routes for a request with `query` (`format=json|md|html`,
 /// default JSON); an unknown format is 400 with a plain-text message naming the formats.
 pub fn policy_report(framework: Framework, query: Option<&str>) -> Response<Bytes> {
