@@ -63,6 +63,7 @@ macro_rules! store_contract_tests {
                 hundred_concurrent_claimers_one_winner,
                 actors_and_scopes_are_independent,
                 absent_keys_are_fenced,
+                late_completion_is_accepted_while_the_token_holds,
             );
             $($extra)*
         }
@@ -311,6 +312,36 @@ pub async fn actors_and_scopes_are_independent<S: Store>(s: Arc<S>) {
             other => panic!("{k:?}: {other:?}"),
         }
     }
+}
+
+/// A worker slowed past its lease still holds the record while no other claim took it over: it
+/// can renew the lease again and store its outcome (a late completion), and the next claim
+/// replays. Once another claim took the record, the late worker is fenced
+/// ([`stale_token_is_fenced`]).
+pub async fn late_completion_is_accepted_while_the_token_holds<S: Store>(s: Arc<S>) {
+    let short = Duration::from_millis(300);
+    let slow = key("late-renew");
+    let t = acquire(&*s, &slow, &fp(1), short).await;
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    s.renew(&slow, &t, LEASE).await.expect("renewal of an expired lease that nobody took");
+    match s.claim(&slow, &fp(1), LEASE).await.unwrap() {
+        Claim::InProgress { retry_after } => assert!(retry_after > Duration::from_secs(20), "{retry_after:?}"),
+        other => panic!("the renewed claim should be in progress: {other:?}"),
+    }
+    s.complete(&slow, &t, &response(b"renewed"), TTL).await.unwrap();
+    assert_eq!(s.claim(&slow, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"renewed")));
+
+    let late = key("late-complete");
+    let t = acquire(&*s, &late, &fp(1), short).await;
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    s.complete(&late, &t, &response(b"late"), TTL).await.expect("late completion that nobody took over");
+    assert_eq!(s.claim(&late, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"late")));
+
+    let gone = key("late-release");
+    let t = acquire(&*s, &gone, &fp(1), short).await;
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    s.release(&gone, &t).await.expect("late release that nobody took over");
+    acquire(&*s, &gone, &fp(2), LEASE).await;
 }
 
 /// Completing, releasing or renewing a key that was never claimed is fenced and creates nothing.

@@ -6,7 +6,7 @@
 //! room fails with [`StoreError::Full`] (503 to the client) rather than evicting a live record,
 //! which could let a retry run twice.
 
-use super::{Claim, ClaimToken, RecordKey, Store, StoreError};
+use super::{Claim, ClaimToken, RecordKey, Store, StoreError, ABANDONED_CLAIM_RETENTION};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use async_trait::async_trait;
@@ -34,9 +34,18 @@ struct Entry {
 }
 
 impl Entry {
+    /// Whether a claim may take the record over.
     fn expired(&self, now: Instant) -> bool {
         match &self.state {
             State::InProgress { lease_until, .. } => *lease_until <= now,
+            State::Completed { expires_at, .. } => *expires_at <= now,
+        }
+    }
+    /// Whether a sweep may forget the record: an abandoned claim is kept for
+    /// [`ABANDONED_CLAIM_RETENTION`] so that its worker can still complete it late.
+    fn forgotten(&self, now: Instant) -> bool {
+        match &self.state {
+            State::InProgress { lease_until, .. } => *lease_until + ABANDONED_CLAIM_RETENTION <= now,
             State::Completed { expires_at, .. } => *expires_at <= now,
         }
     }
@@ -59,7 +68,7 @@ impl Inner {
     fn sweep(&mut self, now: Instant) {
         let mut freed = 0;
         self.records.retain(|_, e| {
-            let keep = !e.expired(now);
+            let keep = !e.forgotten(now);
             if !keep {
                 freed += e.size();
             }
@@ -161,11 +170,8 @@ impl Store for MemoryStore {
         let mut inner = self.lock();
         match inner.records.get_mut(&key.storage_key()) {
             Some(Entry { state: State::InProgress { token: held, lease_until }, .. }) if held == token => {
-                // A lease that already expired may have been observed as free by a claimer;
-                // only a live lease is extended.
-                if *lease_until <= now {
-                    return Err(StoreError::Fenced);
-                }
+                // Still held even if the lease ran out: a claimer that found it expired would
+                // have taken it over (under this same lock) and replaced the token.
                 *lease_until = now + lease;
                 Ok(())
             }

@@ -114,10 +114,29 @@ pub enum StoreError {
     Config(String),
 }
 
+/// How long a store keeps an in-progress record whose lease expired and that no other claim took
+/// over: 10 minutes.
+///
+/// Until another claim takes such a record over (or this retention ends and the store forgets
+/// it), the token that claimed it still holds it: a worker that was slowed past its lease (a
+/// store outage, a long pause) can still renew it and store its outcome, so a retry that comes
+/// after that replays instead of running the handler again. Once another claim took the record,
+/// the late worker is [`StoreError::Fenced`] on every store.
+pub const ABANDONED_CLAIM_RETENTION: Duration = Duration::from_secs(600);
+
 /// Backend of the execution state machine.
 ///
 /// Implementations must make each method one atomic operation and must be safe to call from many
 /// tasks and processes at once.
+///
+/// # Who holds a record
+/// A token holds a record from the claim that created it until the record is completed or
+/// released, another claim takes it over (only possible once its lease has expired), or the
+/// store forgets it ([`ABANDONED_CLAIM_RETENTION`] after its lease expired). While the token holds
+/// the record, [`renew`](Store::renew), [`complete`](Store::complete) and
+/// [`release`](Store::release) succeed whether or not the lease is still running; once it does
+/// not, they are [`StoreError::Fenced`] and write nothing. Every store follows this one rule, and
+/// the contract suite ([`crate::testing`]) checks it.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Claims `key`, atomically:
@@ -128,12 +147,14 @@ pub trait Store: Send + Sync + 'static {
     /// - a live in-progress record: [`Claim::InProgress`] with its remaining lease.
     async fn claim(&self, key: &RecordKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError>;
 
-    /// Extends the lease of the claim held with `token` to `lease` from now.
+    /// Extends the lease of the claim held with `token` to `lease` from now, even when the lease
+    /// had expired, as long as no other claim took the record over.
     /// [`StoreError::Fenced`] when the token no longer holds it.
     async fn renew(&self, key: &RecordKey, token: &ClaimToken, lease: Duration) -> Result<(), StoreError>;
 
-    /// Stores `response` as the key's outcome, kept for `ttl`, if `token` still holds the claim;
-    /// otherwise [`StoreError::Fenced`] and nothing is written.
+    /// Stores `response` as the key's outcome, kept for `ttl`, if `token` still holds the claim
+    /// (a late completion, after the lease expired, is accepted while no other claim took the
+    /// record over); otherwise [`StoreError::Fenced`] and nothing is written.
     async fn complete(
         &self,
         key: &RecordKey,
