@@ -42,7 +42,8 @@ impl RequestHead for Head<'_> {
 ///
 /// actix-web handlers are not `Send`, so the protocol runs on the worker's local task set
 /// (`actix_web::rt::spawn`): a client that disconnects drops this future, not the task, so the
-/// handler is never cancelled between its side effects and the recording of its outcome. The key
+/// handler is never cancelled between its side effects and the recording of its outcome; the
+/// runtime tracks the task, so [`Idempotency::drain`] waits for it at shutdown. The key
 /// and actor are read here, once every extractor of the handler has run, so an authentication
 /// extractor anywhere in the argument list can set an [`Actor`] first.
 pub async fn run<F, T>(
@@ -61,10 +62,10 @@ where
     };
     protocol::observe(Framework::Actix, site, &context.incoming);
     let caller = Caller::identify(runtime.config(), &Head(request.headers()), request.extensions().get::<Actor>());
-    let task = actix_web::rt::spawn(async move {
+    let task = actix_web::rt::spawn(runtime.clone().track(async move {
         let handler = async move { from_actix(future.await.respond_to(&request).map_into_boxed_body()) };
         protocol::respond(&runtime, policy, caller, fingerprint, handler).await
-    });
+    }));
     match task.await {
         Ok(response) => into_actix(response),
         Err(e) => into_actix(protocol::task_failed(policy, &e).map(ResponseBody::full)),

@@ -20,7 +20,8 @@ impl Idempotency {
 /// Runs a protected handler: called by the code `#[idempotent]` generates.
 ///
 /// The protocol runs on a spawned task, so a client that disconnects (which drops this future)
-/// cannot cancel the handler between its side effects and the recording of its outcome.
+/// cannot cancel the handler between its side effects and the recording of its outcome; the
+/// runtime tracks the task, so [`Idempotency::drain`] waits for it at shutdown.
 pub async fn run<F, T>(
     context: Context,
     policy: &'static Policy,
@@ -36,10 +37,10 @@ where
         return protocol::runtime_missing(policy).map(Body::from);
     };
     protocol::observe(Framework::Axum, site, &context.incoming);
-    let task = tokio::spawn(async move {
+    let task = tokio::spawn(runtime.clone().track(async move {
         let handler = async move { future.await.into_response() };
         protocol::respond(&runtime, policy, caller, fingerprint, handler).await
-    });
+    }));
     match task.await {
         Ok(response) => response.map(|body| match body {
             // Bytes in hand and untouched bodies are sent as they are, without another box.

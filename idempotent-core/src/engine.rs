@@ -1,9 +1,29 @@
 //! The execution state machine, framework-free.
 //!
 //! [`Runtime::execute`] takes a request's key, actor and fingerprint and the handler as a future,
-//! and drives: claim → run (with a lease heartbeat) → complete or release. Adapters turn the
-//! [`Outcome`] into their framework's response and run `execute` on a spawned task, so a client
+//! and drives: claim → run → complete or release. Adapters turn the [`Outcome`] into their
+//! framework's response and run `execute` on a spawned task (see [`Runtime::track`]), so a client
 //! that disconnects never cancels a handler half-way or leaves its claim unrecorded.
+//!
+//! # The lease
+//! From the moment a claim is acquired until its outcome is stored (or released, or found taken
+//! over), a task of its own renews the claim's lease every sixth of the lease. It is not the
+//! handler's task: a handler that awaits something slow, or blocks its thread on a multi-threaded
+//! runtime, does not hold the renewals up, and the renewals do not hold the handler up. Storing
+//! the outcome is retried inside that coverage, for up to [`Config::completion_patience`], so a
+//! store that is briefly unreachable after the handler ran does not let the lease lapse and a
+//! retry run the handler again.
+//!
+//! Every store operation is bounded by [`Config::store_timeout`]. The rule that keeps a live claim
+//! alive through one failed or timed-out renewal is
+//! `lease ≥ 3 × (renewal period + store timeout)`; with the period a sixth of the lease that is
+//! `lease ≥ 6 × store timeout`, checked for every route when the runtime starts
+//! ([`StartupError::LeaseTooShort`]). `#[idempotent]` refuses leases under one second at compile
+//! time.
+//!
+//! On actix-web each worker is a single-threaded runtime: a handler that blocks its thread blocks
+//! every task of that worker, the renewals included. Blocking work belongs in `web::block` there
+//! (and in `spawn_blocking` on tokio) whatever this library does.
 
 use crate::actor::ActorSource;
 use crate::fingerprint::{Fingerprint, FingerprintError};
@@ -16,8 +36,10 @@ use crate::store::{Claim, ClaimToken, RecordKey, Store, StoreError};
 use futures_util::FutureExt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio_util::task::TaskTracker;
 
 /// Default name of the key header.
 pub const DEFAULT_HEADER: &str = "idempotency-key";
@@ -25,6 +47,17 @@ pub const DEFAULT_HEADER: &str = "idempotency-key";
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 /// Default cap on a stored response body.
 pub const DEFAULT_MAX_STORED_BODY: usize = 1024 * 1024;
+/// Default bound on one store operation: 1 s.
+pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default time for which storing an outcome is retried: 30 s.
+pub const DEFAULT_COMPLETION_PATIENCE: Duration = Duration::from_secs(30);
+/// A lease is renewed this many times per lease.
+pub const RENEWALS_PER_LEASE: u32 = 6;
+
+/// How often a claim's lease is renewed: a sixth of the lease.
+pub fn renewal_period(lease: Duration) -> Duration {
+    (lease / RENEWALS_PER_LEASE).max(Duration::from_millis(1))
+}
 
 /// Runtime settings, fixed at start-up.
 #[derive(Debug, Clone)]
@@ -38,6 +71,13 @@ pub struct Config {
     pub store_retry_after: Duration,
     /// Where the actor comes from.
     pub actor: ActorSource,
+    /// Bound on every store operation; one that takes longer counts as the store being
+    /// unavailable. Every route's lease must be at least [`RENEWALS_PER_LEASE`] times this.
+    pub store_timeout: Duration,
+    /// How long storing a handler's outcome is retried while the store fails, the lease being
+    /// renewed meanwhile. The client waits for it; past it the outcome is given up, the claim
+    /// expires with its lease and a retry runs the handler again.
+    pub completion_patience: Duration,
 }
 
 impl Default for Config {
@@ -47,6 +87,8 @@ impl Default for Config {
             max_stored_body: DEFAULT_MAX_STORED_BODY,
             store_retry_after: Duration::from_secs(2),
             actor: ActorSource::default(),
+            store_timeout: DEFAULT_STORE_TIMEOUT,
+            completion_patience: DEFAULT_COMPLETION_PATIENCE,
         }
     }
 }
@@ -98,6 +140,7 @@ pub struct Request {
 pub struct Runtime {
     store: Arc<dyn Store>,
     config: Arc<Config>,
+    tasks: TaskTracker,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -115,6 +158,15 @@ pub enum StartupError {
     /// The header name is not a valid HTTP header name.
     #[error("invalid idempotency key header name `{0}`")]
     HeaderName(String),
+    /// Routes whose lease cannot survive one failed renewal with this store timeout; one line
+    /// each.
+    #[error("leases too short for the store timeout of {timeout:?} (a lease must be at least {RENEWALS_PER_LEASE} times it; lower it with `store_timeout` or lengthen the lease):\n{}", .routes.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    LeaseTooShort {
+        /// The configured store timeout.
+        timeout: Duration,
+        /// `scope (handler at file:line): lease Ns`, one per route.
+        routes: Vec<String>,
+    },
 }
 
 /// Whether `name` is a valid HTTP field name (an RFC 9110 token).
@@ -176,6 +228,20 @@ impl<A: Adapter> Builder<A> {
         self
     }
 
+    /// Bound on every store operation (default 1 s); every route's lease must be at least six
+    /// times it (see [`Config::store_timeout`]).
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.config.store_timeout = timeout;
+        self
+    }
+
+    /// How long storing an outcome is retried while the store fails (default 30 s; see
+    /// [`Config::completion_patience`]).
+    pub fn completion_patience(mut self, patience: Duration) -> Self {
+        self.config.completion_patience = patience;
+        self
+    }
+
     /// Checks the settings and validates the routes registered through this adapter, then
     /// starts the runtime; refuses to start with one message per problem (see [`Runtime::start`]).
     pub fn build(self) -> Result<A, StartupError> {
@@ -186,7 +252,7 @@ impl<A: Adapter> Builder<A> {
 impl Runtime {
     /// A runtime on `store` with `config`.
     pub fn new(store: Arc<dyn Store>, config: Config) -> Self {
-        Self { store, config: Arc::new(config) }
+        Self { store, config: Arc::new(config), tasks: TaskTracker::new() }
     }
 
     /// What an adapter's `build` does: checks the settings and validates the routes registered
@@ -197,7 +263,35 @@ impl Runtime {
             return Err(StartupError::HeaderName(config.header_name));
         }
         registry::validate_framework(framework).map_err(StartupError::Registry)?;
+        let short: Vec<String> = registry::routes_of(framework)
+            .iter()
+            .filter_map(|r| r.policy.as_ref().map(|p| (r, p)))
+            .filter(|(_, p)| p.lease < config.store_timeout * RENEWALS_PER_LEASE)
+            .map(|(r, p)| format!("scope `{}` ({} at {}:{}): lease {:?}", p.scope, r.handler, r.file, r.line, p.lease))
+            .collect();
+        if !short.is_empty() {
+            return Err(StartupError::LeaseTooShort { timeout: config.store_timeout, routes: short });
+        }
         Ok(Self::new(store, config))
+    }
+
+    /// Runs `task` (an adapter's protected request) so that [`drain`](Self::drain) waits for it:
+    /// adapters spawn `runtime.track(...)` on their executor.
+    pub fn track<F: Future>(&self, task: F) -> tokio_util::task::task_tracker::TrackedFuture<F> {
+        self.tasks.track_future(task)
+    }
+
+    /// Graceful shutdown: waits until every protected request running now has finished and stored
+    /// its outcome, for at most `timeout`. Call it once the server has stopped accepting
+    /// connections; answers whether everything finished in time. Requests that start after it was
+    /// called are still run and waited for.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        self.tasks.close();
+        let finished = tokio::time::timeout(timeout, self.tasks.wait()).await.is_ok();
+        if !finished {
+            tracing::warn!(running = self.tasks.len(), "shutdown: protected requests still running after {timeout:?}");
+        }
+        finished
     }
 
     /// The settings.
@@ -248,7 +342,7 @@ impl Runtime {
         let deadline = Instant::now() + policy.wait_timeout;
         let mut backoff = Duration::from_millis(10);
         loop {
-            match self.store.claim(&record_key, &fingerprint, policy.lease).await {
+            match self.bounded(self.store.claim(&record_key, &fingerprint, policy.lease)).await {
                 Ok(Claim::Acquired(token)) => return self.run_claimed(policy, &record_key, token, handler).await,
                 Ok(Claim::Completed(response)) => {
                     tracing::debug!(scope = policy.scope, "replaying stored response");
@@ -275,50 +369,54 @@ impl Runtime {
                     tokio::time::sleep(nap).await;
                     backoff = (backoff * 2).min(Duration::from_millis(250));
                 }
-                Err(e) => {
-                    if policy.fail_open {
-                        tracing::warn!(scope = policy.scope, error = %e, "store unavailable; running unprotected (fail_open)");
-                        return Outcome::Executed(handler.await.live);
-                    }
-                    tracing::error!(scope = policy.scope, error = %e, "store unavailable; failing closed");
-                    return Outcome::Problem(
-                        Problem::new(
-                            ProblemKind::StoreUnavailable,
-                            "The server cannot guarantee this request runs only once right now; nothing was executed. Retry later with the same key.",
-                        )
-                        .with_retry_after(self.config.store_retry_after),
-                    );
-                }
+                Err(e) => return self.store_failed(policy, e, handler).await,
             }
         }
+    }
+
+    /// A claim the store could not answer. Only an unreachable store (an error or a timeout) lets
+    /// a `fail_open` route run unprotected: a full store, or a record that cannot be read, is a
+    /// state of the store that running unprotected would paper over.
+    async fn store_failed<R, Fut>(&self, policy: &Policy, error: StoreError, handler: Fut) -> Outcome<R>
+    where
+        Fut: Future<Output = Captured<R>>,
+    {
+        let detail = match &error {
+            StoreError::Unavailable(_) if policy.fail_open => {
+                tracing::warn!(scope = policy.scope, error = %error, "store unavailable; running unprotected (fail_open)");
+                return Outcome::Executed(handler.await.live);
+            }
+            StoreError::Full => {
+                "The server cannot take new idempotent requests right now: its idempotency store is full. Nothing was executed. Retry later with the same key."
+            }
+            StoreError::Corrupt(_) => {
+                "The server cannot read the record of this idempotency key; nothing was executed. Retry later with the same key."
+            }
+            _ => {
+                "The server cannot guarantee this request runs only once right now; nothing was executed. Retry later with the same key."
+            }
+        };
+        tracing::error!(scope = policy.scope, error = %error, "store failed the claim; failing closed");
+        Outcome::Problem(
+            Problem::new(ProblemKind::StoreUnavailable, detail).with_retry_after(self.config.store_retry_after),
+        )
+    }
+
+    /// `operation` bounded by [`Config::store_timeout`]: one that takes longer is
+    /// [`StoreError::Unavailable`].
+    async fn bounded<T>(&self, operation: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        bounded(self.config.store_timeout, operation).await
     }
 
     async fn run_claimed<R, Fut>(&self, policy: &Policy, key: &RecordKey, token: ClaimToken, handler: Fut) -> Outcome<R>
     where
         Fut: Future<Output = Captured<R>>,
     {
-        let result = {
-            let run = AssertUnwindSafe(handler).catch_unwind();
-            tokio::pin!(run);
-            let period = (policy.lease / 3).max(Duration::from_millis(20));
-            let mut lost = false;
-            loop {
-                tokio::select! {
-                    biased;
-                    r = &mut run => break r,
-                    _ = tokio::time::sleep(period), if !lost => {
-                        match self.store.renew(key, &token, policy.lease).await {
-                            Ok(()) => {}
-                            Err(StoreError::Fenced) => {
-                                tracing::error!(scope = policy.scope, "lease lost while the handler runs; its outcome will not be stored");
-                                lost = true;
-                            }
-                            Err(e) => tracing::warn!(scope = policy.scope, error = %e, "lease renewal failed; will retry"),
-                        }
-                    }
-                }
-            }
-        };
+        let lease = LeaseKeeper::start(self, policy, key, &token);
+        // Let the renewal task take its first step (arm its timer) before the handler runs: a
+        // task spawned from this one may otherwise wait behind it on this worker.
+        tokio::task::yield_now().await;
+        let result = AssertUnwindSafe(handler).catch_unwind().await;
         match result {
             Err(_panic) => {
                 tracing::error!(scope = policy.scope, "handler panicked; releasing the claim");
@@ -330,40 +428,128 @@ impl Runtime {
             }
             Ok(captured) => {
                 if captured.failed || policy.outcomes.stores(captured.record.status) {
-                    self.complete(policy, key, &token, &captured.record).await;
+                    self.complete(policy, key, &token, &captured.record, &lease).await;
                 } else {
                     self.release(policy, key, &token).await;
                 }
                 Outcome::Executed(captured.live)
             }
         }
+        // `lease` is dropped here, once the outcome is stored or released: renewals stop.
     }
 
-    async fn complete(&self, policy: &Policy, key: &RecordKey, token: &ClaimToken, record: &StoredResponse) {
-        // The handler ran: losing its outcome would let a retry run it again, so a store that
-        // is briefly unreachable is retried for a while before giving up.
+    /// Stores the outcome, retrying while the store fails for up to
+    /// [`Config::completion_patience`]; the lease is renewed meanwhile.
+    async fn complete(
+        &self,
+        policy: &Policy,
+        key: &RecordKey,
+        token: &ClaimToken,
+        record: &StoredResponse,
+        lease: &LeaseKeeper,
+    ) {
+        // The handler ran: losing its outcome would let a retry run it again.
+        let give_up = tokio::time::Instant::now() + self.config.completion_patience;
         let mut delay = Duration::from_millis(50);
-        for attempt in 1..=6 {
-            match self.store.complete(key, token, record, policy.ttl).await {
+        for attempt in 1.. {
+            if lease.lost() {
+                tracing::error!(
+                    scope = policy.scope,
+                    "lease lost while the handler ran (another request took the key over); outcome not stored"
+                );
+                return;
+            }
+            match self.bounded(self.store.complete(key, token, record, policy.ttl)).await {
                 Ok(()) => return,
+                Err(StoreError::Fenced) if attempt > 1 => {
+                    // An earlier attempt whose answer was lost may have stored it.
+                    tracing::warn!(
+                        scope = policy.scope,
+                        attempt,
+                        "claim no longer held: stored by an earlier attempt whose answer was lost, or taken over"
+                    );
+                    return;
+                }
                 Err(StoreError::Fenced) => {
                     tracing::error!(scope = policy.scope, "claim was taken over before completion; outcome not stored");
                     return;
                 }
                 Err(e) => {
-                    tracing::warn!(scope = policy.scope, attempt, error = %e, "storing the outcome failed");
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
+                    let retry_at = tokio::time::Instant::now() + delay;
+                    if retry_at >= give_up {
+                        tracing::error!(scope = policy.scope, attempt, error = %e, "outcome could not be stored; the claim will expire with its lease");
+                        return;
+                    }
+                    tracing::warn!(scope = policy.scope, attempt, error = %e, "storing the outcome failed; retrying");
+                    tokio::time::sleep_until(retry_at).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
                 }
             }
         }
-        tracing::error!(scope = policy.scope, "outcome could not be stored; the claim will expire with its lease");
     }
 
     async fn release(&self, policy: &Policy, key: &RecordKey, token: &ClaimToken) {
-        if let Err(e) = self.store.release(key, token).await {
+        if let Err(e) = self.bounded(self.store.release(key, token)).await {
             tracing::warn!(scope = policy.scope, error = %e, "release failed; the claim will expire with its lease");
         }
+    }
+}
+
+async fn bounded<T>(
+    timeout: Duration,
+    operation: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(timeout, operation).await {
+        Ok(result) => result,
+        Err(_) => Err(StoreError::Unavailable(format!("no answer within {timeout:?}"))),
+    }
+}
+
+/// The task that renews one claim's lease, from the claim until it is dropped (once the outcome
+/// is stored or released). Dropping it stops the renewals, also when the request's task is
+/// cancelled.
+struct LeaseKeeper {
+    lost: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LeaseKeeper {
+    fn start(runtime: &Runtime, policy: &Policy, key: &RecordKey, token: &ClaimToken) -> Self {
+        let lost = Arc::new(AtomicBool::new(false));
+        let (store, timeout, scope, lease) =
+            (runtime.store.clone(), runtime.config.store_timeout, policy.scope, policy.lease);
+        let (key, token, flag) = (key.clone(), token.clone(), lost.clone());
+        let period = renewal_period(lease);
+        let task = tokio::spawn(async move {
+            // A fixed cadence: a slow renewal does not push the next one back.
+            let mut next = tokio::time::Instant::now() + period;
+            loop {
+                tokio::time::sleep_until(next).await;
+                next += period;
+                match bounded(timeout, store.renew(&key, &token, lease)).await {
+                    Ok(()) => {}
+                    Err(StoreError::Fenced) => {
+                        // Also the answer to a renewal that crossed the completion; only the
+                        // engine, which knows which, reports it.
+                        flag.store(true, Ordering::Release);
+                        return;
+                    }
+                    Err(e) => tracing::warn!(scope, error = %e, "lease renewal failed; the next one follows"),
+                }
+            }
+        });
+        Self { lost, task }
+    }
+
+    /// Whether a renewal found the claim taken over.
+    fn lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

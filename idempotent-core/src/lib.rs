@@ -56,7 +56,9 @@
 //! algorithm), `percent-encoding` (decoding query and form pairs to their exact bytes),
 //! `http`, `http-body` and `http-body-util` (the protocol is written once over these types, which
 //! axum uses directly and actix-web converts to),
-//! `tokio` (timers for leases, heartbeats and waits; both adapters run on it), `async-trait`
+//! `tokio` (timers for leases, heartbeats and waits; both adapters run on it), `tokio-util`
+//! (its `TaskTracker` is the set of running protected requests that a graceful shutdown waits
+//! for), `async-trait`
 //! (an object-safe async [`Store`](store::Store) trait), `futures-util` (catching a handler's
 //! panic as a value so its claim is released), `inventory` (the link-time route registry),
 //! `uuid` (random claim tokens), `bytes`, `thiserror`, `tracing`.

@@ -1,4 +1,7 @@
-//! The store contract (feature `testing`): the behaviour every [`Store`] must show, written once
+//! Test support (feature `testing`): the store contract, and [`fault::FaultStore`], a wrapper that
+//! injects store faults.
+//!
+//! The store contract is the behaviour every [`Store`] must show, written once
 //! and run unchanged against each backend with [`store_contract_tests!`](crate::store_contract_tests),
 //! ours and yours. A custom store adds `idempotent-core` with the `testing` feature and `tokio`
 //! (`macros`, `rt-multi-thread`) as dev-dependencies and runs:
@@ -18,6 +21,8 @@
 //! skips the test, for a backend with no server here; the block reports why). Each test uses
 //! its own keys, leases of a few hundred milliseconds and time to live of about a second, so the
 //! suite runs in a few seconds.
+
+pub mod fault;
 
 use crate::fingerprint::{Fingerprint, FingerprintBuilder};
 use crate::response::StoredResponse;

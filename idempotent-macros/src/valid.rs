@@ -13,6 +13,9 @@ const MAX_SCOPE_LEN: usize = 100;
 /// Defaults, the same as `idempotent_core::policy::Policy::new`.
 const DEFAULT_TTL: (Millis, &str) = (Millis(24 * 60 * 60 * 1000), "24h");
 const DEFAULT_LEASE: (Millis, &str) = (Millis(10 * 1000), "10s");
+/// The shortest lease accepted at compile time; the start-up check against the store's operation
+/// timeout is usually stricter (see `idempotent_core::engine::Config::store_timeout`).
+const MIN_LEASE: Millis = Millis(1000);
 const DEFAULT_WAIT_TIMEOUT: Millis = Millis(30 * 1000);
 
 /// Mirrors `idempotent_core::policy::KeyRequirement`.
@@ -180,6 +183,19 @@ fn validate_policy(args: Args) -> syn::Result<Spec> {
 
     let ttl = duration_arg(args.ttl.as_ref(), "ttl", DEFAULT_TTL, &mut errors);
     let lease = duration_arg(args.lease.as_ref(), "lease", DEFAULT_LEASE, &mut errors);
+    if let (Some(lease), Some(arg)) = (&lease, &args.lease) {
+        if lease.0 .0 < MIN_LEASE.0 {
+            errors.add(
+                arg.value.span(),
+                format!(
+                    "`lease` ({}) is shorter than the minimum of 1s: the claim is renewed every sixth of its lease and \
+                     each renewal may wait for the store's operation timeout, so the lease must be at least 6 times \
+                     that timeout (checked at start-up; the default timeout of 1s needs a lease of 6s)",
+                    lease.1
+                ),
+            );
+        }
+    }
     if let (Some(ttl), Some(lease)) = (&ttl, &lease) {
         if lease.0 > ttl.0 {
             let span = args.lease.as_ref().map_or_else(Span::call_site, |l| l.value.span());

@@ -40,6 +40,22 @@ impl DemoProcess {
         }
     }
 
+    /// Asks the process to stop (SIGTERM) and waits up to `within` for it to exit; its exit
+    /// status, or `None` (after killing it) if it did not exit in time.
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let sent = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        assert!(sent.as_ref().is_ok_and(|s| s.success()), "kill -TERM {}: {sent:?}", self.child.id());
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        None
+    }
+
     /// Kills the process at once (SIGKILL: no clean-up of any kind) and reaps it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -193,7 +193,11 @@ fn reports_list_protected_and_exempt_routes_apart() {
 }
 
 fn app(enforce: Enforce) -> Router {
-    let idempotency = Idempotency::builder(Arc::new(MemoryStore::new())).build().expect("valid registry");
+    // The fixtures' shortest lease is 5s: six store timeouts of at most 833ms.
+    let idempotency = Idempotency::builder(Arc::new(MemoryStore::new()))
+        .store_timeout(std::time::Duration::from_millis(500))
+        .build()
+        .expect("valid registry");
     let orders = Router::new()
         .route("/orders", post(create_order).get(list))
         .route("/orders/{id}/refunds", post(refund_order))

@@ -3,7 +3,8 @@
 //! Only the framework glue lives here; the domain, the ledger, the caller's identity and the
 //! error bodies are shared with the axum binary.
 
-use crate::api::{done, ApiError, Caller, DemoProblem, MAX_BODY, PROBLEM_CONTENT_TYPE};
+use crate::api::{done, ApiError, Caller, DemoProblem, MAX_BODY, PROBLEM_CONTENT_TYPE, STORE_TIMEOUT};
+use crate::cli::SHUTDOWN_GRACE;
 use crate::config::Config;
 use crate::domain::{Bank, CreatePayment, CreateRefund, CreateTransfer};
 use crate::ledger::Ledger;
@@ -103,7 +104,7 @@ pub async fn create_transfer(
 }
 
 /// `POST /quotes`: any JSON object, fingerprinted whole, kept 3 seconds.
-#[idempotent(scope = "quotes.create", ttl = "3s", lease = "2s")]
+#[idempotent(scope = "quotes.create", ttl = "3s", lease = "3s")]
 #[post("/quotes")]
 pub async fn create_quote(
     Caller(account): Caller,
@@ -173,7 +174,11 @@ pub async fn prepare(config: &Config) -> Result<Prepared, String> {
     let store = idempotent_actix::core::store::connect(&config.store)
         .await
         .map_err(|e| format!("idempotency store `{}`: {e}", config.store))?;
-    let idempotency = Idempotency::builder(store).actor(ActorSource::BearerToken).build().map_err(|e| e.to_string())?;
+    let idempotency = Idempotency::builder(store)
+        .actor(ActorSource::BearerToken)
+        .store_timeout(STORE_TIMEOUT)
+        .build()
+        .map_err(|e| e.to_string())?;
     let state = AppState { bank: Arc::new(Bank::new(ledger, entries)), transfer_delay: config.transfer_delay };
     Ok(Prepared { idempotency, state: web::Data::new(state) })
 }
@@ -194,14 +199,41 @@ pub fn configure(cfg: &mut web::ServiceConfig, prepared: &Prepared) {
 /// Binds `config.addr` and returns the bound address and the running server (it runs on the
 /// current actix system until stopped).
 pub async fn start(config: &Config) -> Result<(SocketAddr, Server), String> {
+    start_until(config, std::future::pending()).await
+}
+
+/// Like [`start`], until `shutdown` resolves: the server then stops accepting connections, lets
+/// the requests in flight finish (those whose client went away included) and store their
+/// outcomes, for at most [`SHUTDOWN_GRACE`], and stops.
+///
+/// actix-web's own signal handling is turned off: on a signal it stops its workers once their
+/// connections are closed, which cancels the handlers whose client already went away (they run on
+/// the workers' tasks, held by no connection).
+pub async fn start_until(
+    config: &Config,
+    shutdown: impl std::future::Future<Output = ()> + 'static,
+) -> Result<(SocketAddr, Server), String> {
     let prepared = prepare(config).await?;
+    let idempotency = prepared.idempotency.clone();
     let server = HttpServer::new(move || {
         let prepared = prepared.clone();
         // A mutating route without a policy is refused rather than served unprotected.
         App::new().wrap(idempotent_actix::enforce::Enforce::refuse()).configure(move |c| configure(c, &prepared))
     })
+    .disable_signals()
+    .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
     .bind(config.addr)
     .map_err(|e| format!("cannot listen on {}: {e}", config.addr))?;
     let addr = *server.addrs().first().ok_or_else(|| format!("cannot listen on {}", config.addr))?;
-    Ok((addr, server.run()))
+    let server = server.run();
+    let handle = server.handle();
+    actix_web::rt::spawn(async move {
+        shutdown.await;
+        handle.pause().await;
+        if !idempotency.drain(SHUTDOWN_GRACE).await {
+            eprintln!("shutdown: requests still running after {SHUTDOWN_GRACE:?}; exiting");
+        }
+        handle.stop(true).await;
+    });
+    Ok((addr, server))
 }

@@ -11,6 +11,11 @@ pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
 /// Largest request body accepted; larger bodies are 413 before any handler runs.
 pub const MAX_BODY: usize = 64 * 1024;
 
+/// Bound on each idempotency store operation. The demo's shortest leases are 3 s (transfers, and
+/// quotes, whose records live only 3 s), and a lease must be at least six times this bound, so
+/// that one failed or slow renewal is followed by another while the lease still runs.
+pub const STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The authenticated caller: `Authorization: Bearer <account>`.
 #[derive(Debug, Clone)]
 pub struct Caller(pub String);

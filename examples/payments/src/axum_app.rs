@@ -1,6 +1,7 @@
 //! The demo on axum: routes, authentication and error responses.
 
-use crate::api::{done, ApiError, Caller, DemoProblem, PROBLEM_CONTENT_TYPE};
+use crate::api::{done, ApiError, Caller, DemoProblem, PROBLEM_CONTENT_TYPE, STORE_TIMEOUT};
+use crate::cli::SHUTDOWN_GRACE;
 use crate::config::Config;
 use crate::domain::{Bank, CreatePayment, CreateRefund, CreateTransfer};
 use crate::ledger::Ledger;
@@ -88,7 +89,7 @@ pub async fn create_transfer(
 }
 
 /// `POST /quotes`: any JSON object, fingerprinted whole, kept 3 seconds.
-#[idempotent(scope = "quotes.create", ttl = "3s", lease = "2s")]
+#[idempotent(scope = "quotes.create", ttl = "3s", lease = "3s")]
 pub async fn create_quote(
     Caller(account): Caller,
     State(app): State<AppState>,
@@ -130,11 +131,15 @@ fn payment_routes() -> Router<AppState> {
 
 /// Builds the application: opens the store and the ledger, validates the policies.
 pub async fn app(config: &Config) -> Result<Router, String> {
+    open(config).await.map(|(router, _)| router)
+}
+
+async fn open(config: &Config) -> Result<(Router, Idempotency), String> {
     let (ledger, entries) = Ledger::open(&config.ledger)?;
     let store = idempotent_axum::core::store::connect(&config.store)
         .await
         .map_err(|e| format!("idempotency store `{}`: {e}", config.store))?;
-    app_with_store(config, store, ledger, entries)
+    build(config, store, ledger, entries)
 }
 
 /// Builds the application on an already opened store and ledger.
@@ -144,10 +149,24 @@ pub fn app_with_store(
     ledger: Ledger,
     entries: Vec<crate::ledger::Entry>,
 ) -> Result<Router, String> {
-    let idempotency = Idempotency::builder(store).actor(ActorSource::BearerToken).build().map_err(|e| e.to_string())?;
+    build(config, store, ledger, entries).map(|(router, _)| router)
+}
+
+/// The application and its idempotency runtime (which a graceful shutdown drains).
+fn build(
+    config: &Config,
+    store: Arc<dyn idempotent_axum::core::store::Store>,
+    ledger: Ledger,
+    entries: Vec<crate::ledger::Entry>,
+) -> Result<(Router, Idempotency), String> {
+    let idempotency = Idempotency::builder(store)
+        .actor(ActorSource::BearerToken)
+        .store_timeout(STORE_TIMEOUT)
+        .build()
+        .map_err(|e| e.to_string())?;
     let state = AppState { bank: Arc::new(Bank::new(ledger, entries)), transfer_delay: config.transfer_delay };
     let payments = payment_routes();
-    Ok(Router::new()
+    let router = Router::new()
         .merge(payments.clone())
         .nest("/v1", payments)
         .route("/transfers", post(create_transfer).get(list_transfers))
@@ -158,22 +177,52 @@ pub fn app_with_store(
         .layer(Enforce::refuse())
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(idempotency.layer())
-        .with_state(state))
+        .with_state(state);
+    Ok((router, idempotency))
 }
 
-/// Binds `config.addr` and returns the bound address and the server's task.
+/// Binds `config.addr` and returns the bound address and the server's task, which runs until the
+/// task is dropped.
 pub async fn start(config: &Config) -> Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>), String> {
-    let router = app(config).await?;
+    start_until(config, std::future::pending()).await
+}
+
+/// Like [`start`], until `shutdown` resolves: the server then stops accepting connections, lets
+/// the requests in flight finish (those whose client went away included) and store their
+/// outcomes, for at most [`SHUTDOWN_GRACE`], and the task ends.
+pub async fn start_until(
+    config: &Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>), String> {
+    let (router, idempotency) = open(config).await?;
     let listener = tokio::net::TcpListener::bind(config.addr)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.addr))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let task = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await
+        let stopping = Arc::new(tokio::sync::Notify::new());
+        let signalled = stopping.clone();
+        let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+            shutdown.await;
+            signalled.notify_one();
+        });
+        let finished = async {
+            serve.await?;
+            // Requests whose client went away are held by no connection: wait for them too.
+            idempotency.drain(SHUTDOWN_GRACE).await;
+            Ok(())
+        };
+        let grace = async {
+            stopping.notified().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
+        tokio::select! {
+            finished = finished => finished,
+            () = grace => {
+                eprintln!("shutdown: requests still running after {SHUTDOWN_GRACE:?}; exiting");
+                Ok(())
+            }
+        }
     });
     Ok((addr, task))
 }

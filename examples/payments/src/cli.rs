@@ -54,3 +54,27 @@ pub fn parse(bin: &str, framework: Framework) -> Result<Config, ExitCode> {
 pub fn listening(bin: &str, addr: std::net::SocketAddr, config: &Config) {
     eprintln!("{bin} listening on http://{addr} (store: {}, ledger: {})", config.store, config.ledger.display());
 }
+
+/// How long a binary that was asked to stop waits for in-flight requests (their handlers and the
+/// storing of their outcomes) before it exits anyway.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Resolves on SIGTERM or Ctrl-C (SIGINT): the binaries then stop accepting connections, drain
+/// in-flight requests for up to [`SHUTDOWN_GRACE`] and exit 0.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sigterm) => {
+                sigterm.recv().await;
+            }
+            Err(e) => {
+                eprintln!("cannot listen for SIGTERM ({e}); stop with Ctrl-C");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    tokio::select! {
+        _ = terminate => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

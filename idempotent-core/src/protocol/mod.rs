@@ -227,6 +227,13 @@ macro_rules! __adapter_types {
                 &self.runtime
             }
 
+            /// Graceful shutdown: once the server has stopped accepting connections, waits up
+            /// to `timeout` for every protected request still running (including those whose
+            /// client went away) to finish and store its outcome. Answers whether all did.
+            pub async fn drain(&self, timeout: ::std::time::Duration) -> bool {
+                self.runtime.drain(timeout).await
+            }
+
             /// Documents every protected route of this framework on `openapi` (feature
             /// `utoipa`), matched by operation id or by path; returns how many operations were
             /// documented. See `idempotent_core::openapi`.

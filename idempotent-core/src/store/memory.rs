@@ -12,7 +12,10 @@ use crate::response::StoredResponse;
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// tokio's clock: the same as the system's monotonic clock, except in tests that pause it, where
+// leases and lifetimes follow the test's virtual time.
+use tokio::time::Instant;
 
 /// Default bound on the number of records.
 pub const DEFAULT_MAX_RECORDS: usize = 100_000;

@@ -15,7 +15,7 @@ async fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let (addr, server) = match axum_app::start(&config).await {
+    let (addr, server) = match axum_app::start_until(&config, cli::shutdown_signal()).await {
         Ok(s) => s,
         Err(e) => return cli::fail(BIN, e),
     };
