@@ -191,10 +191,29 @@ async fn foreign_or_corrupt_values_are_corrupt_never_overwritten() {
         .arg(&f32)
         .arg("t")
         .arg("x")
+        .arg("l")
+        .arg("99999999999999")
         .query_async(&mut c)
         .await
         .unwrap();
     corrupt(s.claim(&key("no-expiry"), &fp(1), LEASE).await, "no expiry");
+
+    // An in-progress record of this token without a lease deadline, or with one that is not a
+    // number of milliseconds: neither taken over nor renewed, completed or released.
+    for (name, deadline) in [("no-deadline", None), ("bad-deadline", Some("soon")), ("inf-deadline", Some("inf"))] {
+        let k = s.redis_key(&key(name));
+        let mut hset = redis::cmd("HSET");
+        hset.arg(&k).arg("s").arg("p").arg("f").arg(&f32).arg("t").arg(&token.0);
+        if let Some(d) = deadline {
+            hset.arg("l").arg(d);
+        }
+        let _: () = hset.query_async(&mut c).await.unwrap();
+        let _: () = redis::cmd("PEXPIRE").arg(&k).arg(60_000).query_async(&mut c).await.unwrap();
+        check(name).await;
+        let kept: BTreeMap<String, Vec<u8>> = redis::cmd("HGETALL").arg(&k).query_async(&mut c).await.unwrap();
+        assert_eq!(kept["t"], token.0.as_bytes(), "{name} is never overwritten");
+        assert_eq!(kept.get("l").map(Vec::as_slice), deadline.map(str::as_bytes), "{name} is never overwritten");
+    }
 
     // A fingerprint of the wrong length.
     let k = s.redis_key(&key("short-fp"));
@@ -233,6 +252,15 @@ async fn foreign_or_corrupt_values_are_corrupt_never_overwritten() {
     acquire(&s, &key("string"), &fp(1), LEASE).await;
 }
 
+/// Redis's clock in milliseconds, as the scripts read it.
+async fn redis_now(c: &mut redis::aio::MultiplexedConnection) -> i64 {
+    let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(c).await.unwrap();
+    secs * 1000 + micros / 1000
+}
+
+/// One hash per record: an in-progress record keeps its lease deadline (`l`, by Redis's clock)
+/// in the hash and outlives it by the retention of an abandoned claim; renewal moves both; a
+/// completed record has no token nor deadline and expires `ttl` after completion.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn record_layout_is_one_hash_with_expiry() {
     let Some(url) = redis_url().await else { return };
@@ -242,19 +270,58 @@ async fn record_layout_is_one_hash_with_expiry() {
     let rk = s.redis_key(&k);
     assert!(rk.starts_with(&format!("{prefix}{{")) && rk.ends_with('}') && rk.len() == prefix.len() + 66, "{rk}");
     let mut c = raw(&url).await;
+    let retention = i64::try_from(idempotent_core::store::ABANDONED_CLAIM_RETENTION.as_millis()).unwrap();
+    let lease_left = |h: &BTreeMap<String, Vec<u8>>, now: i64| {
+        std::str::from_utf8(&h["l"]).unwrap().parse::<i64>().expect("l is decimal milliseconds") - now
+    };
+
     let t = acquire(&s, &k, &fp(1), Duration::from_secs(10)).await;
     let h: BTreeMap<String, Vec<u8>> = redis::cmd("HGETALL").arg(&rk).query_async(&mut c).await.unwrap();
-    assert_eq!(h.keys().map(String::as_str).collect::<Vec<_>>(), ["f", "s", "t"]);
+    let now = redis_now(&mut c).await;
+    assert_eq!(h.keys().map(String::as_str).collect::<Vec<_>>(), ["f", "l", "s", "t"]);
     assert_eq!(h["s"], b"p");
     assert_eq!(h["f"], fp(1).0);
+    assert_eq!(h["t"], t.0.as_bytes());
+    assert!((9_000..=10_000).contains(&lease_left(&h, now)), "{}", lease_left(&h, now));
     let pttl: i64 = redis::cmd("PTTL").arg(&rk).query_async(&mut c).await.unwrap();
-    assert!((9_000..=10_000).contains(&pttl), "{pttl}");
+    assert!((retention + 9_000..=retention + 10_000).contains(&pttl), "{pttl}");
+
+    s.renew(&k, &t, Duration::from_secs(20)).await.unwrap();
+    let h: BTreeMap<String, Vec<u8>> = redis::cmd("HGETALL").arg(&rk).query_async(&mut c).await.unwrap();
+    let now = redis_now(&mut c).await;
+    assert!((19_000..=20_000).contains(&lease_left(&h, now)), "{}", lease_left(&h, now));
+    let pttl: i64 = redis::cmd("PTTL").arg(&rk).query_async(&mut c).await.unwrap();
+    assert!((retention + 19_000..=retention + 20_000).contains(&pttl), "{pttl}");
+
     s.complete(&k, &t, &response(b"done"), Duration::from_secs(600)).await.unwrap();
     let h: BTreeMap<String, Vec<u8>> = redis::cmd("HGETALL").arg(&rk).query_async(&mut c).await.unwrap();
     assert_eq!(h.keys().map(String::as_str).collect::<Vec<_>>(), ["f", "r", "s"]);
     assert_eq!(h["r"], response(b"done").encode());
     let pttl: i64 = redis::cmd("PTTL").arg(&rk).query_async(&mut c).await.unwrap();
     assert!((599_000..=600_000).contains(&pttl), "{pttl}");
+}
+
+/// An in-progress record whose lease has passed stays in Redis (its late worker may still
+/// complete it) until a claim takes it over: that claim acquires it with a new token even with
+/// another fingerprint, and the late worker is fenced from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_claim_is_kept_until_a_claim_of_any_fingerprint_takes_it_over() {
+    let Some(url) = redis_url().await else { return };
+    let s = RedisStore::builder(&url).prefix(test_prefix()).build().await.unwrap();
+    let mut c = raw(&url).await;
+    let k = key("kept");
+    let late = acquire(&s, &k, &fp(1), Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let exists: bool = redis::cmd("EXISTS").arg(s.redis_key(&k)).query_async(&mut c).await.unwrap();
+    assert!(exists, "an in-progress record outlives its lease");
+    let fresh = acquire(&s, &k, &fp(2), LEASE).await;
+    assert_ne!(fresh, late);
+    assert!(matches!(s.renew(&k, &late, LEASE).await, Err(StoreError::Fenced)));
+    assert!(matches!(s.complete(&k, &late, &response(b"late"), TTL).await, Err(StoreError::Fenced)));
+    assert!(matches!(s.release(&k, &late).await, Err(StoreError::Fenced)));
+    assert_eq!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Mismatch);
+    s.complete(&k, &fresh, &response(b"fresh"), TTL).await.unwrap();
+    assert_eq!(s.claim(&k, &fp(2), LEASE).await.unwrap(), Claim::Completed(response(b"fresh")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -414,7 +481,7 @@ async fn measure(
 ) -> u64 {
     // Commands a script runs inside Redis, and this measurement's own; every other command came
     // from the store.
-    const IN_SCRIPT: &[&str] = &["type", "hset", "hmget", "pexpire", "pttl", "hdel", "del"];
+    const IN_SCRIPT: &[&str] = &["type", "time", "hset", "hmget", "pexpire", "pttl", "hdel", "del"];
     const OURS: &[&str] = &["info"];
     let before = command_counts(c).await;
     run.await;

@@ -59,23 +59,37 @@
 //! - `s`: state, `p` (in progress) or `c` (completed);
 //! - `f`: the 32-byte SHA-256 request fingerprint;
 //! - `t`: the claim token (in progress only);
+//! - `l`: the lease deadline (in progress only), in decimal milliseconds since the Unix epoch by
+//!   Redis's clock;
 //! - `r`: the response in [`StoredResponse::encode`]'s binary form (completed only).
 //!
-//! The key's own Redis expiry carries time: an in-progress record expires with its lease (so a
-//! crashed worker's claim simply vanishes and the next claim finds the key absent), a completed
-//! record `ttl` after completion. Only Redis's clock is used: no client clock, no sweeper.
+//! Time is Redis's own: the scripts read the lease deadline's clock with `TIME`, and the key's
+//! expiry forgets records; no client clock, no sweeper. Redis 7 replicates a script by its effects
+//! (the `HSET` of the deadline it computed), so a replica, an AOF replay and a promoted replica
+//! hold the very same deadline.
+//!
+//! A claim holds its record until the record is completed or released, or until another claim
+//! takes it over, which is only possible once `l` has passed (see
+//! [who holds a record](super::Store#who-holds-a-record)): a worker slowed past its lease (a store
+//! outage, a long pause) still renews, completes or releases it as long as nobody took it. So the
+//! key of an in-progress record expires [`ABANDONED_CLAIM_RETENTION`] (10 minutes) after its lease
+//! deadline, and each renewal moves both; the claim of a worker that crashed is taken over by the
+//! first claim after `l`, with a new token and whatever its fingerprint, as if the key were
+//! absent, and the record of a claim nobody takes again is forgotten by that expiry. A completed
+//! record expires `ttl` after completion.
 //!
 //! A value under the prefix that is not such a hash (another type, missing or malformed fields,
-//! bytes that do not decode, an in-progress record without expiry) is [`StoreError::Corrupt`] and
-//! is never overwritten.
+//! bytes that do not decode, an in-progress record without a lease deadline or without expiry) is
+//! [`StoreError::Corrupt`] and is never overwritten.
 //!
 //! # Round trips
 //! Each operation is one `EVALSHA` of a Lua script, executed atomically by Redis: a first
 //! execution costs two commands (claim, complete), a replay one (claim). The claim script creates
-//! the in-progress record (`HSET` + `PEXPIRE`) when the key is absent, and otherwise answers the
-//! existing record's verdict: `Mismatch` (fingerprint differs), `Completed` with the response bytes,
-//! or `InProgress` with the remaining lease (`PTTL`). Renew, complete and release compare the
-//! token first and then `PEXPIRE`, rewrite or `DEL` the record; a token that does not match (or a
+//! the in-progress record (`HSET` + `PEXPIRE`) when the key is absent or holds an in-progress
+//! record whose lease deadline has passed, and otherwise answers the existing record's verdict:
+//! `Mismatch` (fingerprint differs), `Completed` with the response bytes, or `InProgress` with the
+//! remaining lease (`l` minus `TIME`). Renew, complete and release compare the token first and
+//! then move `l` and the expiry, rewrite the record or `DEL` it; a token that does not match (or a
 //! record that is gone) is [`StoreError::Fenced`] and nothing is written. The first call after a
 //! server (or node) restart loads the script again (`NOSCRIPT`, `SCRIPT LOAD`, `EVALSHA`).
 //!
@@ -99,7 +113,7 @@
 //! - Scripts need Redis 5 or newer (`EVALSHA` with effects replication); the cluster needs all
 //!   16384 slots covered (`cluster_state:ok`).
 
-use super::{Claim, ClaimToken, RecordKey, Store, StoreError};
+use super::{Claim, ClaimToken, RecordKey, Store, StoreError, ABANDONED_CLAIM_RETENTION};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use async_trait::async_trait;
@@ -131,26 +145,41 @@ pub const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
 /// And the longest a request waits for a Redis that has stopped answering before 503.
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Claim: create the in-progress record or report the existing one.
-/// KEYS[1] record, ARGV[1] fingerprint (32 bytes), ARGV[2] new token, ARGV[3] lease (ms).
+/// Claim: create the in-progress record, take over one whose lease deadline passed, or report the
+/// existing one. KEYS[1] record, ARGV[1] fingerprint (32 bytes), ARGV[2] new token, ARGV[3] lease
+/// (ms), ARGV[4] retention of an abandoned claim (ms).
+///
+/// No shebang: Redis runs it in compatibility mode, where only a write is refused on a full Redis
+/// (`OOM`), so a claim that finds a record (a replay, a conflict) is still answered.
 const CLAIM: &str = r#"
 local key = KEYS[1]
-local kind = redis.call('TYPE', key)['ok']
-if kind == 'none' then
-  redis.call('HSET', key, 's', 'p', 't', ARGV[2], 'f', ARGV[1])
-  redis.call('PEXPIRE', key, ARGV[3])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local function take()
+  local lease = tonumber(ARGV[3])
+  -- HSET first: on a full Redis, the first write of the script is the one refused, before
+  -- anything changed.
+  redis.call('HSET', key, 's', 'p', 't', ARGV[2], 'f', ARGV[1], 'l', string.format('%d', now + lease))
+  redis.call('PEXPIRE', key, string.format('%d', lease + tonumber(ARGV[4])))
   return {'a'}
 end
+local kind = redis.call('TYPE', key)['ok']
+if kind == 'none' then return take() end
 if kind ~= 'hash' then return {'x', 'value of type ' .. kind} end
-local v = redis.call('HMGET', key, 's', 'f', 't', 'r')
+local v = redis.call('HMGET', key, 's', 'f', 't', 'r', 'l')
 local s, f = v[1], v[2]
 if not f or string.len(f) ~= 32 then return {'x', 'missing or malformed fingerprint'} end
 if s == 'p' then
   if not v[3] then return {'x', 'in-progress record without token'} end
-  local pttl = redis.call('PTTL', key)
-  if pttl < 0 then return {'x', 'in-progress record without expiry'} end
+  local l = v[5]
+  if not l or string.len(l) > 15 or not string.find(l, '^%d+$') then
+    return {'x', 'in-progress record without a valid lease deadline'}
+  end
+  if redis.call('PTTL', key) < 0 then return {'x', 'in-progress record without expiry'} end
+  local deadline = tonumber(l)
+  if deadline <= now then return take() end
   if f ~= ARGV[1] then return {'m'} end
-  return {'p', pttl}
+  return {'p', deadline - now}
 elseif s == 'c' then
   if not v[4] then return {'x', 'completed record without response'} end
   if f ~= ARGV[1] then return {'m'} end
@@ -159,17 +188,25 @@ end
 return {'x', 'unknown state'}
 "#;
 
-/// Shared prelude of the fenced scripts: 1 when `token` holds the key's claim, 0 when it does not
-/// (gone, completed or another token), -1 for a foreign type, -2 for a malformed record.
+/// Shared prelude of the fenced scripts: `held(token)` is 1 when `token` holds the key's claim,
+/// whatever its lease deadline (it holds it until another claim takes it over), 0 when it does not
+/// (gone, completed or another token), -1 for a foreign type, -2 for a malformed record; `now()`
+/// is Redis's clock in milliseconds.
 const HELD: &str = r#"
 local key = KEYS[1]
+local function now()
+  local clock = redis.call('TIME')
+  return tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+end
 local function held(token)
   local kind = redis.call('TYPE', key)['ok']
   if kind == 'none' then return 0 end
   if kind ~= 'hash' then return -1 end
-  local v = redis.call('HMGET', key, 's', 't')
+  local v = redis.call('HMGET', key, 's', 't', 'l')
   if v[1] == 'c' then return 0 end
   if v[1] ~= 'p' or not v[2] then return -2 end
+  local l = v[3]
+  if not l or string.len(l) > 15 or not string.find(l, '^%d+$') then return -2 end
   if v[2] ~= token then return 0 end
   return 1
 end
@@ -177,10 +214,12 @@ local h = held(ARGV[1])
 if h ~= 1 then return h end
 "#;
 
-/// Renew: ARGV[1] token, ARGV[2] lease (ms).
-const RENEW: &str = "redis.call('PEXPIRE', key, ARGV[2])\nreturn 1\n";
+/// Renew: ARGV[1] token, ARGV[2] lease (ms), ARGV[3] retention of an abandoned claim (ms).
+const RENEW: &str = "local lease = tonumber(ARGV[2])\n\
+                     redis.call('HSET', key, 'l', string.format('%d', now() + lease))\n\
+                     redis.call('PEXPIRE', key, string.format('%d', lease + tonumber(ARGV[3])))\nreturn 1\n";
 /// Complete: ARGV[1] token, ARGV[2] encoded response, ARGV[3] ttl (ms).
-const COMPLETE: &str = "redis.call('HSET', key, 's', 'c', 'r', ARGV[2])\nredis.call('HDEL', key, 't')\n\
+const COMPLETE: &str = "redis.call('HSET', key, 's', 'c', 'r', ARGV[2])\nredis.call('HDEL', key, 't', 'l')\n\
                         redis.call('PEXPIRE', key, ARGV[3])\nreturn 1\n";
 /// Release: ARGV[1] token.
 const RELEASE: &str = "redis.call('DEL', key)\nreturn 1\n";
@@ -487,9 +526,14 @@ fn redis_key(prefix: &str, key: &RecordKey) -> String {
     out
 }
 
-/// Milliseconds for `PEXPIRE`, at least 1 (0 would delete the key).
+/// The longest duration the scripts are given: 2^43 ms, about 278 years. Redis's clock plus a
+/// lease, plus the retention, stays an exact integer in Lua's doubles and a valid `PEXPIRE`.
+const MAX_MILLIS: u64 = 1 << 43;
+
+/// Milliseconds for the scripts, at least 1 (a `PEXPIRE` of 0 would delete the key) and at most
+/// [`MAX_MILLIS`].
 fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 2).clamp(1, i64::MAX as u64 / 2)
+    u64::try_from(d.as_millis()).unwrap_or(MAX_MILLIS).clamp(1, MAX_MILLIS)
 }
 
 fn parse_spec(spec: &str) -> Target {
@@ -603,14 +647,14 @@ impl Store for RedisStore {
     async fn claim(&self, key: &RecordKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
         let token = ClaimToken::generate();
         let mut inv = self.claim.key(self.redis_key(key));
-        inv.arg(&fingerprint.0[..]).arg(token.0.as_str()).arg(millis(lease));
+        inv.arg(&fingerprint.0[..]).arg(token.0.as_str()).arg(millis(lease)).arg(millis(ABANDONED_CLAIM_RETENTION));
         let reply = self.invoke(&inv).await?;
         decode_claim(reply, token)
     }
 
     async fn renew(&self, key: &RecordKey, token: &ClaimToken, lease: Duration) -> Result<(), StoreError> {
         let mut inv = self.renew.key(self.redis_key(key));
-        inv.arg(token.0.as_str()).arg(millis(lease));
+        inv.arg(token.0.as_str()).arg(millis(lease)).arg(millis(ABANDONED_CLAIM_RETENTION));
         self.fenced(&inv).await
     }
 
@@ -680,6 +724,7 @@ mod tests {
         assert_eq!(millis(Duration::ZERO), 1);
         assert_eq!(millis(Duration::from_micros(1500)), 1);
         assert_eq!(millis(Duration::from_secs(2)), 2000);
-        assert!(millis(Duration::MAX) > 0);
+        assert_eq!(millis(Duration::MAX), MAX_MILLIS);
+        assert_eq!(millis(Duration::from_secs(400 * 365 * 86_400)), MAX_MILLIS);
     }
 }
