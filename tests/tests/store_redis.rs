@@ -530,6 +530,68 @@ async fn full_redis_refuses_claims_rather_than_evicting() {
     }
 }
 
+/// A full Redis (`maxmemory` reached under `noeviction`) refuses new claims with `Full`, but the
+/// work already claimed finishes: renewal, completion (with a response of several KB) and release
+/// still succeed, the completed key replays, and replays and conflicts are still answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_redis_refuses_new_claims_but_lets_claimed_work_finish() {
+    if redis_url().await.is_none() {
+        return;
+    }
+    let args = ["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"];
+    let server = RedisProcess::start(free_port(false).unwrap(), &args).await.expect("start redis-server");
+    let s = RedisStore::builder(&server.url()).prefix(test_prefix()).build().await.unwrap();
+    let done = key("done-before");
+    let t = acquire(&s, &done, &fp(1), LEASE).await;
+    s.complete(&done, &t, &response(b"early"), TTL).await.unwrap();
+    let (renewed, completed, released) = (key("renewed"), key("completed"), key("released"));
+    let t_renew = acquire(&s, &renewed, &fp(1), LEASE).await;
+    let t_complete = acquire(&s, &completed, &fp(1), LEASE).await;
+    let t_release = acquire(&s, &released, &fp(1), LEASE).await;
+
+    // Other data fills the memory until Redis refuses even a small write (a large value refused
+    // counts its own request buffer, freed once refused).
+    let mut c = raw(&server.url()).await;
+    let mut filled = 0;
+    for size in [64 * 1024, 4096, 256, 16] {
+        let chunk = vec![b'x'; size];
+        loop {
+            let r: redis::RedisResult<()> =
+                redis::cmd("SET").arg(format!("filler:{filled}")).arg(&chunk).query_async(&mut c).await;
+            match r {
+                Ok(()) => filled += 1,
+                Err(e) if e.code() == Some("OOM") => break,
+                Err(e) => panic!("filling redis: {e}"),
+            }
+            assert!(filled < 100_000, "maxmemory never reached");
+        }
+    }
+    let r = s.claim(&key("new"), &fp(1), LEASE).await;
+    assert!(matches!(r, Err(StoreError::Full)), "a new claim on a full redis: {r:?}");
+
+    // Claims that write nothing are still answered.
+    assert_eq!(s.claim(&done, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"early")));
+    assert_eq!(s.claim(&done, &fp(2), LEASE).await.unwrap(), Claim::Mismatch);
+    assert!(matches!(s.claim(&renewed, &fp(1), LEASE).await.unwrap(), Claim::InProgress { .. }));
+
+    // Work already claimed finishes.
+    s.renew(&renewed, &t_renew, LEASE).await.expect("renewal on a full redis");
+    let mut big = response(b"");
+    big.body = bytes::Bytes::from(vec![7u8; 16 * 1024]);
+    s.complete(&completed, &t_complete, &big, TTL).await.expect("completion on a full redis");
+    s.release(&released, &t_release).await.expect("release on a full redis");
+    assert_eq!(s.claim(&completed, &fp(1), LEASE).await.unwrap(), Claim::Completed(big));
+    s.complete(&renewed, &t_renew, &response(b"late"), TTL).await.expect("completion on a full redis");
+    assert_eq!(s.claim(&renewed, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"late")));
+    // The released key is free, but a full redis takes no new claim on it.
+    let r = s.claim(&released, &fp(1), LEASE).await;
+    assert!(matches!(r, Err(StoreError::Full)), "a new claim on a full redis: {r:?}");
+
+    // Room again: claims are taken again.
+    let _: () = redis::cmd("FLUSHDB").query_async(&mut c).await.unwrap();
+    acquire(&s, &released, &fp(1), LEASE).await;
+}
+
 /// The tests crate's `redis` (the workspace's) and the store's re-export are one crate, so an
 /// application's connection is the store's connection type.
 #[allow(dead_code)]

@@ -94,14 +94,23 @@
 //! server (or node) restart loads the script again (`NOSCRIPT`, `SCRIPT LOAD`, `EVALSHA`).
 //!
 //! # Operational requirements
+//! - **Redis 7.0 or newer.** Renew, complete and release are scripts with Redis 7 flags
+//!   (`#!lua flags=allow-oom`), and the lease deadline is computed inside the scripts from `TIME`,
+//!   which needs Redis 7's replication of scripts by their effects. On an older Redis every claim
+//!   fails (503, "needs Redis 7.0 or newer") before any handler runs.
 //! - **`maxmemory-policy` must be `noeviction`.** Eviction of a live claim lets a concurrent
 //!   retry claim the key and run the handler while the first execution is still running; eviction
 //!   of a completed record lets the next retry run it again. Every record of this store has an
 //!   expiry, so a `volatile-*` policy (which evicts among keys with an expiry) is exactly as
 //!   unsafe as an `allkeys-*` one; it is tolerable only on a Redis whose memory limit is never
 //!   reached. With `noeviction` a full Redis refuses new claims (`OOM`), which this store reports
-//!   as [`StoreError::Full`] (503): a request is refused rather than run twice. Size `maxmemory`
-//!   for the records kept over the longest `ttl`, or give the store a Redis of its own.
+//!   as [`StoreError::Full`] (503): a request is refused rather than run twice. Work already
+//!   claimed still finishes: renewal, completion and release run with the `allow-oom` script
+//!   flag, so a handler that ran has its outcome stored (and replayed) instead of its claim
+//!   lapsing and a retry running it again; replays and other claims that write nothing are
+//!   answered too. Those writes take Redis past `maxmemory` by at most the responses of the
+//!   requests in flight. Size `maxmemory` for the records kept over the longest `ttl`, or give the
+//!   store a Redis of its own.
 //! - **Persistence:** enable AOF (`appendonly yes`, `appendfsync everysec` or `always`). Without
 //!   it a restart forgets every record, and every retry of an already executed request runs again.
 //!   With `everysec`, up to about a second of records can be lost on a crash.
@@ -110,8 +119,7 @@
 //!   and a retry then runs the handler again. This store cannot prevent that; `WAIT` narrows the
 //!   window but does not close it. Where a second execution is unacceptable even across a
 //!   failover, use the PostgreSQL store.
-//! - Scripts need Redis 5 or newer (`EVALSHA` with effects replication); the cluster needs all
-//!   16384 slots covered (`cluster_state:ok`).
+//! - The cluster needs all 16384 slots covered (`cluster_state:ok`).
 
 use super::{Claim, ClaimToken, RecordKey, Store, StoreError, ABANDONED_CLAIM_RETENTION};
 use crate::fingerprint::Fingerprint;
@@ -149,9 +157,16 @@ pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// existing one. KEYS[1] record, ARGV[1] fingerprint (32 bytes), ARGV[2] new token, ARGV[3] lease
 /// (ms), ARGV[4] retention of an abandoned claim (ms).
 ///
-/// No shebang: Redis runs it in compatibility mode, where only a write is refused on a full Redis
-/// (`OOM`), so a claim that finds a record (a replay, a conflict) is still answered.
+/// No shebang: Redis runs it in compatibility mode, where a full Redis refuses its first write
+/// (`OOM`, hence [`StoreError::Full`]) before anything changed, while a claim that only reads (a
+/// replay, a conflict, a key in progress) is still answered. A shebang without `allow-oom` would
+/// refuse replays too.
 const CLAIM: &str = r#"
+if not redis.REDIS_VERSION_NUM or redis.REDIS_VERSION_NUM < 458752 then
+  -- 458752 is 0x070000: renew, complete and release need Redis 7's script flags. Refuse here,
+  -- before any handler runs, rather than fail their completions.
+  return redis.error_reply('ERR the idempotency store needs Redis 7.0 or newer')
+end
 local key = KEYS[1]
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
@@ -187,6 +202,10 @@ elseif s == 'c' then
 end
 return {'x', 'unknown state'}
 "#;
+
+/// First line of the fenced scripts: Redis 7 lets them write on a full Redis (`maxmemory` reached
+/// under `noeviction`), so work already claimed can finish while new claims are refused.
+const ALLOW_OOM: &str = "#!lua flags=allow-oom\n";
 
 /// Shared prelude of the fenced scripts: `held(token)` is 1 when `token` holds the key's claim,
 /// whatever its lease deadline (it holds it until another claim takes it over), 0 when it does not
@@ -367,9 +386,9 @@ impl RedisStoreBuilder {
             deadline,
             prefix,
             claim: Script::new(CLAIM),
-            renew: Script::new(&format!("{HELD}{RENEW}")),
-            complete: Script::new(&format!("{HELD}{COMPLETE}")),
-            release: Script::new(&format!("{HELD}{RELEASE}")),
+            renew: Script::new(&format!("{ALLOW_OOM}{HELD}{RENEW}")),
+            complete: Script::new(&format!("{ALLOW_OOM}{HELD}{COMPLETE}")),
+            release: Script::new(&format!("{ALLOW_OOM}{HELD}{RELEASE}")),
         })
     }
 }
