@@ -90,8 +90,15 @@
 //! `Mismatch` (fingerprint differs), `Completed` with the response bytes, or `InProgress` with the
 //! remaining lease (`l` minus `TIME`). Renew, complete and release compare the token first and
 //! then move `l` and the expiry, rewrite the record or `DEL` it; a token that does not match (or a
-//! record that is gone) is [`StoreError::Fenced`] and nothing is written. The first call after a
-//! server (or node) restart loads the script again (`NOSCRIPT`, `SCRIPT LOAD`, `EVALSHA`).
+//! record that is gone) is [`StoreError::Fenced`] and nothing is written.
+//!
+//! A node that does not have a script cached (a restarted node, a replica just promoted: Redis
+//! does not replicate its script cache) answers `NOSCRIPT`; the store then sends that one call
+//! again as `EVAL` with the script's text, which runs it and caches it on that node. One more
+//! round trip, once per script and node, to the node of the call's key only: unlike the `redis`
+//! crate's own script invocation, which sends `SCRIPT LOAD` to every master of a cluster and fails
+//! the call when any of them cannot answer, a node that lost its scripts after a failover does not
+//! depend on the health of the others.
 //!
 //! # Operational requirements
 //! - **Redis 7.0 or newer.** Renew, complete and release are scripts with Redis 7 flags
@@ -128,7 +135,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::{RedisError, Script, ScriptInvocation, Value};
+use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind, ToRedisArgs, Value};
 use sha2::{Digest, Sha256};
 use std::fmt;
 use std::time::Duration;
@@ -250,11 +257,67 @@ enum Conn {
 }
 
 impl Conn {
-    async fn invoke(&self, invocation: &ScriptInvocation<'_>) -> Result<Value, RedisError> {
+    async fn query(&self, cmd: &Cmd) -> Result<Value, RedisError> {
         match self {
-            Conn::Single(c) => invocation.invoke_async(&mut c.clone()).await,
-            Conn::Cluster(c) => invocation.invoke_async(&mut c.clone()).await,
+            Conn::Single(c) => cmd.query_async(&mut c.clone()).await,
+            Conn::Cluster(c) => cmd.query_async(&mut c.clone()).await,
         }
+    }
+
+    /// `EVALSHA`, and on `NOSCRIPT` the script itself with `EVAL`, which runs it and caches it on
+    /// that node. Both go to the node of the call's key, so a node without the script (restarted,
+    /// or a replica just promoted) gets it without asking anything of the other nodes: the
+    /// `redis` crate's own `ScriptInvocation` sends `SCRIPT LOAD` to every master of a cluster
+    /// and fails the call when any of them does not answer.
+    async fn invoke(&self, call: &Call<'_>) -> Result<Value, RedisError> {
+        match self.query(&call.cmd("EVALSHA", call.script.hash.as_bytes())).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                self.query(&call.cmd("EVAL", call.script.code.as_bytes())).await
+            }
+            other => other,
+        }
+    }
+}
+
+/// A Lua script and its SHA-1 digest (for `EVALSHA`).
+#[derive(Clone)]
+struct Lua {
+    code: String,
+    hash: String,
+}
+
+impl Lua {
+    fn new(code: String) -> Self {
+        let hash = Script::new(&code).get_hash().to_owned();
+        Self { code, hash }
+    }
+
+    fn call(&self, key: String) -> Call<'_> {
+        Call { script: self, key, args: Vec::new() }
+    }
+}
+
+/// One invocation of a script on one key.
+struct Call<'a> {
+    script: &'a Lua,
+    key: String,
+    args: Vec<Vec<u8>>,
+}
+
+impl Call<'_> {
+    fn arg(mut self, arg: impl ToRedisArgs) -> Self {
+        arg.write_redis_args(&mut self.args);
+        self
+    }
+
+    /// `EVALSHA <hash> 1 <key> <args>...` or `EVAL <code> 1 <key> <args>...`.
+    fn cmd(&self, name: &str, script: &[u8]) -> Cmd {
+        let mut cmd = redis::cmd(name);
+        cmd.arg(script).arg(1).arg(self.key.as_str());
+        for a in &self.args {
+            cmd.arg(a.as_slice());
+        }
+        cmd
     }
 }
 
@@ -385,10 +448,10 @@ impl RedisStoreBuilder {
             conn,
             deadline,
             prefix,
-            claim: Script::new(CLAIM),
-            renew: Script::new(&format!("{ALLOW_OOM}{HELD}{RENEW}")),
-            complete: Script::new(&format!("{ALLOW_OOM}{HELD}{COMPLETE}")),
-            release: Script::new(&format!("{ALLOW_OOM}{HELD}{RELEASE}")),
+            claim: Lua::new(CLAIM.to_owned()),
+            renew: Lua::new(format!("{ALLOW_OOM}{HELD}{RENEW}")),
+            complete: Lua::new(format!("{ALLOW_OOM}{HELD}{COMPLETE}")),
+            release: Lua::new(format!("{ALLOW_OOM}{HELD}{RELEASE}")),
         })
     }
 }
@@ -404,10 +467,10 @@ pub struct RedisStore {
     deadline: Option<Duration>,
     cluster: bool,
     prefix: String,
-    claim: Script,
-    renew: Script,
-    complete: Script,
-    release: Script,
+    claim: Lua,
+    renew: Lua,
+    complete: Lua,
+    release: Lua,
 }
 
 impl fmt::Debug for RedisStore {
@@ -506,8 +569,8 @@ impl RedisStore {
     }
 
     /// Runs one script invocation, within the store's own bound on an application's connection.
-    async fn invoke(&self, invocation: &ScriptInvocation<'_>) -> Result<Value, StoreError> {
-        let run = self.conn.invoke(invocation);
+    async fn invoke(&self, call: &Call<'_>) -> Result<Value, StoreError> {
+        let run = self.conn.invoke(call);
         match self.deadline {
             None => run.await.map_err(unavailable),
             Some(limit) => match tokio::time::timeout(limit, run).await {
@@ -517,8 +580,8 @@ impl RedisStore {
         }
     }
 
-    async fn fenced(&self, invocation: &ScriptInvocation<'_>) -> Result<(), StoreError> {
-        match self.invoke(invocation).await? {
+    async fn fenced(&self, call: &Call<'_>) -> Result<(), StoreError> {
+        match self.invoke(call).await? {
             Value::Int(1) => Ok(()),
             Value::Int(0) => Err(StoreError::Fenced),
             Value::Int(-1) => {
@@ -665,16 +728,25 @@ fn decode_claim(reply: Value, token: ClaimToken) -> Result<Claim, StoreError> {
 impl Store for RedisStore {
     async fn claim(&self, key: &RecordKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
         let token = ClaimToken::generate();
-        let mut inv = self.claim.key(self.redis_key(key));
-        inv.arg(&fingerprint.0[..]).arg(token.0.as_str()).arg(millis(lease)).arg(millis(ABANDONED_CLAIM_RETENTION));
-        let reply = self.invoke(&inv).await?;
+        let call = self
+            .claim
+            .call(self.redis_key(key))
+            .arg(&fingerprint.0[..])
+            .arg(token.0.as_str())
+            .arg(millis(lease))
+            .arg(millis(ABANDONED_CLAIM_RETENTION));
+        let reply = self.invoke(&call).await?;
         decode_claim(reply, token)
     }
 
     async fn renew(&self, key: &RecordKey, token: &ClaimToken, lease: Duration) -> Result<(), StoreError> {
-        let mut inv = self.renew.key(self.redis_key(key));
-        inv.arg(token.0.as_str()).arg(millis(lease)).arg(millis(ABANDONED_CLAIM_RETENTION));
-        self.fenced(&inv).await
+        let call = self
+            .renew
+            .call(self.redis_key(key))
+            .arg(token.0.as_str())
+            .arg(millis(lease))
+            .arg(millis(ABANDONED_CLAIM_RETENTION));
+        self.fenced(&call).await
     }
 
     async fn complete(
@@ -684,15 +756,14 @@ impl Store for RedisStore {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let mut inv = self.complete.key(self.redis_key(key));
-        inv.arg(token.0.as_str()).arg(response.encode()).arg(millis(ttl));
-        self.fenced(&inv).await
+        let call =
+            self.complete.call(self.redis_key(key)).arg(token.0.as_str()).arg(response.encode()).arg(millis(ttl));
+        self.fenced(&call).await
     }
 
     async fn release(&self, key: &RecordKey, token: &ClaimToken) -> Result<(), StoreError> {
-        let mut inv = self.release.key(self.redis_key(key));
-        inv.arg(token.0.as_str());
-        self.fenced(&inv).await
+        let call = self.release.call(self.redis_key(key)).arg(token.0.as_str());
+        self.fenced(&call).await
     }
 
     fn name(&self) -> &'static str {
