@@ -432,6 +432,50 @@ async fn redis_stopped_mid_run_then_restarted() {
     assert!(matches!(s.complete(&k, &t, &response(b"x"), TTL).await, Err(StoreError::Fenced)));
 }
 
+/// A Redis that stops answering without closing anything (paused: its kernel still accepts and
+/// acknowledges) fails each operation of a store with default settings after the default response
+/// timeout, 1 s, within the engine's default store timeout; the same store works again once it
+/// answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unresponsive_redis_fails_operations_after_one_second() {
+    if redis_url().await.is_none() {
+        return;
+    }
+    let server = RedisProcess::start(free_port(false).unwrap(), &[]).await.expect("start redis-server");
+    let s = RedisStore::connect(&format!("{}?prefix={}", server.url(), test_prefix())).await.unwrap();
+    let k = key("paused");
+    let t = acquire(&s, &k, &fp(1), LEASE).await;
+
+    server.pause();
+    for what in ["claim", "renew"] {
+        let started = Instant::now();
+        let r = match what {
+            "claim" => s.claim(&key("while-paused"), &fp(1), LEASE).await.map(|_| ()),
+            _ => s.renew(&k, &t, LEASE).await,
+        };
+        let took = started.elapsed();
+        assert!(matches!(r, Err(StoreError::Unavailable(_))), "{what}: {r:?}");
+        assert!(
+            (Duration::from_millis(900)..Duration::from_millis(1500)).contains(&took),
+            "{what} failed after {took:?}"
+        );
+        println!("{what} on a paused redis failed after {took:?}");
+    }
+    server.resume();
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match s.complete(&k, &t, &response(b"after"), TTL).await {
+            Ok(()) => break,
+            Err(StoreError::Unavailable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            other => panic!("store did not come back: {other:?}"),
+        }
+    }
+    assert_eq!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"after")));
+}
+
 /// Commands executed by clients, from `INFO commandstats`: script invocations separately from
 /// the commands the scripts run inside Redis.
 async fn command_counts(c: &mut redis::aio::MultiplexedConnection) -> BTreeMap<String, u64> {

@@ -33,8 +33,12 @@
 //! A timed-out claim is ambiguous (it may have been written): a retry then finds the key in
 //! progress until the lease expires, and never runs the handler twice. A timed-out renewal has
 //! usually been applied by a Redis that is slow rather than gone; the engine sends the next one a
-//! third of a lease later. Keep leases at least five times the response timeout, so that a renewal
-//! that timed out is followed by another one while the lease still has time left.
+//! sixth of a lease later. The rule that keeps a live claim alive through a renewal that timed out
+//! is that a lease lasts at least six times the store operation timeout: the engine bounds every
+//! store operation by its store timeout (1 s by default, the same as [`DEFAULT_RESPONSE_TIMEOUT`])
+//! and refuses to start when a route's lease is shorter than six times it. Keep this store's
+//! response timeout at most the engine's store timeout (a longer one is cut short by the engine
+//! anyway); to give a slow Redis more time, raise both, and the leases with them.
 //!
 //! A connection of the application's keeps the settings it was built with: the store cannot
 //! change its timeouts or its reconnection policy. [`RedisStoreBuilder::response_timeout`] then
@@ -150,15 +154,19 @@ pub const DEFAULT_PREFIX: &str = "idem:";
 /// before they fail with [`StoreError::Unavailable`]. Two seconds lets one lost `SYN` be
 /// retransmitted (Linux retransmits after one second) rather than failing the attempt.
 pub const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
-/// Default timeout of one command's response: 2 s.
+/// Default timeout of one command's response: 1 s.
 ///
-/// Four times the `redis` crate's own default (500 ms), so a Redis that is slow but alive (a fork
-/// for an AOF rewrite or a snapshot of a large data set, a slow disk under `appendfsync`, another
-/// client's long script) answers late rather than failing claims with 503 and lease renewals with
-/// a warning. A fifth of the default 10 s lease: the engine renews every third of a lease, so
-/// after a renewal that timed out the next one is sent with more than a second of the lease left.
-/// And the longest a request waits for a Redis that has stopped answering before 503.
-pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The engine bounds every store operation by its store timeout (`store_timeout`, 1 s by
+/// default), renews a claim's lease every sixth of the lease, and refuses at start-up a lease
+/// shorter than six times that timeout. This default is the same second, so the store gives up
+/// on a command no later than the engine gives up on the operation, and the engine's default
+/// settings hold for this store as they are. Twice the `redis` crate's own default (500 ms): a
+/// Redis that is slow but alive (a fork for an AOF rewrite or a snapshot of a large data set, a
+/// slow disk under `appendfsync`, another client's long script) mostly answers within it; one that
+/// answers later fails a claim with 503 (the client retries) and a renewal with a warning (the next
+/// one follows a sixth of a lease later, while the lease still runs). And it is the longest a
+/// request waits for a Redis that has stopped answering before 503.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Claim: create the in-progress record, take over one whose lease deadline passed, or report the
 /// existing one. KEYS[1] record, ARGV[1] fingerprint (32 bytes), ARGV[2] new token, ARGV[3] lease
@@ -373,7 +381,8 @@ impl RedisStoreBuilder {
     /// Timeout of one command's response (default [`DEFAULT_RESPONSE_TIMEOUT`]); it bounds how
     /// long a request waits for an unresponsive Redis before failing with
     /// [`StoreError::Unavailable`]. Keep it well above the time to transfer the largest stored
-    /// response, and leases at least five times longer (see the [module documentation](self)).
+    /// response, at most the engine's store timeout, and leases at least six times longer (see
+    /// the [module documentation](self)).
     ///
     /// On a connection of the application's it bounds each whole store operation (one script
     /// invocation, with the script's reload after a server restart), on top of the connection's
