@@ -476,6 +476,64 @@ async fn unresponsive_redis_fails_operations_after_one_second() {
     assert_eq!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"after")));
 }
 
+/// This machine's established IPv4 TCP connections to the loopback `port`, from `/proc/net/tcp`
+/// (Linux): for each, the keepalive timer's time left when one is armed (`tr` 2).
+fn connections_to(port: u16) -> Vec<Option<Duration>> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let remote = format!("0100007F:{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl, local, remote, state (01 established), tx:rx queues, timer:when (clock ticks).
+            if f.get(2) != Some(&remote.as_str()) || f.get(3) != Some(&"01") {
+                return None;
+            }
+            let (timer, when) = f.get(5)?.split_once(':')?;
+            let ticks = u64::from_str_radix(when, 16).ok()?;
+            Some((timer == "02").then(|| Duration::from_millis(ticks * 10)))
+        })
+        .collect()
+}
+
+/// Every connection the store opens, to a single node or to each node of a cluster, has TCP
+/// keepalive on with probes after 5 s idle, so the kernel drops a connection whose peer vanished
+/// without a reset instead of leaving requests to wait on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_the_store_opens_have_keepalive() {
+    if redis_url().await.is_none() {
+        return;
+    }
+    if !std::path::Path::new("/proc/net/tcp").exists() {
+        eprintln!("SKIPPED: no /proc/net/tcp to read TCP timers from");
+        return;
+    }
+    let server = RedisProcess::start(free_port(false).unwrap(), &[]).await.expect("start redis-server");
+    let s = RedisStore::builder(&server.url()).prefix(test_prefix()).build().await.unwrap();
+    acquire(&s, &key("keepalive"), &fp(1), LEASE).await;
+    let conns = connections_to(server.port);
+    assert!(!conns.is_empty(), "no connection to {}", server.port);
+    for timer in &conns {
+        let left = timer.expect("a keepalive timer on the store's connection");
+        assert!(left <= Duration::from_secs(5), "first probe in {left:?}");
+    }
+
+    let Some(cluster) = idempotent_tests::redis_cluster::RedisCluster::start(3, 0, &[]).await else { return };
+    let s = RedisStore::cluster(cluster.urls()).prefix(test_prefix()).build().await.unwrap();
+    for i in 0..30 {
+        acquire(&s, &key(&format!("keepalive-{i}")), &fp(1), LEASE).await;
+    }
+    for port in cluster.ports() {
+        let conns = connections_to(port);
+        assert!(!conns.is_empty(), "no connection to node {port}");
+        for timer in &conns {
+            let left = timer.expect("a keepalive timer on the store's connection");
+            assert!(left <= Duration::from_secs(5), "first probe in {left:?}");
+        }
+    }
+}
+
 /// Commands executed by clients, from `INFO commandstats`: script invocations separately from
 /// the commands the scripts run inside Redis.
 async fn command_counts(c: &mut redis::aio::MultiplexedConnection) -> BTreeMap<String, u64> {

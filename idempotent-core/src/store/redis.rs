@@ -40,8 +40,19 @@
 //! response timeout at most the engine's store timeout (a longer one is cut short by the engine
 //! anyway); to give a slow Redis more time, raise both, and the leases with them.
 //!
+//! A peer that vanishes without a reset (a host that lost power, a network partition, a node
+//! replaced behind the same address) leaves a half-open connection: every request sent on it
+//! would wait the response timeout and fail with 503 until the kernel gives up retransmitting,
+//! about 15 minutes on Linux. The connections the store opens therefore set TCP keepalive (a
+//! first probe after 5 s without traffic, then one a second, three unanswered close it) and, on
+//! Linux, `TCP_USER_TIMEOUT` of 5 s (data unacknowledged for 5 s, or probes unanswered past it,
+//! close it): a vanished peer's connection is closed within about 6 s whether it was idle or
+//! busy, and the next request reconnects, or the cluster client refreshes its slot map, instead
+//! of queueing behind it. They also set `TCP_NODELAY`. [`RedisStore::tcp_settings`] gives the same
+//! settings to an application's own connections.
+//!
 //! A connection of the application's keeps the settings it was built with: the store cannot
-//! change its timeouts or its reconnection policy. [`RedisStoreBuilder::response_timeout`] then
+//! change its timeouts, its TCP settings or its reconnection policy. [`RedisStoreBuilder::response_timeout`] then
 //! bounds each whole store operation on top of them, so even a connection built without a response
 //! timeout fails closed. Build the application's [`ConnectionManager`] with
 //! [`RedisStore::connection_manager_config`] to get the store's own policy (redis 1.x's default
@@ -139,7 +150,8 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind, ToRedisArgs, Value};
+use redis::io::tcp::{socket2::TcpKeepalive, TcpSettings};
+use redis::{Cmd, ErrorKind, IntoConnectionInfo, RedisError, Script, ServerErrorKind, ToRedisArgs, Value};
 use sha2::{Digest, Sha256};
 use std::fmt;
 use std::time::Duration;
@@ -422,7 +434,8 @@ impl RedisStoreBuilder {
         }
         let (conn, deadline) = match target {
             Target::Single(url) => {
-                let client = redis::Client::open(url.as_str()).map_err(config)?;
+                let info = url.as_str().into_connection_info().map_err(config)?;
+                let client = redis::Client::open(info.set_tcp_settings(RedisStore::tcp_settings())).map_err(config)?;
                 let cfg = RedisStore::connection_manager_config()
                     .set_connection_timeout(Some(self.connection_timeout))
                     .set_response_timeout(Some(self.response_timeout));
@@ -433,6 +446,7 @@ impl RedisStoreBuilder {
                     return Err(StoreError::Config("redis cluster specification lists no node".into()));
                 }
                 let client = ClusterClientBuilder::new(nodes)
+                    .tcp_settings(RedisStore::tcp_settings())
                     .connection_timeout(self.connection_timeout)
                     // Per node command; and, explicitly, for the whole request with its retries
                     // and redirections (redis 1.x's default, stated so it does not drift): a
@@ -517,7 +531,10 @@ impl RedisStore {
     /// use idempotent_core::redis::{self, aio::ConnectionManager};
     /// use idempotent_core::store::RedisStore;
     ///
-    /// let client = redis::Client::open("redis://127.0.0.1:6379")?;
+    /// use idempotent_core::redis::IntoConnectionInfo;
+    ///
+    /// let info = "redis://127.0.0.1:6379".into_connection_info()?.set_tcp_settings(RedisStore::tcp_settings());
+    /// let client = redis::Client::open(info)?;
     /// let manager = ConnectionManager::new_with_config(client, RedisStore::connection_manager_config()).await?;
     /// let store = RedisStore::from_connection_manager(manager.clone()).prefix("payments:").build().await?;
     /// // `manager` keeps serving the application's own commands.
@@ -533,7 +550,8 @@ impl RedisStore {
     /// crate of major version 1 ([`crate::redis`]). The store uses (a clone of) it as it is. Build
     /// it with a response timeout (`ClusterClientBuilder::response_timeout`): without one, the
     /// cluster client waits for a node indefinitely and only the store's own bound
-    /// ([`RedisStoreBuilder::response_timeout`]) turns a silent node into 503.
+    /// ([`RedisStoreBuilder::response_timeout`]) turns a silent node into 503; and with the
+    /// store's TCP settings (`ClusterClientBuilder::tcp_settings(RedisStore::tcp_settings())`).
     pub fn from_cluster_connection(connection: ClusterConnection) -> RedisStoreBuilder {
         Self::with_target(Target::Given(Conn::Cluster(connection)))
     }
@@ -551,6 +569,37 @@ impl RedisStore {
             // fails with `Unavailable` at once (about a millisecond for a refused connection)
             // instead of waiting through the retries, and the next request tries again.
             .set_number_of_retries(0)
+    }
+
+    /// The TCP settings of the connections this crate opens (single node and cluster nodes):
+    /// `TCP_NODELAY`, keepalive probes after 5 s idle then every second, and on Linux a
+    /// `TCP_USER_TIMEOUT` of 5 s, so that the kernel drops a connection whose peer vanished
+    /// without a reset in seconds (see the [module documentation](self)). Give them to the
+    /// application's own connections with `ConnectionInfo::set_tcp_settings` (single node) or
+    /// `ClusterClientBuilder::tcp_settings`.
+    pub fn tcp_settings() -> TcpSettings {
+        // First probe after 5 s without traffic.
+        let keepalive = TcpKeepalive::new().with_time(Duration::from_secs(5));
+        // Then one a second; three unanswered close the connection (Linux closes it by the user
+        // timeout below instead, at the first probe past it).
+        #[cfg(any(
+            target_os = "linux",
+            target_os = "android",
+            target_os = "macos",
+            target_os = "ios",
+            target_os = "freebsd",
+            target_os = "netbsd",
+            target_os = "windows"
+        ))]
+        let keepalive = keepalive.with_interval(Duration::from_secs(1)).with_retries(3);
+        // Nagle's algorithm would hold a small command back while an earlier one of the same
+        // multiplexed connection awaits its acknowledgement.
+        let settings = TcpSettings::default().set_nodelay(true).set_keepalive(keepalive);
+        // Data sent and not acknowledged for 5 s closes the connection, instead of the kernel
+        // retransmitting for about 15 minutes.
+        #[cfg(any(target_os = "linux", target_os = "android", target_os = "fuchsia"))]
+        let settings = settings.set_user_timeout(Duration::from_secs(5));
+        settings
     }
 
     fn with_target(target: Target) -> RedisStoreBuilder {
