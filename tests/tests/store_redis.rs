@@ -670,6 +670,9 @@ async fn full_redis_refuses_new_claims_but_lets_claimed_work_finish() {
     }
     let r = s.claim(&key("new"), &fp(1), LEASE).await;
     assert!(matches!(r, Err(StoreError::Full)), "a new claim on a full redis: {r:?}");
+    // As on a node restarted or promoted meanwhile: every script is sent again (`EVAL`), on a
+    // full Redis.
+    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut c).await.unwrap();
 
     // Claims that write nothing are still answered.
     assert_eq!(s.claim(&done, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"early")));

@@ -52,9 +52,9 @@
 //! settings to an application's own connections.
 //!
 //! A connection of the application's keeps the settings it was built with: the store cannot
-//! change its timeouts, its TCP settings or its reconnection policy. [`RedisStoreBuilder::response_timeout`] then
-//! bounds each whole store operation on top of them, so even a connection built without a response
-//! timeout fails closed. Build the application's [`ConnectionManager`] with
+//! change its timeouts, its TCP settings or its reconnection policy.
+//! [`RedisStoreBuilder::response_timeout`] then bounds each whole store operation on top of them,
+//! so even a connection built without a response timeout fails closed. Build the application's [`ConnectionManager`] with
 //! [`RedisStore::connection_manager_config`] to get the store's own policy (redis 1.x's default
 //! retries a lost connection six times with exponential back-off, so during an outage every
 //! request would wait for the store's timeout instead of failing at once), and do not share with
@@ -117,9 +117,9 @@
 //!
 //! # Operational requirements
 //! - **Redis 7.0 or newer.** Renew, complete and release are scripts with Redis 7 flags
-//!   (`#!lua flags=allow-oom`), and the lease deadline is computed inside the scripts from `TIME`,
-//!   which needs Redis 7's replication of scripts by their effects. On an older Redis every claim
-//!   fails (503, "needs Redis 7.0 or newer") before any handler runs.
+//!   (`#!lua flags=allow-oom`), which older servers cannot compile; and the scripts read `TIME`,
+//!   which is sound because Redis 7 always replicates a script by its effects. On an older Redis
+//!   every claim fails (503, "needs Redis 7.0 or newer") before any handler runs.
 //! - **`maxmemory-policy` must be `noeviction`.** Eviction of a live claim lets a concurrent
 //!   retry claim the key and run the handler while the first execution is still running; eviction
 //!   of a completed record lets the next retry run it again. Every record of this store has an
@@ -140,7 +140,13 @@
 //!   primary that fails before the write reaches a replica is lost when that replica is promoted,
 //!   and a retry then runs the handler again. This store cannot prevent that; `WAIT` narrows the
 //!   window but does not close it. Where a second execution is unacceptable even across a
-//!   failover, use the PostgreSQL store.
+//!   failover, use the PostgreSQL store. Otherwise a failover costs availability only: a
+//!   coordinated `CLUSTER FAILOVER` goes unnoticed by the store's requests (its first calls on the
+//!   promoted node load the scripts there), and after a master is lost, requests on its slots fail
+//!   with 503 until its replica is promoted (about `cluster-node-timeout` plus the election), then
+//!   the same store works again. While the cluster client refreshes its slot map it checks every
+//!   node, so a node that accepts connections but does not answer (a hung host) can hold
+//!   requests up for one response timeout then.
 //! - The cluster needs all 16384 slots covered (`cluster_state:ok`).
 
 use super::{Claim, ClaimToken, RecordKey, Store, StoreError, ABANDONED_CLAIM_RETENTION};
