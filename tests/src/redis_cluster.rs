@@ -40,7 +40,10 @@ impl RedisCluster {
     pub async fn start(masters: usize, replicas: usize, extra: &[&str]) -> Option<Self> {
         let cluster = Self::try_start(masters, replicas, extra).await;
         if cluster.is_none() {
-            skip("cluster of the test's own");
+            skip(
+                "cluster of the test's own",
+                "put redis-server and redis-cli (Redis 7) on PATH; the cluster's nodes run on free loopback ports",
+            );
         }
         cluster
     }

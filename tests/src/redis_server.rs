@@ -32,11 +32,10 @@ fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
 }
 
-pub(crate) fn skip(what: &str) {
-    let msg = format!(
-        "SKIPPED: no Redis {what}: set IDEMPOTENT_TEST_REDIS_URL, run redis-server on 127.0.0.1:6379, \
-         or put redis-server and redis-cli on PATH"
-    );
+/// Prints a loud `SKIPPED` line saying what is missing and how to provide it (`hint`), or panics
+/// under `CI=true`.
+pub(crate) fn skip(what: &str, hint: &str) {
+    let msg = format!("SKIPPED: no Redis {what}: {hint}");
     if in_ci() {
         panic!("{msg} (a skip is a failure under CI=true)");
     }
@@ -76,7 +75,10 @@ pub async fn redis_url() -> Option<String> {
         .await
         .clone();
     if url.is_none() {
-        skip("server");
+        skip(
+            "server",
+            "set IDEMPOTENT_TEST_REDIS_URL, run redis-server on 127.0.0.1:6379, or put redis-server on PATH",
+        );
     }
     url
 }
@@ -87,7 +89,7 @@ pub async fn redis_url() -> Option<String> {
 pub async fn redis_cluster() -> Option<Vec<String>> {
     let nodes = CLUSTER.get_or_init(start_cluster).await.clone();
     if nodes.is_none() {
-        skip("cluster");
+        skip("cluster", "put redis-server and redis-cli on PATH (the cluster is started from them)");
     }
     nodes
 }
