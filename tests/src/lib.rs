@@ -10,6 +10,7 @@ pub mod http;
 pub mod identity;
 pub mod postgres;
 pub mod process;
+pub mod redis_cluster;
 pub mod redis_server;
 
 /// The README's Rust examples, compiled (and run) as doctests so they cannot drift from the API.

@@ -3,7 +3,8 @@
 //! [`redis_url`] finds a single node: `IDEMPOTENT_TEST_REDIS_URL` when set, else
 //! `redis://127.0.0.1:6379` when it answers `PING`, else a `redis-server` from `PATH` started on a
 //! free loopback port (without persistence). [`redis_cluster`] starts a three-master Redis Cluster
-//! on loopback ports, once per test binary. When no server can be had the tests print a loud
+//! on loopback ports, once per test binary, shared by its tests; a test that changes a cluster's
+//! topology starts one of its own ([`crate::redis_cluster::RedisCluster`]). When no server can be had the tests print a loud
 //! `SKIPPED` line and pass — except under `CI=true`, where that is a failure.
 //!
 //! Servers started here run in the foreground as child processes, each in its own temporary
@@ -31,11 +32,10 @@ fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
 }
 
-fn skip(what: &str) {
-    let msg = format!(
-        "SKIPPED: no Redis {what}: set IDEMPOTENT_TEST_REDIS_URL, run redis-server on 127.0.0.1:6379, \
-         or put redis-server and redis-cli on PATH"
-    );
+/// Prints a loud `SKIPPED` line saying what is missing and how to provide it (`hint`), or panics
+/// under `CI=true`.
+pub(crate) fn skip(what: &str, hint: &str) {
+    let msg = format!("SKIPPED: no Redis {what}: {hint}");
     if in_ci() {
         panic!("{msg} (a skip is a failure under CI=true)");
     }
@@ -75,7 +75,10 @@ pub async fn redis_url() -> Option<String> {
         .await
         .clone();
     if url.is_none() {
-        skip("server");
+        skip(
+            "server",
+            "set IDEMPOTENT_TEST_REDIS_URL, run redis-server on 127.0.0.1:6379, or put redis-server on PATH",
+        );
     }
     url
 }
@@ -86,61 +89,17 @@ pub async fn redis_url() -> Option<String> {
 pub async fn redis_cluster() -> Option<Vec<String>> {
     let nodes = CLUSTER.get_or_init(start_cluster).await.clone();
     if nodes.is_none() {
-        skip("cluster");
+        skip("cluster", "put redis-server and redis-cli on PATH (the cluster is started from them)");
     }
     nodes
 }
 
 async fn start_cluster() -> Option<Vec<String>> {
-    let mut servers = Vec::new();
-    for _ in 0..3 {
-        let port = free_port(true)?;
-        let conf = format!("nodes-{port}.conf");
-        let server = RedisProcess::start(port, &["--cluster-enabled", "yes", "--cluster-config-file", &conf]).await?;
-        servers.push(server);
-    }
-    let mut create = Command::new("redis-cli");
-    create.arg("--cluster").arg("create");
-    for s in &servers {
-        create.arg(format!("127.0.0.1:{}", s.port));
-    }
-    create.args(["--cluster-replicas", "0", "--cluster-yes"]).stdin(Stdio::null());
-    let out = create.output().ok()?;
-    if !out.status.success() {
-        eprintln!(
-            "redis-cli --cluster create failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        return None;
-    }
-    let urls: Vec<String> = servers.iter().map(RedisProcess::url).collect();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let mut ok = true;
-        for url in &urls {
-            ok &= cluster_ok(url).await;
-        }
-        if ok {
-            break;
-        }
-        if Instant::now() > deadline {
-            eprintln!("redis cluster did not reach cluster_state:ok");
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    for s in servers {
-        std::mem::forget(s);
-    }
+    let cluster = crate::redis_cluster::RedisCluster::try_start(3, 0, &[]).await?;
+    let urls = cluster.urls();
+    // Kept running until the test binary exits (see the module docs).
+    std::mem::forget(cluster);
     Some(urls)
-}
-
-async fn cluster_ok(url: &str) -> bool {
-    let Ok(client) = redis::Client::open(url) else { return false };
-    let Ok(mut c) = client.get_multiplexed_async_connection().await else { return false };
-    let info: String = redis::cmd("CLUSTER").arg("INFO").query_async(&mut c).await.unwrap_or_default();
-    info.lines().any(|l| l.trim() == "cluster_state:ok")
 }
 
 /// A free loopback port; with `bus`, one whose cluster bus port (`port + 10000`) is free too.
@@ -206,6 +165,22 @@ impl RedisProcess {
     /// `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (SIGSTOP) without closing anything: its kernel still accepts connections
+    /// and acknowledges what is sent, but nothing is answered until [`resume`](Self::resume).
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Lets a [paused](Self::pause) server run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{name} {}", self.child.id());
     }
 
     /// Kills the server (SIGKILL: no shutdown, no goodbye to clients) and waits for it to exit.

@@ -191,10 +191,29 @@ async fn foreign_or_corrupt_values_are_corrupt_never_overwritten() {
         .arg(&f32)
         .arg("t")
         .arg("x")
+        .arg("l")
+        .arg("99999999999999")
         .query_async(&mut c)
         .await
         .unwrap();
     corrupt(s.claim(&key("no-expiry"), &fp(1), LEASE).await, "no expiry");
+
+    // An in-progress record of this token without a lease deadline, or with one that is not a
+    // number of milliseconds: neither taken over nor renewed, completed or released.
+    for (name, deadline) in [("no-deadline", None), ("bad-deadline", Some("soon")), ("inf-deadline", Some("inf"))] {
+        let k = s.redis_key(&key(name));
+        let mut hset = redis::cmd("HSET");
+        hset.arg(&k).arg("s").arg("p").arg("f").arg(&f32).arg("t").arg(&token.0);
+        if let Some(d) = deadline {
+            hset.arg("l").arg(d);
+        }
+        let _: () = hset.query_async(&mut c).await.unwrap();
+        let _: () = redis::cmd("PEXPIRE").arg(&k).arg(60_000).query_async(&mut c).await.unwrap();
+        check(name).await;
+        let kept: BTreeMap<String, Vec<u8>> = redis::cmd("HGETALL").arg(&k).query_async(&mut c).await.unwrap();
+        assert_eq!(kept["t"], token.0.as_bytes(), "{name} is never overwritten");
+        assert_eq!(kept.get("l").map(Vec::as_slice), deadline.map(str::as_bytes), "{name} is never overwritten");
+    }
 
     // A fingerprint of the wrong length.
     let k = s.redis_key(&key("short-fp"));
@@ -233,6 +252,15 @@ async fn foreign_or_corrupt_values_are_corrupt_never_overwritten() {
     acquire(&s, &key("string"), &fp(1), LEASE).await;
 }
 
+/// Redis's clock in milliseconds, as the scripts read it.
+async fn redis_now(c: &mut redis::aio::MultiplexedConnection) -> i64 {
+    let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(c).await.unwrap();
+    secs * 1000 + micros / 1000
+}
+
+/// One hash per record: an in-progress record keeps its lease deadline (`l`, by Redis's clock)
+/// in the hash and outlives it by the retention of an abandoned claim; renewal moves both; a
+/// completed record has no token nor deadline and expires `ttl` after completion.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn record_layout_is_one_hash_with_expiry() {
     let Some(url) = redis_url().await else { return };
@@ -242,19 +270,58 @@ async fn record_layout_is_one_hash_with_expiry() {
     let rk = s.redis_key(&k);
     assert!(rk.starts_with(&format!("{prefix}{{")) && rk.ends_with('}') && rk.len() == prefix.len() + 66, "{rk}");
     let mut c = raw(&url).await;
+    let retention = i64::try_from(idempotent_core::store::ABANDONED_CLAIM_RETENTION.as_millis()).unwrap();
+    let lease_left = |h: &BTreeMap<String, Vec<u8>>, now: i64| {
+        std::str::from_utf8(&h["l"]).unwrap().parse::<i64>().expect("l is decimal milliseconds") - now
+    };
+
     let t = acquire(&s, &k, &fp(1), Duration::from_secs(10)).await;
     let h: BTreeMap<String, Vec<u8>> = redis::cmd("HGETALL").arg(&rk).query_async(&mut c).await.unwrap();
-    assert_eq!(h.keys().map(String::as_str).collect::<Vec<_>>(), ["f", "s", "t"]);
+    let now = redis_now(&mut c).await;
+    assert_eq!(h.keys().map(String::as_str).collect::<Vec<_>>(), ["f", "l", "s", "t"]);
     assert_eq!(h["s"], b"p");
     assert_eq!(h["f"], fp(1).0);
+    assert_eq!(h["t"], t.0.as_bytes());
+    assert!((9_000..=10_000).contains(&lease_left(&h, now)), "{}", lease_left(&h, now));
     let pttl: i64 = redis::cmd("PTTL").arg(&rk).query_async(&mut c).await.unwrap();
-    assert!((9_000..=10_000).contains(&pttl), "{pttl}");
+    assert!((retention + 9_000..=retention + 10_000).contains(&pttl), "{pttl}");
+
+    s.renew(&k, &t, Duration::from_secs(20)).await.unwrap();
+    let h: BTreeMap<String, Vec<u8>> = redis::cmd("HGETALL").arg(&rk).query_async(&mut c).await.unwrap();
+    let now = redis_now(&mut c).await;
+    assert!((19_000..=20_000).contains(&lease_left(&h, now)), "{}", lease_left(&h, now));
+    let pttl: i64 = redis::cmd("PTTL").arg(&rk).query_async(&mut c).await.unwrap();
+    assert!((retention + 19_000..=retention + 20_000).contains(&pttl), "{pttl}");
+
     s.complete(&k, &t, &response(b"done"), Duration::from_secs(600)).await.unwrap();
     let h: BTreeMap<String, Vec<u8>> = redis::cmd("HGETALL").arg(&rk).query_async(&mut c).await.unwrap();
     assert_eq!(h.keys().map(String::as_str).collect::<Vec<_>>(), ["f", "r", "s"]);
     assert_eq!(h["r"], response(b"done").encode());
     let pttl: i64 = redis::cmd("PTTL").arg(&rk).query_async(&mut c).await.unwrap();
     assert!((599_000..=600_000).contains(&pttl), "{pttl}");
+}
+
+/// An in-progress record whose lease has passed stays in Redis (its late worker may still
+/// complete it) until a claim takes it over: that claim acquires it with a new token even with
+/// another fingerprint, and the late worker is fenced from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_claim_is_kept_until_a_claim_of_any_fingerprint_takes_it_over() {
+    let Some(url) = redis_url().await else { return };
+    let s = RedisStore::builder(&url).prefix(test_prefix()).build().await.unwrap();
+    let mut c = raw(&url).await;
+    let k = key("kept");
+    let late = acquire(&s, &k, &fp(1), Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let exists: bool = redis::cmd("EXISTS").arg(s.redis_key(&k)).query_async(&mut c).await.unwrap();
+    assert!(exists, "an in-progress record outlives its lease");
+    let fresh = acquire(&s, &k, &fp(2), LEASE).await;
+    assert_ne!(fresh, late);
+    assert!(matches!(s.renew(&k, &late, LEASE).await, Err(StoreError::Fenced)));
+    assert!(matches!(s.complete(&k, &late, &response(b"late"), TTL).await, Err(StoreError::Fenced)));
+    assert!(matches!(s.release(&k, &late).await, Err(StoreError::Fenced)));
+    assert_eq!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Mismatch);
+    s.complete(&k, &fresh, &response(b"fresh"), TTL).await.unwrap();
+    assert_eq!(s.claim(&k, &fp(2), LEASE).await.unwrap(), Claim::Completed(response(b"fresh")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -365,6 +432,108 @@ async fn redis_stopped_mid_run_then_restarted() {
     assert!(matches!(s.complete(&k, &t, &response(b"x"), TTL).await, Err(StoreError::Fenced)));
 }
 
+/// A Redis that stops answering without closing anything (paused: its kernel still accepts and
+/// acknowledges) fails each operation of a store with default settings after the default response
+/// timeout, 1 s, within the engine's default store timeout; the same store works again once it
+/// answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unresponsive_redis_fails_operations_after_one_second() {
+    if redis_url().await.is_none() {
+        return;
+    }
+    let server = RedisProcess::start(free_port(false).unwrap(), &[]).await.expect("start redis-server");
+    let s = RedisStore::connect(&format!("{}?prefix={}", server.url(), test_prefix())).await.unwrap();
+    let k = key("paused");
+    let t = acquire(&s, &k, &fp(1), LEASE).await;
+
+    server.pause();
+    for what in ["claim", "renew"] {
+        let started = Instant::now();
+        let r = match what {
+            "claim" => s.claim(&key("while-paused"), &fp(1), LEASE).await.map(|_| ()),
+            _ => s.renew(&k, &t, LEASE).await,
+        };
+        let took = started.elapsed();
+        assert!(matches!(r, Err(StoreError::Unavailable(_))), "{what}: {r:?}");
+        assert!(
+            (Duration::from_millis(900)..Duration::from_millis(1500)).contains(&took),
+            "{what} failed after {took:?}"
+        );
+        println!("{what} on a paused redis failed after {took:?}");
+    }
+    server.resume();
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match s.complete(&k, &t, &response(b"after"), TTL).await {
+            Ok(()) => break,
+            Err(StoreError::Unavailable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            other => panic!("store did not come back: {other:?}"),
+        }
+    }
+    assert_eq!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"after")));
+}
+
+/// This machine's established IPv4 TCP connections to the loopback `port`, from `/proc/net/tcp`
+/// (Linux): for each, the keepalive timer's time left when one is armed (`tr` 2).
+fn connections_to(port: u16) -> Vec<Option<Duration>> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let remote = format!("0100007F:{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl, local, remote, state (01 established), tx:rx queues, timer:when (clock ticks).
+            if f.get(2) != Some(&remote.as_str()) || f.get(3) != Some(&"01") {
+                return None;
+            }
+            let (timer, when) = f.get(5)?.split_once(':')?;
+            let ticks = u64::from_str_radix(when, 16).ok()?;
+            Some((timer == "02").then(|| Duration::from_millis(ticks * 10)))
+        })
+        .collect()
+}
+
+/// Every connection the store opens, to a single node or to each node of a cluster, has TCP
+/// keepalive on with probes after 5 s idle, so the kernel drops a connection whose peer vanished
+/// without a reset instead of leaving requests to wait on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_the_store_opens_have_keepalive() {
+    if redis_url().await.is_none() {
+        return;
+    }
+    if !std::path::Path::new("/proc/net/tcp").exists() {
+        eprintln!("SKIPPED: no /proc/net/tcp to read TCP timers from");
+        return;
+    }
+    let server = RedisProcess::start(free_port(false).unwrap(), &[]).await.expect("start redis-server");
+    let s = RedisStore::builder(&server.url()).prefix(test_prefix()).build().await.unwrap();
+    acquire(&s, &key("keepalive"), &fp(1), LEASE).await;
+    let conns = connections_to(server.port);
+    assert!(!conns.is_empty(), "no connection to {}", server.port);
+    for timer in &conns {
+        let left = timer.expect("a keepalive timer on the store's connection");
+        assert!(left <= Duration::from_secs(5), "first probe in {left:?}");
+    }
+
+    let Some(cluster) = idempotent_tests::redis_cluster::RedisCluster::start(3, 0, &[]).await else { return };
+    let s = RedisStore::cluster(cluster.urls()).prefix(test_prefix()).build().await.unwrap();
+    for i in 0..30 {
+        acquire(&s, &key(&format!("keepalive-{i}")), &fp(1), LEASE).await;
+    }
+    for port in cluster.ports() {
+        let conns = connections_to(port);
+        assert!(!conns.is_empty(), "no connection to node {port}");
+        for timer in &conns {
+            let left = timer.expect("a keepalive timer on the store's connection");
+            assert!(left <= Duration::from_secs(5), "first probe in {left:?}");
+        }
+    }
+}
+
 /// Commands executed by clients, from `INFO commandstats`: script invocations separately from
 /// the commands the scripts run inside Redis.
 async fn command_counts(c: &mut redis::aio::MultiplexedConnection) -> BTreeMap<String, u64> {
@@ -414,7 +583,7 @@ async fn measure(
 ) -> u64 {
     // Commands a script runs inside Redis, and this measurement's own; every other command came
     // from the store.
-    const IN_SCRIPT: &[&str] = &["type", "hset", "hmget", "pexpire", "pttl", "hdel", "del"];
+    const IN_SCRIPT: &[&str] = &["type", "time", "hset", "hmget", "pexpire", "pttl", "hdel", "del"];
     const OURS: &[&str] = &["info"];
     let before = command_counts(c).await;
     run.await;
@@ -461,6 +630,71 @@ async fn full_redis_refuses_claims_rather_than_evicting() {
     for k in &stored {
         assert_eq!(s.claim(k, &fp(1), LEASE).await.unwrap(), Claim::Completed(big.clone()));
     }
+}
+
+/// A full Redis (`maxmemory` reached under `noeviction`) refuses new claims with `Full`, but the
+/// work already claimed finishes: renewal, completion (with a response of several KB) and release
+/// still succeed, the completed key replays, and replays and conflicts are still answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_redis_refuses_new_claims_but_lets_claimed_work_finish() {
+    if redis_url().await.is_none() {
+        return;
+    }
+    let args = ["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"];
+    let server = RedisProcess::start(free_port(false).unwrap(), &args).await.expect("start redis-server");
+    let s = RedisStore::builder(&server.url()).prefix(test_prefix()).build().await.unwrap();
+    let done = key("done-before");
+    let t = acquire(&s, &done, &fp(1), LEASE).await;
+    s.complete(&done, &t, &response(b"early"), TTL).await.unwrap();
+    let (renewed, completed, released) = (key("renewed"), key("completed"), key("released"));
+    let t_renew = acquire(&s, &renewed, &fp(1), LEASE).await;
+    let t_complete = acquire(&s, &completed, &fp(1), LEASE).await;
+    let t_release = acquire(&s, &released, &fp(1), LEASE).await;
+
+    // Other data fills the memory until Redis refuses even a small write (a large value refused
+    // counts its own request buffer, freed once refused).
+    let mut c = raw(&server.url()).await;
+    let mut filled = 0;
+    for size in [64 * 1024, 4096, 256, 16] {
+        let chunk = vec![b'x'; size];
+        loop {
+            let r: redis::RedisResult<()> =
+                redis::cmd("SET").arg(format!("filler:{filled}")).arg(&chunk).query_async(&mut c).await;
+            match r {
+                Ok(()) => filled += 1,
+                Err(e) if e.code() == Some("OOM") => break,
+                Err(e) => panic!("filling redis: {e}"),
+            }
+            assert!(filled < 100_000, "maxmemory never reached");
+        }
+    }
+    let r = s.claim(&key("new"), &fp(1), LEASE).await;
+    assert!(matches!(r, Err(StoreError::Full)), "a new claim on a full redis: {r:?}");
+    // As on a node restarted or promoted meanwhile: every script is sent again (`EVAL`), on a
+    // full Redis.
+    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut c).await.unwrap();
+
+    // Claims that write nothing are still answered.
+    assert_eq!(s.claim(&done, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"early")));
+    assert_eq!(s.claim(&done, &fp(2), LEASE).await.unwrap(), Claim::Mismatch);
+    assert!(matches!(s.claim(&renewed, &fp(1), LEASE).await.unwrap(), Claim::InProgress { .. }));
+
+    // Work already claimed finishes.
+    s.renew(&renewed, &t_renew, LEASE).await.expect("renewal on a full redis");
+    let mut big = response(b"");
+    big.body = bytes::Bytes::from(vec![7u8; 16 * 1024]);
+    s.complete(&completed, &t_complete, &big, TTL).await.expect("completion on a full redis");
+    s.release(&released, &t_release).await.expect("release on a full redis");
+    assert_eq!(s.claim(&completed, &fp(1), LEASE).await.unwrap(), Claim::Completed(big));
+    s.complete(&renewed, &t_renew, &response(b"late"), TTL).await.expect("completion on a full redis");
+    assert_eq!(s.claim(&renewed, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"late")));
+    // The released key is free, but a full redis takes no new claim on it.
+    let r = s.claim(&released, &fp(1), LEASE).await;
+    assert!(matches!(r, Err(StoreError::Full)), "a new claim on a full redis: {r:?}");
+
+    // Room again: claims are taken again.
+    let _: () = redis::cmd("FLUSHDB").query_async(&mut c).await.unwrap();
+    acquire(&s, &released, &fp(1), LEASE).await;
 }
 
 /// The tests crate's `redis` (the workspace's) and the store's re-export are one crate, so an

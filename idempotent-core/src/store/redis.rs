@@ -33,13 +33,28 @@
 //! A timed-out claim is ambiguous (it may have been written): a retry then finds the key in
 //! progress until the lease expires, and never runs the handler twice. A timed-out renewal has
 //! usually been applied by a Redis that is slow rather than gone; the engine sends the next one a
-//! third of a lease later. Keep leases at least five times the response timeout, so that a renewal
-//! that timed out is followed by another one while the lease still has time left.
+//! sixth of a lease later. The rule that keeps a live claim alive through a renewal that timed out
+//! is that a lease lasts at least six times the store operation timeout: the engine bounds every
+//! store operation by its store timeout (1 s by default, the same as [`DEFAULT_RESPONSE_TIMEOUT`])
+//! and refuses to start when a route's lease is shorter than six times it. Keep this store's
+//! response timeout at most the engine's store timeout (a longer one is cut short by the engine
+//! anyway); to give a slow Redis more time, raise both, and the leases with them.
+//!
+//! A peer that vanishes without a reset (a host that lost power, a network partition, a node
+//! replaced behind the same address) leaves a half-open connection: every request sent on it
+//! would wait the response timeout and fail with 503 until the kernel gives up retransmitting,
+//! about 15 minutes on Linux. The connections the store opens therefore set TCP keepalive (a
+//! first probe after 5 s without traffic, then one a second, three unanswered close it) and, on
+//! Linux, `TCP_USER_TIMEOUT` of 5 s (data unacknowledged for 5 s, or probes unanswered past it,
+//! close it): a vanished peer's connection is closed within about 6 s whether it was idle or
+//! busy, and the next request reconnects, or the cluster client refreshes its slot map, instead
+//! of queueing behind it. They also set `TCP_NODELAY`. [`RedisStore::tcp_settings`] gives the same
+//! settings to an application's own connections.
 //!
 //! A connection of the application's keeps the settings it was built with: the store cannot
-//! change its timeouts or its reconnection policy. [`RedisStoreBuilder::response_timeout`] then
-//! bounds each whole store operation on top of them, so even a connection built without a response
-//! timeout fails closed. Build the application's [`ConnectionManager`] with
+//! change its timeouts, its TCP settings or its reconnection policy.
+//! [`RedisStoreBuilder::response_timeout`] then bounds each whole store operation on top of them,
+//! so even a connection built without a response timeout fails closed. Build the application's [`ConnectionManager`] with
 //! [`RedisStore::connection_manager_config`] to get the store's own policy (redis 1.x's default
 //! retries a lost connection six times with exponential back-off, so during an outage every
 //! request would wait for the store's timeout instead of failing at once), and do not share with
@@ -59,35 +74,65 @@
 //! - `s`: state, `p` (in progress) or `c` (completed);
 //! - `f`: the 32-byte SHA-256 request fingerprint;
 //! - `t`: the claim token (in progress only);
+//! - `l`: the lease deadline (in progress only), in decimal milliseconds since the Unix epoch by
+//!   Redis's clock;
 //! - `r`: the response in [`StoredResponse::encode`]'s binary form (completed only).
 //!
-//! The key's own Redis expiry carries time: an in-progress record expires with its lease (so a
-//! crashed worker's claim simply vanishes and the next claim finds the key absent), a completed
-//! record `ttl` after completion. Only Redis's clock is used: no client clock, no sweeper.
+//! Time is Redis's own: the scripts read the lease deadline's clock with `TIME`, and the key's
+//! expiry forgets records; no client clock, no sweeper. Redis 7 replicates a script by its effects
+//! (the `HSET` of the deadline it computed), so a replica, an AOF replay and a promoted replica
+//! hold the very same deadline.
+//!
+//! A claim holds its record until the record is completed or released, or until another claim
+//! takes it over, which is only possible once `l` has passed (see
+//! [who holds a record](super::Store#who-holds-a-record)): a worker slowed past its lease (a store
+//! outage, a long pause) still renews, completes or releases it as long as nobody took it. So the
+//! key of an in-progress record expires [`ABANDONED_CLAIM_RETENTION`] (10 minutes) after its lease
+//! deadline, and each renewal moves both; the claim of a worker that crashed is taken over by the
+//! first claim after `l`, with a new token and whatever its fingerprint, as if the key were
+//! absent, and the record of a claim nobody takes again is forgotten by that expiry. A completed
+//! record expires `ttl` after completion.
 //!
 //! A value under the prefix that is not such a hash (another type, missing or malformed fields,
-//! bytes that do not decode, an in-progress record without expiry) is [`StoreError::Corrupt`] and
-//! is never overwritten.
+//! bytes that do not decode, an in-progress record without a lease deadline or without expiry) is
+//! [`StoreError::Corrupt`] and is never overwritten.
 //!
 //! # Round trips
 //! Each operation is one `EVALSHA` of a Lua script, executed atomically by Redis: a first
 //! execution costs two commands (claim, complete), a replay one (claim). The claim script creates
-//! the in-progress record (`HSET` + `PEXPIRE`) when the key is absent, and otherwise answers the
-//! existing record's verdict: `Mismatch` (fingerprint differs), `Completed` with the response bytes,
-//! or `InProgress` with the remaining lease (`PTTL`). Renew, complete and release compare the
-//! token first and then `PEXPIRE`, rewrite or `DEL` the record; a token that does not match (or a
-//! record that is gone) is [`StoreError::Fenced`] and nothing is written. The first call after a
-//! server (or node) restart loads the script again (`NOSCRIPT`, `SCRIPT LOAD`, `EVALSHA`).
+//! the in-progress record (`HSET` + `PEXPIRE`) when the key is absent or holds an in-progress
+//! record whose lease deadline has passed, and otherwise answers the existing record's verdict:
+//! `Mismatch` (fingerprint differs), `Completed` with the response bytes, or `InProgress` with the
+//! remaining lease (`l` minus `TIME`). Renew, complete and release compare the token first and
+//! then move `l` and the expiry, rewrite the record or `DEL` it; a token that does not match (or a
+//! record that is gone) is [`StoreError::Fenced`] and nothing is written.
+//!
+//! A node that does not have a script cached (a restarted node, a replica just promoted: Redis
+//! does not replicate its script cache) answers `NOSCRIPT`; the store then sends that one call
+//! again as `EVAL` with the script's text, which runs it and caches it on that node. One more
+//! round trip, once per script and node, to the node of the call's key only: unlike the `redis`
+//! crate's own script invocation, which sends `SCRIPT LOAD` to every master of a cluster and fails
+//! the call when any of them cannot answer, a node that lost its scripts after a failover does not
+//! depend on the health of the others.
 //!
 //! # Operational requirements
+//! - **Redis 7.0 or newer.** Renew, complete and release are scripts with Redis 7 flags
+//!   (`#!lua flags=allow-oom`), which older servers cannot compile; and the scripts read `TIME`,
+//!   which is sound because Redis 7 always replicates a script by its effects. On an older Redis
+//!   every claim fails (503, "needs Redis 7.0 or newer") before any handler runs.
 //! - **`maxmemory-policy` must be `noeviction`.** Eviction of a live claim lets a concurrent
 //!   retry claim the key and run the handler while the first execution is still running; eviction
 //!   of a completed record lets the next retry run it again. Every record of this store has an
 //!   expiry, so a `volatile-*` policy (which evicts among keys with an expiry) is exactly as
 //!   unsafe as an `allkeys-*` one; it is tolerable only on a Redis whose memory limit is never
 //!   reached. With `noeviction` a full Redis refuses new claims (`OOM`), which this store reports
-//!   as [`StoreError::Full`] (503): a request is refused rather than run twice. Size `maxmemory`
-//!   for the records kept over the longest `ttl`, or give the store a Redis of its own.
+//!   as [`StoreError::Full`] (503): a request is refused rather than run twice. Work already
+//!   claimed still finishes: renewal, completion and release run with the `allow-oom` script
+//!   flag, so a handler that ran has its outcome stored (and replayed) instead of its claim
+//!   lapsing and a retry running it again; replays and other claims that write nothing are
+//!   answered too. Those writes take Redis past `maxmemory` by at most the responses of the
+//!   requests in flight. Size `maxmemory` for the records kept over the longest `ttl`, or give the
+//!   store a Redis of its own.
 //! - **Persistence:** enable AOF (`appendonly yes`, `appendfsync everysec` or `always`). Without
 //!   it a restart forgets every record, and every retry of an already executed request runs again.
 //!   With `everysec`, up to about a second of records can be lost on a crash.
@@ -95,18 +140,24 @@
 //!   primary that fails before the write reaches a replica is lost when that replica is promoted,
 //!   and a retry then runs the handler again. This store cannot prevent that; `WAIT` narrows the
 //!   window but does not close it. Where a second execution is unacceptable even across a
-//!   failover, use the PostgreSQL store.
-//! - Scripts need Redis 5 or newer (`EVALSHA` with effects replication); the cluster needs all
-//!   16384 slots covered (`cluster_state:ok`).
+//!   failover, use the PostgreSQL store. Otherwise a failover costs availability only: a
+//!   coordinated `CLUSTER FAILOVER` goes unnoticed by the store's requests (its first calls on the
+//!   promoted node load the scripts there), and after a master is lost, requests on its slots fail
+//!   with 503 until its replica is promoted (about `cluster-node-timeout` plus the election), then
+//!   the same store works again. While the cluster client refreshes its slot map it checks every
+//!   node, so a node that accepts connections but does not answer (a hung host) can hold
+//!   requests up for one response timeout then.
+//! - The cluster needs all 16384 slots covered (`cluster_state:ok`).
 
-use super::{Claim, ClaimToken, RecordKey, Store, StoreError};
+use super::{Claim, ClaimToken, RecordKey, Store, StoreError, ABANDONED_CLAIM_RETENTION};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::{RedisError, Script, ScriptInvocation, Value};
+use redis::io::tcp::{socket2::TcpKeepalive, TcpSettings};
+use redis::{Cmd, ErrorKind, IntoConnectionInfo, RedisError, Script, ServerErrorKind, ToRedisArgs, Value};
 use sha2::{Digest, Sha256};
 use std::fmt;
 use std::time::Duration;
@@ -121,36 +172,62 @@ pub const DEFAULT_PREFIX: &str = "idem:";
 /// before they fail with [`StoreError::Unavailable`]. Two seconds lets one lost `SYN` be
 /// retransmitted (Linux retransmits after one second) rather than failing the attempt.
 pub const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
-/// Default timeout of one command's response: 2 s.
+/// Default timeout of one command's response: 1 s.
 ///
-/// Four times the `redis` crate's own default (500 ms), so a Redis that is slow but alive (a fork
-/// for an AOF rewrite or a snapshot of a large data set, a slow disk under `appendfsync`, another
-/// client's long script) answers late rather than failing claims with 503 and lease renewals with
-/// a warning. A fifth of the default 10 s lease: the engine renews every third of a lease, so
-/// after a renewal that timed out the next one is sent with more than a second of the lease left.
-/// And the longest a request waits for a Redis that has stopped answering before 503.
-pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The engine bounds every store operation by its store timeout (`store_timeout`, 1 s by
+/// default), renews a claim's lease every sixth of the lease, and refuses at start-up a lease
+/// shorter than six times that timeout. This default is the same second, so the store gives up
+/// on a command no later than the engine gives up on the operation, and the engine's default
+/// settings hold for this store as they are. Twice the `redis` crate's own default (500 ms): a
+/// Redis that is slow but alive (a fork for an AOF rewrite or a snapshot of a large data set, a
+/// slow disk under `appendfsync`, another client's long script) mostly answers within it; one that
+/// answers later fails a claim with 503 (the client retries) and a renewal with a warning (the next
+/// one follows a sixth of a lease later, while the lease still runs). And it is the longest a
+/// request waits for a Redis that has stopped answering before 503.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Claim: create the in-progress record or report the existing one.
-/// KEYS[1] record, ARGV[1] fingerprint (32 bytes), ARGV[2] new token, ARGV[3] lease (ms).
+/// Claim: create the in-progress record, take over one whose lease deadline passed, or report the
+/// existing one. KEYS[1] record, ARGV[1] fingerprint (32 bytes), ARGV[2] new token, ARGV[3] lease
+/// (ms), ARGV[4] retention of an abandoned claim (ms).
+///
+/// No shebang: Redis runs it in compatibility mode, where a full Redis refuses its first write
+/// (`OOM`, hence [`StoreError::Full`]) before anything changed, while a claim that only reads (a
+/// replay, a conflict, a key in progress) is still answered. A shebang without `allow-oom` would
+/// refuse replays too.
 const CLAIM: &str = r#"
+if not redis.REDIS_VERSION_NUM or redis.REDIS_VERSION_NUM < 458752 then
+  -- 458752 is 0x070000: renew, complete and release need Redis 7's script flags. Refuse here,
+  -- before any handler runs, rather than fail their completions.
+  return redis.error_reply('ERR the idempotency store needs Redis 7.0 or newer')
+end
 local key = KEYS[1]
-local kind = redis.call('TYPE', key)['ok']
-if kind == 'none' then
-  redis.call('HSET', key, 's', 'p', 't', ARGV[2], 'f', ARGV[1])
-  redis.call('PEXPIRE', key, ARGV[3])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local function take()
+  local lease = tonumber(ARGV[3])
+  -- HSET first: on a full Redis, the first write of the script is the one refused, before
+  -- anything changed.
+  redis.call('HSET', key, 's', 'p', 't', ARGV[2], 'f', ARGV[1], 'l', string.format('%d', now + lease))
+  redis.call('PEXPIRE', key, string.format('%d', lease + tonumber(ARGV[4])))
   return {'a'}
 end
+local kind = redis.call('TYPE', key)['ok']
+if kind == 'none' then return take() end
 if kind ~= 'hash' then return {'x', 'value of type ' .. kind} end
-local v = redis.call('HMGET', key, 's', 'f', 't', 'r')
+local v = redis.call('HMGET', key, 's', 'f', 't', 'r', 'l')
 local s, f = v[1], v[2]
 if not f or string.len(f) ~= 32 then return {'x', 'missing or malformed fingerprint'} end
 if s == 'p' then
   if not v[3] then return {'x', 'in-progress record without token'} end
-  local pttl = redis.call('PTTL', key)
-  if pttl < 0 then return {'x', 'in-progress record without expiry'} end
+  local l = v[5]
+  if not l or string.len(l) > 15 or not string.find(l, '^%d+$') then
+    return {'x', 'in-progress record without a valid lease deadline'}
+  end
+  if redis.call('PTTL', key) < 0 then return {'x', 'in-progress record without expiry'} end
+  local deadline = tonumber(l)
+  if deadline <= now then return take() end
   if f ~= ARGV[1] then return {'m'} end
-  return {'p', pttl}
+  return {'p', deadline - now}
 elseif s == 'c' then
   if not v[4] then return {'x', 'completed record without response'} end
   if f ~= ARGV[1] then return {'m'} end
@@ -159,17 +236,29 @@ end
 return {'x', 'unknown state'}
 "#;
 
-/// Shared prelude of the fenced scripts: 1 when `token` holds the key's claim, 0 when it does not
-/// (gone, completed or another token), -1 for a foreign type, -2 for a malformed record.
+/// First line of the fenced scripts: Redis 7 lets them write on a full Redis (`maxmemory` reached
+/// under `noeviction`), so work already claimed can finish while new claims are refused.
+const ALLOW_OOM: &str = "#!lua flags=allow-oom\n";
+
+/// Shared prelude of the fenced scripts: `held(token)` is 1 when `token` holds the key's claim,
+/// whatever its lease deadline (it holds it until another claim takes it over), 0 when it does not
+/// (gone, completed or another token), -1 for a foreign type, -2 for a malformed record; `now()`
+/// is Redis's clock in milliseconds.
 const HELD: &str = r#"
 local key = KEYS[1]
+local function now()
+  local clock = redis.call('TIME')
+  return tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+end
 local function held(token)
   local kind = redis.call('TYPE', key)['ok']
   if kind == 'none' then return 0 end
   if kind ~= 'hash' then return -1 end
-  local v = redis.call('HMGET', key, 's', 't')
+  local v = redis.call('HMGET', key, 's', 't', 'l')
   if v[1] == 'c' then return 0 end
   if v[1] ~= 'p' or not v[2] then return -2 end
+  local l = v[3]
+  if not l or string.len(l) > 15 or not string.find(l, '^%d+$') then return -2 end
   if v[2] ~= token then return 0 end
   return 1
 end
@@ -177,10 +266,12 @@ local h = held(ARGV[1])
 if h ~= 1 then return h end
 "#;
 
-/// Renew: ARGV[1] token, ARGV[2] lease (ms).
-const RENEW: &str = "redis.call('PEXPIRE', key, ARGV[2])\nreturn 1\n";
+/// Renew: ARGV[1] token, ARGV[2] lease (ms), ARGV[3] retention of an abandoned claim (ms).
+const RENEW: &str = "local lease = tonumber(ARGV[2])\n\
+                     redis.call('HSET', key, 'l', string.format('%d', now() + lease))\n\
+                     redis.call('PEXPIRE', key, string.format('%d', lease + tonumber(ARGV[3])))\nreturn 1\n";
 /// Complete: ARGV[1] token, ARGV[2] encoded response, ARGV[3] ttl (ms).
-const COMPLETE: &str = "redis.call('HSET', key, 's', 'c', 'r', ARGV[2])\nredis.call('HDEL', key, 't')\n\
+const COMPLETE: &str = "redis.call('HSET', key, 's', 'c', 'r', ARGV[2])\nredis.call('HDEL', key, 't', 'l')\n\
                         redis.call('PEXPIRE', key, ARGV[3])\nreturn 1\n";
 /// Release: ARGV[1] token.
 const RELEASE: &str = "redis.call('DEL', key)\nreturn 1\n";
@@ -192,11 +283,67 @@ enum Conn {
 }
 
 impl Conn {
-    async fn invoke(&self, invocation: &ScriptInvocation<'_>) -> Result<Value, RedisError> {
+    async fn query(&self, cmd: &Cmd) -> Result<Value, RedisError> {
         match self {
-            Conn::Single(c) => invocation.invoke_async(&mut c.clone()).await,
-            Conn::Cluster(c) => invocation.invoke_async(&mut c.clone()).await,
+            Conn::Single(c) => cmd.query_async(&mut c.clone()).await,
+            Conn::Cluster(c) => cmd.query_async(&mut c.clone()).await,
         }
+    }
+
+    /// `EVALSHA`, and on `NOSCRIPT` the script itself with `EVAL`, which runs it and caches it on
+    /// that node. Both go to the node of the call's key, so a node without the script (restarted,
+    /// or a replica just promoted) gets it without asking anything of the other nodes: the
+    /// `redis` crate's own `ScriptInvocation` sends `SCRIPT LOAD` to every master of a cluster
+    /// and fails the call when any of them does not answer.
+    async fn invoke(&self, call: &Call<'_>) -> Result<Value, RedisError> {
+        match self.query(&call.cmd("EVALSHA", call.script.hash.as_bytes())).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                self.query(&call.cmd("EVAL", call.script.code.as_bytes())).await
+            }
+            other => other,
+        }
+    }
+}
+
+/// A Lua script and its SHA-1 digest (for `EVALSHA`).
+#[derive(Clone)]
+struct Lua {
+    code: String,
+    hash: String,
+}
+
+impl Lua {
+    fn new(code: String) -> Self {
+        let hash = Script::new(&code).get_hash().to_owned();
+        Self { code, hash }
+    }
+
+    fn call(&self, key: String) -> Call<'_> {
+        Call { script: self, key, args: Vec::new() }
+    }
+}
+
+/// One invocation of a script on one key.
+struct Call<'a> {
+    script: &'a Lua,
+    key: String,
+    args: Vec<Vec<u8>>,
+}
+
+impl Call<'_> {
+    fn arg(mut self, arg: impl ToRedisArgs) -> Self {
+        arg.write_redis_args(&mut self.args);
+        self
+    }
+
+    /// `EVALSHA <hash> 1 <key> <args>...` or `EVAL <code> 1 <key> <args>...`.
+    fn cmd(&self, name: &str, script: &[u8]) -> Cmd {
+        let mut cmd = redis::cmd(name);
+        cmd.arg(script).arg(1).arg(self.key.as_str());
+        for a in &self.args {
+            cmd.arg(a.as_slice());
+        }
+        cmd
     }
 }
 
@@ -252,7 +399,8 @@ impl RedisStoreBuilder {
     /// Timeout of one command's response (default [`DEFAULT_RESPONSE_TIMEOUT`]); it bounds how
     /// long a request waits for an unresponsive Redis before failing with
     /// [`StoreError::Unavailable`]. Keep it well above the time to transfer the largest stored
-    /// response, and leases at least five times longer (see the [module documentation](self)).
+    /// response, at most the engine's store timeout, and leases at least six times longer (see
+    /// the [module documentation](self)).
     ///
     /// On a connection of the application's it bounds each whole store operation (one script
     /// invocation, with the script's reload after a server restart), on top of the connection's
@@ -292,7 +440,8 @@ impl RedisStoreBuilder {
         }
         let (conn, deadline) = match target {
             Target::Single(url) => {
-                let client = redis::Client::open(url.as_str()).map_err(config)?;
+                let info = url.as_str().into_connection_info().map_err(config)?;
+                let client = redis::Client::open(info.set_tcp_settings(RedisStore::tcp_settings())).map_err(config)?;
                 let cfg = RedisStore::connection_manager_config()
                     .set_connection_timeout(Some(self.connection_timeout))
                     .set_response_timeout(Some(self.response_timeout));
@@ -303,6 +452,7 @@ impl RedisStoreBuilder {
                     return Err(StoreError::Config("redis cluster specification lists no node".into()));
                 }
                 let client = ClusterClientBuilder::new(nodes)
+                    .tcp_settings(RedisStore::tcp_settings())
                     .connection_timeout(self.connection_timeout)
                     // Per node command; and, explicitly, for the whole request with its retries
                     // and redirections (redis 1.x's default, stated so it does not drift): a
@@ -327,10 +477,10 @@ impl RedisStoreBuilder {
             conn,
             deadline,
             prefix,
-            claim: Script::new(CLAIM),
-            renew: Script::new(&format!("{HELD}{RENEW}")),
-            complete: Script::new(&format!("{HELD}{COMPLETE}")),
-            release: Script::new(&format!("{HELD}{RELEASE}")),
+            claim: Lua::new(CLAIM.to_owned()),
+            renew: Lua::new(format!("{ALLOW_OOM}{HELD}{RENEW}")),
+            complete: Lua::new(format!("{ALLOW_OOM}{HELD}{COMPLETE}")),
+            release: Lua::new(format!("{ALLOW_OOM}{HELD}{RELEASE}")),
         })
     }
 }
@@ -346,10 +496,10 @@ pub struct RedisStore {
     deadline: Option<Duration>,
     cluster: bool,
     prefix: String,
-    claim: Script,
-    renew: Script,
-    complete: Script,
-    release: Script,
+    claim: Lua,
+    renew: Lua,
+    complete: Lua,
+    release: Lua,
 }
 
 impl fmt::Debug for RedisStore {
@@ -387,7 +537,10 @@ impl RedisStore {
     /// use idempotent_core::redis::{self, aio::ConnectionManager};
     /// use idempotent_core::store::RedisStore;
     ///
-    /// let client = redis::Client::open("redis://127.0.0.1:6379")?;
+    /// use idempotent_core::redis::IntoConnectionInfo;
+    ///
+    /// let info = "redis://127.0.0.1:6379".into_connection_info()?.set_tcp_settings(RedisStore::tcp_settings());
+    /// let client = redis::Client::open(info)?;
     /// let manager = ConnectionManager::new_with_config(client, RedisStore::connection_manager_config()).await?;
     /// let store = RedisStore::from_connection_manager(manager.clone()).prefix("payments:").build().await?;
     /// // `manager` keeps serving the application's own commands.
@@ -403,7 +556,8 @@ impl RedisStore {
     /// crate of major version 1 ([`crate::redis`]). The store uses (a clone of) it as it is. Build
     /// it with a response timeout (`ClusterClientBuilder::response_timeout`): without one, the
     /// cluster client waits for a node indefinitely and only the store's own bound
-    /// ([`RedisStoreBuilder::response_timeout`]) turns a silent node into 503.
+    /// ([`RedisStoreBuilder::response_timeout`]) turns a silent node into 503; and with the
+    /// store's TCP settings (`ClusterClientBuilder::tcp_settings(RedisStore::tcp_settings())`).
     pub fn from_cluster_connection(connection: ClusterConnection) -> RedisStoreBuilder {
         Self::with_target(Target::Given(Conn::Cluster(connection)))
     }
@@ -421,6 +575,37 @@ impl RedisStore {
             // fails with `Unavailable` at once (about a millisecond for a refused connection)
             // instead of waiting through the retries, and the next request tries again.
             .set_number_of_retries(0)
+    }
+
+    /// The TCP settings of the connections this crate opens (single node and cluster nodes):
+    /// `TCP_NODELAY`, keepalive probes after 5 s idle then every second, and on Linux a
+    /// `TCP_USER_TIMEOUT` of 5 s, so that the kernel drops a connection whose peer vanished
+    /// without a reset in seconds (see the [module documentation](self)). Give them to the
+    /// application's own connections with `ConnectionInfo::set_tcp_settings` (single node) or
+    /// `ClusterClientBuilder::tcp_settings`.
+    pub fn tcp_settings() -> TcpSettings {
+        // First probe after 5 s without traffic.
+        let keepalive = TcpKeepalive::new().with_time(Duration::from_secs(5));
+        // Then one a second; three unanswered close the connection (Linux closes it by the user
+        // timeout below instead, at the first probe past it).
+        #[cfg(any(
+            target_os = "linux",
+            target_os = "android",
+            target_os = "macos",
+            target_os = "ios",
+            target_os = "freebsd",
+            target_os = "netbsd",
+            target_os = "windows"
+        ))]
+        let keepalive = keepalive.with_interval(Duration::from_secs(1)).with_retries(3);
+        // Nagle's algorithm would hold a small command back while an earlier one of the same
+        // multiplexed connection awaits its acknowledgement.
+        let settings = TcpSettings::default().set_nodelay(true).set_keepalive(keepalive);
+        // Data sent and not acknowledged for 5 s closes the connection, instead of the kernel
+        // retransmitting for about 15 minutes.
+        #[cfg(any(target_os = "linux", target_os = "android", target_os = "fuchsia"))]
+        let settings = settings.set_user_timeout(Duration::from_secs(5));
+        settings
     }
 
     fn with_target(target: Target) -> RedisStoreBuilder {
@@ -448,8 +633,8 @@ impl RedisStore {
     }
 
     /// Runs one script invocation, within the store's own bound on an application's connection.
-    async fn invoke(&self, invocation: &ScriptInvocation<'_>) -> Result<Value, StoreError> {
-        let run = self.conn.invoke(invocation);
+    async fn invoke(&self, call: &Call<'_>) -> Result<Value, StoreError> {
+        let run = self.conn.invoke(call);
         match self.deadline {
             None => run.await.map_err(unavailable),
             Some(limit) => match tokio::time::timeout(limit, run).await {
@@ -459,8 +644,8 @@ impl RedisStore {
         }
     }
 
-    async fn fenced(&self, invocation: &ScriptInvocation<'_>) -> Result<(), StoreError> {
-        match self.invoke(invocation).await? {
+    async fn fenced(&self, call: &Call<'_>) -> Result<(), StoreError> {
+        match self.invoke(call).await? {
             Value::Int(1) => Ok(()),
             Value::Int(0) => Err(StoreError::Fenced),
             Value::Int(-1) => {
@@ -487,9 +672,14 @@ fn redis_key(prefix: &str, key: &RecordKey) -> String {
     out
 }
 
-/// Milliseconds for `PEXPIRE`, at least 1 (0 would delete the key).
+/// The longest duration the scripts are given: 2^43 ms, about 278 years. Redis's clock plus a
+/// lease, plus the retention, stays an exact integer in Lua's doubles and a valid `PEXPIRE`.
+const MAX_MILLIS: u64 = 1 << 43;
+
+/// Milliseconds for the scripts, at least 1 (a `PEXPIRE` of 0 would delete the key) and at most
+/// [`MAX_MILLIS`].
 fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 2).clamp(1, i64::MAX as u64 / 2)
+    u64::try_from(d.as_millis()).unwrap_or(MAX_MILLIS).clamp(1, MAX_MILLIS)
 }
 
 fn parse_spec(spec: &str) -> Target {
@@ -602,16 +792,25 @@ fn decode_claim(reply: Value, token: ClaimToken) -> Result<Claim, StoreError> {
 impl Store for RedisStore {
     async fn claim(&self, key: &RecordKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
         let token = ClaimToken::generate();
-        let mut inv = self.claim.key(self.redis_key(key));
-        inv.arg(&fingerprint.0[..]).arg(token.0.as_str()).arg(millis(lease));
-        let reply = self.invoke(&inv).await?;
+        let call = self
+            .claim
+            .call(self.redis_key(key))
+            .arg(&fingerprint.0[..])
+            .arg(token.0.as_str())
+            .arg(millis(lease))
+            .arg(millis(ABANDONED_CLAIM_RETENTION));
+        let reply = self.invoke(&call).await?;
         decode_claim(reply, token)
     }
 
     async fn renew(&self, key: &RecordKey, token: &ClaimToken, lease: Duration) -> Result<(), StoreError> {
-        let mut inv = self.renew.key(self.redis_key(key));
-        inv.arg(token.0.as_str()).arg(millis(lease));
-        self.fenced(&inv).await
+        let call = self
+            .renew
+            .call(self.redis_key(key))
+            .arg(token.0.as_str())
+            .arg(millis(lease))
+            .arg(millis(ABANDONED_CLAIM_RETENTION));
+        self.fenced(&call).await
     }
 
     async fn complete(
@@ -621,15 +820,14 @@ impl Store for RedisStore {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let mut inv = self.complete.key(self.redis_key(key));
-        inv.arg(token.0.as_str()).arg(response.encode()).arg(millis(ttl));
-        self.fenced(&inv).await
+        let call =
+            self.complete.call(self.redis_key(key)).arg(token.0.as_str()).arg(response.encode()).arg(millis(ttl));
+        self.fenced(&call).await
     }
 
     async fn release(&self, key: &RecordKey, token: &ClaimToken) -> Result<(), StoreError> {
-        let mut inv = self.release.key(self.redis_key(key));
-        inv.arg(token.0.as_str());
-        self.fenced(&inv).await
+        let call = self.release.call(self.redis_key(key)).arg(token.0.as_str());
+        self.fenced(&call).await
     }
 
     fn name(&self) -> &'static str {
@@ -680,6 +878,7 @@ mod tests {
         assert_eq!(millis(Duration::ZERO), 1);
         assert_eq!(millis(Duration::from_micros(1500)), 1);
         assert_eq!(millis(Duration::from_secs(2)), 2000);
-        assert!(millis(Duration::MAX) > 0);
+        assert_eq!(millis(Duration::MAX), MAX_MILLIS);
+        assert_eq!(millis(Duration::from_secs(400 * 365 * 86_400)), MAX_MILLIS);
     }
 }
