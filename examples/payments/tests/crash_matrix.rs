@@ -63,6 +63,11 @@ enum Scenario {
     StoreOutage,
     SlowStore,
     SlowStoreConcurrentRetry,
+    /// Not a crash: the handler's progress while a renewal waits for a store that stopped
+    /// answering (see [`stalled_renewal`]).
+    StalledRenewal,
+    /// Not a crash: a claim sent to a store that stopped answering (see [`stalled_claim`]).
+    StalledClaim,
 }
 
 impl Scenario {
@@ -85,6 +90,8 @@ impl Scenario {
             Scenario::StoreOutage => "5 store outage mid-handler",
             Scenario::SlowStore => "6 store slower than the lease",
             Scenario::SlowStoreConcurrentRetry => "6b slow store + concurrent retry",
+            Scenario::StalledRenewal => "handler during a stalled renewal",
+            Scenario::StalledClaim => "claim to a stalled store",
         }
     }
 }
@@ -821,6 +828,72 @@ async fn slow_store(row: &Row, concurrent_retry: bool) -> Result<Verdict, String
     Ok(exactly(row, 1))
 }
 
+/// The handler while a renewal waits for a store that stopped answering: a transfer half a
+/// second longer than one heartbeat period (a third of the lease), the store stalled just after
+/// the claim (SQLite: the write lock taken), so the first renewal waits. The transfer must reach
+/// the ledger on time all the same: within its processing time and a second.
+async fn stalled_renewal(row: &Row) -> Result<Verdict, String> {
+    let delay = row.lease / 3 + Duration::from_millis(500);
+    let via_proxy = row.proxy.is_some();
+    let mut a = row.demo("a", delay.as_millis() as u64, via_proxy).await;
+    if via_proxy {
+        row.warm_up(&a).await?;
+    }
+    let answered = row.answered();
+    let sent = Instant::now();
+    let _first = tokio::spawn(row.transfer(&a));
+    row.wait_claimed(answered).await?;
+    row.hold_store().await?;
+    let bound = delay + Duration::from_secs(1);
+    let on_time = row.wait_ledger(&a, bound.saturating_sub(sent.elapsed())).await.is_ok();
+    let executions = row.executions();
+    let late = if on_time { Ok(()) } else { row.wait_ledger(&a, Duration::from_secs(5)).await };
+    row.note(match late {
+        Ok(()) => {
+            format!("the {delay:?} transfer reached the ledger {:.1}s after it was sent", sent.elapsed().as_secs_f64())
+        }
+        Err(_) => format!(
+            "the {delay:?} transfer was not in the ledger {:.1}s after it was sent",
+            sent.elapsed().as_secs_f64()
+        ),
+    });
+    a.demo.kill();
+    row.release_store().await;
+    row.log_of("a", &a);
+    Ok(Verdict { executions, expected: format!("1 within {:.1}s", bound.as_secs_f64()), passed: on_time })
+}
+
+/// A claim sent to a store that stopped answering (the proxy blackholes both ways, so no
+/// connection is refused either): the demo must fail closed, 503 with `Retry-After`, within ten
+/// seconds, and execute nothing.
+async fn stalled_claim(row: &Row) -> Result<Verdict, String> {
+    let mut a = row.demo("a", DELAY_MS, true).await;
+    row.warm_up(&a).await?;
+    row.hold_store().await?;
+    let sent = Instant::now();
+    let bound = Duration::from_secs(10);
+    let answer = tokio::time::timeout(bound, row.transfer(&a)).await;
+    a.demo.kill();
+    row.release_store().await;
+    let executions = row.executions();
+    let passed = match answer {
+        Ok(Ok(r)) => {
+            row.note(format!("{} after {:.1}s", r.status, sent.elapsed().as_secs_f64()));
+            r.status == 503 && r.header("retry-after").is_some()
+        }
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            row.note(format!("no answer within {bound:?}"));
+            false
+        }
+    };
+    Ok(Verdict {
+        executions,
+        expected: format!("0, 503 within {}s", bound.as_secs()),
+        passed: passed && executions == 0,
+    })
+}
+
 async fn run_row(row: Row, mut redis: Option<RedisProcess>) -> RowResult {
     let started = Instant::now();
     let verdict = match row.scenario {
@@ -831,6 +904,8 @@ async fn run_row(row: Row, mut redis: Option<RedisProcess>) -> RowResult {
         Scenario::StoreOutage => store_outage(&row, &mut redis).await,
         Scenario::SlowStore => slow_store(&row, false).await,
         Scenario::SlowStoreConcurrentRetry => slow_store(&row, true).await,
+        Scenario::StalledRenewal => stalled_renewal(&row).await,
+        Scenario::StalledClaim => stalled_claim(&row).await,
     };
     let mut detail = row.notes.lock().unwrap().join("; ");
     let (executions, expected, passed) = match verdict {
@@ -960,4 +1035,21 @@ async fn crash_matrix() {
         }
     }
     run_rows("crash-matrix", rows).await;
+}
+
+/// A store that stops answering while the handler runs must not hold up the handler: the
+/// heartbeat runs on its own, and the handler runs to completion whatever the store does. A
+/// transfer a little longer than one heartbeat period must reach the ledger on time while its
+/// first renewal waits for a stalled store (see [`stalled_renewal`]).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_that_stops_answering_does_not_hold_up_the_handler() {
+    run_rows("stalled-renewal", STORES.map(|s| (Scenario::StalledRenewal, s)).to_vec()).await;
+}
+
+/// A store that stops answering (a partition: nothing comes back, and no connection is refused
+/// either) must fail closed in bounded time: 503 with `Retry-After`, nothing executed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_that_stops_answering_fails_closed_in_bounded_time() {
+    run_rows("stalled-claim", [StoreKind::Postgres, StoreKind::Redis].map(|s| (Scenario::StalledClaim, s)).to_vec())
+        .await;
 }
