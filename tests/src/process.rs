@@ -1,8 +1,9 @@
 //! Demo binaries run as real processes: started with an environment, found by the address they
-//! print, killed when dropped.
+//! print, killed when dropped. Their stderr (the log) is kept, to explain a failed assertion.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// A running demo process.
@@ -14,6 +15,7 @@ pub struct DemoProcess {
     pub addr: String,
     /// Its "listening on" line, which also names the store and the ledger.
     pub banner: String,
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl DemoProcess {
@@ -23,16 +25,19 @@ impl DemoProcess {
         let mut child = cmd.env("PAYMENTS_ADDR", "127.0.0.1:0").stderr(Stdio::piped()).spawn().expect("spawn demo");
         let stderr = child.stderr.take().expect("piped stderr");
         let (tx, rx) = std::sync::mpsc::channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let lines = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(rest) = line.split("listening on http://").nth(1) {
                     let addr = rest.split_whitespace().next().unwrap_or_default().to_owned();
                     let _ = tx.send((addr, line.clone()));
                 }
+                lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
             }
         });
         match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok((addr, banner)) => Self { child, addr, banner },
+            Ok((addr, banner)) => Self { child, addr, banner, log },
             Err(_) => {
                 let _ = child.kill();
                 panic!("the demo did not print its address");
@@ -54,6 +59,11 @@ impl DemoProcess {
         }
         self.kill();
         None
+    }
+
+    /// The lines it has written on stderr so far.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Kills the process at once (SIGKILL: no clean-up of any kind) and reaps it.

@@ -1,46 +1,10 @@
 //! Several demo processes behind one shared store, as instances behind a load balancer: clients
 //! racing one key across processes, and a process killed in the middle of a transfer.
 
-use idempotent_tests::process::DemoProcess;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+
+use common::{dir, framework, ledger_count, start, Instance, BINS};
 use std::time::{Duration, Instant};
-
-struct Instance {
-    demo: DemoProcess,
-    ledger: PathBuf,
-}
-
-/// Both demo binaries: the scenario must hold whichever framework serves it.
-const BINS: [&str; 2] = [env!("CARGO_BIN_EXE_payments-axum"), env!("CARGO_BIN_EXE_payments-actix")];
-
-fn start(bin: &str, store: &str, ledger: &Path, delay_ms: u64) -> Instance {
-    let mut cmd = Command::new(bin);
-    cmd.env("PAYMENTS_LEDGER", ledger)
-        .env("IDEMPOTENCY_STORE", store)
-        .env("PAYMENTS_TRANSFER_DELAY_MS", delay_ms.to_string());
-    Instance { demo: DemoProcess::start(cmd), ledger: ledger.to_owned() }
-}
-
-fn ledger_count(instances: &[&Instance], kind: &str) -> usize {
-    instances
-        .iter()
-        .map(|i| {
-            std::fs::read_to_string(&i.ledger)
-                .unwrap_or_default()
-                .lines()
-                .filter(|l| l.contains(&format!("\"kind\":\"{kind}\"")))
-                .count()
-        })
-        .sum()
-}
-
-fn dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("payments-instances-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// Every (binary, shared store) pair, named for messages and temporary files.
 async fn setups() -> Vec<(String, &'static str, String)> {
@@ -53,9 +17,8 @@ async fn setups() -> Vec<(String, &'static str, String)> {
     }
     let mut out = Vec::new();
     for bin in BINS {
-        let framework = if bin.ends_with("actix") { "actix" } else { "axum" };
         for (store, url) in &stores {
-            out.push((format!("{framework}-{store}"), bin, url.clone()));
+            out.push((format!("{}-{store}", framework(bin)), bin, url.clone()));
         }
     }
     out
@@ -64,7 +27,7 @@ async fn setups() -> Vec<(String, &'static str, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_racing_one_key_across_three_instances_execute_once() {
     for (name, bin, store) in setups().await {
-        let d = dir(&format!("race-{name}"));
+        let d = dir("instances", &format!("race-{name}"));
         let instances: Vec<Instance> = (0..3).map(|i| start(bin, &store, &d.join(format!("l{i}.jsonl")), 0)).collect();
         let key = format!("race-{name}-{}", std::process::id());
         let client = reqwest::Client::new();
@@ -103,7 +66,7 @@ async fn clients_racing_one_key_across_three_instances_execute_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_killed_mid_transfer_is_retried_once_elsewhere() {
     for (name, bin, store) in setups().await {
-        let d = dir(&format!("kill-{name}"));
+        let d = dir("instances", &format!("kill-{name}"));
         let mut a = start(bin, &store, &d.join("a.jsonl"), 2_000);
         let b = start(bin, &store, &d.join("b.jsonl"), 200);
         let key = format!("kill-{name}-{}", std::process::id());
@@ -154,7 +117,7 @@ async fn redis_stopped_mid_run_fails_closed_and_the_service_recovers_by_itself()
         return;
     };
     for bin in BINS {
-        let d = dir(&format!("outage-{}", bin.rsplit('-').next().unwrap_or("bin")));
+        let d = dir("instances", &format!("outage-{}", framework(bin)));
         let demo = start(bin, &redis.url(), &d.join("l.jsonl"), 0);
         let client = reqwest::Client::new();
         let pay = |key: &'static str| {
