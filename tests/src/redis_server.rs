@@ -127,6 +127,25 @@ pub struct RedisProcess {
     child: Child,
     watchdog: Option<Child>,
     dir: PathBuf,
+    extra: Vec<String>,
+}
+
+fn spawn(port: u16, dir: &std::path::Path, extra: &[String]) -> Option<(Child, Option<Child>)> {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("redis.log")).ok()?;
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--daemonize", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .args(extra)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().ok()?)
+        .stderr(log)
+        .spawn()
+        .ok()?;
+    let watchdog = watchdog(child.id(), dir);
+    Some((child, watchdog))
 }
 
 impl RedisProcess {
@@ -135,31 +154,37 @@ impl RedisProcess {
     pub async fn start(port: u16, extra: &[&str]) -> Option<Self> {
         let dir = std::env::temp_dir().join(format!("idempotent-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).ok()?;
-        let log = std::fs::File::create(dir.join("redis.log")).ok()?;
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--daemonize", "no"])
-            .arg("--dir")
-            .arg(&dir)
-            .args(extra)
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().ok()?)
-            .stderr(log)
-            .spawn()
-            .ok()?;
-        let watchdog = watchdog(child.id(), &dir);
-        let mut server = Self { port, child, watchdog, dir };
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        let (child, watchdog) = spawn(port, &dir, &extra)?;
+        let mut server = Self { port, child, watchdog, dir, extra };
+        server.wait_up().await.then_some(server)
+    }
+
+    /// Kills the server (SIGKILL) and starts it again on the same port, directory and arguments,
+    /// as a crash and a restart by a supervisor: with `--appendonly yes` among the arguments its
+    /// records survive. Answers whether it came back.
+    pub async fn restart(&mut self) -> bool {
+        self.kill();
+        match spawn(self.port, &self.dir, &self.extra) {
+            Some((child, watchdog)) => {
+                (self.child, self.watchdog) = (child, watchdog);
+                self.wait_up().await
+            }
+            None => false,
+        }
+    }
+
+    async fn wait_up(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !ping(&server.url()).await {
-            if Instant::now() > deadline || matches!(server.child.try_wait(), Ok(Some(_))) {
-                eprintln!("redis-server on port {port} did not start; log in {}", server.dir.display());
-                server.kill();
-                return None;
+        while !ping(&self.url()).await {
+            if Instant::now() > deadline || matches!(self.child.try_wait(), Ok(Some(_))) {
+                eprintln!("redis-server on port {} did not start; log in {}", self.port, self.dir.display());
+                self.kill();
+                return false;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Some(server)
+        true
     }
 
     /// `redis://127.0.0.1:PORT`.

@@ -491,7 +491,9 @@ async fn row(
         }
         StoreKind::Redis => {
             let base = if scenario == Scenario::StoreOutage {
-                let redis = RedisProcess::start(free_port(false)?, &[]).await?;
+                // Persistent, as a production Redis must be (see the store's docs).
+                let redis =
+                    RedisProcess::start(free_port(false)?, &["--appendonly", "yes", "--appendfsync", "always"]).await?;
                 let url = redis.url();
                 own_redis = Some(redis);
                 url
@@ -697,8 +699,8 @@ async fn during_completion(row: &Row) -> Result<Verdict, String> {
 }
 
 /// 5. The store goes away while the handler runs and comes back before it ends: Redis is
-///    restarted (a server of the row's own, without persistence, so the in-progress record is
-///    lost with it); PostgreSQL's connections are all reset and new ones refused for a moment
+///    killed and restarted (a server of the row's own, with an append-only file synced on every
+///    write, as the store's docs ask of a production Redis, so its records survive); PostgreSQL's connections are all reset and new ones refused for a moment
 ///    (the shared server is not restarted). The handler's outcome must still be stored once the
 ///    store is back: the retry replays, exactly 1 execution.
 async fn store_outage(row: &Row, redis: &mut Option<RedisProcess>) -> Result<Verdict, String> {
@@ -713,9 +715,9 @@ async fn store_outage(row: &Row, redis: &mut Option<RedisProcess>) -> Result<Ver
     let outage = Instant::now();
     match (&row.proxy, redis.as_mut()) {
         (_, Some(server)) => {
-            let port = server.port;
-            server.kill();
-            *redis = Some(RedisProcess::start(port, &[]).await.ok_or("redis-server did not restart")?);
+            if !server.restart().await {
+                return Err("redis-server did not restart".into());
+            }
         }
         (Some(proxy), None) => {
             proxy.cut();
