@@ -1,11 +1,14 @@
 //! The PostgreSQL store against a real server: the store contract (each test in its own schema),
 //! then the faults: an unreachable server at start-up, corrupt and foreign rows, connections
 //! lost mid-run, a process that dies between claim and completion; and the properties of the
-//! claim statement (replays write nothing), migrations and the sweeper.
+//! claim statement (replays write nothing), migrations and the sweeper (abandoned claims kept for
+//! their retention).
 
 use idempotent_core::fingerprint::{Fingerprint, FingerprintBuilder};
 use idempotent_core::response::StoredResponse;
-use idempotent_core::store::{self, Claim, PostgresConfig, PostgresStore, RecordKey, Store, StoreError};
+use idempotent_core::store::{
+    self, Claim, ClaimToken, PostgresConfig, PostgresStore, RecordKey, Store, StoreError, ABANDONED_CLAIM_RETENTION,
+};
 use idempotent_tests::postgres::{PgTestStore, TestSchema};
 use sqlx::AssertSqlSafe;
 use std::str::FromStr;
@@ -129,6 +132,50 @@ async fn connections_lost_mid_run_are_unavailable_then_recover() {
     assert!(matches!(answer, Some(Claim::InProgress { .. })), "{answer:?}");
     s.complete(&k, &t, &response(b"after"), TTL).await.unwrap();
     assert_eq!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"after")));
+}
+
+/// The sweeper deletes a completed record at the end of its time to live, and an in-progress
+/// record only `ABANDONED_CLAIM_RETENTION` after its lease: until then its token can still
+/// complete it.
+#[tokio::test]
+async fn sweeper_keeps_abandoned_claims_for_their_retention() {
+    let Some(schema) = TestSchema::new().await else { return };
+    let s = schema.store_with(schema.config().sweep_interval(None)).await;
+    let table = format!("\"{}\".idempotency_records", schema.name);
+    let f = format!("'\\x{}'", hex(&fp(1).0));
+    let retention = ABANDONED_CLAIM_RETENTION.as_secs();
+    let rows = [
+        ("slow", "'in_progress'", "'t-slow'", format!("now() - interval '{} seconds'", retention - 60)),
+        ("abandoned", "'in_progress'", "'t-gone'", format!("now() - interval '{} seconds'", retention + 60)),
+        ("done", "'completed'", "NULL", "now() - interval '1 second'".to_owned()),
+        ("live", "'completed'", "NULL", "now() + interval '1 hour'".to_owned()),
+    ];
+    for (k, state, token, expires) in &rows {
+        let resp =
+            if *state == "'completed'" { format!("'\\x{}'", hex(&response(b"x").encode())) } else { "NULL".into() };
+        schema
+            .execute(&format!(
+                "INSERT INTO {table} (scope, actor, idem_key, fingerprint, state, token, response, expires_at)
+                 VALUES ('payments.create', 'acct_1', '{k}', {f}, {state}, {token}, {resp}, {expires})"
+            ))
+            .await
+            .unwrap();
+    }
+    assert_eq!(s.store().sweep_expired().await.unwrap(), 2);
+    let left: Vec<String> =
+        sqlx::query_scalar(AssertSqlSafe(format!("SELECT idem_key FROM {table} ORDER BY idem_key")))
+            .fetch_all(s.store().pool())
+            .await
+            .unwrap();
+    assert_eq!(left, ["live", "slow"]);
+    s.complete(&key("slow"), &ClaimToken("t-slow".into()), &response(b"late"), TTL).await.unwrap();
+    assert_eq!(s.claim(&key("slow"), &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"late")));
+    let gone = s.renew(&key("abandoned"), &ClaimToken("t-gone".into()), LEASE).await;
+    assert!(matches!(gone, Err(StoreError::Fenced)), "{gone:?}");
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,9 +1,12 @@
 //! The SQLite store: the store contract on a temporary database file, corrupt rows, a process
-//! that dies between claim and completion, and the store specification string.
+//! that dies between claim and completion, the store specification string and the sweeper (and
+//! the retention of abandoned claims).
 
 use idempotent_core::fingerprint::{Fingerprint, FingerprintBuilder};
 use idempotent_core::response::StoredResponse;
-use idempotent_core::store::{self, Claim, RecordKey, SqliteConfig, SqliteStore, Store, StoreError};
+use idempotent_core::store::{
+    self, Claim, ClaimToken, RecordKey, SqliteConfig, SqliteStore, Store, StoreError, ABANDONED_CLAIM_RETENTION,
+};
 use sqlx::AssertSqlSafe;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -239,4 +242,48 @@ async fn store_on_the_applications_own_pool() {
     .unwrap();
     assert_eq!((state.as_str(), amount), ("completed", 100));
     assert_eq!(s.claim(&k, &fp(1), Duration::from_secs(30)).await.unwrap(), Claim::Completed(paid()));
+}
+
+/// The sweeper deletes a completed record at the end of its time to live, and an in-progress
+/// record only `ABANDONED_CLAIM_RETENTION` after its lease: until then its token can still
+/// complete it.
+#[tokio::test]
+async fn sweeper_keeps_abandoned_claims_for_their_retention() {
+    let db = TempDb::new();
+    let s = SqliteStore::connect_with(&db.spec(), SqliteConfig::new().sweep_interval(None)).await.unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let retention = ABANDONED_CLAIM_RETENTION.as_millis() as i64;
+    let rows = [
+        ("slow", "in_progress", Some("t-slow"), now - retention + 60_000),
+        ("abandoned", "in_progress", Some("t-gone"), now - retention - 60_000),
+        ("done", "completed", None, now - 1_000),
+        ("live", "completed", None, now + 3_600_000),
+    ];
+    for (k, state, token, expires_at) in rows {
+        let response = (state == "completed").then(|| paid().encode());
+        sqlx::query(
+            "INSERT INTO idempotency_records (scope, actor, idem_key, fingerprint, state, token, response, expires_at, created_at)
+             VALUES ('payments.create', 'acct_1', ?1, ?2, ?3, ?4, ?5, ?6, 0)",
+        )
+        .bind(k)
+        .bind(&fp(1).0[..])
+        .bind(state)
+        .bind(token)
+        .bind(response)
+        .bind(expires_at)
+        .execute(s.pool())
+        .await
+        .unwrap();
+    }
+    assert_eq!(s.sweep_expired().await.unwrap(), 2);
+    let left: Vec<String> = sqlx::query_scalar("SELECT idem_key FROM idempotency_records ORDER BY idem_key")
+        .fetch_all(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(left, ["live", "slow"]);
+    let k = |k: &str| RecordKey::new("payments.create", "acct_1", k);
+    s.complete(&k("slow"), &ClaimToken("t-slow".into()), &paid(), Duration::from_secs(3600)).await.unwrap();
+    assert_eq!(s.claim(&k("slow"), &fp(1), Duration::from_secs(30)).await.unwrap(), Claim::Completed(paid()));
+    let gone = s.renew(&k("abandoned"), &ClaimToken("t-gone".into()), Duration::from_secs(30)).await;
+    assert!(matches!(gone, Err(StoreError::Fenced)), "{gone:?}");
 }

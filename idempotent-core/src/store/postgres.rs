@@ -54,15 +54,23 @@
 //! # Fencing
 //!
 //! `complete`, `release` and `renew` carry `WHERE token = $t AND state = 'in_progress'`; zero
-//! rows affected is [`StoreError::Fenced`]. `renew` also refuses a lease that already expired
-//! (another claimer may have seen the key as free).
+//! rows affected is [`StoreError::Fenced`]. They do not look at the lease: an expired lease that
+//! no claim took over still belongs to its token (see [`Store`]). Under `READ COMMITTED` a
+//! renewal or completion and a takeover of the same row are serialised by its row lock: the
+//! later one re-checks its `WHERE` on the newer version, so either the late worker wins (and the
+//! takeover sees a live lease or a completed record) or the takeover wins (and the worker, whose
+//! token is gone, is fenced).
 //!
 //! # Expiry
 //!
-//! Expired rows are deleted by a background task (every [`PostgresConfig::sweep_interval`], in
-//! batches of [`PostgresConfig::sweep_batch`] rows locked with `SKIP LOCKED`, so several
-//! instances sweeping at once do not contend), never on the request path. The task stops when
-//! the store is dropped. [`PostgresStore::sweep_expired`] runs one sweep on demand.
+//! A completed record is deleted once past its time to live; an in-progress record only
+//! [`ABANDONED_CLAIM_RETENTION`](super::ABANDONED_CLAIM_RETENTION) after its lease ended, so a
+//! late worker can still complete it (claims do not wait for that: an expired lease can be taken
+//! over at once). Records are deleted by a background task (every
+//! [`PostgresConfig::sweep_interval`], in batches of [`PostgresConfig::sweep_batch`] rows locked
+//! with `SKIP LOCKED`, so several instances sweeping at once do not contend), never on the
+//! request path. The task stops when the store is dropped. [`PostgresStore::sweep_expired`] runs
+//! one sweep on demand.
 //!
 //! # Migrations
 //!
@@ -74,7 +82,10 @@
 //! Connections use sqlx's PostgreSQL driver without TLS; reach a remote server through a
 //! private network or a local TLS proxy.
 
-use super::sql::{column, decide_row, millis, quote_ident, rendered, sealed, Backend, SqlConfig, SqlStore};
+use super::sql::{
+    abandoned_claim_retention_ms, column, decide_row, millis, quote_ident, rendered, sealed, Backend, SqlConfig,
+    SqlStore,
+};
 use super::{Claim, ClaimToken, RecordKey, Store, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
@@ -209,7 +220,7 @@ FROM existing WHERE expires_at > now()"
             )),
             renew: rendered(format!(
                 "UPDATE {t} SET expires_at = now() + $5::int8 * interval '1 millisecond'
-WHERE {key} AND token = $4 AND state = 'in_progress' AND expires_at > now()"
+WHERE {key} AND token = $4 AND state = 'in_progress'"
             )),
             complete: rendered(format!(
                 "UPDATE {t} SET state = 'completed', token = NULL, response = $5,
@@ -217,16 +228,22 @@ WHERE {key} AND token = $4 AND state = 'in_progress' AND expires_at > now()"
 WHERE {key} AND token = $4 AND state = 'in_progress'"
             )),
             release: rendered(format!("DELETE FROM {t} WHERE {key} AND token = $4 AND state = 'in_progress'")),
+            // Completed records go at the end of their time to live, in-progress ones only
+            // `ABANDONED_CLAIM_RETENTION` ($2) after their lease; the condition is checked again
+            // on the locked rows.
             sweep: rendered(format!(
                 "DELETE FROM {t} WHERE ctid = ANY(ARRAY(
-    SELECT ctid FROM {t} WHERE expires_at <= now() LIMIT $1 FOR UPDATE SKIP LOCKED
-)) AND expires_at <= now()"
+    SELECT ctid FROM {t} WHERE expires_at <= now()
+        AND (state <> 'in_progress' OR expires_at <= now() - $2::int8 * interval '1 millisecond')
+    LIMIT $1 FOR UPDATE SKIP LOCKED
+)) AND expires_at <= now()
+    AND (state <> 'in_progress' OR expires_at <= now() - $2::int8 * interval '1 millisecond')"
             )),
         }
     }
 
     fn sweep_query(sql: &Statements, batch: i64) -> Query<'static, Postgres, PgArguments> {
-        sqlx::query(sql.sweep.clone()).bind(batch)
+        sqlx::query(sql.sweep.clone()).bind(batch).bind(abandoned_claim_retention_ms())
     }
 
     async fn execute(pool: &PgPool, query: Query<'static, Postgres, PgArguments>) -> Result<u64, sqlx::Error> {

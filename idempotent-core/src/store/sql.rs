@@ -8,8 +8,19 @@
 //! token, decoding stored rows and mapping driver errors. `postgres.rs` and `sqlite.rs` keep
 //! only what is theirs: their SQL, their connection setup and settings, and their
 //! [`Store`](super::Store) impl (how a claim runs).
+//!
+//! # Who holds a record, in SQL
+//!
+//! Both stores follow the rule of [`Store`](super::Store): a token holds its record until the
+//! record is completed or released, or another claim takes it over, whether or not its lease is
+//! still running. `renew`, `complete` and `release` are therefore fenced by the token and the
+//! state only (`token = ? AND state = 'in_progress'`), never by the lease: a claim that takes an
+//! expired lease over writes a new token, and that is what fences the late worker out. The
+//! sweeper deletes a completed record at its `expires_at`, and an in-progress record only
+//! [`ABANDONED_CLAIM_RETENTION`] after its lease ended, so a worker slowed past its lease can
+//! still store its outcome for that long.
 
-use super::{Claim, ClaimToken, RecordKey, StoreError};
+use super::{Claim, ClaimToken, RecordKey, StoreError, ABANDONED_CLAIM_RETENTION};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use async_trait::async_trait;
@@ -45,7 +56,8 @@ pub trait Backend: Database + sealed::Sealed {
     /// Renders the statements for `config`, which has been validated.
     fn statements(config: &SqlConfig<Self>) -> Self::Statements;
 
-    /// One sweeper statement: deletes at most `batch` expired records.
+    /// One sweeper statement: deletes at most `batch` records that are past their time to live
+    /// (completed) or abandoned for [`ABANDONED_CLAIM_RETENTION`] (in progress).
     fn sweep_query(sql: &Self::Statements, batch: i64) -> Query<'static, Self, Self::Arguments>;
 
     /// Runs `query` on `pool`; returns how many rows it affected.
@@ -289,7 +301,9 @@ impl<B: Backend> SqlStore<B> {
         &self.inner.config
     }
 
-    /// Deletes every expired record now, in batches; returns how many were deleted.
+    /// Deletes now, in batches, every completed record past its time to live and every
+    /// in-progress record whose lease ended more than [`ABANDONED_CLAIM_RETENTION`] ago; returns
+    /// how many were deleted.
     pub async fn sweep_expired(&self) -> Result<u64, StoreError> {
         sweep(&self.inner.pool, &self.inner.sql, self.inner.config.sweep_batch).await
     }
@@ -364,6 +378,11 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// How long after its lease an abandoned in-progress record is kept, in milliseconds.
+pub(super) fn abandoned_claim_retention_ms() -> i64 {
+    millis(ABANDONED_CLAIM_RETENTION)
 }
 
 /// A lease or time to live in milliseconds, for the database.

@@ -26,13 +26,20 @@
 //! transaction, which holds SQLite's single write lock from its start: it reads the record again
 //! and, if it is still absent or expired, inserts or overwrites it. No other writer can run
 //! between that read and that write, so of many concurrent claimers exactly one acquires.
-//! `complete`, `release` and `renew` are single statements fenced by the token, like the
-//! PostgreSQL store's.
+//! `complete`, `release` and `renew` are single statements fenced by the token and the state
+//! only, like the PostgreSQL store's: a lease that expired and that no claim took over still
+//! belongs to its token (see [`Store`]). Every write takes the single write lock, so a late
+//! renewal or completion and a takeover of the same record never interleave: whichever comes
+//! second sees the other's result.
 //!
 //! Expired records are treated as absent by claims and deleted by a background task in batches,
-//! off the request path; the task stops when the store is dropped.
+//! off the request path: a completed record once past its time to live, an in-progress record
+//! only [`ABANDONED_CLAIM_RETENTION`](super::ABANDONED_CLAIM_RETENTION) after its lease ended, so a
+//! late worker can still complete it. The task stops when the store is dropped.
 
-use super::sql::{column, decide_row, millis, rendered, sealed, Backend, SqlConfig, SqlStore};
+use super::sql::{
+    abandoned_claim_retention_ms, column, decide_row, millis, rendered, sealed, Backend, SqlConfig, SqlStore,
+};
 use super::{Claim, ClaimToken, RecordKey, Store, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
@@ -137,21 +144,25 @@ ON CONFLICT (scope, actor, idem_key) DO UPDATE SET fingerprint = excluded.finger
     expires_at = excluded.expires_at, created_at = excluded.created_at"
             )),
             renew: rendered(format!(
-                "UPDATE {t} SET expires_at = ?5 WHERE {key} AND token = ?4 AND state = 'in_progress' AND expires_at > ?6"
+                "UPDATE {t} SET expires_at = ?5 WHERE {key} AND token = ?4 AND state = 'in_progress'"
             )),
             complete: rendered(format!(
                 "UPDATE {t} SET state = 'completed', token = NULL, response = ?5, expires_at = ?6
 WHERE {key} AND token = ?4 AND state = 'in_progress'"
             )),
             release: rendered(format!("DELETE FROM {t} WHERE {key} AND token = ?4 AND state = 'in_progress'")),
+            // Completed records go at the end of their time to live (?1, now), in-progress ones
+            // only `ABANDONED_CLAIM_RETENTION` after their lease (?3).
             sweep: rendered(format!(
-                "DELETE FROM {t} WHERE rowid IN (SELECT rowid FROM {t} WHERE expires_at <= ?1 LIMIT ?2)"
+                "DELETE FROM {t} WHERE rowid IN (SELECT rowid FROM {t}
+    WHERE expires_at <= ?1 AND (state <> 'in_progress' OR expires_at <= ?3) LIMIT ?2)"
             )),
         }
     }
 
     fn sweep_query(sql: &Statements, batch: i64) -> Query<'static, Sqlite, SqliteArguments> {
-        sqlx::query(sql.sweep.clone()).bind(now_ms()).bind(batch)
+        let now = now_ms();
+        sqlx::query(sql.sweep.clone()).bind(now).bind(batch).bind(now.saturating_sub(abandoned_claim_retention_ms()))
     }
 
     async fn execute(pool: &SqlitePool, query: Query<'static, Sqlite, SqliteArguments>) -> Result<u64, sqlx::Error> {
@@ -272,11 +283,8 @@ impl Store for SqliteStore {
     }
 
     async fn renew(&self, key: &RecordKey, token: &ClaimToken, lease: Duration) -> Result<(), StoreError> {
-        let now = now_ms();
-        self.run_fenced(
-            Self::fenced_query(&self.sql().renew, key, token).bind(now.saturating_add(millis(lease))).bind(now),
-        )
-        .await
+        self.run_fenced(Self::fenced_query(&self.sql().renew, key, token).bind(now_ms().saturating_add(millis(lease))))
+            .await
     }
 
     async fn complete(
