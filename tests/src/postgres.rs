@@ -300,3 +300,82 @@ impl Store for PgTestStore {
         self.store.name()
     }
 }
+
+/// `url` with another user name (and password) and another `host:port`, where given.
+pub fn url_with(url: &str, user: Option<(&str, &str)>, host_port: Option<&str>) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a URL with a scheme");
+    let (userinfo, rest) = match rest.split_once('@') {
+        Some((u, r)) if !u.contains('/') => (Some(u), r),
+        _ => (None, rest),
+    };
+    let (host, path) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    let userinfo = match (user, userinfo) {
+        (Some((user, password)), _) => Some(format!("{user}:{password}")),
+        (None, u) => u.map(str::to_owned),
+    };
+    let host = host_port.unwrap_or(host);
+    match userinfo {
+        Some(u) => format!("{scheme}://{u}@{host}{path}"),
+        None => format!("{scheme}://{host}{path}"),
+    }
+}
+
+/// A login role of its own for one test (superuser, so it can create the test's schema), with
+/// settings of its own (`ALTER ROLE ... SET`); dropped, with what it owns, when the value is
+/// dropped. Drop the stores connected as the role first.
+#[derive(Debug)]
+pub struct TestRole {
+    admin_url: String,
+    /// The role's name.
+    pub name: String,
+    /// The test database's URL, connecting as the role.
+    pub url: String,
+}
+
+impl TestRole {
+    /// A new role on the test database behind `schema`.
+    pub async fn new(schema: &TestSchema) -> Self {
+        let name = format!("idem_role_{}", uuid::Uuid::new_v4().simple());
+        schema
+            .execute(&format!("CREATE ROLE \"{name}\" LOGIN SUPERUSER PASSWORD '{name}'"))
+            .await
+            .expect("create the test role");
+        let url = url_with(&schema.url, Some((&name, &name)), None);
+        Self { admin_url: schema.url.clone(), name, url }
+    }
+
+    /// Sets `default_transaction_isolation` for the role's new sessions.
+    pub async fn set_default_isolation(&self, level: &str) {
+        let mut c = sqlx::PgConnection::connect(&self.admin_url).await.expect("connect to the test database");
+        // The level is one of PostgreSQL's four, written by the test.
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "ALTER ROLE \"{}\" SET default_transaction_isolation = '{level}'",
+            self.name
+        )))
+        .execute(&mut c)
+        .await
+        .expect("ALTER ROLE");
+        let _ = c.close().await;
+    }
+}
+
+impl Drop for TestRole {
+    fn drop(&mut self) {
+        let (url, name) = (self.admin_url.clone(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(async {
+                let mut c = sqlx::PgConnection::connect(&url).await.ok()?;
+                // The role's name is random hex made by this module.
+                let _ = sqlx::raw_sql(AssertSqlSafe(format!(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{name}';
+                     DROP OWNED BY \"{name}\" CASCADE; DROP ROLE IF EXISTS \"{name}\""
+                )))
+                .execute(&mut c)
+                .await;
+                c.close().await.ok()
+            })
+        })
+        .join();
+    }
+}

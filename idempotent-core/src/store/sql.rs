@@ -6,8 +6,9 @@
 //! both: the settings and their builder, table names (validation, quoting, rendering of the
 //! migrations), running the migrations, the background sweeper, statements fenced by a claim's
 //! token, decoding stored rows and mapping driver errors. `postgres.rs` and `sqlite.rs` keep
-//! only what is theirs: their SQL, their connection setup and settings, and their
-//! [`Store`](super::Store) impl (how a claim runs).
+//! only what is theirs: their SQL, their connection setup and settings, what they learn from a
+//! pool when the store starts ([`Backend::Session`]), and their [`Store`](super::Store) impl
+//! (how a claim runs, what is retried).
 //!
 //! # Who holds a record, in SQL
 //!
@@ -52,16 +53,27 @@ pub trait Backend: Database + sealed::Sealed {
     type Settings: fmt::Debug + Clone + Default + Send + Sync + 'static;
     /// The statements of one configured store, rendered once (with `rendered`).
     type Statements: fmt::Debug + Send + Sync + 'static;
+    /// What the store learns from its pool when it starts and keeps beside it (PostgreSQL: how
+    /// its statements get `READ COMMITTED`; SQLite: nothing).
+    type Session: fmt::Debug + Send + Sync + 'static;
 
     /// Renders the statements for `config`, which has been validated.
     fn statements(config: &SqlConfig<Self>) -> Self::Statements;
+
+    /// Looks at `pool` when the store starts; `own` when the store opened the pool itself (with
+    /// its own connection settings), not when an application handed it in.
+    async fn attach(pool: &Pool<Self>, own: bool) -> Result<Self::Session, sqlx::Error>;
 
     /// One sweeper statement: deletes at most `batch` records that are past their time to live
     /// (completed) or abandoned for [`ABANDONED_CLAIM_RETENTION`] (in progress).
     fn sweep_query(sql: &Self::Statements, batch: i64) -> Query<'static, Self, Self::Arguments>;
 
     /// Runs `query` on `pool`; returns how many rows it affected.
-    async fn execute(pool: &Pool<Self>, query: Query<'static, Self, Self::Arguments>) -> Result<u64, sqlx::Error>;
+    async fn execute(
+        pool: &Pool<Self>,
+        session: &Self::Session,
+        query: Query<'static, Self, Self::Arguments>,
+    ) -> Result<u64, sqlx::Error>;
 
     /// Opens the migrations' transaction, which keeps other instances from migrating until it
     /// ends, and creates the schema and the table of applied versions (`versions`) if missing.
@@ -245,6 +257,7 @@ struct Inner<B: Backend> {
     pool: Pool<B>,
     config: SqlConfig<B>,
     sql: Arc<B::Statements>,
+    session: Arc<B::Session>,
     _sweeper: Option<AbortOnDrop>,
 }
 
@@ -260,20 +273,31 @@ impl<B: Backend> SqlStore<B> {
     /// own timeouts in [`SqlConfig`] apply only to the pools `connect_with` opens. With SQLite, the
     /// pool's connections should have a busy timeout (sqlx's default is 5 s); in WAL mode,
     /// readers never wait.
+    ///
+    /// The store never changes the settings of the pool's sessions. With PostgreSQL it reads
+    /// their `default_transaction_isolation` once: if it is stricter than `READ COMMITTED`, each
+    /// of the store's statements runs in a `READ COMMITTED` transaction of its own (two more round
+    /// trips; see the `store::postgres` module docs).
     pub async fn from_pool(pool: Pool<B>, config: SqlConfig<B>) -> Result<Self, StoreError> {
+        Self::start(pool, config, false).await
+    }
+
+    /// A store on `pool`, which it opened itself (`own`) or was handed.
+    pub(super) async fn start(pool: Pool<B>, config: SqlConfig<B>, own: bool) -> Result<Self, StoreError> {
         config.validate()?;
+        let session = Arc::new(B::attach(&pool, own).await.map_err(B::unavailable)?);
         if config.migrate {
             migrate(&pool, &config).await?;
         }
         let sql = Arc::new(B::statements(&config));
         let sweeper = config.sweep_interval.map(|interval| {
-            let (pool, sql, batch) = (pool.clone(), sql.clone(), config.sweep_batch);
+            let (pool, sql, session, batch) = (pool.clone(), sql.clone(), session.clone(), config.sweep_batch);
             AbortOnDrop(tokio::spawn(async move {
                 let mut tick = tokio::time::interval(interval);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tick.tick().await;
-                    match sweep(&pool, &sql, batch).await {
+                    match sweep(&pool, &sql, &session, batch).await {
                         Ok(0) => {}
                         Ok(n) => tracing::debug!(deleted = n, "idempotency store: expired records swept"),
                         Err(e) => tracing::warn!(error = %e, "idempotency store: sweeping expired records failed"),
@@ -281,7 +305,7 @@ impl<B: Backend> SqlStore<B> {
                 }
             }))
         });
-        Ok(Self { inner: Arc::new(Inner { pool, config, sql, _sweeper: sweeper }) })
+        Ok(Self { inner: Arc::new(Inner { pool, config, sql, session, _sweeper: sweeper }) })
     }
 
     /// The SQL that creates the store's table and index for `config`, for applications that
@@ -305,12 +329,17 @@ impl<B: Backend> SqlStore<B> {
     /// in-progress record whose lease ended more than [`ABANDONED_CLAIM_RETENTION`] ago; returns
     /// how many were deleted.
     pub async fn sweep_expired(&self) -> Result<u64, StoreError> {
-        sweep(&self.inner.pool, &self.inner.sql, self.inner.config.sweep_batch).await
+        sweep(&self.inner.pool, &self.inner.sql, &self.inner.session, self.inner.config.sweep_batch).await
     }
 
     /// The store's statements.
     pub(super) fn sql(&self) -> &B::Statements {
         &self.inner.sql
+    }
+
+    /// What the store learnt from its pool when it started.
+    pub(super) fn session(&self) -> &B::Session {
+        &self.inner.session
     }
 
     /// A statement with the record's key bound as its first three parameters.
@@ -333,17 +362,22 @@ impl<B: Backend> SqlStore<B> {
     /// Runs a statement fenced by a claim's token: no row touched means the token no longer holds
     /// the claim ([`StoreError::Fenced`]).
     pub(super) async fn run_fenced(&self, query: Query<'static, B, B::Arguments>) -> Result<(), StoreError> {
-        match B::execute(&self.inner.pool, query).await.map_err(B::unavailable)? {
+        match B::execute(&self.inner.pool, &self.inner.session, query).await.map_err(B::unavailable)? {
             0 => Err(StoreError::Fenced),
             _ => Ok(()),
         }
     }
 }
 
-async fn sweep<B: Backend>(pool: &Pool<B>, sql: &B::Statements, batch: u32) -> Result<u64, StoreError> {
+async fn sweep<B: Backend>(
+    pool: &Pool<B>,
+    sql: &B::Statements,
+    session: &B::Session,
+    batch: u32,
+) -> Result<u64, StoreError> {
     let mut total = 0;
     loop {
-        let n = B::execute(pool, B::sweep_query(sql, i64::from(batch))).await.map_err(B::unavailable)?;
+        let n = B::execute(pool, session, B::sweep_query(sql, i64::from(batch))).await.map_err(B::unavailable)?;
         total += n;
         if n < u64::from(batch) {
             return Ok(total);

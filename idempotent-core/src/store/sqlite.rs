@@ -130,6 +130,7 @@ CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);
 
     type Settings = Settings;
     type Statements = Statements;
+    type Session = ();
 
     fn statements(config: &SqliteConfig) -> Statements {
         let t = config.qualified_table();
@@ -160,12 +161,20 @@ WHERE {key} AND token = ?4 AND state = 'in_progress'"
         }
     }
 
+    async fn attach(_pool: &SqlitePool, _own: bool) -> Result<(), sqlx::Error> {
+        Ok(())
+    }
+
     fn sweep_query(sql: &Statements, batch: i64) -> Query<'static, Sqlite, SqliteArguments> {
         let now = now_ms();
         sqlx::query(sql.sweep.clone()).bind(now).bind(batch).bind(now.saturating_sub(abandoned_claim_retention_ms()))
     }
 
-    async fn execute(pool: &SqlitePool, query: Query<'static, Sqlite, SqliteArguments>) -> Result<u64, sqlx::Error> {
+    async fn execute(
+        pool: &SqlitePool,
+        _session: &(),
+        query: Query<'static, Sqlite, SqliteArguments>,
+    ) -> Result<u64, sqlx::Error> {
         Ok(query.execute(pool).await?.rows_affected())
     }
 
@@ -234,7 +243,7 @@ impl SqlStore<Sqlite> {
             .connect_with(options)
             .await
             .map_err(Sqlite::unavailable)?;
-        Self::from_pool(pool, config).await
+        Self::start(pool, config, true).await
     }
 
     async fn read(&self, key: &RecordKey, fingerprint: &Fingerprint) -> Result<Option<Claim>, StoreError> {
