@@ -1,7 +1,8 @@
 //! The PostgreSQL store against a real server: the store contract (each test in its own schema),
-//! then the faults: an unreachable server at start-up, corrupt and foreign rows, connections
-//! lost mid-run, a process that dies between claim and completion, roles whose sessions default
-//! to `SERIALIZABLE`; and the properties of the claim statement (replays write nothing), migrations
+//! then the faults: an unreachable server at start-up, corrupt and foreign rows, pooled
+//! connections killed (as by a restart), answers lost after the statement ran, a server that stays
+//! away, a process that dies between claim and completion, roles whose sessions default to
+//! `SERIALIZABLE`; and the properties of the claim statement (replays write nothing), migrations
 //! and the sweeper (abandoned claims kept for their retention).
 
 use idempotent_core::fingerprint::{Fingerprint, FingerprintBuilder};
@@ -9,7 +10,7 @@ use idempotent_core::response::StoredResponse;
 use idempotent_core::store::{
     self, Claim, ClaimToken, PostgresConfig, PostgresStore, RecordKey, Store, StoreError, ABANDONED_CLAIM_RETENTION,
 };
-use idempotent_tests::postgres::{PgTestStore, TestRole, TestSchema};
+use idempotent_tests::postgres::{LossyProxy, PgTestStore, TestRole, TestSchema};
 use sqlx::AssertSqlSafe;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -102,34 +103,115 @@ async fn corrupt_and_foreign_rows_are_errors_not_panics() {
     assert!(matches!(s.claim(&RecordKey::new("s", "a", "old"), &f, LEASE).await, Ok(Claim::Acquired(_))));
 }
 
-#[tokio::test]
-async fn connections_lost_mid_run_are_unavailable_then_recover() {
+/// Opens `n` connections in the store's pool at once and gives them back: all idle, as in a
+/// pool that served a burst of requests.
+async fn warm(pool: &sqlx::PgPool, n: u32) {
+    let conns = futures_util::future::join_all((0..n).map(|_| pool.acquire())).await;
+    drop(conns.into_iter().collect::<Result<Vec<_>, _>>().expect("warm-up connections"));
+    for _ in 0..100 {
+        if pool.num_idle() == n as usize {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the pool kept {} idle connections of {n}", pool.num_idle());
+}
+
+/// A server restart (here: every backend of the store's pool terminated) leaves the pool full of
+/// dead idle connections; each operation still succeeds on its first call, without a ping per
+/// request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_pooled_connections_cost_no_failed_call() {
     let Some(schema) = TestSchema::new().await else { return };
-    let s = schema.store_with(schema.config().max_connections(1).sweep_interval(None)).await;
+    const N: u32 = 4;
+    let s = schema.store_with(schema.config().max_connections(N).sweep_interval(None)).await;
+    let pool = s.store().pool();
+    let restart = || async {
+        warm(pool, N).await;
+        assert_eq!(schema.kill_backends(&schema.name).await, N as usize, "every pooled connection killed");
+    };
+    let k = key("restarted");
+    restart().await;
+    let Claim::Acquired(t) = s.claim(&k, &fp(1), LEASE).await.expect("claim after a restart") else {
+        panic!("first claim")
+    };
+    restart().await;
+    s.renew(&k, &t, LEASE).await.expect("renew after a restart");
+    restart().await;
+    s.complete(&k, &t, &response(b"done"), TTL).await.expect("complete after a restart");
+    let k2 = key("restarted-release");
+    let Claim::Acquired(t2) = s.claim(&k2, &fp(1), LEASE).await.unwrap() else { panic!("second claim") };
+    restart().await;
+    s.release(&k2, &t2).await.expect("release after a restart");
+    restart().await;
+    assert_eq!(s.claim(&k, &fp(1), LEASE).await.expect("replay after a restart"), Claim::Completed(response(b"done")));
+    assert!(matches!(s.claim(&k2, &fp(1), LEASE).await.unwrap(), Claim::Acquired(_)), "released");
+}
+
+/// A statement that ran and committed but whose answer was lost with its connection is run again
+/// and answers what the first run would have: the claim is acquired (its own record, found by
+/// its token), the completion and the release succeed (their work is found done).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_answers_are_recognised_when_run_again() {
+    let Some(schema) = TestSchema::new().await else { return };
+    let proxy = LossyProxy::start(&schema.url).await;
+    let config = schema.config().max_connections(1).sweep_interval(None);
+    let s = PostgresStore::connect_with(&proxy.url(&schema.url), config).await.unwrap();
+    // Before each lost answer: prepare every statement on the pool's one connection (a
+    // connection that was lost is replaced by a new one), then let sqlx's background check of the
+    // connection (after each use) finish, so that the next answer is the operation's own.
+    let round = std::sync::atomic::AtomicU32::new(0);
+    let lose = || async {
+        let n = round.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let (warm, done) = (key(&format!("warm-{n}")), key(&format!("warm-done-{n}")));
+        let Claim::Acquired(w) = s.claim(&warm, &fp(1), LEASE).await.unwrap() else { panic!() };
+        s.renew(&warm, &w, LEASE).await.unwrap();
+        s.release(&warm, &w).await.unwrap();
+        let Claim::Acquired(w) = s.claim(&done, &fp(1), LEASE).await.unwrap() else { panic!() };
+        s.complete(&done, &w, &response(b"w"), TTL).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        proxy.lose_next_answer();
+    };
+
+    let k = key("lost-claim");
+    lose().await;
+    let got = s.claim(&k, &fp(1), LEASE).await;
+    assert!(!proxy.losing(), "the answer was lost");
+    let Ok(Claim::Acquired(t)) = got else { panic!("a claim whose answer was lost: {got:?}") };
+    assert!(matches!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::InProgress { .. }));
+
+    lose().await;
+    s.complete(&k, &t, &response(b"once"), TTL).await.expect("a completion whose answer was lost");
+    assert!(!proxy.losing(), "the answer was lost");
+    assert_eq!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"once")));
+    // Only a retry recognises its own completion: completing again is still fenced.
+    assert!(matches!(s.complete(&k, &t, &response(b"once"), TTL).await, Err(StoreError::Fenced)));
+
+    let k2 = key("lost-release");
+    let Claim::Acquired(t2) = s.claim(&k2, &fp(1), LEASE).await.unwrap() else { panic!() };
+    lose().await;
+    s.release(&k2, &t2).await.expect("a release whose answer was lost");
+    assert!(!proxy.losing(), "the answer was lost");
+    assert!(matches!(s.claim(&k2, &fp(2), LEASE).await.unwrap(), Claim::Acquired(_)), "released");
+}
+
+/// A lost connection is retried once only: a server that stays away is unavailable (503, fail
+/// closed), and the store serves again once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stays_away_is_unavailable_then_recovers() {
+    let Some(schema) = TestSchema::new().await else { return };
+    let proxy = LossyProxy::start(&schema.url).await;
+    let config = schema.config().max_connections(1).sweep_interval(None).acquire_timeout(Duration::from_millis(500));
+    let s = PostgresStore::connect_with(&proxy.url(&schema.url), config).await.unwrap();
     let k = key("lost");
     let Claim::Acquired(t) = s.claim(&k, &fp(1), LEASE).await.unwrap() else { panic!() };
-    let killed = schema
-        .execute(&format!(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{}'",
-            schema.name
-        ))
-        .await
-        .unwrap();
-    assert!(killed >= 1, "no backend of the store was found");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.refuse(true);
+    assert_eq!(schema.kill_backends(&schema.name).await, 1);
     let first = s.claim(&k, &fp(1), LEASE).await;
     assert!(matches!(first, Err(StoreError::Unavailable(_))), "{first:?}");
-    let mut answer = None;
-    for _ in 0..20 {
-        match s.claim(&k, &fp(1), LEASE).await {
-            Ok(c) => {
-                answer = Some(c);
-                break;
-            }
-            Err(StoreError::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
-            Err(e) => panic!("{e:?}"),
-        }
-    }
-    assert!(matches!(answer, Some(Claim::InProgress { .. })), "{answer:?}");
+    proxy.refuse(false);
+    assert!(matches!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::InProgress { .. }));
     s.complete(&k, &t, &response(b"after"), TTL).await.unwrap();
     assert_eq!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"after")));
 }

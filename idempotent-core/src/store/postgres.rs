@@ -3,8 +3,9 @@
 //! # Table
 //!
 //! One row per record, primary key `(scope, actor, idem_key)`:
-//! `fingerprint` (32 bytes), `state` (`in_progress` or `completed`), `token` (the claim's token
-//! while in progress), `response` ([`StoredResponse::encode`] once completed), `expires_at` and
+//! `fingerprint` (32 bytes), `state` (`in_progress` or `completed`), `token` (the claim's token;
+//! kept once completed, so that a completion retried after a lost answer recognises its own
+//! work), `response` ([`StoredResponse::encode`] once completed), `expires_at` and
 //! `created_at`. `expires_at` is the end of the lease while the record is in progress and the end
 //! of its time to live once completed, so one column decides whether a record is live.
 //!
@@ -32,7 +33,9 @@
 //!   claimers racing for one expired lease exactly one takes it: a compare-and-set, never a blind
 //!   overwrite. Expired rows are thereby invisible to claims before the sweeper deletes them.
 //! - Live: the statement returns the row (fingerprint, state, response, remaining lease) and
-//!   writes nothing; the mismatch, replay and in-progress answers are decided from it.
+//!   writes nothing; the mismatch, replay and in-progress answers are decided from it. A live
+//!   in-progress row that carries the claim's own token (a claim run again after its answer was
+//!   lost, see [lost connections](#lost-connections)) answers [`Claim::Acquired`].
 //! - A race the snapshot cannot see (the row was inserted, or taken over, or deleted between the
 //!   snapshot and the write) returns no row at all; the statement is simply run again. Only
 //!   contended first claims ever pay that second round trip.
@@ -48,8 +51,9 @@
 //!
 //! Round trips: a first execution costs two (claim, then complete or release); a replay, a
 //! mismatch or an in-progress answer costs one. Renewals add one per heartbeat. sqlx prepares
-//! each statement once per connection; connections are not pinged before use, so a broken
-//! connection surfaces once as [`StoreError::Unavailable`] and is then replaced.
+//! each statement once per connection; connections are not pinged before use (that would add a
+//! round trip to every request), see [below](#lost-connections) for what happens when one
+//! turns out to be dead.
 //!
 //! # Isolation: `READ COMMITTED`, always
 //!
@@ -75,6 +79,28 @@
 //! - Either way, a statement cancelled as a serialization failure or a deadlock (SQLSTATE
 //!   `40001`, `40P01`; possible when connections' settings change after start-up) wrote nothing
 //!   and is run again, up to 5 times, after a random pause (up to 10, 20, 40, 80 ms).
+//!
+//! # Lost connections
+//!
+//! After a server restart, a failover or `pg_terminate_backend`, the pool's idle connections are
+//! dead, and the next statement on one fails (an I/O error, a closed connection, SQLSTATE class
+//! `08`, `57P01`, `57P02`, `57P05`). The store then drops that connection and runs the operation
+//! once more on a connection that answers a ping (dead idle connections are dropped in turn, and
+//! the pool opens a new one when none is left), so a restart costs a few pings on the first
+//! operation, not a failed request. It is not retried a second time: a server that stays away is
+//! [`StoreError::Unavailable`].
+//!
+//! A lost connection may have lost only the answer: the statement may have run and committed.
+//! Each operation is written so that running it again can never run a handler twice, and gives
+//! the answer the first run would have given:
+//!
+//! - a claim presents the same token again; finding its own in-progress record, it answers
+//!   [`Claim::Acquired`] with that token (without recognising it, [`Claim::InProgress`] would
+//!   also be safe: the record would just wait for its lease to end);
+//! - a renewal extends the lease again;
+//! - a completion that finds nothing to complete looks for the record completed with its token
+//!   (the token is kept in a completed row for that) and answers `Ok` when it is there;
+//! - a release that finds nothing to release answers `Ok` when the key has no record left.
 //!
 //! # Fencing
 //!
@@ -115,6 +141,7 @@ use super::{Claim, ClaimToken, RecordKey, Store, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use async_trait::async_trait;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::query::Query;
 use sqlx::{Connection, Executor, Postgres, SqlStr, Transaction};
@@ -158,7 +185,9 @@ mod own {
         pub(super) claim: SqlStr,
         pub(super) renew: SqlStr,
         pub(super) complete: SqlStr,
+        pub(super) completed_by: SqlStr,
         pub(super) release: SqlStr,
+        pub(super) present: SqlStr,
         pub(super) sweep: SqlStr,
     }
 
@@ -233,7 +262,7 @@ CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);
         Statements {
             claim: rendered(format!(
                 "WITH existing AS (
-    SELECT fingerprint, state, response, expires_at FROM {t} WHERE {key}
+    SELECT fingerprint, state, token, response, expires_at FROM {t} WHERE {key}
 ), takeover AS (
     UPDATE {t} SET fingerprint = $4, state = 'in_progress', token = $5, response = NULL,
         expires_at = now() + $6::int8 * interval '1 millisecond', created_at = now()
@@ -251,7 +280,7 @@ SELECT TRUE AS acquired, NULL::bytea AS fingerprint, NULL::text AS state, NULL::
 UNION ALL
 SELECT TRUE, NULL, NULL, NULL, NULL FROM inserted
 UNION ALL
-SELECT FALSE, fingerprint, state, response,
+SELECT COALESCE(state = 'in_progress' AND token = $5, FALSE), fingerprint, state, response,
     GREATEST(0, CEIL(EXTRACT(EPOCH FROM (expires_at - now())) * 1000))::int8
 FROM existing WHERE expires_at > now()"
             )),
@@ -261,14 +290,16 @@ WHERE {key} AND token = $4 AND state = 'in_progress'
 RETURNING 1"
             )),
             complete: rendered(format!(
-                "UPDATE {t} SET state = 'completed', token = NULL, response = $5,
+                "UPDATE {t} SET state = 'completed', response = $5,
     expires_at = now() + $6::int8 * interval '1 millisecond'
 WHERE {key} AND token = $4 AND state = 'in_progress'
 RETURNING 1"
             )),
+            completed_by: rendered(format!("SELECT 1 FROM {t} WHERE {key} AND token = $4 AND state = 'completed'")),
             release: rendered(format!(
                 "DELETE FROM {t} WHERE {key} AND token = $4 AND state = 'in_progress' RETURNING 1"
             )),
+            present: rendered(format!("SELECT 1 FROM {t} WHERE {key}")),
             // Completed records go at the end of their time to live, in-progress ones only
             // `ABANDONED_CLAIM_RETENTION` ($2) after their lease; the condition is checked again
             // on the locked rows.
@@ -380,8 +411,8 @@ impl SqlStore<Postgres> {
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(config.settings.acquire_timeout)
-            // A ping before every query would double the round trips; a dead connection fails
-            // one request and is then dropped by the pool.
+            // A ping before every query would double the round trips; an operation that meets a
+            // dead connection runs again on a live one (see `run`).
             .test_before_acquire(false)
             .after_connect(|conn, _| {
                 Box::pin(async move {
@@ -398,16 +429,19 @@ impl SqlStore<Postgres> {
         Self::start(pool, config, true).await
     }
 
-    /// Runs the statement `make` builds, again after a serialization failure or a deadlock (see
-    /// the module docs); returns its row, if any.
-    async fn run(&self, make: impl Fn() -> PgQuery) -> Result<Option<PgRow>, StoreError> {
+    /// Runs the statement `make` builds, with the retries the module docs describe: again after a
+    /// serialization failure or a deadlock, and once more on a live connection after the
+    /// connection was lost. Returns the statement's row, if any, and whether an attempt was lost
+    /// with its connection before the one that answered (it may have run: its effect is unknown).
+    async fn run(&self, make: impl Fn() -> PgQuery) -> Result<(Option<PgRow>, bool), StoreError> {
         let pool = self.pool();
         let explicit = self.session().explicit_read_committed;
-        let mut conflicts = 0;
+        let (mut conflicts, mut lost) = (0, false);
         loop {
-            let mut conn = pool.acquire().await.map_err(Postgres::unavailable)?;
+            let mut conn =
+                if lost { live_connection(pool).await } else { pool.acquire().await }.map_err(Postgres::unavailable)?;
             let e = match fetch(&mut conn, explicit, make()).await {
-                Ok(row) => return Ok(row),
+                Ok(row) => return Ok((row, lost)),
                 Err(e) => e,
             };
             match failure(&e) {
@@ -417,7 +451,17 @@ impl SqlStore<Postgres> {
                     drop(conn);
                     tokio::time::sleep(jitter(conflicts)).await;
                 }
-                _ => return Err(Postgres::unavailable(e)),
+                Failure::Lost if !lost => {
+                    tracing::debug!(error = %e, "idempotency store: connection lost; running the operation again on a live one");
+                    drop(conn.detach());
+                    lost = true;
+                }
+                kind => {
+                    if kind == Failure::Lost {
+                        drop(conn.detach());
+                    }
+                    return Err(Postgres::unavailable(e));
+                }
             }
         }
     }
@@ -436,18 +480,44 @@ async fn fetch(conn: &mut PgConnection, explicit: bool, query: PgQuery) -> Resul
     Ok(row)
 }
 
+/// A pooled connection that answers a ping. After one connection was found dead, the pool's
+/// other idle connections may be dead too (a server restart ends them all): each that fails its
+/// ping is dropped, and once none is left the pool opens a new one.
+async fn live_connection(pool: &PgPool) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+    for _ in 0..pool.options().get_max_connections() {
+        let mut conn = pool.acquire().await?;
+        match conn.ping().await {
+            Ok(()) => return Ok(conn),
+            Err(e) if failure(&e) == Failure::Lost => drop(conn.detach()),
+            Err(e) => return Err(e),
+        }
+    }
+    let mut conn = pool.acquire().await?;
+    conn.ping().await?;
+    Ok(conn)
+}
+
 /// What a failed statement tells about running it again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Failure {
     /// A serialization failure or a deadlock: the server rolled the statement back.
     Conflict,
+    /// The connection is gone: the statement may not have reached the server, or may have run
+    /// and lost only its answer.
+    Lost,
     /// Anything else.
     Other,
 }
 
 fn failure(e: &sqlx::Error) -> Failure {
     match e {
-        sqlx::Error::Database(e) if matches!(e.code().as_deref(), Some("40001" | "40P01")) => Failure::Conflict,
+        sqlx::Error::Database(e) => match e.code().as_deref() {
+            Some("40001" | "40P01") => Failure::Conflict,
+            // Connection exceptions; administrator or crash shutdown; idle session timeout.
+            Some(code) if code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P05") => Failure::Lost,
+            _ => Failure::Other,
+        },
+        sqlx::Error::Io(_) => Failure::Lost,
         _ => Failure::Other,
     }
 }
@@ -469,9 +539,10 @@ const CLAIM_ATTEMPTS: usize = 16;
 #[async_trait]
 impl Store for PostgresStore {
     async fn claim(&self, key: &RecordKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
+        // One token for every attempt: a claim run again after a lost answer finds its own record.
+        let token = ClaimToken::generate();
         for _ in 0..CLAIM_ATTEMPTS {
-            let token = ClaimToken::generate();
-            let row = self
+            let (row, _) = self
                 .run(|| {
                     Self::key_query(&self.sql().claim, key).bind(&fingerprint.0[..]).bind(&token.0).bind(millis(lease))
                 })
@@ -487,7 +558,8 @@ impl Store for PostgresStore {
     }
 
     async fn renew(&self, key: &RecordKey, token: &ClaimToken, lease: Duration) -> Result<(), StoreError> {
-        let row = self.run(|| Self::fenced_query(&self.sql().renew, key, token).bind(millis(lease))).await?;
+        // Running it twice extends the lease twice: no check needed after a lost answer.
+        let (row, _) = self.run(|| Self::fenced_query(&self.sql().renew, key, token).bind(millis(lease))).await?;
         row.map(drop).ok_or(StoreError::Fenced)
     }
 
@@ -499,15 +571,35 @@ impl Store for PostgresStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let encoded = response.encode();
-        let row = self
+        let (row, lost) = self
             .run(|| Self::fenced_query(&self.sql().complete, key, token).bind(&encoded[..]).bind(millis(ttl)))
             .await?;
-        row.map(drop).ok_or(StoreError::Fenced)
+        if row.is_some() {
+            return Ok(());
+        }
+        if lost {
+            // The lost attempt may have completed the record: then it carries our token.
+            let (ours, _) = self.run(|| Self::fenced_query(&self.sql().completed_by, key, token)).await?;
+            if ours.is_some() {
+                return Ok(());
+            }
+        }
+        Err(StoreError::Fenced)
     }
 
     async fn release(&self, key: &RecordKey, token: &ClaimToken) -> Result<(), StoreError> {
-        let row = self.run(|| Self::fenced_query(&self.sql().release, key, token)).await?;
-        row.map(drop).ok_or(StoreError::Fenced)
+        let (row, lost) = self.run(|| Self::fenced_query(&self.sql().release, key, token)).await?;
+        if row.is_some() {
+            return Ok(());
+        }
+        if lost {
+            // The lost attempt may have deleted the record: then the key has none.
+            let (present, _) = self.run(|| Self::key_query(&self.sql().present, key)).await?;
+            if present.is_none() {
+                return Ok(());
+            }
+        }
+        Err(StoreError::Fenced)
     }
 
     fn name(&self) -> &'static str {

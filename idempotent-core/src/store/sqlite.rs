@@ -8,7 +8,8 @@
 //! # Table
 //!
 //! The same layout as the PostgreSQL store: primary key `(scope, actor, idem_key)`,
-//! `fingerprint` (32 bytes), `state` (`in_progress` or `completed`), `token`, `response`
+//! `fingerprint` (32 bytes), `state` (`in_progress` or `completed`), `token` (the claim's token
+//! while in progress), `response`
 //! ([`StoredResponse::encode`]), `expires_at` and `created_at` in milliseconds since the Unix
 //! epoch. `expires_at` is the end of the lease while in progress and the end of the time to live
 //! once completed.
