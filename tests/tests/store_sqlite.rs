@@ -1,14 +1,17 @@
 //! The SQLite store: the store contract on a temporary database file, corrupt rows, a process
-//! that dies between claim and completion, the store specification string and the sweeper (and
-//! the retention of abandoned claims).
+//! that dies between claim and completion, the store specification string, the sweeper (and the
+//! retention of abandoned claims) and an in-memory database that outlives the pool's
+//! connections.
 
 use idempotent_core::fingerprint::{Fingerprint, FingerprintBuilder};
 use idempotent_core::response::StoredResponse;
 use idempotent_core::store::{
     self, Claim, ClaimToken, RecordKey, SqliteConfig, SqliteStore, Store, StoreError, ABANDONED_CLAIM_RETENTION,
 };
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use sqlx::AssertSqlSafe;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -286,4 +289,32 @@ async fn sweeper_keeps_abandoned_claims_for_their_retention() {
     assert_eq!(s.claim(&k("slow"), &fp(1), Duration::from_secs(30)).await.unwrap(), Claim::Completed(paid()));
     let gone = s.renew(&k("abandoned"), &ClaimToken("t-gone".into()), Duration::from_secs(30)).await;
     assert!(matches!(gone, Err(StoreError::Fenced)), "{gone:?}");
+}
+
+/// An in-memory database lives as long as one connection to it: the store keeps its records
+/// (and its table) while the pool closes every idle connection it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_memory_database_outlives_the_pools_connections() {
+    let pool = SqlitePoolOptions::new()
+        .max_connections(2)
+        .min_connections(0)
+        .idle_timeout(Duration::from_millis(100))
+        .max_lifetime(Duration::from_millis(300))
+        .connect_with(SqliteConnectOptions::from_str("sqlite::memory:").unwrap())
+        .await
+        .unwrap();
+    let s = SqliteStore::from_pool(pool.clone(), SqliteConfig::new().sweep_interval(None)).await.unwrap();
+    let k = RecordKey::new("payments.create", "acct_1", "in-memory");
+    let Claim::Acquired(t) = s.claim(&k, &fp(1), Duration::from_secs(30)).await.unwrap() else { panic!() };
+    s.complete(&k, &t, &paid(), Duration::from_secs(3600)).await.unwrap();
+    for _ in 0..50 {
+        if pool.size() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(pool.size(), 0, "the pool closed all its connections");
+    assert_eq!(s.claim(&k, &fp(1), Duration::from_secs(30)).await.unwrap(), Claim::Completed(paid()));
+    let k2 = RecordKey::new("payments.create", "acct_1", "in-memory-2");
+    assert!(matches!(s.claim(&k2, &fp(1), Duration::from_secs(30)).await.unwrap(), Claim::Acquired(_)));
 }

@@ -54,7 +54,8 @@ pub trait Backend: Database + sealed::Sealed {
     /// The statements of one configured store, rendered once (with `rendered`).
     type Statements: fmt::Debug + Send + Sync + 'static;
     /// What the store learns from its pool when it starts and keeps beside it (PostgreSQL: how
-    /// its statements get `READ COMMITTED`; SQLite: nothing).
+    /// its statements get `READ COMMITTED`; SQLite: the connection that keeps an in-memory
+    /// database alive).
     type Session: fmt::Debug + Send + Sync + 'static;
 
     /// Renders the statements for `config`, which has been validated.
@@ -277,7 +278,9 @@ impl<B: Backend> SqlStore<B> {
     /// The store never changes the settings of the pool's sessions. With PostgreSQL it reads
     /// their `default_transaction_isolation` once: if it is stricter than `READ COMMITTED`, each
     /// of the store's statements runs in a `READ COMMITTED` transaction of its own (two more round
-    /// trips; see the `store::postgres` module docs).
+    /// trips; see the `store::postgres` module docs). With an in-memory SQLite database, the store
+    /// holds one more connection to it, outside the pool, so that the database outlives the
+    /// pool's idle connections.
     pub async fn from_pool(pool: Pool<B>, config: SqlConfig<B>) -> Result<Self, StoreError> {
         Self::start(pool, config, false).await
     }

@@ -3,7 +3,17 @@
 //! `sqlite:PATH` (or `sqlite://PATH`) opens the database file, creating it if missing, in WAL
 //! mode (readers never wait for the writer) with `synchronous = NORMAL` and a busy timeout, so
 //! concurrent requests queue for the write lock instead of failing with "database is locked".
-//! `sqlite::memory:` gives a database shared by the store's connections and lost on drop.
+//! `sqlite::memory:` gives a database shared by the store's connections, kept as long as the
+//! store (see [in memory](#in-memory)).
+//!
+//! # In memory
+//!
+//! An in-memory database (`sqlite::memory:`, shared by the pool's connections) disappears when
+//! its last connection closes, and a pool closes idle connections by itself (sqlx's idle timeout
+//! and maximum lifetime). The store therefore keeps one connection of its own open to an
+//! in-memory database, outside the pool and never used, from start-up until the store is
+//! dropped: records and the table stay whatever the pool does, also on a pool the application
+//! hands in. Records still live only as long as the process.
 //!
 //! # Table
 //!
@@ -50,8 +60,9 @@ use sqlx::sqlite::{
     SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteRow, SqliteSynchronous,
 };
-use sqlx::{Executor, SqlStr, Sqlite, Transaction};
+use sqlx::{ConnectOptions, Executor, SqlStr, Sqlite, Transaction};
 use std::str::FromStr;
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Settings of a [`SqliteStore`]: the shared ones, and
@@ -65,7 +76,9 @@ pub type SqliteStore = SqlStore<Sqlite>;
 
 /// What the shared SQL store code keeps for SQLite (public only to be named by [`Backend`]).
 mod own {
+    use sqlx::sqlite::SqliteConnection;
     use sqlx::SqlStr;
+    use std::sync::Mutex;
     use std::time::Duration;
 
     /// SQLite's own settings.
@@ -80,6 +93,14 @@ mod own {
         }
     }
 
+    /// What the store keeps beside its pool.
+    #[derive(Debug)]
+    pub struct Session {
+        /// For an in-memory database: a connection of the store's own, never used, that keeps
+        /// the database alive while the pool closes and opens its connections.
+        pub(super) _keeper: Option<Mutex<SqliteConnection>>,
+    }
+
     /// The statements of one configured store, rendered once.
     #[derive(Debug)]
     pub struct Statements {
@@ -92,7 +113,7 @@ mod own {
     }
 }
 
-use own::{Settings, Statements};
+use own::{Session, Settings, Statements};
 
 impl SqlConfig<Sqlite> {
     /// How long a statement waits for SQLite's write lock before the store reports itself
@@ -131,7 +152,7 @@ CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);
 
     type Settings = Settings;
     type Statements = Statements;
-    type Session = ();
+    type Session = Session;
 
     fn statements(config: &SqliteConfig) -> Statements {
         let t = config.qualified_table();
@@ -162,8 +183,15 @@ WHERE {key} AND token = ?4 AND state = 'in_progress'"
         }
     }
 
-    async fn attach(_pool: &SqlitePool, _own: bool) -> Result<(), sqlx::Error> {
-        Ok(())
+    async fn attach(pool: &SqlitePool, _own: bool) -> Result<Session, sqlx::Error> {
+        // The main database of an in-memory database has no file.
+        let file: Option<String> =
+            sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'").fetch_one(pool).await?;
+        let keeper = match file {
+            Some(file) if !file.is_empty() => None,
+            _ => Some(Mutex::new(pool.connect_options().connect().await?)),
+        };
+        Ok(Session { _keeper: keeper })
     }
 
     fn sweep_query(sql: &Statements, batch: i64) -> Query<'static, Sqlite, SqliteArguments> {
@@ -173,7 +201,7 @@ WHERE {key} AND token = ?4 AND state = 'in_progress'"
 
     async fn execute(
         pool: &SqlitePool,
-        _session: &(),
+        _session: &Session,
         query: Query<'static, Sqlite, SqliteArguments>,
     ) -> Result<u64, sqlx::Error> {
         Ok(query.execute(pool).await?.rows_affected())
@@ -228,7 +256,8 @@ impl SqlStore<Sqlite> {
         Self::connect_with(spec, SqliteConfig::default()).await
     }
 
-    /// Opens `spec` with `config`.
+    /// Opens `spec` with `config`. An in-memory database is kept as long as the store (see the
+    /// [module docs](self#in-memory)).
     pub async fn connect_with(spec: &str, config: SqliteConfig) -> Result<Self, StoreError> {
         config.validate()?;
         let options = SqliteConnectOptions::from_str(spec)
