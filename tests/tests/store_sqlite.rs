@@ -1,14 +1,14 @@
 //! The SQLite store: the store contract on a temporary database file, corrupt rows, a process
 //! that dies between claim and completion, the store specification string, the sweeper (and the
-//! retention of abandoned claims) and an in-memory database that outlives the pool's
-//! connections.
+//! retention of abandoned claims), an in-memory database that outlives the pool's connections,
+//! and durable commits by default.
 
 use idempotent_core::fingerprint::{Fingerprint, FingerprintBuilder};
 use idempotent_core::response::StoredResponse;
 use idempotent_core::store::{
     self, Claim, ClaimToken, RecordKey, SqliteConfig, SqliteStore, Store, StoreError, ABANDONED_CLAIM_RETENTION,
 };
-use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::AssertSqlSafe;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -317,4 +317,33 @@ async fn in_memory_database_outlives_the_pools_connections() {
     assert_eq!(s.claim(&k, &fp(1), Duration::from_secs(30)).await.unwrap(), Claim::Completed(paid()));
     let k2 = RecordKey::new("payments.create", "acct_1", "in-memory-2");
     assert!(matches!(s.claim(&k2, &fp(1), Duration::from_secs(30)).await.unwrap(), Claim::Acquired(_)));
+}
+
+/// `PRAGMA synchronous` of a connection of the store's pool.
+async fn synchronous_of(s: &SqliteStore) -> i64 {
+    sqlx::query_scalar("PRAGMA synchronous").fetch_one(s.pool()).await.unwrap()
+}
+
+/// By default every commit waits for the disk (`synchronous = FULL`, 2): a completed record is
+/// not lost to a power cut.
+#[tokio::test]
+async fn commits_are_durable_by_default() {
+    let db = TempDb::new();
+    let s = SqliteStore::connect(&db.spec()).await.unwrap();
+    assert_eq!(synchronous_of(&s).await, 2, "synchronous = FULL");
+    let journal: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(s.pool()).await.unwrap();
+    assert_eq!(journal, "wal");
+}
+
+/// `SqliteConfig::synchronous` chooses speed over durability (`NORMAL`, 1) for those who want it.
+#[tokio::test]
+async fn synchronous_normal_on_request() {
+    let db = TempDb::new();
+    let config = SqliteConfig::new().synchronous(SqliteSynchronous::Normal);
+    let s = SqliteStore::connect_with(&db.spec(), config).await.unwrap();
+    assert_eq!(synchronous_of(&s).await, 1, "synchronous = NORMAL");
+    let k = RecordKey::new("payments.create", "acct_1", "fast");
+    let Claim::Acquired(t) = s.claim(&k, &fp(1), Duration::from_secs(30)).await.unwrap() else { panic!() };
+    s.complete(&k, &t, &paid(), Duration::from_secs(3600)).await.unwrap();
+    assert_eq!(s.claim(&k, &fp(1), Duration::from_secs(30)).await.unwrap(), Claim::Completed(paid()));
 }

@@ -109,7 +109,8 @@ pub trait Backend: Database + sealed::Sealed {
 /// (`SqlConfig<sqlx::Sqlite>`).
 ///
 /// The setters in the first block apply to both; each database adds its own: `schema`,
-/// `acquire_timeout` and `application_name` for PostgreSQL, `busy_timeout` for SQLite.
+/// `acquire_timeout` and `application_name` for PostgreSQL, `busy_timeout` and `synchronous` for
+/// SQLite.
 #[derive(Debug)]
 pub struct SqlConfig<B: Backend> {
     pub(super) schema: Option<String>,
@@ -144,8 +145,8 @@ impl<B: Backend> Clone for SqlConfig<B> {
 impl<B: Backend> SqlConfig<B> {
     /// The defaults: table `idempotency_records`, migrations on start-up, a sweep every minute.
     /// PostgreSQL: the table on the connection's `search_path`, 10 connections, a 5 s acquire
-    /// timeout, sweeps in batches of 1000. SQLite: 4 connections, a 10 s busy timeout, sweeps in
-    /// batches of 500.
+    /// timeout, sweeps in batches of 1000. SQLite: 4 connections, a 10 s busy timeout,
+    /// `synchronous = FULL`, sweeps in batches of 500.
     pub fn new() -> Self {
         Self::default()
     }
@@ -271,9 +272,9 @@ impl<B: Backend> SqlStore<B> {
     /// compile. Its settings are the application's and the store keeps them: a connection that
     /// cannot be had within the pool's acquire timeout, or that fails, is
     /// [`StoreError::Unavailable`] (fail closed). [`SqlConfig::max_connections`] and the database's
-    /// own timeouts in [`SqlConfig`] apply only to the pools `connect_with` opens. With SQLite, the
-    /// pool's connections should have a busy timeout (sqlx's default is 5 s); in WAL mode,
-    /// readers never wait.
+    /// own settings in [`SqlConfig`] (timeouts, SQLite's `synchronous`) apply only to the pools
+    /// `connect_with` opens. With SQLite, the pool's connections should have a busy timeout
+    /// (sqlx's default is 5 s); in WAL mode, readers never wait.
     ///
     /// The store never changes the settings of the pool's sessions. With PostgreSQL it reads
     /// their `default_transaction_isolation` once: if it is stricter than `READ COMMITTED`, each
