@@ -6,11 +6,14 @@
 //! 2. the payments demo's `POST /payments` over loopback HTTP on memory, SQLite, PostgreSQL and
 //!    Redis, beside a bare handler and a handler doing the same Redis commands by hand;
 //! 3. PostgreSQL round trips per first execution and per replay, counted by a proxy that parses
-//!    the wire protocol (request-path statements apart from sqlx's background pool checks).
+//!    the wire protocol (request-path statements apart from sqlx's background pool checks);
+//! 4. the cost of SQLite's durable commits: first executions per second through the SQLite store
+//!    (a claim, then a completion) with `synchronous = FULL` (the default) and `NORMAL`, on a
+//!    database file in the temporary directory.
 //!
 //! Machines are shared and noisy: compare the ratios within one run, not absolute numbers
 //! across runs. `cargo bench -p idempotent-tests --bench throughput -- in-process` runs only the
-//! first part.
+//! first part, `-- sqlite-sync` only the fourth.
 
 use axum::body::Body;
 use axum::extract::State;
@@ -349,6 +352,70 @@ async fn postgres_round_trips(pg: &idempotent_tests::postgres::TestSchema) {
     println!("  {:<18} {:>22.2} {:>34.2}", "replay", per(mid.0, after.0), per(mid.1, after.1));
 }
 
+/// First executions per second through a SQLite store with `synchronous`, `callers` at once.
+async fn sqlite_first_executions(synchronous: sqlx::sqlite::SqliteSynchronous, callers: usize, n: usize) -> f64 {
+    use idempotent_axum::core::fingerprint::FingerprintBuilder;
+    use idempotent_axum::core::response::StoredResponse;
+    use idempotent_axum::core::store::{Claim, RecordKey, SqliteConfig};
+    let path = std::env::temp_dir().join(format!("bench-sync-{}.sqlite", uuid::Uuid::new_v4().simple()));
+    let config = SqliteConfig::new().synchronous(synchronous).sweep_interval(None);
+    let store = SqliteStore::connect_with(&format!("sqlite:{}", path.display()), config).await.unwrap();
+    let fingerprint = FingerprintBuilder::new("bench.sync").finish();
+    let response = StoredResponse::new(201, [("content-type", "application/json")], r#"{"id":"pay_1"}"#.into());
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..callers)
+        .map(|_| {
+            let (store, next, fingerprint, response) = (store.clone(), next.clone(), fingerprint, response.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if i >= n {
+                        break;
+                    }
+                    let key = RecordKey::new("bench.sync", "acct_bench", format!("k{i}"));
+                    let Claim::Acquired(token) =
+                        store.claim(&key, &fingerprint, Duration::from_secs(30)).await.unwrap()
+                    else {
+                        panic!("a fresh key")
+                    };
+                    store.complete(&key, &token, &response, Duration::from_secs(3600)).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let per_second = n as f64 / start.elapsed().as_secs_f64();
+    drop(store);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    per_second
+}
+
+async fn sqlite_durability() {
+    use sqlx::sqlite::SqliteSynchronous;
+    const N: usize = 2_000;
+    println!(
+        "\n4. SQLite store, first executions (claim + completion) per second, {N} per run, best of 3 alternating runs"
+    );
+    println!("  {:<22} {:>14} {:>22}", "synchronous", "1 caller", "16 concurrent callers");
+    let mut best = [[0f64; 2]; 2];
+    for _ in 0..3 {
+        for (row, sync) in [SqliteSynchronous::Full, SqliteSynchronous::Normal].into_iter().enumerate() {
+            for (col, callers) in [1, 16].into_iter().enumerate() {
+                best[row][col] = best[row][col].max(sqlite_first_executions(sync, callers, N).await);
+            }
+        }
+    }
+    for (label, [one, many]) in ["FULL (default)", "NORMAL"].into_iter().zip(best) {
+        println!("  {label:<22} {one:>14.0} {many:>22.0}");
+    }
+    println!("  NORMAL/FULL: {:.2}x with 1 caller, {:.2}x with 16", best[1][0] / best[0][0], best[1][1] / best[0][1]);
+}
+
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         println!("throughput: run with `cargo bench -p idempotent-tests --bench throughput`");
@@ -356,6 +423,10 @@ fn main() {
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
+        if std::env::args().any(|a| a == "sqlite-sync") {
+            tokio::spawn(sqlite_durability()).await.unwrap();
+            return;
+        }
         // On a worker thread, as a server's handlers run (block_on's own thread is not one, and
         // every task it spawns would pay a cross-thread wake-up that servers do not).
         tokio::spawn(in_process()).await.unwrap();
@@ -368,5 +439,6 @@ fn main() {
         if let Some(pg) = &pg {
             postgres_round_trips(pg).await;
         }
+        tokio::spawn(sqlite_durability()).await.unwrap();
     });
 }

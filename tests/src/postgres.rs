@@ -19,8 +19,11 @@ use idempotent_core::store::{Claim, ClaimToken, PostgresConfig, PostgresStore, R
 use sqlx::{AssertSqlSafe, Connection};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OnceCell;
 
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -230,6 +233,32 @@ impl TestSchema {
         c.close().await?;
         Ok(n)
     }
+
+    /// Terminates (`pg_terminate_backend`) every backend whose `application_name` is
+    /// `application_name`, as a server restart would, and waits until they are gone; returns how
+    /// many there were.
+    pub async fn kill_backends(&self, application_name: &str) -> usize {
+        let mut c = sqlx::PgConnection::connect(&self.url).await.expect("connect to the test database");
+        let killed: Vec<bool> =
+            sqlx::query_scalar("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1")
+                .bind(application_name)
+                .fetch_all(&mut c)
+                .await
+                .expect("pg_terminate_backend");
+        for _ in 0..100 {
+            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1")
+                .bind(application_name)
+                .fetch_one(&mut c)
+                .await
+                .expect("pg_stat_activity");
+            if left == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = c.close().await;
+        killed.len()
+    }
 }
 
 impl Drop for TestSchema {
@@ -298,5 +327,165 @@ impl Store for PgTestStore {
     }
     fn name(&self) -> &'static str {
         self.store.name()
+    }
+}
+
+/// `url` with another user name (and password) and another `host:port`, where given.
+pub fn url_with(url: &str, user: Option<(&str, &str)>, host_port: Option<&str>) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a URL with a scheme");
+    let (userinfo, rest) = match rest.split_once('@') {
+        Some((u, r)) if !u.contains('/') => (Some(u), r),
+        _ => (None, rest),
+    };
+    let (host, path) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    let userinfo = match (user, userinfo) {
+        (Some((user, password)), _) => Some(format!("{user}:{password}")),
+        (None, u) => u.map(str::to_owned),
+    };
+    let host = host_port.unwrap_or(host);
+    match userinfo {
+        Some(u) => format!("{scheme}://{u}@{host}{path}"),
+        None => format!("{scheme}://{host}{path}"),
+    }
+}
+
+/// A login role of its own for one test (superuser, so it can create the test's schema), with
+/// settings of its own (`ALTER ROLE ... SET`); dropped, with what it owns, when the value is
+/// dropped. Drop the stores connected as the role first.
+#[derive(Debug)]
+pub struct TestRole {
+    admin_url: String,
+    /// The role's name.
+    pub name: String,
+    /// The test database's URL, connecting as the role.
+    pub url: String,
+}
+
+impl TestRole {
+    /// A new role on the test database behind `schema`.
+    pub async fn new(schema: &TestSchema) -> Self {
+        let name = format!("idem_role_{}", uuid::Uuid::new_v4().simple());
+        schema
+            .execute(&format!("CREATE ROLE \"{name}\" LOGIN SUPERUSER PASSWORD '{name}'"))
+            .await
+            .expect("create the test role");
+        let url = url_with(&schema.url, Some((&name, &name)), None);
+        Self { admin_url: schema.url.clone(), name, url }
+    }
+
+    /// Sets `default_transaction_isolation` for the role's new sessions.
+    pub async fn set_default_isolation(&self, level: &str) {
+        let mut c = sqlx::PgConnection::connect(&self.admin_url).await.expect("connect to the test database");
+        // The level is one of PostgreSQL's four, written by the test.
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "ALTER ROLE \"{}\" SET default_transaction_isolation = '{level}'",
+            self.name
+        )))
+        .execute(&mut c)
+        .await
+        .expect("ALTER ROLE");
+        let _ = c.close().await;
+    }
+}
+
+impl Drop for TestRole {
+    fn drop(&mut self) {
+        let (url, name) = (self.admin_url.clone(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(async {
+                let mut c = sqlx::PgConnection::connect(&url).await.ok()?;
+                // The role's name is random hex made by this module.
+                let _ = sqlx::raw_sql(AssertSqlSafe(format!(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{name}';
+                     DROP OWNED BY \"{name}\" CASCADE; DROP ROLE IF EXISTS \"{name}\""
+                )))
+                .execute(&mut c)
+                .await;
+                c.close().await.ok()
+            })
+        })
+        .join();
+    }
+}
+
+/// A TCP proxy in front of the test server that can lose an answer or refuse connections.
+///
+/// [`lose_next_answer`](Self::lose_next_answer): the next time the server answers on any
+/// connection, the proxy closes that connection (both ways) instead of passing the answer on: the
+/// statement ran and committed, its caller never hears of it.
+/// [`refuse`](Self::refuse): new connections are closed at once, as by a server that is down.
+#[derive(Debug)]
+pub struct LossyProxy {
+    /// `host:port` of the proxy.
+    pub addr: String,
+    lose: Arc<AtomicBool>,
+    refuse: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LossyProxy {
+    /// A proxy on a free loopback port in front of the server of `url`.
+    pub async fn start(url: &str) -> Self {
+        let opts: sqlx::postgres::PgConnectOptions = url.parse().expect("a PostgreSQL URL");
+        let upstream = format!("{}:{}", opts.get_host(), opts.get_port());
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
+        let addr = listener.local_addr().expect("the proxy's address").to_string();
+        let (lose, refuse) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let (l, r) = (lose.clone(), refuse.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if r.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let (upstream, lose) = (upstream.clone(), l.clone());
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(&upstream).await else { return };
+                    let (mut from_client, mut to_client) = client.into_split();
+                    let (mut from_server, mut to_server) = server.into_split();
+                    let forward = tokio::spawn(async move { tokio::io::copy(&mut from_client, &mut to_server).await });
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = match from_server.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if lose.swap(false, Ordering::SeqCst) || to_client.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    // Dropping every half closes both connections.
+                    forward.abort();
+                });
+            }
+        });
+        Self { addr, lose, refuse, task }
+    }
+
+    /// `url` through the proxy.
+    pub fn url(&self, url: &str) -> String {
+        url_with(url, None, Some(&self.addr))
+    }
+
+    /// Loses the next answer the server sends on any connection (and that connection).
+    pub fn lose_next_answer(&self) {
+        self.lose.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether an answer is still to be lost.
+    pub fn losing(&self) -> bool {
+        self.lose.load(Ordering::SeqCst)
+    }
+
+    /// Closes new connections at once (`true`) or forwards them again (`false`).
+    pub fn refuse(&self, refuse: bool) {
+        self.refuse.store(refuse, Ordering::SeqCst);
+    }
+}
+
+impl Drop for LossyProxy {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

@@ -1,12 +1,16 @@
 //! The PostgreSQL store against a real server: the store contract (each test in its own schema),
-//! then the faults: an unreachable server at start-up, corrupt and foreign rows, connections
-//! lost mid-run, a process that dies between claim and completion; and the properties of the
-//! claim statement (replays write nothing), migrations and the sweeper.
+//! then the faults: an unreachable server at start-up, corrupt and foreign rows, pooled
+//! connections killed (as by a restart), answers lost after the statement ran, a server that stays
+//! away, a process that dies between claim and completion, roles whose sessions default to
+//! `SERIALIZABLE`; and the properties of the claim statement (replays write nothing), migrations
+//! and the sweeper (abandoned claims kept for their retention).
 
 use idempotent_core::fingerprint::{Fingerprint, FingerprintBuilder};
 use idempotent_core::response::StoredResponse;
-use idempotent_core::store::{self, Claim, PostgresConfig, PostgresStore, RecordKey, Store, StoreError};
-use idempotent_tests::postgres::{PgTestStore, TestSchema};
+use idempotent_core::store::{
+    self, Claim, ClaimToken, PostgresConfig, PostgresStore, RecordKey, Store, StoreError, ABANDONED_CLAIM_RETENTION,
+};
+use idempotent_tests::postgres::{LossyProxy, PgTestStore, TestRole, TestSchema};
 use sqlx::AssertSqlSafe;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -99,36 +103,368 @@ async fn corrupt_and_foreign_rows_are_errors_not_panics() {
     assert!(matches!(s.claim(&RecordKey::new("s", "a", "old"), &f, LEASE).await, Ok(Claim::Acquired(_))));
 }
 
-#[tokio::test]
-async fn connections_lost_mid_run_are_unavailable_then_recover() {
+/// Opens `n` connections in the store's pool at once and gives them back: all idle, as in a
+/// pool that served a burst of requests.
+async fn warm(pool: &sqlx::PgPool, n: u32) {
+    let conns = futures_util::future::join_all((0..n).map(|_| pool.acquire())).await;
+    drop(conns.into_iter().collect::<Result<Vec<_>, _>>().expect("warm-up connections"));
+    for _ in 0..100 {
+        if pool.num_idle() == n as usize {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the pool kept {} idle connections of {n}", pool.num_idle());
+}
+
+/// A server restart (here: every backend of the store's pool terminated) leaves the pool full of
+/// dead idle connections; each operation still succeeds on its first call, without a ping per
+/// request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_pooled_connections_cost_no_failed_call() {
     let Some(schema) = TestSchema::new().await else { return };
-    let s = schema.store_with(schema.config().max_connections(1).sweep_interval(None)).await;
+    const N: u32 = 4;
+    let s = schema.store_with(schema.config().max_connections(N).sweep_interval(None)).await;
+    let pool = s.store().pool();
+    let restart = || async {
+        warm(pool, N).await;
+        assert_eq!(schema.kill_backends(&schema.name).await, N as usize, "every pooled connection killed");
+    };
+    let k = key("restarted");
+    restart().await;
+    let Claim::Acquired(t) = s.claim(&k, &fp(1), LEASE).await.expect("claim after a restart") else {
+        panic!("first claim")
+    };
+    restart().await;
+    s.renew(&k, &t, LEASE).await.expect("renew after a restart");
+    restart().await;
+    s.complete(&k, &t, &response(b"done"), TTL).await.expect("complete after a restart");
+    let k2 = key("restarted-release");
+    let Claim::Acquired(t2) = s.claim(&k2, &fp(1), LEASE).await.unwrap() else { panic!("second claim") };
+    restart().await;
+    s.release(&k2, &t2).await.expect("release after a restart");
+    restart().await;
+    assert_eq!(s.claim(&k, &fp(1), LEASE).await.expect("replay after a restart"), Claim::Completed(response(b"done")));
+    assert!(matches!(s.claim(&k2, &fp(1), LEASE).await.unwrap(), Claim::Acquired(_)), "released");
+}
+
+/// A statement that ran and committed but whose answer was lost with its connection is run again
+/// and answers what the first run would have: the claim is acquired (its own record, found by
+/// its token), the completion and the release succeed (their work is found done).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_answers_are_recognised_when_run_again() {
+    let Some(schema) = TestSchema::new().await else { return };
+    let proxy = LossyProxy::start(&schema.url).await;
+    let config = schema.config().max_connections(1).sweep_interval(None);
+    let s = PostgresStore::connect_with(&proxy.url(&schema.url), config).await.unwrap();
+    // Before each lost answer: prepare every statement on the pool's one connection (a
+    // connection that was lost is replaced by a new one), then let sqlx's background check of the
+    // connection (after each use) finish, so that the next answer is the operation's own.
+    let round = std::sync::atomic::AtomicU32::new(0);
+    let lose = || async {
+        let n = round.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let (warm, done) = (key(&format!("warm-{n}")), key(&format!("warm-done-{n}")));
+        let Claim::Acquired(w) = s.claim(&warm, &fp(1), LEASE).await.unwrap() else { panic!() };
+        s.renew(&warm, &w, LEASE).await.unwrap();
+        s.release(&warm, &w).await.unwrap();
+        let Claim::Acquired(w) = s.claim(&done, &fp(1), LEASE).await.unwrap() else { panic!() };
+        s.complete(&done, &w, &response(b"w"), TTL).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        proxy.lose_next_answer();
+    };
+
+    let k = key("lost-claim");
+    lose().await;
+    let got = s.claim(&k, &fp(1), LEASE).await;
+    assert!(!proxy.losing(), "the answer was lost");
+    let Ok(Claim::Acquired(t)) = got else { panic!("a claim whose answer was lost: {got:?}") };
+    assert!(matches!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::InProgress { .. }));
+
+    lose().await;
+    s.complete(&k, &t, &response(b"once"), TTL).await.expect("a completion whose answer was lost");
+    assert!(!proxy.losing(), "the answer was lost");
+    assert_eq!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"once")));
+    // Only a retry recognises its own completion: completing again is still fenced.
+    assert!(matches!(s.complete(&k, &t, &response(b"once"), TTL).await, Err(StoreError::Fenced)));
+
+    let k2 = key("lost-release");
+    let Claim::Acquired(t2) = s.claim(&k2, &fp(1), LEASE).await.unwrap() else { panic!() };
+    lose().await;
+    s.release(&k2, &t2).await.expect("a release whose answer was lost");
+    assert!(!proxy.losing(), "the answer was lost");
+    assert!(matches!(s.claim(&k2, &fp(2), LEASE).await.unwrap(), Claim::Acquired(_)), "released");
+}
+
+/// A lost connection is retried once only: a server that stays away is unavailable (503, fail
+/// closed), and the store serves again once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stays_away_is_unavailable_then_recovers() {
+    let Some(schema) = TestSchema::new().await else { return };
+    let proxy = LossyProxy::start(&schema.url).await;
+    let config = schema.config().max_connections(1).sweep_interval(None).acquire_timeout(Duration::from_millis(500));
+    let s = PostgresStore::connect_with(&proxy.url(&schema.url), config).await.unwrap();
     let k = key("lost");
     let Claim::Acquired(t) = s.claim(&k, &fp(1), LEASE).await.unwrap() else { panic!() };
-    let killed = schema
-        .execute(&format!(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{}'",
-            schema.name
-        ))
-        .await
-        .unwrap();
-    assert!(killed >= 1, "no backend of the store was found");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.refuse(true);
+    assert_eq!(schema.kill_backends(&schema.name).await, 1);
     let first = s.claim(&k, &fp(1), LEASE).await;
     assert!(matches!(first, Err(StoreError::Unavailable(_))), "{first:?}");
-    let mut answer = None;
-    for _ in 0..20 {
-        match s.claim(&k, &fp(1), LEASE).await {
-            Ok(c) => {
-                answer = Some(c);
-                break;
-            }
-            Err(StoreError::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
-            Err(e) => panic!("{e:?}"),
-        }
-    }
-    assert!(matches!(answer, Some(Claim::InProgress { .. })), "{answer:?}");
+    proxy.refuse(false);
+    assert!(matches!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::InProgress { .. }));
     s.complete(&k, &t, &response(b"after"), TTL).await.unwrap();
     assert_eq!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"after")));
+}
+
+/// 100 concurrent claims of one fresh key, then of one key whose lease expired: exactly one
+/// acquires, every other answers in progress, none fails.
+async fn contend(s: &Arc<impl Store>, label: &str) {
+    let claim_all = |k: RecordKey| async move {
+        let tasks: Vec<_> = (0..100)
+            .map(|_| {
+                let (s, k) = (s.clone(), k.clone());
+                tokio::spawn(async move { s.claim(&k, &fp(1), LEASE).await })
+            })
+            .collect();
+        let mut claims = Vec::new();
+        for t in tasks {
+            claims.push(t.await.unwrap().unwrap_or_else(|e| panic!("{label}: a claim failed: {e:?}")));
+        }
+        let acquired = claims.iter().filter(|c| matches!(c, Claim::Acquired(_))).count();
+        let waiting = claims.iter().filter(|c| matches!(c, Claim::InProgress { .. })).count();
+        assert_eq!((acquired, waiting), (1, 99), "{label}: {claims:?}");
+    };
+    claim_all(key(&format!("{label}-fresh"))).await;
+    let k = key(&format!("{label}-expired"));
+    let Claim::Acquired(_crashed) = s.claim(&k, &fp(1), Duration::from_millis(300)).await.unwrap() else { panic!() };
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    claim_all(k).await;
+}
+
+/// Counts, on the thread that installs it, the store's events whose message starts with a prefix.
+#[derive(Clone)]
+struct Events {
+    prefix: &'static str,
+    seen: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Events {
+    /// Counts the serialization failures and deadlocks the store ran again; the guard uninstalls.
+    fn conflicts() -> (Self, tracing::subscriber::DefaultGuard) {
+        let events = Self {
+            prefix: "idempotency store: serialization failure",
+            seen: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        };
+        let guard = tracing::subscriber::set_default(events.clone());
+        (events, guard)
+    }
+
+    fn take(&self) -> usize {
+        self.seen.swap(0, std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl tracing::Subscriber for Events {
+    fn register_callsite(&self, _: &'static tracing::Metadata<'static>) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::sometimes()
+    }
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        metadata.is_event() && metadata.target().starts_with("idempotent_core")
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        let mut message = Message(String::new());
+        event.record(&mut message);
+        if message.0.starts_with(self.prefix) {
+            self.seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// A role whose sessions default to SERIALIZABLE (as a server or database default would): the
+/// store's own pool runs READ COMMITTED anyway, and on an application's pool of that role each
+/// statement runs in a READ COMMITTED transaction of its own; contention is never an error, nor
+/// even a serialization failure to run again.
+///
+/// On one thread (the runtime's), so that [`Events`] sees every event; the server still runs
+/// the pool's connections concurrently.
+#[tokio::test]
+async fn serializable_by_default_is_no_error_under_contention() {
+    let Some(schema) = TestSchema::new().await else { return };
+    let role = TestRole::new(&schema).await;
+    role.set_default_isolation("serializable").await;
+    let (conflicts, _guard) = Events::conflicts();
+    let isolation = |pool: sqlx::PgPool| async move {
+        sqlx::query_scalar::<_, String>("SHOW transaction_isolation").fetch_one(&pool).await.unwrap()
+    };
+    {
+        let app: sqlx::PgPool =
+            sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&role.url).await.unwrap();
+        assert_eq!(isolation(app).await, "serializable", "the role's sessions default to SERIALIZABLE");
+    }
+
+    let own = PostgresStore::connect_with(&role.url, schema.config()).await.unwrap();
+    assert_eq!(isolation(own.pool().clone()).await, "read committed", "the store's own sessions");
+    contend(&Arc::new(own), "own-pool").await;
+    assert_eq!(conflicts.take(), 0, "serialization failures on the store's own pool");
+
+    let app: sqlx::PgPool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(10)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&role.url)
+        .await
+        .unwrap();
+    let on_app = PostgresStore::from_pool(app.clone(), schema.config()).await.unwrap();
+    contend(&Arc::new(on_app), "application-pool").await;
+    assert_eq!(conflicts.take(), 0, "serialization failures on the application's pool");
+    assert_eq!(isolation(app).await, "serializable", "the application's sessions are left as they are");
+}
+
+/// Sessions whose default becomes SERIALIZABLE after the store started (a role altered later):
+/// the store, which found READ COMMITTED, runs statements as they are; the serialization failures
+/// that contention then causes are run again, and no claim fails.
+#[tokio::test]
+async fn serialization_failures_are_retried() {
+    let Some(schema) = TestSchema::new().await else { return };
+    let role = TestRole::new(&schema).await;
+    let (conflicts, _guard) = Events::conflicts();
+    let app: sqlx::PgPool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(10)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&role.url)
+        .await
+        .unwrap();
+    let s = Arc::new(PostgresStore::from_pool(app.clone(), schema.config()).await.unwrap());
+    role.set_default_isolation("serializable").await;
+    // Replace the pool's READ COMMITTED connection with new ones, which are SERIALIZABLE.
+    let conns = futures_util::future::join_all((0..10).map(|_| app.acquire())).await;
+    for conn in conns {
+        let mut conn = conn.unwrap();
+        let level: String = sqlx::query_scalar("SHOW transaction_isolation").fetch_one(&mut *conn).await.unwrap();
+        if level != "serializable" {
+            drop(conn.detach());
+        }
+    }
+    for round in 0..3 {
+        contend(&s, &format!("altered-role-{round}")).await;
+    }
+    assert!(conflicts.take() > 0, "no serialization failure happened: the test proved nothing");
+}
+
+/// The sweeper deletes a completed record at the end of its time to live, and an in-progress
+/// record only `ABANDONED_CLAIM_RETENTION` after its lease: until then its token can still
+/// complete it.
+#[tokio::test]
+async fn sweeper_keeps_abandoned_claims_for_their_retention() {
+    let Some(schema) = TestSchema::new().await else { return };
+    let s = schema.store_with(schema.config().sweep_interval(None)).await;
+    let table = format!("\"{}\".idempotency_records", schema.name);
+    let f = format!("'\\x{}'", hex(&fp(1).0));
+    let retention = ABANDONED_CLAIM_RETENTION.as_secs();
+    let rows = [
+        ("slow", "'in_progress'", "'t-slow'", format!("now() - interval '{} seconds'", retention - 60)),
+        ("abandoned", "'in_progress'", "'t-gone'", format!("now() - interval '{} seconds'", retention + 60)),
+        ("done", "'completed'", "NULL", "now() - interval '1 second'".to_owned()),
+        ("live", "'completed'", "NULL", "now() + interval '1 hour'".to_owned()),
+    ];
+    for (k, state, token, expires) in &rows {
+        let resp =
+            if *state == "'completed'" { format!("'\\x{}'", hex(&response(b"x").encode())) } else { "NULL".into() };
+        schema
+            .execute(&format!(
+                "INSERT INTO {table} (scope, actor, idem_key, fingerprint, state, token, response, expires_at)
+                 VALUES ('payments.create', 'acct_1', '{k}', {f}, {state}, {token}, {resp}, {expires})"
+            ))
+            .await
+            .unwrap();
+    }
+    assert_eq!(s.store().sweep_expired().await.unwrap(), 2);
+    let left: Vec<String> =
+        sqlx::query_scalar(AssertSqlSafe(format!("SELECT idem_key FROM {table} ORDER BY idem_key")))
+            .fetch_all(s.store().pool())
+            .await
+            .unwrap();
+    assert_eq!(left, ["live", "slow"]);
+    s.complete(&key("slow"), &ClaimToken("t-slow".into()), &response(b"late"), TTL).await.unwrap();
+    assert_eq!(s.claim(&key("slow"), &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"late")));
+    let gone = s.renew(&key("abandoned"), &ClaimToken("t-gone".into()), LEASE).await;
+    assert!(matches!(gone, Err(StoreError::Fenced)), "{gone:?}");
+}
+
+/// Prints what a READ COMMITTED transaction per statement costs (the store on an application's
+/// pool whose sessions default to a stricter isolation) beside plain statements: first
+/// executions (claim, then completion) per second, one caller, then 16 concurrent callers.
+///
+/// `cargo test -p idempotent-tests --test store_postgres -- --ignored --nocapture cost_of_read_committed`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: prints figures, asserts nothing"]
+async fn cost_of_read_committed_transactions() {
+    let Some(schema) = TestSchema::new().await else { return };
+    let role = TestRole::new(&schema).await;
+    role.set_default_isolation("serializable").await;
+    let plain = PostgresStore::connect_with(&schema.url, schema.config().sweep_interval(None)).await.unwrap();
+    let app = sqlx::postgres::PgPoolOptions::new().max_connections(10).connect(&role.url).await.unwrap();
+    let wrapped = PostgresStore::from_pool(app, schema.config().sweep_interval(None)).await.unwrap();
+    const N: usize = 1000;
+    let run = |s: PostgresStore, label: &'static str, callers: usize| async move {
+        let first = move || {
+            let s = s.clone();
+            async move {
+                let k = key(&format!("{label}-{callers}-{}", uuid::Uuid::new_v4().simple()));
+                let Claim::Acquired(t) = s.claim(&k, &fp(1), LEASE).await.unwrap() else { panic!() };
+                s.complete(&k, &t, &response(b"x"), TTL).await.unwrap();
+            }
+        };
+        for _ in 0..50 {
+            first().await;
+        }
+        let start = std::time::Instant::now();
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..callers)
+            .map(|_| {
+                let (next, first) = (next.clone(), first.clone());
+                tokio::spawn(async move {
+                    while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < N {
+                        first().await;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        N as f64 / start.elapsed().as_secs_f64()
+    };
+    println!("first executions per second (claim + completion), {N} each, best of 3 alternating runs:");
+    for callers in [1, 16] {
+        let (mut a, mut b) = (0f64, 0f64);
+        for _ in 0..3 {
+            a = a.max(run(plain.clone(), "plain", callers).await);
+            b = b.max(run(wrapped.clone(), "wrapped", callers).await);
+        }
+        println!(
+            "  {callers:>2} caller(s): plain statements {a:>7.0}/s, READ COMMITTED transaction each {b:>7.0}/s ({:.2}x the time)",
+            a / b
+        );
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,11 +1,17 @@
 //! The SQLite store: the store contract on a temporary database file, corrupt rows, a process
-//! that dies between claim and completion, and the store specification string.
+//! that dies between claim and completion, the store specification string, the sweeper (and the
+//! retention of abandoned claims), an in-memory database that outlives the pool's connections,
+//! and durable commits by default.
 
 use idempotent_core::fingerprint::{Fingerprint, FingerprintBuilder};
 use idempotent_core::response::StoredResponse;
-use idempotent_core::store::{self, Claim, RecordKey, SqliteConfig, SqliteStore, Store, StoreError};
+use idempotent_core::store::{
+    self, Claim, ClaimToken, RecordKey, SqliteConfig, SqliteStore, Store, StoreError, ABANDONED_CLAIM_RETENTION,
+};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::AssertSqlSafe;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -238,5 +244,106 @@ async fn store_on_the_applications_own_pool() {
     .await
     .unwrap();
     assert_eq!((state.as_str(), amount), ("completed", 100));
+    assert_eq!(s.claim(&k, &fp(1), Duration::from_secs(30)).await.unwrap(), Claim::Completed(paid()));
+}
+
+/// The sweeper deletes a completed record at the end of its time to live, and an in-progress
+/// record only `ABANDONED_CLAIM_RETENTION` after its lease: until then its token can still
+/// complete it.
+#[tokio::test]
+async fn sweeper_keeps_abandoned_claims_for_their_retention() {
+    let db = TempDb::new();
+    let s = SqliteStore::connect_with(&db.spec(), SqliteConfig::new().sweep_interval(None)).await.unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let retention = ABANDONED_CLAIM_RETENTION.as_millis() as i64;
+    let rows = [
+        ("slow", "in_progress", Some("t-slow"), now - retention + 60_000),
+        ("abandoned", "in_progress", Some("t-gone"), now - retention - 60_000),
+        ("done", "completed", None, now - 1_000),
+        ("live", "completed", None, now + 3_600_000),
+    ];
+    for (k, state, token, expires_at) in rows {
+        let response = (state == "completed").then(|| paid().encode());
+        sqlx::query(
+            "INSERT INTO idempotency_records (scope, actor, idem_key, fingerprint, state, token, response, expires_at, created_at)
+             VALUES ('payments.create', 'acct_1', ?1, ?2, ?3, ?4, ?5, ?6, 0)",
+        )
+        .bind(k)
+        .bind(&fp(1).0[..])
+        .bind(state)
+        .bind(token)
+        .bind(response)
+        .bind(expires_at)
+        .execute(s.pool())
+        .await
+        .unwrap();
+    }
+    assert_eq!(s.sweep_expired().await.unwrap(), 2);
+    let left: Vec<String> = sqlx::query_scalar("SELECT idem_key FROM idempotency_records ORDER BY idem_key")
+        .fetch_all(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(left, ["live", "slow"]);
+    let k = |k: &str| RecordKey::new("payments.create", "acct_1", k);
+    s.complete(&k("slow"), &ClaimToken("t-slow".into()), &paid(), Duration::from_secs(3600)).await.unwrap();
+    assert_eq!(s.claim(&k("slow"), &fp(1), Duration::from_secs(30)).await.unwrap(), Claim::Completed(paid()));
+    let gone = s.renew(&k("abandoned"), &ClaimToken("t-gone".into()), Duration::from_secs(30)).await;
+    assert!(matches!(gone, Err(StoreError::Fenced)), "{gone:?}");
+}
+
+/// An in-memory database lives as long as one connection to it: the store keeps its records
+/// (and its table) while the pool closes every idle connection it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_memory_database_outlives_the_pools_connections() {
+    let pool = SqlitePoolOptions::new()
+        .max_connections(2)
+        .min_connections(0)
+        .idle_timeout(Duration::from_millis(100))
+        .max_lifetime(Duration::from_millis(300))
+        .connect_with(SqliteConnectOptions::from_str("sqlite::memory:").unwrap())
+        .await
+        .unwrap();
+    let s = SqliteStore::from_pool(pool.clone(), SqliteConfig::new().sweep_interval(None)).await.unwrap();
+    let k = RecordKey::new("payments.create", "acct_1", "in-memory");
+    let Claim::Acquired(t) = s.claim(&k, &fp(1), Duration::from_secs(30)).await.unwrap() else { panic!() };
+    s.complete(&k, &t, &paid(), Duration::from_secs(3600)).await.unwrap();
+    for _ in 0..50 {
+        if pool.size() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(pool.size(), 0, "the pool closed all its connections");
+    assert_eq!(s.claim(&k, &fp(1), Duration::from_secs(30)).await.unwrap(), Claim::Completed(paid()));
+    let k2 = RecordKey::new("payments.create", "acct_1", "in-memory-2");
+    assert!(matches!(s.claim(&k2, &fp(1), Duration::from_secs(30)).await.unwrap(), Claim::Acquired(_)));
+}
+
+/// `PRAGMA synchronous` of a connection of the store's pool.
+async fn synchronous_of(s: &SqliteStore) -> i64 {
+    sqlx::query_scalar("PRAGMA synchronous").fetch_one(s.pool()).await.unwrap()
+}
+
+/// By default every commit waits for the disk (`synchronous = FULL`, 2): a completed record is
+/// not lost to a power cut.
+#[tokio::test]
+async fn commits_are_durable_by_default() {
+    let db = TempDb::new();
+    let s = SqliteStore::connect(&db.spec()).await.unwrap();
+    assert_eq!(synchronous_of(&s).await, 2, "synchronous = FULL");
+    let journal: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(s.pool()).await.unwrap();
+    assert_eq!(journal, "wal");
+}
+
+/// `SqliteConfig::synchronous` chooses speed over durability (`NORMAL`, 1) for those who want it.
+#[tokio::test]
+async fn synchronous_normal_on_request() {
+    let db = TempDb::new();
+    let config = SqliteConfig::new().synchronous(SqliteSynchronous::Normal);
+    let s = SqliteStore::connect_with(&db.spec(), config).await.unwrap();
+    assert_eq!(synchronous_of(&s).await, 1, "synchronous = NORMAL");
+    let k = RecordKey::new("payments.create", "acct_1", "fast");
+    let Claim::Acquired(t) = s.claim(&k, &fp(1), Duration::from_secs(30)).await.unwrap() else { panic!() };
+    s.complete(&k, &t, &paid(), Duration::from_secs(3600)).await.unwrap();
     assert_eq!(s.claim(&k, &fp(1), Duration::from_secs(30)).await.unwrap(), Claim::Completed(paid()));
 }

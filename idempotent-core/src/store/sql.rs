@@ -6,10 +6,22 @@
 //! both: the settings and their builder, table names (validation, quoting, rendering of the
 //! migrations), running the migrations, the background sweeper, statements fenced by a claim's
 //! token, decoding stored rows and mapping driver errors. `postgres.rs` and `sqlite.rs` keep
-//! only what is theirs: their SQL, their connection setup and settings, and their
-//! [`Store`](super::Store) impl (how a claim runs).
+//! only what is theirs: their SQL, their connection setup and settings, what they learn from a
+//! pool when the store starts ([`Backend::Session`]), and their [`Store`](super::Store) impl
+//! (how a claim runs, what is retried).
+//!
+//! # Who holds a record, in SQL
+//!
+//! Both stores follow the rule of [`Store`](super::Store): a token holds its record until the
+//! record is completed or released, or another claim takes it over, whether or not its lease is
+//! still running. `renew`, `complete` and `release` are therefore fenced by the token and the
+//! state only (`token = ? AND state = 'in_progress'`), never by the lease: a claim that takes an
+//! expired lease over writes a new token, and that is what fences the late worker out. The
+//! sweeper deletes a completed record at its `expires_at`, and an in-progress record only
+//! [`ABANDONED_CLAIM_RETENTION`] after its lease ended, so a worker slowed past its lease can
+//! still store its outcome for that long.
 
-use super::{Claim, ClaimToken, RecordKey, StoreError};
+use super::{Claim, ClaimToken, RecordKey, StoreError, ABANDONED_CLAIM_RETENTION};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use async_trait::async_trait;
@@ -41,15 +53,28 @@ pub trait Backend: Database + sealed::Sealed {
     type Settings: fmt::Debug + Clone + Default + Send + Sync + 'static;
     /// The statements of one configured store, rendered once (with `rendered`).
     type Statements: fmt::Debug + Send + Sync + 'static;
+    /// What the store learns from its pool when it starts and keeps beside it (PostgreSQL: how
+    /// its statements get `READ COMMITTED`; SQLite: the connection that keeps an in-memory
+    /// database alive).
+    type Session: fmt::Debug + Send + Sync + 'static;
 
     /// Renders the statements for `config`, which has been validated.
     fn statements(config: &SqlConfig<Self>) -> Self::Statements;
 
-    /// One sweeper statement: deletes at most `batch` expired records.
+    /// Looks at `pool` when the store starts; `own` when the store opened the pool itself (with
+    /// its own connection settings), not when an application handed it in.
+    async fn attach(pool: &Pool<Self>, own: bool) -> Result<Self::Session, sqlx::Error>;
+
+    /// One sweeper statement: deletes at most `batch` records that are past their time to live
+    /// (completed) or abandoned for [`ABANDONED_CLAIM_RETENTION`] (in progress).
     fn sweep_query(sql: &Self::Statements, batch: i64) -> Query<'static, Self, Self::Arguments>;
 
     /// Runs `query` on `pool`; returns how many rows it affected.
-    async fn execute(pool: &Pool<Self>, query: Query<'static, Self, Self::Arguments>) -> Result<u64, sqlx::Error>;
+    async fn execute(
+        pool: &Pool<Self>,
+        session: &Self::Session,
+        query: Query<'static, Self, Self::Arguments>,
+    ) -> Result<u64, sqlx::Error>;
 
     /// Opens the migrations' transaction, which keeps other instances from migrating until it
     /// ends, and creates the schema and the table of applied versions (`versions`) if missing.
@@ -84,7 +109,8 @@ pub trait Backend: Database + sealed::Sealed {
 /// (`SqlConfig<sqlx::Sqlite>`).
 ///
 /// The setters in the first block apply to both; each database adds its own: `schema`,
-/// `acquire_timeout` and `application_name` for PostgreSQL, `busy_timeout` for SQLite.
+/// `acquire_timeout` and `application_name` for PostgreSQL, `busy_timeout` and `synchronous` for
+/// SQLite.
 #[derive(Debug)]
 pub struct SqlConfig<B: Backend> {
     pub(super) schema: Option<String>,
@@ -119,8 +145,8 @@ impl<B: Backend> Clone for SqlConfig<B> {
 impl<B: Backend> SqlConfig<B> {
     /// The defaults: table `idempotency_records`, migrations on start-up, a sweep every minute.
     /// PostgreSQL: the table on the connection's `search_path`, 10 connections, a 5 s acquire
-    /// timeout, sweeps in batches of 1000. SQLite: 4 connections, a 10 s busy timeout, sweeps in
-    /// batches of 500.
+    /// timeout, sweeps in batches of 1000. SQLite: 4 connections, a 10 s busy timeout,
+    /// `synchronous = FULL`, sweeps in batches of 500.
     pub fn new() -> Self {
         Self::default()
     }
@@ -233,6 +259,7 @@ struct Inner<B: Backend> {
     pool: Pool<B>,
     config: SqlConfig<B>,
     sql: Arc<B::Statements>,
+    session: Arc<B::Session>,
     _sweeper: Option<AbortOnDrop>,
 }
 
@@ -245,23 +272,36 @@ impl<B: Backend> SqlStore<B> {
     /// compile. Its settings are the application's and the store keeps them: a connection that
     /// cannot be had within the pool's acquire timeout, or that fails, is
     /// [`StoreError::Unavailable`] (fail closed). [`SqlConfig::max_connections`] and the database's
-    /// own timeouts in [`SqlConfig`] apply only to the pools `connect_with` opens. With SQLite, the
-    /// pool's connections should have a busy timeout (sqlx's default is 5 s); in WAL mode,
-    /// readers never wait.
+    /// own settings in [`SqlConfig`] (timeouts, SQLite's `synchronous`) apply only to the pools
+    /// `connect_with` opens. With SQLite, the pool's connections should have a busy timeout
+    /// (sqlx's default is 5 s); in WAL mode, readers never wait.
+    ///
+    /// The store never changes the settings of the pool's sessions. With PostgreSQL it reads
+    /// their `default_transaction_isolation` once: if it is stricter than `READ COMMITTED`, each
+    /// of the store's statements runs in a `READ COMMITTED` transaction of its own (two more round
+    /// trips; see the `store::postgres` module docs). With an in-memory SQLite database, the store
+    /// holds one more connection to it, outside the pool, so that the database outlives the
+    /// pool's idle connections.
     pub async fn from_pool(pool: Pool<B>, config: SqlConfig<B>) -> Result<Self, StoreError> {
+        Self::start(pool, config, false).await
+    }
+
+    /// A store on `pool`, which it opened itself (`own`) or was handed.
+    pub(super) async fn start(pool: Pool<B>, config: SqlConfig<B>, own: bool) -> Result<Self, StoreError> {
         config.validate()?;
+        let session = Arc::new(B::attach(&pool, own).await.map_err(B::unavailable)?);
         if config.migrate {
             migrate(&pool, &config).await?;
         }
         let sql = Arc::new(B::statements(&config));
         let sweeper = config.sweep_interval.map(|interval| {
-            let (pool, sql, batch) = (pool.clone(), sql.clone(), config.sweep_batch);
+            let (pool, sql, session, batch) = (pool.clone(), sql.clone(), session.clone(), config.sweep_batch);
             AbortOnDrop(tokio::spawn(async move {
                 let mut tick = tokio::time::interval(interval);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tick.tick().await;
-                    match sweep(&pool, &sql, batch).await {
+                    match sweep(&pool, &sql, &session, batch).await {
                         Ok(0) => {}
                         Ok(n) => tracing::debug!(deleted = n, "idempotency store: expired records swept"),
                         Err(e) => tracing::warn!(error = %e, "idempotency store: sweeping expired records failed"),
@@ -269,7 +309,7 @@ impl<B: Backend> SqlStore<B> {
                 }
             }))
         });
-        Ok(Self { inner: Arc::new(Inner { pool, config, sql, _sweeper: sweeper }) })
+        Ok(Self { inner: Arc::new(Inner { pool, config, sql, session, _sweeper: sweeper }) })
     }
 
     /// The SQL that creates the store's table and index for `config`, for applications that
@@ -289,14 +329,21 @@ impl<B: Backend> SqlStore<B> {
         &self.inner.config
     }
 
-    /// Deletes every expired record now, in batches; returns how many were deleted.
+    /// Deletes now, in batches, every completed record past its time to live and every
+    /// in-progress record whose lease ended more than [`ABANDONED_CLAIM_RETENTION`] ago; returns
+    /// how many were deleted.
     pub async fn sweep_expired(&self) -> Result<u64, StoreError> {
-        sweep(&self.inner.pool, &self.inner.sql, self.inner.config.sweep_batch).await
+        sweep(&self.inner.pool, &self.inner.sql, &self.inner.session, self.inner.config.sweep_batch).await
     }
 
     /// The store's statements.
     pub(super) fn sql(&self) -> &B::Statements {
         &self.inner.sql
+    }
+
+    /// What the store learnt from its pool when it started.
+    pub(super) fn session(&self) -> &B::Session {
+        &self.inner.session
     }
 
     /// A statement with the record's key bound as its first three parameters.
@@ -319,17 +366,22 @@ impl<B: Backend> SqlStore<B> {
     /// Runs a statement fenced by a claim's token: no row touched means the token no longer holds
     /// the claim ([`StoreError::Fenced`]).
     pub(super) async fn run_fenced(&self, query: Query<'static, B, B::Arguments>) -> Result<(), StoreError> {
-        match B::execute(&self.inner.pool, query).await.map_err(B::unavailable)? {
+        match B::execute(&self.inner.pool, &self.inner.session, query).await.map_err(B::unavailable)? {
             0 => Err(StoreError::Fenced),
             _ => Ok(()),
         }
     }
 }
 
-async fn sweep<B: Backend>(pool: &Pool<B>, sql: &B::Statements, batch: u32) -> Result<u64, StoreError> {
+async fn sweep<B: Backend>(
+    pool: &Pool<B>,
+    sql: &B::Statements,
+    session: &B::Session,
+    batch: u32,
+) -> Result<u64, StoreError> {
     let mut total = 0;
     loop {
-        let n = B::execute(pool, B::sweep_query(sql, i64::from(batch))).await.map_err(B::unavailable)?;
+        let n = B::execute(pool, session, B::sweep_query(sql, i64::from(batch))).await.map_err(B::unavailable)?;
         total += n;
         if n < u64::from(batch) {
             return Ok(total);
@@ -364,6 +416,11 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// How long after its lease an abandoned in-progress record is kept, in milliseconds.
+pub(super) fn abandoned_claim_retention_ms() -> i64 {
+    millis(ABANDONED_CLAIM_RETENTION)
 }
 
 /// A lease or time to live in milliseconds, for the database.
