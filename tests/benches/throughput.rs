@@ -58,7 +58,11 @@ fn charge_request(path: &str, key: Option<&str>) -> Request<Body> {
 
 async fn in_process() {
     const N: usize = 20_000;
-    let idem = Idempotency::builder(Arc::new(MemoryStore::new())).build().unwrap();
+    // The demo's routes are linked in too, and their 3 s leases need the demo's store timeout.
+    let idem = Idempotency::builder(Arc::new(MemoryStore::new()))
+        .store_timeout(payments_demo::api::STORE_TIMEOUT)
+        .build()
+        .unwrap();
     let app = Router::new().route("/bare", post(bare)).route("/protected", post(protected)).layer(idem.layer());
     let time = |label: &'static str, f: Box<dyn Fn(usize) -> Request<Body> + Send + Sync>| {
         let app = app.clone();
