@@ -438,6 +438,17 @@ impl Row {
 
     /// After the row's retry on `b` executed or replayed: one more request must replay the
     /// stored response byte for byte.
+    /// The retry through `b` waits out the killed request's lease (409s), then runs the handler
+    /// itself (201, not a replay), and its own outcome replays.
+    async fn retry_runs_again(&self, b: &Instance) -> Result<(), String> {
+        let (done, conflicts) = self.retry(b, self.lease * 4).await?;
+        self.note(format!("retry: {conflicts} x 409 while the lease ran, then {}", done.status));
+        if done.status != 201 || done.replayed() {
+            return Err(format!("the retry: {} replayed={}", done.status, done.replayed()));
+        }
+        self.assert_replays(b, &done).await
+    }
+
     async fn assert_replays(&self, b: &Instance, stored: &Captured) -> Result<(), String> {
         let again = self.transfer(b).await?;
         if !again.replayed() || again.status != stored.status || again.body != stored.body {
@@ -559,9 +570,7 @@ async fn before_claim(row: &Row) -> Result<Verdict, String> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     a.demo.kill();
     row.release_store().await;
-    if let Ok(Ok(r)) = doomed.await {
-        return Err(format!("the killed demo answered {}", r.status));
-    }
+    never_answered(doomed).await?;
     row.note(format!("store after the kill: {:?}", row.state().await));
     let (done, conflicts) = row.retry(&b, Duration::from_secs(5)).await?;
     if done.status != 201 || done.replayed() || conflicts > 0 {
@@ -569,6 +578,14 @@ async fn before_claim(row: &Row) -> Result<Verdict, String> {
     }
     row.assert_replays(&b, &done).await?;
     Ok(exactly(row, 1))
+}
+
+/// The request sent to a demo that was then killed got no answer.
+async fn never_answered(doomed: tokio::task::JoinHandle<Result<Captured, String>>) -> Result<(), String> {
+    match doomed.await {
+        Ok(Ok(r)) => Err(format!("the killed demo answered {}", r.status)),
+        _ => Ok(()),
+    }
 }
 
 /// 2. Killed during the handler (mid transfer delay): the ledger was never written, the claim
@@ -580,18 +597,11 @@ async fn during_handler(row: &Row) -> Result<Verdict, String> {
     row.wait_state("in_progress", Duration::from_secs(5)).await?;
     tokio::time::sleep(Duration::from_millis(DELAY_MS / 3)).await;
     a.demo.kill();
-    if let Ok(Ok(r)) = doomed.await {
-        return Err(format!("the killed demo answered {}", r.status));
-    }
+    never_answered(doomed).await?;
     if row.executions() != 0 {
         return Err("the killed demo executed the transfer".into());
     }
-    let (done, conflicts) = row.retry(&b, row.lease * 4).await?;
-    row.note(format!("retry: {conflicts} x 409 while the lease ran, then {}", done.status));
-    if done.status != 201 || done.replayed() {
-        return Err(format!("the retry: {} replayed={}", done.status, done.replayed()));
-    }
-    row.assert_replays(&b, &done).await?;
+    row.retry_runs_again(&b).await?;
     Ok(exactly(row, 1))
 }
 
@@ -616,20 +626,13 @@ async fn before_completion(row: &Row) -> Result<Verdict, String> {
     a.demo.kill();
     row.release_store().await;
     written?;
-    if let Ok(Ok(r)) = doomed.await {
-        return Err(format!("the killed demo answered {}", r.status));
-    }
+    never_answered(doomed).await?;
     let state = row.state().await;
     row.note(format!("store after the kill: {state:?}"));
     if state.as_deref() != Some("in_progress") {
         return Err(format!("the completion reached the store: {state:?}"));
     }
-    let (done, conflicts) = row.retry(&b, row.lease * 4).await?;
-    row.note(format!("retry: {conflicts} x 409 while the lease ran, then {}", done.status));
-    if done.status != 201 || done.replayed() {
-        return Err(format!("the retry: {} replayed={}", done.status, done.replayed()));
-    }
-    row.assert_replays(&b, &done).await?;
+    row.retry_runs_again(&b).await?;
     Ok(exactly(row, 2))
 }
 
