@@ -24,6 +24,11 @@
 //! On actix-web each worker is a single-threaded runtime: a handler that blocks its thread blocks
 //! every task of that worker, the renewals included. Blocking work belongs in `web::block` there
 //! (and in `spawn_blocking` on tokio) whatever this library does.
+//!
+//! # What it reports
+//! Each call of [`Runtime::execute`] counts once by its outcome, every store call is timed, and
+//! renewals and held claims are counted (see [`crate::telemetry`]); the lease renewals run in the
+//! span current when the claim was acquired, the request's own.
 
 use crate::actor::ActorSource;
 use crate::fingerprint::{Fingerprint, FingerprintError};
@@ -278,8 +283,9 @@ impl Runtime {
         Ok(Self::new(store, config))
     }
 
-    /// Runs `task` (an adapter's protected request) so that [`drain`](Self::drain) waits for it:
-    /// adapters spawn `runtime.track(...)` on their executor.
+    /// Runs `task` (an adapter's protected request) so that [`drain`](Self::drain) waits for it.
+    /// Adapters spawn [`protocol::request_task`](crate::protocol::request_task), which does this
+    /// inside the request's span.
     pub fn track<F: Future>(&self, task: F) -> tokio_util::task::task_tracker::TrackedFuture<F> {
         self.tasks.track_future(task)
     }
@@ -326,7 +332,12 @@ impl Runtime {
 
     /// [`execute`](Self::execute) without the bookkeeping: the outcome and how it counts (`None`
     /// for a server bug, which is not an outcome of the protocol).
-    async fn decide<R, Fut>(&self, policy: &Policy, request: Request, handler: Fut) -> (Outcome<R>, Option<RequestOutcome>)
+    async fn decide<R, Fut>(
+        &self,
+        policy: &Policy,
+        request: Request,
+        handler: Fut,
+    ) -> (Outcome<R>, Option<RequestOutcome>)
     where
         Fut: Future<Output = Captured<R>>,
     {

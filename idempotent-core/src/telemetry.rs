@@ -231,8 +231,16 @@ pub fn describe() {
         Unit::Seconds,
         "Duration of the idempotency store's operations (claim, renew, complete, release)."
     );
-    metrics::describe_counter!(LEASE_RENEWALS_TOTAL, Unit::Count, "Lease renewals of held claims by result: ok, failed, lost.");
-    metrics::describe_gauge!(CLAIMS_IN_FLIGHT, Unit::Count, "Claims held now: acquired, outcome not yet stored or released.");
+    metrics::describe_counter!(
+        LEASE_RENEWALS_TOTAL,
+        Unit::Count,
+        "Lease renewals of held claims by result: ok, failed, lost."
+    );
+    metrics::describe_gauge!(
+        CLAIMS_IN_FLIGHT,
+        Unit::Count,
+        "Claims held now: acquired, outcome not yet stored or released."
+    );
     metrics::describe_counter!(SWEPT_RECORDS_TOTAL, Unit::Count, "Expired records deleted by a store's sweeper.");
 }
 

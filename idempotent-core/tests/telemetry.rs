@@ -49,7 +49,13 @@ impl Store for Switched {
         self.check(&self.renewals_fail)?;
         self.inner.renew(key, token, lease).await
     }
-    async fn complete(&self, key: &RecordKey, token: &ClaimToken, r: &StoredResponse, ttl: Duration) -> Result<(), StoreError> {
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: &ClaimToken,
+        r: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
         self.check(&self.down)?;
         self.inner.complete(key, token, r, ttl).await
     }
@@ -231,15 +237,22 @@ fn a_scripted_sequence_counts_each_outcome_exactly_once_per_request() {
     let total: u64 = RequestOutcome::ALL.iter().map(|o| count(*o)).sum();
     assert_eq!(total, 14, "one increment per request, and 14 requests were sent");
 
-    let renewals = |result| recorded.counter(telemetry::LEASE_RENEWALS_TOTAL, &[("scope", "metrics.test"), ("result", result)]);
+    let renewals =
+        |result| recorded.counter(telemetry::LEASE_RENEWALS_TOTAL, &[("scope", "metrics.test"), ("result", result)]);
     assert_eq!((renewals("ok"), renewals("failed"), renewals("lost")), (2, 6, 1));
 
-    let op = |operation| recorded.samples(telemetry::STORE_OPERATION_SECONDS, &[("store", "switched"), ("operation", operation)]);
+    let op = |operation| {
+        recorded.samples(telemetry::STORE_OPERATION_SECONDS, &[("store", "switched"), ("operation", operation)])
+    };
     // Claims: every keyed request with an actor (11), the failed one included. Completions: k1, k4,
     // k6 and the takeover of k7 (the first k7 lost its lease). Releases: k2 and k3. Renewals: 2 +
     // 6 + 1.
     assert_eq!((op("claim"), op("complete"), op("release"), op("renew")), (11, 4, 2, 9));
-    assert_eq!(recorded.gauge(telemetry::CLAIMS_IN_FLIGHT, &[("scope", "metrics.test")]), 0.0, "every claim given back");
+    assert_eq!(
+        recorded.gauge(telemetry::CLAIMS_IN_FLIGHT, &[("scope", "metrics.test")]),
+        0.0,
+        "every claim given back"
+    );
 }
 
 #[test]
@@ -253,7 +266,10 @@ fn the_memory_store_reports_the_records_its_sweeper_deletes() {
             // Room for two records: the third claim sweeps the two expired ones.
             let runtime = Runtime::new(Arc::new(MemoryStore::with_limits(2, 1 << 20)), Config::default());
             for key in ["a", "b", "c"] {
-                let c = Caller { key: idempotent_core::key::IdempotencyKey::parse(key.as_bytes()).map(Some), actor: Ok(None) };
+                let c = Caller {
+                    key: idempotent_core::key::IdempotencyKey::parse(key.as_bytes()).map(Some),
+                    actor: Ok(None),
+                };
                 let fp = Ok(FingerprintBuilder::new(SHORT.scope).finish());
                 assert_eq!(respond(&runtime, &SHORT, c, fp, async { reply(201) }).await.status(), 201);
                 tokio::time::sleep(Duration::from_millis(20)).await;

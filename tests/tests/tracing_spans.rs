@@ -43,8 +43,7 @@ async fn start_actix() -> SocketAddr {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
         actix_web::rt::System::new().block_on(async move {
-            let idempotency =
-                idempotent_actix::Idempotency::builder(Arc::new(MemoryStore::new())).build().unwrap();
+            let idempotency = idempotent_actix::Idempotency::builder(Arc::new(MemoryStore::new())).build().unwrap();
             let server = HttpServer::new(move || {
                 App::new()
                     .wrap(tracing_actix_web::TracingLogger::default())
@@ -112,7 +111,11 @@ async fn check(captured: &Mutex<Captured>, scope: &str, marker: &str, request_sp
         captured.events.iter().filter(|e| e.fields.get("marker").map(String::as_str) == Some(marker)).collect();
     assert_eq!(handler.len(), 1, "{scope}: the handler ran once");
     let chain: Vec<&str> = handler[0].scope.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(chain.first().copied(), Some(SPAN_NAME), "{scope}: the handler's event is in the request's idempotent span");
+    assert_eq!(
+        chain.first().copied(),
+        Some(SPAN_NAME),
+        "{scope}: the handler's event is in the request's idempotent span"
+    );
     assert_eq!(chain.get(1).copied(), Some(request_span), "{scope}: which is inside the request's span: {chain:?}");
     assert_eq!(handler[0].scope[0].fields["scope"], scope);
 

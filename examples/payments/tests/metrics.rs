@@ -92,11 +92,19 @@ async fn metrics_count_each_outcome_of_a_scripted_sequence() {
         let requests = |scope: &str, outcome: &str| {
             value(&samples, "idempotent_requests_total", &[("scope", scope), ("outcome", outcome)])
         };
-        let payments: Vec<(&str, f64)> =
-            ["executed", "replayed", "mismatch", "missing_key", "invalid_key", "in_progress", "store_unavailable", "released"]
-                .into_iter()
-                .map(|o| (o, requests("payments.create", o)))
-                .collect();
+        let payments: Vec<(&str, f64)> = [
+            "executed",
+            "replayed",
+            "mismatch",
+            "missing_key",
+            "invalid_key",
+            "in_progress",
+            "store_unavailable",
+            "released",
+        ]
+        .into_iter()
+        .map(|o| (o, requests("payments.create", o)))
+        .collect();
         assert_eq!(
             payments,
             [
@@ -115,15 +123,22 @@ async fn metrics_count_each_outcome_of_a_scripted_sequence() {
         assert_eq!(requests("transfers.create", "in_progress"), 1.0, "{name}");
 
         let operations = |operation: &str| {
-            value(&samples, "idempotent_store_operation_seconds_count", &[("store", "memory"), ("operation", operation)])
+            value(
+                &samples,
+                "idempotent_store_operation_seconds_count",
+                &[("store", "memory"), ("operation", operation)],
+            )
         };
         // Claims: four payments that reached the store, two transfers; completions: p1, p2, t1.
         assert_eq!((operations("claim"), operations("complete"), operations("release")), (6.0, 3.0, 0.0), "{name}");
-        let renewed = value(&samples, "idempotent_lease_renewals_total", &[("scope", "transfers.create"), ("result", "ok")]);
+        let renewed =
+            value(&samples, "idempotent_lease_renewals_total", &[("scope", "transfers.create"), ("result", "ok")]);
         assert!(renewed >= 1.0, "{name}: a 1.2 s transfer under a 3 s lease is renewed every 500 ms:\n{text}");
         assert_eq!(operations("renew"), renewed, "{name}: every renewal is a timed store operation");
         assert!(
-            text.contains("idempotent_store_operation_seconds_bucket{store=\"memory\",operation=\"claim\",le=\"0.001\"}"),
+            text.contains(
+                "idempotent_store_operation_seconds_bucket{store=\"memory\",operation=\"claim\",le=\"0.001\"}"
+            ),
             "{name}: a histogram with buckets:\n{text}"
         );
         for scope in ["payments.create", "transfers.create"] {
@@ -137,7 +152,8 @@ async fn metrics_count_each_outcome_of_a_scripted_sequence() {
 /// `_sum` of a histogram).
 fn dashboard_metrics() -> BTreeSet<String> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/grafana/idempotent.json");
-    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).expect("the dashboard is JSON");
+    let dashboard: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).expect("the dashboard is JSON");
     fn queries<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
         match v {
             Value::Array(a) => a.iter().for_each(|v| queries(v, out)),
@@ -159,8 +175,7 @@ fn dashboard_metrics() -> BTreeSet<String> {
     for s in all {
         let mut rest = s;
         while let Some(at) = rest.find("idempotent_") {
-            let name: String =
-                rest[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            let name: String = rest[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
             rest = &rest[at + name.len()..];
             names.insert(name);
         }
@@ -175,8 +190,13 @@ async fn every_metric_the_dashboard_queries_is_one_the_demo_exports() {
         assert!(used.contains(wanted), "the dashboard queries {wanted}: {used:?}");
     }
     for bin in BINS {
-        let exported: BTreeSet<String> = parse(&scripted(bin, "dashboard").await).into_iter().map(|(n, _, _)| n).collect();
+        let exported: BTreeSet<String> =
+            parse(&scripted(bin, "dashboard").await).into_iter().map(|(n, _, _)| n).collect();
         let missing: Vec<&String> = used.difference(&exported).collect();
-        assert!(missing.is_empty(), "{}: the dashboard queries metrics the demo does not export: {missing:?}", framework(bin));
+        assert!(
+            missing.is_empty(),
+            "{}: the dashboard queries metrics the demo does not export: {missing:?}",
+            framework(bin)
+        );
     }
 }
