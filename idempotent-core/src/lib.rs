@@ -68,8 +68,8 @@
 //! facade every Rust metrics exporter implements: the engine counts and times through it, and the
 //! application installs the recorder it wants, Prometheus or another; without one every call is
 //! a no-op. No exporter is a dependency of this crate).
-//! Tests only: `metrics-util` (its debugging recorder, installed per test, reads back what the
-//! engine recorded) and `tracing-subscriber` (a registry under which a test layer records spans).
+//! Tests only: `metrics-util` (its debugging recorder, installed for one test's thread, reads
+//! back what the engine recorded).
 //! Optional, behind the features `sqlite` and `postgres`: `sqlx`, major version 0.9 (the SQL
 //! stores: one async driver and pool for both databases, used through its runtime query API, so
 //! building needs no database; the migrations and statements are SQL rendered once for the
