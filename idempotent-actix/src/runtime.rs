@@ -43,7 +43,8 @@ impl RequestHead for Head<'_> {
 /// actix-web handlers are not `Send`, so the protocol runs on the worker's local task set
 /// (`actix_web::rt::spawn`): a client that disconnects drops this future, not the task, so the
 /// handler is never cancelled between its side effects and the recording of its outcome; the
-/// runtime tracks the task, so [`Idempotency::drain`] waits for it at shutdown. The key
+/// runtime tracks the task, so [`Idempotency::drain`] waits for it at shutdown, and it runs in the
+/// request's `idempotent.request` span, a child of the span current here. The key
 /// and actor are read here, once every extractor of the handler has run, so an authentication
 /// extractor anywhere in the argument list can set an [`Actor`] first.
 pub async fn run<F, T>(
@@ -62,10 +63,8 @@ where
     };
     protocol::observe(Framework::Actix, site, &context.incoming);
     let caller = Caller::identify(runtime.config(), &Head(request.headers()), request.extensions().get::<Actor>());
-    let task = actix_web::rt::spawn(runtime.clone().track(async move {
-        let handler = async move { from_actix(future.await.respond_to(&request).map_into_boxed_body()) };
-        protocol::respond(&runtime, policy, caller, fingerprint, handler).await
-    }));
+    let handler = async move { from_actix(future.await.respond_to(&request).map_into_boxed_body()) };
+    let task = actix_web::rt::spawn(protocol::request_task(runtime, policy, caller, fingerprint, handler));
     match task.await {
         Ok(response) => into_actix(response),
         Err(e) => into_actix(protocol::task_failed(policy, &e).map(ResponseBody::full)),

@@ -21,7 +21,8 @@ impl Idempotency {
 ///
 /// The protocol runs on a spawned task, so a client that disconnects (which drops this future)
 /// cannot cancel the handler between its side effects and the recording of its outcome; the
-/// runtime tracks the task, so [`Idempotency::drain`] waits for it at shutdown.
+/// runtime tracks the task, so [`Idempotency::drain`] waits for it at shutdown. The task runs in
+/// the request's `idempotent.request` span, a child of the span current here.
 pub async fn run<F, T>(
     context: Context,
     policy: &'static Policy,
@@ -37,10 +38,8 @@ where
         return protocol::runtime_missing(policy).map(Body::from);
     };
     protocol::observe(Framework::Axum, site, &context.incoming);
-    let task = tokio::spawn(runtime.clone().track(async move {
-        let handler = async move { future.await.into_response() };
-        protocol::respond(&runtime, policy, caller, fingerprint, handler).await
-    }));
+    let handler = async move { future.await.into_response() };
+    let task = tokio::spawn(protocol::request_task(runtime, policy, caller, fingerprint, handler));
     match task.await {
         Ok(response) => response.map(|body| match body {
             // Bytes in hand and untouched bodies are sent as they are, without another box.

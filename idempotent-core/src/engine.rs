@@ -24,6 +24,11 @@
 //! On actix-web each worker is a single-threaded runtime: a handler that blocks its thread blocks
 //! every task of that worker, the renewals included. Blocking work belongs in `web::block` there
 //! (and in `spawn_blocking` on tokio) whatever this library does.
+//!
+//! # What it reports
+//! Each call of [`Runtime::execute`] counts once by its outcome, every store call is timed, and
+//! renewals and held claims are counted (see [`crate::telemetry`]); the lease renewals run in the
+//! span current when the claim was acquired, the request's own.
 
 use crate::actor::ActorSource;
 use crate::fingerprint::{Fingerprint, FingerprintError};
@@ -33,6 +38,7 @@ use crate::problem::{Problem, ProblemKind};
 use crate::registry::{self, Framework, RegistryError};
 use crate::response::StoredResponse;
 use crate::store::{Claim, ClaimToken, RecordKey, Store, StoreError};
+use crate::telemetry::{self, RequestOutcome, StoreOperation};
 use futures_util::FutureExt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -40,6 +46,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 /// Default name of the key header.
 pub const DEFAULT_HEADER: &str = "idempotency-key";
@@ -252,6 +259,7 @@ impl<A: Adapter> Builder<A> {
 impl Runtime {
     /// A runtime on `store` with `config`.
     pub fn new(store: Arc<dyn Store>, config: Config) -> Self {
+        telemetry::describe();
         Self { store, config: Arc::new(config), tasks: TaskTracker::new() }
     }
 
@@ -275,8 +283,9 @@ impl Runtime {
         Ok(Self::new(store, config))
     }
 
-    /// Runs `task` (an adapter's protected request) so that [`drain`](Self::drain) waits for it:
-    /// adapters spawn `runtime.track(...)` on their executor.
+    /// Runs `task` (an adapter's protected request) so that [`drain`](Self::drain) waits for it.
+    /// Adapters spawn [`protocol::request_task`](crate::protocol::request_task), which does this
+    /// inside the request's span.
     pub fn track<F: Future>(&self, task: F) -> tokio_util::task::task_tracker::TrackedFuture<F> {
         self.tasks.track_future(task)
     }
@@ -306,23 +315,49 @@ impl Runtime {
 
     /// Runs one request through the state machine; `handler` is polled at most once per call and
     /// only when this request owns the key (or runs unprotected).
+    ///
+    /// Counts the request in [`telemetry::REQUESTS_TOTAL`] by its [`RequestOutcome`] and, inside
+    /// the request's span ([`telemetry::request_span`]), records the span's `outcome` and
+    /// `replayed` fields.
     pub async fn execute<R, Fut>(&self, policy: &Policy, request: Request, handler: Fut) -> Outcome<R>
     where
         Fut: Future<Output = Captured<R>>,
     {
+        let (outcome, counted) = self.decide(policy, request, handler).await;
+        if let Some(counted) = counted {
+            telemetry::request_finished(policy.scope, counted);
+        }
+        outcome
+    }
+
+    /// [`execute`](Self::execute) without the bookkeeping: the outcome and how it counts (`None`
+    /// for a server bug, which is not an outcome of the protocol).
+    async fn decide<R, Fut>(
+        &self,
+        policy: &Policy,
+        request: Request,
+        handler: Fut,
+    ) -> (Outcome<R>, Option<RequestOutcome>)
+    where
+        Fut: Future<Output = Captured<R>>,
+    {
         let key = match request.key {
-            Err(e) => return Outcome::Problem(Problem::new(ProblemKind::KeyInvalid, format!("{e}."))),
+            Err(e) => {
+                let problem = Problem::new(ProblemKind::KeyInvalid, format!("{e}."));
+                return (Outcome::Problem(problem), Some(RequestOutcome::InvalidKey));
+            }
             Ok(None) if policy.key == KeyRequirement::Optional => {
-                return Outcome::Executed(handler.await.live);
+                return (Outcome::Executed(handler.await.live), Some(RequestOutcome::Executed));
             }
             Ok(None) => {
-                return Outcome::Problem(Problem::new(
+                let problem = Problem::new(
                     ProblemKind::KeyMissing,
                     format!(
                         "This operation requires an `{}` header: send a unique value (e.g. a UUID) and reuse it when you retry.",
                         self.config.header_name
                     ),
-                ))
+                );
+                return (Outcome::Problem(problem), Some(RequestOutcome::MissingKey));
             }
             Ok(Some(k)) => k,
         };
@@ -330,10 +365,11 @@ impl Runtime {
             Ok(fp) => fp,
             Err(e) => {
                 tracing::error!(scope = policy.scope, error = %e, "cannot fingerprint request");
-                return Outcome::Problem(Problem::new(
+                let problem = Problem::new(
                     ProblemKind::Misconfigured,
                     "The server could not fingerprint this request; this is a server bug.",
-                ));
+                );
+                return (Outcome::Problem(problem), None);
             }
         };
         // Stores only ever see a digest of the actor (see `actor::digest`).
@@ -342,34 +378,40 @@ impl Runtime {
         let deadline = Instant::now() + policy.wait_timeout;
         let mut backoff = Duration::from_millis(10);
         loop {
-            match self.bounded(self.store.claim(&record_key, &fingerprint, policy.lease)).await {
+            match self.bounded(StoreOperation::Claim, self.store.claim(&record_key, &fingerprint, policy.lease)).await {
                 Ok(Claim::Acquired(token)) => return self.run_claimed(policy, &record_key, token, handler).await,
                 Ok(Claim::Completed(response)) => {
                     tracing::debug!(scope = policy.scope, "replaying stored response");
-                    return replay(response);
+                    return (replay(response), Some(RequestOutcome::Replayed));
                 }
                 Ok(Claim::Mismatch) => {
-                    return Outcome::Problem(Problem::new(
+                    tracing::info!(scope = policy.scope, "key already used with a different request; answering 422");
+                    let problem = Problem::new(
                         ProblemKind::KeyReused,
                         "This idempotency key was already used with a different request. Use a new key for a new request, or resend the original request unchanged.",
-                    ))
+                    );
+                    return (Outcome::Problem(problem), Some(RequestOutcome::Mismatch));
                 }
                 Ok(Claim::InProgress { retry_after }) => {
                     let now = Instant::now();
                     if policy.on_conflict == ConflictMode::Reject || now >= deadline {
-                        return Outcome::Problem(
-                            Problem::new(
-                                ProblemKind::InProgress,
-                                "A request with this idempotency key is still being processed. Retry after the indicated time to get its result.",
-                            )
-                            .with_retry_after(retry_after),
+                        tracing::info!(
+                            scope = policy.scope,
+                            retry_after_ms = retry_after.as_millis() as u64,
+                            "key held by a request still running; answering 409"
                         );
+                        let problem = Problem::new(
+                            ProblemKind::InProgress,
+                            "A request with this idempotency key is still being processed. Retry after the indicated time to get its result.",
+                        )
+                        .with_retry_after(retry_after);
+                        return (Outcome::Problem(problem), Some(RequestOutcome::InProgress));
                     }
                     let nap = backoff.min(retry_after.max(Duration::from_millis(1))).min(deadline - now);
                     tokio::time::sleep(nap).await;
                     backoff = (backoff * 2).min(Duration::from_millis(250));
                 }
-                Err(e) => return self.store_failed(policy, e, handler).await,
+                Err(e) => return (self.store_failed(policy, e, handler).await, Some(RequestOutcome::StoreUnavailable)),
             }
         }
     }
@@ -396,19 +438,29 @@ impl Runtime {
                 "The server cannot guarantee this request runs only once right now; nothing was executed. Retry later with the same key."
             }
         };
-        tracing::error!(scope = policy.scope, error = %error, "store failed the claim; failing closed");
+        tracing::warn!(scope = policy.scope, error = %error, "store failed the claim; failing closed");
         Outcome::Problem(
             Problem::new(ProblemKind::StoreUnavailable, detail).with_retry_after(self.config.store_retry_after),
         )
     }
 
-    /// `operation` bounded by [`Config::store_timeout`]: one that takes longer is
+    /// `call` bounded by [`Config::store_timeout`]: one that takes longer is
     /// [`StoreError::Unavailable`].
-    async fn bounded<T>(&self, operation: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
-        bounded(self.config.store_timeout, operation).await
+    async fn bounded<T>(
+        &self,
+        operation: StoreOperation,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        bounded(self.store.name(), operation, self.config.store_timeout, call).await
     }
 
-    async fn run_claimed<R, Fut>(&self, policy: &Policy, key: &RecordKey, token: ClaimToken, handler: Fut) -> Outcome<R>
+    async fn run_claimed<R, Fut>(
+        &self,
+        policy: &Policy,
+        key: &RecordKey,
+        token: ClaimToken,
+        handler: Fut,
+    ) -> (Outcome<R>, Option<RequestOutcome>)
     where
         Fut: Future<Output = Captured<R>>,
     {
@@ -420,19 +472,22 @@ impl Runtime {
         match result {
             Err(_panic) => {
                 tracing::error!(scope = policy.scope, "handler panicked; releasing the claim");
-                self.release(policy, key, &token).await;
-                Outcome::Problem(Problem::new(
+                self.release(policy, key, &token, &lease, None).await;
+                let problem = Problem::new(
                     ProblemKind::HandlerPanicked,
                     "The request failed before completing; nothing was stored. Retry with the same key.",
-                ))
+                );
+                (Outcome::Problem(problem), Some(RequestOutcome::Released))
             }
             Ok(captured) => {
-                if captured.failed || policy.outcomes.stores(captured.record.status) {
+                let status = captured.record.status;
+                if captured.failed || policy.outcomes.stores(status) {
                     self.complete(policy, key, &token, &captured.record, &lease).await;
+                    (Outcome::Executed(captured.live), Some(RequestOutcome::Executed))
                 } else {
-                    self.release(policy, key, &token).await;
+                    self.release(policy, key, &token, &lease, Some(status)).await;
+                    (Outcome::Executed(captured.live), Some(RequestOutcome::Released))
                 }
-                Outcome::Executed(captured.live)
             }
         }
         // `lease` is dropped here, once the outcome is stored or released: renewals stop.
@@ -448,36 +503,40 @@ impl Runtime {
         record: &StoredResponse,
         lease: &LeaseKeeper,
     ) {
+        lease.settling();
         // The handler ran: losing its outcome would let a retry run it again.
         let give_up = tokio::time::Instant::now() + self.config.completion_patience;
         let mut delay = Duration::from_millis(50);
         for attempt in 1.. {
             if lease.lost() {
-                tracing::error!(
+                tracing::warn!(
                     scope = policy.scope,
                     "lease lost while the handler ran (another request took the key over); outcome not stored"
                 );
                 return;
             }
-            match self.bounded(self.store.complete(key, token, record, policy.ttl)).await {
+            match self.bounded(StoreOperation::Complete, self.store.complete(key, token, record, policy.ttl)).await {
                 Ok(()) => return,
                 Err(StoreError::Fenced) if attempt > 1 => {
                     // An earlier attempt whose answer was lost may have stored it.
-                    tracing::warn!(
+                    tracing::info!(
                         scope = policy.scope,
                         attempt,
-                        "claim no longer held: stored by an earlier attempt whose answer was lost, or taken over"
+                        "completion fenced: stored by an earlier attempt whose answer was lost, or taken over"
                     );
                     return;
                 }
                 Err(StoreError::Fenced) => {
-                    tracing::error!(scope = policy.scope, "claim was taken over before completion; outcome not stored");
+                    tracing::info!(
+                        scope = policy.scope,
+                        "completion fenced: the claim was taken over before completion; outcome not stored"
+                    );
                     return;
                 }
                 Err(e) => {
                     let retry_at = tokio::time::Instant::now() + delay;
                     if retry_at >= give_up {
-                        tracing::error!(scope = policy.scope, attempt, error = %e, "outcome could not be stored; the claim will expire with its lease");
+                        tracing::warn!(scope = policy.scope, attempt, error = %e, "outcome could not be stored; the claim will expire with its lease");
                         return;
                     }
                     tracing::warn!(scope = policy.scope, attempt, error = %e, "storing the outcome failed; retrying");
@@ -488,68 +547,116 @@ impl Runtime {
         }
     }
 
-    async fn release(&self, policy: &Policy, key: &RecordKey, token: &ClaimToken) {
-        if let Err(e) = self.bounded(self.store.release(key, token)).await {
-            tracing::warn!(scope = policy.scope, error = %e, "release failed; the claim will expire with its lease");
+    /// Gives the claim back so that a retry runs the handler again: its outcome was retryable
+    /// (`status`), or it panicked (`None`).
+    async fn release(
+        &self,
+        policy: &Policy,
+        key: &RecordKey,
+        token: &ClaimToken,
+        lease: &LeaseKeeper,
+        status: Option<u16>,
+    ) {
+        lease.settling();
+        match self.bounded(StoreOperation::Release, self.store.release(key, token)).await {
+            Ok(()) => tracing::info!(scope = policy.scope, status, "claim released: a retry runs the handler again"),
+            Err(StoreError::Fenced) => {
+                tracing::info!(scope = policy.scope, status, "release fenced: the claim was already taken over")
+            }
+            Err(e) => {
+                tracing::warn!(scope = policy.scope, status, error = %e, "release failed; the claim will expire with its lease")
+            }
         }
     }
 }
 
+/// `call`, the `operation` of `store`, bounded by `timeout` and timed.
 async fn bounded<T>(
+    store: &'static str,
+    operation: StoreOperation,
     timeout: Duration,
-    operation: impl Future<Output = Result<T, StoreError>>,
+    call: impl Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
-    match tokio::time::timeout(timeout, operation).await {
+    let started = Instant::now();
+    let result = match tokio::time::timeout(timeout, call).await {
         Ok(result) => result,
         Err(_) => Err(StoreError::Unavailable(format!("no answer within {timeout:?}"))),
-    }
+    };
+    telemetry::store_operation(store, operation, started.elapsed());
+    result
+}
+
+/// What a claim's renewal task and its request share.
+#[derive(Debug, Default)]
+struct LeaseState {
+    /// A renewal found the claim taken over (or crossing the completion, once `settling`).
+    lost: AtomicBool,
+    /// The request has begun storing or releasing its outcome.
+    settling: AtomicBool,
 }
 
 /// The task that renews one claim's lease, from the claim until it is dropped (once the outcome
 /// is stored or released). Dropping it stops the renewals, also when the request's task is
-/// cancelled.
+/// cancelled. It holds one unit of [`telemetry::CLAIMS_IN_FLIGHT`] meanwhile.
 struct LeaseKeeper {
-    lost: Arc<AtomicBool>,
+    state: Arc<LeaseState>,
+    scope: &'static str,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl LeaseKeeper {
     fn start(runtime: &Runtime, policy: &Policy, key: &RecordKey, token: &ClaimToken) -> Self {
-        let lost = Arc::new(AtomicBool::new(false));
+        let state = Arc::new(LeaseState::default());
         let (store, timeout, scope, lease) =
             (runtime.store.clone(), runtime.config.store_timeout, policy.scope, policy.lease);
-        let (key, token, flag) = (key.clone(), token.clone(), lost.clone());
+        let (key, token, shared) = (key.clone(), token.clone(), state.clone());
         let period = renewal_period(lease);
-        let task = tokio::spawn(async move {
+        telemetry::claims_in_flight(scope, 1.0);
+        let renewals = async move {
             // A fixed cadence: a slow renewal does not push the next one back.
             let mut next = tokio::time::Instant::now() + period;
             loop {
                 tokio::time::sleep_until(next).await;
                 next += period;
-                match bounded(timeout, store.renew(&key, &token, lease)).await {
-                    Ok(()) => {}
+                match bounded(store.name(), StoreOperation::Renew, timeout, store.renew(&key, &token, lease)).await {
+                    Ok(()) => telemetry::lease_renewal(scope, "ok"),
                     Err(StoreError::Fenced) => {
-                        // Also the answer to a renewal that crossed the completion; only the
-                        // engine, which knows which, reports it.
-                        flag.store(true, Ordering::Release);
+                        // Once the outcome is being stored this is also the answer to a renewal
+                        // that crossed the completion: only the completion can tell which.
+                        if !shared.settling.load(Ordering::Acquire) {
+                            telemetry::lease_renewal(scope, "lost");
+                            tracing::warn!(scope, "lease lost: another request took the key over");
+                        }
+                        shared.lost.store(true, Ordering::Release);
                         return;
                     }
-                    Err(e) => tracing::warn!(scope, error = %e, "lease renewal failed; the next one follows"),
+                    Err(e) => {
+                        telemetry::lease_renewal(scope, "failed");
+                        tracing::warn!(scope, error = %e, "lease renewal failed; the next one follows")
+                    }
                 }
             }
-        });
-        Self { lost, task }
+        };
+        // Inside the request's span: a renewal's events belong to its request.
+        let task = tokio::spawn(renewals.in_current_span());
+        Self { state, scope, task }
     }
 
     /// Whether a renewal found the claim taken over.
     fn lost(&self) -> bool {
-        self.lost.load(Ordering::Acquire)
+        self.state.lost.load(Ordering::Acquire)
+    }
+
+    /// The request begins storing or releasing its outcome.
+    fn settling(&self) {
+        self.state.settling.store(true, Ordering::Release);
     }
 }
 
 impl Drop for LeaseKeeper {
     fn drop(&mut self) {
         self.task.abort();
+        telemetry::claims_in_flight(self.scope, -1.0);
     }
 }
 

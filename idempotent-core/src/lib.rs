@@ -45,12 +45,14 @@
 //! - [`registry`] and [`report`]: every annotated route, validated and rendered, with the full
 //!   paths it has served.
 //! - [`enforce`]: recognising unprotected mutating routes by what generated code does.
+//! - [`telemetry`]: the span of each protected request and the metrics (requests by outcome,
+//!   store operation latency, lease renewals, claims in flight), with what each counts.
 //! - `testing` (feature `testing`): the store contract suite, for a custom store to run.
 //! - `openapi` (feature `utoipa`): the key header and problem responses added to a `utoipa`
 //!   OpenAPI document for every protected operation.
 //!
 //! # Dependencies and why
-//! `sha2` (the fingerprint digest), `serde`/`serde_json` (field values and reports; its
+//! `sha2` (the fingerprint, and the digests of actors and of keys in traces), `serde`/`serde_json` (field values and reports; its
 //! `float_roundtrip` feature so a number parses to the same double whatever other crates enable),
 //! `ryu-js` (RFC 8785 prescribes ECMAScript's number-to-string for floats; this is that
 //! algorithm), `percent-encoding` (decoding query and form pairs to their exact bytes),
@@ -61,7 +63,13 @@
 //! for), `async-trait`
 //! (an object-safe async [`Store`](store::Store) trait), `futures-util` (catching a handler's
 //! panic as a value so its claim is released), `inventory` (the link-time route registry),
-//! `uuid` (random claim tokens), `bytes`, `thiserror`, `tracing`.
+//! `uuid` (random claim tokens), `bytes`, `thiserror`, `tracing` (the span of each protected
+//! request and the engine's events; the application chooses the subscriber), `metrics` 0.24 (the
+//! facade every Rust metrics exporter implements: the engine counts and times through it, and the
+//! application installs the recorder it wants, Prometheus or another; without one every call is
+//! a no-op. No exporter is a dependency of this crate).
+//! Tests only: `metrics-util` (its debugging recorder, installed for one test's thread, reads
+//! back what the engine recorded).
 //! Optional, behind the features `sqlite` and `postgres`: `sqlx`, major version 0.9 (the SQL
 //! stores: one async driver and pool for both databases, used through its runtime query API, so
 //! building needs no database; the migrations and statements are SQL rendered once for the
@@ -95,6 +103,7 @@ pub mod registry;
 pub mod report;
 pub mod response;
 pub mod store;
+pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -141,6 +141,14 @@ async fn list_refunds(Caller(account): Caller, app: web::Data<AppState>, id: web
     }
 }
 
+/// `GET /metrics`, without authentication: the Prometheus exposition (see [`crate::metrics`]).
+#[get("/metrics")]
+async fn metrics() -> HttpResponse {
+    let (status, content_type, body) = crate::metrics::exposition();
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    HttpResponse::build(status).insert_header((header::CONTENT_TYPE, content_type)).body(body)
+}
+
 /// The payment routes, served both at the root and under `/v1`.
 fn payment_routes(cfg: &mut web::ServiceConfig) {
     cfg.service(create_payment)
@@ -193,7 +201,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, prepared: &Prepared) {
         .service(create_transfer)
         .service(list_transfers)
         .service(create_quote)
-        .route("/_idempotency/policies", web::get().to(policy_report));
+        .route("/_idempotency/policies", web::get().to(policy_report))
+        .service(metrics);
 }
 
 /// Binds `config.addr` and returns the bound address and the running server (it runs on the

@@ -121,6 +121,13 @@ async fn list_refunds(Caller(account): Caller, State(app): State<AppState>, Path
     }
 }
 
+/// `GET /metrics`, without authentication: the Prometheus exposition (see [`crate::metrics`]).
+async fn metrics() -> Response {
+    let (status, content_type, body) = crate::metrics::exposition();
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, [(header::CONTENT_TYPE, content_type)], body).into_response()
+}
+
 /// The payment routes, served both at the root and under `/v1`.
 fn payment_routes() -> Router<AppState> {
     Router::new()
@@ -172,6 +179,7 @@ fn build(
         .route("/transfers", post(create_transfer).get(list_transfers))
         .route("/quotes", post(create_quote))
         .route("/_idempotency/policies", get(policy_report))
+        .route("/metrics", get(metrics))
         // A payments API would rather fail a request than run a mutating route that can charge
         // twice: a POST or PATCH route added without #[idempotent] answers 500 until it has one.
         .layer(Enforce::refuse())

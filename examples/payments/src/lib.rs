@@ -11,3 +11,4 @@ pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod ledger;
+pub mod metrics;

@@ -4,13 +4,15 @@
 //! parts of the request that make up its identity) and a [`Caller`] (key and actor) from its
 //! framework's request, lets the generated handler compute the fingerprint with
 //! [`Incoming::fingerprint`], and spawns [`respond`] with the handler's response converted to an
-//! `http::Response`. Every rule of the protocol lives here:
+//! `http::Response` ([`request_task`]: [`respond`] in the request's span, tracked for a graceful
+//! shutdown). Every rule of the protocol lives here:
 //!
 //! - key parsing and the actor ([`Caller::identify`]; 400 and 401 problems),
 //! - the request's identity: method, path parameters, canonical query and body by content type
 //!   ([`Incoming::fingerprint`], per the route's [`Identity`](crate::policy::Identity)),
 //! - claim, run, complete or release ([`Runtime::execute`]),
 //! - capture under the cap ([`capture::capture`]), replays and problem responses,
+//! - the request's span and metrics ([`crate::telemetry`]),
 //! - and the report endpoint ([`policy_report`]).
 //!
 //! ```
@@ -58,12 +60,14 @@ use crate::problem::{Problem, ProblemKind, CONTENT_TYPE};
 use crate::registry::{self, Framework};
 use crate::report::Format;
 use crate::response::StoredResponse;
+use crate::telemetry::{self, RequestOutcome};
 use bytes::Bytes;
 use futures_util::FutureExt;
 use http::header::{HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use tracing::Instrument;
 
 /// The parts of a request that make up its identity, gathered by the adapter before the handler
 /// runs: method, matched route, path parameters, query and body.
@@ -311,6 +315,7 @@ where
         Err(_) if unprotected => None,
         Err(e) => {
             tracing::info!(scope = policy.scope, "{e}");
+            telemetry::request_finished(policy.scope, RequestOutcome::InvalidKey);
             let problem = Problem::new(
                 ProblemKind::ActorMissing,
                 "This operation needs to know who is calling, and the request did not say: authenticate and retry with the same key.",
@@ -335,6 +340,29 @@ where
         Outcome::Replayed(stored) => replay_response(stored).map(ResponseBody::full),
         Outcome::Problem(problem) => problem_response(&problem).map(ResponseBody::full),
     }
+}
+
+/// The task an adapter spawns for one protected request: [`respond`], inside the request's span
+/// ([`telemetry::request_span`], created now as a child of the current span, so the handler's
+/// own events are inside it), and tracked by `runtime` so that [`Runtime::drain`] waits for it.
+///
+/// An adapter calls it where its handler is called (the request's own span is current there) and
+/// spawns the result.
+pub fn request_task<B, Fut>(
+    runtime: Runtime,
+    policy: &'static Policy,
+    caller: Caller,
+    fingerprint: Result<Fingerprint, FingerprintError>,
+    handler: Fut,
+) -> impl Future<Output = Response<ResponseBody<B>>>
+where
+    Fut: Future<Output = Response<B>>,
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let span = telemetry::request_span(policy, caller.key.as_ref().ok().and_then(Option::as_ref));
+    let tracker = runtime.clone();
+    tracker.track(async move { respond(&runtime, policy, caller, fingerprint, handler).await }.instrument(span))
 }
 
 /// Records that the handler at `site` of `framework` served this request's route (for reports:

@@ -69,7 +69,7 @@ struct Inner {
 
 impl Inner {
     fn sweep(&mut self, now: Instant) {
-        let mut freed = 0;
+        let (mut freed, before) = (0, self.records.len());
         self.records.retain(|_, e| {
             let keep = !e.forgotten(now);
             if !keep {
@@ -78,6 +78,8 @@ impl Inner {
             keep
         });
         self.bytes -= freed;
+        // Rare (every few thousand claims, or when full), so counted under the lock.
+        crate::telemetry::records_swept("memory", (before - self.records.len()) as u64);
     }
 
     fn remove(&mut self, key: &str) {

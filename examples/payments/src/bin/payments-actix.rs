@@ -15,6 +15,10 @@ async fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    // Before the application is built: its runtime describes its metrics to this recorder.
+    if let Err(e) = payments_demo::metrics::install() {
+        return cli::fail(BIN, e);
+    }
     let (addr, server) = match actix_app::start_until(&config, cli::shutdown_signal()).await {
         Ok(s) => s,
         Err(e) => return cli::fail(BIN, e),
