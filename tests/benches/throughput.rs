@@ -523,7 +523,7 @@ fn main() {
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     if std::env::args().any(|a| a == "sqlite-sync") {
-        rt.block_on(tokio::spawn(sqlite_durability())).unwrap();
+        rt.block_on(async { tokio::spawn(sqlite_durability()).await }).unwrap();
         return;
     }
     in_process();
