@@ -26,10 +26,10 @@ pub mod fault;
 
 use crate::fingerprint::{Fingerprint, FingerprintBuilder};
 use crate::response::StoredResponse;
-use crate::store::{Claim, ClaimToken, RecordKey, Store, StoreError};
+use crate::store::{Claim, ClaimToken, RecordInfo, RecordKey, RecordState, Store, StoreError};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// Expands to `mod $name { ... }` with one `#[tokio::test]` per contract behaviour.
 ///
@@ -69,6 +69,9 @@ macro_rules! store_contract_tests {
                 actors_and_scopes_are_independent,
                 absent_keys_are_fenced,
                 late_completion_is_accepted_while_the_token_holds,
+                inspect_reports_state_status_and_times,
+                invalidate_deletes_a_record_in_any_state,
+                health_check_answers,
             );
             $($extra)*
         }
@@ -357,6 +360,69 @@ pub async fn absent_keys_are_fenced<S: Store>(s: Arc<S>) {
     assert_fenced(s.release(&k, &t).await, "release");
     assert_fenced(s.renew(&k, &t, LEASE).await, "renew");
     acquire(&*s, &k, &fp(1), LEASE).await;
+}
+
+/// Asserts that `at` is `expected` from now, give or take the clock skew a test tolerates between
+/// the test's clock and the store's (a database server on another host).
+fn assert_about(at: SystemTime, expected_from_now: Duration, what: &str) {
+    const SKEW: Duration = Duration::from_secs(5);
+    let expected = SystemTime::now() + expected_from_now;
+    let gap = at.duration_since(expected).or_else(|e| Ok::<_, ()>(e.duration())).unwrap_or_default();
+    assert!(gap <= SKEW, "{what}: {at:?} is {gap:?} away from now + {expected_from_now:?}");
+}
+
+/// [`Store::inspect`] reports what a key holds without changing it: nothing for an absent key or
+/// another actor's; in progress with its creation and lease deadline (reported, with a deadline
+/// in the past, after the lease runs out); completed with its stored status and expiry; nothing
+/// once a completed record's time to live has passed.
+pub async fn inspect_reports_state_status_and_times<S: Store>(s: Arc<S>) {
+    let k = key("inspect");
+    assert_eq!(s.inspect(&k).await.unwrap(), None, "absent key");
+    let t = acquire(&*s, &k, &fp(1), LEASE).await;
+    let info: RecordInfo = s.inspect(&k).await.unwrap().expect("in-progress record");
+    assert_eq!((info.state, info.status), (RecordState::InProgress, None));
+    assert_about(info.created_at.expect("claim time"), Duration::ZERO, "created_at");
+    assert_about(info.expires_at, LEASE, "lease deadline");
+    let other = RecordKey::new(&k.scope, "acct_2", &k.key);
+    assert_eq!(s.inspect(&other).await.unwrap(), None, "another actor's key is another record");
+    assert!(matches!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::InProgress { .. }), "inspect changed nothing");
+
+    s.complete(&k, &t, &response(b"done"), Duration::from_secs(1)).await.unwrap();
+    let info = s.inspect(&k).await.unwrap().expect("completed record");
+    assert_eq!((info.state, info.status), (RecordState::Completed, Some(201)));
+    assert_about(info.created_at.expect("claim time"), Duration::ZERO, "created_at after completion");
+    assert_about(info.expires_at, Duration::from_secs(1), "completed expiry");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(s.inspect(&k).await.unwrap(), None, "a completed record past its time to live");
+
+    let abandoned = key("inspect-abandoned");
+    acquire(&*s, &abandoned, &fp(1), Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let info = s.inspect(&abandoned).await.unwrap().expect("an abandoned claim is still held");
+    assert_eq!(info.state, RecordState::InProgress);
+    assert!(info.expires_at < SystemTime::now() + Duration::from_secs(1), "its lease ran out: {info:?}");
+}
+
+/// [`Store::invalidate`] deletes a record in any state: the worker of a deleted claim is fenced,
+/// and the next claim of the key acquires it, for a completed record too.
+pub async fn invalidate_deletes_a_record_in_any_state<S: Store>(s: Arc<S>) {
+    let k = key("invalidate");
+    assert!(!s.invalidate(&k).await.unwrap(), "nothing to delete");
+    let t = acquire(&*s, &k, &fp(1), LEASE).await;
+    assert!(s.invalidate(&k).await.unwrap(), "in progress");
+    assert_eq!(s.inspect(&k).await.unwrap(), None);
+    assert_fenced(s.renew(&k, &t, LEASE).await, "renew after invalidation");
+    assert_fenced(s.complete(&k, &t, &response(b"x"), TTL).await, "complete after invalidation");
+    let t = acquire(&*s, &k, &fp(2), LEASE).await;
+    s.complete(&k, &t, &response(b"done"), TTL).await.unwrap();
+    assert!(s.invalidate(&k).await.unwrap(), "completed");
+    assert!(!s.invalidate(&k).await.unwrap(), "already gone");
+    acquire(&*s, &k, &fp(2), LEASE).await;
+}
+
+/// [`Store::health`] answers when the backend does.
+pub async fn health_check_answers<S: Store>(s: Arc<S>) {
+    s.health().await.expect("a reachable store is healthy");
 }
 
 /// Records written by one store instance are seen by another on the same storage: a completed

@@ -63,6 +63,15 @@ impl Store for Switched {
         self.check(&self.down)?;
         self.inner.release(key, token).await
     }
+    async fn inspect(&self, key: &RecordKey) -> Result<Option<idempotent_core::store::RecordInfo>, StoreError> {
+        self.inner.inspect(key).await
+    }
+    async fn invalidate(&self, key: &RecordKey) -> Result<bool, StoreError> {
+        self.inner.invalidate(key).await
+    }
+    async fn health(&self) -> Result<(), StoreError> {
+        self.inner.health().await
+    }
     fn name(&self) -> &'static str {
         "switched"
     }

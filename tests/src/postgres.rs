@@ -325,6 +325,15 @@ impl Store for PgTestStore {
     async fn release(&self, key: &RecordKey, token: &ClaimToken) -> Result<(), StoreError> {
         self.store.release(key, token).await
     }
+    async fn inspect(&self, key: &RecordKey) -> Result<Option<idempotent_core::store::RecordInfo>, StoreError> {
+        self.store.inspect(key).await
+    }
+    async fn invalidate(&self, key: &RecordKey) -> Result<bool, StoreError> {
+        self.store.invalidate(key).await
+    }
+    async fn health(&self) -> Result<(), StoreError> {
+        self.store.health().await
+    }
     fn name(&self) -> &'static str {
         self.store.name()
     }

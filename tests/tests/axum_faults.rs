@@ -191,6 +191,15 @@ impl Store for Unreachable {
     async fn release(&self, _: &RecordKey, _: &ClaimToken) -> Result<(), StoreError> {
         Err(StoreError::Unavailable("connection refused".into()))
     }
+    async fn inspect(&self, _: &RecordKey) -> Result<Option<idempotent_axum::core::store::RecordInfo>, StoreError> {
+        Err(StoreError::Unavailable("connection refused".into()))
+    }
+    async fn invalidate(&self, _: &RecordKey) -> Result<bool, StoreError> {
+        Err(StoreError::Unavailable("connection refused".into()))
+    }
+    async fn health(&self) -> Result<(), StoreError> {
+        Err(StoreError::Unavailable("connection refused".into()))
+    }
     fn name(&self) -> &'static str {
         "unreachable"
     }

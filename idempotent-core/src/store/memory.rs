@@ -6,13 +6,13 @@
 //! room fails with [`StoreError::Full`] (503 to the client) rather than evicting a live record,
 //! which could let a retry run twice.
 
-use super::{Claim, ClaimToken, RecordKey, Store, StoreError, ABANDONED_CLAIM_RETENTION};
+use super::{Claim, ClaimToken, RecordInfo, RecordKey, RecordState, Store, StoreError, ABANDONED_CLAIM_RETENTION};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 // tokio's clock: the same as the system's monotonic clock, except in tests that pause it, where
 // leases and lifetimes follow the test's virtual time.
 use tokio::time::Instant;
@@ -34,6 +34,7 @@ enum State {
 struct Entry {
     fingerprint: Fingerprint,
     state: State,
+    created: Instant,
 }
 
 impl Entry {
@@ -165,6 +166,7 @@ impl Store for MemoryStore {
             Entry {
                 fingerprint: *fingerprint,
                 state: State::InProgress { token: token.clone(), lease_until: now + lease },
+                created: now,
             },
         );
         Ok(Claim::Acquired(token))
@@ -218,6 +220,34 @@ impl Store for MemoryStore {
             }
             _ => Err(StoreError::Fenced),
         }
+    }
+
+    async fn inspect(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        // The store's clock is monotonic; wall-clock times are read off it at this instant.
+        let at = |t: Instant| if t >= now { wall + (t - now) } else { wall - (now - t) };
+        let inner = self.lock();
+        let Some(e) = inner.records.get(&key.storage_key()) else { return Ok(None) };
+        if e.forgotten(now) {
+            return Ok(None);
+        }
+        let (state, status, expires) = match &e.state {
+            State::InProgress { lease_until, .. } => (RecordState::InProgress, None, *lease_until),
+            State::Completed { response, expires_at } => (RecordState::Completed, Some(response.status), *expires_at),
+        };
+        Ok(Some(RecordInfo { state, status, created_at: Some(at(e.created)), expires_at: at(expires) }))
+    }
+
+    async fn invalidate(&self, key: &RecordKey) -> Result<bool, StoreError> {
+        let sk = key.storage_key();
+        let mut inner = self.lock();
+        let present = inner.records.get(&sk).is_some_and(|e| !e.forgotten(Instant::now()));
+        inner.remove(&sk);
+        Ok(present)
+    }
+
+    async fn health(&self) -> Result<(), StoreError> {
+        Ok(())
     }
 
     fn name(&self) -> &'static str {

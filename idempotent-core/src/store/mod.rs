@@ -8,7 +8,7 @@ use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use async_trait::async_trait;
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 pub mod memory;
 
@@ -114,6 +114,52 @@ pub enum StoreError {
     Config(String),
 }
 
+/// The state of a record, as [`Store::inspect`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordState {
+    /// Claimed: a handler is running, or ran and its worker vanished before it stored an outcome
+    /// (then [`RecordInfo::expires_at`] is past, and the next request with the key takes it over).
+    InProgress,
+    /// The outcome is stored and replayed to every retry until [`RecordInfo::expires_at`].
+    Completed,
+}
+
+impl RecordState {
+    /// `in_progress` or `completed`, as status endpoints and reports spell it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RecordState::InProgress => "in_progress",
+            RecordState::Completed => "completed",
+        }
+    }
+}
+
+/// What a store holds for one key: the answer of [`Store::inspect`], for operators and status
+/// endpoints. It never carries the stored body, the fingerprint or the claim's token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordInfo {
+    /// In progress or completed.
+    pub state: RecordState,
+    /// The stored response's status code (completed records only).
+    pub status: Option<u16>,
+    /// When the record was claimed, by the store's clock; `None` when the store did not record
+    /// it (a Redis record written by an earlier version).
+    pub created_at: Option<SystemTime>,
+    /// In progress: when the claim's lease runs out (a retry after it takes the key over);
+    /// completed: when the stored outcome is forgotten.
+    pub expires_at: SystemTime,
+}
+
+/// Wall-clock time `ms` milliseconds after the Unix epoch (before it when negative).
+pub(crate) fn epoch_millis(ms: i64) -> SystemTime {
+    let offset = Duration::from_millis(ms.unsigned_abs());
+    if ms >= 0 {
+        SystemTime::UNIX_EPOCH + offset
+    } else {
+        SystemTime::UNIX_EPOCH - offset
+    }
+}
+
 /// How long a store keeps an in-progress record whose lease expired and that no other claim took
 /// over: 10 minutes.
 ///
@@ -166,6 +212,22 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes the claim held with `token` so a retry runs again; [`StoreError::Fenced`] (and
     /// nothing deleted) when the token no longer holds it.
     async fn release(&self, key: &RecordKey, token: &ClaimToken) -> Result<(), StoreError>;
+
+    /// What the store holds for `key`, without changing it: `None` when it holds nothing, or
+    /// only a completed record past its time to live. An in-progress record whose lease ran out is
+    /// reported (with `expires_at` in the past) until another claim takes it over or the store
+    /// forgets it. For operators and status endpoints; the protocol never calls it.
+    async fn inspect(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError>;
+
+    /// Deletes `key`'s record whatever its state, so that the next request with the key runs the
+    /// handler; answers whether there was one. A worker still running under a deleted claim is
+    /// [`StoreError::Fenced`] when it renews or completes, and stores nothing. For operators:
+    /// invalidating a completed record lets a retry run its effects again.
+    async fn invalidate(&self, key: &RecordKey) -> Result<bool, StoreError>;
+
+    /// Whether the backend answers: one cheap round trip (`SELECT 1`, `PING`), an error when it
+    /// fails. For health checks and readiness probes.
+    async fn health(&self) -> Result<(), StoreError>;
 
     /// Short name for logs and reports.
     fn name(&self) -> &'static str;

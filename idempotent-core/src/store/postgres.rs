@@ -134,10 +134,10 @@
 //! private network or a local TLS proxy.
 
 use super::sql::{
-    abandoned_claim_retention_ms, column, decide_row, millis, quote_ident, rendered, sealed, Backend, SqlConfig,
-    SqlStore,
+    abandoned_claim_retention_ms, column, decide_row, millis, quote_ident, record_info, rendered, sealed, Backend,
+    CommonStatements, SqlConfig, SqlStore,
 };
-use super::{Claim, ClaimToken, RecordKey, Store, StoreError};
+use super::{Claim, ClaimToken, RecordInfo, RecordKey, Store, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use async_trait::async_trait;
@@ -163,6 +163,7 @@ const MIGRATION_LOCK: i64 = 0x1de0_7e47_5701_2e01;
 
 /// What the shared SQL store code keeps for PostgreSQL (public only to be named by [`Backend`]).
 mod own {
+    use super::CommonStatements;
     use sqlx::SqlStr;
     use std::time::Duration;
 
@@ -188,7 +189,9 @@ mod own {
         pub(super) completed_by: SqlStr,
         pub(super) release: SqlStr,
         pub(super) present: SqlStr,
+        pub(super) inspect: SqlStr,
         pub(super) sweep: SqlStr,
+        pub(super) common: CommonStatements,
     }
 
     /// How the store's statements get `READ COMMITTED` on its pool.
@@ -230,6 +233,7 @@ impl sealed::Sealed for Postgres {}
 
 #[async_trait]
 impl Backend for Postgres {
+    const STORE: &'static str = "postgres";
     const MAX_CONNECTIONS: u32 = 10;
     const SWEEP_BATCH: u32 = 1000;
     const MAX_NAME_LEN: usize = 63;
@@ -300,6 +304,17 @@ RETURNING 1"
                 "DELETE FROM {t} WHERE {key} AND token = $4 AND state = 'in_progress' RETURNING 1"
             )),
             present: rendered(format!("SELECT 1 FROM {t} WHERE {key}")),
+            // Live records, and in-progress ones until `ABANDONED_CLAIM_RETENTION` ($4) after
+            // their lease, as the sweeper keeps them.
+            inspect: rendered(format!(
+                "SELECT state, response, (EXTRACT(EPOCH FROM created_at) * 1000)::int8 AS created_ms,
+    (EXTRACT(EPOCH FROM expires_at) * 1000)::int8 AS expires_ms
+FROM {t} WHERE {key} AND (expires_at > now()
+    OR (state = 'in_progress' AND expires_at > now() - $4::int8 * interval '1 millisecond'))"
+            )),
+            common: CommonStatements {
+                invalidate: rendered(format!("DELETE FROM {t} WHERE {key}")),
+            },
             // Completed records go at the end of their time to live, in-progress ones only
             // `ABANDONED_CLAIM_RETENTION` ($2) after their lease; the condition is checked again
             // on the locked rows.
@@ -330,6 +345,10 @@ RETURNING 1"
             );
         }
         Ok(Session { explicit_read_committed })
+    }
+
+    fn common(sql: &Statements) -> &CommonStatements {
+        &sql.common
     }
 
     fn sweep_query(sql: &Statements, batch: i64) -> Query<'static, Postgres, PgArguments> {
@@ -602,8 +621,22 @@ impl Store for PostgresStore {
         Err(StoreError::Fenced)
     }
 
+    async fn inspect(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
+        let retention = abandoned_claim_retention_ms();
+        let (row, _) = self.run(|| Self::key_query(&self.sql().inspect, key).bind(retention)).await?;
+        row.as_ref().map(record_info).transpose()
+    }
+
+    async fn invalidate(&self, key: &RecordKey) -> Result<bool, StoreError> {
+        self.invalidate_record(key).await
+    }
+
+    async fn health(&self) -> Result<(), StoreError> {
+        self.ping().await
+    }
+
     fn name(&self) -> &'static str {
-        "postgres"
+        Postgres::STORE
     }
 }
 

@@ -76,6 +76,8 @@
 //! - `t`: the claim token (in progress only);
 //! - `l`: the lease deadline (in progress only), in decimal milliseconds since the Unix epoch by
 //!   Redis's clock;
+//! - `c`: when the record was claimed, the same way (for [`Store::inspect`]; records written by
+//!   earlier versions have none);
 //! - `r`: the response in [`StoredResponse::encode`]'s binary form (completed only).
 //!
 //! Time is Redis's own: the scripts read the lease deadline's clock with `TIME`, and the key's
@@ -149,7 +151,7 @@
 //!   requests up for one response timeout then.
 //! - The cluster needs all 16384 slots covered (`cluster_state:ok`).
 
-use super::{Claim, ClaimToken, RecordKey, Store, StoreError, ABANDONED_CLAIM_RETENTION};
+use super::{epoch_millis, Claim, ClaimToken, RecordInfo, RecordKey, RecordState, Store, StoreError, ABANDONED_CLAIM_RETENTION};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use async_trait::async_trait;
@@ -160,6 +162,7 @@ use redis::io::tcp::{socket2::TcpKeepalive, TcpSettings};
 use redis::{Cmd, ErrorKind, IntoConnectionInfo, RedisError, Script, ServerErrorKind, ToRedisArgs, Value};
 use sha2::{Digest, Sha256};
 use std::fmt;
+use std::future::Future;
 use std::time::Duration;
 
 /// Default key prefix.
@@ -207,7 +210,8 @@ local function take()
   local lease = tonumber(ARGV[3])
   -- HSET first: on a full Redis, the first write of the script is the one refused, before
   -- anything changed.
-  redis.call('HSET', key, 's', 'p', 't', ARGV[2], 'f', ARGV[1], 'l', string.format('%d', now + lease))
+  redis.call('HSET', key, 's', 'p', 't', ARGV[2], 'f', ARGV[1], 'l', string.format('%d', now + lease),
+    'c', string.format('%d', now))
   redis.call('PEXPIRE', key, string.format('%d', lease + tonumber(ARGV[4])))
   return {'a'}
 end
@@ -275,6 +279,20 @@ const COMPLETE: &str = "redis.call('HSET', key, 's', 'c', 'r', ARGV[2])\nredis.c
                         redis.call('PEXPIRE', key, ARGV[3])\nreturn 1\n";
 /// Release: ARGV[1] token.
 const RELEASE: &str = "redis.call('DEL', key)\nreturn 1\n";
+
+/// Inspect: reads a record without changing it. Answers nil when the key is absent, `{'x'}` for a
+/// value of another type, else the fields `s`, `l`, `c` and `r` (empty when missing), the key's
+/// `PTTL` and Redis's clock in milliseconds.
+const INSPECT: &str = r#"
+local key = KEYS[1]
+local kind = redis.call('TYPE', key)['ok']
+if kind == 'none' then return false end
+if kind ~= 'hash' then return {'x'} end
+local v = redis.call('HMGET', key, 's', 'l', 'c', 'r')
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+return {v[1] or '', v[2] or '', v[3] or '', v[4] or '', redis.call('PTTL', key), now}
+"#;
 
 #[derive(Clone)]
 enum Conn {
@@ -481,6 +499,7 @@ impl RedisStoreBuilder {
             renew: Lua::new(format!("{ALLOW_OOM}{HELD}{RENEW}")),
             complete: Lua::new(format!("{ALLOW_OOM}{HELD}{COMPLETE}")),
             release: Lua::new(format!("{ALLOW_OOM}{HELD}{RELEASE}")),
+            inspect: Lua::new(INSPECT.to_owned()),
         })
     }
 }
@@ -500,6 +519,7 @@ pub struct RedisStore {
     renew: Lua,
     complete: Lua,
     release: Lua,
+    inspect: Lua,
 }
 
 impl fmt::Debug for RedisStore {
@@ -634,7 +654,15 @@ impl RedisStore {
 
     /// Runs one script invocation, within the store's own bound on an application's connection.
     async fn invoke(&self, call: &Call<'_>) -> Result<Value, StoreError> {
-        let run = self.conn.invoke(call);
+        self.bounded(self.conn.invoke(call)).await
+    }
+
+    /// Runs one command, within the same bound.
+    async fn command(&self, cmd: Cmd) -> Result<Value, StoreError> {
+        self.bounded(self.conn.query(&cmd)).await
+    }
+
+    async fn bounded(&self, run: impl Future<Output = Result<Value, RedisError>>) -> Result<Value, StoreError> {
         match self.deadline {
             None => run.await.map_err(unavailable),
             Some(limit) => match tokio::time::timeout(limit, run).await {
@@ -788,6 +816,38 @@ fn decode_claim(reply: Value, token: ClaimToken) -> Result<Claim, StoreError> {
     }
 }
 
+/// Reads the inspect script's reply.
+fn decode_inspect(reply: &Value) -> Result<Option<RecordInfo>, StoreError> {
+    let unexpected = || StoreError::Corrupt(format!("unexpected inspect reply {reply:?}"));
+    let items = match reply {
+        Value::Nil => return Ok(None),
+        Value::Array(items) => items,
+        _ => return Err(unexpected()),
+    };
+    let text = |i: usize| items.get(i).and_then(bytes).ok_or_else(unexpected);
+    let int = |i: usize| match items.get(i) {
+        Some(Value::Int(n)) => Ok(*n),
+        _ => Err(unexpected()),
+    };
+    let millis = |raw: &[u8]| std::str::from_utf8(raw).ok().and_then(|t| t.parse::<i64>().ok());
+    if text(0)? == b"x" && items.len() == 1 {
+        return Err(StoreError::Corrupt("a value of another type is stored under the record's key".into()));
+    }
+    let created_at = millis(text(2)?).map(epoch_millis);
+    let (state, status, expires) = match text(0)? {
+        b"p" => {
+            let deadline = millis(text(1)?).ok_or_else(|| StoreError::Corrupt("in-progress record without a valid lease deadline".into()))?;
+            (RecordState::InProgress, None, deadline)
+        }
+        b"c" => {
+            let stored = StoredResponse::decode(text(3)?).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            (RecordState::Completed, Some(stored.status), int(5)?.saturating_add(int(4)?.max(0)))
+        }
+        _ => return Err(StoreError::Corrupt("record without a valid state".into())),
+    };
+    Ok(Some(RecordInfo { state, status, created_at, expires_at: epoch_millis(expires) }))
+}
+
 #[async_trait]
 impl Store for RedisStore {
     async fn claim(&self, key: &RecordKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
@@ -828,6 +888,24 @@ impl Store for RedisStore {
     async fn release(&self, key: &RecordKey, token: &ClaimToken) -> Result<(), StoreError> {
         let call = self.release.call(self.redis_key(key)).arg(token.0.as_str());
         self.fenced(&call).await
+    }
+
+    async fn inspect(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
+        let reply = self.invoke(&self.inspect.call(self.redis_key(key))).await?;
+        decode_inspect(&reply)
+    }
+
+    async fn invalidate(&self, key: &RecordKey) -> Result<bool, StoreError> {
+        let mut del = redis::cmd("DEL");
+        del.arg(self.redis_key(key));
+        match self.command(del).await? {
+            Value::Int(n) => Ok(n > 0),
+            other => Err(StoreError::Corrupt(format!("unexpected DEL reply {other:?}"))),
+        }
+    }
+
+    async fn health(&self) -> Result<(), StoreError> {
+        self.command(redis::cmd("PING")).await.map(drop)
     }
 
     fn name(&self) -> &'static str {

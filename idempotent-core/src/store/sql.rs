@@ -21,7 +21,7 @@
 //! [`ABANDONED_CLAIM_RETENTION`] after its lease ended, so a worker slowed past its lease can
 //! still store its outcome for that long.
 
-use super::{Claim, ClaimToken, RecordKey, StoreError, ABANDONED_CLAIM_RETENTION};
+use super::{epoch_millis, Claim, ClaimToken, RecordInfo, RecordKey, RecordState, StoreError, ABANDONED_CLAIM_RETENTION};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use async_trait::async_trait;
@@ -37,6 +37,8 @@ use std::time::Duration;
 /// sealed.
 #[async_trait]
 pub trait Backend: Database + sealed::Sealed {
+    /// The store's name ([`Store::name`](super::Store::name)): the `store` label of its metrics.
+    const STORE: &'static str;
     /// Default size of the connection pool.
     const MAX_CONNECTIONS: u32;
     /// Default number of rows deleted per sweeper statement.
@@ -64,6 +66,9 @@ pub trait Backend: Database + sealed::Sealed {
     /// Looks at `pool` when the store starts; `own` when the store opened the pool itself (with
     /// its own connection settings), not when an application handed it in.
     async fn attach(pool: &Pool<Self>, own: bool) -> Result<Self::Session, sqlx::Error>;
+
+    /// The statements every SQL store runs alike.
+    fn common(sql: &Self::Statements) -> &CommonStatements;
 
     /// One sweeper statement: deletes at most `batch` records that are past their time to live
     /// (completed) or abandoned for [`ABANDONED_CLAIM_RETENTION`] (in progress).
@@ -363,6 +368,21 @@ impl<B: Backend> SqlStore<B> {
         Self::key_query(sql, key).bind(&token.0)
     }
 
+    /// Deletes `key`'s record whatever its state ([`Store::invalidate`](super::Store::invalidate)).
+    pub(super) async fn invalidate_record(&self, key: &RecordKey) -> Result<bool, StoreError>
+    where
+        String: Type<B> + for<'e> Encode<'e, B>,
+    {
+        let query = Self::key_query(&B::common(&self.inner.sql).invalidate, key);
+        Ok(B::execute(&self.inner.pool, &self.inner.session, query).await.map_err(B::unavailable)? > 0)
+    }
+
+    /// One round trip to the database ([`Store::health`](super::Store::health)).
+    pub(super) async fn ping(&self) -> Result<(), StoreError> {
+        B::execute(&self.inner.pool, &self.inner.session, sqlx::query("SELECT 1")).await.map_err(B::unavailable)?;
+        Ok(())
+    }
+
     /// Runs a statement fenced by a claim's token: no row touched means the token no longer holds
     /// the claim ([`StoreError::Fenced`]).
     pub(super) async fn run_fenced(&self, query: Query<'static, B, B::Arguments>) -> Result<(), StoreError> {
@@ -371,6 +391,14 @@ impl<B: Backend> SqlStore<B> {
             _ => Ok(()),
         }
     }
+}
+
+/// Statements whose parameters and results are the same on every SQL store; each [`Backend`]
+/// renders them in its own placeholder syntax.
+#[derive(Debug)]
+pub struct CommonStatements {
+    /// Deletes the record of the key bound as parameters 1 to 3, whatever its state.
+    pub(super) invalidate: SqlStr,
 }
 
 async fn sweep<B: Backend>(
@@ -382,6 +410,7 @@ async fn sweep<B: Backend>(
     let mut total = 0;
     loop {
         let n = B::execute(pool, session, B::sweep_query(sql, i64::from(batch))).await.map_err(B::unavailable)?;
+        crate::telemetry::records_swept(B::STORE, n);
         total += n;
         if n < u64::from(batch) {
             return Ok(total);
@@ -437,6 +466,32 @@ where
     for<'n> &'n str: ColumnIndex<R>,
 {
     row.try_get(name).map_err(|e| StoreError::Corrupt(format!("undecodable record: {e}")))
+}
+
+/// What an inspected row holds: its `state`, `response`, and `created_ms` and `expires_ms`
+/// (milliseconds since the Unix epoch).
+pub(super) fn record_info<R>(row: &R) -> Result<RecordInfo, StoreError>
+where
+    R: Row,
+    Vec<u8>: for<'r> Decode<'r, R::Database> + Type<R::Database>,
+    String: for<'r> Decode<'r, R::Database> + Type<R::Database>,
+    i64: for<'r> Decode<'r, R::Database> + Type<R::Database>,
+    for<'n> &'n str: ColumnIndex<R>,
+{
+    let state: String = column(row, "state")?;
+    let response: Option<Vec<u8>> = column(row, "response")?;
+    let created: i64 = column(row, "created_ms")?;
+    let expires: i64 = column(row, "expires_ms")?;
+    let (state, status) = match state.as_str() {
+        "in_progress" => (RecordState::InProgress, None),
+        "completed" => {
+            let bytes = response.ok_or_else(|| StoreError::Corrupt("completed record without a response".into()))?;
+            let stored = StoredResponse::decode(&bytes).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            (RecordState::Completed, Some(stored.status))
+        }
+        other => return Err(StoreError::Corrupt(format!("unknown record state {other:?}"))),
+    };
+    Ok(RecordInfo { state, status, created_at: Some(epoch_millis(created)), expires_at: epoch_millis(expires) })
 }
 
 /// The claim's answer from a live row (its `fingerprint`, `state` and `response` columns), with

@@ -73,9 +73,10 @@
 //! late worker can still complete it. The task stops when the store is dropped.
 
 use super::sql::{
-    abandoned_claim_retention_ms, column, decide_row, millis, rendered, sealed, Backend, SqlConfig, SqlStore,
+    abandoned_claim_retention_ms, column, decide_row, millis, record_info, rendered, sealed, Backend,
+    CommonStatements, SqlConfig, SqlStore,
 };
-use super::{Claim, ClaimToken, RecordKey, Store, StoreError};
+use super::{Claim, ClaimToken, RecordInfo, RecordKey, Store, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use async_trait::async_trait;
@@ -100,6 +101,7 @@ pub type SqliteStore = SqlStore<Sqlite>;
 
 /// What the shared SQL store code keeps for SQLite (public only to be named by [`Backend`]).
 mod own {
+    use super::CommonStatements;
     use sqlx::sqlite::{SqliteConnection, SqliteSynchronous};
     use sqlx::SqlStr;
     use std::sync::Mutex;
@@ -134,7 +136,9 @@ mod own {
         pub(super) renew: SqlStr,
         pub(super) complete: SqlStr,
         pub(super) release: SqlStr,
+        pub(super) inspect: SqlStr,
         pub(super) sweep: SqlStr,
+        pub(super) common: CommonStatements,
     }
 }
 
@@ -168,6 +172,7 @@ impl sealed::Sealed for Sqlite {}
 
 #[async_trait]
 impl Backend for Sqlite {
+    const STORE: &'static str = "sqlite";
     const MAX_CONNECTIONS: u32 = 4;
     const SWEEP_BATCH: u32 = 500;
     const MAX_NAME_LEN: usize = usize::MAX;
@@ -214,6 +219,13 @@ ON CONFLICT (scope, actor, idem_key) DO UPDATE SET fingerprint = excluded.finger
 WHERE {key} AND token = ?4 AND state = 'in_progress'"
             )),
             release: rendered(format!("DELETE FROM {t} WHERE {key} AND token = ?4 AND state = 'in_progress'")),
+            // Live records (?4, now), and in-progress ones until `ABANDONED_CLAIM_RETENTION` after
+            // their lease (?5), as the sweeper keeps them.
+            inspect: rendered(format!(
+                "SELECT state, response, created_at AS created_ms, expires_at AS expires_ms FROM {t}
+WHERE {key} AND (expires_at > ?4 OR (state = 'in_progress' AND expires_at > ?5))"
+            )),
+            common: CommonStatements { invalidate: rendered(format!("DELETE FROM {t} WHERE {key}")) },
             // Completed records go at the end of their time to live (?1, now), in-progress ones
             // only `ABANDONED_CLAIM_RETENTION` after their lease (?3).
             sweep: rendered(format!(
@@ -232,6 +244,10 @@ WHERE {key} AND token = ?4 AND state = 'in_progress'"
             _ => Some(Mutex::new(pool.connect_options().connect().await?)),
         };
         Ok(Session { _keeper: keeper })
+    }
+
+    fn common(sql: &Statements) -> &CommonStatements {
+        &sql.common
     }
 
     fn sweep_query(sql: &Statements, batch: i64) -> Query<'static, Sqlite, SqliteArguments> {
@@ -388,8 +404,27 @@ impl Store for SqliteStore {
         self.run_fenced(Self::fenced_query(&self.sql().release, key, token)).await
     }
 
+    async fn inspect(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
+        let now = now_ms();
+        let row = Self::key_query(&self.sql().inspect, key)
+            .bind(now)
+            .bind(now.saturating_sub(abandoned_claim_retention_ms()))
+            .fetch_optional(self.pool())
+            .await
+            .map_err(Sqlite::unavailable)?;
+        row.as_ref().map(record_info).transpose()
+    }
+
+    async fn invalidate(&self, key: &RecordKey) -> Result<bool, StoreError> {
+        self.invalidate_record(key).await
+    }
+
+    async fn health(&self) -> Result<(), StoreError> {
+        self.ping().await
+    }
+
     fn name(&self) -> &'static str {
-        "sqlite"
+        Sqlite::STORE
     }
 }
 

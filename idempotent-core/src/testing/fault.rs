@@ -18,7 +18,7 @@
 
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
-use crate::store::{Claim, ClaimToken, RecordKey, Store, StoreError};
+use crate::store::{Claim, ClaimToken, RecordInfo, RecordKey, Store, StoreError};
 use async_trait::async_trait;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -198,6 +198,18 @@ impl Store for FaultStore {
 
     async fn release(&self, key: &RecordKey, token: &ClaimToken) -> Result<(), StoreError> {
         self.meet(Op::Release, self.inner.release(key, token)).await
+    }
+
+    async fn inspect(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
+        self.inner.inspect(key).await
+    }
+
+    async fn invalidate(&self, key: &RecordKey) -> Result<bool, StoreError> {
+        self.inner.invalidate(key).await
+    }
+
+    async fn health(&self) -> Result<(), StoreError> {
+        self.inner.health().await
     }
 
     fn name(&self) -> &'static str {
