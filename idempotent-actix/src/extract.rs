@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 /// The runtime installed as application data: `app_data(idempotency.data())` or
 /// `app_data(web::Data::new(idempotency))`.
-fn runtime_of(request: &HttpRequest) -> Option<Runtime> {
+pub(crate) fn runtime_of(request: &HttpRequest) -> Option<Runtime> {
     let direct = request.app_data::<Idempotency>();
     let data = || request.app_data::<web::Data<Idempotency>>().map(|d| d.get_ref());
     direct.or_else(data).map(|i| i.runtime().clone())

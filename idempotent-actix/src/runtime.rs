@@ -1,6 +1,7 @@
 //! Installing the runtime, running a protected handler, and the conversions between actix-web's
 //! responses and the `http` types the protocol speaks.
 
+use crate::extract::runtime_of;
 use crate::{Context, Idempotency};
 use actix_web::body::{BodySize, BodyStream, BoxBody, MessageBody};
 use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -10,7 +11,7 @@ use bytes::Bytes;
 use idempotent_core::actor::{Actor, RequestHead};
 use idempotent_core::fingerprint::{Fingerprint, FingerprintError};
 use idempotent_core::policy::Policy;
-use idempotent_core::protocol::{self, Caller, ResponseBody};
+use idempotent_core::protocol::{self, status, Caller, ResponseBody};
 use idempotent_core::registry::{Framework, Site};
 use std::future::Future;
 use std::pin::Pin;
@@ -76,6 +77,31 @@ where
 /// `md` or `html`; an unknown format is 400.
 pub async fn policy_report(request: HttpRequest) -> HttpResponse {
     into_actix(protocol::policy_report(Framework::Actix, Some(request.query_string())).map(ResponseBody::full))
+}
+
+/// Handler of `GET /_idempotency/records/{scope}/{key}`: the caller's own record of `key` on
+/// `scope` (state, stored status, times), 404 for any other caller's. The actor is resolved as
+/// for protected routes (an [`Actor`] the application's authentication set, then the configured
+/// source): `.route("/_idempotency/records/{scope}/{key}", web::get().to(record_status))`. See
+/// [`protocol::status::record_status`] for the answers.
+pub async fn record_status(request: HttpRequest) -> HttpResponse {
+    let Some(runtime) = runtime_of(&request) else {
+        return into_actix(status::runtime_missing().map(ResponseBody::full));
+    };
+    let param = |name| protocol::decode_partly_encoded(request.match_info().get(name).unwrap_or_default()).into_owned();
+    let actor = runtime.config().actor.actor_of(request.extensions().get::<Actor>(), &Head(request.headers()));
+    let response = status::record_status(&runtime, &param("scope"), &param("key"), actor).await;
+    into_actix(response.map(ResponseBody::full))
+}
+
+/// Handler of a health check (`.route("/healthz", web::get().to(health))`): 200 when the
+/// idempotency store answers, 503 problem+json when it does not.
+pub async fn health(request: HttpRequest) -> HttpResponse {
+    let response = match runtime_of(&request) {
+        Some(runtime) => status::health(&runtime).await,
+        None => status::runtime_missing(),
+    };
+    into_actix(response.map(ResponseBody::full))
 }
 
 /// Renders a [`Problem`](idempotent_core::problem::Problem) as an `application/problem+json`

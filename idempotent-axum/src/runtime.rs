@@ -2,11 +2,13 @@
 
 use crate::{Context, Idempotency};
 use axum::body::Body;
+use axum::extract::{Path, Request};
 use axum::response::{IntoResponse, Response};
+use idempotent_core::actor::Actor;
 use idempotent_core::engine::Runtime;
 use idempotent_core::fingerprint::{Fingerprint, FingerprintError};
 use idempotent_core::policy::Policy;
-use idempotent_core::protocol::{self, ResponseBody};
+use idempotent_core::protocol::{self, status, ResponseBody};
 use idempotent_core::registry::{Framework, Site};
 use std::future::Future;
 
@@ -56,6 +58,28 @@ where
 /// `html`; an unknown format is 400.
 pub async fn policy_report(uri: http::Uri) -> Response {
     protocol::policy_report(Framework::Axum, uri.query()).map(Body::from)
+}
+
+/// Handler of `GET /_idempotency/records/{scope}/{key}`: the caller's own record of `key` on
+/// `scope` (state, stored status, times), 404 for any other caller's. The actor is resolved as
+/// for protected routes, so mount it where the application's authentication runs, below
+/// [`Idempotency::layer`]: `.route("/_idempotency/records/{scope}/{key}", get(record_status))`.
+/// See [`protocol::status::record_status`] for the answers.
+pub async fn record_status(Path((scope, key)): Path<(String, String)>, request: Request) -> Response {
+    let Some(runtime) = request.extensions().get::<Runtime>() else {
+        return status::runtime_missing().map(Body::from);
+    };
+    let actor = runtime.config().actor.actor_of(request.extensions().get::<Actor>(), request.headers());
+    status::record_status(runtime, &scope, &key, actor).await.map(Body::from)
+}
+
+/// Handler of a health check (`.route("/healthz", get(health))`, below [`Idempotency::layer`]):
+/// 200 when the idempotency store answers, 503 problem+json when it does not.
+pub async fn health(request: Request) -> Response {
+    match request.extensions().get::<Runtime>() {
+        Some(runtime) => status::health(runtime).await.map(Body::from),
+        None => status::runtime_missing().map(Body::from),
+    }
 }
 
 /// Renders a [`Problem`](idempotent_core::problem::Problem) as an `application/problem+json`

@@ -37,7 +37,7 @@ use crate::policy::{ConflictMode, KeyRequirement, Policy};
 use crate::problem::{Problem, ProblemKind};
 use crate::registry::{self, Framework, RegistryError};
 use crate::response::StoredResponse;
-use crate::store::{Claim, ClaimToken, RecordKey, Store, StoreError};
+use crate::store::{Claim, ClaimToken, RecordInfo, RecordKey, Store, StoreError};
 use crate::telemetry::{self, RequestOutcome, StoreOperation};
 use futures_util::FutureExt;
 use std::future::Future;
@@ -313,6 +313,23 @@ impl Runtime {
         &self.store
     }
 
+    /// What the store holds for `actor`'s `key` on `scope` ([`Store::inspect`]), bounded by
+    /// [`Config::store_timeout`] like every store operation.
+    pub async fn inspect(&self, scope: &str, actor: Option<&str>, key: &str) -> Result<Option<RecordInfo>, StoreError> {
+        self.bounded(StoreOperation::Inspect, self.store.inspect(&RecordKey::of(scope, actor, key))).await
+    }
+
+    /// Deletes `actor`'s record of `key` on `scope` ([`Store::invalidate`]), bounded by
+    /// [`Config::store_timeout`]; answers whether there was one.
+    pub async fn invalidate(&self, scope: &str, actor: Option<&str>, key: &str) -> Result<bool, StoreError> {
+        self.bounded(StoreOperation::Invalidate, self.store.invalidate(&RecordKey::of(scope, actor, key))).await
+    }
+
+    /// Whether the store answers ([`Store::health`]) within [`Config::store_timeout`].
+    pub async fn health(&self) -> Result<(), StoreError> {
+        self.bounded(StoreOperation::Health, self.store.health()).await
+    }
+
     /// Runs one request through the state machine; `handler` is polled at most once per call and
     /// only when this request owns the key (or runs unprotected).
     ///
@@ -372,9 +389,7 @@ impl Runtime {
                 return (Outcome::Problem(problem), None);
             }
         };
-        // Stores only ever see a digest of the actor (see `actor::digest`).
-        let actor = request.actor.as_deref().map(crate::actor::digest).unwrap_or_default();
-        let record_key = RecordKey::new(policy.scope, actor, key.as_str());
+        let record_key = RecordKey::of(policy.scope, request.actor.as_deref(), key.as_str());
         let deadline = Instant::now() + policy.wait_timeout;
         let mut backoff = Duration::from_millis(10);
         loop {

@@ -54,6 +54,8 @@ pub enum ProblemKind {
     /// 500: the handler ran but its response failed while being produced; the outcome is stored
     /// as it is and a retry replays it instead of running the handler again.
     ResponseFailed,
+    /// 404: a status request found no record of the caller's under that scope and key.
+    RecordNotFound,
 }
 
 impl ProblemKind {
@@ -72,6 +74,7 @@ impl ProblemKind {
             ProblemKind::BodyTooLarge => "urn:idempotent:problem:body-too-large",
             ProblemKind::BodyUnreadable => "urn:idempotent:problem:body-unreadable",
             ProblemKind::ResponseFailed => "urn:idempotent:problem:response-failed",
+            ProblemKind::RecordNotFound => "urn:idempotent:problem:record-not-found",
         }
     }
 
@@ -86,6 +89,7 @@ impl ProblemKind {
             ProblemKind::ActorMissing => 401,
             ProblemKind::BodyTooLarge => 413,
             ProblemKind::BodyUnreadable => 400,
+            ProblemKind::RecordNotFound => 404,
         }
     }
 
@@ -104,6 +108,7 @@ impl ProblemKind {
             ProblemKind::BodyTooLarge => "Request body too large",
             ProblemKind::BodyUnreadable => "Request body unreadable",
             ProblemKind::ResponseFailed => "Response failed after the request ran",
+            ProblemKind::RecordNotFound => "No such idempotency record",
         }
     }
 }

@@ -34,10 +34,10 @@
 //! | name | kind | labels | what it measures |
 //! |---|---|---|---|
 //! | [`REQUESTS_TOTAL`] | counter | `scope`, `outcome` | protected requests by [`RequestOutcome`]: one increment per request |
-//! | [`STORE_OPERATION_SECONDS`] | histogram | `store`, `operation` | the duration of each store call the engine makes (`claim`, `renew`, `complete`, `release`), measured around the call, so every store has it; a call that times out counts its timeout |
+//! | [`STORE_OPERATION_SECONDS`] | histogram | `store`, `operation` | the duration of each store call the engine makes (`claim`, `renew`, `complete`, `release`, and `inspect`, `invalidate`, `health` for status endpoints, health checks and operators), measured around the call, so every store has it; a call that times out counts its timeout |
 //! | [`LEASE_RENEWALS_TOTAL`] | counter | `scope`, `result` | lease renewals: `ok` (extended), `failed` (an error or no answer in time; the next renewal follows), `lost` (the claim was taken over before the request began storing its outcome) |
 //! | [`CLAIMS_IN_FLIGHT`] | gauge | `scope` | claims this process holds now: acquired and not yet completed or released |
-//! | [`SWEPT_RECORDS_TOTAL`] | counter | `store` | records a store's sweeper deleted (expired completions, abandoned claims past their retention); the memory store reports it |
+//! | [`SWEPT_RECORDS_TOTAL`] | counter | `store` | records a store's sweeper deleted (expired completions, abandoned claims past their retention): the memory store's and the SQL stores' sweepers report it; Redis forgets records by key expiry, which it does not report |
 //!
 //! Every label value is bounded: scopes are the application's routes, stores and operations a
 //! handful of names.
@@ -146,16 +146,26 @@ pub enum StoreOperation {
     Complete,
     /// [`Store::release`](crate::store::Store::release).
     Release,
+    /// [`Store::inspect`](crate::store::Store::inspect), for status endpoints and operators.
+    Inspect,
+    /// [`Store::invalidate`](crate::store::Store::invalidate).
+    Invalidate,
+    /// [`Store::health`](crate::store::Store::health), for health checks.
+    Health,
 }
 
 impl StoreOperation {
-    /// The label value: `claim`, `renew`, `complete` or `release`.
+    /// The label value: `claim`, `renew`, `complete`, `release`, `inspect`, `invalidate` or
+    /// `health`.
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::Claim => "claim",
             Self::Renew => "renew",
             Self::Complete => "complete",
             Self::Release => "release",
+            Self::Inspect => "inspect",
+            Self::Invalidate => "invalidate",
+            Self::Health => "health",
         }
     }
 }

@@ -10,6 +10,11 @@
 //! "wait"`), `OPTIONAL` (`/optional`, `key = "optional"`), and `/cookie` (sets a cookie, an
 //! `x-order` header and the Date `Thu, 01 Jan 1970 00:00:00 GMT`).
 
+use idempotent_core::fingerprint::Fingerprint;
+use idempotent_core::response::StoredResponse;
+use idempotent_core::store::{Claim, ClaimToken, RecordInfo, RecordKey, Store, StoreError};
+use std::time::Duration;
+
 /// Expands to one `#[tokio::test]` per fault path, against the invoking file's fixture.
 #[macro_export]
 macro_rules! fault_tests {
@@ -134,4 +139,40 @@ macro_rules! fault_tests {
             assert_ne!(date, "Thu, 01 Jan 1970 00:00:00 GMT", "the replay carries its own Date, not the stored one");
         }
     };
+}
+
+/// A store whose backend refuses every connection, as an unreachable server does.
+#[derive(Debug)]
+pub struct Unreachable;
+
+fn refused<T>() -> Result<T, StoreError> {
+    Err(StoreError::Unavailable("connection refused".into()))
+}
+
+#[async_trait::async_trait]
+impl Store for Unreachable {
+    async fn claim(&self, _: &RecordKey, _: &Fingerprint, _: Duration) -> Result<Claim, StoreError> {
+        refused()
+    }
+    async fn renew(&self, _: &RecordKey, _: &ClaimToken, _: Duration) -> Result<(), StoreError> {
+        refused()
+    }
+    async fn complete(&self, _: &RecordKey, _: &ClaimToken, _: &StoredResponse, _: Duration) -> Result<(), StoreError> {
+        refused()
+    }
+    async fn release(&self, _: &RecordKey, _: &ClaimToken) -> Result<(), StoreError> {
+        refused()
+    }
+    async fn inspect(&self, _: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
+        refused()
+    }
+    async fn invalidate(&self, _: &RecordKey) -> Result<bool, StoreError> {
+        refused()
+    }
+    async fn health(&self) -> Result<(), StoreError> {
+        refused()
+    }
+    fn name(&self) -> &'static str {
+        "unreachable"
+    }
 }

@@ -6,12 +6,10 @@
 
 use actix_web::dev::Payload;
 use actix_web::{post, web, App, FromRequest, HttpMessage, HttpRequest, HttpResponse, HttpServer};
-use async_trait::async_trait;
-use idempotent_actix::core::fingerprint::Fingerprint;
 use idempotent_actix::core::registry::{self, Framework};
-use idempotent_actix::core::response::StoredResponse;
-use idempotent_actix::core::store::{Claim, ClaimToken, MemoryStore, RecordKey, Store, StoreError};
+use idempotent_actix::core::store::MemoryStore;
 use idempotent_actix::{idempotent, Actor, Idempotency};
+use idempotent_tests::faults::Unreachable;
 use idempotent_tests::http::{new_key, send, Captured};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -234,28 +232,6 @@ async fn the_registry_reads_the_neighbouring_routing_attribute() {
     assert_eq!((find("faults.who").method, find("faults.who").path), (Some("POST"), Some("/who")));
     assert_eq!((find("faults.big").method, find("faults.big").path), (None, None));
     assert!(routes.iter().all(|r| r.framework == Framework::Actix));
-}
-
-/// A store whose backend refuses every connection, as an unreachable server does.
-struct Unreachable;
-
-#[async_trait]
-impl Store for Unreachable {
-    async fn claim(&self, _: &RecordKey, _: &Fingerprint, _: Duration) -> Result<Claim, StoreError> {
-        Err(StoreError::Unavailable("connection refused".into()))
-    }
-    async fn renew(&self, _: &RecordKey, _: &ClaimToken, _: Duration) -> Result<(), StoreError> {
-        Err(StoreError::Unavailable("connection refused".into()))
-    }
-    async fn complete(&self, _: &RecordKey, _: &ClaimToken, _: &StoredResponse, _: Duration) -> Result<(), StoreError> {
-        Err(StoreError::Unavailable("connection refused".into()))
-    }
-    async fn release(&self, _: &RecordKey, _: &ClaimToken) -> Result<(), StoreError> {
-        Err(StoreError::Unavailable("connection refused".into()))
-    }
-    fn name(&self) -> &'static str {
-        "unreachable"
-    }
 }
 
 #[tokio::test]

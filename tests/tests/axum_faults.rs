@@ -4,16 +4,14 @@
 //! cookies); the tests after it are this adapter's own (an unreachable store, a missing runtime,
 //! the key header's name).
 
-use async_trait::async_trait;
 use axum::body::Body;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::post;
 use axum::{Json, Router};
-use idempotent_axum::core::fingerprint::Fingerprint;
-use idempotent_axum::core::response::StoredResponse;
-use idempotent_axum::core::store::{Claim, ClaimToken, MemoryStore, RecordKey, Store, StoreError};
+use idempotent_axum::core::store::MemoryStore;
 use idempotent_axum::{idempotent, Idempotency};
+use idempotent_tests::faults::Unreachable;
 use idempotent_tests::http::{new_key, send, Captured};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -172,37 +170,6 @@ async fn a_path_parameter_that_is_not_utf8_is_a_400_never_left_out_of_the_identi
     assert_eq!(CANCELLED.load(Ordering::SeqCst), 0);
     let ok = send(post_to(&base, "/orders/7/cancel", Some(&new_key()))).await;
     assert_eq!((ok.status, ok.body.as_slice()), (200, b"7".as_slice()));
-}
-
-/// A store whose backend refuses every connection, as an unreachable server does.
-struct Unreachable;
-
-#[async_trait]
-impl Store for Unreachable {
-    async fn claim(&self, _: &RecordKey, _: &Fingerprint, _: Duration) -> Result<Claim, StoreError> {
-        Err(StoreError::Unavailable("connection refused".into()))
-    }
-    async fn renew(&self, _: &RecordKey, _: &ClaimToken, _: Duration) -> Result<(), StoreError> {
-        Err(StoreError::Unavailable("connection refused".into()))
-    }
-    async fn complete(&self, _: &RecordKey, _: &ClaimToken, _: &StoredResponse, _: Duration) -> Result<(), StoreError> {
-        Err(StoreError::Unavailable("connection refused".into()))
-    }
-    async fn release(&self, _: &RecordKey, _: &ClaimToken) -> Result<(), StoreError> {
-        Err(StoreError::Unavailable("connection refused".into()))
-    }
-    async fn inspect(&self, _: &RecordKey) -> Result<Option<idempotent_axum::core::store::RecordInfo>, StoreError> {
-        Err(StoreError::Unavailable("connection refused".into()))
-    }
-    async fn invalidate(&self, _: &RecordKey) -> Result<bool, StoreError> {
-        Err(StoreError::Unavailable("connection refused".into()))
-    }
-    async fn health(&self) -> Result<(), StoreError> {
-        Err(StoreError::Unavailable("connection refused".into()))
-    }
-    fn name(&self) -> &'static str {
-        "unreachable"
-    }
 }
 
 #[tokio::test]

@@ -12,7 +12,7 @@ use actix_web::dev::{Payload, Server};
 use actix_web::error::InternalError;
 use actix_web::http::{header, StatusCode};
 use actix_web::{get, post, web, App, FromRequest, HttpRequest, HttpResponse, HttpServer, ResponseError};
-use idempotent_actix::{idempotent, policy_report, ActorSource, Idempotency};
+use idempotent_actix::{health, idempotent, policy_report, record_status, ActorSource, Idempotency};
 use std::future::{ready, Ready};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -202,6 +202,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, prepared: &Prepared) {
         .service(list_transfers)
         .service(create_quote)
         .route("/_idempotency/policies", web::get().to(policy_report))
+        .route("/_idempotency/records/{scope}/{key}", web::get().to(record_status))
+        .route("/healthz", web::get().to(health))
         .service(metrics);
 }
 

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use idempotent_axum::enforce::Enforce;
-use idempotent_axum::{idempotent, policy_report, ActorSource, Idempotency};
+use idempotent_axum::{health, idempotent, policy_report, record_status, ActorSource, Idempotency};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -179,6 +179,8 @@ fn build(
         .route("/transfers", post(create_transfer).get(list_transfers))
         .route("/quotes", post(create_quote))
         .route("/_idempotency/policies", get(policy_report))
+        .route("/_idempotency/records/{scope}/{key}", get(record_status))
+        .route("/healthz", get(health))
         .route("/metrics", get(metrics))
         // A payments API would rather fail a request than run a mutating route that can charge
         // twice: a POST or PATCH route added without #[idempotent] answers 500 until it has one.

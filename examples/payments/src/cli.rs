@@ -1,9 +1,14 @@
 //! The command line shared by both binaries: `BIN` serves, `BIN policies [--format md|json|html]`
-//! prints the idempotency policy report of the binary's framework and exits.
+//! prints the idempotency policy report of the binary's framework and exits, and
+//! `BIN records inspect|purge --scope SCOPE --key KEY [--actor ACCOUNT]` shows or deletes one
+//! idempotency record in the configured store (`IDEMPOTENCY_STORE`) for operators.
 
 use crate::config::Config;
+use idempotent_axum::core::key::IdempotencyKey;
+use idempotent_axum::core::protocol::status::record_json;
 use idempotent_axum::core::registry::{self, Framework};
 use idempotent_axum::core::report;
+use idempotent_axum::core::store::{self, RecordKey};
 use std::process::ExitCode;
 
 /// Prints `BIN: msg` on stderr and returns the failure exit code.
@@ -12,11 +17,14 @@ pub fn fail(bin: &str, msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(2)
 }
 
-/// Handles the command line: `Err(code)` when the process must exit now (the `policies`
-/// subcommand, a usage error, bad configuration), else the configuration to serve with. Sets up
-/// logging on stderr before returning a configuration.
-pub fn parse(bin: &str, framework: Framework) -> Result<Config, ExitCode> {
+/// Handles the command line: `Err(code)` when the process must exit now (the `policies` and
+/// `records` subcommands, a usage error, bad configuration), else the configuration to serve
+/// with. Sets up logging on stderr before returning a configuration.
+pub async fn parse(bin: &str, framework: Framework) -> Result<Config, ExitCode> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("records") {
+        return Err(records(bin, &args[1..]).await);
+    }
     if args.first().map(String::as_str) == Some("policies") {
         let format = match args.get(1).map(String::as_str) {
             None => "md",
@@ -40,7 +48,10 @@ pub fn parse(bin: &str, framework: Framework) -> Result<Config, ExitCode> {
         });
     }
     if let Some(other) = args.first() {
-        return Err(fail(bin, format!("unknown command `{other}`; usage: {bin} [policies [--format md|json|html]]")));
+        return Err(fail(
+            bin,
+            format!("unknown command `{other}`; usage: {bin} [policies [--format md|json|html] | {RECORDS_USAGE}]"),
+        ));
     }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
@@ -48,6 +59,69 @@ pub fn parse(bin: &str, framework: Framework) -> Result<Config, ExitCode> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     Config::from_env().map_err(|e| fail(bin, e))
+}
+
+const RECORDS_USAGE: &str = "records inspect|purge --scope SCOPE --key KEY [--actor ACCOUNT]";
+
+/// `records inspect|purge`: shows (as the status endpoint's JSON, on stdout) or deletes one
+/// record of the store `IDEMPOTENCY_STORE` names. `--actor` is the account whose request created
+/// the record, as the demo resolves it from the bearer token; without it, the anonymous
+/// namespace. Exit 0 when the record was there, 1 when it was not, 2 on a usage, configuration or
+/// store error.
+async fn records(bin: &str, args: &[String]) -> ExitCode {
+    let usage = |what: &str| fail(bin, format!("{what}; usage: {bin} {RECORDS_USAGE}"));
+    let Some(action) = args.first().map(String::as_str).filter(|a| matches!(*a, "inspect" | "purge")) else {
+        return usage("records needs `inspect` or `purge`");
+    };
+    let (mut scope, mut key, mut actor) = (None, None, None);
+    let mut rest = args[1..].iter();
+    while let Some(flag) = rest.next() {
+        let slot = match flag.as_str() {
+            "--scope" => &mut scope,
+            "--key" => &mut key,
+            "--actor" => &mut actor,
+            other => return usage(&format!("unknown argument `{other}`")),
+        };
+        match rest.next() {
+            Some(value) => *slot = Some(value.clone()),
+            None => return usage(&format!("{flag} needs a value")),
+        }
+    }
+    let (Some(scope), Some(key)) = (scope, key) else { return usage("--scope and --key are required") };
+    if let Err(e) = IdempotencyKey::parse(key.as_bytes()) {
+        return fail(bin, format!("`{key}` is not an idempotency key: {e}"));
+    }
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => return fail(bin, e),
+    };
+    let store = match store::connect(&config.store).await {
+        Ok(s) => s,
+        Err(e) => return fail(bin, format!("idempotency store `{}`: {e}", config.store)),
+    };
+    let record = RecordKey::of(&scope, actor.as_deref(), &key);
+    let whose = actor.as_deref().map_or_else(|| "anonymous callers".to_owned(), |a| format!("account `{a}`"));
+    let found = match action {
+        "inspect" => store.inspect(&record).await.map(|info| {
+            if let Some(info) = &info {
+                println!("{}", record_json(&scope, &key, info));
+            }
+            info.is_some()
+        }),
+        _ => store.invalidate(&record).await.inspect(|&deleted| {
+            if deleted {
+                println!("purged the record of key `{key}` on `{scope}` for {whose}");
+            }
+        }),
+    };
+    match found {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("{bin}: no record of key `{key}` on `{scope}` for {whose}");
+            ExitCode::from(1)
+        }
+        Err(e) => fail(bin, format!("idempotency store `{}`: {e}", config.store)),
+    }
 }
 
 /// The line a binary prints on stderr once it listens.

@@ -13,7 +13,8 @@
 //! - claim, run, complete or release ([`Runtime::execute`]),
 //! - capture under the cap ([`capture::capture`]), replays and problem responses,
 //! - the request's span and metrics ([`crate::telemetry`]),
-//! - and the report endpoint ([`policy_report`]).
+//! - and the operators' endpoints: the policy report ([`policy_report`]), a caller's record
+//!   ([`status::record_status`]) and the store's health ([`status::health`]).
 //!
 //! ```
 //! use bytes::Bytes;
@@ -48,6 +49,7 @@
 pub mod body;
 pub mod capture;
 pub mod field;
+pub mod status;
 
 pub use body::ResponseBody;
 
@@ -100,8 +102,7 @@ impl Incoming {
     /// `%25`, `%2F` and `%2B` encoded), decoding what is left so that the identity sees the same
     /// value as [`param`](Self::param) would: `a%2Bb` and `a+b` are one parameter value.
     pub fn param_partly_encoded(self, name: &str, value: &str) -> Self {
-        let decoded = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
-        self.param(name, &decoded)
+        self.param(name, &decode_partly_encoded(value))
     }
 
     /// The raw query string (without `?`).
@@ -363,6 +364,12 @@ where
     let span = telemetry::request_span(policy, caller.key.as_ref().ok().and_then(Option::as_ref));
     let tracker = runtime.clone();
     tracker.track(async move { respond(&runtime, policy, caller, fingerprint, handler).await }.instrument(span))
+}
+
+/// A path parameter a router left partly percent-encoded (actix-web keeps `%25`, `%2F` and `%2B`
+/// encoded), decoded the rest of the way.
+pub fn decode_partly_encoded(value: &str) -> std::borrow::Cow<'_, str> {
+    percent_encoding::percent_decode_str(value).decode_utf8_lossy()
 }
 
 /// Records that the handler at `site` of `framework` served this request's route (for reports:

@@ -52,6 +52,14 @@ impl RecordKey {
         Self { scope: scope.into(), actor: actor.into(), key: key.into() }
     }
 
+    /// The record of a request to `scope` by `actor` (`None`: anonymous) with `key`, as the
+    /// engine files it: stores only ever see a fixed-size digest of the actor
+    /// ([`crate::actor::digest`]), never the credential it may come from. Operators' tools and
+    /// status endpoints find a caller's record with the same rule.
+    pub fn of(scope: &str, actor: Option<&str>, key: &str) -> Self {
+        Self::new(scope, actor.map(crate::actor::digest).unwrap_or_default(), key)
+    }
+
     /// One string that identifies the record unambiguously: each part is length-prefixed, so no
     /// choice of actor or key can forge another record's identity.
     pub fn storage_key(&self) -> String {
@@ -151,6 +159,7 @@ pub struct RecordInfo {
 }
 
 /// Wall-clock time `ms` milliseconds after the Unix epoch (before it when negative).
+#[cfg(any(feature = "redis", feature = "sqlite", feature = "postgres"))]
 pub(crate) fn epoch_millis(ms: i64) -> SystemTime {
     let offset = Duration::from_millis(ms.unsigned_abs());
     if ms >= 0 {

@@ -312,9 +312,7 @@ RETURNING 1"
 FROM {t} WHERE {key} AND (expires_at > now()
     OR (state = 'in_progress' AND expires_at > now() - $4::int8 * interval '1 millisecond'))"
             )),
-            common: CommonStatements {
-                invalidate: rendered(format!("DELETE FROM {t} WHERE {key}")),
-            },
+            common: CommonStatements { invalidate: rendered(format!("DELETE FROM {t} WHERE {key}")) },
             // Completed records go at the end of their time to live, in-progress ones only
             // `ABANDONED_CLAIM_RETENTION` ($2) after their lease; the condition is checked again
             // on the locked rows.

@@ -151,7 +151,9 @@
 //!   requests up for one response timeout then.
 //! - The cluster needs all 16384 slots covered (`cluster_state:ok`).
 
-use super::{epoch_millis, Claim, ClaimToken, RecordInfo, RecordKey, RecordState, Store, StoreError, ABANDONED_CLAIM_RETENTION};
+use super::{
+    epoch_millis, Claim, ClaimToken, RecordInfo, RecordKey, RecordState, Store, StoreError, ABANDONED_CLAIM_RETENTION,
+};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use async_trait::async_trait;
@@ -836,7 +838,8 @@ fn decode_inspect(reply: &Value) -> Result<Option<RecordInfo>, StoreError> {
     let created_at = millis(text(2)?).map(epoch_millis);
     let (state, status, expires) = match text(0)? {
         b"p" => {
-            let deadline = millis(text(1)?).ok_or_else(|| StoreError::Corrupt("in-progress record without a valid lease deadline".into()))?;
+            let deadline = millis(text(1)?)
+                .ok_or_else(|| StoreError::Corrupt("in-progress record without a valid lease deadline".into()))?;
             (RecordState::InProgress, None, deadline)
         }
         b"c" => {

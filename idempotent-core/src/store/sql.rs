@@ -21,7 +21,9 @@
 //! [`ABANDONED_CLAIM_RETENTION`] after its lease ended, so a worker slowed past its lease can
 //! still store its outcome for that long.
 
-use super::{epoch_millis, Claim, ClaimToken, RecordInfo, RecordKey, RecordState, StoreError, ABANDONED_CLAIM_RETENTION};
+use super::{
+    epoch_millis, Claim, ClaimToken, RecordInfo, RecordKey, RecordState, StoreError, ABANDONED_CLAIM_RETENTION,
+};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use async_trait::async_trait;

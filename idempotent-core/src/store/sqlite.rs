@@ -73,8 +73,8 @@
 //! late worker can still complete it. The task stops when the store is dropped.
 
 use super::sql::{
-    abandoned_claim_retention_ms, column, decide_row, millis, record_info, rendered, sealed, Backend,
-    CommonStatements, SqlConfig, SqlStore,
+    abandoned_claim_retention_ms, column, decide_row, millis, record_info, rendered, sealed, Backend, CommonStatements,
+    SqlConfig, SqlStore,
 };
 use super::{Claim, ClaimToken, RecordInfo, RecordKey, Store, StoreError};
 use crate::fingerprint::Fingerprint;

@@ -1,7 +1,9 @@
 //! `payments-actix`: the payments demo on actix-web.
 //!
 //! `payments-actix` serves; `payments-actix policies [--format md|json|html]` prints the
-//! idempotency policy report and exits.
+//! idempotency policy report and exits;
+//! `payments-actix records inspect|purge --scope SCOPE --key KEY [--actor ACCOUNT]` shows or deletes one
+//! idempotency record.
 
 use idempotent_actix::core::registry::Framework;
 use payments_demo::{actix_app, cli};
@@ -11,7 +13,7 @@ const BIN: &str = "payments-actix";
 
 #[actix_web::main]
 async fn main() -> ExitCode {
-    let config = match cli::parse(BIN, Framework::Actix) {
+    let config = match cli::parse(BIN, Framework::Actix).await {
         Ok(c) => c,
         Err(code) => return code,
     };

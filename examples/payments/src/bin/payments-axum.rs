@@ -1,7 +1,9 @@
 //! `payments-axum`: the payments demo on axum.
 //!
 //! `payments-axum` serves; `payments-axum policies [--format md|json|html]` prints the
-//! idempotency policy report and exits.
+//! idempotency policy report and exits;
+//! `payments-axum records inspect|purge --scope SCOPE --key KEY [--actor ACCOUNT]` shows or deletes one
+//! idempotency record.
 
 use idempotent_axum::core::registry::Framework;
 use payments_demo::{axum_app, cli};
@@ -11,7 +13,7 @@ const BIN: &str = "payments-axum";
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = match cli::parse(BIN, Framework::Axum) {
+    let config = match cli::parse(BIN, Framework::Axum).await {
         Ok(c) => c,
         Err(code) => return code,
     };
