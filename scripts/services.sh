@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Makes sure the real servers the tests talk to are up: PostgreSQL on 127.0.0.1:5432 with a
 # database `test`, and Redis on 127.0.0.1:6379. Starts them if they are installed but stopped,
-# installs them (Debian packages) if they are missing. Safe to run repeatedly.
+# installs them (Debian packages) if they are missing. Safe to run repeatedly. The TLS store tests
+# (tests/tests/store_tls.rs) start servers of their own from the same packages: redis-server
+# (Debian's is built with TLS) and PostgreSQL's initdb and postgres, run as the postgres user.
 set -uo pipefail
 
 log() { echo "services: $*" >&2; }

@@ -86,6 +86,15 @@
 //! script support runs each operation as one atomic `EVALSHA`). It is re-exported as
 //! `idempotent_core::redis`, and an application's own connection handed to the store must come
 //! from this same major version (redis 1.x).
+//! Optional, behind the feature `tls`: TLS to the managed stores (`rediss://`,
+//! `rediss+cluster://`, PostgreSQL's `sslmode=verify-full`), with the clients' own rustls
+//! support (redis's `tokio-rustls-comp`, sqlx's `tls-rustls-ring-native-roots`): rustls needs no
+//! system TLS library to build or link, ring is its cryptography (nothing more to install to
+//! build), and servers are verified against the platform's root certificates
+//! (`rustls-native-certs`), so a private CA installed on the host is trusted like a public one.
+//! `rustls` 0.23 itself is a dependency only to install ring as the process's default
+//! cryptography provider when the application has not installed one: the redis crate asks for
+//! that default. Off by default, so a build without TLS carries no TLS stack.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

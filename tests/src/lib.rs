@@ -12,6 +12,7 @@ pub mod postgres;
 pub mod process;
 pub mod redis_cluster;
 pub mod redis_server;
+pub mod tls;
 pub mod trace_capture;
 
 /// The README's Rust examples, compiled (and run) as doctests so they cannot drift from the API.

@@ -242,9 +242,29 @@ pub trait Store: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 }
 
+/// `detail`, the text of a failed connection attempt, followed by what it means when it is a TLS
+/// failure (rustls's words): `trust` names where a private CA is given, `identify` how a client
+/// certificate is presented.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) fn explain_tls(detail: String, trust: &str, identify: &str) -> String {
+    if detail.contains("invalid peer certificate") {
+        format!(
+            "{detail} (TLS: the server's certificate does not verify: it must be signed by a CA of the platform's roots or {trust}, and name the host the URL connects to)"
+        )
+    } else if detail.contains("received fatal alert") {
+        format!(
+            "{detail} (TLS: the server refused the handshake; `CertificateRequired` means it requires a client certificate: {identify})"
+        )
+    } else {
+        detail
+    }
+}
+
 /// Opens a store from a specification string, as applications take it from configuration:
 /// `memory`, `sqlite:PATH` (feature `sqlite`), `postgres://...` (feature `postgres`),
-/// `redis://...` or `redis+cluster://host1:port1,host2:port2` (feature `redis`).
+/// `redis://...` or `redis+cluster://host1:port1,host2:port2` (feature `redis`), and over TLS
+/// (features `redis` and `tls`) `rediss://...` or `rediss+cluster://...`. A PostgreSQL URL asks
+/// for TLS with `sslmode=verify-full` (feature `tls`; see the `store::postgres` docs).
 ///
 /// An unknown scheme, a scheme whose feature is not enabled, or a backend that cannot be reached
 /// is an error that says which.
@@ -265,11 +285,17 @@ pub async fn connect(spec: &str) -> Result<std::sync::Arc<dyn Store>, StoreError
             "store `{spec}` needs the `postgres` cargo feature (of idempotent-axum or idempotent-core)"
         ))),
         #[cfg(feature = "redis")]
-        "redis" | "redis+cluster" => Ok(std::sync::Arc::new(RedisStore::connect(spec).await?)),
+        "redis" | "redis+cluster" | "rediss" | "rediss+cluster" => {
+            Ok(std::sync::Arc::new(RedisStore::connect(spec).await?))
+        }
         #[cfg(not(feature = "redis"))]
         "redis" | "redis+cluster" => {
             Err(StoreError::Config(format!("`{spec}` needs the `redis` feature of idempotent-core")))
         }
+        #[cfg(not(feature = "redis"))]
+        "rediss" | "rediss+cluster" => Err(StoreError::Config(format!(
+            "`{scheme}://` (Redis over TLS) needs the `redis` and `tls` cargo features (of idempotent-axum, idempotent-actix or idempotent-core)"
+        ))),
         _ => Err(StoreError::Config(format!(
             "unknown store `{spec}`: use `memory`, `sqlite:PATH`, `postgres://...` or `redis://...` (with the matching cargo feature enabled)"
         ))),

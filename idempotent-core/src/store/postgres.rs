@@ -130,8 +130,38 @@
 //! application that manages its own migrations sets [`PostgresConfig::migrate`] to `false` and
 //! applies [`PostgresStore::migration_sql`] itself.
 //!
-//! Connections use sqlx's PostgreSQL driver without TLS; reach a remote server through a
-//! private network or a local TLS proxy.
+//! # TLS
+//!
+//! With the cargo feature `tls` (of this crate, or of `idempotent-axum` / `idempotent-actix`),
+//! connections use TLS as the URL's libpq-style parameters say, read by sqlx:
+//!
+//! ```text
+//! postgres://user:password@db.example.com:5432/app?sslmode=verify-full
+//! postgres://user@10.0.0.5:5432/app?sslmode=verify-full&sslrootcert=/etc/app/db-ca.pem
+//! ```
+//!
+//! - `sslmode=verify-full`: TLS, the server's certificate must chain to a trusted root and name
+//!   the URL's host (an IP address in the URL needs an IP address in the certificate). Use it
+//!   for any server reached over a network: it is the only mode that stops an impostor.
+//!   `verify-ca` checks the chain but not the name; `require` encrypts without checking the
+//!   certificate at all; `prefer` (sqlx's default, as libpq's) tries TLS and falls back to a
+//!   connection in clear, accepting any certificate; `disable` never uses TLS.
+//! - Trusted roots: the platform's root certificates (the host's CA bundle, read by
+//!   `rustls-native-certs`, or the file named by `SSL_CERT_FILE`), plus the PEM file
+//!   `sslrootcert=PATH` when given (a private CA, a test's), read when each connection is
+//!   opened.
+//! - `sslcert=PATH&sslkey=PATH`: a client certificate, for servers that authenticate clients by
+//!   certificate (`hostssl ... cert` in `pg_hba.conf`).
+//!
+//! A server whose certificate does not verify is refused when the store connects:
+//! [`PostgresStore::connect`] fails with [`StoreError::Unavailable`] whose message gives rustls's
+//! reason (e.g. `invalid peer certificate: UnknownIssuer`) and says that it is the server's TLS
+//! certificate that does not verify. The same parameters apply to a pool the application builds
+//! and hands to [`PostgresStore::from_pool`].
+//!
+//! Without the feature sqlx is built without TLS: a URL whose `sslmode` needs TLS (`require`,
+//! `verify-ca`, `verify-full`) is [`StoreError::Config`] naming the feature, and `prefer` (the
+//! default) connects in clear.
 
 use super::sql::{
     abandoned_claim_retention_ms, column, decide_row, millis, quote_ident, record_info, rendered, sealed, Backend,
@@ -422,6 +452,15 @@ impl SqlStore<Postgres> {
         config.validate()?;
         let mut options =
             PgConnectOptions::from_str(url).map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?;
+        #[cfg(not(feature = "tls"))]
+        if !matches!(
+            options.get_ssl_mode(),
+            sqlx::postgres::PgSslMode::Disable | sqlx::postgres::PgSslMode::Allow | sqlx::postgres::PgSslMode::Prefer
+        ) {
+            return Err(StoreError::Config(
+                "a PostgreSQL URL with `sslmode=require`, `verify-ca` or `verify-full` needs the `tls` cargo feature (of idempotent-axum, idempotent-actix or idempotent-core)".into(),
+            ));
+        }
         if let Some(name) = &config.settings.application_name {
             options = options.application_name(name);
         }
@@ -442,7 +481,14 @@ impl SqlStore<Postgres> {
             })
             .connect_with(options)
             .await
-            .map_err(Postgres::unavailable)?;
+            .map_err(|e| match Postgres::unavailable(e) {
+                StoreError::Unavailable(detail) => StoreError::Unavailable(super::explain_tls(
+                    detail,
+                    "one in the URL's `sslrootcert=` file",
+                    "the URL's `sslcert=` and `sslkey=`",
+                )),
+                other => other,
+            })?;
         Self::start(pool, config, true).await
     }
 
@@ -641,6 +687,18 @@ impl Store for PostgresStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Without the `tls` feature, a URL that requires TLS is refused before connecting, naming
+    /// the feature.
+    #[cfg(not(feature = "tls"))]
+    #[tokio::test]
+    async fn tls_urls_need_the_feature() {
+        for mode in ["require", "verify-ca", "verify-full"] {
+            let url = format!("postgres://u@127.0.0.1:1/db?sslmode={mode}");
+            let Err(StoreError::Config(msg)) = PostgresStore::connect(&url).await else { panic!("{mode}") };
+            assert!(msg.contains("`tls` cargo feature"), "{msg}");
+        }
+    }
 
     #[test]
     fn migration_sql_quotes_names() {

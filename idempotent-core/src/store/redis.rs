@@ -9,13 +9,47 @@
 //!   async cluster connection, which discovers the slot map from any of the listed seed nodes
 //!   and follows `MOVED`/`ASK` redirections. [`RedisStore::cluster`] takes the seed nodes as a
 //!   list of `redis://` URLs instead.
+//! - `rediss://...` and `rediss+cluster://host1:port1,...`: the same over TLS (feature `tls`),
+//!   see [TLS](#tls).
 //! - An application's own connection: [`RedisStore::from_connection_manager`] or
 //!   [`RedisStore::from_cluster_connection`], so the store and the application share one client
 //!   (one connection, one reconnection policy). The connection must come from the `redis` crate of
 //!   major version 1, the one this crate re-exports as [`crate::redis`].
 //!
 //! Either URL form accepts a `?prefix=...` query parameter (see [`RedisStoreBuilder::prefix`]);
-//! other query parameters are passed on to the `redis` crate. TLS (`rediss://`) is not enabled.
+//! other query parameters are passed on to the `redis` crate.
+//!
+//! # TLS
+//! With the cargo feature `tls` (of this crate, or of `idempotent-axum` / `idempotent-actix`),
+//! `rediss://` connects to one node over TLS and `rediss+cluster://` to every node of a cluster
+//! (seed nodes given to [`RedisStore::cluster`] as `rediss://` URLs do the same). Without the
+//! feature such a specification is [`StoreError::Config`], saying which feature to enable; nothing
+//! is ever sent in clear instead.
+//!
+//! The server's certificate is verified against the platform's root certificates (the CA bundle
+//! of the host, e.g. `/etc/ssl/certs`, read by `rustls-native-certs`; the file named by the
+//! `SSL_CERT_FILE` environment variable replaces them, as with OpenSSL), and must name the host
+//! of the URL (an IP address in the URL needs an IP address in the certificate). A server whose
+//! certificate does not verify is refused at [`build`](RedisStoreBuilder::build), with
+//! [`StoreError::Unavailable`] whose message gives rustls's reason (`invalid peer certificate:
+//! UnknownIssuer`, `certificate not valid for name ...`, `Expired`, ...) and says that it is
+//! the server's TLS certificate that does not verify. For a private CA, or a test's,
+//! `RedisStoreBuilder::root_certificate` trusts that CA instead of the platform's roots (a
+//! specification string given to [`connect`](super::connect) cannot carry one: set
+//! `SSL_CERT_FILE` for the process instead), and `RedisStoreBuilder::client_certificate`
+//! presents a client certificate to a server that asks for one (`tls-auth-clients yes`, Redis's
+//! default once TLS is on). The `#insecure` URL fragment (no verification) is refused: it needs
+//! the `redis` crate's `tls-rustls-insecure`, which this crate does not enable.
+//!
+//! A cluster's nodes are reached at the addresses the cluster announces (`CLUSTER SLOTS`),
+//! usually IP addresses, so each node's certificate must name the address its node announces,
+//! not only the seed URL's host; `cluster-preferred-endpoint-type hostname` makes them announce
+//! host names instead. Run the cluster with `tls-cluster yes` so that its bus is encrypted too.
+//!
+//! The `redis` crate asks rustls for the process's default cryptography provider. When the
+//! application has not installed one, the store installs ring's (the one the `tls` feature builds
+//! in) before its first TLS connection; an application that wants another (aws-lc-rs, a FIPS
+//! build) installs it with `CryptoProvider::install_default` before connecting the store.
 //!
 //! # Timeouts and outages
 //! The store fails closed: when Redis cannot answer, an operation fails with
@@ -389,6 +423,101 @@ impl fmt::Debug for Target {
     }
 }
 
+/// The certificates a [`RedisStoreBuilder`] adds to its TLS connections (feature `tls`).
+#[derive(Clone, Default)]
+struct TlsSettings {
+    /// PEM of the CA certificates trusted instead of the platform's.
+    root: Option<Vec<u8>>,
+    /// PEM of the client's certificate chain and of its private key.
+    client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the key, nor the certificates.
+        f.debug_struct("TlsSettings")
+            .field("root_certificate", &self.root.is_some())
+            .field("client_certificate", &self.client.is_some())
+            .finish()
+    }
+}
+
+impl TlsSettings {
+    /// Refuses certificates for a connection without TLS (`secure` false) rather than ignore
+    /// them; before a TLS connection, makes sure rustls has a cryptography provider.
+    fn check(&self, secure: bool) -> Result<(), StoreError> {
+        if !secure && (self.root.is_some() || self.client.is_some()) {
+            return Err(StoreError::Config(
+                "a root or client certificate applies only to the `rediss://` and `rediss+cluster://` connections the store opens".into(),
+            ));
+        }
+        #[cfg(feature = "tls")]
+        {
+            // Text without any PEM block would otherwise be an empty set of roots (every server
+            // refused as `UnknownIssuer`) or an empty certificate chain.
+            let no_block = |pem: Option<&[u8]>| pem.is_some_and(|pem| !holds_pem_certificate(pem));
+            if no_block(self.root.as_deref()) || no_block(self.client.as_ref().map(|(cert, _)| cert.as_slice())) {
+                return Err(StoreError::Config(
+                    "the PEM of a root or client certificate holds no `CERTIFICATE` block".into(),
+                ));
+            }
+            if secure {
+                install_crypto_provider();
+            }
+        }
+        Ok(())
+    }
+
+    /// The certificates in the `redis` crate's form, if any was given.
+    #[cfg(feature = "tls")]
+    fn certificates(&self) -> Option<redis::TlsCertificates> {
+        if self.root.is_none() && self.client.is_none() {
+            return None;
+        }
+        Some(redis::TlsCertificates {
+            client_tls: self
+                .client
+                .clone()
+                .map(|(client_cert, client_key)| redis::ClientTlsConfig { client_cert, client_key }),
+            root_cert: self.root.clone(),
+        })
+    }
+}
+
+/// Whether `pem` holds a `CERTIFICATE` block (a malformed one counts: the `redis` crate reports
+/// it).
+#[cfg(feature = "tls")]
+fn holds_pem_certificate(pem: &[u8]) -> bool {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    CertificateDer::pem_slice_iter(pem).next().is_some()
+}
+
+/// The `redis` crate builds its rustls configurations with the process's default cryptography
+/// provider, which rustls picks by itself only when exactly one provider is compiled in (and
+/// panics otherwise, e.g. when another crate of the application brings aws-lc-rs). Installs ring's,
+/// which the `tls` feature builds in, unless the application installed one.
+#[cfg(feature = "tls")]
+fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Fails only when another thread installed one meanwhile: that one is kept.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
+/// Whether `url` is a TLS URL; [`StoreError::Config`] for one when the `tls` feature is off.
+fn secure(url: &str) -> Result<bool, StoreError> {
+    if !url.starts_with("rediss://") {
+        return Ok(false);
+    }
+    if cfg!(feature = "tls") {
+        Ok(true)
+    } else {
+        Err(StoreError::Config(
+            "`rediss://` (Redis over TLS) needs the `tls` cargo feature (of idempotent-axum, idempotent-actix or idempotent-core)".into(),
+        ))
+    }
+}
+
 /// Settings of a [`RedisStore`] before it connects; from [`RedisStore::builder`],
 /// [`RedisStore::cluster`], [`RedisStore::from_connection_manager`] or
 /// [`RedisStore::from_cluster_connection`].
@@ -398,6 +527,7 @@ pub struct RedisStoreBuilder {
     prefix: Option<String>,
     connection_timeout: Duration,
     response_timeout: Duration,
+    tls: TlsSettings,
 }
 
 impl RedisStoreBuilder {
@@ -430,9 +560,32 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// Trusts the CA certificates in `pem` (one or more PEM `CERTIFICATE` blocks) for the
+    /// servers' certificates on `rediss://` and `rediss+cluster://` connections, instead of the
+    /// platform's root certificates: a private CA, or a test's (see [TLS](self#tls)). Given for a
+    /// specification without TLS, or a connection of the application's, it makes
+    /// [`build`](Self::build) fail with [`StoreError::Config`] rather than be ignored; malformed
+    /// PEM fails there too.
+    #[cfg(feature = "tls")]
+    pub fn root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.root = Some(pem.into());
+        self
+    }
+
+    /// Presents the client certificate chain `certificate_pem`, with its private key `key_pem`
+    /// (PKCS#8, PKCS#1 or SEC1 PEM), to servers that ask for one (mutual TLS: Redis's
+    /// `tls-auth-clients yes`, its default once TLS is on). Like
+    /// [`root_certificate`](Self::root_certificate), only for the TLS connections the store opens.
+    #[cfg(feature = "tls")]
+    pub fn client_certificate(mut self, certificate_pem: impl Into<Vec<u8>>, key_pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.client = Some((certificate_pem.into(), key_pem.into()));
+        self
+    }
+
     /// Connects. An invalid specification or prefix is [`StoreError::Config`]; a server that
-    /// cannot be reached is [`StoreError::Unavailable`]. A connection of the application's is
-    /// used as it is, without a round trip.
+    /// cannot be reached, or whose TLS certificate does not verify, is
+    /// [`StoreError::Unavailable`]. A connection of the application's is used as it is, without a
+    /// round trip.
     pub async fn build(self) -> Result<RedisStore, StoreError> {
         let (target, query_prefix) = match self.target {
             Target::Invalid(msg) => return Err(StoreError::Config(msg)),
@@ -460,18 +613,38 @@ impl RedisStoreBuilder {
         }
         let (conn, deadline) = match target {
             Target::Single(url) => {
+                self.tls.check(secure(&url)?)?;
                 let info = url.as_str().into_connection_info().map_err(config)?;
-                let client = redis::Client::open(info.set_tcp_settings(RedisStore::tcp_settings())).map_err(config)?;
+                let info = info.set_tcp_settings(RedisStore::tcp_settings());
+                #[cfg(feature = "tls")]
+                let client = match self.tls.certificates() {
+                    Some(certificates) => redis::Client::build_with_tls(info, certificates),
+                    None => redis::Client::open(info),
+                };
+                #[cfg(not(feature = "tls"))]
+                let client = redis::Client::open(info);
+                let client = client.map_err(config)?;
                 let cfg = RedisStore::connection_manager_config()
                     .set_connection_timeout(Some(self.connection_timeout))
                     .set_response_timeout(Some(self.response_timeout));
-                (Conn::Single(ConnectionManager::new_with_config(client, cfg).await.map_err(unavailable)?), None)
+                (Conn::Single(ConnectionManager::new_with_config(client, cfg).await.map_err(connect_failure)?), None)
             }
             Target::Cluster(nodes) => {
                 if nodes.is_empty() {
                     return Err(StoreError::Config("redis cluster specification lists no node".into()));
                 }
-                let client = ClusterClientBuilder::new(nodes)
+                let mut secure_nodes = false;
+                for node in &nodes {
+                    secure_nodes |= secure(node)?;
+                }
+                self.tls.check(secure_nodes)?;
+                let builder = ClusterClientBuilder::new(nodes);
+                #[cfg(feature = "tls")]
+                let builder = match self.tls.certificates() {
+                    Some(certificates) => builder.certs(certificates),
+                    None => builder,
+                };
+                let client = builder
                     .tcp_settings(RedisStore::tcp_settings())
                     .connection_timeout(self.connection_timeout)
                     // Per node command; and, explicitly, for the whole request with its retries
@@ -487,9 +660,12 @@ impl RedisStoreBuilder {
                     .max_retry_wait(500)
                     .build()
                     .map_err(config)?;
-                (Conn::Cluster(client.get_async_connection().await.map_err(unavailable)?), None)
+                (Conn::Cluster(client.get_async_connection().await.map_err(connect_failure)?), None)
             }
-            Target::Given(conn) => (conn, Some(self.response_timeout)),
+            Target::Given(conn) => {
+                self.tls.check(false)?;
+                (conn, Some(self.response_timeout))
+            }
             Target::Invalid(_) => unreachable!("handled above"),
         };
         Ok(RedisStore {
@@ -532,19 +708,21 @@ impl fmt::Debug for RedisStore {
 
 impl RedisStore {
     /// Connects with default settings to `spec`: `redis://...` for one node or
-    /// `redis+cluster://host1:port1,host2:port2,...` for Redis Cluster.
+    /// `redis+cluster://host1:port1,host2:port2,...` for Redis Cluster; `rediss://...` and
+    /// `rediss+cluster://...` for the same over TLS (feature `tls`, see [TLS](self#tls)).
     pub async fn connect(spec: &str) -> Result<Self, StoreError> {
         Self::builder(spec).build().await
     }
 
-    /// Settings for `spec` (`redis://...` or `redis+cluster://...`), to adjust before
-    /// [`build`](RedisStoreBuilder::build).
+    /// Settings for `spec` (`redis://...`, `redis+cluster://...`, or over TLS `rediss://...`,
+    /// `rediss+cluster://...`), to adjust before [`build`](RedisStoreBuilder::build).
     pub fn builder(spec: &str) -> RedisStoreBuilder {
         Self::with_target(parse_spec(spec))
     }
 
     /// Settings for Redis Cluster reached through `nodes`, each a `redis://host:port` URL of a
-    /// seed node (one reachable node is enough to discover the others).
+    /// seed node (one reachable node is enough to discover the others), or `rediss://host:port`
+    /// over TLS (feature `tls`).
     pub fn cluster<S: Into<String>>(nodes: impl IntoIterator<Item = S>) -> RedisStoreBuilder {
         Self::with_target(Target::Cluster(nodes.into_iter().map(Into::into).collect()))
     }
@@ -636,6 +814,7 @@ impl RedisStore {
             prefix: None,
             connection_timeout: DEFAULT_CONNECTION_TIMEOUT,
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            tls: TlsSettings::default(),
         }
     }
 
@@ -713,7 +892,11 @@ fn millis(d: Duration) -> u64 {
 }
 
 fn parse_spec(spec: &str) -> Target {
-    if let Some(rest) = spec.strip_prefix("redis+cluster://") {
+    let cluster = match spec.strip_prefix("redis+cluster://") {
+        Some(rest) => Some(("redis://", rest)),
+        None => spec.strip_prefix("rediss+cluster://").map(|rest| ("rediss://", rest)),
+    };
+    if let Some((scheme, rest)) = cluster {
         let (main, query) = match rest.split_once('?') {
             Some((m, q)) => (m, Some(q)),
             None => (rest, None),
@@ -727,7 +910,7 @@ fn parse_spec(spec: &str) -> Target {
             .split(',')
             .filter(|h| !h.is_empty())
             .map(|h| {
-                let mut url = String::from("redis://");
+                let mut url = String::from(scheme);
                 if let Some(a) = auth {
                     url.push_str(a);
                     url.push('@');
@@ -744,11 +927,11 @@ fn parse_spec(spec: &str) -> Target {
             return Target::Invalid(format!("`{spec}` lists no cluster node"));
         }
         Target::Cluster(nodes)
-    } else if spec.starts_with("redis://") || spec.starts_with("redis+unix://") || spec.starts_with("unix://") {
+    } else if ["redis://", "rediss://", "redis+unix://", "unix://"].iter().any(|s| spec.starts_with(s)) {
         Target::Single(spec.to_owned())
     } else {
         Target::Invalid(format!(
-            "`{spec}` is not a Redis URL: use `redis://host:port` or `redis+cluster://host1:port1,host2:port2`"
+            "`{spec}` is not a Redis URL: use `redis://host:port` or `redis+cluster://host1:port1,host2:port2` (`rediss` for TLS)"
         ))
     }
 }
@@ -787,6 +970,22 @@ fn unavailable(e: RedisError) -> StoreError {
         return StoreError::Full;
     }
     StoreError::Unavailable(e.to_string())
+}
+
+/// A failed first connection: [`StoreError::Config`] for settings the `redis` crate refuses
+/// (e.g. `#insecure`), else [`unavailable`], with what a TLS failure means.
+fn connect_failure(e: RedisError) -> StoreError {
+    if e.kind() == ErrorKind::InvalidClientConfig {
+        return config(e);
+    }
+    match unavailable(e) {
+        StoreError::Unavailable(detail) => StoreError::Unavailable(super::explain_tls(
+            detail,
+            "one given to `RedisStoreBuilder::root_certificate`",
+            "`RedisStoreBuilder::client_certificate`",
+        )),
+        other => other,
+    }
 }
 
 fn bytes(v: &Value) -> Option<&[u8]> {
@@ -930,7 +1129,40 @@ mod tests {
             ("redis://h/0?protocol=resp3".to_owned(), Some("x:".to_owned()))
         );
         assert!(matches!(parse_spec("redis+cluster://"), Target::Invalid(_)));
-        assert!(matches!(parse_spec("rediss://h"), Target::Invalid(_)));
+        let Target::Cluster(nodes) = parse_spec("rediss+cluster://u:pw@h1:1,h2:2") else { panic!() };
+        assert_eq!(nodes, ["rediss://u:pw@h1:1", "rediss://u:pw@h2:2"]);
+        assert!(matches!(parse_spec("rediss://h:1"), Target::Single(_)));
+        assert!(matches!(parse_spec("http://h:1"), Target::Invalid(_)));
+    }
+
+    /// Without the `tls` feature a TLS specification is refused with the feature to enable, never
+    /// connected in clear; with it, certificates for a connection without TLS are refused.
+    #[tokio::test]
+    async fn tls_specifications_need_the_feature() {
+        for spec in ["rediss://127.0.0.1:1", "rediss+cluster://127.0.0.1:1,127.0.0.1:2"] {
+            let result = RedisStore::connect(spec).await;
+            if cfg!(feature = "tls") {
+                // Nothing listens there: the feature is on, so it tried to connect.
+                assert!(matches!(result, Err(StoreError::Unavailable(_))), "{result:?}");
+            } else {
+                let Err(StoreError::Config(msg)) = result else { panic!("{result:?}") };
+                assert!(msg.contains("`tls` cargo feature"), "{msg}");
+            }
+        }
+        let result = RedisStore::cluster(["rediss://127.0.0.1:1"]).build().await;
+        if cfg!(feature = "tls") {
+            assert!(matches!(result, Err(StoreError::Unavailable(_))), "{result:?}");
+        } else {
+            assert!(matches!(result, Err(StoreError::Config(_))), "{result:?}");
+        }
+        #[cfg(feature = "tls")]
+        for builder in [
+            RedisStore::builder("redis://127.0.0.1:1").root_certificate(&b"pem"[..]),
+            RedisStore::builder("redis+cluster://127.0.0.1:1").client_certificate(&b"c"[..], &b"k"[..]),
+        ] {
+            let Err(StoreError::Config(msg)) = builder.build().await else { panic!("certificates without TLS") };
+            assert!(msg.contains("rediss://"), "{msg}");
+        }
     }
 
     #[test]
