@@ -84,6 +84,15 @@ fn source_is<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 's
     false
 }
 
+impl<S: Send + Sync> FromRequestParts<S> for crate::Tx {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(_: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        // What it locks is found inside the handler, which runs in the engine's transaction.
+        Ok(crate::Tx::default())
+    }
+}
+
 /// The first extractor of an `#[idempotent(exempt = "..")]` handler: tells enforcement that this
 /// handler serves the route; nothing else.
 #[derive(Debug, Clone, Copy)]

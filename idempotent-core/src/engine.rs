@@ -39,6 +39,7 @@ use crate::registry::{self, Framework, RegistryError};
 use crate::response::StoredResponse;
 use crate::store::{Claim, ClaimToken, RecordInfo, RecordKey, Store, StoreError};
 use crate::telemetry::{self, RequestOutcome, StoreOperation};
+use crate::transaction::OutcomeTransaction;
 use futures_util::FutureExt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -81,6 +82,8 @@ pub struct Config {
     /// Bound on every store operation; one that takes longer counts as the store being
     /// unavailable. Every route's lease must be at least [`RENEWALS_PER_LEASE`] times this.
     pub store_timeout: Duration,
+    /// What a runtime whose store cannot run transactions does with transactional routes.
+    pub without_transactions: WithoutTransactions,
     /// How long storing a handler's outcome is retried while the store fails, the lease being
     /// renewed meanwhile. The client waits for it; past it the outcome is given up, the claim
     /// expires with its lease and a retry runs the handler again.
@@ -96,8 +99,22 @@ impl Default for Config {
             actor: ActorSource::default(),
             store_timeout: DEFAULT_STORE_TIMEOUT,
             completion_patience: DEFAULT_COMPLETION_PATIENCE,
+            without_transactions: WithoutTransactions::default(),
         }
     }
+}
+
+/// What a runtime does with routes declared `transactional = true` when its store cannot run
+/// transactions (memory, Redis): see [`crate::transaction`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WithoutTransactions {
+    /// Refuse to start, naming the routes ([`StartupError::NoTransactions`]): the default, since
+    /// such a route would otherwise never run.
+    #[default]
+    RefuseToStart,
+    /// Start, and answer those routes 501 problem+json without running them: for an application
+    /// that runs on several kinds of store and serves those routes only on SQL.
+    NotImplemented,
 }
 
 /// A handler's response as captured for storing.
@@ -172,6 +189,14 @@ pub enum StartupError {
         /// The configured store timeout.
         timeout: Duration,
         /// `scope (handler at file:line): lease Ns`, one per route.
+        routes: Vec<String>,
+    },
+    /// Transactional routes on a store that cannot run transactions; one line each.
+    #[error("the `{store}` idempotency store cannot run transactional routes (use the PostgreSQL or SQLite store, or build with `without_transactions(WithoutTransactions::NotImplemented)` to answer them 501):\n{}", .routes.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    NoTransactions {
+        /// The store's name.
+        store: &'static str,
+        /// `scope (handler at file:line)`, one per route.
         routes: Vec<String>,
     },
 }
@@ -249,6 +274,13 @@ impl<A: Adapter> Builder<A> {
         self
     }
 
+    /// What to do with transactional routes when the store cannot run transactions (default:
+    /// refuse to start; see [`WithoutTransactions`]).
+    pub fn without_transactions(mut self, choice: WithoutTransactions) -> Self {
+        self.config.without_transactions = choice;
+        self
+    }
+
     /// Checks the settings and validates the routes registered through this adapter, then
     /// starts the runtime; refuses to start with one message per problem (see [`Runtime::start`]).
     pub fn build(self) -> Result<A, StartupError> {
@@ -279,6 +311,16 @@ impl Runtime {
             .collect();
         if !short.is_empty() {
             return Err(StartupError::LeaseTooShort { timeout: config.store_timeout, routes: short });
+        }
+        if store.transactions().is_none() && config.without_transactions == WithoutTransactions::RefuseToStart {
+            let routes: Vec<String> = registry::routes_of(framework)
+                .iter()
+                .filter_map(|r| r.policy.as_ref().filter(|p| p.transactional).map(|p| (r, p)))
+                .map(|(r, p)| format!("scope `{}` ({} at {}:{})", p.scope, r.handler, r.file, r.line))
+                .collect();
+            if !routes.is_empty() {
+                return Err(StartupError::NoTransactions { store: store.name(), routes });
+            }
         }
         Ok(Self::new(store, config))
     }
@@ -389,6 +431,16 @@ impl Runtime {
                 return (Outcome::Problem(problem), None);
             }
         };
+        if policy.transactional && self.store.transactions().is_none() {
+            let problem = Problem::new(
+                ProblemKind::TransactionsUnsupported,
+                format!(
+                    "This operation runs only on an idempotency store with SQL transactions; this server's is `{}`. Nothing was executed.",
+                    self.store.name()
+                ),
+            );
+            return (Outcome::Problem(problem), None);
+        }
         let record_key = RecordKey::of(policy.scope, request.actor.as_deref(), key.as_str());
         let deadline = Instant::now() + policy.wait_timeout;
         let mut backoff = Duration::from_millis(10);
@@ -480,10 +532,35 @@ impl Runtime {
         Fut: Future<Output = Captured<R>>,
     {
         let lease = LeaseKeeper::start(self, policy, key, &token);
+        let transaction = match self.begin(policy).await {
+            Ok(transaction) => transaction,
+            Err(e) => {
+                tracing::warn!(scope = policy.scope, error = %e, "could not open the route's transaction; releasing the claim");
+                self.release(policy, key, &token, &lease, None).await;
+                let problem = Problem::new(
+                    ProblemKind::StoreUnavailable,
+                    format!("The idempotency store could not open this request's transaction ({e}); nothing was executed. Retry with the same key."),
+                )
+                .with_retry_after(self.config.store_retry_after);
+                return (Outcome::Problem(problem), Some(RequestOutcome::StoreUnavailable));
+            }
+        };
         // Let the renewal task take its first step (arm its timer) before the handler runs: a
         // task spawned from this one may otherwise wait behind it on this worker.
         tokio::task::yield_now().await;
-        let result = AssertUnwindSafe(handler).catch_unwind().await;
+        let result = match &transaction {
+            Some(t) => AssertUnwindSafe(crate::transaction::scope(t.clone(), handler)).catch_unwind().await,
+            None => AssertUnwindSafe(handler).catch_unwind().await,
+        };
+        if let (Some(t), Ok(captured)) = (&transaction, &result) {
+            if captured.failed || policy.outcomes.stores(captured.record.status) {
+                return self.commit(policy, key, &token, t.as_ref(), result.ok().expect("checked"), &lease).await;
+            }
+        }
+        if let Some(t) = &transaction {
+            // A panic or a retryable outcome: the handler's writes go with its claim.
+            t.rollback().await;
+        }
         match result {
             Err(_panic) => {
                 tracing::error!(scope = policy.scope, "handler panicked; releasing the claim");
@@ -506,6 +583,60 @@ impl Runtime {
             }
         }
         // `lease` is dropped here, once the outcome is stored or released: renewals stop.
+    }
+
+    /// Opens the transaction of a transactional route (`None` for any other), bounded by the
+    /// store timeout.
+    async fn begin(&self, policy: &Policy) -> Result<Option<Arc<dyn OutcomeTransaction>>, StoreError> {
+        let Some(store) = self.store.transactions().filter(|_| policy.transactional) else { return Ok(None) };
+        self.bounded(StoreOperation::Begin, store.begin()).await.map(Some)
+    }
+
+    /// Commits a transactional route's final outcome with the handler's writes. The client gets
+    /// the handler's response once both are committed; 409 when the claim was taken over (and
+    /// the writes rolled back); 503 when the commit failed (nothing was committed, and the claim
+    /// is released so that the retry runs at once).
+    async fn commit<R>(
+        &self,
+        policy: &Policy,
+        key: &RecordKey,
+        token: &ClaimToken,
+        transaction: &dyn OutcomeTransaction,
+        captured: Captured<R>,
+        lease: &LeaseKeeper,
+    ) -> (Outcome<R>, Option<RequestOutcome>) {
+        lease.settling();
+        let commit = transaction.commit(key, token, &captured.record, policy.ttl);
+        match self.bounded(StoreOperation::Commit, commit).await {
+            Ok(()) => (Outcome::Executed(captured.live), Some(RequestOutcome::Executed)),
+            Err(StoreError::Fenced) => {
+                tracing::info!(
+                    scope = policy.scope,
+                    "commit fenced: the claim was taken over; the handler's writes were rolled back"
+                );
+                let problem = Problem::new(
+                    ProblemKind::InProgress,
+                    "This request lost its claim on the key to a retry before it could commit; its writes were rolled back. Retry with the same key to get the outcome.",
+                )
+                .with_retry_after(Duration::from_secs(1));
+                (Outcome::Problem(problem), Some(RequestOutcome::InProgress))
+            }
+            Err(e) => {
+                // A commit cut short by the timeout is dropped with its connection: the server
+                // rolls it back.
+                tracing::warn!(scope = policy.scope, error = %e, "commit failed; the handler's writes were not committed");
+                transaction.rollback().await;
+                self.release(policy, key, token, lease, None).await;
+                let problem = Problem::new(
+                    ProblemKind::StoreUnavailable,
+                    format!(
+                        "The request's writes could not be committed ({e}); nothing was done. Retry with the same key."
+                    ),
+                )
+                .with_retry_after(self.config.store_retry_after);
+                (Outcome::Problem(problem), Some(RequestOutcome::StoreUnavailable))
+            }
+        }
     }
 
     /// Stores the outcome, retrying while the store fails for up to

@@ -140,6 +140,9 @@ pub struct Policy {
     pub outcomes: StoredOutcomes,
     /// When the store is unreachable, run the handler unprotected (logged) instead of answering 503.
     pub fail_open: bool,
+    /// The handler writes in a transaction of the store's database, and its outcome is recorded
+    /// in that same transaction (see [`crate::transaction`]).
+    pub transactional: bool,
 }
 
 impl Policy {
@@ -171,6 +174,7 @@ impl Policy {
             wait_timeout: Self::DEFAULT_WAIT_TIMEOUT,
             outcomes: StoredOutcomes::Final,
             fail_open: false,
+            transactional: false,
         }
     }
 }

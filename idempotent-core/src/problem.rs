@@ -56,6 +56,8 @@ pub enum ProblemKind {
     ResponseFailed,
     /// 404: a status request found no record of the caller's under that scope and key.
     RecordNotFound,
+    /// 501: a transactional route on a store that cannot run transactions; nothing ran.
+    TransactionsUnsupported,
 }
 
 impl ProblemKind {
@@ -75,6 +77,7 @@ impl ProblemKind {
             ProblemKind::BodyUnreadable => "urn:idempotent:problem:body-unreadable",
             ProblemKind::ResponseFailed => "urn:idempotent:problem:response-failed",
             ProblemKind::RecordNotFound => "urn:idempotent:problem:record-not-found",
+            ProblemKind::TransactionsUnsupported => "urn:idempotent:problem:transactions-unsupported",
         }
     }
 
@@ -90,6 +93,7 @@ impl ProblemKind {
             ProblemKind::BodyTooLarge => 413,
             ProblemKind::BodyUnreadable => 400,
             ProblemKind::RecordNotFound => 404,
+            ProblemKind::TransactionsUnsupported => 501,
         }
     }
 
@@ -109,6 +113,7 @@ impl ProblemKind {
             ProblemKind::BodyUnreadable => "Request body unreadable",
             ProblemKind::ResponseFailed => "Response failed after the request ran",
             ProblemKind::RecordNotFound => "No such idempotency record",
+            ProblemKind::TransactionsUnsupported => "Operation needs a transactional store",
         }
     }
 }

@@ -282,6 +282,9 @@ fn check_policy(r: &RouteRecord, p: &Policy, errors: &mut Vec<RegistryError>) {
     if p.on_conflict == ConflictMode::Wait && p.wait_timeout.is_zero() {
         bad("on_conflict is `wait` with a zero wait_timeout: a duplicate could never wait".into());
     }
+    if p.transactional && (p.fail_open || p.key == crate::policy::KeyRequirement::Optional) {
+        bad("transactional needs the store and a key: it cannot be combined with fail_open or an optional key".into());
+    }
     if p.outcomes == StoredOutcomes::All && p.fail_open {
         bad("store `all` promises the handler never runs twice for one key, but fail_open runs it unprotected \
              when the store is unreachable; drop one"

@@ -18,7 +18,7 @@
 //!       "ttl_seconds": <number>, "lease_seconds": <number>,
 //!       "key": "required"|"optional", "on_conflict": "reject"|"wait",
 //!       "wait_timeout_seconds": <number>, "stored_outcomes": "final"|"success"|"all",
-//!       "fail_open": <bool>, "framework": "axum"|"actix",
+//!       "fail_open": <bool>, "transactional": <bool>, "framework": "axum"|"actix",
 //!       "handler": <string>, "file": <string>, "line": <int> }
 //!   ],
 //!   "exempt": [                      // deliberately unprotected routes, sorted by path, method
@@ -166,6 +166,7 @@ fn to_json(protected: &[Protected<'_>], exempt: &[(&RouteRecord, &str)]) -> Stri
                 "wait_timeout_seconds": p.wait_timeout.as_secs_f64(),
                 "stored_outcomes": p.outcomes.as_str(),
                 "fail_open": p.fail_open,
+                "transactional": p.transactional,
                 "framework": r.framework.as_str(),
                 "handler": r.handler,
                 "file": r.file,
@@ -217,7 +218,7 @@ fn to_markdown(protected: &[Protected<'_>], exempt: &[(&RouteRecord, &str)]) -> 
             human_duration(p.lease),
             p.key.as_str(),
             on_conflict(p),
-            p.outcomes.as_str(),
+            stored(p),
             r.handler,
             r.file,
             r.line
@@ -243,6 +244,14 @@ fn to_markdown(protected: &[Protected<'_>], exempt: &[(&RouteRecord, &str)]) -> 
         }
     }
     out
+}
+
+/// The outcomes stored, and whether they commit with the handler's writes.
+fn stored(p: &Policy) -> String {
+    match p.transactional {
+        true => format!("{}, transactional", p.outcomes.as_str()),
+        false => p.outcomes.as_str().to_owned(),
+    }
 }
 
 fn on_conflict(p: &Policy) -> String {
@@ -350,7 +359,7 @@ fn to_html(protected: &[Protected<'_>], exempt: &[(&RouteRecord, &str)]) -> Stri
                 esc(&human_duration(p.lease)),
                 key,
                 esc(&on_conflict(p)),
-                p.outcomes.as_str(),
+                stored(p),
                 store_down,
                 html_handler(r),
             ));

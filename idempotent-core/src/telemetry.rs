@@ -152,11 +152,15 @@ pub enum StoreOperation {
     Invalidate,
     /// [`Store::health`](crate::store::Store::health), for health checks.
     Health,
+    /// Opening a transactional route's transaction.
+    Begin,
+    /// Committing a transactional route's outcome with the handler's writes.
+    Commit,
 }
 
 impl StoreOperation {
-    /// The label value: `claim`, `renew`, `complete`, `release`, `inspect`, `invalidate` or
-    /// `health`.
+    /// The label value: `claim`, `renew`, `complete`, `release`, `inspect`, `invalidate`,
+    /// `health`, `begin` or `commit`.
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::Claim => "claim",
@@ -166,6 +170,8 @@ impl StoreOperation {
             Self::Inspect => "inspect",
             Self::Invalidate => "invalidate",
             Self::Health => "health",
+            Self::Begin => "begin",
+            Self::Commit => "commit",
         }
     }
 }

@@ -17,13 +17,14 @@ mod kw {
     syn::custom_keyword!(wait_timeout);
     syn::custom_keyword!(store);
     syn::custom_keyword!(fail_open);
+    syn::custom_keyword!(transactional);
     syn::custom_keyword!(route);
     syn::custom_keyword!(exempt);
     syn::custom_keyword!(exclude);
 }
 
 const KEYS: &str = "`scope`, `fields`, `exclude`, `ttl`, `lease`, `key`, `on_conflict`, `wait_timeout`, `store`, \
-                    `fail_open`, `route`, `exempt`";
+                    `fail_open`, `transactional`, `route`, `exempt`";
 
 /// A declared fingerprint field: a dotted path into the body, e.g. `customer.id`.
 #[derive(Debug, Clone)]
@@ -132,6 +133,7 @@ pub(crate) struct Args {
     pub(crate) wait_timeout: Option<StrArg>,
     pub(crate) store: Option<StrArg>,
     pub(crate) fail_open: Option<LitBool>,
+    pub(crate) transactional: Option<LitBool>,
     pub(crate) route: Option<StrArg>,
     pub(crate) exempt: Option<StrArg>,
 }
@@ -197,6 +199,13 @@ impl Parse for Args {
                     return Err(input.error("expected `true` or `false`, e.g. `fail_open = true`"));
                 }
                 set(&mut args.fail_open, "fail_open", key, input.parse()?)?;
+            } else if lookahead.peek(kw::transactional) {
+                let key = input.parse::<kw::transactional>()?.span;
+                input.parse::<Token![=]>()?;
+                if !input.peek(LitBool) {
+                    return Err(input.error("expected `true` or `false`, e.g. `transactional = true`"));
+                }
+                set(&mut args.transactional, "transactional", key, input.parse()?)?;
             } else if lookahead.peek(kw::route) {
                 let key = input.parse::<kw::route>()?.span;
                 set(&mut args.route, "route", key, str_arg(input, key, "route", "\"POST /payments\"")?)?;

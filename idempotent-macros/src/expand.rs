@@ -375,7 +375,7 @@ fn policy(rt: &TokenStream, spec: &Spec) -> TokenStream {
         StoredOutcomes::Success => quote!(Success),
         StoredOutcomes::All => quote!(All),
     };
-    let fail_open = spec.fail_open;
+    let (fail_open, transactional) = (spec.fail_open, spec.transactional);
     quote! {
         #rt::Policy {
             scope: #scope,
@@ -387,6 +387,7 @@ fn policy(rt: &TokenStream, spec: &Spec) -> TokenStream {
             wait_timeout: #wait_timeout,
             outcomes: #rt::StoredOutcomes::#outcomes,
             fail_open: #fail_open,
+            transactional: #transactional,
         }
     }
 }

@@ -60,6 +60,7 @@ pub(crate) struct Spec {
     pub(crate) wait_timeout: Millis,
     pub(crate) outcomes: StoredOutcomes,
     pub(crate) fail_open: bool,
+    pub(crate) transactional: bool,
     pub(crate) route: Option<Route>,
 }
 
@@ -136,6 +137,7 @@ fn validate_exemption(args: Args, exempt: StrArg) -> syn::Result<Exemption> {
         ("wait_timeout", key(&args.wait_timeout)),
         ("store", key(&args.store)),
         ("fail_open", args.fail_open.as_ref().map(|b| b.span)),
+        ("transactional", args.transactional.as_ref().map(|b| b.span)),
     ];
     for (name, span) in policy_keys {
         if let Some(span) = span {
@@ -245,6 +247,23 @@ fn validate_policy(args: Args) -> syn::Result<Spec> {
         }
     }
 
+    let fail_open = args.fail_open.is_some_and(|b| b.value);
+    if let Some(transactional) = args.transactional.as_ref().filter(|t| t.value) {
+        if fail_open {
+            errors.add(
+                transactional.span,
+                "`transactional` needs the store: it cannot run unprotected, as `fail_open = true` would when the \
+                 store is unreachable; remove one",
+            );
+        }
+        if key == KeyRequirement::Optional {
+            errors.add(
+                transactional.span,
+                "`transactional` needs a key (the outcome commits with the key's record): remove `key = \"optional\"`",
+            );
+        }
+    }
+
     let route = route_arg(args.route.as_ref(), &mut errors);
 
     errors.finish(Spec {
@@ -257,7 +276,8 @@ fn validate_policy(args: Args) -> syn::Result<Spec> {
         on_conflict: on_conflict.unwrap_or(ConflictMode::Reject),
         wait_timeout: wait_timeout.map_or(DEFAULT_WAIT_TIMEOUT, |w| w.0),
         outcomes,
-        fail_open: args.fail_open.is_some_and(|b| b.value),
+        fail_open,
+        transactional: args.transactional.is_some_and(|b| b.value),
         route,
     })
 }

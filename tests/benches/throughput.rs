@@ -205,7 +205,7 @@ async fn demo(store: Arc<dyn Store>) -> SocketAddr {
         transfer_delay: Duration::ZERO,
     };
     let (ledger, entries) = Ledger::open(&ledger).unwrap();
-    serve(payments_demo::axum_app::app_with_store(&config, store, ledger, entries).unwrap()).await
+    serve(payments_demo::axum_app::app_with_store(&config, store, ledger, entries).await.unwrap()).await
 }
 
 /// Sends `n` requests with `concurrency` clients; `key(i)` is the key of request `i`.

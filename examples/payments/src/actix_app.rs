@@ -6,13 +6,15 @@
 use crate::api::{done, ApiError, Caller, DemoProblem, MAX_BODY, PROBLEM_CONTENT_TYPE, STORE_TIMEOUT};
 use crate::cli::SHUTDOWN_GRACE;
 use crate::config::Config;
+use crate::deposits::{CreateDeposit, Deposits};
 use crate::domain::{Bank, CreatePayment, CreateRefund, CreateTransfer};
 use crate::ledger::Ledger;
 use actix_web::dev::{Payload, Server};
 use actix_web::error::InternalError;
 use actix_web::http::{header, StatusCode};
 use actix_web::{get, post, web, App, FromRequest, HttpRequest, HttpResponse, HttpServer, ResponseError};
-use idempotent_actix::{health, idempotent, policy_report, record_status, ActorSource, Idempotency};
+use idempotent_actix::core::engine::WithoutTransactions;
+use idempotent_actix::{health, idempotent, policy_report, record_status, ActorSource, Idempotency, Tx};
 use std::future::{ready, Ready};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 pub struct AppState {
     bank: Arc<Bank>,
+    deposits: Deposits,
     transfer_delay: Duration,
 }
 
@@ -120,6 +123,29 @@ async fn list_payments(Caller(account): Caller, app: web::Data<AppState>) -> Htt
     HttpResponse::Ok().json(app.bank.list(&account, "payment"))
 }
 
+/// `POST /deposits`: the deposit, the balance and the idempotency record commit in one
+/// transaction of the store's database (501 on a store without SQL).
+#[idempotent(scope = "deposits.create", fields = [amount], transactional = true)]
+#[post("/deposits")]
+pub async fn create_deposit(
+    Caller(account): Caller,
+    app: web::Data<AppState>,
+    tx: Tx,
+    web::Json(req): web::Json<CreateDeposit>,
+) -> Result<HttpResponse, ApiError> {
+    let deposit = app.deposits.create(&tx, &account, &req).await?;
+    Ok(HttpResponse::Created().json(deposit))
+}
+
+#[get("/deposits")]
+async fn list_deposits(Caller(account): Caller, app: web::Data<AppState>) -> HttpResponse {
+    match app.deposits.summary(&account).await {
+        Ok(Some(summary)) => HttpResponse::Ok().json(summary),
+        Ok(None) => problem_response(DemoProblem::deposits_unsupported()),
+        Err(e) => e.error_response(),
+    }
+}
+
 #[get("/transfers")]
 async fn list_transfers(Caller(account): Caller, app: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().json(app.bank.list(&account, "transfer"))
@@ -182,12 +208,16 @@ pub async fn prepare(config: &Config) -> Result<Prepared, String> {
     let store = idempotent_actix::core::store::connect(&config.store)
         .await
         .map_err(|e| format!("idempotency store `{}`: {e}", config.store))?;
+    let deposits = Deposits::open(&config.store).await?;
     let idempotency = Idempotency::builder(store)
         .actor(ActorSource::BearerToken)
         .store_timeout(STORE_TIMEOUT)
+        // Deposits need SQL; on memory and Redis they answer 501 rather than stop the demo.
+        .without_transactions(WithoutTransactions::NotImplemented)
         .build()
         .map_err(|e| e.to_string())?;
-    let state = AppState { bank: Arc::new(Bank::new(ledger, entries)), transfer_delay: config.transfer_delay };
+    let state =
+        AppState { bank: Arc::new(Bank::new(ledger, entries)), deposits, transfer_delay: config.transfer_delay };
     Ok(Prepared { idempotency, state: web::Data::new(state) })
 }
 
@@ -201,6 +231,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, prepared: &Prepared) {
         .service(create_transfer)
         .service(list_transfers)
         .service(create_quote)
+        .service(create_deposit)
+        .service(list_deposits)
         .route("/_idempotency/policies", web::get().to(policy_report))
         .route("/_idempotency/records/{scope}/{key}", web::get().to(record_status))
         .route("/healthz", web::get().to(health))

@@ -59,6 +59,16 @@ impl DemoProblem {
         Self { status, body: body.to_string(), www_authenticate: false }
     }
 
+    /// 501: deposits on a store without SQL transactions.
+    pub fn deposits_unsupported() -> Self {
+        Self::new(
+            501,
+            "deposits-unsupported",
+            "Deposits need a SQL store",
+            "Deposits live in the idempotency store's database: run the demo on PostgreSQL or SQLite.",
+        )
+    }
+
     /// 401: no or a malformed `Authorization` header.
     pub fn unauthorized() -> Self {
         let mut p = Self::new(

@@ -3,6 +3,7 @@
 use crate::api::{done, ApiError, Caller, DemoProblem, PROBLEM_CONTENT_TYPE, STORE_TIMEOUT};
 use crate::cli::SHUTDOWN_GRACE;
 use crate::config::Config;
+use crate::deposits::{CreateDeposit, Deposits};
 use crate::domain::{Bank, CreatePayment, CreateRefund, CreateTransfer};
 use crate::ledger::Ledger;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
@@ -10,8 +11,9 @@ use axum::http::{header, request::Parts, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use idempotent_axum::core::engine::WithoutTransactions;
 use idempotent_axum::enforce::Enforce;
-use idempotent_axum::{health, idempotent, policy_report, record_status, ActorSource, Idempotency};
+use idempotent_axum::{health, idempotent, policy_report, record_status, ActorSource, Idempotency, Tx};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +24,7 @@ pub use crate::api::MAX_BODY;
 #[derive(Debug, Clone)]
 pub struct AppState {
     bank: Arc<Bank>,
+    deposits: Deposits,
     transfer_delay: Duration,
 }
 
@@ -99,6 +102,27 @@ pub async fn create_quote(
     Ok((StatusCode::CREATED, Json(quote)))
 }
 
+/// `POST /deposits`: the deposit, the balance and the idempotency record commit in one
+/// transaction of the store's database (501 on a store without SQL).
+#[idempotent(scope = "deposits.create", fields = [amount], transactional = true)]
+pub async fn create_deposit(
+    Caller(account): Caller,
+    State(app): State<AppState>,
+    tx: Tx,
+    Json(req): Json<CreateDeposit>,
+) -> Result<impl IntoResponse, ApiError> {
+    let deposit = app.deposits.create(&tx, &account, &req).await?;
+    Ok((StatusCode::CREATED, Json(deposit)))
+}
+
+async fn list_deposits(Caller(account): Caller, State(app): State<AppState>) -> Response {
+    match app.deposits.summary(&account).await {
+        Ok(Some(summary)) => Json(summary).into_response(),
+        Ok(None) => problem_response(DemoProblem::deposits_unsupported()),
+        Err(e) => e.into_response(),
+    }
+}
+
 async fn list_payments(Caller(account): Caller, State(app): State<AppState>) -> Json<Vec<serde_json::Value>> {
     Json(app.bank.list(&account, "payment"))
 }
@@ -146,38 +170,46 @@ async fn open(config: &Config) -> Result<(Router, Idempotency), String> {
     let store = idempotent_axum::core::store::connect(&config.store)
         .await
         .map_err(|e| format!("idempotency store `{}`: {e}", config.store))?;
-    build(config, store, ledger, entries)
+    let deposits = Deposits::open(&config.store).await?;
+    build(config, store, deposits, ledger, entries)
 }
 
-/// Builds the application on an already opened store and ledger.
-pub fn app_with_store(
+/// Builds the application on an already opened store and ledger (the deposits' tables go in the
+/// database `config.store` names).
+pub async fn app_with_store(
     config: &Config,
     store: Arc<dyn idempotent_axum::core::store::Store>,
     ledger: Ledger,
     entries: Vec<crate::ledger::Entry>,
 ) -> Result<Router, String> {
-    build(config, store, ledger, entries).map(|(router, _)| router)
+    let deposits = Deposits::open(&config.store).await?;
+    build(config, store, deposits, ledger, entries).map(|(router, _)| router)
 }
 
 /// The application and its idempotency runtime (which a graceful shutdown drains).
 fn build(
     config: &Config,
     store: Arc<dyn idempotent_axum::core::store::Store>,
+    deposits: Deposits,
     ledger: Ledger,
     entries: Vec<crate::ledger::Entry>,
 ) -> Result<(Router, Idempotency), String> {
     let idempotency = Idempotency::builder(store)
         .actor(ActorSource::BearerToken)
         .store_timeout(STORE_TIMEOUT)
+        // Deposits need SQL; on memory and Redis they answer 501 rather than stop the demo.
+        .without_transactions(WithoutTransactions::NotImplemented)
         .build()
         .map_err(|e| e.to_string())?;
-    let state = AppState { bank: Arc::new(Bank::new(ledger, entries)), transfer_delay: config.transfer_delay };
+    let state =
+        AppState { bank: Arc::new(Bank::new(ledger, entries)), deposits, transfer_delay: config.transfer_delay };
     let payments = payment_routes();
     let router = Router::new()
         .merge(payments.clone())
         .nest("/v1", payments)
         .route("/transfers", post(create_transfer).get(list_transfers))
         .route("/quotes", post(create_quote))
+        .route("/deposits", post(create_deposit).get(list_deposits))
         .route("/_idempotency/policies", get(policy_report))
         .route("/_idempotency/records/{scope}/{key}", get(record_status))
         .route("/healthz", get(health))

@@ -9,6 +9,7 @@ pub mod api;
 pub mod axum_app;
 pub mod cli;
 pub mod config;
+pub mod deposits;
 pub mod domain;
 pub mod ledger;
 pub mod metrics;

@@ -268,6 +268,19 @@ macro_rules! __adapter_types {
                 (self.context, self.inner)
             }
         }
+
+        /// The transaction of a `transactional = true` route's handler, as an extractor: lock it
+        /// with `postgres()` or `sqlite()` (see `idempotent_core::transaction`) and write in it;
+        /// the outcome's record commits with the writes.
+        #[derive(Debug, Clone, Copy, Default)]
+        pub struct Tx(pub $crate::transaction::Tx);
+
+        impl ::std::ops::Deref for Tx {
+            type Target = $crate::transaction::Tx;
+            fn deref(&self) -> &Self::Target {
+                &self.0
+            }
+        }
     };
 }
 

@@ -238,6 +238,13 @@ pub trait Store: Send + Sync + 'static {
     /// fails. For health checks and readiness probes.
     async fn health(&self) -> Result<(), StoreError>;
 
+    /// The store's transactions for transactional routes ([`crate::transaction`]), if it can run
+    /// them: the PostgreSQL and SQLite stores can; by default a store cannot. A wrapper forwards
+    /// its inner store's.
+    fn transactions(&self) -> Option<&dyn crate::transaction::TransactionalStore> {
+        None
+    }
+
     /// Short name for logs and reports.
     fn name(&self) -> &'static str;
 }

@@ -170,6 +170,7 @@ use super::sql::{
 use super::{Claim, ClaimToken, RecordInfo, RecordKey, Store, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
+use crate::transaction::TransactionalStore;
 use async_trait::async_trait;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
@@ -377,6 +378,36 @@ FROM {t} WHERE {key} AND (expires_at > now()
 
     fn common(sql: &Statements) -> &CommonStatements {
         &sql.common
+    }
+
+    fn complete_query(
+        sql: &Statements,
+        key: &RecordKey,
+        token: &ClaimToken,
+        response: Vec<u8>,
+        ttl: Duration,
+    ) -> Query<'static, Postgres, PgArguments> {
+        PostgresStore::fenced_query(&sql.complete, key, token).bind(response).bind(millis(ttl))
+    }
+
+    async fn begin_outcome(pool: &PgPool, session: &Session) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        match session.explicit_read_committed {
+            true => pool.begin_with(BEGIN_READ_COMMITTED).await,
+            false => pool.begin().await,
+        }
+    }
+
+    async fn execute_in(
+        tx: &mut Transaction<'static, Postgres>,
+        query: Query<'static, Postgres, PgArguments>,
+    ) -> Result<u64, sqlx::Error> {
+        Ok(query.execute(&mut **tx).await?.rows_affected())
+    }
+
+    async fn committed(store: &PostgresStore, key: &RecordKey, token: &ClaimToken) -> Result<bool, StoreError> {
+        // Completed rows keep their token.
+        let (row, _) = store.run(|| PostgresStore::fenced_query(&store.sql().completed_by, key, token)).await?;
+        Ok(row.is_some())
     }
 
     fn sweep_query(sql: &Statements, batch: i64) -> Query<'static, Postgres, PgArguments> {
@@ -634,9 +665,7 @@ impl Store for PostgresStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let encoded = response.encode();
-        let (row, lost) = self
-            .run(|| Self::fenced_query(&self.sql().complete, key, token).bind(&encoded[..]).bind(millis(ttl)))
-            .await?;
+        let (row, lost) = self.run(|| Postgres::complete_query(self.sql(), key, token, encoded.clone(), ttl)).await?;
         if row.is_some() {
             return Ok(());
         }
@@ -677,6 +706,10 @@ impl Store for PostgresStore {
 
     async fn health(&self) -> Result<(), StoreError> {
         self.ping().await
+    }
+
+    fn transactions(&self) -> Option<&dyn TransactionalStore> {
+        Some(self)
     }
 
     fn name(&self) -> &'static str {

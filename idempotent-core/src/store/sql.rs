@@ -26,6 +26,7 @@ use super::{
 };
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
+use crate::transaction::{OutcomeTransaction, TransactionalStore, TxError};
 use async_trait::async_trait;
 use sqlx::query::Query;
 use sqlx::{AssertSqlSafe, ColumnIndex, Database, Decode, Encode, Pool, Row, SqlSafeStr, SqlStr, Transaction, Type};
@@ -71,6 +72,32 @@ pub trait Backend: Database + sealed::Sealed {
 
     /// The statements every SQL store runs alike.
     fn common(sql: &Self::Statements) -> &CommonStatements;
+
+    /// The fenced completion: stores `response` (encoded) as `key`'s outcome for `ttl` if
+    /// `token` holds the claim; no row touched when it does not.
+    fn complete_query(
+        sql: &Self::Statements,
+        key: &RecordKey,
+        token: &ClaimToken,
+        response: Vec<u8>,
+        ttl: Duration,
+    ) -> Query<'static, Self, Self::Arguments>;
+
+    /// Opens the transaction a transactional route's handler writes in.
+    async fn begin_outcome(
+        pool: &Pool<Self>,
+        session: &Self::Session,
+    ) -> Result<Transaction<'static, Self>, sqlx::Error>;
+
+    /// Runs `query` inside `tx`; returns how many rows it affected.
+    async fn execute_in(
+        tx: &mut Transaction<'static, Self>,
+        query: Query<'static, Self, Self::Arguments>,
+    ) -> Result<u64, sqlx::Error>;
+
+    /// After a `COMMIT` whose answer was lost: whether it committed, which the record shows by
+    /// being completed under `token`.
+    async fn committed(store: &SqlStore<Self>, key: &RecordKey, token: &ClaimToken) -> Result<bool, StoreError>;
 
     /// One sweeper statement: deletes at most `batch` records that are past their time to live
     /// (completed) or abandoned for [`ABANDONED_CLAIM_RETENTION`] (in progress).
@@ -392,6 +419,117 @@ impl<B: Backend> SqlStore<B> {
             0 => Err(StoreError::Fenced),
             _ => Ok(()),
         }
+    }
+}
+
+/// The open transaction of a transactional route on a SQL store (see [`crate::transaction`]).
+pub struct SqlTransaction<B: Backend> {
+    store: SqlStore<B>,
+    slot: Arc<tokio::sync::Mutex<Option<Transaction<'static, B>>>>,
+}
+
+impl<B: Backend> fmt::Debug for SqlTransaction<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqlTransaction").field("database", &<B as Database>::NAME).finish_non_exhaustive()
+    }
+}
+
+impl<B: Backend> SqlTransaction<B> {
+    /// Locks the transaction for the handler's writes.
+    pub(crate) async fn lock(&self) -> Result<TxGuard<B>, TxError> {
+        let guard = self.slot.clone().lock_owned().await;
+        match *guard {
+            Some(_) => Ok(TxGuard { guard }),
+            None => Err(TxError::Finished),
+        }
+    }
+
+    async fn take(&self) -> Option<Transaction<'static, B>> {
+        self.slot.lock().await.take()
+    }
+}
+
+/// The handler's hold on its transaction ([`crate::transaction::Tx`]): derefs to the
+/// `sqlx::Transaction`, so a statement runs with `.execute(&mut **tx)`. Drop it before the
+/// handler returns; the engine commits.
+pub struct TxGuard<B: Backend> {
+    guard: tokio::sync::OwnedMutexGuard<Option<Transaction<'static, B>>>,
+}
+
+impl<B: Backend> fmt::Debug for TxGuard<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TxGuard").field("database", &<B as Database>::NAME).finish_non_exhaustive()
+    }
+}
+
+impl<B: Backend> std::ops::Deref for TxGuard<B> {
+    type Target = Transaction<'static, B>;
+    fn deref(&self) -> &Self::Target {
+        // `lock` hands out a guard only over an open transaction, and only the engine takes it,
+        // after the handler (and so every guard) is done.
+        self.guard.as_ref().expect("an open transaction")
+    }
+}
+
+impl<B: Backend> std::ops::DerefMut for TxGuard<B> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.guard.as_mut().expect("an open transaction")
+    }
+}
+
+#[async_trait]
+impl<B: Backend> TransactionalStore for SqlStore<B> {
+    async fn begin(&self) -> Result<Arc<dyn OutcomeTransaction>, StoreError> {
+        let tx = B::begin_outcome(&self.inner.pool, &self.inner.session).await.map_err(B::unavailable)?;
+        Ok(Arc::new(SqlTransaction { store: self.clone(), slot: Arc::new(tokio::sync::Mutex::new(Some(tx))) }))
+    }
+}
+
+#[async_trait]
+impl<B: Backend> OutcomeTransaction for SqlTransaction<B> {
+    async fn commit(
+        &self,
+        key: &RecordKey,
+        token: &ClaimToken,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let Some(mut tx) = self.take().await else {
+            return Err(StoreError::Unavailable("the transaction was already finished".into()));
+        };
+        let complete = B::complete_query(&self.store.inner.sql, key, token, response.encode(), ttl);
+        let written = match B::execute_in(&mut tx, complete).await {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = tx.rollback().await;
+                return Err(B::unavailable(e));
+            }
+        };
+        if written == 0 {
+            // The claim was taken over: its new holder's outcome is the key's, not ours.
+            let _ = tx.rollback().await;
+            return Err(StoreError::Fenced);
+        }
+        match tx.commit().await {
+            Ok(()) => Ok(()),
+            Err(e) => match B::committed(&self.store, key, token).await {
+                Ok(true) => Ok(()),
+                _ => Err(B::unavailable(e)),
+            },
+        }
+    }
+
+    async fn rollback(&self) {
+        if let Some(tx) = self.take().await {
+            if let Err(e) = tx.rollback().await {
+                // The connection is gone, and the server rolls back what it held.
+                tracing::debug!(error = %e, "rolling back a transactional route's writes failed");
+            }
+        }
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }
 

@@ -79,6 +79,7 @@ use super::sql::{
 use super::{Claim, ClaimToken, RecordInfo, RecordKey, Store, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
+use crate::transaction::TransactionalStore;
 use async_trait::async_trait;
 use sqlx::query::Query;
 use sqlx::sqlite::{
@@ -250,6 +251,34 @@ WHERE {key} AND (expires_at > ?4 OR (state = 'in_progress' AND expires_at > ?5))
         &sql.common
     }
 
+    fn complete_query(
+        sql: &Statements,
+        key: &RecordKey,
+        token: &ClaimToken,
+        response: Vec<u8>,
+        ttl: Duration,
+    ) -> Query<'static, Sqlite, SqliteArguments> {
+        SqliteStore::fenced_query(&sql.complete, key, token).bind(response).bind(now_ms().saturating_add(millis(ttl)))
+    }
+
+    async fn begin_outcome(pool: &SqlitePool, _session: &Session) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
+        // The write lock up front: a transaction that reads first and writes later could find
+        // another writer in its way and fail instead of waiting.
+        pool.begin_with("BEGIN IMMEDIATE").await
+    }
+
+    async fn execute_in(
+        tx: &mut Transaction<'static, Sqlite>,
+        query: Query<'static, Sqlite, SqliteArguments>,
+    ) -> Result<u64, sqlx::Error> {
+        Ok(query.execute(&mut **tx).await?.rows_affected())
+    }
+
+    async fn committed(_store: &SqliteStore, _key: &RecordKey, _token: &ClaimToken) -> Result<bool, StoreError> {
+        // A local commit that failed did not commit.
+        Ok(false)
+    }
+
     fn sweep_query(sql: &Statements, batch: i64) -> Query<'static, Sqlite, SqliteArguments> {
         let now = now_ms();
         sqlx::query(sql.sweep.clone()).bind(now).bind(batch).bind(now.saturating_sub(abandoned_claim_retention_ms()))
@@ -392,12 +421,7 @@ impl Store for SqliteStore {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        self.run_fenced(
-            Self::fenced_query(&self.sql().complete, key, token)
-                .bind(response.encode())
-                .bind(now_ms().saturating_add(millis(ttl))),
-        )
-        .await
+        self.run_fenced(Sqlite::complete_query(self.sql(), key, token, response.encode(), ttl)).await
     }
 
     async fn release(&self, key: &RecordKey, token: &ClaimToken) -> Result<(), StoreError> {
@@ -421,6 +445,10 @@ impl Store for SqliteStore {
 
     async fn health(&self) -> Result<(), StoreError> {
         self.ping().await
+    }
+
+    fn transactions(&self) -> Option<&dyn TransactionalStore> {
+        Some(self)
     }
 
     fn name(&self) -> &'static str {
