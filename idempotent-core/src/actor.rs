@@ -68,7 +68,7 @@ pub fn digest(actor: &str) -> String {
     let mut hasher = Sha256::new();
     hasher.update(b"idempotent-actor/v1\0");
     hasher.update(actor.as_bytes());
-    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex(&hasher.finalize())
 }
 
 /// A custom resolver function.

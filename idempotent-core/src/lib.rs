@@ -141,3 +141,21 @@ pub use utoipa;
 /// is another type and does not compile).
 #[cfg(feature = "redis")]
 pub use ::redis;
+
+/// Appends `bytes` to `out` in lowercase hexadecimal, without an allocation per byte (digests of
+/// keys and actors are made on every request).
+pub(crate) fn push_hex(out: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 15)]));
+    }
+}
+
+/// `bytes` in lowercase hexadecimal.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    push_hex(&mut out, bytes);
+    out
+}

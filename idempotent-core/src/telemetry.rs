@@ -180,7 +180,7 @@ impl StoreOperation {
 /// the logs, and no way back to the key a client chose.
 pub fn key_digest(key: &str) -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(key.as_bytes())[..8].iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex(&Sha256::digest(key.as_bytes())[..8])
 }
 
 /// The span of one protected request on `policy`'s route with `key` (`None` when the request has

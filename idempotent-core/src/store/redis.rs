@@ -866,17 +866,12 @@ impl RedisStore {
     }
 }
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
 fn redis_key(prefix: &str, key: &RecordKey) -> String {
     let digest = Sha256::digest(key.storage_key().as_bytes());
     let mut out = String::with_capacity(prefix.len() + 66);
     out.push_str(prefix);
     out.push('{');
-    for b in digest {
-        out.push(char::from(HEX[usize::from(b >> 4)]));
-        out.push(char::from(HEX[usize::from(b & 15)]));
-    }
+    crate::push_hex(&mut out, &digest);
     out.push('}');
     out
 }
