@@ -7,7 +7,7 @@
 //! needs nothing more. See [`idempotent_core::enforce`] for how, and for the one case refuse mode
 //! cannot stop before it runs (a mutating handler that reads no payload, on its first request).
 
-use crate::runtime::into_actix;
+use crate::runtime::reply;
 use actix_web::body::EitherBody;
 use actix_web::dev::{forward_ready, Payload, Service, ServiceRequest, ServiceResponse, Transform};
 use actix_web::error::PayloadError;
@@ -16,7 +16,7 @@ use futures_util::future::LocalBoxFuture;
 use futures_util::StreamExt;
 use idempotent_core::enforce::{Decision, GatedBody};
 use idempotent_core::problem::Problem;
-use idempotent_core::protocol::{problem_response, ResponseBody};
+use idempotent_core::protocol::problem_response;
 use std::future::{ready, Ready};
 
 idempotent_core::__adapter_enforce!(Actix, "App::new().wrap(Enforce::warn())");
@@ -46,7 +46,7 @@ pub struct EnforceMiddleware<S> {
 }
 
 fn refused<B>(request: actix_web::HttpRequest, problem: &Problem) -> ServiceResponse<EitherBody<B>> {
-    let response = into_actix(problem_response(problem).map(ResponseBody::full));
+    let response = reply(problem_response(problem));
     ServiceResponse::new(request, response).map_into_right_body()
 }
 

@@ -1,6 +1,6 @@
 //! The extractors `#[idempotent]` adds to a handler.
 
-use crate::runtime::{into_actix, Head};
+use crate::runtime::{reply, Head};
 use crate::{Context, Idempotency, Protected};
 use actix_web::dev::Payload;
 use actix_web::error::InternalError;
@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures_util::future::LocalBoxFuture;
 use idempotent_core::enforce::Gate;
 use idempotent_core::engine::Runtime;
-use idempotent_core::protocol::{self, Incoming, ResponseBody};
+use idempotent_core::protocol::{self, Incoming};
 use std::future::{ready, Ready};
 use std::sync::Arc;
 
@@ -41,14 +41,14 @@ where
             if BODY {
                 // Another extractor (an unmarked `Option<Json<T>>`, `Either`...) took the payload.
                 if matches!(payload, Payload::None) && protocol::declares_body(&Head(request.headers())) {
-                    let response = into_actix(protocol::body_taken().map(ResponseBody::full));
+                    let response = reply(protocol::body_taken());
                     return Err(
                         InternalError::from_response("request body taken by another extractor", response).into()
                     );
                 }
                 bytes = web::Bytes::from_request(&request, &mut payload).await.map_err(|e| {
                     let too_large = e.as_response_error().status_code().as_u16() == 413;
-                    let problem = into_actix(protocol::body_problem(too_large, &e).map(ResponseBody::full));
+                    let problem = reply(protocol::body_problem(too_large, &e));
                     InternalError::from_response(e.to_string(), problem)
                 })?;
                 payload = Payload::from(bytes.clone());

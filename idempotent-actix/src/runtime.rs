@@ -60,7 +60,7 @@ where
     T: Responder + 'static,
 {
     let (request, Some(runtime)) = context.pending else {
-        return into_actix(protocol::runtime_missing(policy).map(ResponseBody::full));
+        return reply(protocol::runtime_missing(policy));
     };
     protocol::observe(Framework::Actix, site, &context.incoming);
     let caller = Caller::identify(runtime.config(), &Head(request.headers()), request.extensions().get::<Actor>());
@@ -68,7 +68,7 @@ where
     let task = actix_web::rt::spawn(protocol::request_task(runtime, policy, caller, fingerprint, handler));
     match task.await {
         Ok(response) => into_actix(response),
-        Err(e) => into_actix(protocol::task_failed(policy, &e).map(ResponseBody::full)),
+        Err(e) => reply(protocol::task_failed(policy, &e)),
     }
 }
 
@@ -76,7 +76,7 @@ where
 /// `.route("/_idempotency/policies", web::get().to(policy_report))`. `?format=json` (default),
 /// `md` or `html`; an unknown format is 400.
 pub async fn policy_report(request: HttpRequest) -> HttpResponse {
-    into_actix(protocol::policy_report(Framework::Actix, Some(request.query_string())).map(ResponseBody::full))
+    reply(protocol::policy_report(Framework::Actix, Some(request.query_string())))
 }
 
 /// Handler of `GET /_idempotency/records/{scope}/{key}`: the caller's own record of `key` on
@@ -85,29 +85,25 @@ pub async fn policy_report(request: HttpRequest) -> HttpResponse {
 /// source): `.route("/_idempotency/records/{scope}/{key}", web::get().to(record_status))`. See
 /// [`protocol::status::record_status`] for the answers.
 pub async fn record_status(request: HttpRequest) -> HttpResponse {
-    let Some(runtime) = runtime_of(&request) else {
-        return into_actix(status::runtime_missing().map(ResponseBody::full));
-    };
+    let Some(runtime) = runtime_of(&request) else { return reply(status::runtime_missing()) };
     let param = |name| protocol::decode_partly_encoded(request.match_info().get(name).unwrap_or_default()).into_owned();
     let actor = runtime.config().actor.actor_of(request.extensions().get::<Actor>(), &Head(request.headers()));
-    let response = status::record_status(&runtime, &param("scope"), &param("key"), actor).await;
-    into_actix(response.map(ResponseBody::full))
+    reply(status::record_status(&runtime, &param("scope"), &param("key"), actor).await)
 }
 
 /// Handler of a health check (`.route("/healthz", web::get().to(health))`): 200 when the
 /// idempotency store answers, 503 problem+json when it does not.
 pub async fn health(request: HttpRequest) -> HttpResponse {
-    let response = match runtime_of(&request) {
+    reply(match runtime_of(&request) {
         Some(runtime) => status::health(&runtime).await,
         None => status::runtime_missing(),
-    };
-    into_actix(response.map(ResponseBody::full))
+    })
 }
 
 /// Renders a [`Problem`](idempotent_core::problem::Problem) as an `application/problem+json`
 /// response, for applications that want their own errors to look like the framework's.
 pub fn render_problem(problem: &idempotent_core::problem::Problem) -> HttpResponse {
-    into_actix(protocol::problem_response(problem).map(ResponseBody::full))
+    reply(protocol::problem_response(problem))
 }
 
 /// An actix-web response body seen as an `http_body::Body`.
@@ -145,6 +141,11 @@ fn from_actix(response: HttpResponse) -> http::Response<ActixBody> {
         }
     }
     out
+}
+
+/// A response of the protocol with its body in hand, as actix-web's.
+pub(crate) fn reply(response: http::Response<Bytes>) -> HttpResponse {
+    into_actix(response.map(ResponseBody::full))
 }
 
 /// Converts a response of the protocol to actix-web's; a body passed through untouched keeps its
