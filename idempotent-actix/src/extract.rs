@@ -1,7 +1,7 @@
 //! The extractors `#[idempotent]` adds to a handler.
 
-use crate::runtime::{reply, Head};
-use crate::{Context, Idempotency, Protected};
+use crate::runtime::{reply, runtime_of, Head};
+use crate::{Context, Protected};
 use actix_web::dev::Payload;
 use actix_web::error::InternalError;
 use actix_web::http::header::CONTENT_TYPE;
@@ -9,18 +9,9 @@ use actix_web::{web, FromRequest, HttpMessage, HttpRequest};
 use bytes::Bytes;
 use futures_util::future::LocalBoxFuture;
 use idempotent_core::enforce::Gate;
-use idempotent_core::engine::Runtime;
 use idempotent_core::protocol::{self, Incoming};
 use std::future::{ready, Ready};
 use std::sync::Arc;
-
-/// The runtime installed as application data: `app_data(idempotency.data())` or
-/// `app_data(web::Data::new(idempotency))`.
-pub(crate) fn runtime_of(request: &HttpRequest) -> Option<Runtime> {
-    let direct = request.app_data::<Idempotency>();
-    let data = || request.app_data::<web::Data<Idempotency>>().map(|d| d.get_ref());
-    direct.or_else(data).map(|i| i.runtime().clone())
-}
 
 impl<T, const BODY: bool> FromRequest for Protected<T, BODY>
 where

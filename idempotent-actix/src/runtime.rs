@@ -1,14 +1,14 @@
 //! Installing the runtime, running a protected handler, and the conversions between actix-web's
 //! responses and the `http` types the protocol speaks.
 
-use crate::extract::runtime_of;
 use crate::{Context, Idempotency};
 use actix_web::body::{BodySize, BodyStream, BoxBody, MessageBody};
 use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
 use actix_web::http::StatusCode;
-use actix_web::{HttpMessage, HttpRequest, HttpResponse, Responder};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse, Responder};
 use bytes::Bytes;
 use idempotent_core::actor::{Actor, RequestHead};
+use idempotent_core::engine::Runtime;
 use idempotent_core::fingerprint::{Fingerprint, FingerprintError};
 use idempotent_core::policy::Policy;
 use idempotent_core::protocol::{self, status, Caller, ResponseBody};
@@ -24,6 +24,14 @@ impl Idempotency {
     pub fn data(&self) -> Idempotency {
         self.clone()
     }
+}
+
+/// The runtime installed as application data: `app_data(idempotency.data())` or
+/// `app_data(web::Data::new(idempotency))`.
+pub(crate) fn runtime_of(request: &HttpRequest) -> Option<Runtime> {
+    let direct = request.app_data::<Idempotency>();
+    let data = || request.app_data::<web::Data<Idempotency>>().map(|d| d.get_ref());
+    direct.or_else(data).map(|i| i.runtime().clone())
 }
 
 /// actix-web's headers, as the protocol reads them.

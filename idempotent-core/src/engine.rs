@@ -37,9 +37,9 @@ use crate::policy::{ConflictMode, KeyRequirement, Policy};
 use crate::problem::{Problem, ProblemKind};
 use crate::registry::{self, Framework, RegistryError};
 use crate::response::StoredResponse;
+use crate::store::transaction::OutcomeTransaction;
 use crate::store::{Claim, ClaimToken, RecordInfo, RecordKey, Store, StoreError};
 use crate::telemetry::{self, RequestOutcome, StoreOperation};
-use crate::transaction::OutcomeTransaction;
 use futures_util::FutureExt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -105,7 +105,7 @@ impl Default for Config {
 }
 
 /// What a runtime does with routes declared `transactional = true` when its store cannot run
-/// transactions (memory, Redis): see [`crate::transaction`].
+/// transactions (memory, Redis): see [`crate::store::transaction`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WithoutTransactions {
     /// Refuse to start, naming the routes ([`StartupError::NoTransactions`]): the default, since
@@ -549,7 +549,7 @@ impl Runtime {
         // task spawned from this one may otherwise wait behind it on this worker.
         tokio::task::yield_now().await;
         let result = match &transaction {
-            Some(t) => AssertUnwindSafe(crate::transaction::scope(t.clone(), handler)).catch_unwind().await,
+            Some(t) => AssertUnwindSafe(crate::store::transaction::scope(t.clone(), handler)).catch_unwind().await,
             None => AssertUnwindSafe(handler).catch_unwind().await,
         };
         let result = match (&transaction, result) {

@@ -115,7 +115,6 @@ pub mod store;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
-pub mod transaction;
 
 /// The attribute a custom [`Store`](store::Store) implementation is written with: the trait is
 /// declared with `async_trait`, so `#[idempotent_core::async_trait]` on the impl is all it needs.

@@ -141,7 +141,7 @@ pub struct Policy {
     /// When the store is unreachable, run the handler unprotected (logged) instead of answering 503.
     pub fail_open: bool,
     /// The handler writes in a transaction of the store's database, and its outcome is recorded
-    /// in that same transaction (see [`crate::transaction`]).
+    /// in that same transaction (see [`crate::store::transaction`]).
     pub transactional: bool,
 }
 

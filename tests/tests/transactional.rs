@@ -11,10 +11,10 @@ use axum::{Json, Router};
 use idempotent_axum::core::engine::{StartupError, WithoutTransactions};
 use idempotent_axum::core::fingerprint::Fingerprint;
 use idempotent_axum::core::response::StoredResponse;
+use idempotent_axum::core::store::transaction::{OutcomeTransaction, TransactionalStore};
 use idempotent_axum::core::store::{
     Claim, ClaimToken, MemoryStore, RecordInfo, RecordKey, SqliteStore, Store, StoreError,
 };
-use idempotent_axum::core::transaction::{OutcomeTransaction, TransactionalStore};
 use idempotent_axum::{idempotent, Idempotency, Tx};
 use idempotent_tests::http::{new_key, send, Captured};
 use idempotent_tests::postgres::TestSchema;
@@ -326,6 +326,6 @@ async fn a_store_without_transactions_refuses_to_start_or_answers_501() {
 /// `Tx` outside a transactional route's handler says so instead of writing outside it.
 #[tokio::test]
 async fn tx_outside_a_transactional_handler_is_an_error() {
-    let err = idempotent_axum::core::transaction::Tx::new().postgres().await.unwrap_err();
+    let err = idempotent_axum::core::store::transaction::Tx::new().postgres().await.unwrap_err();
     assert!(err.to_string().contains("transactional = true"), "{err}");
 }

@@ -6,7 +6,7 @@
 use crate::api::ApiError;
 use crate::domain::Invalid;
 use idempotent_axum::core::sqlx::{self, PgPool, SqlitePool};
-use idempotent_axum::core::transaction::Tx;
+use idempotent_axum::core::store::transaction::Tx;
 use serde::{Deserialize, Serialize};
 
 /// `POST /deposits` body.

@@ -270,13 +270,13 @@ macro_rules! __adapter_types {
         }
 
         /// The transaction of a `transactional = true` route's handler, as an extractor: lock it
-        /// with `postgres()` or `sqlite()` (see `idempotent_core::transaction`) and write in it;
+        /// with `postgres()` or `sqlite()` (see `idempotent_core::store::transaction`) and write in it;
         /// the outcome's record commits with the writes.
         #[derive(Debug, Clone, Copy, Default)]
-        pub struct Tx(pub $crate::transaction::Tx);
+        pub struct Tx(pub $crate::store::transaction::Tx);
 
         impl ::std::ops::Deref for Tx {
-            type Target = $crate::transaction::Tx;
+            type Target = $crate::store::transaction::Tx;
             fn deref(&self) -> &Self::Target {
                 &self.0
             }

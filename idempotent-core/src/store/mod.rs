@@ -11,6 +11,7 @@ use std::fmt;
 use std::time::{Duration, SystemTime};
 
 pub mod memory;
+pub mod transaction;
 
 pub use memory::MemoryStore;
 
@@ -238,10 +239,10 @@ pub trait Store: Send + Sync + 'static {
     /// fails. For health checks and readiness probes.
     async fn health(&self) -> Result<(), StoreError>;
 
-    /// The store's transactions for transactional routes ([`crate::transaction`]), if it can run
+    /// The store's transactions for transactional routes ([`crate::store::transaction`]), if it can run
     /// them: the PostgreSQL and SQLite stores can; by default a store cannot. A wrapper forwards
     /// its inner store's.
-    fn transactions(&self) -> Option<&dyn crate::transaction::TransactionalStore> {
+    fn transactions(&self) -> Option<&dyn crate::store::transaction::TransactionalStore> {
         None
     }
 

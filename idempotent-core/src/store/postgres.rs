@@ -170,7 +170,7 @@ use super::sql::{
 use super::{Claim, ClaimToken, RecordInfo, RecordKey, Store, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
-use crate::transaction::TransactionalStore;
+use crate::store::transaction::TransactionalStore;
 use async_trait::async_trait;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};

@@ -26,7 +26,7 @@ use super::{
 };
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
-use crate::transaction::{OutcomeTransaction, TransactionalStore, TxError};
+use crate::store::transaction::{OutcomeTransaction, TransactionalStore, TxDatabase, TxError};
 use async_trait::async_trait;
 use sqlx::query::Query;
 use sqlx::{AssertSqlSafe, ColumnIndex, Database, Decode, Encode, Pool, Row, SqlSafeStr, SqlStr, Transaction, Type};
@@ -422,7 +422,7 @@ impl<B: Backend> SqlStore<B> {
     }
 }
 
-/// The open transaction of a transactional route on a SQL store (see [`crate::transaction`]).
+/// The open transaction of a transactional route on a SQL store (see [`crate::store::transaction`]).
 pub struct SqlTransaction<B: Backend> {
     store: SqlStore<B>,
     slot: Arc<tokio::sync::Mutex<Option<Transaction<'static, B>>>>,
@@ -436,7 +436,7 @@ impl<B: Backend> fmt::Debug for SqlTransaction<B> {
 
 impl<B: Backend> SqlTransaction<B> {
     /// Locks the transaction for the handler's writes.
-    pub(crate) async fn lock(&self) -> Result<TxGuard<B>, TxError> {
+    async fn lock(&self) -> Result<TxGuard<B>, TxError> {
         let guard = self.slot.clone().lock_owned().await;
         match *guard {
             Some(_) => Ok(TxGuard { guard }),
@@ -449,7 +449,7 @@ impl<B: Backend> SqlTransaction<B> {
     }
 }
 
-/// The handler's hold on its transaction ([`crate::transaction::Tx`]): derefs to the
+/// The handler's hold on its transaction ([`crate::store::transaction::Tx`]): derefs to the
 /// `sqlx::Transaction`, so a statement runs with `.execute(&mut **tx)`. Drop it before the
 /// handler returns; the engine commits.
 pub struct TxGuard<B: Backend> {
@@ -474,6 +474,19 @@ impl<B: Backend> std::ops::Deref for TxGuard<B> {
 impl<B: Backend> std::ops::DerefMut for TxGuard<B> {
     fn deref_mut(&mut self) -> &mut Self::Target {
         self.guard.as_mut().expect("an open transaction")
+    }
+}
+
+#[async_trait]
+impl<B: Backend> TxDatabase for B {
+    type Guard = TxGuard<B>;
+
+    async fn lock(transaction: &dyn OutcomeTransaction) -> Result<TxGuard<B>, TxError> {
+        let transaction = transaction
+            .as_any()
+            .downcast_ref::<SqlTransaction<B>>()
+            .ok_or(TxError::OtherDatabase(<B as Database>::NAME))?;
+        transaction.lock().await
     }
 }
 

@@ -30,8 +30,8 @@
 //! A replay never opens a transaction: the engine opens one only for a request that acquired its
 //! claim.
 
+use super::{ClaimToken, RecordKey, StoreError};
 use crate::response::StoredResponse;
-use crate::store::{ClaimToken, RecordKey, StoreError};
 use async_trait::async_trait;
 use std::any::Any;
 use std::future::Future;
@@ -115,26 +115,33 @@ impl Tx {
         Self { _private: () }
     }
 
-    /// Locks the transaction of the store's database `B` (`sqlx::Postgres` or `sqlx::Sqlite`).
-    #[cfg(any(feature = "postgres", feature = "sqlite"))]
-    pub async fn get<B: crate::store::sql::Backend>(&self) -> Result<crate::store::sql::TxGuard<B>, TxError> {
+    /// Locks the transaction of the store's database `D` (`sqlx::Postgres` or `sqlx::Sqlite`):
+    /// a guard that derefs to its `sqlx::Transaction`.
+    pub async fn get<D: TxDatabase>(&self) -> Result<D::Guard, TxError> {
         let current = CURRENT.try_with(Arc::clone).map_err(|_| TxError::NotTransactional)?;
-        let transaction = current
-            .as_any()
-            .downcast_ref::<crate::store::sql::SqlTransaction<B>>()
-            .ok_or(TxError::OtherDatabase(<B as sqlx::Database>::NAME))?;
-        transaction.lock().await
+        D::lock(current.as_ref()).await
     }
 
-    /// Locks the transaction on the PostgreSQL store's database.
+    /// Locks the transaction on the PostgreSQL store's database (a `store::sql::TxGuard`).
     #[cfg(feature = "postgres")]
-    pub async fn postgres(&self) -> Result<crate::store::sql::TxGuard<sqlx::Postgres>, TxError> {
-        self.get().await
+    pub async fn postgres(&self) -> Result<<sqlx::Postgres as TxDatabase>::Guard, TxError> {
+        self.get::<sqlx::Postgres>().await
     }
 
-    /// Locks the transaction on the SQLite store's database.
+    /// Locks the transaction on the SQLite store's database (a `store::sql::TxGuard`).
     #[cfg(feature = "sqlite")]
-    pub async fn sqlite(&self) -> Result<crate::store::sql::TxGuard<sqlx::Sqlite>, TxError> {
-        self.get().await
+    pub async fn sqlite(&self) -> Result<<sqlx::Sqlite as TxDatabase>::Guard, TxError> {
+        self.get::<sqlx::Sqlite>().await
     }
+}
+
+/// A database whose open transactions a handler can lock: implemented by the SQL stores'
+/// databases (`sqlx::Postgres`, `sqlx::Sqlite`) in `store::sql`.
+#[async_trait]
+pub trait TxDatabase {
+    /// The handler's hold on the transaction.
+    type Guard: Send;
+
+    /// Locks `transaction` if it is one of this database's; [`TxError::OtherDatabase`] if not.
+    async fn lock(transaction: &dyn OutcomeTransaction) -> Result<Self::Guard, TxError>;
 }
