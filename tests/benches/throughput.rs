@@ -539,9 +539,9 @@ fn fill_response() -> idempotent_axum::core::response::StoredResponse {
     idempotent_axum::core::response::StoredResponse::new(201, [("content-type", "application/json")], body.into())
 }
 
-/// Claims then completes keys `from..to` (kept `ttl`), `callers` at once; answers the pairs per
-/// second, and how many claims were refused as full (a refused key is not completed). Stops
-/// after `budget` when the store is slower than that.
+/// Claims then completes the keys numbered `keys` (kept `ttl`), `callers` at once; answers the
+/// pairs per second, and how many claims were refused as full (a refused key is not completed).
+/// Stops after `budget` when the store is slower than that.
 async fn fill(
     store: &Arc<MemoryStore>,
     keys: std::ops::Range<usize>,
