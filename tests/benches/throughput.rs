@@ -12,11 +12,15 @@
 //!    the wire protocol (request-path statements apart from sqlx's background pool checks);
 //! 4. the cost of SQLite's durable commits: first executions per second through the SQLite store
 //!    (a claim, then a completion) with `synchronous = FULL` (the default) and `NORMAL`, on a
-//!    database file in the temporary directory.
+//!    database file in the temporary directory;
+//! 5. the memory store as it fills: claims and completions per second on an empty store, one
+//!    half full and one full of live records (where every new key is refused), one full of
+//!    expired records (each claim makes its own room), and one holding a million records; and
+//!    the bytes a record costs, by the store's own count and by the process's resident memory.
 //!
 //! Machines are shared and noisy: compare the ratios within one run, not absolute numbers
 //! across runs. `cargo bench -p idempotent-tests --bench throughput -- in-process` runs only the
-//! first part, `-- sqlite-sync` only the fourth.
+//! first part, `-- sqlite-sync` only the fourth, `-- memory-fill` only the fifth.
 
 use axum::body::Body;
 use axum::extract::State;
@@ -516,6 +520,139 @@ async fn sqlite_durability() {
     println!("  NORMAL/FULL: {:.2}x with 1 caller, {:.2}x with 16", best[1][0] / best[0][0], best[1][1] / best[0][1]);
 }
 
+/// The record of key number `i` of the fill part, filed as the engine files it: a route's scope,
+/// the digest of one caller (computed once: the figures are the store's), a key shaped like a
+/// UUID.
+fn fill_key(i: usize) -> idempotent_axum::core::store::RecordKey {
+    static ACTOR: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| idempotent_axum::core::actor::digest("acct_bench"));
+    idempotent_axum::core::store::RecordKey::new(
+        "bench.fill",
+        ACTOR.as_str(),
+        format!("00000000-0000-4000-8000-{i:012}"),
+    )
+}
+
+/// A payment's answer, as the demo stores it: a JSON body of about 150 bytes and its type.
+fn fill_response() -> idempotent_axum::core::response::StoredResponse {
+    let body = r#"{"id":"pay_00000000000000000000000000000001","amount":100,"currency":"EUR","customer":"cus_1","status":"succeeded","created":1700000000}"#;
+    idempotent_axum::core::response::StoredResponse::new(201, [("content-type", "application/json")], body.into())
+}
+
+/// Claims then completes the keys numbered `keys` (kept `ttl`), `callers` at once; answers the
+/// pairs per second, and how many claims were refused as full (a refused key is not completed).
+/// Stops after `budget` when the store is slower than that.
+async fn fill(
+    store: &Arc<MemoryStore>,
+    keys: std::ops::Range<usize>,
+    callers: usize,
+    ttl: Duration,
+    budget: Duration,
+) -> (f64, usize) {
+    use idempotent_axum::core::fingerprint::FingerprintBuilder;
+    use idempotent_axum::core::store::{Claim, StoreError};
+    let fingerprint = FingerprintBuilder::new("bench.fill").finish();
+    let next = Arc::new(AtomicU64::new(keys.start as u64));
+    let (done, full) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..callers)
+        .map(|_| {
+            let (store, next, done, full) = (store.clone(), next.clone(), done.clone(), full.clone());
+            let (end, response) = (keys.end, fill_response());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if i >= end || start.elapsed() > budget {
+                        break;
+                    }
+                    let key = fill_key(i);
+                    match store.claim(&key, &fingerprint, Duration::from_secs(30)).await {
+                        Ok(Claim::Acquired(token)) => store.complete(&key, &token, &response, ttl).await.unwrap(),
+                        Err(StoreError::Full) => {
+                            full.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => panic!("a fresh key: {other:?}"),
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64(), full.load(Ordering::Relaxed) as usize)
+}
+
+/// Resident memory of the process, in bytes (0 where `/proc` is not there).
+fn resident_bytes() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    statm.split_whitespace().nth(1).and_then(|p| p.parse::<usize>().ok()).unwrap_or(0) * 4096
+}
+
+async fn memory_fill() {
+    const BOUND: usize = 200_000;
+    const MEASURED: usize = 20_000;
+    const MILLION: usize = 1_000_000;
+    const DAY: Duration = Duration::from_secs(86_400);
+    const BUDGET: Duration = Duration::from_secs(3);
+    println!(
+        "\n5. memory store: claim + completion pairs per second as it fills ({MEASURED} new keys per cell, best of 3)"
+    );
+
+    // First, while the process's heap holds nothing else: what a million records cost.
+    let before = resident_bytes();
+    let store = Arc::new(MemoryStore::with_limits(usize::MAX, usize::MAX));
+    fill(&store, 0..MILLION, 2, DAY, Duration::MAX).await;
+    let resident = resident_bytes().saturating_sub(before) as f64 / store.len() as f64;
+    let mut million = [0f64; 2];
+    for _ in 0..3 {
+        for (col, callers) in [1, 4].into_iter().enumerate() {
+            let from = MILLION + store.len();
+            million[col] = million[col].max(fill(&store, from..from + MEASURED, callers, DAY, BUDGET).await.0);
+        }
+    }
+    let records = store.len();
+    let own = store.bytes();
+    drop(store);
+
+    println!(
+        "  {:<48} {:>10} {:>10} {:>8}",
+        format!("state of the store (bound {BOUND} records)"),
+        "1 caller",
+        "4 callers",
+        "refused"
+    );
+    let rows: [(&str, usize, bool); 4] = [
+        ("empty", 0, false),
+        ("half full (live records)", BOUND / 2, false),
+        ("full of live records (every claim refused)", BOUND, false),
+        ("full of expired records (each claim makes room)", BOUND, true),
+    ];
+    for (label, prefill, expired) in rows {
+        let mut best = [0f64; 2];
+        let mut refused = 0;
+        for _ in 0..3 {
+            for (col, callers) in [1, 4].into_iter().enumerate() {
+                let store = Arc::new(MemoryStore::with_limits(BOUND, usize::MAX));
+                let ttl = if expired { Duration::from_secs(1) } else { DAY };
+                fill(&store, 0..prefill, 2, ttl, Duration::MAX).await;
+                if expired {
+                    tokio::time::sleep(ttl + Duration::from_millis(10)).await;
+                }
+                let (rate, full) = fill(&store, BOUND..BOUND + MEASURED, callers, DAY, BUDGET).await;
+                best[col] = best[col].max(rate);
+                refused = refused.max(full);
+            }
+        }
+        println!("  {label:<48} {:>10.0} {:>10.0} {refused:>8}", best[0], best[1]);
+    }
+    println!("  {:<48} {:>10.0} {:>10.0} {:>8}", format!("{records} records (no bound)"), million[0], million[1], 0);
+    println!("\n  bytes per record at {records} records (small JSON answer, UUID key, digest actor):");
+    println!("  {:<48} {:>10.0}", "by the store's own count", own as f64 / records as f64);
+    println!("  {:<48} {:>10.0}", format!("by the process's resident memory (at {MILLION})"), resident);
+}
+
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         println!("throughput: run with `cargo bench -p idempotent-tests --bench throughput`");
@@ -524,6 +661,10 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     if std::env::args().any(|a| a == "sqlite-sync") {
         rt.block_on(async { tokio::spawn(sqlite_durability()).await }).unwrap();
+        return;
+    }
+    if std::env::args().any(|a| a == "memory-fill") {
+        rt.block_on(async { tokio::spawn(memory_fill()).await }).unwrap();
         return;
     }
     in_process();
@@ -538,5 +679,6 @@ fn main() {
             postgres_round_trips(pg).await;
         }
         tokio::spawn(sqlite_durability()).await.unwrap();
+        tokio::spawn(memory_fill()).await.unwrap();
     });
 }

@@ -1,28 +1,99 @@
 //! In-memory store: for tests and single-process services.
 //!
-//! All operations take one mutex for a few instructions and never await while holding it, so each
-//! is atomic. Memory is bounded by a number of records and a number of bytes: expired records are
-//! swept when a bound is reached (and every few thousand claims), and a claim that still finds no
-//! room fails with [`StoreError::Full`] (503 to the client) rather than evicting a live record,
-//! which could let a retry run twice.
+//! All operations take one mutex for well under a microsecond and never await while holding it,
+//! so each is atomic. (Splitting it into shards by key measured no faster on two cores: the work
+//! around a store call, not the lock, is what a request waits for.)
+//!
+//! # Bounds
+//! Memory is bounded by a byte budget, [`DEFAULT_MAX_BYTES`] (256 MiB) unless set with
+//! [`MemoryStore::with_limits`], that counts each record's whole footprint
+//! ([`MemoryStore::bytes`]); optionally by a number of records ([`MemoryStore::with_limits`]),
+//! and by a number of records per actor ([`MemoryStore::with_actor_quota`]), so that one caller
+//! cannot fill the store for everyone. A claim for a new key that would cross a bound first
+//! forgets records due to be forgotten; when none is, it fails with [`StoreError::Full`] (503 to
+//! the client) rather than evicting a live record, which could let a retry run twice.
+//! Completions are never refused (their claim was admitted), so the responses of the claims in
+//! flight may take the store past its budget.
+//!
+//! # Expiry
+//! Records are indexed by the time the store forgets them: a completed record when its time to
+//! live ends, an in-progress one [`ABANDONED_CLAIM_RETENTION`] after its lease (renewals,
+//! completions and takeovers move it in the index). Each claim forgets at most two records that
+//! are due, more than the one it may add, and a claim that finds the store full forgets as many
+//! as it needs to make room: no operation scans the store, each costs O(log n) at any fill level,
+//! and a full store with nothing due refuses after one look at its earliest deadline. A record is
+//! gone for every operation from the time it is due, before it is removed: its token no longer
+//! holds it, [`Store::inspect`] does not report it.
 
 use super::{Claim, ClaimToken, RecordInfo, RecordKey, RecordState, Store, StoreError, ABANDONED_CLAIM_RETENTION};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use async_trait::async_trait;
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::mem::size_of;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 // tokio's clock: the same as the system's monotonic clock, except in tests that pause it, where
 // leases and lifetimes follow the test's virtual time.
 use tokio::time::Instant;
 
-/// Default bound on the number of records.
-pub const DEFAULT_MAX_RECORDS: usize = 100_000;
-/// Default bound on the bytes of stored responses.
+/// Default bound on the bytes the store holds, every record's whole footprint counted
+/// ([`MemoryStore::bytes`]): 256 MiB, about 350,000 records of small JSON answers.
 pub const DEFAULT_MAX_BYTES: usize = 256 * 1024 * 1024;
 
-const SWEEP_EVERY: u64 = 4096;
+/// How many records due to be forgotten a claim removes on its way, at most, when the store has
+/// room: more than the one record a claim adds, so that they never pile up while claims come in,
+/// and few enough that no claim pays for a crowd of records that expired together.
+const FORGET_PER_CLAIM: usize = 2;
+
+/// What a record costs besides its key's characters and what its state owns (a claim's token, a
+/// response's headers and body), on top of which [`MemoryStore::bytes`] counts those:
+/// - its slot in the hash table (a pointer to the key, the entry) and the slot's control byte,
+///   counted half again, for the room a table keeps free (it is 7/8 full at most, and half of that
+///   right after it grows);
+/// - its place in the index by deadline (the deadline, a sequence number, a pointer to the key),
+///   counted twice: B-tree nodes are half full when deadlines arrive in order, as they mostly do.
+///
+/// About 310 bytes on a 64-bit target. With a key of about 120 characters (a digest actor and a
+/// UUID key), a claim costs about 500 bytes, and a completed record with a small JSON answer
+/// (one header, 150 bytes of body) about 730: what the process's resident memory grows by, per
+/// record, with a million of them.
+pub const RECORD_OVERHEAD: usize =
+    (size_of::<(Arc<str>, Entry)>() + 1) * 3 / 2 + 2 * size_of::<((Instant, u64), Arc<str>)>();
+
+/// What an actor's counter costs when a quota is set: its slot in the table of counters, counted
+/// half again as the records' slots are. Its characters are counted as an allocation.
+const ACTOR_OVERHEAD: usize = (size_of::<(Box<str>, usize)>() + 1) * 3 / 2;
+
+/// The length of a [`ClaimToken::generate`]d token: 128 bits in hex.
+const TOKEN_LEN: usize = 32;
+
+/// Bytes an allocation of `n` bytes takes from a typical allocator: a word of header, rounded up to
+/// 16 bytes. Nothing for an empty one.
+const fn allocation(n: usize) -> usize {
+    if n == 0 {
+        0
+    } else {
+        (n + size_of::<usize>()).next_multiple_of(16)
+    }
+}
+
+/// `now + d`, at most a century away, so that no lease or time to live overflows the clock.
+fn later(now: Instant, d: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 86_400);
+    now.checked_add(d.min(CENTURY)).unwrap_or(now)
+}
+
+/// The actor of a [`RecordKey::storage_key`]: `{len}:{scope}|{len}:{actor}|{key}`.
+fn actor_of(storage_key: &str) -> &str {
+    // A length-prefixed part, and what follows its separator.
+    fn part(s: &str) -> Option<(&str, &str)> {
+        let (len, rest) = s.split_once(':')?;
+        let len: usize = len.parse().ok()?;
+        Some((rest.get(..len)?, rest.get(len + 1..)?))
+    }
+    part(storage_key).and_then(|(_scope, rest)| part(rest)).map_or("", |(actor, _key)| actor)
+}
 
 #[derive(Debug)]
 enum State {
@@ -35,6 +106,8 @@ struct Entry {
     fingerprint: Fingerprint,
     state: State,
     created: Instant,
+    /// Its place in the index: `(forget_at(), seq)`, unique whatever the deadline.
+    seq: u64,
 }
 
 impl Entry {
@@ -45,57 +118,157 @@ impl Entry {
             State::Completed { expires_at, .. } => *expires_at <= now,
         }
     }
-    /// Whether a sweep may forget the record: an abandoned claim is kept for
+
+    /// When the store forgets the record: an abandoned claim is kept for
     /// [`ABANDONED_CLAIM_RETENTION`] so that its worker can still complete it late.
+    fn forget_at(&self) -> Instant {
+        match &self.state {
+            State::InProgress { lease_until, .. } => later(*lease_until, ABANDONED_CLAIM_RETENTION),
+            State::Completed { expires_at, .. } => *expires_at,
+        }
+    }
+
+    /// Whether the store has forgotten the record: every operation treats it as absent.
     fn forgotten(&self, now: Instant) -> bool {
+        self.forget_at() <= now
+    }
+
+    /// Whether `token` holds the record at `now` (see the rules of [`Store`]).
+    fn held_by(&self, token: &ClaimToken, now: Instant) -> bool {
+        matches!(&self.state, State::InProgress { token: held, .. } if held == token) && !self.forgotten(now)
+    }
+
+    /// The record's key in the index.
+    fn slot(&self) -> (Instant, u64) {
+        (self.forget_at(), self.seq)
+    }
+
+    /// Bytes the state owns outside the entry: the token's characters, or the response's
+    /// headers and body.
+    fn owned_bytes(&self) -> usize {
         match &self.state {
-            State::InProgress { lease_until, .. } => *lease_until + ABANDONED_CLAIM_RETENTION <= now,
-            State::Completed { expires_at, .. } => *expires_at <= now,
+            State::InProgress { token, .. } => allocation(token.0.len()),
+            State::Completed { response, .. } => {
+                allocation(response.headers.len() * size_of::<(String, Vec<u8>)>())
+                    + response.headers.iter().map(|(n, v)| allocation(n.len()) + allocation(v.len())).sum::<usize>()
+                    + allocation(response.body.len())
+            }
         }
     }
-    fn size(&self) -> usize {
-        match &self.state {
-            State::InProgress { .. } => 0,
-            State::Completed { response, .. } => response.size(),
-        }
-    }
+}
+
+/// What a record with a key of `key_len` bytes costs, apart from what its state owns.
+const fn record_bytes(key_len: usize) -> usize {
+    // The key is shared by the table and the index: its characters and two reference counts.
+    RECORD_OVERHEAD + allocation(2 * size_of::<usize>() + key_len)
 }
 
 #[derive(Debug, Default)]
 struct Inner {
-    records: HashMap<String, Entry>,
+    records: HashMap<Arc<str>, Entry>,
+    /// Every record once, by the time it may be forgotten; kept exact (a renewal or a completion
+    /// moves its record), so that the first entry is always the next record to forget.
+    deadlines: BTreeMap<(Instant, u64), Arc<str>>,
+    /// Records per actor, kept only with a quota.
+    actors: HashMap<Box<str>, usize>,
     bytes: usize,
-    claims: u64,
+    next_seq: u64,
+    /// Records forgotten since the operation's caller last reported them.
+    swept: u64,
 }
 
 impl Inner {
-    fn sweep(&mut self, now: Instant) {
-        let (mut freed, before) = (0, self.records.len());
-        self.records.retain(|_, e| {
-            let keep = !e.forgotten(now);
-            if !keep {
-                freed += e.size();
-            }
-            keep
-        });
-        self.bytes -= freed;
-        // Rare (every few thousand claims, or when full), so counted under the lock.
-        crate::telemetry::records_swept("memory", (before - self.records.len()) as u64);
+    /// Forgets the earliest record if it is due; whether there was one.
+    fn forget_one(&mut self, now: Instant, quota: bool) -> bool {
+        let Some(first) = self.deadlines.first_entry() else { return false };
+        if first.key().0 > now {
+            return false;
+        }
+        let key = first.remove();
+        if let Some(e) = self.records.remove(&*key) {
+            self.released(&key, &e, quota);
+            self.swept += 1;
+        }
+        true
     }
 
-    fn remove(&mut self, key: &str) {
-        if let Some(e) = self.records.remove(key) {
-            self.bytes -= e.size();
+    /// Forgets up to `limit` records that are due.
+    fn forget(&mut self, now: Instant, limit: usize, quota: bool) {
+        for _ in 0..limit {
+            if !self.forget_one(now, quota) {
+                break;
+            }
+        }
+    }
+
+    fn insert(&mut self, key: Arc<str>, mut entry: Entry, quota: bool) {
+        entry.seq = self.next_seq;
+        self.next_seq += 1;
+        self.bytes += record_bytes(key.len()) + entry.owned_bytes();
+        if quota {
+            count(&mut self.actors, &mut self.bytes, actor_of(&key));
+        }
+        self.deadlines.insert(entry.slot(), key.clone());
+        self.records.insert(key, entry);
+    }
+
+    fn remove(&mut self, key: &str, quota: bool) {
+        if let Some((key, e)) = self.records.remove_entry(key) {
+            self.deadlines.remove(&e.slot());
+            self.released(&key, &e, quota);
+        }
+    }
+
+    /// Accounts for a record gone from the table (and from the index).
+    fn released(&mut self, key: &str, e: &Entry, quota: bool) {
+        self.bytes -= record_bytes(key.len()) + e.owned_bytes();
+        if quota {
+            let actor = actor_of(key);
+            if let Some(n) = self.actors.get_mut(actor) {
+                *n -= 1;
+                if *n == 0 {
+                    self.actors.remove(actor);
+                    self.bytes -= ACTOR_OVERHEAD + allocation(actor.len());
+                }
+            }
+        }
+    }
+
+    /// Changes the state of `key`'s record with `change`, moving it in the index and counting the
+    /// bytes its new state owns.
+    fn update(&mut self, key: &str, change: impl FnOnce(&mut Entry)) {
+        let Some(e) = self.records.get_mut(key) else { return };
+        let (slot, owned) = (e.slot(), e.owned_bytes());
+        change(e);
+        self.bytes = self.bytes - owned + e.owned_bytes();
+        if e.slot() != slot {
+            if let Some(key) = self.deadlines.remove(&slot) {
+                self.deadlines.insert(e.slot(), key);
+            }
         }
     }
 }
 
-/// A bounded, expiring in-memory [`Store`].
+/// Counts one more record of `actor`, and the bytes of its counter when it is its first.
+fn count(actors: &mut HashMap<Box<str>, usize>, bytes: &mut usize, actor: &str) {
+    match actors.get_mut(actor) {
+        Some(n) => *n += 1,
+        None => {
+            *bytes += ACTOR_OVERHEAD + allocation(actor.len());
+            actors.insert(actor.into(), 1);
+        }
+    }
+}
+
+/// A bounded, expiring in-memory [`Store`]: see the [module](self) for its bounds and how it
+/// forgets records.
 #[derive(Debug)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
     max_records: usize,
     max_bytes: usize,
+    /// At most this many records per actor; `None`: no quota.
+    actor_quota: Option<usize>,
 }
 
 impl Default for MemoryStore {
@@ -105,17 +278,41 @@ impl Default for MemoryStore {
 }
 
 impl MemoryStore {
-    /// A store with the default bounds.
+    /// A store bounded by [`DEFAULT_MAX_BYTES`] only.
     pub fn new() -> Self {
-        Self::with_limits(DEFAULT_MAX_RECORDS, DEFAULT_MAX_BYTES)
+        Self::with_limits(usize::MAX, DEFAULT_MAX_BYTES)
     }
 
-    /// A store holding at most `max_records` records and `max_bytes` bytes of responses.
+    /// A store holding at most `max_records` records and `max_bytes` bytes, each record's whole
+    /// footprint counted ([`bytes`](Self::bytes)): a claim whose record would cross either bound
+    /// is refused when no record is due to be forgotten.
     pub fn with_limits(max_records: usize, max_bytes: usize) -> Self {
-        Self { inner: Mutex::new(Inner::default()), max_records: max_records.max(1), max_bytes }
+        Self { inner: Mutex::new(Inner::default()), max_records: max_records.max(1), max_bytes, actor_quota: None }
     }
 
-    /// Number of records held, expired ones included until the next sweep.
+    /// The same store, holding at most `quota` (at least 1) records per actor, so that one caller
+    /// cannot fill the store for everyone: a claim for a new key by an actor at its quota is
+    /// refused with [`StoreError::Full`] when none of that actor's records is due to be forgotten,
+    /// while other actors' claims still get in.
+    ///
+    /// A record counts until it is released or invalidated, or the store forgets it: a completed
+    /// record at the end of its time to live, an abandoned claim at the end of its retention. The
+    /// quota is therefore the number of distinct keys an actor may use within a time to live. A
+    /// claim that takes over one of the actor's own records adds nothing. Every anonymous caller
+    /// is the one empty actor: they share one quota.
+    pub fn with_actor_quota(mut self, quota: usize) -> Self {
+        if self.actor_quota.is_none() {
+            // Count what an owned store already holds.
+            let Inner { records, actors, bytes, .. } = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
+            for key in records.keys() {
+                count(actors, bytes, actor_of(key));
+            }
+        }
+        self.actor_quota = Some(quota.max(1));
+        self
+    }
+
+    /// Number of records held, those due to be forgotten included until they are removed.
     pub fn len(&self) -> usize {
         self.lock().records.len()
     }
@@ -125,24 +322,38 @@ impl MemoryStore {
         self.len() == 0
     }
 
+    /// Bytes the store holds by its own count, which its byte bound applies to: for each record,
+    /// [`RECORD_OVERHEAD`], the key's characters, and what its state owns (a claim's token, or a
+    /// response's headers and body), each allocation rounded as an allocator rounds it; with an
+    /// actor quota, each actor's counter. Back to 0 once every record is gone.
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // A panic while holding the lock leaves the map consistent (every mutation is a single
-        // insert or remove), so a poisoned lock is safe to keep using.
+        // Nothing that can panic runs between the changes one operation makes (its times and
+        // clones are computed first), so a poisoned lock leaves the table, the index and the
+        // counts in agreement and is safe to keep using.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
-}
 
-#[async_trait]
-impl Store for MemoryStore {
-    async fn claim(&self, key: &RecordKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
-        let now = Instant::now();
-        let sk = key.storage_key();
-        let mut inner = self.lock();
-        inner.claims += 1;
-        if inner.claims.is_multiple_of(SWEEP_EVERY) {
-            inner.sweep(now);
+    /// [`Store::claim`] once the store is locked and a few records that are due forgotten.
+    fn claim_locked(
+        &self,
+        inner: &mut Inner,
+        key: &RecordKey,
+        storage_key: String,
+        fingerprint: &Fingerprint,
+        lease_until: Instant,
+        now: Instant,
+    ) -> Result<Claim, StoreError> {
+        let quota = self.actor_quota.is_some();
+        if inner.records.get(storage_key.as_str()).is_some_and(|e| e.forgotten(now)) {
+            // Gone already: a new record is claimed in its place, under the bounds.
+            inner.remove(&storage_key, quota);
+            inner.swept += 1;
         }
-        if let Some(e) = inner.records.get(&sk) {
+        if let Some(e) = inner.records.get(storage_key.as_str()) {
             if !e.expired(now) {
                 if e.fingerprint != *fingerprint {
                     return Ok(Claim::Mismatch);
@@ -152,38 +363,84 @@ impl Store for MemoryStore {
                     State::InProgress { lease_until, .. } => Claim::InProgress { retry_after: *lease_until - now },
                 });
             }
-            inner.remove(&sk);
+            // Taken over in place: the store holds as many records as before, for the same actor.
+            let token = ClaimToken::generate();
+            let held = token.clone();
+            inner.update(&storage_key, |e| {
+                *e = Entry {
+                    fingerprint: *fingerprint,
+                    state: State::InProgress { token: held, lease_until },
+                    created: now,
+                    seq: e.seq,
+                }
+            });
+            return Ok(Claim::Acquired(token));
         }
-        if inner.records.len() >= self.max_records || inner.bytes >= self.max_bytes {
-            inner.sweep(now);
-            if inner.records.len() >= self.max_records || inner.bytes >= self.max_bytes {
+        let held = |inner: &Inner| inner.actors.get(key.actor.as_str()).copied().unwrap_or(0);
+        if let Some(max) = self.actor_quota {
+            if held(inner) >= max {
+                // The actor's records due to be forgotten may be anywhere in the index: forget
+                // every record that is due. Each is forgotten once, so this costs no more
+                // than forgetting them one claim at a time would.
+                inner.forget(now, usize::MAX, true);
+                if held(inner) >= max {
+                    return Err(StoreError::Full);
+                }
+            }
+        }
+        let mut need = record_bytes(storage_key.len()) + allocation(TOKEN_LEN);
+        if quota && held(inner) == 0 {
+            need += ACTOR_OVERHEAD + allocation(key.actor.len());
+        }
+        while inner.records.len() >= self.max_records || inner.bytes.saturating_add(need) > self.max_bytes {
+            if !inner.forget_one(now, quota) {
                 return Err(StoreError::Full);
             }
         }
         let token = ClaimToken::generate();
-        inner.records.insert(
-            sk,
-            Entry {
-                fingerprint: *fingerprint,
-                state: State::InProgress { token: token.clone(), lease_until: now + lease },
-                created: now,
-            },
-        );
+        let entry = Entry {
+            fingerprint: *fingerprint,
+            state: State::InProgress { token: token.clone(), lease_until },
+            created: now,
+            seq: 0,
+        };
+        inner.insert(Arc::from(storage_key), entry, quota);
         Ok(Claim::Acquired(token))
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn claim(&self, key: &RecordKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
+        let now = Instant::now();
+        let lease_until = later(now, lease);
+        let storage_key = key.storage_key();
+        let (answer, swept) = {
+            let mut inner = self.lock();
+            inner.forget(now, FORGET_PER_CLAIM, self.actor_quota.is_some());
+            let answer = self.claim_locked(&mut inner, key, storage_key, fingerprint, lease_until, now);
+            (answer, std::mem::take(&mut inner.swept))
+        };
+        crate::telemetry::records_swept("memory", swept);
+        answer
     }
 
     async fn renew(&self, key: &RecordKey, token: &ClaimToken, lease: Duration) -> Result<(), StoreError> {
         let now = Instant::now();
+        let until = later(now, lease);
+        let storage_key = key.storage_key();
         let mut inner = self.lock();
-        match inner.records.get_mut(&key.storage_key()) {
-            Some(Entry { state: State::InProgress { token: held, lease_until }, .. }) if held == token => {
-                // Still held even if the lease ran out: a claimer that found it expired would
-                // have taken it over (under this same lock) and replaced the token.
-                *lease_until = now + lease;
-                Ok(())
-            }
-            _ => Err(StoreError::Fenced),
+        // Held even if the lease ran out: a claimer that found it expired would have taken it
+        // over (under this same lock) and replaced the token.
+        if !inner.records.get(storage_key.as_str()).is_some_and(|e| e.held_by(token, now)) {
+            return Err(StoreError::Fenced);
         }
+        inner.update(&storage_key, |e| {
+            if let State::InProgress { lease_until, .. } = &mut e.state {
+                *lease_until = until;
+            }
+        });
+        Ok(())
     }
 
     async fn complete(
@@ -194,40 +451,34 @@ impl Store for MemoryStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let now = Instant::now();
-        let size = response.size();
+        let state = State::Completed { response: response.clone(), expires_at: later(now, ttl) };
+        let storage_key = key.storage_key();
         let mut inner = self.lock();
-        let inner = &mut *inner;
-        match inner.records.get_mut(&key.storage_key()) {
-            Some(e) => match &e.state {
-                State::InProgress { token: held, .. } if held == token => {
-                    e.state = State::Completed { response: response.clone(), expires_at: now + ttl };
-                    inner.bytes += size;
-                    Ok(())
-                }
-                _ => Err(StoreError::Fenced),
-            },
-            None => Err(StoreError::Fenced),
+        if !inner.records.get(storage_key.as_str()).is_some_and(|e| e.held_by(token, now)) {
+            return Err(StoreError::Fenced);
         }
+        inner.update(&storage_key, |e| e.state = state);
+        Ok(())
     }
 
     async fn release(&self, key: &RecordKey, token: &ClaimToken) -> Result<(), StoreError> {
-        let sk = key.storage_key();
+        let now = Instant::now();
+        let storage_key = key.storage_key();
         let mut inner = self.lock();
-        match inner.records.get(&sk) {
-            Some(Entry { state: State::InProgress { token: held, .. }, .. }) if held == token => {
-                inner.remove(&sk);
-                Ok(())
-            }
-            _ => Err(StoreError::Fenced),
+        if !inner.records.get(storage_key.as_str()).is_some_and(|e| e.held_by(token, now)) {
+            return Err(StoreError::Fenced);
         }
+        inner.remove(&storage_key, self.actor_quota.is_some());
+        Ok(())
     }
 
     async fn inspect(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
         let (now, wall) = (Instant::now(), SystemTime::now());
         // The store's clock is monotonic; wall-clock times are read off it at this instant.
         let at = |t: Instant| if t >= now { wall + (t - now) } else { wall - (now - t) };
+        let storage_key = key.storage_key();
         let inner = self.lock();
-        let Some(e) = inner.records.get(&key.storage_key()) else { return Ok(None) };
+        let Some(e) = inner.records.get(storage_key.as_str()) else { return Ok(None) };
         if e.forgotten(now) {
             return Ok(None);
         }
@@ -239,10 +490,11 @@ impl Store for MemoryStore {
     }
 
     async fn invalidate(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        let sk = key.storage_key();
+        let now = Instant::now();
+        let storage_key = key.storage_key();
         let mut inner = self.lock();
-        let present = inner.records.get(&sk).is_some_and(|e| !e.forgotten(Instant::now()));
-        inner.remove(&sk);
+        let present = inner.records.get(storage_key.as_str()).is_some_and(|e| !e.forgotten(now));
+        inner.remove(&storage_key, self.actor_quota.is_some());
         Ok(present)
     }
 
@@ -256,49 +508,495 @@ impl Store for MemoryStore {
 }
 
 #[cfg(test)]
+impl MemoryStore {
+    /// Counts again, from the records, everything the store keeps up to date as it goes (the
+    /// index, the bytes, the actors' counters), and panics where the two differ.
+    fn audit(&self) {
+        let inner = self.lock();
+        assert_eq!(inner.deadlines.len(), inner.records.len(), "one index entry per record");
+        let mut bytes = 0;
+        let mut actors = HashMap::<&str, usize>::new();
+        for (key, e) in &inner.records {
+            assert_eq!(inner.deadlines.get(&e.slot()).map(|k| &**k), Some(&**key), "indexed at its deadline");
+            bytes += record_bytes(key.len()) + e.owned_bytes();
+            *actors.entry(actor_of(key)).or_default() += 1;
+        }
+        if self.actor_quota.is_some() {
+            assert_eq!(inner.actors.len(), actors.len(), "one counter per actor with records");
+            for (actor, n) in actors {
+                assert_eq!(inner.actors.get(actor), Some(&n), "records of {actor:?}");
+                bytes += ACTOR_OVERHEAD + allocation(actor.len());
+            }
+        } else {
+            assert!(inner.actors.is_empty());
+        }
+        assert_eq!(inner.bytes, bytes, "bytes counted as records come and go");
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::fingerprint::FingerprintBuilder;
     use bytes::Bytes;
+    use proptest::prelude::*;
+    use tokio::time::advance;
+
+    const LEASE: Duration = Duration::from_secs(60);
 
     fn fp(n: i32) -> Fingerprint {
         FingerprintBuilder::new("t").field("n", &n).unwrap().finish()
     }
 
+    fn key(actor: &str, k: impl std::fmt::Display) -> RecordKey {
+        RecordKey::new("s", actor, k.to_string())
+    }
+
+    fn response(status: u16, body: usize) -> StoredResponse {
+        StoredResponse::new(status, [("content-type", "text/plain"), ("x-id", "42")], Bytes::from(vec![b'x'; body]))
+    }
+
+    async fn acquire(store: &MemoryStore, key: &RecordKey, lease: Duration) -> ClaimToken {
+        match store.claim(key, &fp(1), lease).await {
+            Ok(Claim::Acquired(token)) => token,
+            other => panic!("{key:?} not acquired: {other:?}"),
+        }
+    }
+
+    async fn completed(store: &MemoryStore, key: &RecordKey, ttl: Duration) {
+        let token = acquire(store, key, LEASE).await;
+        store.complete(key, &token, &response(201, 10), ttl).await.unwrap();
+    }
+
+    async fn refused(store: &MemoryStore, key: &RecordKey) -> bool {
+        matches!(store.claim(key, &fp(1), LEASE).await, Err(StoreError::Full))
+    }
+
+    /// Claims and releases fresh keys until every record that is due is gone (each claim
+    /// forgets a few on its way).
+    async fn forget_everything_due(store: &MemoryStore) {
+        let probe = key("probe", "probe");
+        for _ in 0..=store.len() {
+            if store.is_empty() {
+                break;
+            }
+            let token = acquire(store, &probe, LEASE).await;
+            store.release(&probe, &token).await.unwrap();
+        }
+        assert!(store.is_empty(), "{} records left", store.len());
+    }
+
     #[tokio::test]
     async fn full_store_refuses_rather_than_evicting_live_records() {
         let store = MemoryStore::with_limits(2, usize::MAX);
-        let lease = Duration::from_secs(60);
-        assert!(matches!(store.claim(&RecordKey::new("s", "a", "1"), &fp(1), lease).await, Ok(Claim::Acquired(_))));
-        assert!(matches!(store.claim(&RecordKey::new("s", "a", "2"), &fp(1), lease).await, Ok(Claim::Acquired(_))));
-        assert!(matches!(store.claim(&RecordKey::new("s", "a", "3"), &fp(1), lease).await, Err(StoreError::Full)));
+        acquire(&store, &key("a", 1), LEASE).await;
+        acquire(&store, &key("a", 2), LEASE).await;
+        assert!(refused(&store, &key("a", 3)).await);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn expired_records_make_room() {
         let store = MemoryStore::with_limits(1, usize::MAX);
-        let k1 = RecordKey::new("s", "a", "1");
-        let Claim::Acquired(t) = store.claim(&k1, &fp(1), Duration::from_secs(60)).await.unwrap() else { panic!() };
-        let resp = StoredResponse::new(200, [("a", "b")], Bytes::from_static(b"x"));
-        store.complete(&k1, &t, &resp, Duration::from_millis(20)).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(40)).await;
-        assert!(matches!(
-            store.claim(&RecordKey::new("s", "a", "2"), &fp(1), Duration::from_secs(1)).await,
-            Ok(Claim::Acquired(_))
-        ));
+        completed(&store, &key("a", 1), Duration::from_millis(20)).await;
+        advance(Duration::from_millis(40)).await;
+        acquire(&store, &key("a", 2), Duration::from_secs(1)).await;
         assert_eq!(store.len(), 1);
+        store.audit();
     }
 
     #[tokio::test]
-    async fn byte_bound_counts_completed_responses() {
-        let store = MemoryStore::with_limits(100, 64);
-        let k1 = RecordKey::new("s", "a", "1");
-        let Claim::Acquired(t) = store.claim(&k1, &fp(1), Duration::from_secs(60)).await.unwrap() else { panic!() };
-        let resp = StoredResponse::new(200, Vec::<(&str, &str)>::new(), Bytes::from(vec![0u8; 100]));
-        store.complete(&k1, &t, &resp, Duration::from_secs(60)).await.unwrap();
-        assert!(matches!(
-            store.claim(&RecordKey::new("s", "a", "2"), &fp(1), Duration::from_secs(1)).await,
-            Err(StoreError::Full)
-        ));
+    async fn the_byte_bound_counts_whole_records() {
+        let k1 = key("a", 1);
+        // Room for one claim, not two.
+        let store =
+            MemoryStore::with_limits(100, 3 * (record_bytes(k1.storage_key().len()) + allocation(TOKEN_LEN)) / 2);
+        let token = acquire(&store, &k1, LEASE).await;
+        assert!(refused(&store, &key("a", 2)).await);
+        // A completion is never refused, even past the budget: its claim was admitted.
+        store.complete(&k1, &token, &response(200, 4096), LEASE).await.unwrap();
+        assert!(store.bytes() > 4096);
+        assert!(refused(&store, &key("a", 2)).await);
+        store.audit();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_store_forgets_a_few_records_per_claim_not_all_that_are_due() {
+        let store = MemoryStore::with_limits(10, usize::MAX);
+        for i in 0..10 {
+            completed(&store, &key("a", i), Duration::from_secs(10)).await;
+        }
+        advance(Duration::from_secs(11)).await;
+        // Ten records are due: the claim forgets two of them on its way, not the whole store.
+        acquire(&store, &key("b", 0), LEASE).await;
+        assert_eq!(store.len(), 10 - FORGET_PER_CLAIM + 1);
+        store.audit();
+        // The rest go as claims come, and the store fills with live records up to its bound...
+        for i in 1..10 {
+            acquire(&store, &key("b", i), LEASE).await;
+        }
+        assert_eq!(store.len(), 10);
+        // ...where nothing is due any more: refused.
+        assert!(refused(&store, &key("b", 10)).await);
+        assert!(refused(&store, &key("c", 0)).await);
+        assert_eq!(store.len(), 10);
+        store.audit();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_store_forgets_as_many_records_as_a_claim_needs_and_no_more() {
+        let small = |i: usize| key("a", i);
+        let one = record_bytes(small(0).storage_key().len()) + allocation(TOKEN_LEN);
+        let store = MemoryStore::with_limits(usize::MAX, 20 * one);
+        for i in 0..20 {
+            acquire(&store, &small(i), Duration::from_secs(1)).await;
+        }
+        assert_eq!(store.bytes(), 20 * one);
+        // The claims are abandoned, and forgotten once their retention ends.
+        advance(Duration::from_secs(1) + ABANDONED_CLAIM_RETENTION).await;
+        // A key worth about six small records: the claim forgets what it needs to fit in.
+        let big = key("a", "k".repeat(5 * one));
+        acquire(&store, &big, LEASE).await;
+        let forgotten = 20 + 1 - store.len();
+        assert!(forgotten > FORGET_PER_CLAIM && forgotten < 10, "{forgotten} records forgotten");
+        assert!(store.bytes() <= 20 * one);
+        store.audit();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn abandoned_claims_keep_their_room_until_their_retention_ends() {
+        let store = MemoryStore::with_limits(2, usize::MAX);
+        let (k1, k2) = (key("a", 1), key("a", 2));
+        let t1 = acquire(&store, &k1, Duration::from_secs(1)).await;
+        acquire(&store, &k2, Duration::from_secs(1)).await;
+        advance(Duration::from_secs(2)).await;
+        // Both leases ran out, but their tokens still hold them: they are not forgotten.
+        assert!(refused(&store, &key("a", 3)).await);
+        store.complete(&k1, &t1, &response(200, 1), Duration::from_secs(3600)).await.unwrap();
+        advance(ABANDONED_CLAIM_RETENTION).await;
+        // Now the one never completed is forgotten, and its room taken.
+        acquire(&store, &key("a", 3), LEASE).await;
+        assert!(refused(&store, &key("a", 4)).await);
+        assert!(matches!(store.claim(&k1, &fp(1), LEASE).await, Ok(Claim::Completed(_))));
+        store.audit();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewed_claim_is_not_forgotten_at_its_first_deadline() {
+        let store = MemoryStore::with_limits(2, usize::MAX);
+        let k = key("a", "renewed");
+        let token = acquire(&store, &k, Duration::from_secs(1)).await;
+        store.renew(&k, &token, Duration::from_secs(7200)).await.unwrap();
+        acquire(&store, &key("a", "filler"), Duration::from_secs(7200)).await;
+        // Past the first lease and its retention, when the record would be due had the renewal
+        // not moved it: the full store finds nothing to forget.
+        advance(Duration::from_secs(2) + ABANDONED_CLAIM_RETENTION).await;
+        for i in 0..5 {
+            assert!(refused(&store, &key("b", i)).await);
+        }
+        store.audit();
+        assert!(matches!(store.claim(&k, &fp(1), LEASE).await, Ok(Claim::InProgress { .. })));
+        // The completion moves it again: forgotten at the end of its time to live, not before.
+        store.complete(&k, &token, &response(201, 10), Duration::from_secs(30)).await.unwrap();
+        store.audit();
+        advance(Duration::from_secs(29)).await;
+        assert!(refused(&store, &key("b", 0)).await);
+        assert!(matches!(store.claim(&k, &fp(1), LEASE).await, Ok(Claim::Completed(_))));
+        advance(Duration::from_secs(1)).await;
+        acquire(&store, &key("b", 0), LEASE).await;
+        assert!(store.inspect(&k).await.unwrap().is_none());
+        store.audit();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_forgotten_claim_is_fenced_even_before_it_is_removed() {
+        let store = MemoryStore::new();
+        let k = key("a", 1);
+        let token = acquire(&store, &k, Duration::from_secs(1)).await;
+        advance(Duration::from_secs(1) + ABANDONED_CLAIM_RETENTION).await;
+        // No claim ran since: the record is still in the table, but it is due.
+        assert_eq!(store.len(), 1);
+        assert!(matches!(store.renew(&k, &token, LEASE).await, Err(StoreError::Fenced)));
+        assert!(matches!(store.complete(&k, &token, &response(200, 1), LEASE).await, Err(StoreError::Fenced)));
+        assert!(matches!(store.release(&k, &token).await, Err(StoreError::Fenced)));
+        assert!(store.inspect(&k).await.unwrap().is_none());
+        assert!(!store.invalidate(&k).await.unwrap());
+        assert!(store.is_empty());
+        assert_eq!(store.bytes(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_actor_quota_refuses_only_the_greedy_actor() {
+        let store = MemoryStore::new().with_actor_quota(3);
+        let greedy = |i: i32| key("greedy", i);
+        completed(&store, &greedy(0), Duration::from_secs(10)).await;
+        completed(&store, &greedy(1), Duration::from_secs(10)).await;
+        let t2 = acquire(&store, &greedy(2), Duration::from_secs(1)).await;
+        assert!(refused(&store, &greedy(3)).await);
+        // Everyone else still gets in, the anonymous callers included.
+        for actor in ["other", "another", ""] {
+            for i in 0..3 {
+                acquire(&store, &key(actor, i), LEASE).await;
+            }
+        }
+        // The greedy actor's own records still answer.
+        assert!(matches!(store.claim(&greedy(0), &fp(1), LEASE).await, Ok(Claim::Completed(_))));
+        assert!(matches!(store.claim(&greedy(2), &fp(1), LEASE).await, Ok(Claim::InProgress { .. })));
+        store.audit();
+
+        // A released claim gives its place back.
+        store.release(&greedy(2), &t2).await.unwrap();
+        let t3 = acquire(&store, &greedy(3), Duration::from_secs(1)).await;
+        assert!(refused(&store, &greedy(4)).await);
+        // So does an invalidated record.
+        assert!(store.invalidate(&greedy(0)).await.unwrap());
+        acquire(&store, &greedy(4), Duration::from_secs(1)).await;
+        assert!(refused(&store, &greedy(5)).await);
+        store.audit();
+
+        // Taking over its own abandoned claim adds nothing to the actor's count.
+        advance(Duration::from_secs(2)).await;
+        let t3b = acquire(&store, &greedy(3), LEASE).await;
+        assert_ne!(t3, t3b);
+        assert!(refused(&store, &greedy(5)).await);
+        // A completed record whose time to live ends gives its place back, wherever it is in
+        // the index.
+        advance(Duration::from_secs(10)).await;
+        acquire(&store, &greedy(5), LEASE).await;
+        assert!(refused(&store, &greedy(6)).await);
+        store.audit();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_are_counted_exactly_and_all_given_back() {
+        for store in [MemoryStore::new(), MemoryStore::new().with_actor_quota(1000)] {
+            let quota = store.actor_quota.is_some();
+            let actor = |a: &str| if quota { ACTOR_OVERHEAD + allocation(a.len()) } else { 0 };
+            assert_eq!(store.bytes(), 0);
+            let k = key("a", 1);
+            let token = acquire(&store, &k, LEASE).await;
+            let claimed = record_bytes(k.storage_key().len()) + allocation(TOKEN_LEN) + actor("a");
+            assert_eq!(store.bytes(), claimed);
+            store.complete(&k, &token, &response(201, 100), Duration::from_secs(60)).await.unwrap();
+            let headers = allocation(2 * size_of::<(String, Vec<u8>)>())
+                + allocation("content-type".len())
+                + allocation("text/plain".len())
+                + allocation("x-id".len())
+                + allocation("42".len());
+            assert_eq!(store.bytes(), claimed - allocation(TOKEN_LEN) + headers + allocation(100));
+
+            // Records in every state, coming and going.
+            for i in 0..200 {
+                let k = key(["a", "b", ""][i % 3], i);
+                let token = acquire(&store, &k, Duration::from_secs(1 + i as u64 % 7)).await;
+                match i % 5 {
+                    0 => store.complete(&k, &token, &response(200, i), Duration::from_secs(i as u64)).await.unwrap(),
+                    1 => store.renew(&k, &token, Duration::from_secs(30)).await.unwrap(),
+                    2 => store.release(&k, &token).await.unwrap(),
+                    3 => assert!(store.invalidate(&k).await.unwrap()),
+                    _ => {}
+                }
+                if i % 17 == 0 {
+                    advance(Duration::from_secs(3)).await;
+                }
+            }
+            store.audit();
+            assert!(store.bytes() > 0);
+            advance(Duration::from_secs(86_400)).await;
+            forget_everything_due(&store).await;
+            assert_eq!(store.bytes(), 0);
+            store.audit();
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn actor_of_reads_the_actor_back_from_any_storage_key(scope in ".*", actor in ".*", k in ".*") {
+            let record = RecordKey::new(scope, actor, k);
+            let storage_key = record.storage_key();
+            prop_assert_eq!(actor_of(&storage_key), record.actor.as_str());
+        }
+    }
+
+    /// The model test's operations.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Claim {
+            key: usize,
+            fp: i32,
+            lease_ms: u64,
+        },
+        /// Renews with the `token`-th last token handed out (modulo their number).
+        Renew {
+            token: usize,
+            lease_ms: u64,
+        },
+        Complete {
+            token: usize,
+            ttl_ms: u64,
+        },
+        Release {
+            token: usize,
+        },
+        Invalidate {
+            key: usize,
+        },
+        Inspect {
+            key: usize,
+        },
+        Advance {
+            ms: u64,
+        },
+    }
+
+    /// Keys 0 to 3 are the greedy actor's, 4 and 5 another's, 6 and 7 anonymous: the greedy actor
+    /// meets its quota, all of them the store's bound.
+    const KEYS: usize = 8;
+    const MODEL_MAX_RECORDS: usize = 4;
+    const MODEL_QUOTA: usize = 2;
+
+    fn model_key(i: usize) -> RecordKey {
+        key(["greedy", "greedy", "greedy", "greedy", "other", "other", "", ""][i], i)
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let retention = ABANDONED_CLAIM_RETENTION.as_millis() as u64;
+        prop_oneof![
+            5 => (0..KEYS, 0..2i32, 100..3000u64).prop_map(|(key, fp, lease_ms)| Op::Claim { key, fp, lease_ms }),
+            2 => (0..6usize, 100..3000u64).prop_map(|(token, lease_ms)| Op::Renew { token, lease_ms }),
+            3 => (0..6usize, 100..5000u64).prop_map(|(token, ttl_ms)| Op::Complete { token, ttl_ms }),
+            1 => (0..6usize).prop_map(|token| Op::Release { token }),
+            1 => (0..KEYS).prop_map(|key| Op::Invalidate { key }),
+            1 => (0..KEYS).prop_map(|key| Op::Inspect { key }),
+            3 => prop_oneof![1..2000u64, retention - 2000..retention + 4000].prop_map(|ms| Op::Advance { ms }),
+        ]
+    }
+
+    /// A record of the model: a fingerprint, the token while in progress, the lease's end or the
+    /// time to live's, the status once completed.
+    struct Modelled {
+        fp: i32,
+        token: Option<ClaimToken>,
+        until: Instant,
+        created: Instant,
+        status: Option<u16>,
+    }
+
+    impl Modelled {
+        fn forgotten(&self, now: Instant) -> bool {
+            match self.token {
+                Some(_) => self.until + ABANDONED_CLAIM_RETENTION <= now,
+                None => self.until <= now,
+            }
+        }
+    }
+
+    /// Runs `ops` on a store and on a plain map that forgets by scanning every record, and
+    /// checks that they answer alike and that the store's counts are right after each.
+    async fn against_the_model(ops: Vec<Op>) {
+        let store = MemoryStore::with_limits(MODEL_MAX_RECORDS, usize::MAX).with_actor_quota(MODEL_QUOTA);
+        let mut model: HashMap<usize, Modelled> = HashMap::new();
+        let mut tokens: Vec<(usize, ClaimToken)> = Vec::new();
+        for op in ops {
+            let now = Instant::now();
+            model.retain(|_, r| !r.forgotten(now));
+            let holds = |model: &HashMap<usize, Modelled>, k: usize, t: &ClaimToken| {
+                model.get(&k).is_some_and(|r| r.token.as_ref() == Some(t))
+            };
+            match op {
+                Op::Claim { key: k, fp: f, lease_ms } => {
+                    let lease = Duration::from_millis(lease_ms);
+                    let answer = store.claim(&model_key(k), &fp(f), lease).await;
+                    let live = |actor: &str| model.keys().filter(|&&i| model_key(i).actor == actor).count();
+                    match model.get(&k) {
+                        Some(r) if r.until > now => {
+                            let expected = if r.fp != f {
+                                Claim::Mismatch
+                            } else if let Some(status) = r.status {
+                                Claim::Completed(response(status, k))
+                            } else {
+                                Claim::InProgress { retry_after: r.until - now }
+                            };
+                            assert_eq!(answer.unwrap(), expected);
+                        }
+                        r if r.is_some()
+                            || (model.len() < MODEL_MAX_RECORDS && live(&model_key(k).actor) < MODEL_QUOTA) =>
+                        {
+                            let Ok(Claim::Acquired(token)) = answer else { panic!("{k} not acquired: {answer:?}") };
+                            tokens.push((k, token.clone()));
+                            let record =
+                                Modelled { fp: f, token: Some(token), until: now + lease, created: now, status: None };
+                            model.insert(k, record);
+                        }
+                        _ => assert!(matches!(answer, Err(StoreError::Full)), "{k}: {answer:?}"),
+                    }
+                }
+                Op::Renew { token, lease_ms } if !tokens.is_empty() => {
+                    let (k, t) = tokens[tokens.len() - 1 - token % tokens.len()].clone();
+                    let lease = Duration::from_millis(lease_ms);
+                    let answer = store.renew(&model_key(k), &t, lease).await;
+                    if holds(&model, k, &t) {
+                        answer.unwrap();
+                        model.get_mut(&k).unwrap().until = now + lease;
+                    } else {
+                        assert!(matches!(answer, Err(StoreError::Fenced)), "{answer:?}");
+                    }
+                }
+                Op::Complete { token, ttl_ms } if !tokens.is_empty() => {
+                    let (k, t) = tokens[tokens.len() - 1 - token % tokens.len()].clone();
+                    let status = 200 + k as u16;
+                    let ttl = Duration::from_millis(ttl_ms);
+                    let answer = store.complete(&model_key(k), &t, &response(status, k), ttl).await;
+                    if holds(&model, k, &t) {
+                        answer.unwrap();
+                        let r = model.get_mut(&k).unwrap();
+                        (r.token, r.until, r.status) = (None, now + ttl, Some(status));
+                    } else {
+                        assert!(matches!(answer, Err(StoreError::Fenced)), "{answer:?}");
+                    }
+                }
+                Op::Release { token } if !tokens.is_empty() => {
+                    let (k, t) = tokens[tokens.len() - 1 - token % tokens.len()].clone();
+                    let answer = store.release(&model_key(k), &t).await;
+                    if holds(&model, k, &t) {
+                        answer.unwrap();
+                        model.remove(&k);
+                    } else {
+                        assert!(matches!(answer, Err(StoreError::Fenced)), "{answer:?}");
+                    }
+                }
+                Op::Invalidate { key: k } => {
+                    assert_eq!(store.invalidate(&model_key(k)).await.unwrap(), model.remove(&k).is_some());
+                }
+                Op::Inspect { key: k } => {
+                    let info = store.inspect(&model_key(k)).await.unwrap();
+                    let seen =
+                        info.map(|i| (i.state, i.status, i.expires_at.duration_since(i.created_at.unwrap()).ok()));
+                    let expected = model.get(&k).map(|r| {
+                        let state = if r.status.is_some() { RecordState::Completed } else { RecordState::InProgress };
+                        (state, r.status, Some(r.until - r.created))
+                    });
+                    assert_eq!(seen, expected);
+                }
+                Op::Advance { ms } => advance(Duration::from_millis(ms)).await,
+                Op::Renew { .. } | Op::Complete { .. } | Op::Release { .. } => {}
+            }
+            store.audit();
+            assert!(store.len() >= model.len());
+        }
+        // Once every record is due and they are all forgotten, nothing is counted.
+        advance(Duration::from_secs(86_400)).await;
+        forget_everything_due(&store).await;
+        assert_eq!(store.bytes(), 0);
+        store.audit();
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+        #[test]
+        fn the_store_answers_as_a_map_scanned_in_full_would(ops in proptest::collection::vec(op(), 1..80)) {
+            let runtime =
+                tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+            runtime.block_on(against_the_model(ops));
+        }
     }
 }
