@@ -552,11 +552,12 @@ impl Runtime {
             Some(t) => AssertUnwindSafe(crate::transaction::scope(t.clone(), handler)).catch_unwind().await,
             None => AssertUnwindSafe(handler).catch_unwind().await,
         };
-        if let (Some(t), Ok(captured)) = (&transaction, &result) {
-            if captured.failed || policy.outcomes.stores(captured.record.status) {
-                return self.commit(policy, key, &token, t.as_ref(), result.ok().expect("checked"), &lease).await;
+        let result = match (&transaction, result) {
+            (Some(t), Ok(captured)) if captured.failed || policy.outcomes.stores(captured.record.status) => {
+                return self.commit(policy, key, &token, t.as_ref(), captured, &lease).await;
             }
-        }
+            (_, result) => result,
+        };
         if let Some(t) = &transaction {
             // A panic or a retryable outcome: the handler's writes go with its claim.
             t.rollback().await;
