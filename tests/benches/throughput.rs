@@ -16,11 +16,19 @@
 //! 5. the memory store as it fills: claims and completions per second on an empty store, one
 //!    half full and one full of live records (where every new key is refused), one full of
 //!    expired records (each claim makes its own room), and one holding a million records; and
-//!    the bytes a record costs, by the store's own count and by the process's resident memory.
+//!    the bytes a record costs, by the store's own count and by the process's resident memory;
+//! 6. the cost of the transactional mode: first executions per second of a deposit (a row INSERT
+//!    and a balance upsert) through a transactional route, whose writes go through `Tx` and
+//!    commit with the outcome's record, and through the same route in ordinary mode, whose
+//!    handler commits the same writes in a transaction of its own before the engine stores the
+//!    outcome (both on the store's pool); on PostgreSQL and on a SQLite file (`synchronous =
+//!    FULL`), with 1 and 16 concurrent callers (each its own account), in process, and their
+//!    ratio.
 //!
 //! Machines are shared and noisy: compare the ratios within one run, not absolute numbers
 //! across runs. `cargo bench -p idempotent-tests --bench throughput -- in-process` runs only the
-//! first part, `-- sqlite-sync` only the fourth, `-- memory-fill` only the fifth.
+//! first part, `-- sqlite-sync` only the fourth, `-- memory-fill` only the fifth,
+//! `-- transactional` only the sixth.
 
 use axum::body::Body;
 use axum::extract::State;
@@ -131,9 +139,11 @@ async fn per_request(app: &Router, n: usize, f: impl Fn(usize) -> Request<Body>)
 
 /// Bare handler, first execution and replay, µs per request, on a fresh store.
 async fn in_process_round(n: usize, round: usize) -> [f64; 3] {
-    // The demo's routes are linked in too, and their 3 s leases need the demo's store timeout.
+    // The demo's routes are linked in too, and their 3 s leases need the demo's store timeout;
+    // the transactional routes (the demo's deposits, part 5's) cannot run on the memory store.
     let idem = Idempotency::builder(Arc::new(MemoryStore::new()))
         .store_timeout(payments_demo::api::STORE_TIMEOUT)
+        .without_transactions(idempotent_axum::core::engine::WithoutTransactions::NotImplemented)
         .build()
         .unwrap();
     let app = Router::new().route("/bare", post(bare)).route("/protected", post(protected)).layer(idem.layer());
@@ -653,12 +663,219 @@ async fn memory_fill() {
     println!("  {:<48} {:>10.0}", format!("by the process's resident memory (at {MILLION})"), resident);
 }
 
+/// `POST /deposits` of the transactional comparison: `account` gets `amount`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+struct DepositBody {
+    account: String,
+    amount: i64,
+}
+
+/// The database the deposit routes write in: the store's, through the store's own pool, so that
+/// both modes have the same connections to share (on SQLite, a second pool on the file would add
+/// writers queueing for its one write lock, a cost of that set-up rather than of the mode).
+#[derive(Clone)]
+enum DepositDb {
+    Postgres(sqlx::PgPool),
+    Sqlite(sqlx::SqlitePool),
+}
+
+const PG_DEPOSIT_TABLES: &str = "CREATE TABLE IF NOT EXISTS bench_deposits (
+    id TEXT PRIMARY KEY, account TEXT NOT NULL, amount BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS bench_balances (account TEXT PRIMARY KEY, balance BIGINT NOT NULL);";
+const PG_INSERT: &str = "INSERT INTO bench_deposits (id, account, amount) VALUES ($1, $2, $3)";
+const PG_UPSERT: &str = "INSERT INTO bench_balances AS b (account, balance) VALUES ($1, $2)
+    ON CONFLICT (account) DO UPDATE SET balance = b.balance + EXCLUDED.balance";
+const SQLITE_DEPOSIT_TABLES: &str = "CREATE TABLE IF NOT EXISTS bench_deposits (
+    id TEXT PRIMARY KEY, account TEXT NOT NULL, amount INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS bench_balances (account TEXT PRIMARY KEY, balance INTEGER NOT NULL);";
+const SQLITE_INSERT: &str = "INSERT INTO bench_deposits (id, account, amount) VALUES (?1, ?2, ?3)";
+const SQLITE_UPSERT: &str = "INSERT INTO bench_balances (account, balance) VALUES (?1, ?2)
+    ON CONFLICT (account) DO UPDATE SET balance = balance + excluded.balance";
+
+/// The deposit's two writes (a row, the balance's upsert) on `conn`.
+async fn pg_deposit(conn: &mut sqlx::PgConnection, d: &DepositBody) -> String {
+    let id = format!("dep_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(PG_INSERT).bind(&id).bind(&d.account).bind(d.amount).execute(&mut *conn).await.unwrap();
+    sqlx::query(PG_UPSERT).bind(&d.account).bind(d.amount).execute(&mut *conn).await.unwrap();
+    id
+}
+
+async fn sqlite_deposit(conn: &mut sqlx::SqliteConnection, d: &DepositBody) -> String {
+    let id = format!("dep_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(SQLITE_INSERT).bind(&id).bind(&d.account).bind(d.amount).execute(&mut *conn).await.unwrap();
+    sqlx::query(SQLITE_UPSERT).bind(&d.account).bind(d.amount).execute(&mut *conn).await.unwrap();
+    id
+}
+
+/// Ordinary mode: the handler commits its writes in a transaction of its own, then the engine
+/// stores the outcome.
+#[idempotent(scope = "bench.deposit.ordinary")]
+async fn deposit_ordinary(State(db): State<DepositDb>, Json(d): Json<DepositBody>) -> (StatusCode, String) {
+    let id = match &db {
+        DepositDb::Postgres(pool) => {
+            let mut tx = pool.begin().await.unwrap();
+            let id = pg_deposit(&mut tx, &d).await;
+            tx.commit().await.unwrap();
+            id
+        }
+        DepositDb::Sqlite(pool) => {
+            let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.unwrap();
+            let id = sqlite_deposit(&mut tx, &d).await;
+            tx.commit().await.unwrap();
+            id
+        }
+    };
+    (StatusCode::CREATED, id)
+}
+
+/// Transactional mode: the same writes through `Tx`, committed with the outcome's record.
+#[idempotent(scope = "bench.deposit.transactional", transactional = true)]
+async fn deposit_transactional(
+    State(db): State<DepositDb>,
+    tx: idempotent_axum::Tx,
+    Json(d): Json<DepositBody>,
+) -> (StatusCode, String) {
+    let id = match &db {
+        DepositDb::Postgres(_) => pg_deposit(&mut tx.postgres().await.unwrap(), &d).await,
+        DepositDb::Sqlite(_) => sqlite_deposit(&mut tx.sqlite().await.unwrap(), &d).await,
+    };
+    (StatusCode::CREATED, id)
+}
+
+/// First executions per second of `n` deposits on `path` from `callers` concurrent callers (each
+/// its own account, so that callers do not queue on one balance row), in process; and how many
+/// answers were not 201 (the store timed out: sent again with the same key).
+async fn deposits_per_second(app: &Router, path: &str, tag: &str, callers: usize, n: usize) -> (f64, u64) {
+    let next = Arc::new(AtomicU64::new(0));
+    let retried = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..callers)
+        .map(|caller| {
+            let (app, path, tag, next, retried) =
+                (app.clone(), path.to_owned(), tag.to_owned(), next.clone(), retried.clone());
+            tokio::spawn(async move {
+                let body =
+                    serde_json::to_string(&DepositBody { account: format!("acct_{caller}"), amount: 5 }).unwrap();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if i >= n {
+                        break;
+                    }
+                    loop {
+                        let request = Request::post(&path)
+                            .header("content-type", "application/json")
+                            .header("idempotency-key", format!("{tag}-{i}"))
+                            .body(Body::from(body.clone()))
+                            .unwrap();
+                        let r = app.clone().oneshot(request).await.unwrap();
+                        if r.status() == StatusCode::CREATED {
+                            assert!(!r.headers().contains_key("idempotent-replayed"), "a first execution");
+                            break;
+                        }
+                        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "{path}");
+                        retried.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (n as f64 / start.elapsed().as_secs_f64(), retried.load(Ordering::Relaxed))
+}
+
+/// The deposit routes on `store`, writing in `db`.
+fn deposit_app(store: Arc<dyn Store>, db: DepositDb) -> Router {
+    // The demo's routes are linked in too, and their 3 s leases need the demo's store timeout.
+    let idem = Idempotency::builder(store).store_timeout(payments_demo::api::STORE_TIMEOUT).build().unwrap();
+    Router::new()
+        .route("/ordinary", post(deposit_ordinary))
+        .route("/transactional", post(deposit_transactional))
+        .layer(idem.layer())
+        .with_state(db)
+}
+
+async fn transactional_cost(pg: Option<Arc<idempotent_tests::postgres::TestSchema>>) {
+    const CALLERS: [usize; 2] = [1, 16];
+    const ROUNDS: usize = 5;
+    let mut databases: Vec<(&str, Router, usize)> = Vec::new();
+    let sqlite_path = std::env::temp_dir().join(format!("bench-tx-{}.sqlite", uuid::Uuid::new_v4().simple()));
+    {
+        // The store's defaults: WAL, synchronous FULL.
+        let store = SqliteStore::connect(&format!("sqlite:{}", sqlite_path.display())).await.unwrap();
+        let pool = store.pool().clone();
+        sqlx::raw_sql(SQLITE_DEPOSIT_TABLES).execute(&pool).await.unwrap();
+        databases.push(("SQLite (file, FULL)", deposit_app(Arc::new(store), DepositDb::Sqlite(pool)), 600));
+    }
+    if let Some(pg) = &pg {
+        let sep = if pg.url.contains('?') { '&' } else { '?' };
+        let url = format!("{}{sep}options[search_path]={}", pg.url, pg.name);
+        let config = idempotent_axum::core::store::PostgresConfig::new()
+            .schema(&pg.name)
+            .application_name(&pg.name)
+            .sweep_interval(None);
+        let store = PostgresStore::connect_with(&url, config).await.unwrap();
+        let pool = store.pool().clone();
+        sqlx::raw_sql(PG_DEPOSIT_TABLES).execute(&pool).await.unwrap();
+        databases.push(("PostgreSQL", deposit_app(Arc::new(store), DepositDb::Postgres(pool)), 2_000));
+    }
+    println!(
+        "\n5. transactional mode: first executions per second of a deposit (a row INSERT and a balance upsert), in process, best of {ROUNDS} alternating rounds"
+    );
+    println!("  ordinary: the handler commits its writes in a transaction of its own (on the store's pool), then the");
+    println!("  engine stores the outcome; transactional: the writes through Tx, committed with the outcome's record;");
+    println!(
+        "  retried: 503 answers (a store operation past the demo's 500 ms store timeout) sent again with the same"
+    );
+    println!("  key, over all rounds, ordinary / transactional");
+    println!(
+        "  {:<20} {:>8} {:>8} {:>14} {:>14} {:>10} {:>13}",
+        "database", "callers", "requests", "ordinary/s", "transact./s", "tx/ord", "retried o / t"
+    );
+    for (label, app, n) in &databases {
+        let n = *n;
+        let mut best = [[0f64; 2]; CALLERS.len()];
+        let mut retried = [[0u64; 2]; CALLERS.len()];
+        for round in 0..ROUNDS {
+            for (c, callers) in CALLERS.into_iter().enumerate() {
+                for (v, path) in ["/ordinary", "/transactional"].into_iter().enumerate() {
+                    let tag = format!("r{round}-c{callers}");
+                    let (per_second, r) = deposits_per_second(app, path, &tag, callers, n).await;
+                    best[c][v] = best[c][v].max(per_second);
+                    retried[c][v] += r;
+                }
+            }
+        }
+        for ((callers, [ordinary, transactional]), [o, t]) in CALLERS.into_iter().zip(best).zip(retried) {
+            println!(
+                "  {label:<20} {callers:>8} {n:>8} {ordinary:>14.0} {transactional:>14.0} {:>9.2}x {:>13}",
+                transactional / ordinary,
+                format!("{o} / {t}")
+            );
+        }
+    }
+    drop(databases);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", sqlite_path.display()));
+    }
+}
+
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         println!("throughput: run with `cargo bench -p idempotent-tests --bench throughput`");
         return;
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    if std::env::args().any(|a| a == "transactional") {
+        rt.block_on(async {
+            let pg = idempotent_tests::postgres::TestSchema::new().await;
+            tokio::spawn(transactional_cost(pg)).await
+        })
+        .unwrap();
+        return;
+    }
     if std::env::args().any(|a| a == "sqlite-sync") {
         rt.block_on(async { tokio::spawn(sqlite_durability()).await }).unwrap();
         return;
@@ -680,5 +897,6 @@ fn main() {
         }
         tokio::spawn(sqlite_durability()).await.unwrap();
         tokio::spawn(memory_fill()).await.unwrap();
+        tokio::spawn(transactional_cost(pg)).await.unwrap();
     });
 }
