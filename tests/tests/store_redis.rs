@@ -258,8 +258,8 @@ async fn redis_now(c: &mut redis::aio::MultiplexedConnection) -> i64 {
     secs * 1000 + micros / 1000
 }
 
-/// One hash per record: an in-progress record keeps its lease deadline (`l`, by Redis's clock)
-/// in the hash and outlives it by the retention of an abandoned claim; renewal moves both; a
+/// One hash per record: an in-progress record keeps its claim time (`c`) and lease deadline
+/// (`l`, both by Redis's clock) in the hash and outlives it by the retention of an abandoned claim; renewal moves both; a
 /// completed record has no token nor deadline and expires `ttl` after completion.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn record_layout_is_one_hash_with_expiry() {
@@ -278,8 +278,10 @@ async fn record_layout_is_one_hash_with_expiry() {
     let t = acquire(&s, &k, &fp(1), Duration::from_secs(10)).await;
     let h: BTreeMap<String, Vec<u8>> = redis::cmd("HGETALL").arg(&rk).query_async(&mut c).await.unwrap();
     let now = redis_now(&mut c).await;
-    assert_eq!(h.keys().map(String::as_str).collect::<Vec<_>>(), ["f", "l", "s", "t"]);
+    assert_eq!(h.keys().map(String::as_str).collect::<Vec<_>>(), ["c", "f", "l", "s", "t"]);
     assert_eq!(h["s"], b"p");
+    let claimed = std::str::from_utf8(&h["c"]).unwrap().parse::<i64>().expect("c is decimal milliseconds");
+    assert!((now - 1_000..=now).contains(&claimed), "claimed at {claimed}, now {now}");
     assert_eq!(h["f"], fp(1).0);
     assert_eq!(h["t"], t.0.as_bytes());
     assert!((9_000..=10_000).contains(&lease_left(&h, now)), "{}", lease_left(&h, now));
@@ -295,7 +297,7 @@ async fn record_layout_is_one_hash_with_expiry() {
 
     s.complete(&k, &t, &response(b"done"), Duration::from_secs(600)).await.unwrap();
     let h: BTreeMap<String, Vec<u8>> = redis::cmd("HGETALL").arg(&rk).query_async(&mut c).await.unwrap();
-    assert_eq!(h.keys().map(String::as_str).collect::<Vec<_>>(), ["f", "r", "s"]);
+    assert_eq!(h.keys().map(String::as_str).collect::<Vec<_>>(), ["c", "f", "r", "s"], "the claim time stays");
     assert_eq!(h["r"], response(b"done").encode());
     let pttl: i64 = redis::cmd("PTTL").arg(&rk).query_async(&mut c).await.unwrap();
     assert!((599_000..=600_000).contains(&pttl), "{pttl}");
