@@ -65,7 +65,15 @@ impl Deposits {
         let failed = |e: sqlx::Error| format!("deposits tables in `{spec}`: {e}");
         if spec.starts_with("postgres") {
             let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(spec).await.map_err(failed)?;
-            sqlx::raw_sql(POSTGRES_TABLES).execute(&pool).await.map_err(failed)?;
+            // Instances starting together would race on `CREATE TABLE IF NOT EXISTS` (PostgreSQL
+            // can then fail one of them on its catalog's unique index): one at a time.
+            let mut tx = pool.begin().await.map_err(failed)?;
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext('payments-demo deposits tables'))")
+                .execute(&mut *tx)
+                .await
+                .map_err(failed)?;
+            sqlx::raw_sql(POSTGRES_TABLES).execute(&mut *tx).await.map_err(failed)?;
+            tx.commit().await.map_err(failed)?;
             Ok(Self::Postgres(pool))
         } else if spec.starts_with("sqlite") {
             let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(2).connect(spec).await.map_err(failed)?;
