@@ -29,19 +29,14 @@ impl Idempotency {
 /// The runtime installed as application data: `app_data(idempotency.data())` or
 /// `app_data(web::Data::new(idempotency))`.
 pub(crate) fn runtime_of(request: &HttpRequest) -> Option<Runtime> {
-    let direct = request.app_data::<Idempotency>();
     let data = || request.app_data::<web::Data<Idempotency>>().map(|d| d.get_ref());
-    direct.or_else(data).map(|i| i.runtime().clone())
+    request.app_data::<Idempotency>().or_else(data).map(|i| i.runtime().clone())
 }
 
 /// actix-web's headers, as the protocol reads them.
 pub(crate) struct Head<'a>(pub(crate) &'a HeaderMap);
 
 impl RequestHead for Head<'_> {
-    fn header(&self, name: &str) -> Option<&[u8]> {
-        self.0.get(name).map(|v| v.as_bytes())
-    }
-
     fn header_values(&self, name: &str) -> Vec<&[u8]> {
         self.0.get_all(name).map(|v| v.as_bytes()).collect()
     }

@@ -34,20 +34,18 @@ pub struct Actor(pub String);
 
 /// Read access to a request's headers, implemented by each framework adapter.
 pub trait RequestHead {
-    /// The first value of header `name` (case-insensitive), if any.
-    fn header(&self, name: &str) -> Option<&[u8]>;
+    /// Every value of header `name` (case-insensitive), in order. Required, never derived from
+    /// the first value: the key header must appear exactly once, and only every value shows a
+    /// repeated one.
+    fn header_values(&self, name: &str) -> Vec<&[u8]>;
 
-    /// Every value of header `name`, in order (the key header must appear exactly once).
-    fn header_values(&self, name: &str) -> Vec<&[u8]> {
-        self.header(name).into_iter().collect()
+    /// The first value of header `name`, if any.
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.header_values(name).into_iter().next()
     }
 }
 
 impl RequestHead for ::http::HeaderMap {
-    fn header(&self, name: &str) -> Option<&[u8]> {
-        self.get(name).map(|v| v.as_bytes())
-    }
-
     fn header_values(&self, name: &str) -> Vec<&[u8]> {
         self.get_all(name).iter().map(|v| v.as_bytes()).collect()
     }
@@ -143,8 +141,8 @@ mod tests {
 
     struct Head(Vec<(&'static str, &'static str)>);
     impl RequestHead for Head {
-        fn header(&self, name: &str) -> Option<&[u8]> {
-            self.0.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_bytes())
+        fn header_values(&self, name: &str) -> Vec<&[u8]> {
+            self.0.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_bytes()).collect()
         }
     }
 
