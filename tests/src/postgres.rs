@@ -174,18 +174,7 @@ async fn start_temporary_cluster() -> Option<String> {
         pg_ctl.display(),
         data.display()
     );
-    let script = format!(
-        "while kill -0 {me} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf '{dir}'",
-        me = std::process::id(),
-        dir = dir.display()
-    );
-    let _ = Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
+    let _ = crate::process::after_exit(&format!("{stop} >/dev/null 2>&1; rm -rf '{}'", dir.display()));
     answers_or_create(&format!("postgres://postgres@127.0.0.1:{port}/test")).await
 }
 

@@ -78,3 +78,17 @@ impl Drop for DemoProcess {
         self.kill();
     }
 }
+
+/// Runs `script` (`sh`) once this test binary has exited: how the servers the tests start are
+/// stopped and their directories removed, even when a test panics or the binary is killed.
+pub fn after_exit(script: &str) -> Option<Child> {
+    let script = format!("while kill -0 {me} 2>/dev/null; do sleep 1; done; {script}", me = std::process::id());
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()
+}

@@ -228,17 +228,5 @@ impl Drop for RedisProcess {
 
 /// Kills `pid` and removes `dir` once this test binary has exited.
 fn watchdog(pid: u32, dir: &std::path::Path) -> Option<Child> {
-    let script = format!(
-        "while kill -0 {me} 2>/dev/null; do sleep 1; done; kill -9 {pid} 2>/dev/null; rm -rf '{dir}'",
-        me = std::process::id(),
-        dir = dir.display()
-    );
-    Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()
+    crate::process::after_exit(&format!("kill -9 {pid} 2>/dev/null; rm -rf '{}'", dir.display()))
 }

@@ -16,6 +16,7 @@
 //! loud `SKIPPED` line and pass, except under `CI=true`, where that is a failure.
 
 use crate::postgres::{find_bin, is_root};
+use crate::process::after_exit;
 use crate::redis_server::{free_port, in_ci};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
@@ -119,19 +120,6 @@ pub fn skip(what: &str, hint: &str) {
         panic!("{msg} (a skip is a failure under CI=true)");
     }
     eprintln!("\n==================== {msg} ====================\n");
-}
-
-/// Runs `script` (`sh`) once this test binary has exited.
-fn after_exit(script: &str) -> Option<Child> {
-    let script = format!("while kill -0 {me} 2>/dev/null; do sleep 1; done; {script}", me = std::process::id());
-    Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()
 }
 
 /// Writes `text` to `dir/name`, readable by its owner only.
