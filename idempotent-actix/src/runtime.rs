@@ -134,16 +134,8 @@ impl http_body::Body for ActixBody {
 
 fn from_actix(response: HttpResponse) -> http::Response<ActixBody> {
     let (head, body) = response.into_parts();
-    let mut out = http::Response::new(ActixBody(body));
-    *out.status_mut() = http::StatusCode::from_u16(head.status().as_u16()).unwrap_or_default();
-    for (name, value) in head.headers() {
-        if let (Ok(n), Ok(v)) =
-            (http::HeaderName::from_bytes(name.as_str().as_bytes()), http::HeaderValue::from_bytes(value.as_bytes()))
-        {
-            out.headers_mut().append(n, v);
-        }
-    }
-    out
+    let headers = head.headers().iter().map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
+    protocol::response_from_parts(head.status().as_u16(), headers, ActixBody(body))
 }
 
 /// A response of the protocol with its body in hand, as actix-web's.

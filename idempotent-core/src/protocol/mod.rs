@@ -379,6 +379,24 @@ where
     tracker.track(async move { respond(&runtime, policy, caller, fingerprint, handler).await }.instrument(span))
 }
 
+/// A response of a framework built on another version of the `http` crate (actix-web 4 is on
+/// `http` 0.2), rebuilt from its status and raw headers around `body`; a header this version
+/// cannot represent is left out.
+pub fn response_from_parts<'a, B>(
+    status: u16,
+    headers: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    body: B,
+) -> Response<B> {
+    let mut out = Response::new(body);
+    *out.status_mut() = StatusCode::from_u16(status).unwrap_or_default();
+    for (name, value) in headers {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
+            out.headers_mut().append(n, v);
+        }
+    }
+    out
+}
+
 /// A path parameter a router left partly percent-encoded (actix-web keeps `%25`, `%2F` and `%2B`
 /// encoded), decoded the rest of the way.
 pub fn decode_partly_encoded(value: &str) -> std::borrow::Cow<'_, str> {
