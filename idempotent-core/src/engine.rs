@@ -7,9 +7,11 @@
 //!
 //! # The lease
 //! From the moment a claim is acquired until its outcome is stored (or released, or found taken
-//! over), a task of its own renews the claim's lease every sixth of the lease. It is not the
-//! handler's task: a handler that awaits something slow, or blocks its thread on a multi-threaded
-//! runtime, does not hold the renewals up, and the renewals do not hold the handler up. Storing
+//! over), its lease is renewed every sixth of the lease by its thread's lease keeper, one task per
+//! thread for all the claims acquired there (a request that ends before its first renewal falls
+//! due costs a map insert and removal, not a task of its own). The keeper is not the handler's
+//! task: a handler that awaits something slow, or blocks its thread on a multi-threaded runtime,
+//! does not hold the renewals up, and the renewals do not hold the handler up. Storing
 //! the outcome is retried inside that coverage, for up to [`Config::completion_patience`], so a
 //! store that is briefly unreachable after the handler ran does not let the lease lapse and a
 //! retry run the handler again.
@@ -43,11 +45,12 @@ use crate::telemetry::{self, RequestOutcome, StoreOperation};
 use futures_util::FutureExt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::task::TaskTracker;
-use tracing::Instrument;
+
+mod lease;
+use lease::Lease;
 
 /// Default name of the key header.
 pub const DEFAULT_HEADER: &str = "idempotency-key";
@@ -446,7 +449,7 @@ impl Runtime {
         let mut backoff = Duration::from_millis(10);
         loop {
             match self.bounded(StoreOperation::Claim, self.store.claim(&record_key, &fingerprint, policy.lease)).await {
-                Ok(Claim::Acquired(token)) => return self.run_claimed(policy, &record_key, token, handler).await,
+                Ok(Claim::Acquired(token)) => return self.run_claimed(policy, record_key, token, handler).await,
                 Ok(Claim::Completed(response)) => {
                     tracing::debug!(scope = policy.scope, "replaying stored response");
                     return (replay(response), Some(RequestOutcome::Replayed));
@@ -524,19 +527,20 @@ impl Runtime {
     async fn run_claimed<R, Fut>(
         &self,
         policy: &Policy,
-        key: &RecordKey,
+        key: RecordKey,
         token: ClaimToken,
         handler: Fut,
     ) -> (Outcome<R>, Option<RequestOutcome>)
     where
         Fut: Future<Output = Captured<R>>,
     {
-        let lease = LeaseKeeper::start(self, policy, key, &token);
+        let lease = Lease::hold(self, policy, key, token);
+        let (key, token) = (lease.key(), lease.token());
         let transaction = match self.begin(policy).await {
             Ok(transaction) => transaction,
             Err(e) => {
                 tracing::warn!(scope = policy.scope, error = %e, "could not open the route's transaction; releasing the claim");
-                self.release(policy, key, &token, &lease, None).await;
+                self.release(policy, key, token, &lease, None).await;
                 let problem = Problem::new(
                     ProblemKind::StoreUnavailable,
                     format!("The idempotency store could not open this request's transaction ({e}); nothing was executed. Retry with the same key."),
@@ -545,16 +549,14 @@ impl Runtime {
                 return (Outcome::Problem(problem), Some(RequestOutcome::StoreUnavailable));
             }
         };
-        // Let the renewal task take its first step (arm its timer) before the handler runs: a
-        // task spawned from this one may otherwise wait behind it on this worker.
-        tokio::task::yield_now().await;
+        lease.let_keeper_arm().await;
         let result = match &transaction {
             Some(t) => AssertUnwindSafe(crate::store::transaction::scope(t.clone(), handler)).catch_unwind().await,
             None => AssertUnwindSafe(handler).catch_unwind().await,
         };
         let result = match (&transaction, result) {
             (Some(t), Ok(captured)) if captured.failed || policy.outcomes.stores(captured.record.status) => {
-                return self.commit(policy, key, &token, t.as_ref(), captured, &lease).await;
+                return self.commit(policy, key, token, t.as_ref(), captured, &lease).await;
             }
             (_, result) => result,
         };
@@ -565,7 +567,7 @@ impl Runtime {
         match result {
             Err(_panic) => {
                 tracing::error!(scope = policy.scope, "handler panicked; releasing the claim");
-                self.release(policy, key, &token, &lease, None).await;
+                self.release(policy, key, token, &lease, None).await;
                 let problem = Problem::new(
                     ProblemKind::HandlerPanicked,
                     "The request failed before completing; nothing was stored. Retry with the same key.",
@@ -575,10 +577,10 @@ impl Runtime {
             Ok(captured) => {
                 let status = captured.record.status;
                 if captured.failed || policy.outcomes.stores(status) {
-                    self.complete(policy, key, &token, &captured.record, &lease).await;
+                    self.complete(policy, key, token, &captured.record, &lease).await;
                     (Outcome::Executed(captured.live), Some(RequestOutcome::Executed))
                 } else {
-                    self.release(policy, key, &token, &lease, Some(status)).await;
+                    self.release(policy, key, token, &lease, Some(status)).await;
                     (Outcome::Executed(captured.live), Some(RequestOutcome::Released))
                 }
             }
@@ -604,7 +606,7 @@ impl Runtime {
         token: &ClaimToken,
         transaction: &dyn OutcomeTransaction,
         captured: Captured<R>,
-        lease: &LeaseKeeper,
+        lease: &Lease,
     ) -> (Outcome<R>, Option<RequestOutcome>) {
         lease.settling();
         let commit = transaction.commit(key, token, &captured.record, policy.ttl);
@@ -648,7 +650,7 @@ impl Runtime {
         key: &RecordKey,
         token: &ClaimToken,
         record: &StoredResponse,
-        lease: &LeaseKeeper,
+        lease: &Lease,
     ) {
         lease.settling();
         // The handler ran: losing its outcome would let a retry run it again.
@@ -696,14 +698,7 @@ impl Runtime {
 
     /// Gives the claim back so that a retry runs the handler again: its outcome was retryable
     /// (`status`), or it panicked (`None`).
-    async fn release(
-        &self,
-        policy: &Policy,
-        key: &RecordKey,
-        token: &ClaimToken,
-        lease: &LeaseKeeper,
-        status: Option<u16>,
-    ) {
+    async fn release(&self, policy: &Policy, key: &RecordKey, token: &ClaimToken, lease: &Lease, status: Option<u16>) {
         lease.settling();
         match self.bounded(StoreOperation::Release, self.store.release(key, token)).await {
             Ok(()) => tracing::info!(scope = policy.scope, status, "claim released: a retry runs the handler again"),
@@ -731,80 +726,6 @@ async fn bounded<T>(
     };
     telemetry::store_operation(store, operation, started.elapsed());
     result
-}
-
-/// What a claim's renewal task and its request share.
-#[derive(Debug, Default)]
-struct LeaseState {
-    /// A renewal found the claim taken over (or crossing the completion, once `settling`).
-    lost: AtomicBool,
-    /// The request has begun storing or releasing its outcome.
-    settling: AtomicBool,
-}
-
-/// The task that renews one claim's lease, from the claim until it is dropped (once the outcome
-/// is stored or released). Dropping it stops the renewals, also when the request's task is
-/// cancelled. It holds one unit of [`telemetry::CLAIMS_IN_FLIGHT`] meanwhile.
-struct LeaseKeeper {
-    state: Arc<LeaseState>,
-    scope: &'static str,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl LeaseKeeper {
-    fn start(runtime: &Runtime, policy: &Policy, key: &RecordKey, token: &ClaimToken) -> Self {
-        let state = Arc::new(LeaseState::default());
-        let (store, timeout, scope, lease) =
-            (runtime.store.clone(), runtime.config.store_timeout, policy.scope, policy.lease);
-        let (key, token, shared) = (key.clone(), token.clone(), state.clone());
-        let period = renewal_period(lease);
-        telemetry::claims_in_flight(scope, 1.0);
-        let renewals = async move {
-            // A fixed cadence: a slow renewal does not push the next one back.
-            let mut next = tokio::time::Instant::now() + period;
-            loop {
-                tokio::time::sleep_until(next).await;
-                next += period;
-                match bounded(store.name(), StoreOperation::Renew, timeout, store.renew(&key, &token, lease)).await {
-                    Ok(()) => telemetry::lease_renewal(scope, "ok"),
-                    Err(StoreError::Fenced) => {
-                        // Once the outcome is being stored this is also the answer to a renewal
-                        // that crossed the completion: only the completion can tell which.
-                        if !shared.settling.load(Ordering::Acquire) {
-                            telemetry::lease_renewal(scope, "lost");
-                            tracing::warn!(scope, "lease lost: another request took the key over");
-                        }
-                        shared.lost.store(true, Ordering::Release);
-                        return;
-                    }
-                    Err(e) => {
-                        telemetry::lease_renewal(scope, "failed");
-                        tracing::warn!(scope, error = %e, "lease renewal failed; the next one follows")
-                    }
-                }
-            }
-        };
-        // Inside the request's span: a renewal's events belong to its request.
-        let task = tokio::spawn(renewals.in_current_span());
-        Self { state, scope, task }
-    }
-
-    /// Whether a renewal found the claim taken over.
-    fn lost(&self) -> bool {
-        self.state.lost.load(Ordering::Acquire)
-    }
-
-    /// The request begins storing or releasing its outcome.
-    fn settling(&self) {
-        self.state.settling.store(true, Ordering::Release);
-    }
-}
-
-impl Drop for LeaseKeeper {
-    fn drop(&mut self) {
-        self.task.abort();
-        telemetry::claims_in_flight(self.scope, -1.0);
-    }
 }
 
 fn replay<R>(response: StoredResponse) -> Outcome<R> {

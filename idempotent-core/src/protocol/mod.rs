@@ -342,13 +342,16 @@ where
     // A panic in the handler is the engine's to catch (the claim is released: nothing finished).
     // A panic while its response body is produced comes after the handler's effects, so it is a
     // failed but final outcome, like a body that errors.
-    let handler = async move {
+    // Boxed: the engine's state machine moves the handler through several layers, and a boxed
+    // one moves as a pointer (with the capture's state inline it would be copied, kilobytes at a
+    // time, at each of them and into the spawned task).
+    let handler = Box::pin(async move {
         let response = handler.await;
         match AssertUnwindSafe(capture::capture(response, max)).catch_unwind().await {
             Ok(captured) => captured,
             Err(_) => capture::failed(&"the response body panicked"),
         }
-    };
+    });
     match runtime.execute(policy, request, handler).await {
         Outcome::Executed(response) => response,
         Outcome::Replayed(stored) => replay_response(stored).map(ResponseBody::full),
