@@ -291,6 +291,10 @@ impl<B: Backend> Clone for SqlStore<B> {
 #[derive(Debug)]
 struct Inner<B: Backend> {
     pool: Pool<B>,
+    /// Where every write runs: `pool` itself, or (SQLite, on a database the store opened) a pool
+    /// of one connection, so that writers queue in the process instead of polling the database's
+    /// write lock.
+    writer: Pool<B>,
     config: SqlConfig<B>,
     sql: Arc<B::Statements>,
     session: Arc<B::Session>,
@@ -322,14 +326,25 @@ impl<B: Backend> SqlStore<B> {
 
     /// A store on `pool`, which it opened itself (`own`) or was handed.
     pub(super) async fn start(pool: Pool<B>, config: SqlConfig<B>, own: bool) -> Result<Self, StoreError> {
+        let writer = pool.clone();
+        Self::start_with_writer(pool, writer, config, own).await
+    }
+
+    /// A store on `pool` whose writes all run on `writer` (which may be `pool` itself).
+    pub(super) async fn start_with_writer(
+        pool: Pool<B>,
+        writer: Pool<B>,
+        config: SqlConfig<B>,
+        own: bool,
+    ) -> Result<Self, StoreError> {
         config.validate()?;
         let session = Arc::new(B::attach(&pool, own).await.map_err(B::unavailable)?);
         if config.migrate {
-            migrate(&pool, &config).await?;
+            migrate(&writer, &config).await?;
         }
         let sql = Arc::new(B::statements(&config));
         let sweeper = config.sweep_interval.map(|interval| {
-            let (pool, sql, session, batch) = (pool.clone(), sql.clone(), session.clone(), config.sweep_batch);
+            let (pool, sql, session, batch) = (writer.clone(), sql.clone(), session.clone(), config.sweep_batch);
             AbortOnDrop(tokio::spawn(async move {
                 let mut tick = tokio::time::interval(interval);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -343,7 +358,7 @@ impl<B: Backend> SqlStore<B> {
                 }
             }))
         });
-        Ok(Self { inner: Arc::new(Inner { pool, config, sql, session, _sweeper: sweeper }) })
+        Ok(Self { inner: Arc::new(Inner { pool, writer, config, sql, session, _sweeper: sweeper }) })
     }
 
     /// The SQL that creates the store's table and index for `config`, for applications that
@@ -358,6 +373,12 @@ impl<B: Backend> SqlStore<B> {
         &self.inner.pool
     }
 
+    /// The pool every write of the store runs on: the store's pool, or (SQLite, on a database the
+    /// store opened) its one writer connection.
+    pub(super) fn writer(&self) -> &Pool<B> {
+        &self.inner.writer
+    }
+
     /// The store's settings.
     pub fn config(&self) -> &SqlConfig<B> {
         &self.inner.config
@@ -367,7 +388,7 @@ impl<B: Backend> SqlStore<B> {
     /// in-progress record whose lease ended more than [`ABANDONED_CLAIM_RETENTION`] ago; returns
     /// how many were deleted.
     pub async fn sweep_expired(&self) -> Result<u64, StoreError> {
-        sweep(&self.inner.pool, &self.inner.sql, &self.inner.session, self.inner.config.sweep_batch).await
+        sweep(&self.inner.writer, &self.inner.sql, &self.inner.session, self.inner.config.sweep_batch).await
     }
 
     /// The store's statements.
@@ -403,7 +424,7 @@ impl<B: Backend> SqlStore<B> {
         String: Type<B> + for<'e> Encode<'e, B>,
     {
         let query = Self::key_query(&B::common(&self.inner.sql).invalidate, key);
-        Ok(B::execute(&self.inner.pool, &self.inner.session, query).await.map_err(B::unavailable)? > 0)
+        Ok(B::execute(&self.inner.writer, &self.inner.session, query).await.map_err(B::unavailable)? > 0)
     }
 
     /// One round trip to the database ([`Store::health`](super::Store::health)).
@@ -415,7 +436,7 @@ impl<B: Backend> SqlStore<B> {
     /// Runs a statement fenced by a claim's token: no row touched means the token no longer holds
     /// the claim ([`StoreError::Fenced`]).
     pub(super) async fn run_fenced(&self, query: Query<'static, B, B::Arguments>) -> Result<(), StoreError> {
-        match B::execute(&self.inner.pool, &self.inner.session, query).await.map_err(B::unavailable)? {
+        match B::execute(&self.inner.writer, &self.inner.session, query).await.map_err(B::unavailable)? {
             0 => Err(StoreError::Fenced),
             _ => Ok(()),
         }
@@ -493,7 +514,7 @@ impl<B: Backend> TxDatabase for B {
 #[async_trait]
 impl<B: Backend> TransactionalStore for SqlStore<B> {
     async fn begin(&self) -> Result<Arc<dyn OutcomeTransaction>, StoreError> {
-        let tx = B::begin_outcome(&self.inner.pool, &self.inner.session).await.map_err(B::unavailable)?;
+        let tx = B::begin_outcome(&self.inner.writer, &self.inner.session).await.map_err(B::unavailable)?;
         Ok(Arc::new(SqlTransaction { store: self.clone(), slot: Arc::new(tokio::sync::Mutex::new(Some(tx))) }))
     }
 }

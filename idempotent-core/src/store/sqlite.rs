@@ -2,9 +2,14 @@
 //!
 //! `sqlite:PATH` (or `sqlite://PATH`) opens the database file, creating it if missing, in WAL
 //! mode (readers never wait for the writer) with `synchronous = FULL` (see
-//! [durability](#durability)) and a busy timeout, so concurrent requests queue for the write
-//! lock instead of failing with "database is locked". `sqlite::memory:` gives a database shared
-//! by the store's connections, kept as long as the store (see [in memory](#in-memory)).
+//! [durability](#durability)) and a busy timeout. Every write of the store runs on one writer
+//! connection of its own, so concurrent requests queue for it in the process, each taking the
+//! write lock as the one before lets it go, instead of polling the lock on several connections
+//! (SQLite's busy handler sleeps between polls, and a sleeper can leave the lock idle); reads
+//! (a replay's lookup, `inspect`) run on the pool, beside the writer. `sqlite::memory:` gives a
+//! database shared by the store's connections, kept as long as the store (see
+//! [in memory](#in-memory)). A store on a pool the application hands in
+//! ([`SqlStore::from_pool`]) runs its writes on that pool.
 //!
 //! # Durability
 //!
@@ -344,8 +349,9 @@ impl SqlStore<Sqlite> {
     /// Opens `spec` with `config`.
     ///
     /// The file is opened in WAL mode with [`SqliteConfig::synchronous`] (default `FULL`) and
-    /// [`SqliteConfig::busy_timeout`]; an in-memory database is kept as long as the store (see
-    /// the [module docs](self#in-memory)).
+    /// [`SqliteConfig::busy_timeout`], on a pool of [`SqlConfig::max_connections`] for reads and
+    /// one more connection for every write; an in-memory database is kept as long as the store
+    /// (see the [module docs](self#in-memory)).
     pub async fn connect_with(spec: &str, config: SqliteConfig) -> Result<Self, StoreError> {
         config.validate()?;
         let options = SqliteConnectOptions::from_str(spec)
@@ -358,10 +364,19 @@ impl SqlStore<Sqlite> {
             .max_connections(config.max_connections)
             .acquire_timeout(config.settings.busy_timeout)
             .test_before_acquire(false)
+            .connect_with(options.clone())
+            .await
+            .map_err(Sqlite::unavailable)?;
+        // SQLite runs one writer at a time: writers that queue here take the write lock one
+        // after another, where writers on several connections would poll the lock and sleep.
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(config.settings.busy_timeout)
+            .test_before_acquire(false)
             .connect_with(options)
             .await
             .map_err(Sqlite::unavailable)?;
-        Self::start(pool, config, true).await
+        Self::start_with_writer(pool, writer, config, true).await
     }
 
     async fn read(&self, key: &RecordKey, fingerprint: &Fingerprint) -> Result<Option<Claim>, StoreError> {
@@ -388,7 +403,7 @@ impl Store for SqliteStore {
         if let Some(answer) = self.read(key, fingerprint).await? {
             return Ok(answer);
         }
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await.map_err(Sqlite::unavailable)?;
+        let mut tx = self.writer().begin_with("BEGIN IMMEDIATE").await.map_err(Sqlite::unavailable)?;
         let now = now_ms();
         let row =
             Self::key_query(&self.sql().select, key).fetch_optional(&mut *tx).await.map_err(Sqlite::unavailable)?;
