@@ -48,7 +48,7 @@
 //! (`Content-Encoding`), and the body extractor is then handed the decoded bytes under the
 //! original headers: a route that accepts compressed request bodies should declare its body
 //! `fields` (the body extractor then reads the payload itself) or `exclude = [body]`. actix-web
-//! handlers are not `Send`, so it runs on the
+//! handlers are not `Send`, so once it has to wait it runs on the
 //! worker's local task set (`actix_web::rt::spawn`): a client that disconnects drops the request,
 //! not the task, so the handler still runs to completion and its outcome is recorded.
 //!

@@ -44,8 +44,9 @@ impl RequestHead for Head<'_> {
 
 /// Runs a protected handler: called by the code `#[idempotent]` generates.
 ///
-/// actix-web handlers are not `Send`, so the protocol runs on the worker's local task set
-/// (`actix_web::rt::spawn`): a client that disconnects drops this future, not the task, so the
+/// actix-web handlers are not `Send`, so the protocol runs here until it first has to wait, then
+/// on the worker's local task set (`actix_web::rt::spawn`, see [`protocol::run_task`]): a client
+/// that disconnects drops this future, not the task, so the
 /// handler is never cancelled between its side effects and the recording of its outcome; the
 /// runtime tracks the task, so [`Idempotency::drain`] waits for it at shutdown, and it runs in the
 /// request's `idempotent.request` span, a child of the span current here. The key
@@ -68,8 +69,8 @@ where
     protocol::observe(Framework::Actix, site, &context.incoming);
     let caller = Caller::identify(runtime.config(), &Head(request.headers()), request.extensions().get::<Actor>());
     let handler = async move { from_actix(future.await.respond_to(&request).map_into_boxed_body()) };
-    let task = actix_web::rt::spawn(protocol::request_task(runtime, policy, caller, fingerprint, handler));
-    match task.await {
+    let task = protocol::request_task(runtime, policy, caller, fingerprint, handler);
+    match protocol::run_task(task, |task| actix_web::rt::spawn(task)).await {
         Ok(response) => into_actix(response),
         Err(e) => reply(protocol::task_failed(policy, &e)),
     }

@@ -27,8 +27,8 @@
 //! [`Actor`] first), reads the body within axum's `DefaultBodyLimit`, computes the request's
 //! identity, and hands the same bytes to the original extractor. The protocol itself (key and
 //! actor, identity, claim, capture, replay, problems) is [`idempotent_core::protocol`]; this crate
-//! runs it on a spawned task, so a client that disconnects does not cancel the handler and its
-//! outcome is still recorded.
+//! runs it in place until it first has to wait and then on a spawned task, so a client that
+//! disconnects does not cancel the handler and its outcome is still recorded.
 //!
 //! # A request's identity
 //! By default it is the scope, the method, every path parameter (`Path`), the canonical query

@@ -21,8 +21,9 @@ impl Idempotency {
 
 /// Runs a protected handler: called by the code `#[idempotent]` generates.
 ///
-/// The protocol runs on a spawned task, so a client that disconnects (which drops this future)
-/// cannot cancel the handler between its side effects and the recording of its outcome; the
+/// The protocol runs here until it first has to wait, then on a spawned task
+/// ([`protocol::run_task`]), so a client that disconnects (which drops this future) cannot cancel
+/// the handler between its side effects and the recording of its outcome; the
 /// runtime tracks the task, so [`Idempotency::drain`] waits for it at shutdown. The task runs in
 /// the request's `idempotent.request` span, a child of the span current here.
 pub async fn run<F, T>(
@@ -41,8 +42,8 @@ where
     };
     protocol::observe(Framework::Axum, site, &context.incoming);
     let handler = async move { future.await.into_response() };
-    let task = tokio::spawn(protocol::request_task(runtime, policy, caller, fingerprint, handler));
-    match task.await {
+    let task = protocol::request_task(runtime, policy, caller, fingerprint, handler);
+    match protocol::run_task(task, |task| tokio::spawn(task)).await {
         Ok(response) => response.map(|body| match body {
             // Bytes in hand and untouched bodies are sent as they are, without another box.
             ResponseBody::Full(bytes) => Body::from(bytes.unwrap_or_default()),

@@ -3,9 +3,10 @@
 //! An adapter does three things per request, and nothing else: it gathers an [`Incoming`] (the
 //! parts of the request that make up its identity) and a [`Caller`] (key and actor) from its
 //! framework's request, lets the generated handler compute the fingerprint with
-//! [`Incoming::fingerprint`], and spawns [`respond`] with the handler's response converted to an
+//! [`Incoming::fingerprint`], and runs [`respond`] with the handler's response converted to an
 //! `http::Response` ([`request_task`]: [`respond`] in the request's span, tracked for a graceful
-//! shutdown). Every rule of the protocol lives here:
+//! shutdown; [`run_task`]: where it stands until it first waits, then on a task of its own that a
+//! disconnect cannot cancel). Every rule of the protocol lives here:
 //!
 //! - key parsing and the actor ([`Caller::identify`]; 400 and 401 problems),
 //! - the request's identity: method, path parameters, canonical query and body by content type
@@ -364,7 +365,7 @@ where
 /// own events are inside it), and tracked by `runtime` so that [`Runtime::drain`] waits for it.
 ///
 /// An adapter calls it where its handler is called (the request's own span is current there) and
-/// spawns the result.
+/// runs the result with [`run_task`].
 pub fn request_task<B, Fut>(
     runtime: Runtime,
     policy: &'static Policy,
@@ -380,6 +381,39 @@ where
     let span = telemetry::request_span(policy, caller.key.as_ref().ok().and_then(Option::as_ref));
     let tracker = runtime.clone();
     tracker.track(async move { respond(&runtime, policy, caller, fingerprint, handler).await }.instrument(span))
+}
+
+/// Runs a protected request's task (from [`request_task`]) so that a client that disconnects
+/// cannot cancel it half-way, spawning it only if it has to wait.
+///
+/// The task is first polled here, in the request's own task: a request that finishes without
+/// waiting (a replay or a first execution on the memory store, a problem answered at once) costs
+/// no task, no copy of its state and no wake-up of another thread. One that has to wait (a store
+/// round trip, a handler that awaits) is handed to `spawn` as it stands, before this function
+/// returns to any await point, and its answer awaited: from its first poll on, only its own task
+/// can drop it. A panic outside the handler (the handler's own are caught inside) and a spawned
+/// task that failed are answered with `Err`: see [`task_failed`].
+pub async fn run_task<T, F, S>(task: F, spawn: S) -> Result<T, String>
+where
+    F: Future<Output = T>,
+    S: FnOnce(std::pin::Pin<Box<F>>) -> tokio::task::JoinHandle<T>,
+{
+    let mut task = Box::pin(task);
+    let first = std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(std::panic::catch_unwind(AssertUnwindSafe(|| task.as_mut().poll(cx))))
+    })
+    .await;
+    match first {
+        Ok(std::task::Poll::Ready(answer)) => Ok(answer),
+        Ok(std::task::Poll::Pending) => spawn(task).await.map_err(|e| e.to_string()),
+        Err(panic) => Err(panic_message(panic.as_ref())),
+    }
+}
+
+/// The message a panic carried, when it is a string.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let message = panic.downcast_ref::<&str>().copied().or_else(|| panic.downcast_ref::<String>().map(String::as_str));
+    format!("panicked: {}", message.unwrap_or("(no message)"))
 }
 
 /// A response of a framework built on another version of the `http` crate (actix-web 4 is on
@@ -515,6 +549,81 @@ pub fn policy_report(framework: Framework, query: Option<&str>) -> Response<Byte
             response.headers_mut().insert(http::header::CONTENT_TYPE, text);
             response
         }
+    }
+}
+
+#[cfg(test)]
+mod run_task_tests {
+    use super::run_task;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_task_that_finishes_at_once_is_not_spawned() {
+        let spawned = AtomicBool::new(false);
+        let answer = run_task(async { 7 }, |task| {
+            spawned.store(true, Ordering::SeqCst);
+            tokio::spawn(task)
+        })
+        .await;
+        assert_eq!(answer, Ok(7));
+        assert!(!spawned.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn a_task_that_waits_is_spawned_and_answered() {
+        let spawned = AtomicBool::new(false);
+        let task = async {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            8
+        };
+        let answer = run_task(task, |task| {
+            spawned.store(true, Ordering::SeqCst);
+            tokio::spawn(task)
+        })
+        .await;
+        assert_eq!(answer, Ok(8));
+        assert!(spawned.load(Ordering::SeqCst));
+    }
+
+    /// Once the task has begun, dropping the caller (a client that disconnects) does not cancel
+    /// it: it runs to its end on its own task.
+    #[tokio::test]
+    async fn a_dropped_caller_does_not_cancel_a_begun_task() {
+        let (steps, finished) = (Arc::new(AtomicUsize::new(0)), Arc::new(tokio::sync::Notify::new()));
+        let task = {
+            let (steps, finished) = (steps.clone(), finished.clone());
+            async move {
+                steps.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                steps.fetch_add(1, Ordering::SeqCst);
+                finished.notify_one();
+            }
+        };
+        let caller = run_task(task, |task| tokio::spawn(task));
+        // The caller is polled once (the task begins and waits), then dropped.
+        assert!(tokio::time::timeout(Duration::from_millis(1), caller).await.is_err());
+        assert_eq!(steps.load(Ordering::SeqCst), 1);
+        tokio::time::timeout(Duration::from_secs(5), finished.notified()).await.expect("the task ran to its end");
+        assert_eq!(steps.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_the_first_poll_is_an_error() {
+        let answer: Result<u8, String> =
+            run_task(async { panic!("outside the handler") }, |task| tokio::spawn(task)).await;
+        assert_eq!(answer, Err("panicked: outside the handler".to_owned()));
+    }
+
+    #[tokio::test]
+    async fn a_panic_after_the_task_waited_is_an_error() {
+        let task = async {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            panic!("later")
+        };
+        let answer: Result<u8, String> = run_task(task, |task| tokio::spawn(task)).await;
+        assert!(answer.is_err_and(|e| e.contains("panic")));
     }
 }
 
