@@ -64,7 +64,11 @@ impl RecordKey {
     /// One string that identifies the record unambiguously: each part is length-prefixed, so no
     /// choice of actor or key can forge another record's identity.
     pub fn storage_key(&self) -> String {
-        format!("{}:{}|{}:{}|{}", self.scope.len(), self.scope, self.actor.len(), self.actor, self.key)
+        use std::fmt::Write;
+        // Built in one allocation: this runs on every claim and completion.
+        let mut out = String::with_capacity(self.scope.len() + self.actor.len() + self.key.len() + 24);
+        let _ = write!(out, "{}:{}|{}:{}|{}", self.scope.len(), self.scope, self.actor.len(), self.actor, self.key);
+        out
     }
 }
 
@@ -75,7 +79,7 @@ pub struct ClaimToken(pub String);
 impl ClaimToken {
     /// A fresh random token (128 random bits).
     pub fn generate() -> Self {
-        Self(uuid::Uuid::new_v4().simple().to_string())
+        Self(uuid::Uuid::new_v4().simple().encode_lower(&mut uuid::Uuid::encode_buffer()).to_owned())
     }
 }
 
