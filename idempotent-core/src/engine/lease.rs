@@ -13,6 +13,11 @@
 //! renewal that hangs holds up neither the handler nor the other claims' renewals (each renewal
 //! runs on a task of its own, bounded by the store timeout). A thread's keeper serves its own
 //! runtime only: on actix-web, each worker's claims are renewed on that worker.
+//!
+//! A thread keeps its keeper until the keeper's runtime shuts down; the thread's next claim then
+//! starts another on the runtime it runs on. A thread that drives one runtime, leaves it alive
+//! but idle, and claims from another would have its claims renewed by the idle one, that is not
+//! at all: drive one runtime per thread at a time (as servers and `#[tokio::test]` do).
 
 use super::{bounded, renewal_period, Runtime};
 use crate::policy::Policy;
