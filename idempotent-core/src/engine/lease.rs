@@ -122,9 +122,20 @@ impl Drop for Lease {
 struct Schedule {
     next_id: u64,
     claims: HashMap<u64, Entry>,
-    /// When the keeper wakes next (`None`: when a claim is added).
+    /// When the keeper wakes next (`None`: when a claim is added). No claim falls due before it:
+    /// a claim that would wakes the keeper when it is added.
     wake_at: Option<Instant>,
+    /// The shortest renewal period of the claims added so far: how far ahead the keeper looks
+    /// again when it finds no claim, so that claims added meanwhile need not wake it.
+    shortest_period: Option<Duration>,
+    /// A claim was added since the keeper last looked.
+    added: bool,
+    /// How many times in a row the keeper found no claim and none added.
+    idle_turns: u32,
 }
+
+/// After this many looks in a row without a claim, the keeper sleeps until a claim wakes it.
+const IDLE_TURNS: u32 = 8;
 
 struct Entry {
     due: Instant,
@@ -177,6 +188,9 @@ impl Keeper {
         let mut schedule = self.schedule();
         let id = schedule.next_id;
         schedule.next_id += 1;
+        let period = renewal_period(held.lease);
+        schedule.shortest_period = Some(schedule.shortest_period.map_or(period, |p| p.min(period)));
+        schedule.added = true;
         schedule.claims.insert(id, Entry { due, held, renewal: None });
         let wake = schedule.wake_at.is_none_or(|at| due < at);
         if wake {
@@ -235,6 +249,15 @@ impl Keeper {
                 entry.renewal = Some(tokio::spawn(renew(held).instrument(span)).abort_handle());
             }
             next = Some(next.map_or(entry.due, |n| n.min(entry.due)));
+        }
+        // Most claims end long before they fall due, so the keeper usually finds none left. It
+        // then looks again a shortest period on: every claim added meanwhile falls due later, and
+        // need not wake it (a wake-up per claim would cost each request a yield). Once nothing has
+        // been claimed for a while, it sleeps until a claim wakes it.
+        let added = std::mem::take(&mut schedule.added);
+        schedule.idle_turns = if next.is_some() || added { 0 } else { schedule.idle_turns.saturating_add(1) };
+        if next.is_none() && schedule.idle_turns < IDLE_TURNS {
+            next = schedule.shortest_period.map(|period| now + period);
         }
         schedule.wake_at = next;
         next

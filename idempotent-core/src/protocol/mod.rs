@@ -609,6 +609,49 @@ mod run_task_tests {
         assert_eq!(steps.load(Ordering::SeqCst), 2);
     }
 
+    /// On the memory store a protected request never waits, so it is never spawned: neither its
+    /// first execution nor its replay, also once the thread's lease keeper has woken and found
+    /// no claim left. (The first claim on a thread starts the thread's keeper and lets it run
+    /// first: that one request waits once.)
+    #[tokio::test(start_paused = true)]
+    async fn a_request_on_the_memory_store_is_not_spawned() {
+        use crate::engine::{Config, Runtime};
+        use crate::policy::Policy;
+        use crate::store::MemoryStore;
+        use bytes::Bytes;
+        use http_body_util::Full;
+
+        static POLICY: Policy = Policy::new("t.in-place");
+        let runtime = Runtime::new(Arc::new(MemoryStore::new()), Config::default());
+        let spawned = Arc::new(AtomicUsize::new(0));
+        for (key, expected) in [("k-0", "201"), ("k-1", "201"), ("k-1", "201 replayed"), ("k-2", "201")] {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("idempotency-key", key.parse().unwrap());
+            let caller = super::Caller::identify(runtime.config(), &headers, None);
+            let fingerprint = super::Incoming::new("POST", Some("/x")).fingerprint(&POLICY, Ok);
+            let handler = async {
+                let mut response = http::Response::new(Full::new(Bytes::from_static(b"done")));
+                *response.status_mut() = http::StatusCode::CREATED;
+                response
+            };
+            let task = super::request_task(runtime.clone(), &POLICY, caller, fingerprint, handler);
+            // The first request starts this thread's lease keeper: it is not counted.
+            let counter = if key == "k-0" { Arc::new(AtomicUsize::new(0)) } else { spawned.clone() };
+            let response = run_task(task, |task| {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(task)
+            })
+            .await
+            .unwrap();
+            let replayed = response.headers().contains_key(crate::engine::REPLAYED_HEADER);
+            let got = format!("{}{}", response.status().as_u16(), if replayed { " replayed" } else { "" });
+            assert_eq!(got, expected);
+            // Three renewal periods (of the default 10 s lease): the keeper wakes, finds no claim.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        assert_eq!(spawned.load(Ordering::SeqCst), 0);
+    }
+
     #[tokio::test]
     async fn a_panic_in_the_first_poll_is_an_error() {
         let answer: Result<u8, String> =
