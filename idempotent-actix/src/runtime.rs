@@ -84,14 +84,18 @@ pub async fn policy_report(request: HttpRequest) -> HttpResponse {
 }
 
 /// Handler of `GET /_idempotency/records/{scope}/{key}`: the caller's own record of `key` on
-/// `scope` (state, stored status, times), 404 for any other caller's. The actor is resolved as
-/// for protected routes (an [`Actor`] the application's authentication set, then the configured
-/// source): `.route("/_idempotency/records/{scope}/{key}", web::get().to(record_status))`. See
+/// `scope` (state, stored status, times), 404 for any other caller's. The caller is known by the
+/// same rule as on protected routes ([`protocol::identify_actor`]): an [`Actor`] in the
+/// request's extensions (set by the application's authentication middleware, or by an extractor
+/// of a handler that calls this one after it: `async fn mine(_: Authenticated, r: HttpRequest)
+/// -> HttpResponse { record_status(r).await }`), then the configured source:
+/// `.route("/_idempotency/records/{scope}/{key}", web::get().to(record_status))`. See
 /// [`protocol::status::record_status`] for the answers.
 pub async fn record_status(request: HttpRequest) -> HttpResponse {
     let Some(runtime) = runtime_of(&request) else { return reply(status::runtime_missing()) };
     let param = |name| protocol::decode_partly_encoded(request.match_info().get(name).unwrap_or_default()).into_owned();
-    let actor = runtime.config().actor.actor_of(request.extensions().get::<Actor>(), &Head(request.headers()));
+    let actor =
+        protocol::identify_actor(runtime.config(), &Head(request.headers()), request.extensions().get::<Actor>());
     reply(status::record_status(&runtime, &param("scope"), &param("key"), actor).await)
 }
 

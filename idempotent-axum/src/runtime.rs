@@ -2,7 +2,7 @@
 
 use crate::{Context, Idempotency};
 use axum::body::Body;
-use axum::extract::{Path, Request};
+use axum::extract::{FromRequestParts, RawPathParams, Request};
 use axum::response::{IntoResponse, Response};
 use idempotent_core::actor::Actor;
 use idempotent_core::engine::Runtime;
@@ -62,16 +62,44 @@ pub async fn policy_report(uri: http::Uri) -> Response {
 }
 
 /// Handler of `GET /_idempotency/records/{scope}/{key}`: the caller's own record of `key` on
-/// `scope` (state, stored status, times), 404 for any other caller's. The actor is resolved as
-/// for protected routes, so mount it where the application's authentication runs, below
-/// [`Idempotency::layer`]: `.route("/_idempotency/records/{scope}/{key}", get(record_status))`.
+/// `scope` (state, stored status, times), 404 for any other caller's. The caller is known by the
+/// same rule as on protected routes ([`protocol::identify_actor`]): an [`Actor`] in the request's
+/// extensions, set by the application's authentication middleware, else the configured actor
+/// source. Mount it below [`Idempotency::layer`]:
+/// `.route("/_idempotency/records/{scope}/{key}", get(record_status))`. An application whose
+/// authentication is an extractor that inserts the [`Actor`] calls it from a handler of its own,
+/// after that extractor:
+///
+/// ```
+/// # use axum::{extract::{FromRequestParts, Request}, http::request::Parts, response::Response};
+/// # use idempotent_axum::{record_status, Actor};
+/// struct Authenticated;
+/// impl<S: Send + Sync> FromRequestParts<S> for Authenticated {
+///     type Rejection = Response;
+///     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Response> {
+///         parts.extensions.insert(Actor("acct_1".into())); // the verified caller
+///         Ok(Authenticated)
+///     }
+/// }
+/// async fn my_record_status(_: Authenticated, request: Request) -> Response {
+///     record_status(request).await
+/// }
+/// ```
+///
 /// See [`protocol::status::record_status`] for the answers.
-pub async fn record_status(Path((scope, key)): Path<(String, String)>, request: Request) -> Response {
-    let Some(runtime) = request.extensions().get::<Runtime>() else {
+pub async fn record_status(request: Request) -> Response {
+    let (mut parts, _) = request.into_parts();
+    let Some(runtime) = parts.extensions.get::<Runtime>().cloned() else {
         return status::runtime_missing().map(Body::from);
     };
-    let actor = runtime.config().actor.actor_of(request.extensions().get::<Actor>(), request.headers());
-    status::record_status(runtime, &scope, &key, actor).await.map(Body::from)
+    let params = match RawPathParams::from_request_parts(&mut parts, &()).await {
+        Ok(params) => params,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let param = |name: &str| params.iter().find(|(n, _)| *n == name).map(|(_, v)| v.to_owned()).unwrap_or_default();
+    let (scope, key) = (param("scope"), param("key"));
+    let actor = protocol::identify_actor(runtime.config(), &parts.headers, parts.extensions.get::<Actor>());
+    status::record_status(&runtime, &scope, &key, actor).await.map(Body::from)
 }
 
 /// Handler of a health check (`.route("/healthz", get(health))`, below [`Idempotency::layer`]):

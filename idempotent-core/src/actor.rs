@@ -51,22 +51,24 @@ impl RequestHead for ::http::HeaderMap {
     }
 }
 
-/// Why a request has no usable actor.
+/// Why a request has no usable actor: both are a 401 (`urn:idempotent:problem:actor-missing`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the configured actor source found no caller identity on this request")]
-pub struct ActorMissing;
+pub enum ActorMissing {
+    /// The configured source found no caller identity on the request.
+    #[error("the configured actor source found no caller identity on this request")]
+    NotFound,
+    /// The header the source reads was sent more than once. Picking one would let whatever added
+    /// the other (a gateway that appends an identity header rather than replacing it, a client
+    /// that adds its own) choose the namespace, so the request has no identity at all.
+    #[error("the request carries its identity header more than once; send it exactly once")]
+    Repeated,
+}
 
-/// What stores see of an actor: SHA-256 over a tagged encoding of it, as 64 lowercase hex
-/// characters; the empty string for the anonymous namespace.
+/// What stores see of an actor without a server secret: SHA-256 over a tagged encoding of it, as
+/// 64 lowercase hex characters; the empty string for the anonymous namespace. With a secret, the
+/// runtime uses [`DigestKey::actor`](crate::digest::DigestKey::actor) instead.
 pub fn digest(actor: &str) -> String {
-    use sha2::{Digest, Sha256};
-    if actor.is_empty() {
-        return String::new();
-    }
-    let mut hasher = Sha256::new();
-    hasher.update(b"idempotent-actor/v1\0");
-    hasher.update(actor.as_bytes());
-    crate::hex(&hasher.finalize())
+    crate::digest::DigestKey::default().actor(actor)
 }
 
 /// A custom resolver function.
@@ -106,16 +108,23 @@ impl ActorSource {
     /// The actor of a request: `extension` (an [`Actor`] set by the application's
     /// authentication) when present, else what this source finds. `Ok(None)` is the anonymous
     /// namespace, only for [`ActorSource::Anonymous`]; any other source that finds nothing is
-    /// [`ActorMissing`] (a 401).
+    /// [`ActorMissing::NotFound`], and a header source whose header was sent more than once
+    /// [`ActorMissing::Repeated`] (both a 401).
     pub fn actor_of(&self, extension: Option<&Actor>, head: &dyn RequestHead) -> Result<Option<String>, ActorMissing> {
         // An empty identity is none: it must never land in the shared anonymous namespace.
         if let Some(actor) = extension.filter(|a| !a.0.is_empty()) {
             return Ok(Some(actor.0.clone()));
         }
-        match self {
-            ActorSource::Anonymous => Ok(None),
-            source => source.resolve(head).filter(|a| !a.is_empty()).map(Some).ok_or(ActorMissing),
+        let header = match self {
+            ActorSource::Anonymous => return Ok(None),
+            ActorSource::Header(name) => Some(name.as_str()),
+            ActorSource::BearerToken => Some("authorization"),
+            ActorSource::Custom(_) => None,
+        };
+        if header.is_some_and(|name| head.header_values(name).len() > 1) {
+            return Err(ActorMissing::Repeated);
         }
+        self.resolve(head).filter(|a| !a.is_empty()).map(Some).ok_or(ActorMissing::NotFound)
     }
 
     /// What this source reads from a request head; `None` when it finds nothing (and always for
@@ -163,11 +172,25 @@ mod tests {
         let none = Head(vec![]);
         let ext = Actor("user_1".into());
         assert_eq!(ActorSource::BearerToken.actor_of(Some(&ext), &none), Ok(Some("user_1".into())));
-        assert_eq!(ActorSource::BearerToken.actor_of(None, &none), Err(ActorMissing));
-        assert_eq!(ActorSource::Header("x-account".into()).actor_of(None, &none), Err(ActorMissing));
+        assert_eq!(ActorSource::BearerToken.actor_of(None, &none), Err(ActorMissing::NotFound));
+        assert_eq!(ActorSource::Header("x-account".into()).actor_of(None, &none), Err(ActorMissing::NotFound));
         assert_eq!(ActorSource::Anonymous.actor_of(None, &none), Ok(None));
         // An empty extension (say, a JWT with an empty `sub`) is no identity.
-        assert_eq!(ActorSource::BearerToken.actor_of(Some(&Actor(String::new())), &none), Err(ActorMissing));
+        assert_eq!(ActorSource::BearerToken.actor_of(Some(&Actor(String::new())), &none), Err(ActorMissing::NotFound));
+    }
+
+    /// A gateway that appends an identity header instead of replacing it must not let the
+    /// request pick the namespace: a repeated identity header is no identity.
+    #[test]
+    fn a_repeated_identity_header_is_refused_not_picked() {
+        let twice = Head(vec![("Authorization", "Bearer acct_1"), ("authorization", "Bearer acct_2")]);
+        assert_eq!(ActorSource::BearerToken.actor_of(None, &twice), Err(ActorMissing::Repeated));
+        let twice = Head(vec![("X-Account", "a"), ("x-account", "b")]);
+        assert_eq!(ActorSource::Header("x-account".into()).actor_of(None, &twice), Err(ActorMissing::Repeated));
+        // The application's own authentication decided: its answer stands.
+        let verified = Actor("verified".into());
+        assert_eq!(ActorSource::BearerToken.actor_of(Some(&verified), &twice), Ok(Some("verified".into())));
+        assert_eq!(ActorSource::Anonymous.actor_of(None, &twice), Ok(None));
     }
 
     #[test]

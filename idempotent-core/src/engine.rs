@@ -33,6 +33,7 @@
 //! span current when the claim was acquired, the request's own.
 
 use crate::actor::ActorSource;
+use crate::digest::DigestKey;
 use crate::fingerprint::{Fingerprint, FingerprintError};
 use crate::key::{IdempotencyKey, KeyError};
 use crate::policy::{ConflictMode, KeyRequirement, Policy};
@@ -40,7 +41,7 @@ use crate::problem::{Problem, ProblemKind};
 use crate::registry::{self, Framework, RegistryError};
 use crate::response::StoredResponse;
 use crate::store::transaction::OutcomeTransaction;
-use crate::store::{Claim, ClaimToken, RecordInfo, RecordKey, Store, StoreError};
+use crate::store::{Claim, ClaimToken, Invalidated, Purge, RecordInfo, RecordKey, Store, StoreError};
 use crate::telemetry::{self, RequestOutcome, StoreOperation};
 use futures_util::FutureExt;
 use std::future::Future;
@@ -91,6 +92,12 @@ pub struct Config {
     /// renewed meanwhile. The client waits for it; past it the outcome is given up, the claim
     /// expires with its lease and a retry runs the handler again.
     pub completion_patience: Duration,
+    /// How actors (in the store) and keys (in logs) are digested: plain SHA-256, or under a
+    /// server secret (see [`crate::digest`]).
+    pub digests: DigestKey,
+    /// Whether the record status endpoint answers callers of the anonymous namespace (off by
+    /// default: see [`crate::protocol::status::record_status`]).
+    pub anonymous_record_status: bool,
 }
 
 impl Default for Config {
@@ -103,6 +110,8 @@ impl Default for Config {
             store_timeout: DEFAULT_STORE_TIMEOUT,
             completion_patience: DEFAULT_COMPLETION_PATIENCE,
             without_transactions: WithoutTransactions::default(),
+            digests: DigestKey::default(),
+            anonymous_record_status: false,
         }
     }
 }
@@ -277,6 +286,25 @@ impl<A: Adapter> Builder<A> {
         self
     }
 
+    /// Digests actors (what stores file records under) and keys (what logs show) with
+    /// HMAC-SHA256 under `secret` instead of plain SHA-256, so that a low-entropy bearer token or
+    /// key cannot be confirmed by guessing against the store or the logs. Every instance sharing
+    /// a store, and the operators' tools, must use the same secret; changing it loses the replays
+    /// of earlier requests (see [`crate::digest`] for rotation).
+    pub fn digest_secret(mut self, secret: impl AsRef<[u8]>) -> Self {
+        self.config.digests = DigestKey::new(secret);
+        self
+    }
+
+    /// Whether the record status endpoint shows records to callers of the anonymous namespace
+    /// (default `false`: with no actor source, or `ActorSource::Anonymous`, every caller is
+    /// everybody, and the endpoint would tell anyone the state of anyone's key). Turn it on only
+    /// for a single-tenant service whose callers all trust each other.
+    pub fn anonymous_record_status(mut self, show: bool) -> Self {
+        self.config.anonymous_record_status = show;
+        self
+    }
+
     /// What to do with transactional routes when the store cannot run transactions (default:
     /// refuse to start; see [`WithoutTransactions`]).
     pub fn without_transactions(mut self, choice: WithoutTransactions) -> Self {
@@ -358,16 +386,29 @@ impl Runtime {
         &self.store
     }
 
+    /// Where this runtime files `actor`'s record of `key` on `scope` (its actor digested under
+    /// [`Config::digests`]).
+    pub fn record_key(&self, scope: &str, actor: Option<&str>, key: &str) -> RecordKey {
+        RecordKey::keyed(&self.config.digests, scope, actor, key)
+    }
+
     /// What the store holds for `actor`'s `key` on `scope` ([`Store::inspect`]), bounded by
     /// [`Config::store_timeout`] like every store operation.
     pub async fn inspect(&self, scope: &str, actor: Option<&str>, key: &str) -> Result<Option<RecordInfo>, StoreError> {
-        self.bounded(StoreOperation::Inspect, self.store.inspect(&RecordKey::of(scope, actor, key))).await
+        self.bounded(StoreOperation::Inspect, self.store.inspect(&self.record_key(scope, actor, key))).await
     }
 
-    /// Deletes `actor`'s record of `key` on `scope` ([`Store::invalidate`]), bounded by
-    /// [`Config::store_timeout`]; answers whether there was one.
-    pub async fn invalidate(&self, scope: &str, actor: Option<&str>, key: &str) -> Result<bool, StoreError> {
-        self.bounded(StoreOperation::Invalidate, self.store.invalidate(&RecordKey::of(scope, actor, key))).await
+    /// Deletes `actor`'s record of `key` on `scope` as `purge` allows ([`Store::invalidate`]),
+    /// bounded by [`Config::store_timeout`].
+    pub async fn invalidate(
+        &self,
+        scope: &str,
+        actor: Option<&str>,
+        key: &str,
+        purge: Purge,
+    ) -> Result<Invalidated, StoreError> {
+        self.bounded(StoreOperation::Invalidate, self.store.invalidate(&self.record_key(scope, actor, key), purge))
+            .await
     }
 
     /// Whether the store answers ([`Store::health`]) within [`Config::store_timeout`].
@@ -444,7 +485,7 @@ impl Runtime {
             );
             return (Outcome::Problem(problem), None);
         }
-        let record_key = RecordKey::of(policy.scope, request.actor.as_deref(), key.as_str());
+        let record_key = self.record_key(policy.scope, request.actor.as_deref(), key.as_str());
         let deadline = Instant::now() + policy.wait_timeout;
         let mut backoff = Duration::from_millis(10);
         loop {
@@ -480,6 +521,15 @@ impl Runtime {
                     let nap = backoff.min(retry_after.max(Duration::from_millis(1))).min(deadline - now);
                     tokio::time::sleep(nap).await;
                     backoff = (backoff * 2).min(Duration::from_millis(250));
+                }
+                Err(StoreError::QuotaExceeded { retry_after }) => {
+                    tracing::info!(scope = policy.scope, "the caller's share of the store is used up; answering 429");
+                    let problem = Problem::new(
+                        ProblemKind::QuotaExceeded,
+                        "You hold as many idempotency records as this server keeps for one caller; nothing was executed. Retry later with the same key, or reuse keys of operations you retry.",
+                    )
+                    .with_retry_after(retry_after);
+                    return (Outcome::Problem(problem), Some(RequestOutcome::QuotaExceeded));
                 }
                 Err(e) => return (self.store_failed(policy, e, handler).await, Some(RequestOutcome::StoreUnavailable)),
             }

@@ -42,6 +42,8 @@
 //! - [`protocol`]: the HTTP protocol over `http` types, shared by every adapter: the request's
 //!   identity, key and actor, capture under the cap, replays, problem responses, the report.
 //! - [`actor`]: the caller identity that namespaces keys (stores see only its digest).
+//! - [`digest`]: what stores and logs see of actors and keys: SHA-256, or HMAC-SHA256 under a
+//!   server secret.
 //! - [`registry`] and [`report`]: every annotated route, validated and rendered, with the full
 //!   paths it has served.
 //! - [`enforce`]: recognising unprotected mutating routes by what generated code does.
@@ -52,7 +54,8 @@
 //!   OpenAPI document for every protected operation.
 //!
 //! # Dependencies and why
-//! `sha2` (the fingerprint, and the digests of actors and of keys in traces), `serde`/`serde_json` (field values and reports; its
+//! `sha2` (the fingerprint, and the digests of actors and of keys in traces), `hmac` (the same
+//! digests keyed by a server secret, when one is set: [`digest`]), `serde`/`serde_json` (field values and reports; its
 //! `float_roundtrip` feature so a number parses to the same double whatever other crates enable),
 //! `ryu-js` (RFC 8785 prescribes ECMAScript's number-to-string for floats; this is that
 //! algorithm), `percent-encoding` (decoding query and form pairs to their exact bytes),
@@ -99,6 +102,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod actor;
+pub mod digest;
 pub mod enforce;
 pub mod engine;
 pub mod fingerprint;

@@ -58,6 +58,10 @@ pub enum ProblemKind {
     RecordNotFound,
     /// 501: a transactional route on a store that cannot run transactions; nothing ran.
     TransactionsUnsupported,
+    /// 429: the caller holds as many records as the store allows one caller; nothing ran.
+    QuotaExceeded,
+    /// 403: record status is not shown on a server that does not tell its callers apart.
+    StatusDisabled,
 }
 
 impl ProblemKind {
@@ -78,6 +82,8 @@ impl ProblemKind {
             ProblemKind::ResponseFailed => "urn:idempotent:problem:response-failed",
             ProblemKind::RecordNotFound => "urn:idempotent:problem:record-not-found",
             ProblemKind::TransactionsUnsupported => "urn:idempotent:problem:transactions-unsupported",
+            ProblemKind::QuotaExceeded => "urn:idempotent:problem:quota-exceeded",
+            ProblemKind::StatusDisabled => "urn:idempotent:problem:status-disabled",
         }
     }
 
@@ -94,6 +100,8 @@ impl ProblemKind {
             ProblemKind::BodyUnreadable => 400,
             ProblemKind::RecordNotFound => 404,
             ProblemKind::TransactionsUnsupported => 501,
+            ProblemKind::QuotaExceeded => 429,
+            ProblemKind::StatusDisabled => 403,
         }
     }
 
@@ -114,6 +122,8 @@ impl ProblemKind {
             ProblemKind::ResponseFailed => "Response failed after the request ran",
             ProblemKind::RecordNotFound => "No such idempotency record",
             ProblemKind::TransactionsUnsupported => "Operation needs a transactional store",
+            ProblemKind::QuotaExceeded => "Too many idempotent requests held for this caller",
+            ProblemKind::StatusDisabled => "Record status not available",
         }
     }
 }

@@ -73,7 +73,31 @@ impl FromStr for Format {
 /// Renders `routes` in `format`. Protected and exempt routes are listed apart, each group in the
 /// order of [`RouteRecord::sort_key`] (the input order does not matter).
 pub fn render(routes: &[&RouteRecord], format: Format) -> String {
-    let (protected, exempt) = split(routes);
+    render_with(routes, format, Sources::Shown)
+}
+
+/// Whether a report shows where each handler is written (its source file and line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sources {
+    /// File and line of each handler: for the team's own tools (the CLI, CI).
+    #[default]
+    Shown,
+    /// Without file and line (JSON: `null`): for a report served to whoever can reach the
+    /// server, to whom the source tree's layout is none of their business.
+    Hidden,
+}
+
+/// [`render`], showing or hiding the handlers' source locations.
+pub fn render_with(routes: &[&RouteRecord], format: Format, sources: Sources) -> String {
+    let hidden: Vec<RouteRecord>;
+    let routes: Vec<&RouteRecord> = match sources {
+        Sources::Shown => routes.to_vec(),
+        Sources::Hidden => {
+            hidden = routes.iter().map(|r| RouteRecord { file: "", line: 0, ..**r }).collect();
+            hidden.iter().collect()
+        }
+    };
+    let (protected, exempt) = split(&routes);
     match format {
         Format::Json => to_json(&protected, &exempt),
         Format::Markdown => to_markdown(&protected, &exempt),
@@ -169,8 +193,8 @@ fn to_json(protected: &[Protected<'_>], exempt: &[(&RouteRecord, &str)]) -> Stri
                 "transactional": p.transactional,
                 "framework": r.framework.as_str(),
                 "handler": r.handler,
-                "file": r.file,
-                "line": r.line,
+                "file": Some(r.file).filter(|f| !f.is_empty()),
+                "line": Some(r.line).filter(|_| !r.file.is_empty()),
             })
         })
         .collect();
@@ -183,8 +207,8 @@ fn to_json(protected: &[Protected<'_>], exempt: &[(&RouteRecord, &str)]) -> Stri
                 "reason": reason,
                 "framework": r.framework.as_str(),
                 "handler": r.handler,
-                "file": r.file,
-                "line": r.line,
+                "file": Some(r.file).filter(|f| !f.is_empty()),
+                "line": Some(r.line).filter(|_| !r.file.is_empty()),
             })
         })
         .collect();
@@ -210,7 +234,7 @@ fn to_markdown(protected: &[Protected<'_>], exempt: &[(&RouteRecord, &str)]) -> 
     out.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
     for (r, p) in protected {
         out.push_str(&format!(
-            "| `{}` | {} | {} | {} | {} | {} | {} | {} | `{}` | {}:{} |\n",
+            "| `{}` | {} | {} | {} | {} | {} | {} | {} | `{}` | {} |\n",
             p.scope,
             md(&route(r)),
             md(&fields(p)),
@@ -220,8 +244,7 @@ fn to_markdown(protected: &[Protected<'_>], exempt: &[(&RouteRecord, &str)]) -> 
             on_conflict(p),
             stored(p),
             r.handler,
-            r.file,
-            r.line
+            source(r)
         ));
     }
     if protected.is_empty() {
@@ -233,17 +256,19 @@ fn to_markdown(protected: &[Protected<'_>], exempt: &[(&RouteRecord, &str)]) -> 
     } else {
         out.push_str("| route | reason | handler | source |\n|---|---|---|---|\n");
         for (r, reason) in exempt {
-            out.push_str(&format!(
-                "| {} | {} | `{}` | {}:{} |\n",
-                md(&route(r)),
-                md(reason),
-                r.handler,
-                r.file,
-                r.line
-            ));
+            out.push_str(&format!("| {} | {} | `{}` | {} |\n", md(&route(r)), md(reason), r.handler, source(r)));
         }
     }
     out
+}
+
+/// `file:line`, or `—` when hidden.
+fn source(r: &RouteRecord) -> String {
+    if r.file.is_empty() {
+        "—".to_owned()
+    } else {
+        format!("{}:{}", md(r.file), r.line)
+    }
 }
 
 /// The outcomes stored, and whether they commit with the handler's writes.
@@ -314,6 +339,9 @@ fn breakable(s: &str) -> String {
 }
 
 fn html_handler(r: &RouteRecord) -> String {
+    if r.file.is_empty() {
+        return format!("<code>{}</code><span class=\"src\">{}</span>", breakable(r.handler), r.framework.as_str());
+    }
     format!(
         "<code>{}</code><span class=\"src\">{}:{} · {}</span>",
         breakable(r.handler),
@@ -445,6 +473,24 @@ mod tests {
             json!([{"method": "PUT", "path": "/me", "reason": "natural key: PUT | replaces <it> & more",
                     "framework": "axum", "handler": "demo::put", "file": "src/x.rs", "line": 7}])
         );
+    }
+
+    /// A report served to anyone can leave out where the handlers are written.
+    #[test]
+    fn sources_can_be_hidden_in_every_format() {
+        let json: serde_json::Value =
+            serde_json::from_str(&render_with(&[&X, &A], Format::Json, Sources::Hidden)).unwrap();
+        for row in [&json["routes"][0], &json["exempt"][0]] {
+            assert_eq!((&row["file"], &row["line"]), (&serde_json::Value::Null, &serde_json::Value::Null), "{row}");
+            assert!(row["handler"].is_string());
+        }
+        for format in [Format::Markdown, Format::Html, Format::Json] {
+            let shown = render_with(&[&X, &A], format, Sources::Shown);
+            let hidden = render_with(&[&X, &A], format, Sources::Hidden);
+            assert!(shown.contains("main.rs") && shown.contains("x.rs"), "{shown}");
+            assert!(!hidden.contains("main.rs") && !hidden.contains("x.rs"), "{hidden}");
+            assert_eq!(shown, render(&[&X, &A], format));
+        }
     }
 
     #[test]

@@ -98,11 +98,13 @@ pub enum RequestOutcome {
     /// The handler ran under a claim but its outcome is retryable (by default 5xx, 408, 425,
     /// 429) or it panicked: the claim was released so that a retry runs it again.
     Released,
+    /// 429: the caller holds as many records as the store allows one caller; nothing ran.
+    QuotaExceeded,
 }
 
 impl RequestOutcome {
     /// Every outcome, in the order of the documentation.
-    pub const ALL: [RequestOutcome; 8] = [
+    pub const ALL: [RequestOutcome; 9] = [
         Self::Executed,
         Self::Replayed,
         Self::InProgress,
@@ -111,10 +113,11 @@ impl RequestOutcome {
         Self::InvalidKey,
         Self::StoreUnavailable,
         Self::Released,
+        Self::QuotaExceeded,
     ];
 
     /// The label value: `executed`, `replayed`, `in_progress`, `mismatch`, `missing_key`,
-    /// `invalid_key`, `store_unavailable` or `released`.
+    /// `invalid_key`, `store_unavailable`, `released` or `quota_exceeded`.
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::Executed => "executed",
@@ -125,6 +128,7 @@ impl RequestOutcome {
             Self::InvalidKey => "invalid_key",
             Self::StoreUnavailable => "store_unavailable",
             Self::Released => "released",
+            Self::QuotaExceeded => "quota_exceeded",
         }
     }
 }
@@ -178,15 +182,22 @@ impl StoreOperation {
 
 /// The first 16 hex digits (64 bits) of the SHA-256 of `key`: enough to follow one key through
 /// the logs, and no way back to the key a client chose.
+///
+/// With a digest secret the runtime shows [`DigestKey::key`](crate::digest::DigestKey::key)
+/// instead, which only the secret's holder can confirm a guess against.
 pub fn key_digest(key: &str) -> String {
-    use sha2::{Digest, Sha256};
-    crate::hex(&Sha256::digest(key.as_bytes())[..8])
+    crate::digest::DigestKey::default().key(key)
 }
 
 /// The span of one protected request on `policy`'s route with `key` (`None` when the request has
 /// no valid key): a child of the current span, with `outcome` and `replayed` left to be recorded
-/// by the engine. The key's digest is computed only when a subscriber wants the span.
-pub fn request_span(policy: &Policy, key: Option<&IdempotencyKey>) -> tracing::Span {
+/// by the engine. The key's digest (under `digests`) is computed only when a subscriber wants the
+/// span.
+pub fn request_span(
+    policy: &Policy,
+    key: Option<&IdempotencyKey>,
+    digests: &crate::digest::DigestKey,
+) -> tracing::Span {
     let span = tracing::info_span!(
         "idempotent.request",
         scope = policy.scope,
@@ -195,7 +206,7 @@ pub fn request_span(policy: &Policy, key: Option<&IdempotencyKey>) -> tracing::S
         replayed = Empty
     );
     if let (false, Some(key)) = (span.is_disabled(), key) {
-        span.record("key_digest", key_digest(key.as_str()));
+        span.record("key_digest", digests.key(key.as_str()));
     }
     span
 }

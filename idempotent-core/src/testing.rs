@@ -26,7 +26,7 @@ pub mod fault;
 
 use crate::fingerprint::{Fingerprint, FingerprintBuilder};
 use crate::response::StoredResponse;
-use crate::store::{Claim, ClaimToken, RecordInfo, RecordKey, RecordState, Store, StoreError};
+use crate::store::{Claim, ClaimToken, Invalidated, Purge, RecordInfo, RecordKey, RecordState, Store, StoreError};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -403,20 +403,30 @@ pub async fn inspect_reports_state_status_and_times<S: Store>(s: Arc<S>) {
     assert!(info.expires_at < SystemTime::now() + Duration::from_secs(1), "its lease ran out: {info:?}");
 }
 
-/// [`Store::invalidate`] deletes a record in any state: the worker of a deleted claim is fenced,
-/// and the next claim of the key acquires it, for a completed record too.
+/// [`Store::invalidate`] with [`Purge::Any`] deletes a record in any state: the worker of a
+/// deleted claim is fenced, and the next claim of the key acquires it, for a completed record
+/// too. With [`Purge::Completed`] it deletes a completed record and leaves a claim in progress
+/// alone, live or abandoned.
 pub async fn invalidate_deletes_a_record_in_any_state<S: Store>(s: Arc<S>) {
     let k = key("invalidate");
-    assert!(!s.invalidate(&k).await.unwrap(), "nothing to delete");
-    let t = acquire(&*s, &k, &fp(1), LEASE).await;
-    assert!(s.invalidate(&k).await.unwrap(), "in progress");
+    assert_eq!(s.invalidate(&k, Purge::Any).await.unwrap(), Invalidated::Absent, "nothing to delete");
+    assert_eq!(s.invalidate(&k, Purge::Completed).await.unwrap(), Invalidated::Absent, "nothing to delete");
+    let t = acquire(&*s, &k, &fp(1), Duration::from_millis(300)).await;
+    assert_eq!(s.invalidate(&k, Purge::Completed).await.unwrap(), Invalidated::InProgress, "a live claim");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.invalidate(&k, Purge::Completed).await.unwrap(), Invalidated::InProgress, "an abandoned claim");
+    s.renew(&k, &t, LEASE).await.expect("left alone: its token still holds it");
+    assert_eq!(s.invalidate(&k, Purge::Any).await.unwrap(), Invalidated::Deleted, "in progress, forced");
     assert_eq!(s.inspect(&k).await.unwrap(), None);
     assert_fenced(s.renew(&k, &t, LEASE).await, "renew after invalidation");
     assert_fenced(s.complete(&k, &t, &response(b"x"), TTL).await, "complete after invalidation");
     let t = acquire(&*s, &k, &fp(2), LEASE).await;
     s.complete(&k, &t, &response(b"done"), TTL).await.unwrap();
-    assert!(s.invalidate(&k).await.unwrap(), "completed");
-    assert!(!s.invalidate(&k).await.unwrap(), "already gone");
+    assert_eq!(s.invalidate(&k, Purge::Completed).await.unwrap(), Invalidated::Deleted, "completed");
+    assert_eq!(s.invalidate(&k, Purge::Completed).await.unwrap(), Invalidated::Absent, "already gone");
+    let t = acquire(&*s, &k, &fp(2), LEASE).await;
+    s.complete(&k, &t, &response(b"done"), TTL).await.unwrap();
+    assert_eq!(s.invalidate(&k, Purge::Any).await.unwrap(), Invalidated::Deleted, "completed, forced");
     acquire(&*s, &k, &fp(2), LEASE).await;
 }
 

@@ -7,7 +7,7 @@ use idempotent_core::fingerprint::{Fingerprint, FingerprintBuilder};
 use idempotent_core::key::IdempotencyKey;
 use idempotent_core::policy::{ConflictMode, KeyRequirement, Policy};
 use idempotent_core::response::StoredResponse;
-use idempotent_core::store::{Claim, ClaimToken, MemoryStore, RecordKey, Store, StoreError};
+use idempotent_core::store::{Claim, ClaimToken, Invalidated, MemoryStore, Purge, RecordKey, Store, StoreError};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -319,8 +319,8 @@ impl Store for Switchable {
     async fn inspect(&self, key: &RecordKey) -> Result<Option<idempotent_core::store::RecordInfo>, StoreError> {
         self.inner.inspect(key).await
     }
-    async fn invalidate(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        self.inner.invalidate(key).await
+    async fn invalidate(&self, key: &RecordKey, purge: Purge) -> Result<Invalidated, StoreError> {
+        self.inner.invalidate(key, purge).await
     }
     async fn health(&self) -> Result<(), StoreError> {
         self.inner.health().await

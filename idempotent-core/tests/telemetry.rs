@@ -10,7 +10,7 @@ use idempotent_core::fingerprint::{Fingerprint, FingerprintBuilder};
 use idempotent_core::policy::Policy;
 use idempotent_core::protocol::{respond, Caller};
 use idempotent_core::response::StoredResponse;
-use idempotent_core::store::{Claim, ClaimToken, MemoryStore, RecordKey, Store, StoreError};
+use idempotent_core::store::{Claim, ClaimToken, Invalidated, MemoryStore, Purge, RecordKey, Store, StoreError};
 use idempotent_core::telemetry::{self, RequestOutcome};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use std::collections::HashMap;
@@ -66,8 +66,8 @@ impl Store for Switched {
     async fn inspect(&self, key: &RecordKey) -> Result<Option<idempotent_core::store::RecordInfo>, StoreError> {
         self.inner.inspect(key).await
     }
-    async fn invalidate(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        self.inner.invalidate(key).await
+    async fn invalidate(&self, key: &RecordKey, purge: Purge) -> Result<Invalidated, StoreError> {
+        self.inner.invalidate(key, purge).await
     }
     async fn health(&self) -> Result<(), StoreError> {
         self.inner.health().await

@@ -217,6 +217,7 @@ async fn demo(store: Arc<dyn Store>) -> SocketAddr {
         store: "bench".into(),
         ledger: ledger.clone(),
         transfer_delay: Duration::ZERO,
+        digest_secret: None,
     };
     let (ledger, entries) = Ledger::open(&ledger).unwrap();
     serve(payments_demo::axum_app::app_with_store(&config, store, ledger, entries).await.unwrap()).await

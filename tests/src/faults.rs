@@ -12,7 +12,7 @@
 
 use idempotent_core::fingerprint::Fingerprint;
 use idempotent_core::response::StoredResponse;
-use idempotent_core::store::{Claim, ClaimToken, RecordInfo, RecordKey, Store, StoreError};
+use idempotent_core::store::{Claim, ClaimToken, Invalidated, Purge, RecordInfo, RecordKey, Store, StoreError};
 use std::time::Duration;
 
 /// Expands to one `#[tokio::test]` per fault path, against the invoking file's fixture.
@@ -166,7 +166,7 @@ impl Store for Unreachable {
     async fn inspect(&self, _: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
         refused()
     }
-    async fn invalidate(&self, _: &RecordKey) -> Result<bool, StoreError> {
+    async fn invalidate(&self, _: &RecordKey, _: Purge) -> Result<Invalidated, StoreError> {
         refused()
     }
     async fn health(&self) -> Result<(), StoreError> {

@@ -15,7 +15,9 @@
 use async_trait::async_trait;
 use idempotent_core::fingerprint::Fingerprint;
 use idempotent_core::response::StoredResponse;
-use idempotent_core::store::{Claim, ClaimToken, PostgresConfig, PostgresStore, RecordKey, Store, StoreError};
+use idempotent_core::store::{
+    Claim, ClaimToken, Invalidated, PostgresConfig, PostgresStore, Purge, RecordKey, Store, StoreError,
+};
 use sqlx::{AssertSqlSafe, Connection};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -223,6 +225,14 @@ impl TestSchema {
         Ok(n)
     }
 
+    /// The one `bigint` that `sql`, written by the test, selects (a fresh connection).
+    pub async fn query_scalar(&self, sql: &str) -> Result<i64, sqlx::Error> {
+        let mut c = sqlx::PgConnection::connect(&self.url).await?;
+        let n = sqlx::query_scalar(AssertSqlSafe(sql.to_owned())).fetch_one(&mut c).await?;
+        c.close().await?;
+        Ok(n)
+    }
+
     /// Terminates (`pg_terminate_backend`) every backend whose `application_name` is
     /// `application_name`, as a server restart would, and waits until they are gone; returns how
     /// many there were.
@@ -317,8 +327,8 @@ impl Store for PgTestStore {
     async fn inspect(&self, key: &RecordKey) -> Result<Option<idempotent_core::store::RecordInfo>, StoreError> {
         self.store.inspect(key).await
     }
-    async fn invalidate(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        self.store.invalidate(key).await
+    async fn invalidate(&self, key: &RecordKey, purge: Purge) -> Result<Invalidated, StoreError> {
+        self.store.invalidate(key, purge).await
     }
     async fn health(&self) -> Result<(), StoreError> {
         self.store.health().await

@@ -14,6 +14,7 @@ async fn start_actix() -> Demo {
         store: "memory".into(),
         ledger: ledger.clone(),
         transfer_delay: delay,
+        digest_secret: None,
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {

@@ -11,6 +11,7 @@ async fn start_axum() -> Demo {
         store: "memory".into(),
         ledger: ledger.clone(),
         transfer_delay: delay,
+        digest_secret: None,
     };
     let (addr, _server) = payments_demo::axum_app::start(&config).await.expect("demo starts");
     Demo::new(addr, ledger, delay)

@@ -6,7 +6,8 @@
 use idempotent_core::fingerprint::{Fingerprint, FingerprintBuilder};
 use idempotent_core::response::StoredResponse;
 use idempotent_core::store::{
-    self, Claim, ClaimToken, RecordKey, SqliteConfig, SqliteStore, Store, StoreError, ABANDONED_CLAIM_RETENTION,
+    self, Claim, ClaimToken, Invalidated, Purge, RecordKey, SqliteConfig, SqliteStore, Store, StoreError,
+    ABANDONED_CLAIM_RETENTION,
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::AssertSqlSafe;
@@ -80,8 +81,8 @@ impl Store for FileStore {
     async fn inspect(&self, key: &RecordKey) -> Result<Option<idempotent_core::store::RecordInfo>, StoreError> {
         self.store.inspect(key).await
     }
-    async fn invalidate(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        self.store.invalidate(key).await
+    async fn invalidate(&self, key: &RecordKey, purge: Purge) -> Result<Invalidated, StoreError> {
+        self.store.invalidate(key, purge).await
     }
     async fn health(&self) -> Result<(), StoreError> {
         self.store.health().await

@@ -13,7 +13,7 @@ use idempotent_axum::core::fingerprint::Fingerprint;
 use idempotent_axum::core::response::StoredResponse;
 use idempotent_axum::core::store::transaction::{OutcomeTransaction, TransactionalStore};
 use idempotent_axum::core::store::{
-    Claim, ClaimToken, MemoryStore, RecordInfo, RecordKey, SqliteStore, Store, StoreError,
+    Claim, ClaimToken, Invalidated, MemoryStore, Purge, RecordInfo, RecordKey, SqliteStore, Store, StoreError,
 };
 use idempotent_axum::{idempotent, Idempotency, Tx};
 use idempotent_tests::http::{new_key, send, Captured};
@@ -62,8 +62,8 @@ impl Store for Counting {
     async fn inspect(&self, k: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
         self.inner.inspect(k).await
     }
-    async fn invalidate(&self, k: &RecordKey) -> Result<bool, StoreError> {
-        self.inner.invalidate(k).await
+    async fn invalidate(&self, k: &RecordKey, purge: Purge) -> Result<Invalidated, StoreError> {
+        self.inner.invalidate(k, purge).await
     }
     async fn health(&self) -> Result<(), StoreError> {
         self.inner.health().await
@@ -275,7 +275,7 @@ async fn postgres_fenced_commit_rolls_back() {
     };
     entered.await;
     let record = record_key(&key);
-    assert!(f.store.invalidate(&record).await.unwrap());
+    assert_eq!(f.store.invalidate(&record, Purge::Any).await.unwrap(), Invalidated::Deleted);
     let fp = Fingerprint([9; 32]);
     assert!(matches!(f.store.claim(&record, &fp, Duration::from_secs(30)).await.unwrap(), Claim::Acquired(_)));
     f.app.gate.notify_one();

@@ -3,7 +3,7 @@
 //! Only the framework glue lives here; the domain, the ledger, the caller's identity and the
 //! error bodies are shared with the axum binary.
 
-use crate::api::{done, ApiError, Caller, DemoProblem, MAX_BODY, PROBLEM_CONTENT_TYPE, STORE_TIMEOUT};
+use crate::api::{done, ApiError, Caller, DemoProblem, MAX_BODY, PROBLEM_CONTENT_TYPE};
 use crate::cli::SHUTDOWN_GRACE;
 use crate::config::Config;
 use crate::deposits::{CreateDeposit, Deposits};
@@ -13,8 +13,7 @@ use actix_web::dev::{Payload, Server};
 use actix_web::error::InternalError;
 use actix_web::http::{header, StatusCode};
 use actix_web::{get, post, web, App, FromRequest, HttpRequest, HttpResponse, HttpServer, ResponseError};
-use idempotent_actix::core::engine::WithoutTransactions;
-use idempotent_actix::{health, idempotent, policy_report, record_status, ActorSource, Idempotency, Tx};
+use idempotent_actix::{health, idempotent, policy_report, record_status, Idempotency, Tx};
 use std::future::{ready, Ready};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,7 +42,7 @@ impl FromRequest for Caller {
     type Future = Ready<Result<Self, Self::Error>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let caller = Caller::from_authorization(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()));
+        let caller = Caller::from_authorization(req.headers().get_all(header::AUTHORIZATION).map(|v| v.as_bytes()));
         ready(caller.ok_or_else(|| {
             InternalError::from_response("authentication required", problem_response(DemoProblem::unauthorized()))
                 .into()
@@ -205,17 +204,10 @@ pub struct Prepared {
 /// Opens the ledger and the store and validates the policies.
 pub async fn prepare(config: &Config) -> Result<Prepared, String> {
     let (ledger, entries) = Ledger::open(&config.ledger)?;
-    let store = idempotent_actix::core::store::connect(&config.store)
-        .await
-        .map_err(|e| format!("idempotency store `{}`: {e}", config.store))?;
+    let store = config.open_store().await?;
     let deposits = Deposits::open(&config.store).await?;
-    let idempotency = Idempotency::builder(store)
-        .actor(ActorSource::BearerToken)
-        .store_timeout(STORE_TIMEOUT)
-        // Deposits need SQL; on memory and Redis they answer 501 rather than stop the demo.
-        .without_transactions(WithoutTransactions::NotImplemented)
-        .build()
-        .map_err(|e| e.to_string())?;
+    let idempotency =
+        crate::api::idempotency_settings(Idempotency::builder(store), config).build().map_err(|e| e.to_string())?;
     let state =
         AppState { bank: Arc::new(Bank::new(ledger, entries)), deposits, transfer_delay: config.transfer_delay };
     Ok(Prepared { idempotency, state: web::Data::new(state) })

@@ -21,9 +21,13 @@ pub const STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(
 pub struct Caller(pub String);
 
 impl Caller {
-    /// The caller named by an `Authorization` header value: `Bearer <account>` where account is 1
-    /// to 64 letters, digits, `_` or `-`. `None` is a 401 ([`DemoProblem::unauthorized`]).
-    pub fn from_authorization(value: Option<&[u8]>) -> Option<Caller> {
+    /// The caller named by the request's `Authorization` header values: exactly one, `Bearer
+    /// <account>` where account is 1 to 64 letters, digits, `_` or `-`. `None` is a 401
+    /// ([`DemoProblem::unauthorized`]); so is a header sent twice, which a gateway that appends
+    /// identity headers rather than replacing them would otherwise let the client pick from.
+    pub fn from_authorization<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> Option<Caller> {
+        let mut values = values.into_iter();
+        let (value, None) = (values.next(), values.next()) else { return None };
         let account = value
             .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(|v| v.strip_prefix("Bearer "))
@@ -144,4 +148,22 @@ impl From<RefundRefused> for ApiError {
 /// refusal (validation, unknown payment), a final outcome.
 pub fn done<T, E: Into<ApiError>>(r: Result<Result<T, E>, String>) -> Result<T, ApiError> {
     r.map_err(ApiError::Internal)?.map_err(Into::into)
+}
+
+/// The demo's idempotency settings, the same on both frameworks: callers are known by their
+/// bearer token, every store operation is bounded by [`STORE_TIMEOUT`], deposits (which need
+/// SQL) answer 501 on memory and Redis rather than stop the demo, and callers and keys are
+/// digested under `IDEMPOTENCY_DIGEST_SECRET` when it is set.
+pub fn idempotency_settings<A: idempotent_axum::core::engine::Adapter>(
+    builder: idempotent_axum::core::engine::Builder<A>,
+    config: &crate::config::Config,
+) -> idempotent_axum::core::engine::Builder<A> {
+    let builder = builder
+        .actor(idempotent_axum::ActorSource::BearerToken)
+        .store_timeout(STORE_TIMEOUT)
+        .without_transactions(idempotent_axum::core::engine::WithoutTransactions::NotImplemented);
+    match &config.digest_secret {
+        Some(secret) => builder.digest_secret(secret),
+        None => builder,
+    }
 }

@@ -1,6 +1,6 @@
 //! The demo on axum: routes, authentication and error responses.
 
-use crate::api::{done, ApiError, Caller, DemoProblem, PROBLEM_CONTENT_TYPE, STORE_TIMEOUT};
+use crate::api::{done, ApiError, Caller, DemoProblem, PROBLEM_CONTENT_TYPE};
 use crate::cli::SHUTDOWN_GRACE;
 use crate::config::Config;
 use crate::deposits::{CreateDeposit, Deposits};
@@ -11,9 +11,8 @@ use axum::http::{header, request::Parts, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use idempotent_axum::core::engine::WithoutTransactions;
 use idempotent_axum::enforce::Enforce;
-use idempotent_axum::{health, idempotent, policy_report, record_status, ActorSource, Idempotency, Tx};
+use idempotent_axum::{health, idempotent, policy_report, record_status, Idempotency, Tx};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,7 +41,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Caller::from_authorization(parts.headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()))
+        Caller::from_authorization(parts.headers.get_all(header::AUTHORIZATION).iter().map(|v| v.as_bytes()))
             .ok_or_else(|| problem_response(DemoProblem::unauthorized()))
     }
 }
@@ -167,9 +166,7 @@ pub async fn app(config: &Config) -> Result<Router, String> {
 
 async fn open(config: &Config) -> Result<(Router, Idempotency), String> {
     let (ledger, entries) = Ledger::open(&config.ledger)?;
-    let store = idempotent_axum::core::store::connect(&config.store)
-        .await
-        .map_err(|e| format!("idempotency store `{}`: {e}", config.store))?;
+    let store = config.open_store().await?;
     let deposits = Deposits::open(&config.store).await?;
     build(config, store, deposits, ledger, entries)
 }
@@ -194,13 +191,8 @@ fn build(
     ledger: Ledger,
     entries: Vec<crate::ledger::Entry>,
 ) -> Result<(Router, Idempotency), String> {
-    let idempotency = Idempotency::builder(store)
-        .actor(ActorSource::BearerToken)
-        .store_timeout(STORE_TIMEOUT)
-        // Deposits need SQL; on memory and Redis they answer 501 rather than stop the demo.
-        .without_transactions(WithoutTransactions::NotImplemented)
-        .build()
-        .map_err(|e| e.to_string())?;
+    let idempotency =
+        crate::api::idempotency_settings(Idempotency::builder(store), config).build().map_err(|e| e.to_string())?;
     let state =
         AppState { bank: Arc::new(Bank::new(ledger, entries)), deposits, transfer_delay: config.transfer_delay };
     let payments = payment_routes();

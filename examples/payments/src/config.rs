@@ -1,11 +1,14 @@
 //! Configuration from the environment.
 
+use idempotent_axum::core::digest::DigestKey;
+use idempotent_axum::core::store::{self, spec::Redacted, Store};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Everything the demo reads from its environment.
-#[derive(Debug, Clone)]
+/// Everything the demo reads from its environment. Its `Debug` shows the store specification
+/// without its password.
+#[derive(Clone)]
 pub struct Config {
     /// `PAYMENTS_ADDR`, default `127.0.0.1:3000`.
     pub addr: SocketAddr,
@@ -15,6 +18,9 @@ pub struct Config {
     pub ledger: PathBuf,
     /// `PAYMENTS_TRANSFER_DELAY_MS`, default 1500.
     pub transfer_delay: Duration,
+    /// `IDEMPOTENCY_DIGEST_SECRET`: when set, callers and keys are digested with HMAC-SHA256
+    /// under it (see `idempotent_core::digest`); the `records` subcommand needs the same one.
+    pub digest_secret: Option<String>,
 }
 
 impl Config {
@@ -27,7 +33,37 @@ impl Config {
         let delay: u64 =
             delay.parse().map_err(|e| format!("PAYMENTS_TRANSFER_DELAY_MS `{delay}` is not a number of ms: {e}"))?;
         let store = std::env::var("IDEMPOTENCY_STORE").unwrap_or_else(|_| default_store(&ledger));
-        Ok(Self { addr, store, ledger, transfer_delay: Duration::from_millis(delay) })
+        let digest_secret = std::env::var("IDEMPOTENCY_DIGEST_SECRET").ok().filter(|s| !s.is_empty());
+        Ok(Self { addr, store, ledger, transfer_delay: Duration::from_millis(delay), digest_secret })
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("addr", &self.addr)
+            .field("store", &self.store_shown())
+            .field("ledger", &self.ledger)
+            .field("transfer_delay", &self.transfer_delay)
+            .field("digest_secret", &self.digest_secret.as_ref().map(|_| "(set)"))
+            .finish()
+    }
+}
+
+impl Config {
+    /// The store specification as messages show it: without its password.
+    pub fn store_shown(&self) -> Redacted<'_> {
+        Redacted(&self.store)
+    }
+
+    /// How callers and keys are digested: under `IDEMPOTENCY_DIGEST_SECRET` when it is set.
+    pub fn digests(&self) -> DigestKey {
+        self.digest_secret.as_ref().map(DigestKey::new).unwrap_or_default()
+    }
+
+    /// Opens the idempotency store to serve with; the error names it, redacted.
+    pub async fn open_store(&self) -> Result<std::sync::Arc<dyn Store>, String> {
+        store::connect(&self.store).await.map_err(|e| format!("idempotency store `{}`: {e}", self.store_shown()))
     }
 }
 
@@ -36,4 +72,24 @@ impl Config {
 pub fn default_store(ledger: &std::path::Path) -> String {
     let dir = ledger.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
     format!("sqlite:{}", dir.join("payments-idempotency.sqlite").display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_shows_neither_the_store_password_nor_the_digest_secret() {
+        let config = Config {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            store: "postgres://app:hunter2@db/payments".into(),
+            ledger: "l.jsonl".into(),
+            transfer_delay: Duration::ZERO,
+            digest_secret: Some("s3cret-digest".into()),
+        };
+        let shown = format!("{config:?}");
+        assert!(shown.contains("postgres://app:***@db/payments"), "{shown}");
+        assert!(!shown.contains("hunter2") && !shown.contains("s3cret"), "{shown}");
+        assert_eq!(config.store_shown().to_string(), "postgres://app:***@db/payments");
+    }
 }

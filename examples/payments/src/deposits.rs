@@ -6,6 +6,7 @@
 use crate::api::ApiError;
 use crate::domain::Invalid;
 use idempotent_axum::core::sqlx::{self, PgPool, SqlitePool};
+use idempotent_axum::core::store::spec::Redacted;
 use idempotent_axum::core::store::transaction::Tx;
 use serde::{Deserialize, Serialize};
 
@@ -62,7 +63,7 @@ impl Deposits {
     /// Opens the deposits' tables in the database of the store `spec` names (creating them if
     /// missing); [`Deposits::Unsupported`] for `memory` and Redis.
     pub async fn open(spec: &str) -> Result<Self, String> {
-        let failed = |e: sqlx::Error| format!("deposits tables in `{spec}`: {e}");
+        let failed = |e: sqlx::Error| format!("deposits tables in `{}`: {e}", Redacted(spec));
         if spec.starts_with("postgres") {
             let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(spec).await.map_err(failed)?;
             // Instances starting together would race on `CREATE TABLE IF NOT EXISTS` (PostgreSQL

@@ -296,13 +296,22 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// Reads the key header named in `config` and resolves the actor: `extension` (an [`Actor`]
-    /// the application's authentication set) first, then the configured source.
+    /// Reads the key header named in `config` and resolves the actor with [`identify_actor`].
     pub fn identify(config: &Config, head: &dyn RequestHead, extension: Option<&Actor>) -> Self {
         let key = IdempotencyKey::from_header_values(head.header_values(&config.header_name));
-        let actor = config.actor.actor_of(extension, head);
-        Self { key, actor }
+        Self { key, actor: identify_actor(config, head, extension) }
     }
+}
+
+/// The one rule by which a protected route and the record status endpoint know the caller:
+/// `extension` (an [`Actor`] the application's authentication set, in middleware or in an
+/// extractor that ran before) first, then the configured source on the request head.
+pub fn identify_actor(
+    config: &Config,
+    head: &dyn RequestHead,
+    extension: Option<&Actor>,
+) -> Result<Option<String>, ActorMissing> {
+    config.actor.actor_of(extension, head)
 }
 
 /// Runs one protected request: answers a missing actor with 401, then claims, runs `handler`
@@ -331,10 +340,11 @@ where
         Err(e) => {
             tracing::info!(scope = policy.scope, "{e}");
             telemetry::request_finished(policy.scope, RequestOutcome::InvalidKey);
-            let problem = Problem::new(
-                ProblemKind::ActorMissing,
-                "This operation needs to know who is calling, and the request did not say: authenticate and retry with the same key.",
-            );
+            let detail = match e {
+                ActorMissing::NotFound => "This operation needs to know who is calling, and the request did not say: authenticate and retry with the same key.",
+                ActorMissing::Repeated => "The request carries its identity header more than once, so it cannot say who is calling: send it exactly once and retry with the same key.",
+            };
+            let problem = Problem::new(ProblemKind::ActorMissing, detail);
             return problem_response(&problem).map(ResponseBody::full);
         }
     };
@@ -378,7 +388,8 @@ where
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
-    let span = telemetry::request_span(policy, caller.key.as_ref().ok().and_then(Option::as_ref));
+    let span =
+        telemetry::request_span(policy, caller.key.as_ref().ok().and_then(Option::as_ref), &runtime.config().digests);
     let tracker = runtime.clone();
     tracker.track(async move { respond(&runtime, policy, caller, fingerprint, handler).await }.instrument(span))
 }
@@ -531,13 +542,16 @@ pub fn body_taken() -> Response<Bytes> {
 }
 
 /// The policy report of `framework`'s routes for a request with `query` (`format=json|md|html`,
-/// default JSON); an unknown format is 400 with a plain-text message naming the formats.
+/// default JSON), without the handlers' source files and lines (whoever can reach the endpoint
+/// learns the policies, not the source tree's layout); an unknown format is 400 with a
+/// plain-text message naming the formats.
 pub fn policy_report(framework: Framework, query: Option<&str>) -> Response<Bytes> {
     let format =
         query.into_iter().flat_map(|q| q.split('&')).find_map(|pair| pair.strip_prefix("format=")).unwrap_or("json");
     match format.parse::<Format>() {
         Ok(format) => {
-            let body = crate::report::render(&registry::routes_of(framework), format);
+            let routes = registry::routes_of(framework);
+            let body = crate::report::render_with(&routes, format, crate::report::Sources::Hidden);
             let mut response = Response::new(Bytes::from(body));
             response.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
             response

@@ -6,7 +6,8 @@ use crate::actor::ActorMissing;
 use crate::engine::Runtime;
 use crate::key::IdempotencyKey;
 use crate::problem::{Problem, ProblemKind};
-use crate::store::{RecordInfo, StoreError};
+use crate::registry;
+use crate::store::RecordInfo;
 use bytes::Bytes;
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use http::Response;
@@ -20,8 +21,16 @@ use std::time::SystemTime;
 ///   record; for one in progress, `expires_at` is its lease deadline);
 /// - 404 problem+json when the caller has no such record: absent, expired, or another caller's,
 ///   which is never told apart from absent;
+/// - 404 for a scope no protected route of this binary declares, before the store is asked;
 /// - 400 for a key that no request could have sent, 401 when the configured actor source finds
-///   no caller, 503 when the store does not answer.
+///   no caller (or its identity header was sent more than once);
+/// - 403 when the caller is the anonymous namespace (no actor source, or the `Anonymous` one)
+///   and the runtime was not told to show records to anonymous callers
+///   ([`Builder::anonymous_record_status`](crate::engine::Builder::anonymous_record_status)):
+///   there, every caller is everybody, and the endpoint would tell anyone the state of anyone's
+///   key;
+/// - 503 when the store does not answer, with a generic detail (the backend's own error goes to
+///   the log, never to the caller).
 ///
 /// `actor` is resolved as for a protected route (the application's [`Actor`](crate::actor::Actor)
 /// extension first, then the configured source), so a caller sees only the records its own
@@ -46,22 +55,44 @@ async fn record(
         Err(e) => {
             return problem_response(&Problem::new(
                 ProblemKind::ActorMissing,
-                format!("{e}: a record is shown only to the caller that created it."),
+                format!("{}: a record is shown only to the caller that created it.", capitalized(&e.to_string())),
             ))
         }
     };
+    if actor.is_none() && !runtime.config().anonymous_record_status {
+        return problem_response(&Problem::new(
+            ProblemKind::StatusDisabled,
+            "This server does not tell its callers apart, so it shows no record's state to anyone.",
+        ));
+    }
+    if !registry::routes().iter().any(|r| r.scope() == Some(scope)) {
+        return not_found();
+    }
     let key = match IdempotencyKey::parse(key.as_bytes()) {
         Ok(key) => key,
         Err(e) => return problem_response(&Problem::new(ProblemKind::KeyInvalid, format!("Invalid key: {e}."))),
     };
     match runtime.inspect(scope, actor.as_deref(), key.as_str()).await {
         Ok(Some(info)) => json(200, &record_json(scope, key.as_str(), &info)),
-        Ok(None) => problem_response(&Problem::new(
-            ProblemKind::RecordNotFound,
-            "No record of yours under this scope and key: it was never used, has expired, or was released.",
-        )),
-        Err(e) => store_unavailable(runtime, &e, "The idempotency store could not be asked for this record"),
+        Ok(None) => not_found(),
+        Err(e) => {
+            tracing::warn!(store = runtime.store().name(), error = %e, "record status: the idempotency store failed");
+            store_unavailable(runtime, "The idempotency store could not be asked for this record. Retry later.")
+        }
     }
+}
+
+fn not_found() -> Response<Bytes> {
+    problem_response(&Problem::new(
+        ProblemKind::RecordNotFound,
+        "No record of yours under this scope and key: it was never used, has expired, or was released.",
+    ))
+}
+
+/// `text` with its first letter in upper case, to open a sentence.
+fn capitalized(text: &str) -> String {
+    let mut chars = text.chars();
+    chars.next().map(|c| c.to_uppercase().chain(chars).collect()).unwrap_or_default()
 }
 
 /// The store's health, for `GET /healthz`: 200 `{"status": "ok", "store": name}` when it answers
@@ -74,7 +105,7 @@ pub async fn health(runtime: &Runtime) -> Response<Bytes> {
         }
         Err(e) => {
             tracing::warn!(store = runtime.store().name(), error = %e, "health check: the idempotency store does not answer");
-            store_unavailable(runtime, &e, "The idempotency store does not answer")
+            store_unavailable(runtime, "The idempotency store does not answer.")
         }
     }
 }
@@ -110,9 +141,11 @@ pub fn rfc3339(at: SystemTime) -> String {
     humantime::format_rfc3339_millis(at).to_string()
 }
 
-fn store_unavailable(runtime: &Runtime, error: &StoreError, what: &str) -> Response<Bytes> {
-    let problem = Problem::new(ProblemKind::StoreUnavailable, format!("{what}: {error}."))
-        .with_retry_after(runtime.config().store_retry_after);
+/// A 503 whose detail is `what`, never the backend's error (which may name hosts, users or
+/// files, and which the caller may provoke at will): that goes to the log.
+fn store_unavailable(runtime: &Runtime, what: &str) -> Response<Bytes> {
+    let problem =
+        Problem::new(ProblemKind::StoreUnavailable, what).with_retry_after(runtime.config().store_retry_after);
     no_store(problem_response(&problem))
 }
 
@@ -132,7 +165,7 @@ fn no_store(mut response: Response<Bytes>) -> Response<Bytes> {
 mod tests {
     use super::*;
     use crate::engine::Config;
-    use crate::store::{Claim, MemoryStore, RecordKey, Store};
+    use crate::store::{Claim, MemoryStore, RecordKey, Store, StoreError};
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -144,36 +177,120 @@ mod tests {
         serde_json::from_slice(r.body()).unwrap()
     }
 
+    use crate::policy::Policy;
+    use crate::registry::{Framework, RouteRecord};
+
+    inventory::submit! {
+        RouteRecord::protected(Policy::new("status.s"), "status::tests::h", file!(), line!(), Framework::Axum)
+    }
+
     #[test]
     fn a_caller_sees_its_own_records_only() {
         block_on(async {
             let store = Arc::new(MemoryStore::new());
             let rt = Runtime::new(store.clone(), Config::default());
             let fp = crate::fingerprint::Fingerprint([1; 32]);
-            let Claim::Acquired(_) =
-                store.claim(&RecordKey::of("s", Some("alice"), "k1"), &fp, Duration::from_secs(30)).await.unwrap()
+            let Claim::Acquired(_) = store
+                .claim(&RecordKey::of("status.s", Some("alice"), "k1"), &fp, Duration::from_secs(30))
+                .await
+                .unwrap()
             else {
                 panic!()
             };
-            let mine = record_status(&rt, "s", "k1", Ok(Some("alice".into()))).await;
+            let mine = record_status(&rt, "status.s", "k1", Ok(Some("alice".into()))).await;
             assert_eq!(mine.status(), 200);
             assert_eq!(mine.headers()[CACHE_CONTROL], "no-store");
             let v = body(&mine);
             assert_eq!(
                 (v["scope"].as_str(), v["key"].as_str(), v["state"].as_str()),
-                (Some("s"), Some("k1"), Some("in_progress"))
+                (Some("status.s"), Some("k1"), Some("in_progress"))
             );
             assert!(v["expires_at"].as_str().unwrap().ends_with('Z'), "{v}");
             assert!(v.get("status").is_none());
 
-            let theirs = record_status(&rt, "s", "k1", Ok(Some("mallory".into()))).await;
+            let theirs = record_status(&rt, "status.s", "k1", Ok(Some("mallory".into()))).await;
             assert_eq!(theirs.status(), 404);
             assert_eq!(body(&theirs)["type"], "urn:idempotent:problem:record-not-found");
-            assert_eq!(record_status(&rt, "s", "k1", Ok(None)).await.status(), 404, "anonymous is another namespace");
-            assert_eq!(record_status(&rt, "s", "k1", Err(ActorMissing)).await.status(), 401);
-            assert_eq!(record_status(&rt, "s", "bad\u{7f}key", Ok(Some("alice".into()))).await.status(), 400);
+            let anonymous = record_status(&rt, "status.s", "k1", Ok(None)).await;
+            assert_eq!(anonymous.status(), 403, "nobody is told apart: off unless asked for");
+            assert_eq!(body(&anonymous)["type"], "urn:idempotent:problem:status-disabled");
+            let open = Runtime::new(store.clone(), Config { anonymous_record_status: true, ..Config::default() });
+            assert_eq!(record_status(&open, "status.s", "k1", Ok(None)).await.status(), 404, "another namespace");
+            for missing in [ActorMissing::NotFound, ActorMissing::Repeated] {
+                assert_eq!(record_status(&rt, "status.s", "k1", Err(missing)).await.status(), 401);
+            }
+            assert_eq!(record_status(&rt, "status.s", "bad\u{7f}key", Ok(Some("alice".into()))).await.status(), 400);
+            // A scope no route declares is never looked up, whatever its bytes.
+            for scope in ["s", "a\u{0}b", "payments.create'--"] {
+                let unknown = record_status(&rt, scope, "k1", Ok(Some("alice".into()))).await;
+                assert_eq!(unknown.status(), 404, "{scope:?}");
+            }
             assert_eq!(health(&rt).await.status(), 200);
             assert_eq!(body(&health(&rt).await)["store"], "memory");
+        });
+    }
+
+    /// A store whose backend refuses every call, in its own words.
+    struct Failing;
+
+    #[async_trait::async_trait]
+    impl Store for Failing {
+        async fn claim(
+            &self,
+            _: &RecordKey,
+            _: &crate::fingerprint::Fingerprint,
+            _: Duration,
+        ) -> Result<Claim, StoreError> {
+            Err(refused())
+        }
+        async fn renew(&self, _: &RecordKey, _: &crate::store::ClaimToken, _: Duration) -> Result<(), StoreError> {
+            Err(refused())
+        }
+        async fn complete(
+            &self,
+            _: &RecordKey,
+            _: &crate::store::ClaimToken,
+            _: &crate::response::StoredResponse,
+            _: Duration,
+        ) -> Result<(), StoreError> {
+            Err(refused())
+        }
+        async fn release(&self, _: &RecordKey, _: &crate::store::ClaimToken) -> Result<(), StoreError> {
+            Err(refused())
+        }
+        async fn inspect(&self, _: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
+            Err(refused())
+        }
+        async fn invalidate(
+            &self,
+            _: &RecordKey,
+            _: crate::store::Purge,
+        ) -> Result<crate::store::Invalidated, StoreError> {
+            Err(refused())
+        }
+        async fn health(&self) -> Result<(), StoreError> {
+            Err(refused())
+        }
+        fn name(&self) -> &'static str {
+            "failing"
+        }
+    }
+
+    fn refused() -> StoreError {
+        StoreError::Unavailable("Connection refused (os error 111) at db.internal:5432".into())
+    }
+
+    /// The backend's error may name hosts, users and files, and a caller can provoke it at
+    /// will: it goes to the log, the caller gets a generic detail.
+    #[test]
+    fn store_failures_are_answered_without_the_backends_words() {
+        block_on(async {
+            let rt = Runtime::new(Arc::new(Failing), Config::default());
+            for response in [health(&rt).await, record_status(&rt, "status.s", "k1", Ok(Some("alice".into()))).await] {
+                assert_eq!(response.status(), 503);
+                let detail = body(&response)["detail"].as_str().unwrap().to_owned();
+                assert!(!detail.contains("refused") && !detail.contains("db.internal"), "{detail}");
+            }
         });
     }
 }

@@ -7,13 +7,23 @@
 //! # Bounds
 //! Memory is bounded by a byte budget, [`DEFAULT_MAX_BYTES`] (256 MiB) unless set with
 //! [`MemoryStore::with_limits`], that counts each record's whole footprint
-//! ([`MemoryStore::bytes`]); optionally by a number of records ([`MemoryStore::with_limits`]),
-//! and by a number of records per actor ([`MemoryStore::with_actor_quota`]), so that one caller
-//! cannot fill the store for everyone. A claim for a new key that would cross a bound first
-//! forgets records due to be forgotten; when none is, it fails with [`StoreError::Full`] (503 to
-//! the client) rather than evicting a live record, which could let a retry run twice.
-//! Completions are never refused (their claim was admitted), so the responses of the claims in
-//! flight may take the store past its budget.
+//! ([`MemoryStore::bytes`]); optionally by a number of records ([`MemoryStore::with_limits`]).
+//!
+//! One caller cannot fill the store for everyone: each actor (the caller's identity the records
+//! are namespaced by) may hold at most an eighth of the byte budget by default
+//! ([`default_actor_max_bytes`]; set with [`MemoryStore::with_actor_max_bytes`], or
+//! `memory?actor_max_bytes=..` in [`connect`](super::connect)), and optionally a number of
+//! records ([`MemoryStore::with_actor_quota`]). A claim for a new key by an actor at its bound is
+//! refused with [`StoreError::QuotaExceeded`] (429 with `Retry-After` to that caller) while every
+//! other caller's claims still get in. The anonymous namespace (every request of a service whose
+//! actor source is `Anonymous`) is no caller to tell apart from others: only the store's own
+//! budget bounds it.
+//!
+//! A claim for a new key that would cross the store's bounds first forgets records due to be
+//! forgotten; when none is, it fails with [`StoreError::Full`] (503 to every client) rather than
+//! evicting a live record, which could let a retry run twice. Completions are never refused (their
+//! claim was admitted), so the responses of the claims in flight may take the store, or an actor,
+//! past its budget.
 //!
 //! # Expiry
 //! Records are indexed by the time the store forgets them: a completed record when its time to
@@ -25,7 +35,10 @@
 //! gone for every operation from the time it is due, before it is removed: its token no longer
 //! holds it, [`Store::inspect`] does not report it.
 
-use super::{Claim, ClaimToken, RecordInfo, RecordKey, RecordState, Store, StoreError, ABANDONED_CLAIM_RETENTION};
+use super::{
+    Claim, ClaimToken, Invalidated, Purge, RecordInfo, RecordKey, RecordState, Store, StoreError,
+    ABANDONED_CLAIM_RETENTION,
+};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use async_trait::async_trait;
@@ -63,7 +76,16 @@ pub const RECORD_OVERHEAD: usize =
 
 /// What an actor's counter costs when a quota is set: its slot in the table of counters, counted
 /// half again as the records' slots are. Its characters are counted as an allocation.
-const ACTOR_OVERHEAD: usize = (size_of::<(Box<str>, usize)>() + 1) * 3 / 2;
+const ACTOR_OVERHEAD: usize = (size_of::<(Box<str>, Usage)>() + 1) * 3 / 2;
+
+/// The bytes one actor may hold by default in a store of `max_bytes`: an eighth of it.
+pub const fn default_actor_max_bytes(max_bytes: usize) -> usize {
+    max_bytes / 8
+}
+
+/// How many records of the index a claim refused by its actor's bound looks through to tell the
+/// caller when its earliest record will be forgotten (its `Retry-After`).
+const RETRY_AFTER_SCAN: usize = 1024;
 
 /// The length of a [`ClaimToken::generate`]d token: 128 bits in hex.
 const TOKEN_LEN: usize = 32;
@@ -169,8 +191,8 @@ struct Inner {
     /// Every record once, by the time it may be forgotten; kept exact (a renewal or a completion
     /// moves its record), so that the first entry is always the next record to forget.
     deadlines: BTreeMap<(Instant, u64), Arc<str>>,
-    /// Records per actor, kept only with a quota.
-    actors: HashMap<Box<str>, usize>,
+    /// Records and bytes per actor, kept only with a per-actor bound.
+    actors: HashMap<Box<str>, Usage>,
     bytes: usize,
     next_seq: u64,
     /// Records forgotten since the operation's caller last reported them.
@@ -201,12 +223,27 @@ impl Inner {
         }
     }
 
+    /// How long until `actor`'s earliest record is forgotten, as far as the first
+    /// [`RETRY_AFTER_SCAN`] records of the index tell (beyond them, at least until the last one
+    /// looked at); at least a second.
+    fn earliest_of(&self, actor: &str, now: Instant) -> Duration {
+        let mut at = now;
+        for (&(deadline, _), key) in self.deadlines.iter().take(RETRY_AFTER_SCAN) {
+            at = deadline;
+            if actor_of(key) == actor {
+                break;
+            }
+        }
+        at.saturating_duration_since(now).max(Duration::from_secs(1))
+    }
+
     fn insert(&mut self, key: Arc<str>, mut entry: Entry, quota: bool) {
         entry.seq = self.next_seq;
         self.next_seq += 1;
-        self.bytes += record_bytes(key.len()) + entry.owned_bytes();
+        let footprint = record_bytes(key.len()) + entry.owned_bytes();
+        self.bytes += footprint;
         if quota {
-            count(&mut self.actors, &mut self.bytes, actor_of(&key));
+            count(&mut self.actors, &mut self.bytes, actor_of(&key), footprint);
         }
         self.deadlines.insert(entry.slot(), key.clone());
         self.records.insert(key, entry);
@@ -221,12 +258,14 @@ impl Inner {
 
     /// Accounts for a record gone from the table (and from the index).
     fn released(&mut self, key: &str, e: &Entry, quota: bool) {
-        self.bytes -= record_bytes(key.len()) + e.owned_bytes();
+        let footprint = record_bytes(key.len()) + e.owned_bytes();
+        self.bytes -= footprint;
         if quota {
             let actor = actor_of(key);
-            if let Some(n) = self.actors.get_mut(actor) {
-                *n -= 1;
-                if *n == 0 {
+            if let Some(usage) = self.actors.get_mut(actor) {
+                usage.records -= 1;
+                usage.bytes -= footprint;
+                if usage.records == 0 {
                     self.actors.remove(actor);
                     self.bytes -= ACTOR_OVERHEAD + allocation(actor.len());
                 }
@@ -240,7 +279,11 @@ impl Inner {
         let Some(e) = self.records.get_mut(key) else { return };
         let (slot, owned) = (e.slot(), e.owned_bytes());
         change(e);
-        self.bytes = self.bytes - owned + e.owned_bytes();
+        let now_owned = e.owned_bytes();
+        self.bytes = self.bytes - owned + now_owned;
+        if let Some(usage) = self.actors.get_mut(actor_of(key)) {
+            usage.bytes = usage.bytes - owned + now_owned;
+        }
         if e.slot() != slot {
             if let Some(key) = self.deadlines.remove(&slot) {
                 self.deadlines.insert(e.slot(), key);
@@ -249,14 +292,43 @@ impl Inner {
     }
 }
 
-/// Counts one more record of `actor`, and the bytes of its counter when it is its first.
-fn count(actors: &mut HashMap<Box<str>, usize>, bytes: &mut usize, actor: &str) {
-    match actors.get_mut(actor) {
-        Some(n) => *n += 1,
+/// What one actor holds: records, and their bytes (each record's whole footprint).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Usage {
+    records: usize,
+    bytes: usize,
+}
+
+/// Counts one more record of `actor`, of `footprint` bytes, and the bytes of its counter when it
+/// is its first.
+fn count(actors: &mut HashMap<Box<str>, Usage>, bytes: &mut usize, actor: &str, footprint: usize) {
+    let usage = match actors.get_mut(actor) {
+        Some(usage) => usage,
         None => {
             *bytes += ACTOR_OVERHEAD + allocation(actor.len());
-            actors.insert(actor.into(), 1);
+            actors.entry(actor.into()).or_default()
         }
+    };
+    usage.records += 1;
+    usage.bytes += footprint;
+}
+
+/// Bounds on what one actor may hold (see [the module docs](self#bounds)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct ActorBounds {
+    records: Option<usize>,
+    bytes: Option<usize>,
+}
+
+impl ActorBounds {
+    fn any(self) -> bool {
+        self.records.is_some() || self.bytes.is_some()
+    }
+
+    /// Whether an actor holding `usage` may add a record of `need` bytes.
+    fn admit(self, usage: Usage, need: usize) -> bool {
+        self.records.is_none_or(|max| usage.records < max)
+            && self.bytes.is_none_or(|max| usage.bytes.saturating_add(need) <= max)
     }
 }
 
@@ -267,8 +339,8 @@ pub struct MemoryStore {
     inner: Mutex<Inner>,
     max_records: usize,
     max_bytes: usize,
-    /// At most this many records per actor; `None`: no quota.
-    actor_quota: Option<usize>,
+    /// What one actor may hold.
+    actor: ActorBounds,
 }
 
 impl Default for MemoryStore {
@@ -278,38 +350,76 @@ impl Default for MemoryStore {
 }
 
 impl MemoryStore {
-    /// A store bounded by [`DEFAULT_MAX_BYTES`] only.
+    /// A store bounded by [`DEFAULT_MAX_BYTES`], of which one actor may hold an eighth.
     pub fn new() -> Self {
         Self::with_limits(usize::MAX, DEFAULT_MAX_BYTES)
     }
 
     /// A store holding at most `max_records` records and `max_bytes` bytes, each record's whole
     /// footprint counted ([`bytes`](Self::bytes)): a claim whose record would cross either bound
-    /// is refused when no record is due to be forgotten.
+    /// is refused when no record is due to be forgotten. One actor may hold an eighth of
+    /// `max_bytes` ([`default_actor_max_bytes`]); change it with
+    /// [`with_actor_max_bytes`](Self::with_actor_max_bytes).
     pub fn with_limits(max_records: usize, max_bytes: usize) -> Self {
-        Self { inner: Mutex::new(Inner::default()), max_records: max_records.max(1), max_bytes, actor_quota: None }
+        let store = Self {
+            inner: Mutex::new(Inner::default()),
+            max_records: max_records.max(1),
+            max_bytes,
+            actor: ActorBounds::default(),
+        };
+        store.with_actor_max_bytes(Some(default_actor_max_bytes(max_bytes)))
     }
 
-    /// The same store, holding at most `quota` (at least 1) records per actor, so that one caller
-    /// cannot fill the store for everyone: a claim for a new key by an actor at its quota is
-    /// refused with [`StoreError::Full`] when none of that actor's records is due to be forgotten,
-    /// while other actors' claims still get in.
+    /// The store a `memory` specification describes (see [`MemorySpec`](super::spec::MemorySpec)).
+    pub fn from_spec(spec: &super::spec::MemorySpec) -> Self {
+        let store = Self::with_limits(spec.max_records, spec.max_bytes).with_actor_max_bytes(spec.actor_max_bytes);
+        match spec.actor_max_records {
+            Some(records) => store.with_actor_quota(records),
+            None => store,
+        }
+    }
+
+    /// The same store, holding at most `quota` (at least 1) records per actor: a claim for a
+    /// new key by an actor at its quota is refused with [`StoreError::QuotaExceeded`] when none of
+    /// that actor's records is due to be forgotten, while other actors' claims still get in.
     ///
     /// A record counts until it is released or invalidated, or the store forgets it: a completed
     /// record at the end of its time to live, an abandoned claim at the end of its retention. The
     /// quota is therefore the number of distinct keys an actor may use within a time to live. A
-    /// claim that takes over one of the actor's own records adds nothing. Every anonymous caller
-    /// is the one empty actor: they share one quota.
+    /// claim that takes over one of the actor's own records adds nothing. The anonymous namespace
+    /// has no quota.
     pub fn with_actor_quota(mut self, quota: usize) -> Self {
-        if self.actor_quota.is_none() {
-            // Count what an owned store already holds.
-            let Inner { records, actors, bytes, .. } = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
-            for key in records.keys() {
-                count(actors, bytes, actor_of(key));
+        self.count_actors();
+        self.actor.records = Some(quota.max(1));
+        self
+    }
+
+    /// The same store, where one actor may hold at most `max_bytes` bytes of records (each
+    /// record's whole footprint, as [`bytes`](Self::bytes) counts it); `None`: no per-actor bound
+    /// on bytes. Refusals as for [`with_actor_quota`](Self::with_actor_quota).
+    pub fn with_actor_max_bytes(mut self, max_bytes: Option<usize>) -> Self {
+        if max_bytes.is_some() {
+            self.count_actors();
+        }
+        self.actor.bytes = max_bytes;
+        if !self.actor.any() {
+            let Inner { actors, bytes, .. } = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
+            for (actor, _) in actors.drain() {
+                *bytes -= ACTOR_OVERHEAD + allocation(actor.len());
             }
         }
-        self.actor_quota = Some(quota.max(1));
         self
+    }
+
+    /// Starts counting what each actor holds, from what an owned store already holds.
+    fn count_actors(&mut self) {
+        if self.actor.any() {
+            return;
+        }
+        let Inner { records, actors, bytes, .. } = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
+        for (key, e) in records.iter() {
+            count(actors, bytes, actor_of(key), record_bytes(key.len()) + e.owned_bytes());
+        }
     }
 
     /// Number of records held, those due to be forgotten included until they are removed.
@@ -325,7 +435,7 @@ impl MemoryStore {
     /// Bytes the store holds by its own count, which its byte bound applies to: for each record,
     /// [`RECORD_OVERHEAD`], the key's characters, and what its state owns (a claim's token, or a
     /// response's headers and body), each allocation rounded as an allocator rounds it; with an
-    /// actor quota, each actor's counter. Back to 0 once every record is gone.
+    /// per-actor bound, each actor's counter. Back to 0 once every record is gone.
     pub fn bytes(&self) -> usize {
         self.lock().bytes
     }
@@ -347,7 +457,7 @@ impl MemoryStore {
         lease_until: Instant,
         now: Instant,
     ) -> Result<Claim, StoreError> {
-        let quota = self.actor_quota.is_some();
+        let quota = self.actor.any();
         if inner.records.get(storage_key.as_str()).is_some_and(|e| e.forgotten(now)) {
             // Gone already: a new record is claimed in its place, under the bounds.
             inner.remove(&storage_key, quota);
@@ -376,20 +486,18 @@ impl MemoryStore {
             });
             return Ok(Claim::Acquired(token));
         }
-        let held = |inner: &Inner| inner.actors.get(key.actor.as_str()).copied().unwrap_or(0);
-        if let Some(max) = self.actor_quota {
-            if held(inner) >= max {
-                // The actor's records due to be forgotten may be anywhere in the index: forget
-                // every record that is due. Each is forgotten once, so this costs no more
-                // than forgetting them one claim at a time would.
-                inner.forget(now, usize::MAX, true);
-                if held(inner) >= max {
-                    return Err(StoreError::Full);
-                }
+        let mut need = record_bytes(storage_key.len()) + allocation(TOKEN_LEN);
+        let usage = |inner: &Inner| inner.actors.get(key.actor.as_str()).copied().unwrap_or_default();
+        if quota && !key.actor.is_empty() && !self.actor.admit(usage(inner), need) {
+            // The actor's records due to be forgotten may be anywhere in the index: forget
+            // every record that is due. Each is forgotten once, so this costs no more than
+            // forgetting them one claim at a time would.
+            inner.forget(now, usize::MAX, true);
+            if !self.actor.admit(usage(inner), need) {
+                return Err(StoreError::QuotaExceeded { retry_after: inner.earliest_of(&key.actor, now) });
             }
         }
-        let mut need = record_bytes(storage_key.len()) + allocation(TOKEN_LEN);
-        if quota && held(inner) == 0 {
+        if quota && usage(inner).records == 0 {
             need += ACTOR_OVERHEAD + allocation(key.actor.len());
         }
         while inner.records.len() >= self.max_records || inner.bytes.saturating_add(need) > self.max_bytes {
@@ -417,7 +525,7 @@ impl Store for MemoryStore {
         let storage_key = key.storage_key();
         let (answer, swept) = {
             let mut inner = self.lock();
-            inner.forget(now, FORGET_PER_CLAIM, self.actor_quota.is_some());
+            inner.forget(now, FORGET_PER_CLAIM, self.actor.any());
             let answer = self.claim_locked(&mut inner, key, storage_key, fingerprint, lease_until, now);
             (answer, std::mem::take(&mut inner.swept))
         };
@@ -468,7 +576,7 @@ impl Store for MemoryStore {
         if !inner.records.get(storage_key.as_str()).is_some_and(|e| e.held_by(token, now)) {
             return Err(StoreError::Fenced);
         }
-        inner.remove(&storage_key, self.actor_quota.is_some());
+        inner.remove(&storage_key, self.actor.any());
         Ok(())
     }
 
@@ -489,13 +597,20 @@ impl Store for MemoryStore {
         Ok(Some(RecordInfo { state, status, created_at: Some(at(e.created)), expires_at: at(expires) }))
     }
 
-    async fn invalidate(&self, key: &RecordKey) -> Result<bool, StoreError> {
+    async fn invalidate(&self, key: &RecordKey, purge: Purge) -> Result<Invalidated, StoreError> {
         let now = Instant::now();
         let storage_key = key.storage_key();
         let mut inner = self.lock();
-        let present = inner.records.get(storage_key.as_str()).is_some_and(|e| !e.forgotten(now));
-        inner.remove(&storage_key, self.actor_quota.is_some());
-        Ok(present)
+        let answer = match inner.records.get(storage_key.as_str()) {
+            None => return Ok(Invalidated::Absent),
+            Some(e) if e.forgotten(now) => Invalidated::Absent,
+            Some(Entry { state: State::InProgress { .. }, .. }) if purge == Purge::Completed => {
+                return Ok(Invalidated::InProgress)
+            }
+            Some(_) => Invalidated::Deleted,
+        };
+        inner.remove(&storage_key, self.actor.any());
+        Ok(answer)
     }
 
     async fn health(&self) -> Result<(), StoreError> {
@@ -515,16 +630,18 @@ impl MemoryStore {
         let inner = self.lock();
         assert_eq!(inner.deadlines.len(), inner.records.len(), "one index entry per record");
         let mut bytes = 0;
-        let mut actors = HashMap::<&str, usize>::new();
+        let mut actors = HashMap::<&str, Usage>::new();
         for (key, e) in &inner.records {
             assert_eq!(inner.deadlines.get(&e.slot()).map(|k| &**k), Some(&**key), "indexed at its deadline");
             bytes += record_bytes(key.len()) + e.owned_bytes();
-            *actors.entry(actor_of(key)).or_default() += 1;
+            let usage: &mut Usage = actors.entry(actor_of(key)).or_default();
+            usage.records += 1;
+            usage.bytes += record_bytes(key.len()) + e.owned_bytes();
         }
-        if self.actor_quota.is_some() {
+        if self.actor.any() {
             assert_eq!(inner.actors.len(), actors.len(), "one counter per actor with records");
-            for (actor, n) in actors {
-                assert_eq!(inner.actors.get(actor), Some(&n), "records of {actor:?}");
+            for (actor, usage) in actors {
+                assert_eq!(inner.actors.get(actor), Some(&usage), "records and bytes of {actor:?}");
                 bytes += ACTOR_OVERHEAD + allocation(actor.len());
             }
         } else {
@@ -572,6 +689,14 @@ mod tests {
         matches!(store.claim(key, &fp(1), LEASE).await, Err(StoreError::Full))
     }
 
+    /// Refused by the actor's bound, with a `Retry-After` of at least a second.
+    async fn over_quota(store: &MemoryStore, key: &RecordKey) -> bool {
+        matches!(
+            store.claim(key, &fp(1), LEASE).await,
+            Err(StoreError::QuotaExceeded { retry_after }) if retry_after >= Duration::from_secs(1)
+        )
+    }
+
     /// Claims and releases fresh keys until every record that is due is gone (each claim
     /// forgets a few on its way).
     async fn forget_everything_due(store: &MemoryStore) {
@@ -609,7 +734,8 @@ mod tests {
         let k1 = key("a", 1);
         // Room for one claim, not two.
         let store =
-            MemoryStore::with_limits(100, 3 * (record_bytes(k1.storage_key().len()) + allocation(TOKEN_LEN)) / 2);
+            MemoryStore::with_limits(100, 3 * (record_bytes(k1.storage_key().len()) + allocation(TOKEN_LEN)) / 2)
+                .with_actor_max_bytes(None);
         let token = acquire(&store, &k1, LEASE).await;
         assert!(refused(&store, &key("a", 2)).await);
         // A completion is never refused, even past the budget: its claim was admitted.
@@ -646,7 +772,7 @@ mod tests {
     async fn a_full_store_forgets_as_many_records_as_a_claim_needs_and_no_more() {
         let small = |i: usize| key("a", i);
         let one = record_bytes(small(0).storage_key().len()) + allocation(TOKEN_LEN);
-        let store = MemoryStore::with_limits(usize::MAX, 20 * one);
+        let store = MemoryStore::with_limits(usize::MAX, 20 * one).with_actor_max_bytes(None);
         for i in 0..20 {
             acquire(&store, &small(i), Duration::from_secs(1)).await;
         }
@@ -719,7 +845,7 @@ mod tests {
         assert!(matches!(store.complete(&k, &token, &response(200, 1), LEASE).await, Err(StoreError::Fenced)));
         assert!(matches!(store.release(&k, &token).await, Err(StoreError::Fenced)));
         assert!(store.inspect(&k).await.unwrap().is_none());
-        assert!(!store.invalidate(&k).await.unwrap());
+        assert_eq!(store.invalidate(&k, Purge::Any).await.unwrap(), Invalidated::Absent);
         assert!(store.is_empty());
         assert_eq!(store.bytes(), 0);
     }
@@ -731,7 +857,7 @@ mod tests {
         completed(&store, &greedy(0), Duration::from_secs(10)).await;
         completed(&store, &greedy(1), Duration::from_secs(10)).await;
         let t2 = acquire(&store, &greedy(2), Duration::from_secs(1)).await;
-        assert!(refused(&store, &greedy(3)).await);
+        assert!(over_quota(&store, &greedy(3)).await);
         // Everyone else still gets in, the anonymous callers included.
         for actor in ["other", "another", ""] {
             for i in 0..3 {
@@ -746,30 +872,68 @@ mod tests {
         // A released claim gives its place back.
         store.release(&greedy(2), &t2).await.unwrap();
         let t3 = acquire(&store, &greedy(3), Duration::from_secs(1)).await;
-        assert!(refused(&store, &greedy(4)).await);
+        assert!(over_quota(&store, &greedy(4)).await);
         // So does an invalidated record.
-        assert!(store.invalidate(&greedy(0)).await.unwrap());
+        assert_eq!(store.invalidate(&greedy(0), Purge::Completed).await.unwrap(), Invalidated::Deleted);
         acquire(&store, &greedy(4), Duration::from_secs(1)).await;
-        assert!(refused(&store, &greedy(5)).await);
+        assert!(over_quota(&store, &greedy(5)).await);
         store.audit();
 
         // Taking over its own abandoned claim adds nothing to the actor's count.
         advance(Duration::from_secs(2)).await;
         let t3b = acquire(&store, &greedy(3), LEASE).await;
         assert_ne!(t3, t3b);
-        assert!(refused(&store, &greedy(5)).await);
+        assert!(over_quota(&store, &greedy(5)).await);
         // A completed record whose time to live ends gives its place back, wherever it is in
         // the index.
         advance(Duration::from_secs(10)).await;
         acquire(&store, &greedy(5), LEASE).await;
-        assert!(refused(&store, &greedy(6)).await);
+        assert!(over_quota(&store, &greedy(6)).await);
+        store.audit();
+    }
+
+    /// One caller sending large requests whose answers are stored fills its own share, not the
+    /// store: it is refused (429 to it, with the time until its earliest record goes), while
+    /// everyone else still gets in. The default share is an eighth of the budget.
+    #[tokio::test(start_paused = true)]
+    async fn one_caller_fills_its_byte_share_not_the_store() {
+        let store = MemoryStore::with_limits(usize::MAX, 8 << 20);
+        let mut admitted = 0;
+        let refusal = loop {
+            let k = key("greedy", admitted);
+            match store.claim(&k, &fp(1), LEASE).await {
+                Ok(Claim::Acquired(token)) => {
+                    let ttl = Duration::from_secs(3600 + admitted as u64);
+                    store.complete(&k, &token, &response(404, 60_000), ttl).await.unwrap();
+                    admitted += 1;
+                }
+                other => break other,
+            }
+            assert!(admitted < 1000, "never refused");
+        };
+        let Err(StoreError::QuotaExceeded { retry_after }) = refusal else { panic!("{refusal:?}") };
+        assert_eq!(retry_after, Duration::from_secs(3600), "until its earliest record is forgotten");
+        // 60 kB answers against a share of 1 MiB: the store holds an eighth of its budget.
+        assert_eq!(admitted, (1 << 20) / 60_000 + 1, "the completion that crossed the share was not refused");
+        assert!(store.bytes() < (8 << 20) / 8 + 2 * 61_000);
+        for actor in ["another", "and-another", ""] {
+            for i in 0..3 {
+                acquire(&store, &key(actor, i), LEASE).await;
+            }
+        }
+        // Its records keep answering.
+        assert!(matches!(store.claim(&key("greedy", 0), &fp(1), LEASE).await, Ok(Claim::Completed(_))));
+        store.audit();
+        // Once its earliest record is forgotten, it gets in again.
+        advance(Duration::from_secs(3600)).await;
+        acquire(&store, &key("greedy", "later"), LEASE).await;
         store.audit();
     }
 
     #[tokio::test(start_paused = true)]
     async fn bytes_are_counted_exactly_and_all_given_back() {
-        for store in [MemoryStore::new(), MemoryStore::new().with_actor_quota(1000)] {
-            let quota = store.actor_quota.is_some();
+        for store in [MemoryStore::new().with_actor_max_bytes(None), MemoryStore::new().with_actor_quota(1000)] {
+            let quota = store.actor.any();
             let actor = |a: &str| if quota { ACTOR_OVERHEAD + allocation(a.len()) } else { 0 };
             assert_eq!(store.bytes(), 0);
             let k = key("a", 1);
@@ -792,7 +956,7 @@ mod tests {
                     0 => store.complete(&k, &token, &response(200, i), Duration::from_secs(i as u64)).await.unwrap(),
                     1 => store.renew(&k, &token, Duration::from_secs(30)).await.unwrap(),
                     2 => store.release(&k, &token).await.unwrap(),
-                    3 => assert!(store.invalidate(&k).await.unwrap()),
+                    3 => assert_eq!(store.invalidate(&k, Purge::Any).await.unwrap(), Invalidated::Deleted),
                     _ => {}
                 }
                 if i % 17 == 0 {
@@ -839,6 +1003,7 @@ mod tests {
         },
         Invalidate {
             key: usize,
+            force: bool,
         },
         Inspect {
             key: usize,
@@ -848,8 +1013,8 @@ mod tests {
         },
     }
 
-    /// Keys 0 to 3 are the greedy actor's, 4 and 5 another's, 6 and 7 anonymous: the greedy actor
-    /// meets its quota, all of them the store's bound.
+    /// Keys 0 to 3 are the greedy actor's, 4 and 5 another's, 6 and 7 anonymous (which has no
+    /// quota): the greedy actor meets its quota, all of them the store's bound.
     const KEYS: usize = 8;
     const MODEL_MAX_RECORDS: usize = 4;
     const MODEL_QUOTA: usize = 2;
@@ -865,7 +1030,7 @@ mod tests {
             2 => (0..6usize, 100..3000u64).prop_map(|(token, lease_ms)| Op::Renew { token, lease_ms }),
             3 => (0..6usize, 100..5000u64).prop_map(|(token, ttl_ms)| Op::Complete { token, ttl_ms }),
             1 => (0..6usize).prop_map(|token| Op::Release { token }),
-            1 => (0..KEYS).prop_map(|key| Op::Invalidate { key }),
+            1 => (0..KEYS, any::<bool>()).prop_map(|(key, force)| Op::Invalidate { key, force }),
             1 => (0..KEYS).prop_map(|key| Op::Inspect { key }),
             3 => prop_oneof![1..2000u64, retention - 2000..retention + 4000].prop_map(|ms| Op::Advance { ms }),
         ]
@@ -907,6 +1072,8 @@ mod tests {
                     let lease = Duration::from_millis(lease_ms);
                     let answer = store.claim(&model_key(k), &fp(f), lease).await;
                     let live = |actor: &str| model.keys().filter(|&&i| model_key(i).actor == actor).count();
+                    let actor = model_key(k).actor;
+                    let within_quota = actor.is_empty() || live(&actor) < MODEL_QUOTA;
                     match model.get(&k) {
                         Some(r) if r.until > now => {
                             let expected = if r.fp != f {
@@ -918,14 +1085,15 @@ mod tests {
                             };
                             assert_eq!(answer.unwrap(), expected);
                         }
-                        r if r.is_some()
-                            || (model.len() < MODEL_MAX_RECORDS && live(&model_key(k).actor) < MODEL_QUOTA) =>
-                        {
+                        r if r.is_some() || (model.len() < MODEL_MAX_RECORDS && within_quota) => {
                             let Ok(Claim::Acquired(token)) = answer else { panic!("{k} not acquired: {answer:?}") };
                             tokens.push((k, token.clone()));
                             let record =
                                 Modelled { fp: f, token: Some(token), until: now + lease, created: now, status: None };
                             model.insert(k, record);
+                        }
+                        _ if !within_quota => {
+                            assert!(matches!(answer, Err(StoreError::QuotaExceeded { .. })), "{k}: {answer:?}")
                         }
                         _ => assert!(matches!(answer, Err(StoreError::Full)), "{k}: {answer:?}"),
                     }
@@ -964,8 +1132,20 @@ mod tests {
                         assert!(matches!(answer, Err(StoreError::Fenced)), "{answer:?}");
                     }
                 }
-                Op::Invalidate { key: k } => {
-                    assert_eq!(store.invalidate(&model_key(k)).await.unwrap(), model.remove(&k).is_some());
+                Op::Invalidate { key: k, force } => {
+                    let answer = store
+                        .invalidate(&model_key(k), if force { Purge::Any } else { Purge::Completed })
+                        .await
+                        .unwrap();
+                    let expected = match model.get(&k) {
+                        None => Invalidated::Absent,
+                        Some(r) if r.status.is_none() && !force => Invalidated::InProgress,
+                        Some(_) => Invalidated::Deleted,
+                    };
+                    if expected == Invalidated::Deleted {
+                        model.remove(&k);
+                    }
+                    assert_eq!(answer, expected);
                 }
                 Op::Inspect { key: k } => {
                     let info = store.inspect(&model_key(k)).await.unwrap();

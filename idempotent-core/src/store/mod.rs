@@ -11,6 +11,7 @@ use std::fmt;
 use std::time::{Duration, SystemTime};
 
 pub mod memory;
+pub mod spec;
 pub mod transaction;
 
 pub use memory::MemoryStore;
@@ -53,12 +54,19 @@ impl RecordKey {
         Self { scope: scope.into(), actor: actor.into(), key: key.into() }
     }
 
-    /// The record of a request to `scope` by `actor` (`None`: anonymous) with `key`, as the
-    /// engine files it: stores only ever see a fixed-size digest of the actor
-    /// ([`crate::actor::digest`]), never the credential it may come from. Operators' tools and
-    /// status endpoints find a caller's record with the same rule.
+    /// The record of a request to `scope` by `actor` (`None`: anonymous) with `key`, as a
+    /// runtime without a digest secret files it: stores only ever see a fixed-size digest of the
+    /// actor ([`crate::actor::digest`]), never the credential it may come from. Operators' tools
+    /// and status endpoints find a caller's record with the same rule ([`RecordKey::keyed`] when
+    /// the runtime has a secret).
     pub fn of(scope: &str, actor: Option<&str>, key: &str) -> Self {
-        Self::new(scope, actor.map(crate::actor::digest).unwrap_or_default(), key)
+        Self::keyed(&crate::digest::DigestKey::default(), scope, actor, key)
+    }
+
+    /// The record of a request to `scope` by `actor` with `key` under `digests` (see
+    /// [`crate::digest`]): what a runtime with that digest key files it under.
+    pub fn keyed(digests: &crate::digest::DigestKey, scope: &str, actor: Option<&str>, key: &str) -> Self {
+        Self::new(scope, actor.map(|a| digests.actor(a)).unwrap_or_default(), key)
     }
 
     /// One string that identifies the record unambiguously: each part is length-prefixed, so no
@@ -122,6 +130,13 @@ pub enum StoreError {
     /// A bounded store has no room left.
     #[error("idempotency store is full")]
     Full,
+    /// The caller holds as many records (or bytes of records) as the store allows one caller;
+    /// others still get in. The request fails with 429 (even on a `fail_open` route).
+    #[error("the caller's share of the idempotency store is used up; retry after {retry_after:?}")]
+    QuotaExceeded {
+        /// When one of the caller's records will be forgotten, as far as the store can tell.
+        retry_after: Duration,
+    },
     /// The store specification or settings are invalid (unknown scheme, feature not enabled).
     #[error("invalid idempotency store configuration: {0}")]
     Config(String),
@@ -161,6 +176,29 @@ pub struct RecordInfo {
     /// In progress: when the claim's lease runs out (a retry after it takes the key over);
     /// completed: when the stored outcome is forgotten.
     pub expires_at: SystemTime,
+}
+
+/// What [`Store::invalidate`] may delete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purge {
+    /// A completed record only. A claim in progress is left alone ([`Invalidated::InProgress`]):
+    /// deleting it would let a retry run the handler while the first run may still be going.
+    Completed,
+    /// The record whatever its state. Deleting a claim in progress lets the next request with
+    /// the key run the handler again while the first run may still be going (its worker is then
+    /// fenced and stores nothing): for a claim known to be dead, never on a hunch.
+    Any,
+}
+
+/// What [`Store::invalidate`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invalidated {
+    /// The record was deleted: the next request with the key runs the handler.
+    Deleted,
+    /// The record is a claim in progress and [`Purge::Completed`] left it alone.
+    InProgress,
+    /// There was no record.
+    Absent,
 }
 
 /// Wall-clock time `ms` milliseconds after the Unix epoch (before it when negative).
@@ -233,11 +271,12 @@ pub trait Store: Send + Sync + 'static {
     /// forgets it. For operators and status endpoints; the protocol never calls it.
     async fn inspect(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError>;
 
-    /// Deletes `key`'s record whatever its state, so that the next request with the key runs the
-    /// handler; answers whether there was one. A worker still running under a deleted claim is
-    /// [`StoreError::Fenced`] when it renews or completes, and stores nothing. For operators:
-    /// invalidating a completed record lets a retry run its effects again.
-    async fn invalidate(&self, key: &RecordKey) -> Result<bool, StoreError>;
+    /// Deletes `key`'s record, atomically, if `purge` allows it for the record's state, so that
+    /// the next request with the key runs the handler. A worker still running under a deleted
+    /// claim is [`StoreError::Fenced`] when it renews or completes, and stores nothing. For
+    /// operators: invalidating a completed record lets a retry run its effects again; with
+    /// [`Purge::Completed`] a claim in progress is never deleted.
+    async fn invalidate(&self, key: &RecordKey, purge: Purge) -> Result<Invalidated, StoreError>;
 
     /// Whether the backend answers: one cheap round trip (`SELECT 1`, `PING`), an error when it
     /// fails. For health checks and readiness probes.
@@ -272,44 +311,81 @@ pub(crate) fn explain_tls(detail: String, trust: &str, identify: &str) -> String
     }
 }
 
+/// What a store is opened for, by [`open`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Purpose {
+    /// Serving requests: the SQL stores apply their migrations and sweep expired records, and a
+    /// SQLite file is created when missing.
+    #[default]
+    Serve,
+    /// An operator's tool (inspecting or purging a record of a running application): nothing is
+    /// created or migrated and nothing swept, so a mistyped path or the wrong database is an
+    /// error rather than a new empty store; a `memory` store, which lives only inside the process
+    /// that serves it, is refused.
+    Operate,
+}
+
 /// Opens a store from a specification string, as applications take it from configuration:
-/// `memory`, `sqlite:PATH` (feature `sqlite`), `postgres://...` (feature `postgres`),
-/// `redis://...` or `redis+cluster://host1:port1,host2:port2` (feature `redis`), and over TLS
-/// (features `redis` and `tls`) `rediss://...` or `rediss+cluster://...`. A PostgreSQL URL asks
-/// for TLS with `sslmode=verify-full` (feature `tls`; see the `store::postgres` docs).
+/// `memory` (bounds: [`spec::MemorySpec`]), `sqlite:PATH` (feature `sqlite`), `postgres://...`
+/// (feature `postgres`), `redis://...` or `redis+cluster://host1:port1,host2:port2` (feature
+/// `redis`), and over TLS (features `redis` and `tls`) `rediss://...` or `rediss+cluster://...`.
+/// A PostgreSQL URL asks for TLS with `sslmode=verify-full` (feature `tls`; see the
+/// `store::postgres` docs). The same as [`open`] for [`Purpose::Serve`].
 ///
 /// An unknown scheme, a scheme whose feature is not enabled, or a backend that cannot be reached
-/// is an error that says which.
+/// is an error that says which; no message shows a password of the specification
+/// ([`spec::redact`]).
 pub async fn connect(spec: &str) -> Result<std::sync::Arc<dyn Store>, StoreError> {
-    let scheme = spec.split(':').next().unwrap_or_default();
-    match scheme {
-        "memory" => Ok(std::sync::Arc::new(MemoryStore::new())),
+    open(spec, Purpose::Serve).await
+}
+
+/// Opens the store `spec` names (see [`connect`]) for `purpose`.
+pub async fn open(spec: &str, purpose: Purpose) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    use spec::Scheme;
+    let scheme = Scheme::of(spec)?;
+    let store: std::sync::Arc<dyn Store> = match scheme {
+        Scheme::Memory if purpose == Purpose::Operate => {
+            return Err(StoreError::Config(
+                "a `memory` store lives inside the process that serves it; an operator's tool cannot open it".into(),
+            ))
+        }
+        Scheme::Memory => std::sync::Arc::new(MemoryStore::from_spec(&spec::MemorySpec::parse(spec)?)),
         #[cfg(feature = "sqlite")]
-        "sqlite" => Ok(std::sync::Arc::new(SqliteStore::connect(spec).await?)),
-        #[cfg(not(feature = "sqlite"))]
-        "sqlite" => Err(StoreError::Config(format!(
-            "store `{spec}` needs the `sqlite` cargo feature (of idempotent-axum or idempotent-core)"
-        ))),
+        Scheme::Sqlite => {
+            let config = match purpose {
+                Purpose::Serve => SqliteConfig::default(),
+                Purpose::Operate => {
+                    SqliteConfig::default().migrate(false).sweep_interval(None).create_if_missing(false)
+                }
+            };
+            std::sync::Arc::new(SqliteStore::connect_with(spec, config).await?)
+        }
         #[cfg(feature = "postgres")]
-        "postgres" | "postgresql" => Ok(std::sync::Arc::new(PostgresStore::connect(spec).await?)),
-        #[cfg(not(feature = "postgres"))]
-        "postgres" | "postgresql" => Err(StoreError::Config(format!(
-            "store `{spec}` needs the `postgres` cargo feature (of idempotent-axum or idempotent-core)"
-        ))),
+        Scheme::Postgres => {
+            let config = match purpose {
+                Purpose::Serve => PostgresConfig::default(),
+                Purpose::Operate => PostgresConfig::default().migrate(false).sweep_interval(None),
+            };
+            std::sync::Arc::new(PostgresStore::connect_with(spec, config).await?)
+        }
         #[cfg(feature = "redis")]
-        "redis" | "redis+cluster" | "rediss" | "rediss+cluster" => {
-            Ok(std::sync::Arc::new(RedisStore::connect(spec).await?))
+        Scheme::Redis | Scheme::RedisCluster | Scheme::RedisTls | Scheme::RedisClusterTls => {
+            std::sync::Arc::new(RedisStore::connect(spec).await?)
         }
-        #[cfg(not(feature = "redis"))]
-        "redis" | "redis+cluster" => {
-            Err(StoreError::Config(format!("`{spec}` needs the `redis` feature of idempotent-core")))
+        #[allow(unreachable_patterns)]
+        other => {
+            let feature = other.feature().unwrap_or_default();
+            let tls = if matches!(other, Scheme::RedisTls | Scheme::RedisClusterTls) { " and `tls`" } else { "" };
+            return Err(StoreError::Config(format!(
+                "store `{}` needs the `{feature}`{tls} cargo feature (of idempotent-axum, idempotent-actix or idempotent-core)",
+                spec::redact(spec)
+            )));
         }
-        #[cfg(not(feature = "redis"))]
-        "rediss" | "rediss+cluster" => Err(StoreError::Config(format!(
-            "`{scheme}://` (Redis over TLS) needs the `redis` and `tls` cargo features (of idempotent-axum, idempotent-actix or idempotent-core)"
-        ))),
-        _ => Err(StoreError::Config(format!(
-            "unknown store `{spec}`: use `memory`, `sqlite:PATH`, `postgres://...` or `redis://...` (with the matching cargo feature enabled)"
-        ))),
+    };
+    if purpose == Purpose::Operate {
+        // Without migrations, a database that holds no records table is told at once, by the
+        // backend's own error, rather than at the first record looked up.
+        store.inspect(&RecordKey::new("", "", "")).await?;
     }
+    Ok(store)
 }

@@ -167,7 +167,7 @@ use super::sql::{
     abandoned_claim_retention_ms, column, decide_row, millis, quote_ident, record_info, rendered, sealed, Backend,
     CommonStatements, SqlConfig, SqlStore,
 };
-use super::{Claim, ClaimToken, RecordInfo, RecordKey, Store, StoreError};
+use super::{Claim, ClaimToken, Invalidated, Purge, RecordInfo, RecordKey, Store, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use crate::store::transaction::TransactionalStore;
@@ -343,7 +343,11 @@ RETURNING 1"
 FROM {t} WHERE {key} AND (expires_at > now()
     OR (state = 'in_progress' AND expires_at > now() - $4::int8 * interval '1 millisecond'))"
             )),
-            common: CommonStatements { invalidate: rendered(format!("DELETE FROM {t} WHERE {key}")) },
+            common: CommonStatements {
+                invalidate: rendered(format!("DELETE FROM {t} WHERE {key}")),
+                invalidate_completed: rendered(format!("DELETE FROM {t} WHERE {key} AND state = 'completed'")),
+                state: rendered(format!("SELECT state FROM {t} WHERE {key}")),
+            },
             // Completed records go at the end of their time to live, in-progress ones only
             // `ABANDONED_CLAIM_RETENTION` ($2) after their lease; the condition is checked again
             // on the locked rows.
@@ -700,8 +704,8 @@ impl Store for PostgresStore {
         row.as_ref().map(record_info).transpose()
     }
 
-    async fn invalidate(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        self.invalidate_record(key).await
+    async fn invalidate(&self, key: &RecordKey, purge: Purge) -> Result<Invalidated, StoreError> {
+        self.invalidate_record(key, purge).await
     }
 
     async fn health(&self) -> Result<(), StoreError> {

@@ -186,7 +186,8 @@
 //! - The cluster needs all 16384 slots covered (`cluster_state:ok`).
 
 use super::{
-    epoch_millis, Claim, ClaimToken, RecordInfo, RecordKey, RecordState, Store, StoreError, ABANDONED_CLAIM_RETENTION,
+    epoch_millis, Claim, ClaimToken, Invalidated, Purge, RecordInfo, RecordKey, RecordState, Store, StoreError,
+    ABANDONED_CLAIM_RETENTION,
 };
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
@@ -316,6 +317,21 @@ const COMPLETE: &str = "redis.call('HSET', key, 's', 'c', 'r', ARGV[2])\nredis.c
 /// Release: ARGV[1] token.
 const RELEASE: &str = "redis.call('DEL', key)\nreturn 1\n";
 
+/// Invalidate: deletes the record if ARGV[1] is `1` (whatever its state) or it is completed.
+/// Answers 1 when it deleted it, 2 when it left a claim in progress alone, 0 when there was none.
+/// `allow-oom`: deleting frees memory, and an operator may need it most on a full Redis.
+const INVALIDATE: &str = r#"#!lua flags=allow-oom
+local key = KEYS[1]
+local kind = redis.call('TYPE', key)['ok']
+if kind == 'none' then return 0 end
+if ARGV[1] ~= '1' then
+  if kind ~= 'hash' then return redis.error_reply('ERR not an idempotency record') end
+  if redis.call('HGET', key, 's') ~= 'c' then return 2 end
+end
+redis.call('DEL', key)
+return 1
+"#;
+
 /// Inspect: reads a record without changing it. Answers nil when the key is absent, `{'x'}` for a
 /// value of another type, else the fields `s`, `l`, `c` and `r` (empty when missing), the key's
 /// `PTTL` and Redis's clock in milliseconds.
@@ -414,8 +430,11 @@ enum Target {
 impl fmt::Debug for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Target::Single(url) => f.debug_tuple("Single").field(url).finish(),
-            Target::Cluster(nodes) => f.debug_tuple("Cluster").field(nodes).finish(),
+            Target::Single(url) => f.debug_tuple("Single").field(&super::spec::Redacted(url)).finish(),
+            Target::Cluster(nodes) => {
+                let nodes: Vec<_> = nodes.iter().map(|n| super::spec::Redacted(n)).collect();
+                f.debug_tuple("Cluster").field(&nodes).finish()
+            }
             Target::Given(Conn::Single(_)) => f.write_str("ConnectionManager"),
             Target::Given(Conn::Cluster(_)) => f.write_str("ClusterConnection"),
             Target::Invalid(msg) => f.debug_tuple("Invalid").field(msg).finish(),
@@ -678,6 +697,7 @@ impl RedisStoreBuilder {
             complete: Lua::new(format!("{ALLOW_OOM}{HELD}{COMPLETE}")),
             release: Lua::new(format!("{ALLOW_OOM}{HELD}{RELEASE}")),
             inspect: Lua::new(INSPECT.to_owned()),
+            invalidate: Lua::new(INVALIDATE.to_owned()),
         })
     }
 }
@@ -698,6 +718,7 @@ pub struct RedisStore {
     complete: Lua,
     release: Lua,
     inspect: Lua,
+    invalidate: Lua,
 }
 
 impl fmt::Debug for RedisStore {
@@ -919,14 +940,15 @@ fn parse_spec(spec: &str) -> Target {
             })
             .collect();
         if nodes.is_empty() {
-            return Target::Invalid(format!("`{spec}` lists no cluster node"));
+            return Target::Invalid(format!("`{}` lists no cluster node", super::spec::redact(spec)));
         }
         Target::Cluster(nodes)
     } else if ["redis://", "rediss://", "redis+unix://", "unix://"].iter().any(|s| spec.starts_with(s)) {
         Target::Single(spec.to_owned())
     } else {
         Target::Invalid(format!(
-            "`{spec}` is not a Redis URL: use `redis://host:port` or `redis+cluster://host1:port1,host2:port2` (`rediss` for TLS)"
+            "`{}` is not a Redis URL: use `redis://host:port` or `redis+cluster://host1:port1,host2:port2` (`rediss` for TLS)",
+            super::spec::redact(spec)
         ))
     }
 }
@@ -1092,12 +1114,13 @@ impl Store for RedisStore {
         decode_inspect(&reply)
     }
 
-    async fn invalidate(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        let mut del = redis::cmd("DEL");
-        del.arg(self.redis_key(key));
-        match self.command(del).await? {
-            Value::Int(n) => Ok(n > 0),
-            other => Err(StoreError::Corrupt(format!("unexpected DEL reply {other:?}"))),
+    async fn invalidate(&self, key: &RecordKey, purge: Purge) -> Result<Invalidated, StoreError> {
+        let any = if purge == Purge::Any { "1" } else { "0" };
+        match self.invoke(&self.invalidate.call(self.redis_key(key)).arg(any)).await? {
+            Value::Int(1) => Ok(Invalidated::Deleted),
+            Value::Int(2) => Ok(Invalidated::InProgress),
+            Value::Int(0) => Ok(Invalidated::Absent),
+            other => Err(StoreError::Corrupt(format!("unexpected invalidate reply {other:?}"))),
         }
     }
 
@@ -1113,6 +1136,20 @@ impl Store for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The builder's `Debug` and every message about a specification show it without its
+    /// password.
+    #[test]
+    fn passwords_stay_out_of_debug_and_errors() {
+        for spec in ["redis://:hunter2@h:1", "redis+cluster://u:hunter2@h1:1,h2:2", "rediss://u:hunter2@h:1/0"] {
+            let shown = format!("{:?}", RedisStore::builder(spec));
+            assert!(!shown.contains("hunter2") && shown.contains("***"), "{shown}");
+        }
+        for spec in ["redis+cluster://:hunter2@/", "http://:hunter2@h:1"] {
+            let Target::Invalid(message) = parse_spec(spec) else { panic!("{spec}") };
+            assert!(!message.contains("hunter2") && message.contains("***"), "{message}");
+        }
+    }
 
     #[test]
     fn cluster_specs_become_node_urls() {

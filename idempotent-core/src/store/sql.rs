@@ -22,7 +22,8 @@
 //! still store its outcome for that long.
 
 use super::{
-    epoch_millis, Claim, ClaimToken, RecordInfo, RecordKey, RecordState, StoreError, ABANDONED_CLAIM_RETENTION,
+    epoch_millis, Claim, ClaimToken, Invalidated, Purge, RecordInfo, RecordKey, RecordState, StoreError,
+    ABANDONED_CLAIM_RETENTION,
 };
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
@@ -418,13 +419,35 @@ impl<B: Backend> SqlStore<B> {
         Self::key_query(sql, key).bind(&token.0)
     }
 
-    /// Deletes `key`'s record whatever its state ([`Store::invalidate`](super::Store::invalidate)).
-    pub(super) async fn invalidate_record(&self, key: &RecordKey) -> Result<bool, StoreError>
+    /// Deletes `key`'s record as `purge` allows ([`Store::invalidate`](super::Store::invalidate)):
+    /// one statement, conditional on the state for [`Purge::Completed`], so a record claimed in
+    /// between is never deleted; when it deleted nothing, a read tells a claim in progress from
+    /// no record.
+    pub(super) async fn invalidate_record(&self, key: &RecordKey, purge: Purge) -> Result<Invalidated, StoreError>
     where
         String: Type<B> + for<'e> Encode<'e, B>,
+        for<'r> String: Decode<'r, B>,
+        for<'n> &'n str: ColumnIndex<B::Row>,
+        B::Arguments: sqlx::IntoArguments<B>,
+        for<'c> &'c mut B::Connection: sqlx::Executor<'c, Database = B>,
     {
-        let query = Self::key_query(&B::common(&self.inner.sql).invalidate, key);
-        Ok(B::execute(&self.inner.writer, &self.inner.session, query).await.map_err(B::unavailable)? > 0)
+        let common = B::common(&self.inner.sql);
+        let statement = match purge {
+            Purge::Any => &common.invalidate,
+            Purge::Completed => &common.invalidate_completed,
+        };
+        let query = Self::key_query(statement, key);
+        if B::execute(&self.inner.writer, &self.inner.session, query).await.map_err(B::unavailable)? > 0 {
+            return Ok(Invalidated::Deleted);
+        }
+        if purge == Purge::Any {
+            return Ok(Invalidated::Absent);
+        }
+        let row = Self::key_query(&common.state, key).fetch_optional(&self.inner.pool).await.map_err(B::unavailable)?;
+        Ok(match row {
+            Some(row) if column::<_, String>(&row, "state")? == "in_progress" => Invalidated::InProgress,
+            _ => Invalidated::Absent,
+        })
     }
 
     /// One round trip to the database ([`Store::health`](super::Store::health)).
@@ -573,6 +596,10 @@ impl<B: Backend> OutcomeTransaction for SqlTransaction<B> {
 pub struct CommonStatements {
     /// Deletes the record of the key bound as parameters 1 to 3, whatever its state.
     pub(super) invalidate: SqlStr,
+    /// Deletes the record of the key bound as parameters 1 to 3 if it is completed.
+    pub(super) invalidate_completed: SqlStr,
+    /// The state of the record of the key bound as parameters 1 to 3.
+    pub(super) state: SqlStr,
 }
 
 async fn sweep<B: Backend>(

@@ -81,7 +81,7 @@ use super::sql::{
     abandoned_claim_retention_ms, column, decide_row, millis, record_info, rendered, sealed, Backend, CommonStatements,
     SqlConfig, SqlStore,
 };
-use super::{Claim, ClaimToken, RecordInfo, RecordKey, Store, StoreError};
+use super::{Claim, ClaimToken, Invalidated, Purge, RecordInfo, RecordKey, Store, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use crate::store::transaction::TransactionalStore;
@@ -118,11 +118,16 @@ mod own {
     pub struct Settings {
         pub(super) busy_timeout: Duration,
         pub(super) synchronous: SqliteSynchronous,
+        pub(super) create_if_missing: bool,
     }
 
     impl Default for Settings {
         fn default() -> Self {
-            Self { busy_timeout: Duration::from_secs(10), synchronous: SqliteSynchronous::Full }
+            Self {
+                busy_timeout: Duration::from_secs(10),
+                synchronous: SqliteSynchronous::Full,
+                create_if_missing: true,
+            }
         }
     }
 
@@ -170,6 +175,14 @@ impl SqlConfig<Sqlite> {
     /// all; `Extra` adds a sync that WAL mode does not need.
     pub fn synchronous(mut self, synchronous: SqliteSynchronous) -> Self {
         self.settings.synchronous = synchronous;
+        self
+    }
+
+    /// Whether [`SqliteStore::connect_with`] creates the database file when it does not exist
+    /// (default `true`). Off, a mistyped path is an error instead of an empty new store: what an
+    /// operator's tool wants.
+    pub fn create_if_missing(mut self, create: bool) -> Self {
+        self.settings.create_if_missing = create;
         self
     }
 }
@@ -231,7 +244,11 @@ WHERE {key} AND token = ?4 AND state = 'in_progress'"
                 "SELECT state, response, created_at AS created_ms, expires_at AS expires_ms FROM {t}
 WHERE {key} AND (expires_at > ?4 OR (state = 'in_progress' AND expires_at > ?5))"
             )),
-            common: CommonStatements { invalidate: rendered(format!("DELETE FROM {t} WHERE {key}")) },
+            common: CommonStatements {
+                invalidate: rendered(format!("DELETE FROM {t} WHERE {key}")),
+                invalidate_completed: rendered(format!("DELETE FROM {t} WHERE {key} AND state = 'completed'")),
+                state: rendered(format!("SELECT state FROM {t} WHERE {key}")),
+            },
             // Completed records go at the end of their time to live (?1, now), in-progress ones
             // only `ABANDONED_CLAIM_RETENTION` after their lease (?3).
             sweep: rendered(format!(
@@ -355,8 +372,8 @@ impl SqlStore<Sqlite> {
     pub async fn connect_with(spec: &str, config: SqliteConfig) -> Result<Self, StoreError> {
         config.validate()?;
         let options = SqliteConnectOptions::from_str(spec)
-            .map_err(|e| StoreError::Config(format!("invalid SQLite store `{spec}`: {e}")))?
-            .create_if_missing(true)
+            .map_err(|e| StoreError::Config(format!("invalid SQLite store `{}`: {e}", super::spec::redact(spec))))?
+            .create_if_missing(config.settings.create_if_missing)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(config.settings.synchronous)
             .busy_timeout(config.settings.busy_timeout);
@@ -454,8 +471,8 @@ impl Store for SqliteStore {
         row.as_ref().map(record_info).transpose()
     }
 
-    async fn invalidate(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        self.invalidate_record(key).await
+    async fn invalidate(&self, key: &RecordKey, purge: Purge) -> Result<Invalidated, StoreError> {
+        self.invalidate_record(key, purge).await
     }
 
     async fn health(&self) -> Result<(), StoreError> {

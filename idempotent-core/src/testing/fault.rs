@@ -18,7 +18,7 @@
 
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
-use crate::store::{Claim, ClaimToken, RecordInfo, RecordKey, Store, StoreError};
+use crate::store::{Claim, ClaimToken, Invalidated, Purge, RecordInfo, RecordKey, Store, StoreError};
 use async_trait::async_trait;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -204,8 +204,8 @@ impl Store for FaultStore {
         self.inner.inspect(key).await
     }
 
-    async fn invalidate(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        self.inner.invalidate(key).await
+    async fn invalidate(&self, key: &RecordKey, purge: Purge) -> Result<Invalidated, StoreError> {
+        self.inner.invalidate(key, purge).await
     }
 
     async fn health(&self) -> Result<(), StoreError> {
