@@ -93,6 +93,15 @@ impl<S: Send + Sync> FromRequestParts<S> for crate::Tx {
     }
 }
 
+impl<S: Send + Sync> FromRequestParts<S> for crate::Fence {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(_: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        // The claim is found inside the handler, which runs under it.
+        Ok(crate::Fence::default())
+    }
+}
+
 /// The first extractor of an `#[idempotent(exempt = "..")]` handler: tells enforcement that this
 /// handler serves the route; nothing else.
 #[derive(Debug, Clone, Copy)]

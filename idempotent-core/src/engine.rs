@@ -52,6 +52,47 @@ use tokio_util::task::TaskTracker;
 
 mod lease;
 use lease::Lease;
+pub use lease::{safety_margin, ClaimFence, LeaseLost};
+
+tokio::task_local! {
+    static FENCE: ClaimFence;
+}
+
+/// The claim a protected handler runs under, as an extractor's value: the adapters' `Fence`
+/// extractor is this type, and [`claim`](Self::claim) finds the claim inside the handler (see
+/// [`ClaimFence`] for what to do with it).
+///
+/// ```ignore
+/// async fn charge(fence: Fence, Json(c): Json<Charge>) -> Result<Json<Receipt>, ApiError> {
+///     let work = prepare(&c).await?;
+///     fence.check()?;                       // the lease still vouched for: no other run can be going
+///     let receipt = psp.capture(work, fence.claim().map(|f| f.fence())).await?;
+///     Ok(Json(receipt))
+/// }
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fence {
+    _private: (),
+}
+
+impl Fence {
+    /// The handle; the claim is found when it is used, inside the handler.
+    pub const fn new() -> Self {
+        Self { _private: () }
+    }
+
+    /// The claim of the protected request whose handler is running; `None` outside one (an
+    /// ordinary route, a request that ran unprotected, a task the handler spawned without taking
+    /// the [`ClaimFence`] with it).
+    pub fn claim(&self) -> Option<ClaimFence> {
+        FENCE.try_with(ClaimFence::clone).ok()
+    }
+
+    /// [`ClaimFence::check`] of the current claim; `Ok` where there is none (nothing to fence).
+    pub fn check(&self) -> Result<(), LeaseLost> {
+        self.claim().map_or(Ok(()), |claim| claim.check())
+    }
+}
 
 /// Default name of the key header.
 pub const DEFAULT_HEADER: &str = "idempotency-key";
@@ -488,9 +529,13 @@ impl Runtime {
         let record_key = self.record_key(policy.scope, request.actor.as_deref(), key.as_str());
         let deadline = Instant::now() + policy.wait_timeout;
         let mut backoff = Duration::from_millis(10);
+        // One token for every attempt: a claim sent again finds its own record.
+        let token = ClaimToken::generate();
         loop {
-            match self.bounded(StoreOperation::Claim, self.store.claim(&record_key, &fingerprint, policy.lease)).await {
-                Ok(Claim::Acquired(token)) => return self.run_claimed(policy, record_key, token, handler).await,
+            let sent = tokio::time::Instant::now();
+            let claim = self.store.claim_as(&record_key, &fingerprint, policy.lease, &token);
+            match self.bounded(StoreOperation::Claim, claim).await {
+                Ok(Claim::Acquired(token)) => return self.run_claimed(policy, record_key, token, sent, handler).await,
                 Ok(Claim::Completed(response)) => {
                     tracing::debug!(scope = policy.scope, "replaying stored response");
                     return (replay(response), Some(RequestOutcome::Replayed));
@@ -531,7 +576,10 @@ impl Runtime {
                     .with_retry_after(retry_after);
                     return (Outcome::Problem(problem), Some(RequestOutcome::QuotaExceeded));
                 }
-                Err(e) => return (self.store_failed(policy, e, handler).await, Some(RequestOutcome::StoreUnavailable)),
+                Err(e) => {
+                    let outcome = self.store_failed(policy, e, &record_key, &token, handler).await;
+                    return (outcome, Some(RequestOutcome::StoreUnavailable));
+                }
             }
         }
     }
@@ -539,14 +587,39 @@ impl Runtime {
     /// A claim the store could not answer. Only an unreachable store (an error or a timeout) lets
     /// a `fail_open` route run unprotected: a full store, or a record that cannot be read, is a
     /// state of the store that running unprotected would paper over.
-    async fn store_failed<R, Fut>(&self, policy: &Policy, error: StoreError, handler: Fut) -> Outcome<R>
+    ///
+    /// An error or a timeout is ambiguous: the claim may have reached the store and been applied,
+    /// its answer lost. Such an orphan claim holds the key under `token`; a retry would find it in
+    /// progress, and once its lease ran out take it over and run the handler a second time. So
+    /// after running unprotected, the outcome is stored under `token` (fenced, once, bounded):
+    /// where the orphan exists it now holds the outcome and retries replay it; where the claim
+    /// never arrived the completion finds nothing and writes nothing.
+    async fn store_failed<R, Fut>(
+        &self,
+        policy: &Policy,
+        error: StoreError,
+        key: &RecordKey,
+        token: &ClaimToken,
+        handler: Fut,
+    ) -> Outcome<R>
     where
         Fut: Future<Output = Captured<R>>,
     {
         let detail = match &error {
             StoreError::Unavailable(_) if policy.fail_open => {
                 tracing::warn!(scope = policy.scope, error = %error, "store unavailable; running unprotected (fail_open)");
-                return Outcome::Executed(handler.await.live);
+                let captured = handler.await;
+                if captured.failed || policy.outcomes.stores(captured.record.status) {
+                    let orphan = self.store.complete(key, token, &captured.record, policy.ttl);
+                    match self.bounded(StoreOperation::Complete, orphan).await {
+                        Ok(()) => tracing::info!(
+                            scope = policy.scope,
+                            "the claim had reached the store after all: the unprotected run's outcome is stored under it"
+                        ),
+                        Err(e) => tracing::debug!(scope = policy.scope, error = %e, "no claim of this request to complete"),
+                    }
+                }
+                return Outcome::Executed(captured.live);
             }
             StoreError::Full => {
                 "The server cannot take new idempotent requests right now: its idempotency store is full. Nothing was executed. Retry later with the same key."
@@ -579,12 +652,13 @@ impl Runtime {
         policy: &Policy,
         key: RecordKey,
         token: ClaimToken,
+        sent: tokio::time::Instant,
         handler: Fut,
     ) -> (Outcome<R>, Option<RequestOutcome>)
     where
         Fut: Future<Output = Captured<R>>,
     {
-        let lease = Lease::hold(self, policy, key, token);
+        let lease = Lease::hold(self, policy, key, token, sent);
         let (key, token) = (lease.key(), lease.token());
         let transaction = match self.begin(policy).await {
             Ok(transaction) => transaction,
@@ -600,6 +674,7 @@ impl Runtime {
             }
         };
         lease.let_keeper_arm().await;
+        let handler = FENCE.scope(lease.fence(), handler);
         let result = match &transaction {
             Some(t) => AssertUnwindSafe(crate::store::transaction::scope(t.clone(), handler)).catch_unwind().await,
             None => AssertUnwindSafe(handler).catch_unwind().await,
@@ -703,7 +778,9 @@ impl Runtime {
         lease: &Lease,
     ) {
         lease.settling();
-        // The handler ran: losing its outcome would let a retry run it again.
+        // The handler ran: losing its outcome would let a retry run it again. Storing it is
+        // retried while the lease is vouched for (a store that answers again within it stores the
+        // outcome, and no retry could have taken the key meanwhile), never past the patience.
         let give_up = tokio::time::Instant::now() + self.config.completion_patience;
         let mut delay = Duration::from_millis(50);
         for attempt in 1.. {
@@ -711,6 +788,14 @@ impl Runtime {
                 tracing::warn!(
                     scope = policy.scope,
                     "lease lost while the handler ran (another request took the key over); outcome not stored"
+                );
+                return;
+            }
+            if attempt > 1 && !lease.vouched() {
+                tracing::warn!(
+                    scope = policy.scope,
+                    attempt,
+                    "the outcome could not be stored while the lease was vouched for; a retry after it may run the handler again"
                 );
                 return;
             }

@@ -63,6 +63,8 @@ macro_rules! store_contract_tests {
                 release_then_reclaim,
                 renew_extends_the_lease,
                 expired_lease_is_taken_over_by_exactly_one,
+                an_abandoned_claim_is_never_taken_by_another_request,
+                a_claim_sent_again_finds_itself,
                 stale_token_is_fenced,
                 completed_records_expire_after_ttl,
                 hundred_concurrent_claimers_one_winner,
@@ -220,7 +222,8 @@ pub async fn release_then_reclaim<S: Store>(s: Arc<S>) {
     assert_fenced(s.complete(&k, &t, &response(b"x"), TTL).await, "complete with the released token");
     s.complete(&k, &t2, &response(b"second"), TTL).await.unwrap();
     assert_fenced(s.release(&k, &t2).await, "release after complete");
-    assert_fenced(s.complete(&k, &t2, &response(b"x"), TTL).await, "completed twice");
+    // A completion sent again (its answer was lost) finds its own work done, and changes nothing.
+    s.complete(&k, &t2, &response(b"x"), TTL).await.expect("completed twice by the same token");
     assert_eq!(s.claim(&k, &fp(2), LEASE).await.unwrap(), Claim::Completed(response(b"second")));
 }
 
@@ -250,6 +253,32 @@ pub async fn expired_lease_is_taken_over_by_exactly_one<S: Store>(s: Arc<S>) {
     let acquired = claims.iter().filter(|c| matches!(c, Claim::Acquired(_))).count();
     let waiting = claims.iter().filter(|c| matches!(c, Claim::InProgress { .. })).count();
     assert_eq!((acquired, waiting), (1, 19), "{claims:?}");
+}
+
+/// An abandoned claim (its lease expired, its worker silent) is taken over by a retry of the same
+/// request only: another request under the key is a mismatch, since the first one's work may
+/// have happened before its worker vanished.
+pub async fn an_abandoned_claim_is_never_taken_by_another_request<S: Store>(s: Arc<S>) {
+    let k = key("takeover-other-body");
+    let crashed = acquire(&*s, &k, &fp(1), Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(s.claim(&k, &fp(2), LEASE).await.unwrap(), Claim::Mismatch, "another request");
+    let retry = acquire(&*s, &k, &fp(1), LEASE).await;
+    assert_ne!(retry, crashed);
+    assert_fenced(s.complete(&k, &crashed, &response(b"late"), TTL).await, "the vanished worker");
+    assert_eq!(s.claim(&k, &fp(2), LEASE).await.unwrap(), Claim::Mismatch, "a live claim too");
+}
+
+/// A claim sent again with its own token (its answer was lost) finds itself: it holds the key,
+/// and nothing changed; a claim with another token sees it in progress.
+pub async fn a_claim_sent_again_finds_itself<S: Store>(s: Arc<S>) {
+    let k = key("resent-claim");
+    let token = ClaimToken::generate();
+    assert_eq!(s.claim_as(&k, &fp(1), LEASE, &token).await.unwrap(), Claim::Acquired(token.clone()));
+    assert_eq!(s.claim_as(&k, &fp(1), LEASE, &token).await.unwrap(), Claim::Acquired(token.clone()));
+    assert!(matches!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::InProgress { .. }));
+    s.complete(&k, &token, &response(b"once"), TTL).await.unwrap();
+    assert_eq!(s.claim_as(&k, &fp(1), LEASE, &token).await.unwrap(), Claim::Completed(response(b"once")));
 }
 
 /// A worker whose lease was taken over can neither complete, release nor renew, and does not

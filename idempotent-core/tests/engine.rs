@@ -292,11 +292,17 @@ struct Switchable {
 
 #[async_trait]
 impl Store for Switchable {
-    async fn claim(&self, key: &RecordKey, fp: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
+    async fn claim_as(
+        &self,
+        key: &RecordKey,
+        fp: &Fingerprint,
+        lease: Duration,
+        token: &ClaimToken,
+    ) -> Result<Claim, StoreError> {
         if self.down.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("connection refused".into()));
         }
-        self.inner.claim(key, fp, lease).await
+        self.inner.claim_as(key, fp, lease, token).await
     }
     async fn renew(&self, key: &RecordKey, token: &ClaimToken, lease: Duration) -> Result<(), StoreError> {
         self.inner.renew(key, token, lease).await

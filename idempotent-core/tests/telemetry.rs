@@ -41,9 +41,15 @@ impl Switched {
 
 #[async_trait]
 impl Store for Switched {
-    async fn claim(&self, key: &RecordKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
+    async fn claim_as(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+        token: &ClaimToken,
+    ) -> Result<Claim, StoreError> {
         self.check(&self.down)?;
-        self.inner.claim(key, fingerprint, lease).await
+        self.inner.claim_as(key, fingerprint, lease, token).await
     }
     async fn renew(&self, key: &RecordKey, token: &ClaimToken, lease: Duration) -> Result<(), StoreError> {
         self.check(&self.renewals_fail)?;

@@ -151,7 +151,7 @@ fn refused<T>() -> Result<T, StoreError> {
 
 #[async_trait::async_trait]
 impl Store for Unreachable {
-    async fn claim(&self, _: &RecordKey, _: &Fingerprint, _: Duration) -> Result<Claim, StoreError> {
+    async fn claim_as(&self, _: &RecordKey, _: &Fingerprint, _: Duration, _: &ClaimToken) -> Result<Claim, StoreError> {
         refused()
     }
     async fn renew(&self, _: &RecordKey, _: &ClaimToken, _: Duration) -> Result<(), StoreError> {

@@ -306,8 +306,14 @@ impl PgTestStore {
 
 #[async_trait]
 impl Store for PgTestStore {
-    async fn claim(&self, key: &RecordKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
-        self.store.claim(key, fingerprint, lease).await
+    async fn claim_as(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+        token: &ClaimToken,
+    ) -> Result<Claim, StoreError> {
+        self.store.claim_as(key, fingerprint, lease, token).await
     }
     async fn renew(&self, key: &RecordKey, token: &ClaimToken, lease: Duration) -> Result<(), StoreError> {
         self.store.renew(key, token, lease).await

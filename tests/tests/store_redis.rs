@@ -297,7 +297,11 @@ async fn record_layout_is_one_hash_with_expiry() {
 
     s.complete(&k, &t, &response(b"done"), Duration::from_secs(600)).await.unwrap();
     let h: BTreeMap<String, Vec<u8>> = redis::cmd("HGETALL").arg(&rk).query_async(&mut c).await.unwrap();
-    assert_eq!(h.keys().map(String::as_str).collect::<Vec<_>>(), ["c", "f", "r", "s"], "the claim time stays");
+    assert_eq!(
+        h.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["c", "f", "r", "s", "t"],
+        "the claim time stays, and the token (a resent completion recognises its own work)"
+    );
     assert_eq!(h["r"], response(b"done").encode());
     let pttl: i64 = redis::cmd("PTTL").arg(&rk).query_async(&mut c).await.unwrap();
     assert!((599_000..=600_000).contains(&pttl), "{pttl}");
@@ -307,7 +311,7 @@ async fn record_layout_is_one_hash_with_expiry() {
 /// complete it) until a claim takes it over: that claim acquires it with a new token even with
 /// another fingerprint, and the late worker is fenced from then on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expired_claim_is_kept_until_a_claim_of_any_fingerprint_takes_it_over() {
+async fn expired_claim_is_kept_until_a_retry_of_its_request_takes_it_over() {
     let Some(url) = redis_url().await else { return };
     let s = RedisStore::builder(&url).prefix(test_prefix()).build().await.unwrap();
     let mut c = raw(&url).await;
@@ -316,14 +320,15 @@ async fn expired_claim_is_kept_until_a_claim_of_any_fingerprint_takes_it_over() 
     tokio::time::sleep(Duration::from_millis(450)).await;
     let exists: bool = redis::cmd("EXISTS").arg(s.redis_key(&k)).query_async(&mut c).await.unwrap();
     assert!(exists, "an in-progress record outlives its lease");
-    let fresh = acquire(&s, &k, &fp(2), LEASE).await;
+    assert_eq!(s.claim(&k, &fp(2), LEASE).await.unwrap(), Claim::Mismatch, "never by another request");
+    let fresh = acquire(&s, &k, &fp(1), LEASE).await;
     assert_ne!(fresh, late);
     assert!(matches!(s.renew(&k, &late, LEASE).await, Err(StoreError::Fenced)));
     assert!(matches!(s.complete(&k, &late, &response(b"late"), TTL).await, Err(StoreError::Fenced)));
     assert!(matches!(s.release(&k, &late).await, Err(StoreError::Fenced)));
-    assert_eq!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Mismatch);
+    assert_eq!(s.claim(&k, &fp(2), LEASE).await.unwrap(), Claim::Mismatch);
     s.complete(&k, &fresh, &response(b"fresh"), TTL).await.unwrap();
-    assert_eq!(s.claim(&k, &fp(2), LEASE).await.unwrap(), Claim::Completed(response(b"fresh")));
+    assert_eq!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"fresh")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

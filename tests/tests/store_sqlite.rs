@@ -55,8 +55,14 @@ impl FileStore {
 
 #[async_trait::async_trait]
 impl Store for FileStore {
-    async fn claim(&self, k: &RecordKey, f: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
-        self.store.claim(k, f, lease).await
+    async fn claim_as(
+        &self,
+        k: &RecordKey,
+        f: &Fingerprint,
+        lease: Duration,
+        token: &ClaimToken,
+    ) -> Result<Claim, StoreError> {
+        self.store.claim_as(k, f, lease, token).await
     }
     async fn renew(
         &self,

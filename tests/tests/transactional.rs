@@ -41,8 +41,14 @@ impl TransactionalStore for Counting {
 
 #[async_trait]
 impl Store for Counting {
-    async fn claim(&self, k: &RecordKey, f: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
-        self.inner.claim(k, f, lease).await
+    async fn claim_as(
+        &self,
+        k: &RecordKey,
+        f: &Fingerprint,
+        lease: Duration,
+        token: &ClaimToken,
+    ) -> Result<Claim, StoreError> {
+        self.inner.claim_as(k, f, lease, token).await
     }
     async fn renew(&self, k: &RecordKey, t: &ClaimToken, lease: Duration) -> Result<(), StoreError> {
         self.inner.renew(k, t, lease).await

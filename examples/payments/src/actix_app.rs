@@ -13,7 +13,7 @@ use actix_web::dev::{Payload, Server};
 use actix_web::error::InternalError;
 use actix_web::http::{header, StatusCode};
 use actix_web::{get, post, web, App, FromRequest, HttpRequest, HttpResponse, HttpServer, ResponseError};
-use idempotent_actix::{health, idempotent, policy_report, record_status, Idempotency, Tx};
+use idempotent_actix::{health, idempotent, policy_report, record_status, Fence, Idempotency, Tx};
 use std::future::{ready, Ready};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,11 +52,7 @@ impl FromRequest for Caller {
 
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
-        match self {
-            ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::PaymentNotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
+        StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 
     fn error_response(&self) -> HttpResponse {
@@ -98,9 +94,12 @@ pub async fn create_refund(
 pub async fn create_transfer(
     Caller(account): Caller,
     app: web::Data<AppState>,
+    fence: Fence,
     web::Json(req): web::Json<CreateTransfer>,
 ) -> Result<HttpResponse, ApiError> {
     actix_web::rt::time::sleep(app.transfer_delay).await;
+    // Recorded only while no other request can be holding this key (see `Fence`).
+    fence.check()?;
     let transfer = done(app.bank.create_transfer(&account, req))?;
     Ok(HttpResponse::Created().json(transfer))
 }

@@ -108,14 +108,37 @@ pub enum ApiError {
     /// The operation could not be recorded: 500, released so a retry runs again.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The claim's lease could no longer be vouched for when the operation was about to be
+    /// recorded, so it was not: 503, released, and the client's retry runs it once.
+    #[error("lease lost: {0}")]
+    LeaseLost(#[from] idempotent_axum::core::engine::LeaseLost),
 }
 
 impl ApiError {
+    /// The HTTP status of this error.
+    pub fn status(&self) -> u16 {
+        match self {
+            ApiError::Invalid(_) => 422,
+            ApiError::PaymentNotFound(_) => 404,
+            ApiError::Internal(_) => 500,
+            ApiError::LeaseLost(_) => 503,
+        }
+    }
+
     /// The problem sent for this error; internal errors are logged here.
     pub fn problem(&self) -> DemoProblem {
         match self {
             ApiError::Invalid(e) => DemoProblem::new(422, "validation", "Invalid request", e.0.clone()),
             ApiError::PaymentNotFound(id) => DemoProblem::payment_not_found(id),
+            ApiError::LeaseLost(e) => {
+                tracing::warn!(error = %e, "operation not recorded: its claim could no longer be vouched for");
+                DemoProblem::new(
+                    503,
+                    "lease-lost",
+                    "Operation not executed",
+                    "The server lost touch with its idempotency store while processing; nothing was executed. Retry with the same key.",
+                )
+            }
             ApiError::Internal(e) => {
                 tracing::error!(error = %e, "operation failed");
                 DemoProblem::new(

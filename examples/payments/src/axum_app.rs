@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use idempotent_axum::enforce::Enforce;
-use idempotent_axum::{health, idempotent, policy_report, record_status, Idempotency, Tx};
+use idempotent_axum::{health, idempotent, policy_report, record_status, Fence, Idempotency, Tx};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -83,9 +83,12 @@ pub async fn create_refund(
 pub async fn create_transfer(
     Caller(account): Caller,
     State(app): State<AppState>,
+    fence: Fence,
     Json(req): Json<CreateTransfer>,
 ) -> Result<impl IntoResponse, ApiError> {
     tokio::time::sleep(app.transfer_delay).await;
+    // Recorded only while no other request can be holding this key (see `Fence`).
+    fence.check()?;
     let transfer = done(app.bank.create_transfer(&account, req))?;
     Ok((StatusCode::CREATED, Json(transfer)))
 }

@@ -282,6 +282,19 @@ macro_rules! __adapter_types {
                 &self.0
             }
         }
+
+        /// The claim a protected handler runs under, as an extractor: `fence.check()` before an
+        /// effect that cannot be taken back, `fence.claim()` for the fencing token and the time
+        /// the lease is still vouched for (see `idempotent_core::engine::ClaimFence`).
+        #[derive(Debug, Clone, Copy, Default)]
+        pub struct Fence(pub $crate::engine::Fence);
+
+        impl ::std::ops::Deref for Fence {
+            type Target = $crate::engine::Fence;
+            fn deref(&self) -> &Self::Target {
+                &self.0
+            }
+        }
     };
 }
 

@@ -235,11 +235,12 @@ mod tests {
 
     #[async_trait::async_trait]
     impl Store for Failing {
-        async fn claim(
+        async fn claim_as(
             &self,
             _: &RecordKey,
             _: &crate::fingerprint::Fingerprint,
             _: Duration,
+            _: &crate::store::ClaimToken,
         ) -> Result<Claim, StoreError> {
             Err(refused())
         }

@@ -119,8 +119,16 @@ fn actor_of(storage_key: &str) -> &str {
 
 #[derive(Debug)]
 enum State {
-    InProgress { token: ClaimToken, lease_until: Instant },
-    Completed { response: StoredResponse, expires_at: Instant },
+    InProgress {
+        token: ClaimToken,
+        lease_until: Instant,
+    },
+    /// `by`: the token that completed it, so that a completion sent again finds its work done.
+    Completed {
+        response: StoredResponse,
+        expires_at: Instant,
+        by: ClaimToken,
+    },
 }
 
 #[derive(Debug)]
@@ -170,8 +178,9 @@ impl Entry {
     fn owned_bytes(&self) -> usize {
         match &self.state {
             State::InProgress { token, .. } => allocation(token.0.len()),
-            State::Completed { response, .. } => {
-                allocation(response.headers.len() * size_of::<(String, Vec<u8>)>())
+            State::Completed { response, by, .. } => {
+                allocation(by.0.len())
+                    + allocation(response.headers.len() * size_of::<(String, Vec<u8>)>())
                     + response.headers.iter().map(|(n, v)| allocation(n.len()) + allocation(v.len())).sum::<usize>()
                     + allocation(response.body.len())
             }
@@ -447,15 +456,16 @@ impl MemoryStore {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// [`Store::claim`] once the store is locked and a few records that are due forgotten.
+    /// [`Store::claim`] once the store is locked and a few records that are due forgotten: a
+    /// claim of `key` (stored under `storage_key`) at `now` whose lease would last until
+    /// `lease_until`.
     fn claim_locked(
         &self,
         inner: &mut Inner,
-        key: &RecordKey,
-        storage_key: String,
+        (key, storage_key): (&RecordKey, String),
         fingerprint: &Fingerprint,
-        lease_until: Instant,
-        now: Instant,
+        (now, lease_until): (Instant, Instant),
+        token: &ClaimToken,
     ) -> Result<Claim, StoreError> {
         let quota = self.actor.any();
         if inner.records.get(storage_key.as_str()).is_some_and(|e| e.forgotten(now)) {
@@ -464,7 +474,12 @@ impl MemoryStore {
             inner.swept += 1;
         }
         if let Some(e) = inner.records.get(storage_key.as_str()) {
-            if !e.expired(now) {
+            if matches!(&e.state, State::InProgress { token: held, .. } if held == token) {
+                // This very claim, sent again: it holds the record already.
+                return Ok(Claim::Acquired(token.clone()));
+            }
+            let abandoned = matches!(e.state, State::InProgress { .. });
+            if !e.expired(now) || (abandoned && e.fingerprint != *fingerprint) {
                 if e.fingerprint != *fingerprint {
                     return Ok(Claim::Mismatch);
                 }
@@ -474,7 +489,6 @@ impl MemoryStore {
                 });
             }
             // Taken over in place: the store holds as many records as before, for the same actor.
-            let token = ClaimToken::generate();
             let held = token.clone();
             inner.update(&storage_key, |e| {
                 *e = Entry {
@@ -484,7 +498,7 @@ impl MemoryStore {
                     seq: e.seq,
                 }
             });
-            return Ok(Claim::Acquired(token));
+            return Ok(Claim::Acquired(token.clone()));
         }
         let mut need = record_bytes(storage_key.len()) + allocation(TOKEN_LEN);
         let usage = |inner: &Inner| inner.actors.get(key.actor.as_str()).copied().unwrap_or_default();
@@ -505,7 +519,6 @@ impl MemoryStore {
                 return Err(StoreError::Full);
             }
         }
-        let token = ClaimToken::generate();
         let entry = Entry {
             fingerprint: *fingerprint,
             state: State::InProgress { token: token.clone(), lease_until },
@@ -513,20 +526,26 @@ impl MemoryStore {
             seq: 0,
         };
         inner.insert(Arc::from(storage_key), entry, quota);
-        Ok(Claim::Acquired(token))
+        Ok(Claim::Acquired(token.clone()))
     }
 }
 
 #[async_trait]
 impl Store for MemoryStore {
-    async fn claim(&self, key: &RecordKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
+    async fn claim_as(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+        token: &ClaimToken,
+    ) -> Result<Claim, StoreError> {
         let now = Instant::now();
         let lease_until = later(now, lease);
         let storage_key = key.storage_key();
         let (answer, swept) = {
             let mut inner = self.lock();
             inner.forget(now, FORGET_PER_CLAIM, self.actor.any());
-            let answer = self.claim_locked(&mut inner, key, storage_key, fingerprint, lease_until, now);
+            let answer = self.claim_locked(&mut inner, (key, storage_key), fingerprint, (now, lease_until), token);
             (answer, std::mem::take(&mut inner.swept))
         };
         crate::telemetry::records_swept("memory", swept);
@@ -559,11 +578,16 @@ impl Store for MemoryStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let now = Instant::now();
-        let state = State::Completed { response: response.clone(), expires_at: later(now, ttl) };
+        let state = State::Completed { response: response.clone(), expires_at: later(now, ttl), by: token.clone() };
         let storage_key = key.storage_key();
         let mut inner = self.lock();
-        if !inner.records.get(storage_key.as_str()).is_some_and(|e| e.held_by(token, now)) {
-            return Err(StoreError::Fenced);
+        match inner.records.get(storage_key.as_str()) {
+            Some(e) if e.held_by(token, now) => {}
+            // Sent again after it stored the outcome: nothing to do.
+            Some(e @ Entry { state: State::Completed { by, .. }, .. }) if by == token && !e.forgotten(now) => {
+                return Ok(())
+            }
+            _ => return Err(StoreError::Fenced),
         }
         inner.update(&storage_key, |e| e.state = state);
         Ok(())
@@ -592,7 +616,9 @@ impl Store for MemoryStore {
         }
         let (state, status, expires) = match &e.state {
             State::InProgress { lease_until, .. } => (RecordState::InProgress, None, *lease_until),
-            State::Completed { response, expires_at } => (RecordState::Completed, Some(response.status), *expires_at),
+            State::Completed { response, expires_at, .. } => {
+                (RecordState::Completed, Some(response.status), *expires_at)
+            }
         };
         Ok(Some(RecordInfo { state, status, created_at: Some(at(e.created)), expires_at: at(expires) }))
     }
@@ -946,7 +972,7 @@ mod tests {
                 + allocation("text/plain".len())
                 + allocation("x-id".len())
                 + allocation("42".len());
-            assert_eq!(store.bytes(), claimed - allocation(TOKEN_LEN) + headers + allocation(100));
+            assert_eq!(store.bytes(), claimed + headers + allocation(100), "the token stays with the outcome");
 
             // Records in every state, coming and going.
             for i in 0..200 {
@@ -1044,6 +1070,8 @@ mod tests {
         until: Instant,
         created: Instant,
         status: Option<u16>,
+        /// The token that completed it.
+        by: Option<ClaimToken>,
     }
 
     impl Modelled {
@@ -1075,7 +1103,8 @@ mod tests {
                     let actor = model_key(k).actor;
                     let within_quota = actor.is_empty() || live(&actor) < MODEL_QUOTA;
                     match model.get(&k) {
-                        Some(r) if r.until > now => {
+                        // Live, or an abandoned claim of another request: answered, never taken.
+                        Some(r) if r.until > now || (r.token.is_some() && r.fp != f) => {
                             let expected = if r.fp != f {
                                 Claim::Mismatch
                             } else if let Some(status) = r.status {
@@ -1088,8 +1117,14 @@ mod tests {
                         r if r.is_some() || (model.len() < MODEL_MAX_RECORDS && within_quota) => {
                             let Ok(Claim::Acquired(token)) = answer else { panic!("{k} not acquired: {answer:?}") };
                             tokens.push((k, token.clone()));
-                            let record =
-                                Modelled { fp: f, token: Some(token), until: now + lease, created: now, status: None };
+                            let record = Modelled {
+                                fp: f,
+                                token: Some(token),
+                                until: now + lease,
+                                created: now,
+                                status: None,
+                                by: None,
+                            };
                             model.insert(k, record);
                         }
                         _ if !within_quota => {
@@ -1117,7 +1152,9 @@ mod tests {
                     if holds(&model, k, &t) {
                         answer.unwrap();
                         let r = model.get_mut(&k).unwrap();
-                        (r.token, r.until, r.status) = (None, now + ttl, Some(status));
+                        (r.token, r.until, r.status, r.by) = (None, now + ttl, Some(status), Some(t));
+                    } else if model.get(&k).is_some_and(|r| r.by.as_ref() == Some(&t)) {
+                        answer.expect("a completion sent again finds its work done");
                     } else {
                         assert!(matches!(answer, Err(StoreError::Fenced)), "{answer:?}");
                     }

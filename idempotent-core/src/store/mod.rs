@@ -81,13 +81,35 @@ impl RecordKey {
 }
 
 /// The token of an acquired claim; completion, release and renewal must present it.
+///
+/// A generated token is 32 lowercase hex digits: the microseconds since the Unix epoch when it
+/// was made (16 digits), then 64 random bits. Tokens of one key's successive claims are therefore
+/// ordered by when they were made ([`fence`](Self::fence)): a claim can only take a key over once
+/// the previous claim's lease has run out, so as long as the clocks of the processes sharing a
+/// store are within a lease of each other (NTP keeps them within milliseconds, leases are
+/// seconds), a later holder's fence is greater than every earlier holder's. A downstream system
+/// that refuses writes carrying a fence lower than the highest it has seen (a fencing token, in
+/// Kleppmann's sense) can then never apply a write of a holder that was taken over.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct ClaimToken(pub String);
 
 impl ClaimToken {
-    /// A fresh random token (128 random bits).
+    /// A fresh token: its time (microseconds since the epoch) and 64 random bits.
     pub fn generate() -> Self {
-        Self(uuid::Uuid::new_v4().simple().encode_lower(&mut uuid::Uuid::encode_buffer()).to_owned())
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        let random = uuid::Uuid::new_v4().as_u64_pair().0;
+        let mut out = String::with_capacity(32);
+        crate::push_hex(&mut out, &micros.to_be_bytes());
+        crate::push_hex(&mut out, &random.to_be_bytes());
+        Self(out)
+    }
+
+    /// The token's fencing value: ordered by when the token was made (see the type's docs);
+    /// `None` for a token this library did not generate.
+    pub fn fence(&self) -> Option<u128> {
+        (self.0.len() == 32).then(|| u128::from_str_radix(&self.0, 16).ok()).flatten()
     }
 }
 
@@ -237,13 +259,31 @@ pub const ABANDONED_CLAIM_RETENTION: Duration = Duration::from_secs(600);
 /// the contract suite ([`crate::testing`]) checks it.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Claims `key`, atomically:
-    /// - no record, or an in-progress record whose lease has expired: take it (new token, lease
-    ///   `lease`) and answer [`Claim::Acquired`];
-    /// - a record with another fingerprint: [`Claim::Mismatch`];
+    /// Claims `key` for `token` (which the caller made with [`ClaimToken::generate`]),
+    /// atomically:
+    /// - an in-progress record held by `token` itself (this claim, sent again after its answer
+    ///   was lost): [`Claim::Acquired`], changing nothing;
+    /// - no record, a completed record past its time to live, or an in-progress record with the
+    ///   same fingerprint whose lease has expired: take it (`token`, lease `lease`) and answer
+    ///   [`Claim::Acquired`];
+    /// - a record with another fingerprint, live or an in-progress one whose lease expired but
+    ///   which the store still keeps ([`ABANDONED_CLAIM_RETENTION`]): [`Claim::Mismatch`]. A
+    ///   request whose outcome is unknown (its worker may have done the work before it vanished)
+    ///   is never taken over by a different request under the same key;
     /// - a completed record: [`Claim::Completed`];
     /// - a live in-progress record: [`Claim::InProgress`] with its remaining lease.
-    async fn claim(&self, key: &RecordKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError>;
+    async fn claim_as(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+        token: &ClaimToken,
+    ) -> Result<Claim, StoreError>;
+
+    /// [`claim_as`](Store::claim_as) with a fresh token.
+    async fn claim(&self, key: &RecordKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
+        self.claim_as(key, fingerprint, lease, &ClaimToken::generate()).await
+    }
 
     /// Extends the lease of the claim held with `token` to `lease` from now, even when the lease
     /// had expired, as long as no other claim took the record over.

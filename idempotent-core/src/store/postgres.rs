@@ -217,7 +217,6 @@ mod own {
         pub(super) claim: SqlStr,
         pub(super) renew: SqlStr,
         pub(super) complete: SqlStr,
-        pub(super) completed_by: SqlStr,
         pub(super) release: SqlStr,
         pub(super) present: SqlStr,
         pub(super) inspect: SqlStr,
@@ -302,6 +301,7 @@ CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);
     UPDATE {t} SET fingerprint = $4, state = 'in_progress', token = $5, response = NULL,
         expires_at = now() + $6::int8 * interval '1 millisecond', created_at = now()
     WHERE {key} AND expires_at <= now()
+        AND (state <> 'in_progress' OR fingerprint = $4 OR expires_at <= now() - $7::int8 * interval '1 millisecond')
     RETURNING 1
 ), inserted AS (
     INSERT INTO {t} (scope, actor, idem_key, fingerprint, state, token, expires_at)
@@ -317,7 +317,8 @@ SELECT TRUE, NULL, NULL, NULL, NULL FROM inserted
 UNION ALL
 SELECT COALESCE(state = 'in_progress' AND token = $5, FALSE), fingerprint, state, response,
     GREATEST(0, CEIL(EXTRACT(EPOCH FROM (expires_at - now())) * 1000))::int8
-FROM existing WHERE expires_at > now()"
+FROM existing WHERE expires_at > now() OR (state = 'in_progress' AND (token = $5
+    OR (fingerprint <> $4 AND expires_at > now() - $7::int8 * interval '1 millisecond')))"
             )),
             renew: rendered(format!(
                 "UPDATE {t} SET expires_at = now() + $5::int8 * interval '1 millisecond'
@@ -330,7 +331,6 @@ RETURNING 1"
 WHERE {key} AND token = $4 AND state = 'in_progress'
 RETURNING 1"
             )),
-            completed_by: rendered(format!("SELECT 1 FROM {t} WHERE {key} AND token = $4 AND state = 'completed'")),
             release: rendered(format!(
                 "DELETE FROM {t} WHERE {key} AND token = $4 AND state = 'in_progress' RETURNING 1"
             )),
@@ -347,6 +347,7 @@ FROM {t} WHERE {key} AND (expires_at > now()
                 invalidate: rendered(format!("DELETE FROM {t} WHERE {key}")),
                 invalidate_completed: rendered(format!("DELETE FROM {t} WHERE {key} AND state = 'completed'")),
                 state: rendered(format!("SELECT state FROM {t} WHERE {key}")),
+                completed_by: rendered(format!("SELECT 1 FROM {t} WHERE {key} AND token = $4 AND state = 'completed'")),
             },
             // Completed records go at the end of their time to live, in-progress ones only
             // `ABANDONED_CLAIM_RETENTION` ($2) after their lease; the condition is checked again
@@ -410,7 +411,7 @@ FROM {t} WHERE {key} AND (expires_at > now()
 
     async fn committed(store: &PostgresStore, key: &RecordKey, token: &ClaimToken) -> Result<bool, StoreError> {
         // Completed rows keep their token.
-        let (row, _) = store.run(|| PostgresStore::fenced_query(&store.sql().completed_by, key, token)).await?;
+        let (row, _) = store.run(|| PostgresStore::fenced_query(&store.sql().common.completed_by, key, token)).await?;
         Ok(row.is_some())
     }
 
@@ -636,18 +637,28 @@ const CLAIM_ATTEMPTS: usize = 16;
 
 #[async_trait]
 impl Store for PostgresStore {
-    async fn claim(&self, key: &RecordKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
+    async fn claim_as(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+        token: &ClaimToken,
+    ) -> Result<Claim, StoreError> {
         // One token for every attempt: a claim run again after a lost answer finds its own record.
-        let token = ClaimToken::generate();
+        let retention = abandoned_claim_retention_ms();
         for _ in 0..CLAIM_ATTEMPTS {
             let (row, _) = self
                 .run(|| {
-                    Self::key_query(&self.sql().claim, key).bind(&fingerprint.0[..]).bind(&token.0).bind(millis(lease))
+                    Self::key_query(&self.sql().claim, key)
+                        .bind(&fingerprint.0[..])
+                        .bind(&token.0)
+                        .bind(millis(lease))
+                        .bind(retention)
                 })
                 .await?;
             let Some(row) = row else { continue };
             if column::<_, bool>(&row, "acquired")? {
-                return Ok(Claim::Acquired(token));
+                return Ok(Claim::Acquired(token.clone()));
             }
             let remaining: i64 = column(&row, "remaining_ms")?;
             return decide_row(&row, fingerprint, Duration::from_millis(remaining.max(0) as u64));
@@ -669,16 +680,15 @@ impl Store for PostgresStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let encoded = response.encode();
-        let (row, lost) = self.run(|| Postgres::complete_query(self.sql(), key, token, encoded.clone(), ttl)).await?;
+        let (row, _) = self.run(|| Postgres::complete_query(self.sql(), key, token, encoded.clone(), ttl)).await?;
         if row.is_some() {
             return Ok(());
         }
-        if lost {
-            // The lost attempt may have completed the record: then it carries our token.
-            let (ours, _) = self.run(|| Self::fenced_query(&self.sql().completed_by, key, token)).await?;
-            if ours.is_some() {
-                return Ok(());
-            }
+        // An earlier attempt whose answer was lost (with its connection here, or before the call
+        // was sent again) may have completed the record: then it carries our token.
+        let (ours, _) = self.run(|| Self::fenced_query(&self.sql().common.completed_by, key, token)).await?;
+        if ours.is_some() {
+            return Ok(());
         }
         Err(StoreError::Fenced)
     }

@@ -107,7 +107,8 @@
 //! A Redis hash with binary-safe fields:
 //! - `s`: state, `p` (in progress) or `c` (completed);
 //! - `f`: the 32-byte SHA-256 request fingerprint;
-//! - `t`: the claim token (in progress only);
+//! - `t`: the claim token (kept once completed: a completion sent again after its answer was
+//!   lost recognises its own work);
 //! - `l`: the lease deadline (in progress only), in decimal milliseconds since the Unix epoch by
 //!   Redis's clock;
 //! - `c`: when the record was claimed, the same way (for [`Store::inspect`]; records written by
@@ -265,9 +266,12 @@ if s == 'p' then
     return {'x', 'in-progress record without a valid lease deadline'}
   end
   if redis.call('PTTL', key) < 0 then return {'x', 'in-progress record without expiry'} end
+  -- This very claim, sent again after its answer was lost: it holds the record already.
+  if v[3] == ARGV[2] then return {'a'} end
+  -- Another request under the same key: never taken over, live or abandoned.
+  if f ~= ARGV[1] then return {'m'} end
   local deadline = tonumber(l)
   if deadline <= now then return take() end
-  if f ~= ARGV[1] then return {'m'} end
   return {'p', deadline - now}
 elseif s == 'c' then
   if not v[4] then return {'x', 'completed record without response'} end
@@ -311,9 +315,17 @@ if h ~= 1 then return h end
 const RENEW: &str = "local lease = tonumber(ARGV[2])\n\
                      redis.call('HSET', key, 'l', string.format('%d', now() + lease))\n\
                      redis.call('PEXPIRE', key, string.format('%d', lease + tonumber(ARGV[3])))\nreturn 1\n";
-/// Complete: ARGV[1] token, ARGV[2] encoded response, ARGV[3] ttl (ms).
-const COMPLETE: &str = "redis.call('HSET', key, 's', 'c', 'r', ARGV[2])\nredis.call('HDEL', key, 't', 'l')\n\
+/// Complete: ARGV[1] token, ARGV[2] encoded response, ARGV[3] ttl (ms). The token stays in the
+/// completed record, so that a completion sent again after its answer was lost (a cluster client
+/// resends on a broken connection) finds its own work done instead of reporting a takeover.
+const COMPLETE: &str = "redis.call('HSET', key, 's', 'c', 'r', ARGV[2])\nredis.call('HDEL', key, 'l')\n\
                         redis.call('PEXPIRE', key, ARGV[3])\nreturn 1\n";
+
+/// Prelude of the completion: answers 1 at once when the record is already completed under this
+/// token.
+const COMPLETED_BY_ME: &str = "if redis.call('TYPE', KEYS[1])['ok'] == 'hash' then\n\
+                               local done = redis.call('HMGET', KEYS[1], 's', 't')\n\
+                               if done[1] == 'c' and done[2] == ARGV[1] then return 1 end\nend\n";
 /// Release: ARGV[1] token.
 const RELEASE: &str = "redis.call('DEL', key)\nreturn 1\n";
 
@@ -694,7 +706,7 @@ impl RedisStoreBuilder {
             prefix,
             claim: Lua::new(CLAIM.to_owned()),
             renew: Lua::new(format!("{ALLOW_OOM}{HELD}{RENEW}")),
-            complete: Lua::new(format!("{ALLOW_OOM}{HELD}{COMPLETE}")),
+            complete: Lua::new(format!("{ALLOW_OOM}{COMPLETED_BY_ME}{HELD}{COMPLETE}")),
             release: Lua::new(format!("{ALLOW_OOM}{HELD}{RELEASE}")),
             inspect: Lua::new(INSPECT.to_owned()),
             invalidate: Lua::new(INVALIDATE.to_owned()),
@@ -1069,8 +1081,13 @@ fn decode_inspect(reply: &Value) -> Result<Option<RecordInfo>, StoreError> {
 
 #[async_trait]
 impl Store for RedisStore {
-    async fn claim(&self, key: &RecordKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
-        let token = ClaimToken::generate();
+    async fn claim_as(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+        token: &ClaimToken,
+    ) -> Result<Claim, StoreError> {
         let call = self
             .claim
             .call(self.redis_key(key))
@@ -1079,7 +1096,7 @@ impl Store for RedisStore {
             .arg(millis(lease))
             .arg(millis(ABANDONED_CLAIM_RETENTION));
         let reply = self.invoke(&call).await?;
-        decode_claim(reply, token)
+        decode_claim(reply, token.clone())
     }
 
     async fn renew(&self, key: &RecordKey, token: &ClaimToken, lease: Duration) -> Result<(), StoreError> {

@@ -600,6 +600,9 @@ pub struct CommonStatements {
     pub(super) invalidate_completed: SqlStr,
     /// The state of the record of the key bound as parameters 1 to 3.
     pub(super) state: SqlStr,
+    /// A row when the record of the key bound as parameters 1 to 3 is completed under the token
+    /// bound as parameter 4: what a completion finds after an earlier attempt stored it.
+    pub(super) completed_by: SqlStr,
 }
 
 async fn sweep<B: Backend>(

@@ -234,7 +234,7 @@ ON CONFLICT (scope, actor, idem_key) DO UPDATE SET fingerprint = excluded.finger
                 "UPDATE {t} SET expires_at = ?5 WHERE {key} AND token = ?4 AND state = 'in_progress'"
             )),
             complete: rendered(format!(
-                "UPDATE {t} SET state = 'completed', token = NULL, response = ?5, expires_at = ?6
+                "UPDATE {t} SET state = 'completed', response = ?5, expires_at = ?6
 WHERE {key} AND token = ?4 AND state = 'in_progress'"
             )),
             release: rendered(format!("DELETE FROM {t} WHERE {key} AND token = ?4 AND state = 'in_progress'")),
@@ -248,6 +248,7 @@ WHERE {key} AND (expires_at > ?4 OR (state = 'in_progress' AND expires_at > ?5))
                 invalidate: rendered(format!("DELETE FROM {t} WHERE {key}")),
                 invalidate_completed: rendered(format!("DELETE FROM {t} WHERE {key} AND state = 'completed'")),
                 state: rendered(format!("SELECT state FROM {t} WHERE {key}")),
+                completed_by: rendered(format!("SELECT 1 FROM {t} WHERE {key} AND token = ?4 AND state = 'completed'")),
             },
             // Completed records go at the end of their time to live (?1, now), in-progress ones
             // only `ABANDONED_CLAIM_RETENTION` after their lease (?3).
@@ -403,11 +404,20 @@ impl SqlStore<Sqlite> {
     }
 }
 
-/// The answer a live row gives, or `None` when the row is absent or expired.
+/// The answer a live row gives, or `None` when the row is absent or can be claimed: a completed
+/// record past its time to live, or an abandoned claim (its lease expired) of the same request or
+/// past its retention. An abandoned claim of another request under the key is a mismatch: its
+/// outcome is unknown, and a different request never takes it over.
 fn live(row: Option<SqliteRow>, fingerprint: &Fingerprint, now: i64) -> Result<Option<Claim>, StoreError> {
     let Some(row) = row else { return Ok(None) };
     let expires_at: i64 = column(&row, "expires_at")?;
     if expires_at <= now {
+        let state: String = column(&row, "state")?;
+        let stored: Vec<u8> = column(&row, "fingerprint")?;
+        let retained = expires_at > now.saturating_sub(abandoned_claim_retention_ms());
+        if state == "in_progress" && retained && stored != fingerprint.0 {
+            return Ok(Some(Claim::Mismatch));
+        }
         return Ok(None);
     }
     decide_row(&row, fingerprint, Duration::from_millis((expires_at - now) as u64)).map(Some)
@@ -415,7 +425,13 @@ fn live(row: Option<SqliteRow>, fingerprint: &Fingerprint, now: i64) -> Result<O
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn claim(&self, key: &RecordKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
+    async fn claim_as(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+        token: &ClaimToken,
+    ) -> Result<Claim, StoreError> {
         // Fast path: a live record is answered without taking the write lock.
         if let Some(answer) = self.read(key, fingerprint).await? {
             return Ok(answer);
@@ -428,7 +444,6 @@ impl Store for SqliteStore {
             tx.commit().await.map_err(Sqlite::unavailable)?;
             return Ok(answer);
         }
-        let token = ClaimToken::generate();
         Self::key_query(&self.sql().upsert, key)
             .bind(&fingerprint.0[..])
             .bind(&token.0)
@@ -438,7 +453,7 @@ impl Store for SqliteStore {
             .await
             .map_err(Sqlite::unavailable)?;
         tx.commit().await.map_err(Sqlite::unavailable)?;
-        Ok(Claim::Acquired(token))
+        Ok(Claim::Acquired(token.clone()))
     }
 
     async fn renew(&self, key: &RecordKey, token: &ClaimToken, lease: Duration) -> Result<(), StoreError> {
@@ -453,7 +468,17 @@ impl Store for SqliteStore {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        self.run_fenced(Sqlite::complete_query(self.sql(), key, token, response.encode(), ttl)).await
+        match self.run_fenced(Sqlite::complete_query(self.sql(), key, token, response.encode(), ttl)).await {
+            Err(StoreError::Fenced) => {
+                // Sent again after it stored the outcome: the record carries the token.
+                let ours = Self::fenced_query(&self.sql().common.completed_by, key, token)
+                    .fetch_optional(self.pool())
+                    .await
+                    .map_err(Sqlite::unavailable)?;
+                ours.map(drop).ok_or(StoreError::Fenced)
+            }
+            other => other,
+        }
     }
 
     async fn release(&self, key: &RecordKey, token: &ClaimToken) -> Result<(), StoreError> {

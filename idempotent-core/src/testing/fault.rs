@@ -178,8 +178,14 @@ impl FaultStore {
 
 #[async_trait]
 impl Store for FaultStore {
-    async fn claim(&self, key: &RecordKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
-        self.meet(Op::Claim, self.inner.claim(key, fingerprint, lease)).await
+    async fn claim_as(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+        token: &ClaimToken,
+    ) -> Result<Claim, StoreError> {
+        self.meet(Op::Claim, self.inner.claim_as(key, fingerprint, lease, token)).await
     }
 
     async fn renew(&self, key: &RecordKey, token: &ClaimToken, lease: Duration) -> Result<(), StoreError> {
