@@ -129,9 +129,11 @@ pub struct Config {
     pub store_timeout: Duration,
     /// What a runtime whose store cannot run transactions does with transactional routes.
     pub without_transactions: WithoutTransactions,
-    /// How long storing a handler's outcome is retried while the store fails, the lease being
-    /// renewed meanwhile. The client waits for it; past it the outcome is given up, the claim
-    /// expires with its lease and a retry runs the handler again.
+    /// The longest time storing a handler's outcome is retried while the store fails, the lease
+    /// being renewed meanwhile; it is retried only while the lease is vouched for (see
+    /// [`ClaimFence`]), so with the default 10 s lease this bound rarely applies. The client waits
+    /// for it; past it the outcome is given up, the claim expires with its lease and a retry runs
+    /// the handler again.
     pub completion_patience: Duration,
     /// How actors (in the store) and keys (in logs) are digested: plain SHA-256, or under a
     /// server secret (see [`crate::digest`]).
