@@ -12,6 +12,22 @@ cargo fmt --all -- --check
 step "cargo clippy (all targets, all features, warnings are errors)"
 cargo clippy --workspace --all-targets --all-features --quiet -- -D warnings
 
+step "every feature of the published crates alone, warning-free (cargo check per feature)"
+for spec in \
+  "idempotent-core:sqlite postgres redis tls testing utoipa" \
+  "idempotent-axum:sqlite postgres redis tls utoipa" \
+  "idempotent-actix:sqlite postgres redis tls utoipa"; do
+  crate=${spec%%:*}
+  for feature in "" ${spec#*:}; do
+    out=$(cargo check -q -p "$crate" --no-default-features ${feature:+--features "$feature"} --message-format short 2>&1 || true)
+    if echo "$out" | grep -qE '^(warning|error)|: (warning|error)'; then
+      echo "$out" >&2
+      echo "check: $crate with ${feature:-no} feature(s) does not build warning-free" >&2
+      exit 1
+    fi
+  done
+done
+
 step "cargo doc (all features, warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps --quiet
 

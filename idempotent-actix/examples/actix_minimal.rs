@@ -34,7 +34,10 @@ async fn create_order(order: web::Json<NewOrder>) -> HttpResponse {
 
 /// The runtime, built once and shared by every worker.
 pub fn idempotency() -> Idempotency {
-    Idempotency::builder(Arc::new(MemoryStore::new())).build().expect("valid policies")
+    Idempotency::builder(Arc::new(MemoryStore::new()))
+        .actor(idempotent_actix::ActorSource::Anonymous)
+        .build()
+        .expect("valid policies")
 }
 
 /// The application's routes, data and enforcement (a mutating route without a policy is refused).

@@ -19,7 +19,7 @@
 //! }
 //!
 //! # actix_web::rt::System::new().block_on(async {
-//! let idempotency = Idempotency::builder(Arc::new(MemoryStore::new())).build().unwrap();
+//! let idempotency = Idempotency::builder(Arc::new(MemoryStore::new())).actor(idempotent_axum::ActorSource::Anonymous).build().unwrap();
 //! let app = test::init_service(App::new().app_data(idempotency.data()).service(charge)).await;
 //! for replayed in [false, true] {
 //!     let req = test::TestRequest::post()

@@ -36,7 +36,10 @@ async fn create_order(Json(order): Json<NewOrder>) -> (StatusCode, String) {
 /// The application: the route, enforcement (a mutating route without a policy is refused), and
 /// the idempotency runtime on an in-memory store.
 pub fn app() -> Router {
-    let idempotency = Idempotency::builder(Arc::new(MemoryStore::new())).build().expect("valid policies");
+    let idempotency = Idempotency::builder(Arc::new(MemoryStore::new()))
+        .actor(idempotent_axum::ActorSource::Anonymous)
+        .build()
+        .expect("valid policies");
     Router::new().route("/orders", post(create_order)).layer(Enforce::refuse()).layer(idempotency.layer())
 }
 

@@ -16,7 +16,7 @@
 //!     (axum::http::StatusCode::CREATED, format!("charged {} {}", c.amount, c.currency))
 //! }
 //!
-//! let idempotency = Idempotency::builder(Arc::new(MemoryStore::new())).build().unwrap();
+//! let idempotency = Idempotency::builder(Arc::new(MemoryStore::new())).actor(idempotent_axum::ActorSource::Anonymous).build().unwrap();
 //! let app: Router = Router::new().route("/charges", post(charge)).layer(idempotency.layer());
 //! ```
 //!

@@ -239,13 +239,24 @@ pub enum StartupError {
     HeaderName(String),
     /// Routes whose lease cannot survive one failed renewal with this store timeout; one line
     /// each.
-    #[error("leases too short for the store timeout of {timeout:?} (a lease must be at least {RENEWALS_PER_LEASE} times it; lower it with `store_timeout` or lengthen the lease):\n{}", .routes.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    #[error("leases too short for the store timeout of {timeout:?}: a lease must be at least {RENEWALS_PER_LEASE} times the store timeout ({:?} here; `#[idempotent]` itself accepts any lease from 1 s), so that one renewal that fails or times out cannot lose a live claim. Lengthen the lease, or lower the store timeout with `.store_timeout(..)` to at most a sixth of the shortest lease ({:?}):\n{}", *timeout * RENEWALS_PER_LEASE, shortest_lease(routes) / RENEWALS_PER_LEASE, .routes.iter().map(|(r, _)| format!("  - {r}")).collect::<Vec<_>>().join("\n"))]
     LeaseTooShort {
         /// The configured store timeout.
         timeout: Duration,
-        /// `scope (handler at file:line): lease Ns`, one per route.
+        /// `scope (handler at file:line): lease Ns` and the lease, one per route.
+        routes: Vec<(String, Duration)>,
+    },
+    /// Routes protected by a runtime built without choosing where the caller's identity comes
+    /// from: every caller would share one key namespace, and one caller's key could replay
+    /// another's response.
+    #[error("no actor source chosen, so every caller of these routes would share one key namespace (one caller's key could replay another's response). Choose one on the builder: `.actor(ActorSource::BearerToken)`, `.actor(ActorSource::Header(..))` or `.actor(ActorSource::custom(..))` (an `Actor` your authentication sets on the request wins over it), or `.actor(ActorSource::Anonymous)` on purpose for a service whose callers all trust each other:\n{}", .routes.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    ActorSourceNotChosen {
+        /// `scope (handler at file:line)`, one per route.
         routes: Vec<String>,
     },
+    /// More than one of the above; one block each.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Several(Vec<StartupError>),
     /// Transactional routes on a store that cannot run transactions; one line each.
     #[error("the `{store}` idempotency store cannot run transactional routes (use the PostgreSQL or SQLite store, or build with `without_transactions(WithoutTransactions::NotImplemented)` to answer them 501):\n{}", .routes.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
     NoTransactions {
@@ -254,6 +265,21 @@ pub enum StartupError {
         /// `scope (handler at file:line)`, one per route.
         routes: Vec<String>,
     },
+}
+
+/// The shortest of the leases listed in a [`StartupError::LeaseTooShort`].
+fn shortest_lease(routes: &[(String, Duration)]) -> Duration {
+    routes.iter().map(|(_, lease)| *lease).min().unwrap_or_default()
+}
+
+impl StartupError {
+    /// Every single problem, flattening [`StartupError::Several`].
+    pub fn problems(&self) -> Vec<&StartupError> {
+        match self {
+            StartupError::Several(all) => all.iter().flat_map(StartupError::problems).collect(),
+            one => vec![one],
+        }
+    }
 }
 
 /// Whether `name` is a valid HTTP field name (an RFC 9110 token).
@@ -275,6 +301,8 @@ pub trait Adapter: Sized {
 pub struct Builder<A> {
     store: Arc<dyn Store>,
     config: Config,
+    /// Whether [`actor`](Self::actor) was called.
+    actor_chosen: bool,
     adapter: std::marker::PhantomData<fn() -> A>,
 }
 
@@ -287,7 +315,7 @@ impl<A> std::fmt::Debug for Builder<A> {
 impl<A: Adapter> Builder<A> {
     /// Starts configuring a runtime on `store` with the default [`Config`].
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store, config: Config::default(), adapter: std::marker::PhantomData }
+        Self { store, config: Config::default(), actor_chosen: false, adapter: std::marker::PhantomData }
     }
 
     /// Name of the key header (default `Idempotency-Key`).
@@ -298,8 +326,14 @@ impl<A: Adapter> Builder<A> {
 
     /// Where the caller's identity comes from when no [`Actor`](crate::actor::Actor) extension is
     /// set.
+    ///
+    /// Choosing is required: a runtime with protected routes refuses to start without it
+    /// ([`StartupError::ActorSourceNotChosen`]), so that no application shares one key namespace
+    /// among all its callers by forgetting to wire its authentication. `ActorSource::Anonymous`
+    /// is that choice made on purpose.
     pub fn actor(mut self, source: ActorSource) -> Self {
         self.config.actor = source;
+        self.actor_chosen = true;
         self
     }
 
@@ -358,7 +392,7 @@ impl<A: Adapter> Builder<A> {
     /// Checks the settings and validates the routes registered through this adapter, then
     /// starts the runtime; refuses to start with one message per problem (see [`Runtime::start`]).
     pub fn build(self) -> Result<A, StartupError> {
-        Runtime::start(self.store, self.config, A::FRAMEWORK).map(A::from_runtime)
+        Runtime::start_checked(self.store, self.config, A::FRAMEWORK, self.actor_chosen).map(A::from_runtime)
     }
 }
 
@@ -373,30 +407,54 @@ impl Runtime {
     /// through `framework`'s adapter (see [`registry::validate_framework`]), then builds the
     /// runtime. Refuses to start with one message per problem.
     pub fn start(store: Arc<dyn Store>, config: Config, framework: Framework) -> Result<Self, StartupError> {
+        Self::start_checked(store, config, framework, true)
+    }
+
+    /// [`start`](Self::start), also refusing protected routes when no actor source was chosen;
+    /// every problem is reported, not only the first.
+    fn start_checked(
+        store: Arc<dyn Store>,
+        config: Config,
+        framework: Framework,
+        actor_chosen: bool,
+    ) -> Result<Self, StartupError> {
+        let mut problems = Vec::new();
         if !is_valid_header_name(&config.header_name) {
-            return Err(StartupError::HeaderName(config.header_name));
+            problems.push(StartupError::HeaderName(config.header_name.clone()));
         }
-        registry::validate_framework(framework).map_err(StartupError::Registry)?;
-        let short: Vec<String> = registry::routes_of(framework)
+        if let Err(errors) = registry::validate_framework(framework) {
+            problems.push(StartupError::Registry(errors));
+        }
+        let routes = registry::routes_of(framework);
+        let protected: Vec<(&&registry::RouteRecord, &Policy)> =
+            routes.iter().filter_map(|r| r.policy.as_ref().map(|p| (r, p))).collect();
+        let place = |r: &registry::RouteRecord, p: &Policy| {
+            format!("scope `{}` ({} at {}:{})", p.scope, r.handler, r.file, r.line)
+        };
+        let short: Vec<(String, Duration)> = protected
             .iter()
-            .filter_map(|r| r.policy.as_ref().map(|p| (r, p)))
             .filter(|(_, p)| p.lease < config.store_timeout * RENEWALS_PER_LEASE)
-            .map(|(r, p)| format!("scope `{}` ({} at {}:{}): lease {:?}", p.scope, r.handler, r.file, r.line, p.lease))
+            .map(|(r, p)| (format!("{}: lease {:?}", place(r, p), p.lease), p.lease))
             .collect();
         if !short.is_empty() {
-            return Err(StartupError::LeaseTooShort { timeout: config.store_timeout, routes: short });
+            problems.push(StartupError::LeaseTooShort { timeout: config.store_timeout, routes: short });
         }
         if store.transactions().is_none() && config.without_transactions == WithoutTransactions::RefuseToStart {
-            let routes: Vec<String> = registry::routes_of(framework)
-                .iter()
-                .filter_map(|r| r.policy.as_ref().filter(|p| p.transactional).map(|p| (r, p)))
-                .map(|(r, p)| format!("scope `{}` ({} at {}:{})", p.scope, r.handler, r.file, r.line))
-                .collect();
-            if !routes.is_empty() {
-                return Err(StartupError::NoTransactions { store: store.name(), routes });
+            let transactional: Vec<String> =
+                protected.iter().filter(|(_, p)| p.transactional).map(|(r, p)| place(r, p)).collect();
+            if !transactional.is_empty() {
+                problems.push(StartupError::NoTransactions { store: store.name(), routes: transactional });
             }
         }
-        Ok(Self::new(store, config))
+        if !actor_chosen && !protected.is_empty() {
+            let routes = protected.iter().map(|(r, p)| place(r, p)).collect();
+            problems.push(StartupError::ActorSourceNotChosen { routes });
+        }
+        match problems.len() {
+            0 => Ok(Self::new(store, config)),
+            1 => Err(problems.remove(0)),
+            _ => Err(StartupError::Several(problems)),
+        }
     }
 
     /// Runs `task` (an adapter's protected request) so that [`drain`](Self::drain) waits for it.

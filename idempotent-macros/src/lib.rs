@@ -51,7 +51,7 @@ use proc_macro::TokenStream;
 ///     (StatusCode::CREATED, format!("{} {} for {} ({})", req.amount, req.currency, req.customer.name, app.currency))
 /// }
 ///
-/// let idempotency = Idempotency::builder(Arc::new(MemoryStore::new())).build().unwrap();
+/// let idempotency = Idempotency::builder(Arc::new(MemoryStore::new())).actor(idempotent_axum::ActorSource::Anonymous).build().unwrap();
 /// let _app: Router = Router::new()
 ///     .route("/payments", post(create_payment))
 ///     .layer(idempotency.layer())

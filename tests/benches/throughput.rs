@@ -142,6 +142,7 @@ async fn in_process_round(n: usize, round: usize) -> [f64; 3] {
     // The demo's routes are linked in too, and their 3 s leases need the demo's store timeout;
     // the transactional routes (the demo's deposits, part 5's) cannot run on the memory store.
     let idem = Idempotency::builder(Arc::new(MemoryStore::new()))
+        .actor(idempotent_axum::ActorSource::Anonymous)
         .store_timeout(payments_demo::api::STORE_TIMEOUT)
         .without_transactions(idempotent_axum::core::engine::WithoutTransactions::NotImplemented)
         .build()
@@ -790,7 +791,11 @@ async fn deposits_per_second(app: &Router, path: &str, tag: &str, callers: usize
 /// The deposit routes on `store`, writing in `db`.
 fn deposit_app(store: Arc<dyn Store>, db: DepositDb) -> Router {
     // The demo's routes are linked in too, and their 3 s leases need the demo's store timeout.
-    let idem = Idempotency::builder(store).store_timeout(payments_demo::api::STORE_TIMEOUT).build().unwrap();
+    let idem = Idempotency::builder(store)
+        .actor(idempotent_axum::ActorSource::Anonymous)
+        .store_timeout(payments_demo::api::STORE_TIMEOUT)
+        .build()
+        .unwrap();
     Router::new()
         .route("/ordinary", post(deposit_ordinary))
         .route("/transactional", post(deposit_transactional))

@@ -173,7 +173,11 @@ where
 }
 
 async fn app() -> String {
-    let idem = Idempotency::builder(Arc::new(MemoryStore::new())).max_stored_body(1024).build().unwrap();
+    let idem = Idempotency::builder(Arc::new(MemoryStore::new()))
+        .actor(idempotent_actix::ActorSource::Anonymous)
+        .max_stored_body(1024)
+        .build()
+        .unwrap();
     serve(Some(idem), |c: &mut web::ServiceConfig| {
         c.service(panics_once)
             .service(unavailable_once)
@@ -236,7 +240,11 @@ async fn the_registry_reads_the_neighbouring_routing_attribute() {
 
 #[tokio::test]
 async fn an_unreachable_store_fails_closed_with_503() {
-    let idem = Idempotency::builder(Arc::new(Unreachable)).store_retry_after(Duration::from_secs(5)).build().unwrap();
+    let idem = Idempotency::builder(Arc::new(Unreachable))
+        .actor(idempotent_actix::ActorSource::Anonymous)
+        .store_retry_after(Duration::from_secs(5))
+        .build()
+        .unwrap();
     let base = serve(Some(idem), |c: &mut web::ServiceConfig| {
         c.route("/down", web::post().to(down));
     })
@@ -259,7 +267,11 @@ async fn a_route_without_the_runtime_says_so() {
 
 #[tokio::test]
 async fn the_key_header_name_is_configurable() {
-    let idem = Idempotency::builder(Arc::new(MemoryStore::new())).header_name("X-Request-Key").build().unwrap();
+    let idem = Idempotency::builder(Arc::new(MemoryStore::new()))
+        .actor(idempotent_actix::ActorSource::Anonymous)
+        .header_name("X-Request-Key")
+        .build()
+        .unwrap();
     let base = serve(Some(idem), |c: &mut web::ServiceConfig| {
         c.route("/cookie", web::post().to(cookie));
     })
@@ -271,5 +283,9 @@ async fn the_key_header_name_is_configurable() {
     let key = new_key();
     assert_eq!(send(client.post(format!("{base}/cookie")).header("X-Request-Key", &key)).await.status, 201);
     assert!(send(client.post(format!("{base}/cookie")).header("X-Request-Key", &key)).await.replayed());
-    assert!(Idempotency::builder(Arc::new(MemoryStore::new())).header_name("bad header").build().is_err());
+    assert!(Idempotency::builder(Arc::new(MemoryStore::new()))
+        .actor(idempotent_actix::ActorSource::Anonymous)
+        .header_name("bad header")
+        .build()
+        .is_err());
 }

@@ -133,7 +133,11 @@ async fn serve(router: Router) -> String {
 }
 
 async fn app() -> String {
-    let idem = Idempotency::builder(Arc::new(MemoryStore::new())).max_stored_body(1024).build().unwrap();
+    let idem = Idempotency::builder(Arc::new(MemoryStore::new()))
+        .actor(idempotent_axum::ActorSource::Anonymous)
+        .max_stored_body(1024)
+        .build()
+        .unwrap();
     serve(
         Router::new()
             .route("/panic", post(panics_once))
@@ -174,7 +178,11 @@ async fn a_path_parameter_that_is_not_utf8_is_a_400_never_left_out_of_the_identi
 
 #[tokio::test]
 async fn an_unreachable_store_fails_closed_with_503() {
-    let idem = Idempotency::builder(Arc::new(Unreachable)).store_retry_after(Duration::from_secs(5)).build().unwrap();
+    let idem = Idempotency::builder(Arc::new(Unreachable))
+        .actor(idempotent_axum::ActorSource::Anonymous)
+        .store_retry_after(Duration::from_secs(5))
+        .build()
+        .unwrap();
     let base = serve(Router::new().route("/down", post(down)).layer(idem.layer())).await;
     let r = send(post_to(&base, "/down", Some(&new_key()))).await;
     r.assert_problem(503, "urn:idempotent:problem:store-unavailable");
@@ -191,7 +199,11 @@ async fn a_route_without_the_runtime_says_so() {
 
 #[tokio::test]
 async fn the_key_header_name_is_configurable() {
-    let idem = Idempotency::builder(Arc::new(MemoryStore::new())).header_name("X-Request-Key").build().unwrap();
+    let idem = Idempotency::builder(Arc::new(MemoryStore::new()))
+        .actor(idempotent_axum::ActorSource::Anonymous)
+        .header_name("X-Request-Key")
+        .build()
+        .unwrap();
     let base = serve(Router::new().route("/cookie", post(cookie)).layer(idem.layer())).await;
     let client = reqwest::Client::new();
     let missing = send(client.post(format!("{base}/cookie")).header("Idempotency-Key", "k")).await;
@@ -200,5 +212,9 @@ async fn the_key_header_name_is_configurable() {
     let key = new_key();
     assert_eq!(send(client.post(format!("{base}/cookie")).header("X-Request-Key", &key)).await.status, 201);
     assert!(send(client.post(format!("{base}/cookie")).header("X-Request-Key", &key)).await.replayed());
-    assert!(Idempotency::builder(Arc::new(MemoryStore::new())).header_name("bad header").build().is_err());
+    assert!(Idempotency::builder(Arc::new(MemoryStore::new()))
+        .actor(idempotent_axum::ActorSource::Anonymous)
+        .header_name("bad header")
+        .build()
+        .is_err());
 }

@@ -50,7 +50,10 @@ async fn app(
     Response = actix_web::dev::ServiceResponse<Body>,
     Error = actix_web::Error,
 > {
-    let idempotency = Idempotency::builder(Arc::new(MemoryStore::new())).build().expect("valid registry");
+    let idempotency = Idempotency::builder(Arc::new(MemoryStore::new()))
+        .actor(idempotent_actix::ActorSource::Anonymous)
+        .build()
+        .expect("valid registry");
     actix_test::init_service(
         App::new()
             .wrap(enforce)

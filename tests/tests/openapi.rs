@@ -50,7 +50,10 @@ fn has_key_header(api: &OpenApi, path: &str) -> bool {
 
 #[test]
 fn axum_documents_a_nested_operation_found_by_its_operation_id() {
-    let idempotency = idempotent_axum::Idempotency::builder(Arc::new(MemoryStore::new())).build().unwrap();
+    let idempotency = idempotent_axum::Idempotency::builder(Arc::new(MemoryStore::new()))
+        .actor(idempotent_axum::ActorSource::Anonymous)
+        .build()
+        .unwrap();
     let mut api = document("create_order_axum", "/v1/orders");
     assert_eq!(idempotency.document_openapi(&mut api), 1);
     assert!(has_key_header(&api, "/v1/orders"));
@@ -63,7 +66,10 @@ fn axum_documents_a_nested_operation_found_by_its_operation_id() {
 
 #[test]
 fn actix_documents_an_operation_by_the_path_of_its_routing_attribute() {
-    let idempotency = idempotent_actix::Idempotency::builder(Arc::new(MemoryStore::new())).build().unwrap();
+    let idempotency = idempotent_actix::Idempotency::builder(Arc::new(MemoryStore::new()))
+        .actor(idempotent_actix::ActorSource::Anonymous)
+        .build()
+        .unwrap();
     let mut api = document("no_such_handler", "/orders");
     assert_eq!(idempotency.document_openapi(&mut api), 1);
     assert!(has_key_header(&api, "/orders"));

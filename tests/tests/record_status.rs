@@ -50,7 +50,7 @@ mod axum_app {
     }
 
     pub async fn start(store: Arc<dyn Store>, digests: Option<&str>) -> String {
-        let mut builder = Idempotency::builder(store);
+        let mut builder = Idempotency::builder(store).actor(idempotent_axum::ActorSource::Anonymous);
         if let Some(secret) = digests {
             builder = builder.digest_secret(secret);
         }
@@ -103,7 +103,7 @@ mod actix_app {
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {
             actix_web::rt::System::new().block_on(async move {
-                let mut builder = Idempotency::builder(store);
+                let mut builder = Idempotency::builder(store).actor(idempotent_axum::ActorSource::Anonymous);
                 if let Some(secret) = digests {
                     builder = builder.digest_secret(secret);
                 }

@@ -195,6 +195,7 @@ fn reports_list_protected_and_exempt_routes_apart() {
 fn app(enforce: Enforce) -> Router {
     // The fixtures' shortest lease is 5s: six store timeouts of at most 833ms.
     let idempotency = Idempotency::builder(Arc::new(MemoryStore::new()))
+        .actor(idempotent_axum::ActorSource::Anonymous)
         .store_timeout(std::time::Duration::from_millis(500))
         .build()
         .expect("valid registry");

@@ -51,7 +51,10 @@ idempotent_axum::__private::inventory::submit! {
 
 #[test]
 fn build_lists_every_problem() {
-    let error = Idempotency::builder(Arc::new(MemoryStore::new())).build().unwrap_err();
+    let error = Idempotency::builder(Arc::new(MemoryStore::new()))
+        .actor(idempotent_axum::ActorSource::Anonymous)
+        .build()
+        .unwrap_err();
     let StartupError::Registry(errors) = &error else { panic!("{error}") };
     let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
     let at = |line: u32, handler: &str| format!("startup::{handler} at {FILE}:{line}");

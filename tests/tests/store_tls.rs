@@ -218,7 +218,8 @@ async fn charge(Json(body): Json<serde_json::Value>) -> (StatusCode, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protected_request_over_rediss_runs_once_then_replays() {
     let Some(store) = redis_store().await else { return };
-    let idempotency = idempotent_axum::Idempotency::builder(store).build().unwrap();
+    let idempotency =
+        idempotent_axum::Idempotency::builder(store).actor(idempotent_axum::ActorSource::Anonymous).build().unwrap();
     let router = Router::new().route("/charges", routing::post(charge)).layer(idempotency.layer());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -27,7 +27,10 @@ async fn charge_actix(body: web::Json<serde_json::Value>) -> HttpResponse {
 }
 
 async fn start_axum() -> SocketAddr {
-    let idempotency = idempotent_axum::Idempotency::builder(Arc::new(MemoryStore::new())).build().unwrap();
+    let idempotency = idempotent_axum::Idempotency::builder(Arc::new(MemoryStore::new()))
+        .actor(idempotent_axum::ActorSource::Anonymous)
+        .build()
+        .unwrap();
     let router = Router::new()
         .route("/charges", routing::post(charge_axum))
         .layer(idempotency.layer())
@@ -43,7 +46,10 @@ async fn start_actix() -> SocketAddr {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
         actix_web::rt::System::new().block_on(async move {
-            let idempotency = idempotent_actix::Idempotency::builder(Arc::new(MemoryStore::new())).build().unwrap();
+            let idempotency = idempotent_actix::Idempotency::builder(Arc::new(MemoryStore::new()))
+                .actor(idempotent_actix::ActorSource::Anonymous)
+                .build()
+                .unwrap();
             let server = HttpServer::new(move || {
                 App::new()
                     .wrap(tracing_actix_web::TracingLogger::default())

@@ -183,7 +183,11 @@ async fn fixture(db: Db) -> Option<Fixture> {
         gate: Arc::new(Notify::new()),
         entered: Arc::new(Notify::new()),
     };
-    let idem = Idempotency::builder(store.clone()).store_timeout(Duration::from_millis(500)).build().unwrap();
+    let idem = Idempotency::builder(store.clone())
+        .actor(idempotent_axum::ActorSource::Anonymous)
+        .store_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
     let router = Router::new().route("/effects", post(effect)).layer(idem.layer()).with_state(app.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -297,15 +301,18 @@ async fn postgres_fenced_commit_rolls_back() {
 #[tokio::test]
 async fn a_store_without_transactions_refuses_to_start_or_answers_501() {
     let memory = || Arc::new(MemoryStore::new());
-    match Idempotency::builder(memory()).build() {
+    match Idempotency::builder(memory()).actor(idempotent_axum::ActorSource::Anonymous).build() {
         Err(StartupError::NoTransactions { store, routes }) => {
             assert_eq!(store, "memory");
             assert!(routes.iter().any(|r| r.contains("tx.effects")), "{routes:?}");
         }
         other => panic!("expected NoTransactions, got {other:?}"),
     }
-    let idem =
-        Idempotency::builder(memory()).without_transactions(WithoutTransactions::NotImplemented).build().unwrap();
+    let idem = Idempotency::builder(memory())
+        .actor(idempotent_axum::ActorSource::Anonymous)
+        .without_transactions(WithoutTransactions::NotImplemented)
+        .build()
+        .unwrap();
     let app = App {
         db: Db::Sqlite,
         table: "unused".into(),

@@ -376,6 +376,8 @@ impl<B: Backend> SqlStore<B> {
 
     /// The pool every write of the store runs on: the store's pool, or (SQLite, on a database the
     /// store opened) its one writer connection.
+    // Shared by the backends that use it; a build with only the others has no caller.
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
     pub(super) fn writer(&self) -> &Pool<B> {
         &self.inner.writer
     }
@@ -398,6 +400,7 @@ impl<B: Backend> SqlStore<B> {
     }
 
     /// What the store learnt from its pool when it started.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(super) fn session(&self) -> &B::Session {
         &self.inner.session
     }
@@ -458,6 +461,7 @@ impl<B: Backend> SqlStore<B> {
 
     /// Runs a statement fenced by a claim's token: no row touched means the token no longer holds
     /// the claim ([`StoreError::Fenced`]).
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
     pub(super) async fn run_fenced(&self, query: Query<'static, B, B::Arguments>) -> Result<(), StoreError> {
         match B::execute(&self.inner.writer, &self.inner.session, query).await.map_err(B::unavailable)? {
             0 => Err(StoreError::Fenced),

@@ -366,8 +366,10 @@ async fn axum_router(v: Variant, backing: &Backing, runs: Arc<AtomicU64>) -> Res
     Ok(match v.kind {
         Kind::Bare => Router::new().route("/charge", post(axum_bare)),
         Kind::Ours => {
-            let idempotency =
-                idempotent_axum::Idempotency::builder(backing.store().await?).build().map_err(|e| e.to_string())?;
+            let idempotency = idempotent_axum::Idempotency::builder(backing.store().await?)
+                .actor(idempotent_axum::ActorSource::Anonymous)
+                .build()
+                .map_err(|e| e.to_string())?;
             Router::new()
                 .route("/charge", post(axum_ours))
                 .route("/burst", post(axum_ours_counted))
@@ -441,7 +443,10 @@ async fn start_actix(v: Variant, backing: Backing, runs: Arc<AtomicU64>) -> Resu
         actix_web::rt::System::new().block_on(async move {
             let idempotency = match v.kind {
                 Kind::Ours => match backing.store().await {
-                    Ok(store) => match idempotent_actix::Idempotency::builder(store).build() {
+                    Ok(store) => match idempotent_actix::Idempotency::builder(store)
+                        .actor(idempotent_actix::ActorSource::Anonymous)
+                        .build()
+                    {
                         Ok(i) => Some(i),
                         Err(e) => {
                             let _ = ready_tx.send(Err(e.to_string()));
