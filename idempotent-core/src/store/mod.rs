@@ -20,7 +20,7 @@ pub mod redis;
 #[cfg(feature = "redis")]
 pub use self::redis::RedisStore;
 
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 pub mod sql;
 
 #[cfg(feature = "postgres")]
@@ -32,6 +32,11 @@ pub use self::postgres::{PostgresConfig, PostgresStore};
 pub mod sqlite;
 #[cfg(feature = "sqlite")]
 pub use self::sqlite::{SqliteConfig, SqliteStore};
+
+#[cfg(feature = "mysql")]
+pub mod mysql;
+#[cfg(feature = "mysql")]
+pub use self::mysql::{MySqlConfig, MySqlStore};
 
 /// Where a record lives: the route's scope, the caller's identity and the client's key.
 ///
@@ -164,7 +169,7 @@ pub struct RecordInfo {
 }
 
 /// Wall-clock time `ms` milliseconds after the Unix epoch (before it when negative).
-#[cfg(any(feature = "redis", feature = "sqlite", feature = "postgres"))]
+#[cfg(any(feature = "redis", feature = "sqlite", feature = "postgres", feature = "mysql"))]
 pub(crate) fn epoch_millis(ms: i64) -> SystemTime {
     let offset = Duration::from_millis(ms.unsigned_abs());
     if ms >= 0 {
@@ -244,7 +249,7 @@ pub trait Store: Send + Sync + 'static {
     async fn health(&self) -> Result<(), StoreError>;
 
     /// The store's transactions for transactional routes ([`crate::store::transaction`]), if it can run
-    /// them: the PostgreSQL and SQLite stores can; by default a store cannot. A wrapper forwards
+    /// them: the PostgreSQL, SQLite and MySQL stores can; by default a store cannot. A wrapper forwards
     /// its inner store's.
     fn transactions(&self) -> Option<&dyn crate::store::transaction::TransactionalStore> {
         None
@@ -257,7 +262,7 @@ pub trait Store: Send + Sync + 'static {
 /// `detail`, the text of a failed connection attempt, followed by what it means when it is a TLS
 /// failure (rustls's words): `trust` names where a private CA is given, `identify` how a client
 /// certificate is presented.
-#[cfg(any(feature = "redis", feature = "postgres"))]
+#[cfg(any(feature = "redis", feature = "postgres", feature = "mysql"))]
 pub(crate) fn explain_tls(detail: String, trust: &str, identify: &str) -> String {
     if detail.contains("invalid peer certificate") {
         format!(
@@ -274,9 +279,11 @@ pub(crate) fn explain_tls(detail: String, trust: &str, identify: &str) -> String
 
 /// Opens a store from a specification string, as applications take it from configuration:
 /// `memory`, `sqlite:PATH` (feature `sqlite`), `postgres://...` (feature `postgres`),
-/// `redis://...` or `redis+cluster://host1:port1,host2:port2` (feature `redis`), and over TLS
-/// (features `redis` and `tls`) `rediss://...` or `rediss+cluster://...`. A PostgreSQL URL asks
-/// for TLS with `sslmode=verify-full` (feature `tls`; see the `store::postgres` docs).
+/// `mysql://...` or `mariadb://...` (feature `mysql`), `redis://...` or
+/// `redis+cluster://host1:port1,host2:port2` (feature `redis`), and over TLS (features `redis`
+/// and `tls`) `rediss://...` or `rediss+cluster://...`. A PostgreSQL URL asks
+/// for TLS with `sslmode=verify-full`, a MySQL URL with `ssl-mode=VERIFY_IDENTITY` (feature
+/// `tls`; see the `store::postgres` and `store::mysql` docs).
 ///
 /// An unknown scheme, a scheme whose feature is not enabled, or a backend that cannot be reached
 /// is an error that says which.
@@ -296,6 +303,12 @@ pub async fn connect(spec: &str) -> Result<std::sync::Arc<dyn Store>, StoreError
         "postgres" | "postgresql" => Err(StoreError::Config(format!(
             "store `{spec}` needs the `postgres` cargo feature (of idempotent-axum or idempotent-core)"
         ))),
+        #[cfg(feature = "mysql")]
+        "mysql" | "mariadb" => Ok(std::sync::Arc::new(MySqlStore::connect(spec).await?)),
+        #[cfg(not(feature = "mysql"))]
+        "mysql" | "mariadb" => Err(StoreError::Config(format!(
+            "`{scheme}://` needs the `mysql` cargo feature (of idempotent-axum, idempotent-actix or idempotent-core)"
+        ))),
         #[cfg(feature = "redis")]
         "redis" | "redis+cluster" | "rediss" | "rediss+cluster" => {
             Ok(std::sync::Arc::new(RedisStore::connect(spec).await?))
@@ -309,7 +322,7 @@ pub async fn connect(spec: &str) -> Result<std::sync::Arc<dyn Store>, StoreError
             "`{scheme}://` (Redis over TLS) needs the `redis` and `tls` cargo features (of idempotent-axum, idempotent-actix or idempotent-core)"
         ))),
         _ => Err(StoreError::Config(format!(
-            "unknown store `{spec}`: use `memory`, `sqlite:PATH`, `postgres://...` or `redis://...` (with the matching cargo feature enabled)"
+            "unknown store `{spec}`: use `memory`, `sqlite:PATH`, `postgres://...`, `mysql://...` or `redis://...` (with the matching cargo feature enabled)"
         ))),
     }
 }
