@@ -12,6 +12,9 @@
 //!
 //! Each test works in its own database ([`TestDb`]: a random name, created first, dropped when
 //! the test ends), so tests run in parallel on one server.
+//!
+//! [`tls_server`] starts, once per test binary, a server of its own that serves the certificate of
+//! [`crate::tls::pki`] and refuses connections in clear (`require_secure_transport`).
 
 use crate::process::after_exit;
 use crate::redis_server::{free_port, in_ci};
@@ -223,7 +226,8 @@ impl MariaDbProcess {
         let mut server = Self { port, child, watchdog, dir };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if connect(&server.url("mysql")).await.is_ok() {
+            // A server that refuses this connection in clear (a TLS server's) answers all the same.
+            if matches!(connect(&server.url("mysql")).await, Ok(()) | Err(sqlx::Error::Database(_))) {
                 return Some(server);
             }
             if Instant::now() > deadline || matches!(server.child.try_wait(), Ok(Some(_))) {
@@ -423,4 +427,44 @@ impl Store for MyTestStore {
     fn name(&self) -> &'static str {
         self.store.name()
     }
+}
+
+static TLS: OnceCell<Option<u16>> = OnceCell::const_new();
+
+/// The port of a MariaDB server with TLS shared by the test binary's tests (it presents the
+/// certificate of [`crate::tls::pki`] for `localhost` and `127.0.0.1`, listens on `127.0.0.1`
+/// and `127.0.0.2`, and refuses connections in clear); `None` (after a loud `SKIPPED` line) when
+/// it cannot be started.
+pub async fn tls_server() -> Option<u16> {
+    let port = TLS
+        .get_or_init(|| async {
+            let pki = crate::tls::pki();
+            let port = free_port(false)?;
+            let dir = MariaDbProcess::dir_for(port);
+            std::fs::write(dir.join("server.crt"), &pki.server_cert_pem).ok()?;
+            std::fs::write(dir.join("server.key"), &pki.server_key_pem).ok()?;
+            let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
+            let args = [
+                format!("--ssl-cert={}", cert.display()),
+                format!("--ssl-key={}", key.display()),
+                "--require-secure-transport=ON".to_owned(),
+            ];
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let server = MariaDbProcess::start_in(port, dir, &args).await?;
+            std::mem::forget(server);
+            Some(port)
+        })
+        .await;
+    if port.is_none() {
+        crate::tls::skip(
+            "MariaDB server with TLS",
+            "install mariadb-server (mariadbd and mariadb-install-db on PATH or in /usr/sbin, /usr/bin; as root, a `mysql` user and setpriv)",
+        );
+    }
+    *port
+}
+
+/// `mysql://root@HOST:PORT/DATABASE?ssl-mode=MODE&ssl-ca=ROOT`.
+pub fn tls_url(port: u16, host: &str, database: &str, ssl_mode: &str, root: &Path) -> String {
+    format!("mysql://root@{host}:{port}/{database}?ssl-mode={ssl_mode}&ssl-ca={}", root.display())
 }
