@@ -346,7 +346,7 @@ async fn mysql_connections_are_tls() {
     claim_complete_replay(&*store).await;
     // In clear, the server refuses.
     let clear = tls_url(tls_server().await.unwrap(), "127.0.0.1", "mysql", "DISABLED", &pki().ca_file);
-    let refused = MySqlStore::connect(&clear).await.err().expect("a connection in clear");
+    let refused = MySqlStore::connect(&clear).await.expect_err("a connection in clear");
     assert!(matches!(refused, StoreError::Unavailable(_)), "{refused:?}");
 }
 

@@ -16,8 +16,9 @@
 //! itself is not tested. What would differ there, as far as the documentation of each says:
 //!
 //! - MySQL 8 (8.0.20 and later) grants waiting row locks by the age of their transactions
-//!   (CATS), MariaDB in order of arrival: which of two waiting writers goes first may differ, not
-//!   the outcome of either (see [interleavings](#the-claim-and-the-interleavings-it-survives)).
+//!   (CATS): which of two waiting writers goes first may differ from MariaDB (where the tests see
+//!   either, too), not the outcome of either (see
+//!   [interleavings](#the-claim-and-the-interleavings-it-survives)).
 //! - MySQL names the isolation variable `transaction_isolation`, MariaDB 10.11 `tx_isolation`
 //!   (11.1 has both); the store reads whichever the server has.
 //! - MariaDB 11.6 turns `innodb_snapshot_isolation` on by default, which MySQL does not have: see

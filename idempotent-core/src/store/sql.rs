@@ -6,8 +6,8 @@
 //! Everything the SQL stores do alike lives here, once, so that a fix reaches them all: the
 //! settings and their builder, table names (validation, quoting, rendering of the migrations),
 //! running the migrations, the background sweeper, statements fenced by a claim's token, the
-//! retries of a statement after a conflict or a lost connection ([`retrying`]), decoding stored
-//! rows and mapping driver errors. `postgres.rs`, `sqlite.rs` and `mysql.rs` keep only what is
+//! retries of a statement after a conflict or a lost connection, decoding stored rows and
+//! mapping driver errors. `postgres.rs`, `sqlite.rs` and `mysql.rs` keep only what is
 //! theirs: their SQL, their connection setup and settings, what they learn from a pool when the
 //! store starts ([`Backend::Session`]), which of their errors are worth running again
 //! ([`Backend::failure`]), and their [`Store`](super::Store) impl (how a claim runs).
@@ -30,11 +30,10 @@ use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use crate::store::transaction::{OutcomeTransaction, TransactionalStore, TxDatabase, TxError};
 use async_trait::async_trait;
-use sqlx::pool::PoolConnection;
 use sqlx::query::Query;
-use sqlx::{
-    AssertSqlSafe, ColumnIndex, Connection, Database, Decode, Encode, Pool, Row, SqlSafeStr, SqlStr, Transaction, Type,
-};
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+use sqlx::{pool::PoolConnection, Connection};
+use sqlx::{AssertSqlSafe, ColumnIndex, Database, Decode, Encode, Pool, Row, SqlSafeStr, SqlStr, Transaction, Type};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -95,7 +94,8 @@ pub trait Backend: Database + sealed::Sealed {
         query.bind(&key.scope).bind(&key.actor).bind(&key.key)
     }
 
-    /// What `e` tells about running its statement again ([`retrying`]); by default nothing.
+    /// What `e` tells about running its statement again (after a conflict, once more after a lost
+    /// connection); by default nothing: it is not run again.
     fn failure(_e: &sqlx::Error) -> Failure {
         Failure::Other
     }
@@ -184,12 +184,12 @@ pub trait Backend: Database + sealed::Sealed {
     }
 }
 
-/// Settings of a SQL store: `PostgresConfig` (`SqlConfig<sqlx::Postgres>`) or `SqliteConfig`
-/// (`SqlConfig<sqlx::Sqlite>`).
+/// Settings of a SQL store: `PostgresConfig` (`SqlConfig<sqlx::Postgres>`), `SqliteConfig`
+/// (`SqlConfig<sqlx::Sqlite>`) or `MySqlConfig` (`SqlConfig<sqlx::MySql>`).
 ///
-/// The setters in the first block apply to both; each database adds its own: `schema`,
+/// The setters in the first block apply to all; each database adds its own: `schema`,
 /// `acquire_timeout` and `application_name` for PostgreSQL, `busy_timeout` and `synchronous` for
-/// SQLite.
+/// SQLite, `database` and `acquire_timeout` for MySQL.
 #[derive(Debug)]
 pub struct SqlConfig<B: Backend> {
     pub(super) schema: Option<String>,
@@ -225,7 +225,8 @@ impl<B: Backend> SqlConfig<B> {
     /// The defaults: table `idempotency_records`, migrations on start-up, a sweep every minute.
     /// PostgreSQL: the table on the connection's `search_path`, 10 connections, a 5 s acquire
     /// timeout, sweeps in batches of 1000. SQLite: 4 connections, a 10 s busy timeout,
-    /// `synchronous = FULL`, sweeps in batches of 500.
+    /// `synchronous = FULL`, sweeps in batches of 500. MySQL: the table in the connection's
+    /// database, 10 connections, a 5 s acquire timeout, sweeps in batches of 1000.
     pub fn new() -> Self {
         Self::default()
     }
@@ -242,7 +243,7 @@ impl<B: Backend> SqlConfig<B> {
         self
     }
 
-    /// Size of the connection pool (default 10 for PostgreSQL, 4 for SQLite).
+    /// Size of the connection pool (default 10 for PostgreSQL and MySQL, 4 for SQLite).
     pub fn max_connections(mut self, n: u32) -> Self {
         self.max_connections = n.max(1);
         self
@@ -255,7 +256,7 @@ impl<B: Backend> SqlConfig<B> {
         self
     }
 
-    /// Rows deleted per sweeper statement (default 1000 for PostgreSQL, 500 for SQLite).
+    /// Rows deleted per sweeper statement (default 1000 for PostgreSQL and MySQL, 500 for SQLite).
     pub fn sweep_batch(mut self, batch: u32) -> Self {
         self.sweep_batch = batch.max(1);
         self
@@ -317,9 +318,9 @@ pub(super) fn rendered(sql: String) -> SqlStr {
     AssertSqlSafe(Arc::<str>::from(sql)).into_sql_str()
 }
 
-/// A [`Store`](super::Store) in a SQL database: `PostgresStore` (`SqlStore<sqlx::Postgres>`)
-/// or `SqliteStore` (`SqlStore<sqlx::Sqlite>`); the module docs of `store::postgres` and
-/// `store::sqlite` say how each works.
+/// A [`Store`](super::Store) in a SQL database: `PostgresStore` (`SqlStore<sqlx::Postgres>`),
+/// `SqliteStore` (`SqlStore<sqlx::Sqlite>`) or `MySqlStore` (`SqlStore<sqlx::MySql>`); the module
+/// docs of `store::postgres`, `store::sqlite` and `store::mysql` say how each works.
 ///
 /// Cloning is cheap and shares the pool and the sweeper.
 #[derive(Debug)]
@@ -350,9 +351,9 @@ impl<B: Backend> SqlStore<B> {
     /// A store on an existing pool (shared with the application, for instance): applies the
     /// migrations (unless [`SqlConfig::migrate`] is off) and starts the sweeper.
     ///
-    /// The pool is a sqlx 0.9 pool (`sqlx::PgPool` or `sqlx::SqlitePool`, re-exported as
-    /// [`crate::sqlx`]); a pool from another major version of sqlx is another type and does not
-    /// compile. Its settings are the application's and the store keeps them: a connection that
+    /// The pool is a sqlx 0.9 pool (`sqlx::PgPool`, `sqlx::SqlitePool` or `sqlx::MySqlPool`,
+    /// re-exported as [`crate::sqlx`]); a pool from another major version of sqlx is another type
+    /// and does not compile. Its settings are the application's and the store keeps them: a connection that
     /// cannot be had within the pool's acquire timeout, or that fails, is
     /// [`StoreError::Unavailable`] (fail closed). [`SqlConfig::max_connections`] and the database's
     /// own settings in [`SqlConfig`] (timeouts, SQLite's `synchronous`) apply only to the pools
@@ -364,7 +365,10 @@ impl<B: Backend> SqlStore<B> {
     /// of the store's statements runs in a `READ COMMITTED` transaction of its own (two more round
     /// trips; see the `store::postgres` module docs). With an in-memory SQLite database, the store
     /// holds one more connection to it, outside the pool, so that the database outlives the
-    /// pool's idle connections.
+    /// pool's idle connections. With MySQL it reads their `autocommit` and isolation once and
+    /// refuses ([`StoreError::Config`]) sessions with `autocommit` off or at `READ UNCOMMITTED`;
+    /// its migrations run on a connection of their own, opened with the pool's connect options
+    /// and closed afterwards (see the `store::mysql` module docs).
     pub async fn from_pool(pool: Pool<B>, config: SqlConfig<B>) -> Result<Self, StoreError> {
         Self::start(pool, config, false).await
     }
@@ -664,9 +668,13 @@ pub enum Failure {
     Other,
 }
 
+// The SQL stores that reach their database over a network.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 /// How many times a statement runs when the database cancels it for a conflict.
 pub(super) const CONFLICT_ATTEMPTS: u32 = 5;
 
+// The SQL stores that reach their database over a network.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 /// A random pause before running a statement again after its `n`th conflict: up to
 /// 10 ms × 2ⁿ⁻¹, so that the statements that collided do not collide again.
 pub(super) fn jitter(n: u32) -> Duration {
@@ -674,6 +682,8 @@ pub(super) fn jitter(n: u32) -> Duration {
     Duration::from_millis(1 + (uuid::Uuid::new_v4().as_u128() as u64) % ceiling)
 }
 
+// The SQL stores that reach their database over a network.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 /// Runs `attempt` on a connection of `pool`, again after a conflict ([`Failure::Conflict`], up
 /// to [`CONFLICT_ATTEMPTS`] runs, after a [`jitter`]), and once more on a live connection after
 /// the connection was lost ([`Failure::Lost`]; see [`live_connection`]). Returns the answer and
@@ -713,6 +723,8 @@ where
     }
 }
 
+// The SQL stores that reach their database over a network.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 /// A pooled connection that answers a ping. After one connection was found dead, the pool's
 /// other idle connections may be dead too (a server restart ends them all): each that fails its
 /// ping is dropped, and once none is left the pool opens a new one.
