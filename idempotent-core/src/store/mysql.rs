@@ -7,7 +7,7 @@
 //!
 //! # Versions
 //!
-//! Tested against MariaDB 10.11 (InnoDB, `REPEATABLE READ`, binary log off or `MIXED`): the
+//! Tested against MariaDB 10.11 (InnoDB, `REPEATABLE READ`, binary log off): the
 //! store contract, the transactional routes, the crash matrix and the deposits killed with
 //! `kill -9`, contention, provoked deadlocks and lock wait timeouts, TLS. The SQL is written for
 //! MySQL 8 too (no `RETURNING`, no `INSERT ... ON CONFLICT`, no `CREATE INDEX IF NOT EXISTS`,
@@ -21,14 +21,14 @@
 //!   [interleavings](#the-claim-and-the-interleavings-it-survives)).
 //! - MySQL names the isolation variable `transaction_isolation`, MariaDB 10.11 `tx_isolation`
 //!   (11.1 has both); the store reads whichever the server has.
-//! - MariaDB 11.6 turns `innodb_snapshot_isolation` on by default, which MySQL does not have: see
-//!   [transactional mode](#transactional-mode).
+//! - MariaDB's `innodb_snapshot_isolation` (on by default from 11.6), which MySQL does not
+//!   have: see [transactional mode](#transactional-mode).
 //! - MySQL 8's default authentication, `caching_sha2_password`, sends the password in clear over
 //!   TLS only, or encrypted with the server's RSA key, which sqlx does only with its `mysql-rsa`
-//!   feature (not enabled here: the `rsa` crate has an open timing advisory). Without TLS such an
-//!   account can log in only while the server has its password cached: use TLS (feature `tls`,
-//!   any `ssl-mode` but `DISABLED`), or an account with `mysql_native_password`. MariaDB's
-//!   default accounts are not affected.
+//!   feature (not enabled here; sqlx's own advice is to prefer TLS). Without TLS such an account
+//!   can log in only while the server has its password cached: use TLS (feature `tls`, any
+//!   `ssl-mode` but `DISABLED`), or an account with `mysql_native_password`. MariaDB's default
+//!   accounts are not affected.
 //! - Vitess and PlanetScale: the statements are single-row and single-table, and `GET_LOCK` (the
 //!   migrations') needs a reserved connection there; neither is tested.
 //!
@@ -98,7 +98,7 @@
 //! | takes the same expired row over | matches no row (the lease is live again) | reads again: in progress |
 //! | renews or completes the expired claim it took over (the late worker) | matches no row | reads again: in progress, or the stored response |
 //! | deletes the row (release, `invalidate`, the sweeper) | the takeover matches no row; an insert succeeds | reads again and inserts: acquired |
-//! | inserts the key and rolls back, or deletes it, while two claims wait on it | InnoDB's deadlock detector cancels one (error 1213) | that one runs again: in progress |
+//! | inserts the key and rolls back while two claims wait on that insert | InnoDB's deadlock detector cancels one (error 1213) | that one runs again: in progress |
 //!
 //! and in the other order, a late worker's `renew` or `complete` (`UPDATE ... WHERE token = ?
 //! AND state = 'in_progress'`) that meets a takeover is serialised with it by the row lock: if
@@ -201,13 +201,14 @@
 //! handler's writes roll back, the client gets 409). Its time to live counts from the
 //! completion's own statement ([clock](#clock)).
 //!
-//! MariaDB 11.6 turned `innodb_snapshot_isolation` on by default: a locking read of a row that
-//! changed after the transaction's snapshot was taken then fails with error 1020. A renewal
-//! changes the record's row while the handler runs, so on a server that has the variable
-//! (MariaDB 10.6.18, 10.11.8, 11.4.2 and later) the completion runs as `SET STATEMENT
-//! innodb_snapshot_isolation = OFF FOR UPDATE ...`: that one statement is exempt, the handler's
-//! own statements keep the server's setting. A test runs a handler that reads, outlives a
-//! renewal, and commits, with the variable on.
+//! MariaDB has `innodb_snapshot_isolation` in its recent releases (10.11.19 here, off by
+//! default) and turns it on by default from 11.6: a locking read of a row that changed after the
+//! transaction's snapshot was taken then fails with error 1020. A renewal changes the record's
+//! row while the handler runs, so on a server that has the variable (the store looks for it on
+//! start-up) the completion runs as `SET STATEMENT innodb_snapshot_isolation = OFF FOR UPDATE
+//! ...`: that one statement is exempt, the handler's own statements keep the session's setting.
+//! A test opens a route's transaction with the variable on, reads in it, renews the claim, and
+//! commits (and shows that a plain update of the renewed row in such a transaction fails).
 //!
 //! A commit whose answer is lost is checked: the record carries the claim's token once it
 //! committed.
