@@ -14,9 +14,9 @@ cargo clippy --workspace --all-targets --all-features --quiet -- -D warnings
 
 step "every feature of the published crates alone, warning-free (cargo check per feature)"
 for spec in \
-  "idempotent-core:sqlite postgres redis tls testing utoipa" \
-  "idempotent-axum:sqlite postgres redis tls utoipa" \
-  "idempotent-actix:sqlite postgres redis tls utoipa"; do
+  "idempotent-core:sqlite postgres mysql redis tls testing utoipa" \
+  "idempotent-axum:sqlite postgres mysql redis tls utoipa" \
+  "idempotent-actix:sqlite postgres mysql redis tls utoipa"; do
   crate=${spec%%:*}
   for feature in "" ${spec#*:}; do
     out=$(cargo check -q -p "$crate" --no-default-features ${feature:+--features "$feature"} --message-format short 2>&1 || true)

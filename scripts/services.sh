@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Makes sure the real servers the tests talk to are up: PostgreSQL on 127.0.0.1:5432 with a
-# database `test`, and Redis on 127.0.0.1:6379. Starts them if they are installed but stopped,
-# installs them (Debian packages) if they are missing. Safe to run repeatedly. The TLS store tests
-# (tests/tests/store_tls.rs) start servers of their own from the same packages: redis-server
-# (Debian's is built with TLS) and PostgreSQL's initdb and postgres, run as the postgres user.
+# database `test`, Redis on 127.0.0.1:6379, and MariaDB on 127.0.0.1:3306 with a database `test`.
+# Starts them if they are installed but stopped, installs them (Debian packages) if they are
+# missing. Safe to run repeatedly. The TLS store tests (tests/tests/store_tls.rs) start servers of
+# their own from the same packages: redis-server (Debian's is built with TLS), PostgreSQL's initdb
+# and postgres, run as the postgres user, and MariaDB's mariadb-install-db and mariadbd, run as
+# the mysql user.
 set -uo pipefail
 
 log() { echo "services: $*" >&2; }
@@ -54,5 +56,43 @@ if [ -z "${IDEMPOTENT_TEST_DATABASE_URL:-}" ]; then
     log "postgres is up"
   else
     log "postgres is NOT available"
+  fi
+fi
+
+# --- MariaDB -----------------------------------------------------------------------------
+mysql_client() { if command -v mariadb >/dev/null 2>&1; then mariadb "$@"; else mysql "$@"; fi; }
+mysql_up() { mysql_client -h 127.0.0.1 -P 3306 -u "$1" ${2:+-p"$2"} -e 'select 1' >/dev/null 2>&1; }
+mariadbd_installed() { command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ]; }
+if [ -z "${IDEMPOTENT_TEST_MYSQL_URL:-}" ]; then
+  if ! mysql_up root && ! mysql_up idempotent idempotent; then
+    mariadbd_installed || apt_install mariadb-server mariadb-client
+    if mariadbd_installed; then
+      log "starting MariaDB"
+      as_root service mariadb start >/dev/null 2>&1 || as_root /etc/init.d/mariadb start >/dev/null 2>&1 || true
+      for _ in $(seq 1 100); do
+        { mysql_up root || mysql_up idempotent idempotent; } && break
+        # Debian's root logs in through the unix socket only: the test user is made over it.
+        as_root mariadb -u root -e 'select 1' >/dev/null 2>&1 && break
+        sleep 0.1
+      done
+    fi
+  fi
+  if mysql_up root; then
+    mysql_client -h 127.0.0.1 -P 3306 -u root -e 'CREATE DATABASE IF NOT EXISTS test' >/dev/null 2>&1 || true
+    log "mariadb is up"
+  elif mysql_up idempotent idempotent || as_root mariadb -u root -e 'select 1' >/dev/null 2>&1; then
+    # A fresh Debian install lets root in through the unix socket only: give the tests a user of
+    # their own over TCP (it creates and drops a database per test) and tell them the URL.
+    as_root mariadb -u root -e "CREATE USER IF NOT EXISTS 'idempotent'@'127.0.0.1' IDENTIFIED BY 'idempotent';
+      GRANT ALL PRIVILEGES ON *.* TO 'idempotent'@'127.0.0.1' WITH GRANT OPTION;
+      CREATE DATABASE IF NOT EXISTS test;" >/dev/null 2>&1 || true
+    if mysql_up idempotent idempotent; then
+      echo "IDEMPOTENT_TEST_MYSQL_URL=mysql://idempotent:idempotent@127.0.0.1:3306/test"
+      log "mariadb is up"
+    else
+      log "mariadb is NOT available"
+    fi
+  else
+    log "mariadb is NOT available"
   fi
 fi

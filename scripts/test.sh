@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite: starts (or installs) PostgreSQL and Redis if needed, then runs every test
+# The whole test suite: starts (or installs) PostgreSQL, MariaDB and Redis if needed, then runs every test
 # of the workspace with every feature, against those real servers.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -258,7 +258,7 @@ pub enum StartupError {
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Several(Vec<StartupError>),
     /// Transactional routes on a store that cannot run transactions; one line each.
-    #[error("the `{store}` idempotency store cannot run transactional routes (use the PostgreSQL or SQLite store, or build with `without_transactions(WithoutTransactions::NotImplemented)` to answer them 501):\n{}", .routes.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    #[error("the `{store}` idempotency store cannot run transactional routes (use the PostgreSQL, MySQL or SQLite store, or build with `without_transactions(WithoutTransactions::NotImplemented)` to answer them 501):\n{}", .routes.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
     NoTransactions {
         /// The store's name.
         store: &'static str,

@@ -36,7 +36,7 @@
 //!   declared fields.
 //! - [`engine`]: the state machine: claim, run with a lease heartbeat, complete or release.
 //! - [`store`]: the [`Store`](store::Store) trait, the in-memory store and, behind features of the
-//!   same name, the `sqlite`, `postgres` and `redis` stores.
+//!   same name, the `sqlite`, `postgres`, `mysql` (MySQL and MariaDB) and `redis` stores.
 //! - [`response`]: captured responses, header filtering, the stored encoding.
 //! - [`problem`]: RFC 9457 problem details with stable types.
 //! - [`protocol`]: the HTTP protocol over `http` types, shared by every adapter: the request's
@@ -73,14 +73,17 @@
 //! a no-op. No exporter is a dependency of this crate).
 //! Tests only: `metrics-util` (its debugging recorder, installed for one test's thread, reads
 //! back what the engine recorded).
-//! Optional, behind the features `sqlite` and `postgres`: `sqlx`, major version 0.9 (the SQL
-//! stores: one async driver and pool for both databases, used through its runtime query API, so
-//! building needs no database; the migrations and statements are SQL rendered once for the
-//! configured table, values always bound). An application that hands its own pool to
-//! `PostgresStore::from_pool` or `SqliteStore::from_pool` must build it with sqlx 0.9: a pool of
-//! sqlx 0.8 is another type; the crate is re-exported as `idempotent_core::sqlx`. The `sqlite`
-//! feature builds SQLite from source (sqlx's `sqlite-bundled`, and `sqlite-unlock-notify` so that
-//! a shared-cache in-memory database waits for a lock rather than failing).
+//! Optional, behind the features `sqlite`, `postgres` and `mysql`: `sqlx`, major version 0.9 (the
+//! SQL stores: one async driver and pool for the three databases, used through its runtime query
+//! API, so building needs no database; the migrations and statements are SQL rendered once for
+//! the configured table, values always bound). An application that hands its own pool to
+//! `PostgresStore::from_pool`, `SqliteStore::from_pool` or `MySqlStore::from_pool` must build it
+//! with sqlx 0.9: a pool of sqlx 0.8 is another type; the crate is re-exported as
+//! `idempotent_core::sqlx`. The `sqlite` feature builds SQLite from source (sqlx's
+//! `sqlite-bundled`, and `sqlite-unlock-notify` so that a shared-cache in-memory database waits
+//! for a lock rather than failing). The `mysql` feature is sqlx's pure-Rust MySQL protocol, which
+//! speaks to MariaDB too; the MySQL store files records under a SHA-256 of their key with the
+//! `sha2` the fingerprint already uses.
 //! Optional, behind the feature of the same name: `utoipa` 6 (its OpenAPI model: the document an
 //! application already builds with it is the one the protected operations are added to;
 //! re-exported as `idempotent_core::utoipa`).
@@ -90,7 +93,7 @@
 //! `idempotent_core::redis`, and an application's own connection handed to the store must come
 //! from this same major version (redis 1.x).
 //! Optional, behind the feature `tls`: TLS to the managed stores (`rediss://`,
-//! `rediss+cluster://`, PostgreSQL's `sslmode=verify-full`), with the clients' own rustls
+//! `rediss+cluster://`, PostgreSQL's `sslmode=verify-full`, MySQL's `ssl-mode=VERIFY_IDENTITY`), with the clients' own rustls
 //! support (redis's `tokio-rustls-comp`, sqlx's `tls-rustls-ring-native-roots`): rustls needs no
 //! system TLS library to build or link, ring is its cryptography (nothing more to install to
 //! build), and servers are verified against the platform's root certificates
@@ -125,11 +128,11 @@ pub mod testing;
 pub use async_trait::async_trait;
 pub use inventory;
 
-/// The sqlx the SQL stores are built on (features `sqlite` and `postgres`). A pool given to
-/// `PostgresStore::from_pool` or `SqliteStore::from_pool` must come from sqlx 0.9: this
-/// re-export, or the application's own `sqlx = "0.9"` dependency, which Cargo resolves to this
-/// same crate.
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
+/// The sqlx the SQL stores are built on (features `sqlite`, `postgres` and `mysql`). A pool given
+/// to `PostgresStore::from_pool`, `SqliteStore::from_pool` or `MySqlStore::from_pool` must come
+/// from sqlx 0.9: this re-export, or the application's own `sqlx = "0.9"` dependency, which Cargo
+/// resolves to this same crate.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 pub use sqlx;
 
 /// The OpenAPI model [`openapi`] documents: `utoipa` 6. An application's document must come from

@@ -73,7 +73,7 @@ use proc_macro::TokenStream;
 /// | `wait_timeout` | longest wait under `on_conflict = "wait"`; only allowed with it | `"30s"` |
 /// | `store` | outcomes stored and replayed: `"final"`, `"success"` or `"all"` | `"final"` |
 /// | `fail_open` | `true` runs the handler unprotected when the store is unreachable | `false` |
-/// | `transactional` | `true`: the handler writes in a transaction of the store's database (its `Tx` argument) and its outcome's record commits in it; PostgreSQL and SQLite stores only (see `idempotent_core::store::transaction`) | `false` |
+/// | `transactional` | `true`: the handler writes in a transaction of the store's database (its `Tx` argument) and its outcome's record commits in it; PostgreSQL, MySQL and SQLite stores only (see `idempotent_core::store::transaction`) | `false` |
 /// | `route` | `"METHOD /path"` recorded in the route registry and reports before the route has served a request; not needed for enforcement | none (actix-web: the routing attribute) |
 ///
 /// A part of the request that `fields` selects from (body, path or query) is compared only by the

@@ -22,8 +22,8 @@
 //! - `bare axum`, `bare actix`: the handler alone; their ratio is 1.00.
 //! - `ours F S`: `#[idempotent(scope = "compare.charge", fields = [amount, currency])]` on
 //!   framework F with store S (memory; SQLite, a file in the temporary directory with the store's
-//!   defaults; PostgreSQL, a test schema; Redis, a key prefix of this run); the ratio is to bare F
-//!   at the same mode and clients.
+//!   defaults; PostgreSQL, a test schema; MySQL (MariaDB), a test database; Redis, a key prefix of
+//!   this run); the ratio is to bare F at the same mode and clients.
 //! - `hand axum S`: an axum handler doing by hand the round trips of our store S with the same
 //!   guarantees (see `compare/hand.rs`), on a pool or connection configured like the store's;
 //!   the ratio is to bare axum.
@@ -35,8 +35,8 @@
 //! The load generator is hyper's HTTP/1 client, one keep-alive connection per client, each client
 //! sending its requests one after another, on a tokio runtime of its own with two workers; axum
 //! servers run on another two-worker runtime, actix-web servers with two workers in a system of
-//! their own. A cell warms up, then counts the requests completed within its window. PostgreSQL
-//! and Redis rows are skipped, with a note, when no server can be had. Machines are shared and
+//! their own. A cell warms up, then counts the requests completed within its window. PostgreSQL,
+//! MySQL and Redis rows are skipped, with a note, when no server can be had. Machines are shared and
 //! noisy: compare ratios within one run, not absolute numbers across runs.
 
 #[path = "compare/chart.rs"]
@@ -222,6 +222,7 @@ async fn run(
     let services = Services {
         redis_url: idempotent_tests::redis_server::redis_url().await,
         postgres: idempotent_tests::postgres::database_url().await.is_some(),
+        mysql: idempotent_tests::mysql::server_url().await.is_some(),
         run_id: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
     };
     let (mut cells, mut bursts, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
@@ -324,7 +325,7 @@ fn add_ratios(cells: &mut [Cell]) {
 
 fn ceilings(cells: &[Cell]) -> Vec<Ceiling> {
     let mut rows = Vec::new();
-    for store in [StoreKind::Memory, StoreKind::Sqlite, StoreKind::Postgres, StoreKind::Redis] {
+    for store in [StoreKind::Memory, StoreKind::Sqlite, StoreKind::Postgres, StoreKind::MySql, StoreKind::Redis] {
         let ours = Variant::new(Kind::Ours, Framework::Axum, store);
         let hand = Variant::new(Kind::Hand, Framework::Axum, store);
         for mode in Mode::ALL {

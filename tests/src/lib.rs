@@ -8,6 +8,7 @@ pub mod fault_proxy;
 pub mod faults;
 pub mod http;
 pub mod identity;
+pub mod mysql;
 pub mod postgres;
 pub mod process;
 pub mod redis_cluster;

@@ -21,7 +21,7 @@ use idempotent_core::store::{
 use sqlx::{AssertSqlSafe, Connection};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -426,14 +426,16 @@ impl Drop for TestRole {
 /// A TCP proxy in front of the test server that can lose an answer or refuse connections.
 ///
 /// [`lose_next_answer`](Self::lose_next_answer): the next time the server answers on any
-/// connection, the proxy closes that connection (both ways) instead of passing the answer on: the
+/// connection ([`lose_answer_after`](Self::lose_answer_after): once it has answered that many
+/// times), the proxy closes that connection (both ways) instead of passing the answer on: the
 /// statement ran and committed, its caller never hears of it.
 /// [`refuse`](Self::refuse): new connections are closed at once, as by a server that is down.
 #[derive(Debug)]
 pub struct LossyProxy {
     /// `host:port` of the proxy.
     pub addr: String,
-    lose: Arc<AtomicBool>,
+    /// 0: pass every answer; n: lose the n-th answer from now.
+    lose: Arc<AtomicUsize>,
     refuse: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -442,10 +444,14 @@ impl LossyProxy {
     /// A proxy on a free loopback port in front of the server of `url`.
     pub async fn start(url: &str) -> Self {
         let opts: sqlx::postgres::PgConnectOptions = url.parse().expect("a PostgreSQL URL");
-        let upstream = format!("{}:{}", opts.get_host(), opts.get_port());
+        Self::start_at(format!("{}:{}", opts.get_host(), opts.get_port())).await
+    }
+
+    /// A proxy on a free loopback port in front of the server at `upstream` (`host:port`).
+    pub async fn start_at(upstream: String) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
         let addr = listener.local_addr().expect("the proxy's address").to_string();
-        let (lose, refuse) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let (lose, refuse) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
         let (l, r) = (lose.clone(), refuse.clone());
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
@@ -465,7 +471,8 @@ impl LossyProxy {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
-                        if lose.swap(false, Ordering::SeqCst) || to_client.write_all(&buf[..n]).await.is_err() {
+                        let countdown = lose.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+                        if countdown == Ok(1) || to_client.write_all(&buf[..n]).await.is_err() {
                             break;
                         }
                     }
@@ -484,12 +491,18 @@ impl LossyProxy {
 
     /// Loses the next answer the server sends on any connection (and that connection).
     pub fn lose_next_answer(&self) {
-        self.lose.store(true, Ordering::SeqCst);
+        self.lose_answer_after(0);
+    }
+
+    /// Passes the server's next `answers` answers (on any connection), then loses the one after
+    /// (and its connection).
+    pub fn lose_answer_after(&self, answers: usize) {
+        self.lose.store(answers + 1, Ordering::SeqCst);
     }
 
     /// Whether an answer is still to be lost.
     pub fn losing(&self) -> bool {
-        self.lose.load(Ordering::SeqCst)
+        self.lose.load(Ordering::SeqCst) != 0
     }
 
     /// Closes new connections at once (`true`) or forwards them again (`false`).

@@ -1,6 +1,7 @@
-//! The Redis and PostgreSQL stores over TLS (feature `tls`), against servers of this test binary's
-//! own that present a certificate of a CA made at run time ([`idempotent_tests::tls`]): the store
-//! contract over `rediss://`, `rediss+cluster://` and `sslmode=verify-full`, a protected request
+//! The Redis, PostgreSQL and MySQL stores over TLS (feature `tls`), against servers of this test
+//! binary's own that present a certificate of a CA made at run time ([`idempotent_tests::tls`]):
+//! the store contract over `rediss://`, `rediss+cluster://`, `sslmode=verify-full` and
+//! `ssl-mode=VERIFY_IDENTITY`, a protected request
 //! over `rediss://`, client certificates, connections that really are TLS, and the errors at
 //! start-up for a server whose certificate does not verify (another CA, another name).
 
@@ -8,7 +9,10 @@ use axum::http::StatusCode;
 use axum::{routing, Json, Router};
 use idempotent_core::fingerprint::{Fingerprint, FingerprintBuilder};
 use idempotent_core::response::StoredResponse;
-use idempotent_core::store::{self, Claim, PostgresConfig, PostgresStore, RecordKey, RedisStore, Store, StoreError};
+use idempotent_core::store::{
+    self, Claim, MySqlConfig, MySqlStore, PostgresConfig, PostgresStore, RecordKey, RedisStore, Store, StoreError,
+};
+use idempotent_tests::mysql::{tls_server, tls_url};
 use idempotent_tests::redis_server::test_prefix;
 use idempotent_tests::tls::{self, pki, postgres_url};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -301,5 +305,68 @@ async fn postgres_server_under_another_name() {
     assert!(msg.contains("not valid for name \"127.0.0.2\""), "{msg}");
     let url = postgres_url(port, "127.0.0.2", "verify-ca", &pki().ca_file);
     let store = PostgresStore::connect_with(&url, pg_config()).await.expect("verify-ca ignores the name");
+    claim_complete_replay(&store).await;
+}
+
+// --- MySQL (MariaDB) ---------------------------------------------------------------------------
+
+fn my_config() -> MySqlConfig {
+    MySqlConfig::new()
+        .database(format!("idem_tls_{}", uuid::Uuid::new_v4().simple()))
+        .sweep_interval(Some(Duration::from_millis(500)))
+        .max_connections(4)
+}
+
+fn my_url(port: u16) -> String {
+    tls_url(port, "127.0.0.1", "mysql", "VERIFY_IDENTITY", &pki().ca_file)
+}
+
+async fn my_store() -> Option<Arc<MySqlStore>> {
+    let url = my_url(tls_server().await?);
+    Some(Arc::new(MySqlStore::connect_with(&url, my_config()).await.expect("connect over TLS")))
+}
+
+async fn reopen_my(store: Arc<MySqlStore>) -> Arc<MySqlStore> {
+    let url = my_url(tls_server().await.expect("the TLS MariaDB"));
+    Arc::new(MySqlStore::connect_with(&url, store.config().clone()).await.expect("reconnect over TLS"))
+}
+
+idempotent_tests::store_contract_tests!(mysql_over_tls, my_store(), reopen = reopen_my);
+
+/// The store's connections are TLS (the server refuses any other), and a specification string
+/// with `ssl-mode=VERIFY_IDENTITY` connects as well.
+#[tokio::test]
+async fn mysql_connections_are_tls() {
+    let Some(store) = my_store().await else { return };
+    let (_, cipher): (String, String) =
+        sqlx::query_as("SHOW SESSION STATUS LIKE 'Ssl_cipher'").fetch_one(store.pool()).await.unwrap();
+    assert!(!cipher.is_empty(), "the store's connection is not TLS");
+    eprintln!("the store's connection: {cipher}");
+    let spec = my_url(tls_server().await.unwrap());
+    let store = store::connect(&spec).await.expect("connect the specification string");
+    claim_complete_replay(&*store).await;
+    // In clear, the server refuses.
+    let clear = tls_url(tls_server().await.unwrap(), "127.0.0.1", "mysql", "DISABLED", &pki().ca_file);
+    let refused = MySqlStore::connect(&clear).await.expect_err("a connection in clear");
+    assert!(matches!(refused, StoreError::Unavailable(_)), "{refused:?}");
+}
+
+#[tokio::test]
+async fn mysql_server_signed_by_another_ca_is_refused_at_start_up() {
+    let Some(port) = tls_server().await else { return };
+    let url = tls_url(port, "127.0.0.1", "mysql", "VERIFY_IDENTITY", &pki().other_ca_file);
+    certificate_error(MySqlStore::connect(&url).await, "MariaDB with another CA");
+    certificate_error(store::connect(&url).await, "MariaDB with another CA, as a specification string");
+}
+
+/// `VERIFY_IDENTITY` checks the name in the certificate, `VERIFY_CA` only the chain.
+#[tokio::test]
+async fn mysql_server_under_another_name() {
+    let Some(port) = tls_server().await else { return };
+    let url = tls_url(port, "127.0.0.2", "mysql", "VERIFY_IDENTITY", &pki().ca_file);
+    let msg = certificate_error(MySqlStore::connect(&url).await, "a name the certificate does not have");
+    assert!(msg.contains("not valid for name \"127.0.0.2\""), "{msg}");
+    let url = tls_url(port, "127.0.0.2", "mysql", "VERIFY_CA", &pki().ca_file);
+    let store = MySqlStore::connect_with(&url, my_config()).await.expect("VERIFY_CA ignores the name");
     claim_complete_replay(&store).await;
 }

@@ -1,4 +1,4 @@
-//! Transactional mode over real HTTP on real PostgreSQL and SQLite: the handler's writes commit
+//! Transactional mode over real HTTP on real PostgreSQL, SQLite and MySQL (MariaDB): the handler's writes commit
 //! with the record; a retryable outcome or a panic rolls them back and releases the claim; a
 //! fenced commit rolls them back (409); a replay never opens a transaction; and a store without
 //! transactions refuses to start, or answers 501 when told to.
@@ -17,6 +17,7 @@ use idempotent_axum::core::store::{
 };
 use idempotent_axum::{idempotent, Idempotency, Tx};
 use idempotent_tests::http::{new_key, send, Captured};
+use idempotent_tests::mysql::TestDb;
 use idempotent_tests::postgres::TestSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -86,6 +87,7 @@ impl Store for Counting {
 enum Db {
     Postgres,
     Sqlite,
+    MySql,
 }
 
 #[derive(Clone)]
@@ -119,6 +121,11 @@ async fn effect(State(app): State<App>, tx: Tx, Json(req): Json<Effect>) -> (Sta
             let sql = format!("INSERT INTO {} (n) VALUES (?1)", app.table);
             sqlx::query(sqlx::AssertSqlSafe(sql)).bind(req.n).execute(&mut **t).await.map(|r| r.rows_affected())
         }
+        Db::MySql => {
+            let mut t = tx.mysql().await.expect("the route's transaction");
+            let sql = format!("INSERT INTO {} (n) VALUES (?)", app.table);
+            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(req.n).execute(&mut **t).await.map(|r| r.rows_affected())
+        }
     };
     assert_eq!(written.expect("insert"), 1);
     match req.mode.as_str() {
@@ -140,10 +147,12 @@ struct Fixture {
     store: Arc<Counting>,
     rows: RowCount,
     _schema: Option<Arc<TestSchema>>,
+    _db: Option<Arc<TestDb>>,
 }
 
 async fn fixture(db: Db) -> Option<Fixture> {
     let id = uuid::Uuid::new_v4().simple().to_string();
+    let mut mysql_db = None;
     let (inner, table, rows, schema): (Arc<dyn Store>, String, RowCount, _) = match db {
         Db::Postgres => {
             let schema = TestSchema::new().await?;
@@ -174,6 +183,22 @@ async fn fixture(db: Db) -> Option<Fixture> {
             });
             (Arc::new(lite) as Arc<dyn Store>, table, rows, None)
         }
+        Db::MySql => {
+            let test_db = TestDb::new().await?;
+            let my = test_db.store().await.store().clone();
+            let table = format!("`{}`.effects", test_db.name);
+            test_db.execute(&format!("CREATE TABLE {table} (n BIGINT NOT NULL)")).await.unwrap();
+            let pool = my.pool().clone();
+            let count = format!("SELECT COUNT(*) FROM {table}");
+            let rows: RowCount = Box::new(move || {
+                let (pool, count) = (pool.clone(), count.clone());
+                Box::pin(async move {
+                    sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(count)).fetch_one(&pool).await.unwrap()
+                })
+            });
+            mysql_db = Some(test_db);
+            (Arc::new(my) as Arc<dyn Store>, table, rows, None)
+        }
     };
     let store = Arc::new(Counting { inner, begun: AtomicUsize::new(0) });
     let app = App {
@@ -192,7 +217,7 @@ async fn fixture(db: Db) -> Option<Fixture> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, router).await });
-    Some(Fixture { base, app, store, rows, _schema: schema })
+    Some(Fixture { base, app, store, rows, _schema: schema, _db: mysql_db })
 }
 
 /// Counts the rows the handler wrote and committed.
@@ -253,6 +278,11 @@ async fn sqlite_commits_writes_with_the_record() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_commits_writes_with_the_record() {
+    writes_commit_with_the_record_and_a_replay_opens_no_transaction(Db::MySql).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_rolls_back_what_it_releases() {
     a_retryable_outcome_or_a_panic_rolls_back_and_releases(Db::Postgres).await;
 }
@@ -262,13 +292,17 @@ async fn sqlite_rolls_back_what_it_releases() {
     a_retryable_outcome_or_a_panic_rolls_back_and_releases(Db::Sqlite).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_rolls_back_what_it_releases() {
+    a_retryable_outcome_or_a_panic_rolls_back_and_releases(Db::MySql).await;
+}
+
 /// While the handler runs, its claim is taken over (an operator invalidates it and another
 /// request claims the key): the commit is fenced, the writes roll back, the client gets 409, and
-/// the new holder's claim is untouched. On PostgreSQL only: on SQLite the handler's transaction
-/// holds the database's write lock, so nothing can take its claim over while it runs.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_fenced_commit_rolls_back() {
-    let Some(f) = fixture(Db::Postgres).await else { return };
+/// the new holder's claim is untouched. On PostgreSQL and MySQL: on SQLite the handler's
+/// transaction holds the database's write lock, so nothing can take its claim over while it runs.
+async fn a_fenced_commit_rolls_back(db: Db) {
+    let Some(f) = fixture(db).await else { return };
     let key = new_key();
     let entered = f.app.entered.notified();
     let held = {
@@ -294,6 +328,16 @@ async fn postgres_fenced_commit_rolls_back() {
     assert_eq!((f.rows)().await, 0, "the fenced commit rolled the write back");
     let info = f.store.inspect(&record).await.unwrap().expect("the new holder's claim");
     assert_eq!(info.status, None, "still the new holder's, in progress");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_fenced_commit_rolls_back() {
+    a_fenced_commit_rolls_back(Db::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_fenced_commit_rolls_back() {
+    a_fenced_commit_rolls_back(Db::MySql).await;
 }
 
 /// A store that cannot run transactions refuses to start with a transactional route, naming it,

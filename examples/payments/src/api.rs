@@ -69,7 +69,7 @@ impl DemoProblem {
             501,
             "deposits-unsupported",
             "Deposits need a SQL store",
-            "Deposits live in the idempotency store's database: run the demo on PostgreSQL or SQLite.",
+            "Deposits live in the idempotency store's database: run the demo on PostgreSQL, MySQL or SQLite.",
         )
     }
 

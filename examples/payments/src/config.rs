@@ -12,7 +12,7 @@ use std::time::Duration;
 pub struct Config {
     /// `PAYMENTS_ADDR`, default `127.0.0.1:3000`.
     pub addr: SocketAddr,
-    /// `IDEMPOTENCY_STORE`: `memory`, `sqlite:PATH`, `redis://...`, `postgres://...`.
+    /// `IDEMPOTENCY_STORE`: `memory`, `sqlite:PATH`, `redis://...`, `postgres://...`, `mysql://...`.
     pub store: String,
     /// `PAYMENTS_LEDGER`, default `payments-ledger.jsonl`.
     pub ledger: PathBuf,

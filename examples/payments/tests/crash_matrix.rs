@@ -1,5 +1,6 @@
 //! The crash matrix: a demo process killed (`kill -9`) at each step of a protected request, or its
-//! store failing under it, for every store (SQLite file, PostgreSQL, Redis) and both frameworks.
+//! store failing under it, for every store (SQLite file, PostgreSQL, MySQL (MariaDB), Redis) and
+//! both frameworks.
 //! After each fault the same request (same account, same key) is retried through a second demo
 //! process on the same store, and the row asserts the exact number of executions, counted in the
 //! demos' ledgers (the demo appends and flushes a ledger entry before it answers, at the END of a
@@ -11,11 +12,11 @@
 //! | during the handler | killed during the transfer's processing time | 1 |
 //! | before completion | ledger written, the completion never reaches the store, killed | 2 |
 //! | during completion | completion sent, its answer lost, killed | 1 if stored, else 2 |
-//! | store outage | Redis restarted / PostgreSQL connections reset mid-handler | 1 |
+//! | store outage | Redis restarted / PostgreSQL or MySQL connections reset mid-handler | 1 |
 //! | slow store | every byte delayed past the lease mid-handler, then recovered | 1 |
 //! | slow store, concurrent retry | the same, with a retry arriving meanwhile | 2 if the retry's claim wins, 1 if the late completion does |
 //!
-//! PostgreSQL and Redis are reached through a [`FaultProxy`] whose live switches stall, cut or
+//! PostgreSQL, MySQL and Redis are reached through a [`FaultProxy`] whose live switches stall, cut or
 //! slow the connections at an exact moment. SQLite has no connection to break: the test holds the
 //! database's write lock instead (`BEGIN IMMEDIATE` on a connection of its own), which stops every
 //! write of the demo's store (claims, renewals, completions) where a stalled network would. The
@@ -26,7 +27,8 @@
 //! json`); every wait is derived from it. Rows run concurrently; each prints one `crash-matrix |`
 //! line as it ends and the test prints the whole table last (`cargo test -p payments-demo --test
 //! crash_matrix -- --nocapture`). Each row has its own account and key, its own Redis key prefix,
-//! and the PostgreSQL rows share a schema of their own, dropped at the end.
+//! the PostgreSQL rows share a schema of their own and the MySQL rows a database of their own,
+//! dropped at the end.
 
 mod common;
 
@@ -37,6 +39,7 @@ use idempotent_axum::core::sqlx::{self, Connection};
 use idempotent_axum::core::store::{RecordKey, RedisStore};
 use idempotent_tests::fault_proxy::{Direction, FaultProxy, Flow};
 use idempotent_tests::http::Captured;
+use idempotent_tests::mysql::TestDb;
 use idempotent_tests::postgres::TestSchema;
 use idempotent_tests::redis_server::{free_port, RedisProcess};
 use std::fmt::Write as _;
@@ -100,6 +103,7 @@ impl Scenario {
 enum StoreKind {
     Sqlite,
     Postgres,
+    MySql,
     Redis,
 }
 
@@ -108,6 +112,7 @@ impl StoreKind {
         match self {
             StoreKind::Sqlite => "sqlite",
             StoreKind::Postgres => "postgres",
+            StoreKind::MySql => "mysql",
             StoreKind::Redis => "redis",
         }
     }
@@ -118,6 +123,8 @@ struct Servers {
     /// PostgreSQL: the URL of the rows' schema (through `search_path`), the schema, a pool to
     /// look at records with.
     postgres: Option<(String, Arc<TestSchema>, sqlx::PgPool)>,
+    /// MySQL: the URL of the rows' database, the database, a pool to look at records with.
+    mysql: Option<(String, Arc<TestDb>, sqlx::MySqlPool)>,
     /// Redis: the server's URL.
     redis: Option<String>,
 }
@@ -181,6 +188,7 @@ fn with_param(url: &str, param: &str) -> String {
 enum Probe {
     Sqlite(PathBuf),
     Postgres { pool: sqlx::PgPool, schema: String },
+    MySql(sqlx::MySqlPool),
     Redis { url: String, key: String },
 }
 
@@ -215,6 +223,15 @@ impl Probe {
                     .await
                     .map_err(|e| e.to_string())
             }
+            Probe::MySql(pool) => sqlx::query_scalar::<_, String>(
+                "SELECT state FROM idempotency_records WHERE scope = ? AND actor = ? AND idem_key = ?",
+            )
+            .bind(SCOPE)
+            .bind(&actor)
+            .bind(key)
+            .fetch_optional(pool)
+            .await
+            .map_err(|e| e.to_string()),
             Probe::Redis { url, key } => {
                 let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
                 let get = async {
@@ -250,7 +267,7 @@ struct Row {
     key: String,
     /// The store as the demos name it when they connect straight to it.
     direct: String,
-    /// In front of the PostgreSQL or Redis server, for demos that connect through it.
+    /// In front of the PostgreSQL, MySQL or Redis server, for demos that connect through it.
     proxy: Option<FaultProxy>,
     /// The SQLite write lock the test holds, if it holds it.
     lock: Mutex<Option<sqlx::SqliteConnection>>,
@@ -473,8 +490,8 @@ impl Row {
     }
 }
 
-/// Builds the row's store: a SQLite file of its own, or the shared PostgreSQL schema, or the
-/// shared Redis under a prefix of its own (a Redis server of its own for the outage row), with a
+/// Builds the row's store: a SQLite file of its own, or the shared PostgreSQL schema or MySQL
+/// database, or the shared Redis under a prefix of its own (a Redis server of its own for the outage row), with a
 /// fault proxy in front of the server.
 async fn row(
     scenario: Scenario,
@@ -499,6 +516,10 @@ async fn row(
             let (url, schema, pool) = servers.postgres.as_ref()?;
             let probe = Probe::Postgres { pool: pool.clone(), schema: schema.name.clone() };
             (url.clone(), Some(server_addr(url, 5432).await), probe)
+        }
+        StoreKind::MySql => {
+            let (url, _, pool) = servers.mysql.as_ref()?;
+            (url.clone(), Some(server_addr(url, 3306).await), Probe::MySql(pool.clone()))
         }
         StoreKind::Redis => {
             let base = if scenario == Scenario::StoreOutage {
@@ -703,11 +724,12 @@ async fn during_completion(row: &Row) -> Result<Verdict, String> {
 
 /// 5. The store goes away while the handler runs and comes back before it ends: Redis is
 ///    killed and restarted (a server of the row's own, with an append-only file synced on every
-///    write, as the store's docs ask of a production Redis, so its records survive); PostgreSQL's connections are all reset and new ones refused for a moment
-///    (the shared server is not restarted). The handler's outcome must still be stored once the
+///    write, as the store's docs ask of a production Redis, so its records survive); PostgreSQL's
+///    and MySQL's connections are all reset and new ones refused for a moment (the shared servers
+///    are not restarted). The handler's outcome must still be stored once the
 ///    store is back: the retry replays, exactly 1 execution.
 async fn store_outage(row: &Row, redis: &mut Option<RedisProcess>) -> Result<Verdict, String> {
-    let via_proxy = row.store == StoreKind::Postgres;
+    let via_proxy = matches!(row.store, StoreKind::Postgres | StoreKind::MySql);
     let a = row.demo("a", DELAY_MS, via_proxy).await;
     let b = row.demo("b", DELAY_MS, false).await;
     row.warm_up(&a).await?;
@@ -946,7 +968,7 @@ fn line(r: &RowResult) -> String {
     )
 }
 
-/// PostgreSQL and Redis for the matrix, each `None` after the harness's loud skip line.
+/// PostgreSQL, MySQL and Redis for the matrix, each `None` after the harness's loud skip line.
 async fn servers() -> Servers {
     let mut postgres = None;
     if let Some(schema) = TestSchema::new().await {
@@ -955,8 +977,13 @@ async fn servers() -> Servers {
         let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&schema.url).await.unwrap();
         postgres = Some((url, schema, pool));
     }
+    let mut mysql = None;
+    if let Some(db) = TestDb::new().await {
+        let pool = sqlx::mysql::MySqlPoolOptions::new().max_connections(4).connect(&db.url).await.unwrap();
+        mysql = Some((db.url.clone(), db, pool));
+    }
     let redis = idempotent_tests::redis_server::redis_url().await;
-    Servers { postgres, redis }
+    Servers { postgres, mysql, redis }
 }
 
 /// Builds and runs `rows` concurrently (at most [`PARALLEL_ROWS`] at once), prints each as it
@@ -1026,7 +1053,7 @@ async fn run_rows(title: &str, rows: Vec<(Scenario, StoreKind)>) {
     let _ = std::fs::remove_dir_all(&root);
 }
 
-const STORES: [StoreKind; 3] = [StoreKind::Sqlite, StoreKind::Postgres, StoreKind::Redis];
+const STORES: [StoreKind; 4] = [StoreKind::Sqlite, StoreKind::Postgres, StoreKind::MySql, StoreKind::Redis];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn crash_matrix() {
@@ -1055,6 +1082,6 @@ async fn a_store_that_stops_answering_does_not_hold_up_the_handler() {
 /// either) must fail closed in bounded time: 503 with `Retry-After`, nothing executed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_store_that_stops_answering_fails_closed_in_bounded_time() {
-    run_rows("stalled-claim", [StoreKind::Postgres, StoreKind::Redis].map(|s| (Scenario::StalledClaim, s)).to_vec())
-        .await;
+    let stores = [StoreKind::Postgres, StoreKind::MySql, StoreKind::Redis];
+    run_rows("stalled-claim", stores.map(|s| (Scenario::StalledClaim, s)).to_vec()).await;
 }

@@ -1,6 +1,6 @@
 //! The proof of the transactional mode: demo processes killed (`kill -9`) again and again while
-//! many clients make deposits, on a real PostgreSQL database and a real SQLite file, with both
-//! frameworks. A deposit's row, the caller's balance and the idempotency record commit in one
+//! many clients make deposits, on a real PostgreSQL database, a real MySQL (MariaDB) database and a
+//! real SQLite file, with both frameworks. A deposit's row, the caller's balance and the idempotency record commit in one
 //! transaction, so whatever instant a process dies at, each key is deposited exactly once.
 //!
 //! Each run (one store, one framework) starts a demo process; [`CLIENTS`] clients each deposit
@@ -19,13 +19,15 @@
 //! sent once more and must replay its deposit. Each run prints a `deposits-crash |` line: kills
 //! (and how many landed with requests in flight), requests sent, retries, replays, and the
 //! answers retried. The PostgreSQL runs work in a schema of their own (through
-//! `options[search_path]`); the two stores run side by side, the frameworks one after the other
+//! `options[search_path]`), the MySQL runs in a database of their own; the stores run side by
+//! side, the frameworks one after the other
 //! (`cargo test -p payments-demo --test deposits_crash -- --nocapture`).
 
 mod common;
 
 use common::{dir, framework, start, Instance, BINS};
 use idempotent_axum::core::sqlx::{self, Connection};
+use idempotent_tests::mysql::TestDb;
 use idempotent_tests::postgres::TestSchema;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -51,6 +53,7 @@ fn random(lo: u64, hi: u64) -> u64 {
 #[derive(Clone)]
 enum Db {
     Postgres(sqlx::PgPool),
+    MySql(sqlx::MySqlPool),
     Sqlite(PathBuf),
 }
 
@@ -58,6 +61,7 @@ impl Db {
     fn name(&self) -> &'static str {
         match self {
             Db::Postgres(_) => "postgres",
+            Db::MySql(_) => "mysql",
             Db::Sqlite(_) => "sqlite",
         }
     }
@@ -72,6 +76,19 @@ impl Db {
                     .await
                     .expect("read the deposits");
                 let balance = sqlx::query_scalar("SELECT balance FROM payments_balances WHERE account = $1")
+                    .bind(account)
+                    .fetch_optional(pool)
+                    .await
+                    .expect("read the balance");
+                (rows, balance)
+            }
+            Db::MySql(pool) => {
+                let rows = sqlx::query_as("SELECT id, amount FROM payments_deposits WHERE account = ?")
+                    .bind(account)
+                    .fetch_all(pool)
+                    .await
+                    .expect("read the deposits");
+                let balance = sqlx::query_scalar("SELECT balance FROM payments_balances WHERE account = ?")
                     .bind(account)
                     .fetch_optional(pool)
                     .await
@@ -365,7 +382,7 @@ async fn runs(store: String, db: Db, work: PathBuf) -> Vec<Result<String, String
                 let path = work.join(format!("{}.sqlite", framework(bin)));
                 (format!("sqlite:{}", path.display()), Db::Sqlite(path))
             }
-            Db::Postgres(_) => (store.clone(), db.clone()),
+            Db::Postgres(_) | Db::MySql(_) => (store.clone(), db.clone()),
         };
         out.push(run(bin, store, db, work.clone()).await);
     }
@@ -384,6 +401,11 @@ async fn deposits_survive_kill_9_exactly_once() {
         let url = format!("{}{sep}options[search_path]={}", schema.url, schema.name);
         let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&url).await.expect("connect");
         stores.push(tokio::spawn(runs(url, Db::Postgres(pool), work.clone())));
+    }
+    let mysql = TestDb::new().await;
+    if let Some(db) = &mysql {
+        let pool = sqlx::mysql::MySqlPoolOptions::new().max_connections(2).connect(&db.url).await.expect("connect");
+        stores.push(tokio::spawn(runs(db.url.clone(), Db::MySql(pool), work.clone())));
     }
     let mut failures = Vec::new();
     let mut passed = 0;

@@ -21,7 +21,7 @@ pub mod redis;
 #[cfg(feature = "redis")]
 pub use self::redis::RedisStore;
 
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 pub mod sql;
 
 #[cfg(feature = "postgres")]
@@ -33,6 +33,11 @@ pub use self::postgres::{PostgresConfig, PostgresStore};
 pub mod sqlite;
 #[cfg(feature = "sqlite")]
 pub use self::sqlite::{SqliteConfig, SqliteStore};
+
+#[cfg(feature = "mysql")]
+pub mod mysql;
+#[cfg(feature = "mysql")]
+pub use self::mysql::{MySqlConfig, MySqlStore};
 
 /// Where a record lives: the route's scope, the caller's identity and the client's key.
 ///
@@ -224,7 +229,7 @@ pub enum Invalidated {
 }
 
 /// Wall-clock time `ms` milliseconds after the Unix epoch (before it when negative).
-#[cfg(any(feature = "redis", feature = "sqlite", feature = "postgres"))]
+#[cfg(any(feature = "redis", feature = "sqlite", feature = "postgres", feature = "mysql"))]
 pub(crate) fn epoch_millis(ms: i64) -> SystemTime {
     let offset = Duration::from_millis(ms.unsigned_abs());
     if ms >= 0 {
@@ -323,7 +328,7 @@ pub trait Store: Send + Sync + 'static {
     async fn health(&self) -> Result<(), StoreError>;
 
     /// The store's transactions for transactional routes ([`crate::store::transaction`]), if it can run
-    /// them: the PostgreSQL and SQLite stores can; by default a store cannot. A wrapper forwards
+    /// them: the PostgreSQL, SQLite and MySQL stores can; by default a store cannot. A wrapper forwards
     /// its inner store's.
     fn transactions(&self) -> Option<&dyn crate::store::transaction::TransactionalStore> {
         None
@@ -336,7 +341,7 @@ pub trait Store: Send + Sync + 'static {
 /// `detail`, the text of a failed connection attempt, followed by what it means when it is a TLS
 /// failure (rustls's words): `trust` names where a private CA is given, `identify` how a client
 /// certificate is presented.
-#[cfg(any(feature = "redis", feature = "postgres"))]
+#[cfg(any(feature = "redis", feature = "postgres", feature = "mysql"))]
 pub(crate) fn explain_tls(detail: String, trust: &str, identify: &str) -> String {
     if detail.contains("invalid peer certificate") {
         format!(
@@ -367,10 +372,11 @@ pub enum Purpose {
 
 /// Opens a store from a specification string, as applications take it from configuration:
 /// `memory` (bounds: [`spec::MemorySpec`]), `sqlite:PATH` (feature `sqlite`), `postgres://...`
-/// (feature `postgres`), `redis://...` or `redis+cluster://host1:port1,host2:port2` (feature
-/// `redis`), and over TLS (features `redis` and `tls`) `rediss://...` or `rediss+cluster://...`.
-/// A PostgreSQL URL asks for TLS with `sslmode=verify-full` (feature `tls`; see the
-/// `store::postgres` docs). The same as [`open`] for [`Purpose::Serve`].
+/// (feature `postgres`), `mysql://...` or `mariadb://...` (feature `mysql`), `redis://...` or
+/// `redis+cluster://host1:port1,host2:port2` (feature `redis`), and over TLS (features `redis`
+/// and `tls`) `rediss://...` or `rediss+cluster://...`. A PostgreSQL URL asks for TLS with
+/// `sslmode=verify-full`, a MySQL URL with `ssl-mode=VERIFY_IDENTITY` (feature `tls`; see the
+/// `store::postgres` and `store::mysql` docs). The same as [`open`] for [`Purpose::Serve`].
 ///
 /// An unknown scheme, a scheme whose feature is not enabled, or a backend that cannot be reached
 /// is an error that says which; no message shows a password of the specification
@@ -407,6 +413,14 @@ pub async fn open(spec: &str, purpose: Purpose) -> Result<std::sync::Arc<dyn Sto
                 Purpose::Operate => PostgresConfig::default().migrate(false).sweep_interval(None),
             };
             std::sync::Arc::new(PostgresStore::connect_with(spec, config).await?)
+        }
+        #[cfg(feature = "mysql")]
+        Scheme::Mysql => {
+            let config = match purpose {
+                Purpose::Serve => MySqlConfig::default(),
+                Purpose::Operate => MySqlConfig::default().migrate(false).sweep_interval(None),
+            };
+            std::sync::Arc::new(MySqlStore::connect_with(spec, config).await?)
         }
         #[cfg(feature = "redis")]
         Scheme::Redis | Scheme::RedisCluster | Scheme::RedisTls | Scheme::RedisClusterTls => {

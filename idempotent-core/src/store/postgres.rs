@@ -164,15 +164,14 @@
 //! default) connects in clear.
 
 use super::sql::{
-    abandoned_claim_retention_ms, column, decide_row, millis, quote_ident, record_info, rendered, sealed, Backend,
-    CommonStatements, SqlConfig, SqlStore,
+    abandoned_claim_retention_ms, column, decide_row, millis, quote_ident, record_info, rendered, retrying, sealed,
+    Backend, CommonStatements, Failure, SqlConfig, SqlStore,
 };
 use super::{Claim, ClaimToken, Invalidated, Purge, RecordInfo, RecordKey, Store, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use crate::store::transaction::TransactionalStore;
 use async_trait::async_trait;
-use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::query::Query;
 use sqlx::{Connection, Executor, Postgres, SqlStr, Transaction};
@@ -268,6 +267,7 @@ impl Backend for Postgres {
     const SWEEP_BATCH: u32 = 1000;
     const MAX_NAME_LEN: usize = 63;
     const NAME_RULE: &'static str = "PostgreSQL table and schema names must be 1 to 63 bytes without NUL";
+    const CONFLICT: &'static str = "serialization failure or deadlock";
     const MIGRATIONS: &'static [(i32, &'static str)] = &[(
         1,
         "{schema_ddl}CREATE TABLE IF NOT EXISTS {table} (
@@ -383,6 +383,19 @@ FROM {t} WHERE {key} AND (expires_at > now()
 
     fn common(sql: &Statements) -> &CommonStatements {
         &sql.common
+    }
+
+    fn failure(e: &sqlx::Error) -> Failure {
+        match e {
+            sqlx::Error::Database(e) => match e.code().as_deref() {
+                Some("40001" | "40P01") => Failure::Conflict,
+                // Connection exceptions; administrator or crash shutdown; idle session timeout.
+                Some(code) if code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P05") => Failure::Lost,
+                _ => Failure::Other,
+            },
+            sqlx::Error::Io(_) => Failure::Lost,
+            _ => Failure::Other,
+        }
     }
 
     fn complete_query(
@@ -533,36 +546,8 @@ impl SqlStore<Postgres> {
     /// connection was lost. Returns the statement's row, if any, and whether an attempt was lost
     /// with its connection before the one that answered (it may have run: its effect is unknown).
     async fn run(&self, make: impl Fn() -> PgQuery) -> Result<(Option<PgRow>, bool), StoreError> {
-        let pool = self.pool();
         let explicit = self.session().explicit_read_committed;
-        let (mut conflicts, mut lost) = (0, false);
-        loop {
-            let mut conn =
-                if lost { live_connection(pool).await } else { pool.acquire().await }.map_err(Postgres::unavailable)?;
-            let e = match fetch(&mut conn, explicit, make()).await {
-                Ok(row) => return Ok((row, lost)),
-                Err(e) => e,
-            };
-            match failure(&e) {
-                Failure::Conflict if conflicts + 1 < CONFLICT_ATTEMPTS => {
-                    tracing::debug!(error = %e, "idempotency store: serialization failure or deadlock; running the statement again");
-                    conflicts += 1;
-                    drop(conn);
-                    tokio::time::sleep(jitter(conflicts)).await;
-                }
-                Failure::Lost if !lost => {
-                    tracing::debug!(error = %e, "idempotency store: connection lost; running the operation again on a live one");
-                    drop(conn.detach());
-                    lost = true;
-                }
-                kind => {
-                    if kind == Failure::Lost {
-                        drop(conn.detach());
-                    }
-                    return Err(Postgres::unavailable(e));
-                }
-            }
-        }
+        retrying(self.pool(), |conn| Box::pin(fetch(conn, explicit, make()))).await.map_err(Postgres::unavailable)
     }
 }
 
@@ -577,59 +562,6 @@ async fn fetch(conn: &mut PgConnection, explicit: bool, query: PgQuery) -> Resul
     let row = query.fetch_optional(&mut *tx).await?;
     tx.commit().await?;
     Ok(row)
-}
-
-/// A pooled connection that answers a ping. After one connection was found dead, the pool's
-/// other idle connections may be dead too (a server restart ends them all): each that fails its
-/// ping is dropped, and once none is left the pool opens a new one.
-async fn live_connection(pool: &PgPool) -> Result<PoolConnection<Postgres>, sqlx::Error> {
-    for _ in 0..pool.options().get_max_connections() {
-        let mut conn = pool.acquire().await?;
-        match conn.ping().await {
-            Ok(()) => return Ok(conn),
-            Err(e) if failure(&e) == Failure::Lost => drop(conn.detach()),
-            Err(e) => return Err(e),
-        }
-    }
-    let mut conn = pool.acquire().await?;
-    conn.ping().await?;
-    Ok(conn)
-}
-
-/// What a failed statement tells about running it again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Failure {
-    /// A serialization failure or a deadlock: the server rolled the statement back.
-    Conflict,
-    /// The connection is gone: the statement may not have reached the server, or may have run
-    /// and lost only its answer.
-    Lost,
-    /// Anything else.
-    Other,
-}
-
-fn failure(e: &sqlx::Error) -> Failure {
-    match e {
-        sqlx::Error::Database(e) => match e.code().as_deref() {
-            Some("40001" | "40P01") => Failure::Conflict,
-            // Connection exceptions; administrator or crash shutdown; idle session timeout.
-            Some(code) if code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P05") => Failure::Lost,
-            _ => Failure::Other,
-        },
-        sqlx::Error::Io(_) => Failure::Lost,
-        _ => Failure::Other,
-    }
-}
-
-/// How many times a statement runs when the server cancels it as a serialization failure or a
-/// deadlock.
-const CONFLICT_ATTEMPTS: u32 = 5;
-
-/// A random pause before running a statement again after its `n`th conflict: up to
-/// 10 ms × 2ⁿ⁻¹, so that the statements that collided do not collide again.
-fn jitter(n: u32) -> Duration {
-    let ceiling = 10u64 << (n.saturating_sub(1).min(6));
-    Duration::from_millis(1 + (uuid::Uuid::new_v4().as_u128() as u64) % ceiling)
 }
 
 /// How many times a claim is retried when a concurrent change hid the row from its snapshot.

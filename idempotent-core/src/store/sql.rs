@@ -1,18 +1,20 @@
 //! What the SQL stores share: [`SqlConfig`] and [`SqlStore`], generic over the database
 //! ([`Backend`]); `PostgresConfig` and `PostgresStore` are `SqlConfig<sqlx::Postgres>` and
-//! `SqlStore<sqlx::Postgres>`, `SqliteConfig` and `SqliteStore` the same over `sqlx::Sqlite`.
+//! `SqlStore<sqlx::Postgres>`, `SqliteConfig` and `SqliteStore` the same over `sqlx::Sqlite`,
+//! `MySqlConfig` and `MySqlStore` over `sqlx::MySql`.
 //!
-//! Everything the PostgreSQL and SQLite stores do alike lives here, once, so that a fix reaches
-//! both: the settings and their builder, table names (validation, quoting, rendering of the
-//! migrations), running the migrations, the background sweeper, statements fenced by a claim's
-//! token, decoding stored rows and mapping driver errors. `postgres.rs` and `sqlite.rs` keep
-//! only what is theirs: their SQL, their connection setup and settings, what they learn from a
-//! pool when the store starts ([`Backend::Session`]), and their [`Store`](super::Store) impl
-//! (how a claim runs, what is retried).
+//! Everything the SQL stores do alike lives here, once, so that a fix reaches them all: the
+//! settings and their builder, table names (validation, quoting, rendering of the migrations),
+//! running the migrations, the background sweeper, statements fenced by a claim's token, the
+//! retries of a statement after a conflict or a lost connection, decoding stored rows and
+//! mapping driver errors. `postgres.rs`, `sqlite.rs` and `mysql.rs` keep only what is
+//! theirs: their SQL, their connection setup and settings, what they learn from a pool when the
+//! store starts ([`Backend::Session`]), which of their errors are worth running again
+//! ([`Backend::failure`]), and their [`Store`](super::Store) impl (how a claim runs).
 //!
 //! # Who holds a record, in SQL
 //!
-//! Both stores follow the rule of [`Store`](super::Store): a token holds its record until the
+//! Every SQL store follows the rule of [`Store`](super::Store): a token holds its record until the
 //! record is completed or released, or another claim takes it over, whether or not its lease is
 //! still running. `renew`, `complete` and `release` are therefore fenced by the token and the
 //! state only (`token = ? AND state = 'in_progress'`), never by the lease: a claim that takes an
@@ -30,6 +32,8 @@ use crate::response::StoredResponse;
 use crate::store::transaction::{OutcomeTransaction, TransactionalStore, TxDatabase, TxError};
 use async_trait::async_trait;
 use sqlx::query::Query;
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+use sqlx::{pool::PoolConnection, Connection};
 use sqlx::{AssertSqlSafe, ColumnIndex, Database, Decode, Encode, Pool, Row, SqlSafeStr, SqlStr, Transaction, Type};
 use std::fmt;
 use std::sync::Arc;
@@ -37,8 +41,8 @@ use std::time::Duration;
 
 /// A database the SQL stores run on: what its store does differently, besides its `Store` impl.
 ///
-/// Implemented by `sqlx::Postgres` (feature `postgres`) and `sqlx::Sqlite` (feature `sqlite`);
-/// sealed.
+/// Implemented by `sqlx::Postgres` (feature `postgres`), `sqlx::Sqlite` (feature `sqlite`) and
+/// `sqlx::MySql` (feature `mysql`); sealed.
 #[async_trait]
 pub trait Backend: Database + sealed::Sealed {
     /// The store's name ([`Store::name`](super::Store::name)): the `store` label of its metrics.
@@ -54,6 +58,9 @@ pub trait Backend: Database + sealed::Sealed {
     /// Migrations, in order: `(version, SQL)`. `{schema_ddl}`, `{table}` and `{index}` are
     /// replaced by the configured, quoted names. Every statement is idempotent.
     const MIGRATIONS: &'static [(i32, &'static str)];
+    /// What a conflict the database cancels a statement for is called, for the log line of a
+    /// statement run again after one.
+    const CONFLICT: &'static str = "conflict";
 
     /// The settings only this database has (timeouts, connection names).
     type Settings: fmt::Debug + Clone + Default + Send + Sync + 'static;
@@ -74,6 +81,26 @@ pub trait Backend: Database + sealed::Sealed {
     /// The statements every SQL store runs alike.
     fn common(sql: &Self::Statements) -> &CommonStatements;
 
+    /// `name` as a quoted identifier of this database (`"name"`; MySQL: `` `name` ``).
+    fn quote_ident(name: &str) -> String {
+        quote_ident(name)
+    }
+
+    /// Binds `key` as the first parameters of `query`: its scope, actor and key (PostgreSQL,
+    /// SQLite), or the digest the record is filed under (MySQL).
+    fn bind_key(query: Query<'static, Self, Self::Arguments>, key: &RecordKey) -> Query<'static, Self, Self::Arguments>
+    where
+        String: Type<Self> + for<'e> Encode<'e, Self>,
+    {
+        query.bind(&key.scope).bind(&key.actor).bind(&key.key)
+    }
+
+    /// What `e` tells about running its statement again (after a conflict, once more after a lost
+    /// connection); by default nothing: it is not run again.
+    fn failure(_e: &sqlx::Error) -> Failure {
+        Failure::Other
+    }
+
     /// The fenced completion: stores `response` (encoded) as `key`'s outcome for `ttl` if
     /// `token` holds the claim; no row touched when it does not.
     fn complete_query(
@@ -83,6 +110,19 @@ pub trait Backend: Database + sealed::Sealed {
         response: Vec<u8>,
         ttl: Duration,
     ) -> Query<'static, Self, Self::Arguments>;
+
+    /// The fenced completion inside a transactional route's transaction (see
+    /// [`OutcomeTransaction::commit`]); by default [`complete_query`](Self::complete_query).
+    fn outcome_query(
+        sql: &Self::Statements,
+        _session: &Self::Session,
+        key: &RecordKey,
+        token: &ClaimToken,
+        response: Vec<u8>,
+        ttl: Duration,
+    ) -> Query<'static, Self, Self::Arguments> {
+        Self::complete_query(sql, key, token, response, ttl)
+    }
 
     /// Opens the transaction a transactional route's handler writes in.
     async fn begin_outcome(
@@ -130,6 +170,11 @@ pub trait Backend: Database + sealed::Sealed {
         sql: SqlStr,
     ) -> Result<(), sqlx::Error>;
 
+    /// Ends the migrations' transaction: commits it (MySQL also lets the next instance in).
+    async fn end_migration(tx: Transaction<'static, Self>) -> Result<(), sqlx::Error> {
+        tx.commit().await
+    }
+
     /// Connection failures and server errors: the store is unavailable (503, fail closed); a
     /// driver configuration error is a configuration error.
     fn unavailable(e: sqlx::Error) -> StoreError {
@@ -140,12 +185,12 @@ pub trait Backend: Database + sealed::Sealed {
     }
 }
 
-/// Settings of a SQL store: `PostgresConfig` (`SqlConfig<sqlx::Postgres>`) or `SqliteConfig`
-/// (`SqlConfig<sqlx::Sqlite>`).
+/// Settings of a SQL store: `PostgresConfig` (`SqlConfig<sqlx::Postgres>`), `SqliteConfig`
+/// (`SqlConfig<sqlx::Sqlite>`) or `MySqlConfig` (`SqlConfig<sqlx::MySql>`).
 ///
-/// The setters in the first block apply to both; each database adds its own: `schema`,
+/// The setters in the first block apply to all; each database adds its own: `schema`,
 /// `acquire_timeout` and `application_name` for PostgreSQL, `busy_timeout` and `synchronous` for
-/// SQLite.
+/// SQLite, `database` and `acquire_timeout` for MySQL.
 #[derive(Debug)]
 pub struct SqlConfig<B: Backend> {
     pub(super) schema: Option<String>,
@@ -181,7 +226,8 @@ impl<B: Backend> SqlConfig<B> {
     /// The defaults: table `idempotency_records`, migrations on start-up, a sweep every minute.
     /// PostgreSQL: the table on the connection's `search_path`, 10 connections, a 5 s acquire
     /// timeout, sweeps in batches of 1000. SQLite: 4 connections, a 10 s busy timeout,
-    /// `synchronous = FULL`, sweeps in batches of 500.
+    /// `synchronous = FULL`, sweeps in batches of 500. MySQL: the table in the connection's
+    /// database, 10 connections, a 5 s acquire timeout, sweeps in batches of 1000.
     pub fn new() -> Self {
         Self::default()
     }
@@ -198,7 +244,7 @@ impl<B: Backend> SqlConfig<B> {
         self
     }
 
-    /// Size of the connection pool (default 10 for PostgreSQL, 4 for SQLite).
+    /// Size of the connection pool (default 10 for PostgreSQL and MySQL, 4 for SQLite).
     pub fn max_connections(mut self, n: u32) -> Self {
         self.max_connections = n.max(1);
         self
@@ -211,7 +257,7 @@ impl<B: Backend> SqlConfig<B> {
         self
     }
 
-    /// Rows deleted per sweeper statement (default 1000 for PostgreSQL, 500 for SQLite).
+    /// Rows deleted per sweeper statement (default 1000 for PostgreSQL and MySQL, 500 for SQLite).
     pub fn sweep_batch(mut self, batch: u32) -> Self {
         self.sweep_batch = batch.max(1);
         self
@@ -237,21 +283,21 @@ impl<B: Backend> SqlConfig<B> {
 
     fn qualified(&self, name: &str) -> String {
         match &self.schema {
-            Some(schema) => format!("{}.{}", quote_ident(schema), quote_ident(name)),
-            None => quote_ident(name),
+            Some(schema) => format!("{}.{}", B::quote_ident(schema), B::quote_ident(name)),
+            None => B::quote_ident(name),
         }
     }
 
     /// A migration with the configured names put in.
     fn render(&self, template: &str) -> String {
         let schema_ddl = match &self.schema {
-            Some(schema) => format!("CREATE SCHEMA IF NOT EXISTS {};\n", quote_ident(schema)),
+            Some(schema) => format!("CREATE SCHEMA IF NOT EXISTS {};\n", B::quote_ident(schema)),
             None => String::new(),
         };
         template
             .replace("{schema_ddl}", &schema_ddl)
             .replace("{table}", &self.qualified_table())
-            .replace("{index}", &quote_ident(&format!("{}_expires_at_idx", self.table)))
+            .replace("{index}", &B::quote_ident(&format!("{}_expires_at_idx", self.table)))
     }
 }
 
@@ -267,15 +313,15 @@ pub(super) fn quote_ident(name: &str) -> String {
 pub(super) fn rendered(sql: String) -> SqlStr {
     // The assertion holds because the text is one of this crate's own templates into which only
     // table, index and schema names are put, and those come from the store's configuration,
-    // checked by `SqlConfig::validate` and quoted by `quote_ident` (an embedded `"` is doubled, so
-    // a name can never end its identifier). No request data ever reaches the text: keys, actors,
+    // checked by `SqlConfig::validate` and quoted by `Backend::quote_ident` (an embedded `"`, or
+    // MySQL's `` ` ``, is doubled, so a name can never end its identifier). No request data ever reaches the text: keys, actors,
     // tokens, fingerprints, responses, times and limits are always bound parameters.
     AssertSqlSafe(Arc::<str>::from(sql)).into_sql_str()
 }
 
-/// A [`Store`](super::Store) in a SQL database: `PostgresStore` (`SqlStore<sqlx::Postgres>`)
-/// or `SqliteStore` (`SqlStore<sqlx::Sqlite>`); the module docs of `store::postgres` and
-/// `store::sqlite` say how each works.
+/// A [`Store`](super::Store) in a SQL database: `PostgresStore` (`SqlStore<sqlx::Postgres>`),
+/// `SqliteStore` (`SqlStore<sqlx::Sqlite>`) or `MySqlStore` (`SqlStore<sqlx::MySql>`); the module
+/// docs of `store::postgres`, `store::sqlite` and `store::mysql` say how each works.
 ///
 /// Cloning is cheap and shares the pool and the sweeper.
 #[derive(Debug)]
@@ -306,9 +352,9 @@ impl<B: Backend> SqlStore<B> {
     /// A store on an existing pool (shared with the application, for instance): applies the
     /// migrations (unless [`SqlConfig::migrate`] is off) and starts the sweeper.
     ///
-    /// The pool is a sqlx 0.9 pool (`sqlx::PgPool` or `sqlx::SqlitePool`, re-exported as
-    /// [`crate::sqlx`]); a pool from another major version of sqlx is another type and does not
-    /// compile. Its settings are the application's and the store keeps them: a connection that
+    /// The pool is a sqlx 0.9 pool (`sqlx::PgPool`, `sqlx::SqlitePool` or `sqlx::MySqlPool`,
+    /// re-exported as [`crate::sqlx`]); a pool from another major version of sqlx is another type
+    /// and does not compile. Its settings are the application's and the store keeps them: a connection that
     /// cannot be had within the pool's acquire timeout, or that fails, is
     /// [`StoreError::Unavailable`] (fail closed). [`SqlConfig::max_connections`] and the database's
     /// own settings in [`SqlConfig`] (timeouts, SQLite's `synchronous`) apply only to the pools
@@ -320,7 +366,10 @@ impl<B: Backend> SqlStore<B> {
     /// of the store's statements runs in a `READ COMMITTED` transaction of its own (two more round
     /// trips; see the `store::postgres` module docs). With an in-memory SQLite database, the store
     /// holds one more connection to it, outside the pool, so that the database outlives the
-    /// pool's idle connections.
+    /// pool's idle connections. With MySQL it reads their `autocommit` and isolation once and
+    /// refuses ([`StoreError::Config`]) sessions with `autocommit` off or at `READ UNCOMMITTED`;
+    /// its migrations run on a connection of their own, opened with the pool's connect options
+    /// and closed afterwards (see the `store::mysql` module docs).
     pub async fn from_pool(pool: Pool<B>, config: SqlConfig<B>) -> Result<Self, StoreError> {
         Self::start(pool, config, false).await
     }
@@ -405,16 +454,16 @@ impl<B: Backend> SqlStore<B> {
         &self.inner.session
     }
 
-    /// A statement with the record's key bound as its first three parameters.
+    /// A statement with the record's key bound as its first parameters ([`Backend::bind_key`]).
     pub(super) fn key_query(sql: &SqlStr, key: &RecordKey) -> Query<'static, B, B::Arguments>
     where
         String: Type<B> + for<'e> Encode<'e, B>,
     {
-        sqlx::query(sql.clone()).bind(&key.scope).bind(&key.actor).bind(&key.key)
+        B::bind_key(sqlx::query(sql.clone()), key)
     }
 
-    /// A statement fenced by a claim's token, with the record's key and the token bound as its
-    /// first four parameters; run it with [`run_fenced`](Self::run_fenced).
+    /// A statement fenced by a claim's token, with the record's key and then the token bound as
+    /// its first parameters; run it with [`run_fenced`](Self::run_fenced).
     pub(super) fn fenced_query(sql: &SqlStr, key: &RecordKey, token: &ClaimToken) -> Query<'static, B, B::Arguments>
     where
         String: Type<B> + for<'e> Encode<'e, B>,
@@ -558,7 +607,8 @@ impl<B: Backend> OutcomeTransaction for SqlTransaction<B> {
         let Some(mut tx) = self.take().await else {
             return Err(StoreError::Unavailable("the transaction was already finished".into()));
         };
-        let complete = B::complete_query(&self.store.inner.sql, key, token, response.encode(), ttl);
+        let inner = &self.store.inner;
+        let complete = B::outcome_query(&inner.sql, &inner.session, key, token, response.encode(), ttl);
         let written = match B::execute_in(&mut tx, complete).await {
             Ok(n) => n,
             Err(e) => {
@@ -636,7 +686,94 @@ async fn migrate<B: Backend>(pool: &Pool<B>, config: &SqlConfig<B>) -> Result<()
     for (version, sql) in B::MIGRATIONS.iter().filter(|(v, _)| Some(*v) > current) {
         B::apply_migration(&mut tx, &versions, *version, rendered(config.render(sql))).await.map_err(B::unavailable)?;
     }
-    tx.commit().await.map_err(B::unavailable)
+    B::end_migration(tx).await.map_err(B::unavailable)
+}
+
+/// What a failed statement tells about running it again ([`Backend::failure`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The database cancelled the statement for a conflict with another transaction (a
+    /// serialization failure, a deadlock, a lock wait that timed out): it wrote nothing.
+    Conflict,
+    /// The connection is gone: the statement may not have reached the server, or may have run
+    /// and lost only its answer.
+    Lost,
+    /// Anything else.
+    Other,
+}
+
+// The SQL stores that reach their database over a network.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+/// How many times a statement runs when the database cancels it for a conflict.
+pub(super) const CONFLICT_ATTEMPTS: u32 = 5;
+
+// The SQL stores that reach their database over a network.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+/// A random pause before running a statement again after its `n`th conflict: up to
+/// 10 ms × 2ⁿ⁻¹, so that the statements that collided do not collide again.
+pub(super) fn jitter(n: u32) -> Duration {
+    let ceiling = 10u64 << (n.saturating_sub(1).min(6));
+    Duration::from_millis(1 + (uuid::Uuid::new_v4().as_u128() as u64) % ceiling)
+}
+
+// The SQL stores that reach their database over a network.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+/// Runs `attempt` on a connection of `pool`, again after a conflict ([`Failure::Conflict`], up
+/// to [`CONFLICT_ATTEMPTS`] runs, after a [`jitter`]), and once more on a live connection after
+/// the connection was lost ([`Failure::Lost`]; see [`live_connection`]). Returns the answer and
+/// whether an attempt was lost with its connection before the one that answered (it may have
+/// run: its effect is unknown). A connection that was lost is never given back to the pool.
+pub(super) async fn retrying<B, T, F>(pool: &Pool<B>, mut attempt: F) -> Result<(T, bool), sqlx::Error>
+where
+    B: Backend,
+    F: for<'c> FnMut(&'c mut B::Connection) -> futures_util::future::BoxFuture<'c, Result<T, sqlx::Error>>,
+{
+    let (mut conflicts, mut lost) = (0, false);
+    loop {
+        let mut conn = if lost { live_connection(pool).await } else { pool.acquire().await }?;
+        let e = match attempt(&mut conn).await {
+            Ok(answer) => return Ok((answer, lost)),
+            Err(e) => e,
+        };
+        match B::failure(&e) {
+            Failure::Conflict if conflicts + 1 < CONFLICT_ATTEMPTS => {
+                tracing::debug!(error = %e, "idempotency store: {}; running the statement again", B::CONFLICT);
+                conflicts += 1;
+                drop(conn);
+                tokio::time::sleep(jitter(conflicts)).await;
+            }
+            Failure::Lost if !lost => {
+                tracing::debug!(error = %e, "idempotency store: connection lost; running the operation again on a live one");
+                drop(conn.detach());
+                lost = true;
+            }
+            kind => {
+                if kind == Failure::Lost {
+                    drop(conn.detach());
+                }
+                return Err(e);
+            }
+        }
+    }
+}
+
+// The SQL stores that reach their database over a network.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+/// A pooled connection that answers a ping. After one connection was found dead, the pool's
+/// other idle connections may be dead too (a server restart ends them all): each that fails its
+/// ping is dropped, and once none is left the pool opens a new one.
+async fn live_connection<B: Backend>(pool: &Pool<B>) -> Result<PoolConnection<B>, sqlx::Error> {
+    for _ in 0..pool.options().get_max_connections() {
+        let mut conn = pool.acquire().await?;
+        match conn.ping().await {
+            Ok(()) => return Ok(conn),
+            Err(e) if B::failure(&e) == Failure::Lost => drop(conn.detach()),
+            Err(e) => return Err(e),
+        }
+    }
+    let mut conn = pool.acquire().await?;
+    conn.ping().await?;
+    Ok(conn)
 }
 
 /// Keeps [`Backend`] to the databases this crate implements it for.

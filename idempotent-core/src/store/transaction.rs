@@ -20,7 +20,7 @@
 //! rolled back and the client gets 409. A commit whose answer is lost with its connection is
 //! checked: the record carries the claim's token once it committed.
 //!
-//! The stores that can do it are the PostgreSQL and SQLite stores ([`TransactionalStore`]). On
+//! The stores that can do it are the PostgreSQL, SQLite and MySQL stores ([`TransactionalStore`]). On
 //! SQLite the handler's transaction holds the database's one write lock (`BEGIN IMMEDIATE`) until
 //! it commits, so every other write (claims of other keys, renewals) waits for it: keep such
 //! handlers short. A runtime whose store cannot run transactions refuses to start when a route is
@@ -38,7 +38,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// A store that can run a transactional route: the PostgreSQL and SQLite stores.
+/// A store that can run a transactional route: the PostgreSQL, SQLite and MySQL stores.
 #[async_trait]
 pub trait TransactionalStore: Send + Sync {
     /// Opens the transaction a claimed request's handler writes in, on the store's own database.
@@ -95,8 +95,8 @@ pub enum TxError {
 }
 
 /// The transaction of a transactional route's handler. The adapters' `Tx` extractor is this
-/// type; inside the handler, [`postgres`](Self::postgres) or [`sqlite`](Self::sqlite) (or
-/// [`get`](Self::get)) locks it for writing:
+/// type; inside the handler, [`postgres`](Self::postgres), [`sqlite`](Self::sqlite) or
+/// [`mysql`](Self::mysql) (or [`get`](Self::get)) locks it for writing:
 ///
 /// ```ignore
 /// let mut tx = tx.postgres().await?;
@@ -115,8 +115,8 @@ impl Tx {
         Self { _private: () }
     }
 
-    /// Locks the transaction of the store's database `D` (`sqlx::Postgres` or `sqlx::Sqlite`):
-    /// a guard that derefs to its `sqlx::Transaction`.
+    /// Locks the transaction of the store's database `D` (`sqlx::Postgres`, `sqlx::Sqlite` or
+    /// `sqlx::MySql`): a guard that derefs to its `sqlx::Transaction`.
     pub async fn get<D: TxDatabase>(&self) -> Result<D::Guard, TxError> {
         let current = CURRENT.try_with(Arc::clone).map_err(|_| TxError::NotTransactional)?;
         D::lock(current.as_ref()).await
@@ -133,10 +133,16 @@ impl Tx {
     pub async fn sqlite(&self) -> Result<<sqlx::Sqlite as TxDatabase>::Guard, TxError> {
         self.get::<sqlx::Sqlite>().await
     }
+
+    /// Locks the transaction on the MySQL or MariaDB store's database (a `store::sql::TxGuard`).
+    #[cfg(feature = "mysql")]
+    pub async fn mysql(&self) -> Result<<sqlx::MySql as TxDatabase>::Guard, TxError> {
+        self.get::<sqlx::MySql>().await
+    }
 }
 
 /// A database whose open transactions a handler can lock: implemented by the SQL stores'
-/// databases (`sqlx::Postgres`, `sqlx::Sqlite`) in `store::sql`.
+/// databases (`sqlx::Postgres`, `sqlx::Sqlite`, `sqlx::MySql`) in `store::sql`.
 #[async_trait]
 pub trait TxDatabase {
     /// The handler's hold on the transaction.

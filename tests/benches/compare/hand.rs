@@ -11,6 +11,10 @@
 //!   over, an absent one inserted, in one statement), one `UPDATE` fenced by the token completes
 //!   (two statements per first execution, one per replay), on a pool of the store's size with its
 //!   settings (`READ COMMITTED`).
+//! - MySQL (MariaDB): the store's claim (a read of the record by the SHA-256 of its key, without a
+//!   lock, answers a live one; an absent one is inserted, an expired one taken over by an `UPDATE`
+//!   conditional on its expiry), one `UPDATE` fenced by the token completes (three statements per
+//!   first execution, one per replay), on a pool of the store's size.
 //! - SQLite: a read answers a live record; otherwise one upsert `… WHERE expired RETURNING` claims
 //!   and one fenced `UPDATE` completes (two commits per first execution, as the store's, one read
 //!   per replay), on a pool of the store's size with its WAL, `synchronous = FULL` and busy
@@ -41,6 +45,8 @@ const CLAIM_ATTEMPTS: usize = 16;
 
 /// The connections of our PostgreSQL store in this comparison (the test schema's setting).
 pub const PG_CONNECTIONS: u32 = 8;
+/// The connections of our MySQL store in this comparison (the test database's setting).
+pub const MY_CONNECTIONS: u32 = 8;
 /// The connections of our SQLite store (its default).
 pub const SQLITE_CONNECTIONS: u32 = 4;
 
@@ -57,6 +63,7 @@ enum Claimed {
 pub enum Hand {
     Redis(Arc<RedisHand>),
     Postgres(Arc<PgHand>),
+    MySql(Arc<MyHand>),
     Sqlite(Arc<SqliteHand>),
 }
 
@@ -70,6 +77,14 @@ pub struct RedisHand {
 pub struct PgHand {
     pool: sqlx::PgPool,
     claim: SqlStr,
+    complete: SqlStr,
+}
+
+pub struct MyHand {
+    pool: sqlx::MySqlPool,
+    select: SqlStr,
+    insert: SqlStr,
+    takeover: SqlStr,
     complete: SqlStr,
 }
 
@@ -188,6 +203,52 @@ WHERE {key} AND token = $4 AND state = 'in_progress'"
     Ok(Hand::Postgres(Arc::new(PgHand { pool, claim, complete })))
 }
 
+/// The MySQL ceiling: a table of its own in the database of `url`, on a pool like the store's.
+pub async fn mysql(url: &str) -> Result<Hand, String> {
+    use sqlx::mysql::MySqlPoolOptions;
+    let pool = MySqlPoolOptions::new()
+        .max_connections(MY_CONNECTIONS)
+        .acquire_timeout(Duration::from_secs(5))
+        .test_before_acquire(false)
+        .connect(url)
+        .await
+        .map_err(|e| e.to_string())?;
+    sqlx::raw_sql(
+        "CREATE TABLE IF NOT EXISTS hand_records (
+    key_hash BINARY(32) NOT NULL PRIMARY KEY,
+    scope TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+    actor TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+    idem_key TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+    fingerprint VARBINARY(64) NOT NULL, state VARCHAR(16) NOT NULL, token VARCHAR(64), response LONGBLOB,
+    expires_at DATETIME(6) NOT NULL, created_at DATETIME(6) NOT NULL, KEY expires_at_idx (expires_at)
+) ENGINE = InnoDB",
+    )
+    .execute(&pool)
+    .await
+    .map_err(|e| e.to_string())?;
+    let now = "UTC_TIMESTAMP(6)";
+    Ok(Hand::MySql(Arc::new(MyHand {
+        pool,
+        select: sql(format!(
+            "SELECT fingerprint, state, response, TIMESTAMPDIFF(MICROSECOND, {now}, expires_at) AS remaining_us
+FROM hand_records WHERE key_hash = ?"
+        )),
+        insert: sql(format!(
+            "INSERT INTO hand_records (key_hash, scope, actor, idem_key, fingerprint, state, token, expires_at, created_at)
+VALUES (?, ?, ?, ?, ?, 'in_progress', ?, {now} + INTERVAL ? MICROSECOND, {now})"
+        )),
+        takeover: sql(format!(
+            "UPDATE hand_records SET fingerprint = ?, state = 'in_progress', token = ?, response = NULL,
+    created_at = {now}, expires_at = {now} + INTERVAL ? MICROSECOND
+WHERE key_hash = ? AND expires_at <= {now}"
+        )),
+        complete: sql(format!(
+            "UPDATE hand_records SET state = 'completed', response = ?, expires_at = {now} + INTERVAL ? MICROSECOND
+WHERE key_hash = ? AND token = ? AND state = 'in_progress'"
+        )),
+    })))
+}
+
 /// The SQLite ceiling: a database file of its own at `path`, opened as the store opens its own.
 pub async fn sqlite(path: &Path) -> Result<Hand, String> {
     use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -300,6 +361,53 @@ impl Hand {
                 }
                 Err("the claim kept losing races".into())
             }
+            Hand::MySql(h) => {
+                let token = token();
+                let hash = Sha256::digest(key.as_bytes()).to_vec();
+                for _ in 0..CLAIM_ATTEMPTS {
+                    let row = sqlx::query(h.select.clone())
+                        .bind(&hash)
+                        .fetch_optional(&h.pool)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let Some(row) = row else {
+                        let inserted = sqlx::query(h.insert.clone())
+                            .bind(&hash)
+                            .bind(SCOPE)
+                            .bind("")
+                            .bind(key)
+                            .bind(fingerprint)
+                            .bind(&token)
+                            .bind(LEASE_MS * 1000)
+                            .execute(&h.pool)
+                            .await;
+                        match inserted {
+                            Ok(_) => return Ok(Claimed::Acquired(token)),
+                            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => continue,
+                            Err(e) => return Err(e.to_string()),
+                        }
+                    };
+                    let remaining: i64 = row.try_get("remaining_us").map_err(|e| e.to_string())?;
+                    if remaining > 0 {
+                        let stored: Vec<u8> = row.try_get("fingerprint").map_err(|e| e.to_string())?;
+                        let state: String = row.try_get("state").map_err(|e| e.to_string())?;
+                        let response: Option<Vec<u8>> = row.try_get("response").map_err(|e| e.to_string())?;
+                        return Ok(answer(fingerprint, &stored, &state, response));
+                    }
+                    let taken = sqlx::query(h.takeover.clone())
+                        .bind(fingerprint)
+                        .bind(&token)
+                        .bind(LEASE_MS * 1000)
+                        .bind(&hash)
+                        .execute(&h.pool)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if taken.rows_affected() == 1 {
+                        return Ok(Claimed::Acquired(token));
+                    }
+                }
+                Err("the claim kept losing races".into())
+            }
             Hand::Sqlite(h) => {
                 let token = token();
                 for _ in 0..CLAIM_ATTEMPTS {
@@ -365,6 +473,17 @@ impl Hand {
                     .bind(token)
                     .bind(body)
                     .bind(TTL_MS)
+                    .execute(&h.pool)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(done.rows_affected() == 1)
+            }
+            Hand::MySql(h) => {
+                let done = sqlx::query(h.complete.clone())
+                    .bind(body)
+                    .bind(TTL_MS * 1000)
+                    .bind(Sha256::digest(key.as_bytes()).to_vec())
+                    .bind(token)
                     .execute(&h.pool)
                     .await
                     .map_err(|e| e.to_string())?;

@@ -7,10 +7,11 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use idempotent_axum::core::store::{MemoryStore, PostgresStore, RedisStore, SqliteStore, Store};
+use idempotent_axum::core::store::{MemoryStore, MySqlStore, PostgresStore, RedisStore, SqliteStore, Store};
 
 /// The memory store's bound in this benchmark: 4 GiB, room for about five million records.
 const MEMORY_STORE_BYTES: usize = 4 << 30;
+use idempotent_tests::mysql::TestDb;
 use idempotent_tests::postgres::TestSchema;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -124,6 +125,7 @@ pub enum StoreKind {
     Memory,
     Sqlite,
     Postgres,
+    MySql,
     Redis,
     Moka,
 }
@@ -135,6 +137,7 @@ impl StoreKind {
             StoreKind::Memory => "memory",
             StoreKind::Sqlite => "sqlite",
             StoreKind::Postgres => "postgres",
+            StoreKind::MySql => "mysql",
             StoreKind::Redis => "redis",
             StoreKind::Moka => "moka",
         }
@@ -173,11 +176,11 @@ impl Variant {
         use StoreKind::*;
         let mut rows = vec![Variant::new(Kind::Bare, Axum, None), Variant::new(Kind::Bare, Actix, None)];
         for framework in [Axum, Actix] {
-            for store in [Memory, Sqlite, Postgres, Redis] {
+            for store in [Memory, Sqlite, Postgres, MySql, Redis] {
                 rows.push(Variant::new(Kind::Ours, framework, store));
             }
         }
-        for store in [Redis, Postgres, Sqlite] {
+        for store in [Redis, Postgres, MySql, Sqlite] {
             rows.push(Variant::new(Kind::Hand, Axum, store));
         }
         rows.push(Variant::new(Kind::Peer, Axum, Moka));
@@ -218,6 +221,7 @@ impl Variant {
 pub struct Services {
     pub redis_url: Option<String>,
     pub postgres: bool,
+    pub mysql: bool,
     pub run_id: String,
 }
 
@@ -226,6 +230,7 @@ impl Services {
     pub fn has(&self, store: StoreKind) -> bool {
         match store {
             StoreKind::Postgres => self.postgres,
+            StoreKind::MySql => self.mysql,
             StoreKind::Redis => self.redis_url.is_some(),
             _ => true,
         }
@@ -239,6 +244,7 @@ enum Backing {
     Memory,
     Sqlite(PathBuf),
     Postgres(Arc<TestSchema>),
+    MySql(Arc<TestDb>),
     Redis { url: String, prefix: String },
 }
 
@@ -254,6 +260,7 @@ impl Backing {
             StoreKind::Postgres => {
                 Backing::Postgres(TestSchema::new().await.ok_or("no PostgreSQL server for the test schema")?)
             }
+            StoreKind::MySql => Backing::MySql(TestDb::new().await.ok_or("no MySQL server for the test database")?),
             StoreKind::Redis => Backing::Redis {
                 url: services.redis_url.clone().ok_or("no Redis server")?,
                 prefix: format!("compare:{}:{tag}:", services.run_id),
@@ -261,8 +268,8 @@ impl Backing {
         })
     }
 
-    /// Our store on this backing, with its default settings (PostgreSQL: the test schema's, with
-    /// the default sweep interval), except the memory store's bound: a full run completes more
+    /// Our store on this backing, with its default settings (PostgreSQL and MySQL: the test
+    /// schema's or database's, with the default sweep interval), except the memory store's bound: a full run completes more
     /// than a million keys on it, each kept for the route's 24 hours, which would fill the default
     /// 256 MiB (and every later request would be answered 503, store full).
     async fn store(&self) -> Result<Arc<dyn Store>, String> {
@@ -276,6 +283,11 @@ impl Backing {
                     schema.config().max_connections(hand::PG_CONNECTIONS).sweep_interval(Some(Duration::from_secs(60)));
                 Arc::new(PostgresStore::connect_with(&schema.url, config).await.map_err(|e| e.to_string())?)
             }
+            Backing::MySql(db) => {
+                let config =
+                    db.config().max_connections(hand::MY_CONNECTIONS).sweep_interval(Some(Duration::from_secs(60)));
+                Arc::new(MySqlStore::connect_with(&db.url, config).await.map_err(|e| e.to_string())?)
+            }
             Backing::Redis { url, prefix } => {
                 Arc::new(RedisStore::builder(url).prefix(prefix.clone()).build().await.map_err(|e| e.to_string())?)
             }
@@ -287,6 +299,7 @@ impl Backing {
         match self {
             Backing::Sqlite(path) => hand::sqlite(path).await,
             Backing::Postgres(schema) => hand::postgres(&schema.url, &schema.name).await,
+            Backing::MySql(db) => hand::mysql(&db.url).await,
             Backing::Redis { url, prefix } => hand::redis(url, prefix).await,
             Backing::None | Backing::Memory => Err("no hand-written ceiling on this store".into()),
         }
