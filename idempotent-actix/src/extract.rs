@@ -45,8 +45,20 @@ where
                 payload = Payload::from(bytes.clone());
             }
             let incoming = incoming(&request, bytes);
-            let inner = T::from_request(&request, &mut payload).await.map_err(Into::into)?;
             let runtime = runtime_of(&request);
+            let inner = match T::from_request(&request, &mut payload).await {
+                Ok(inner) => inner,
+                Err(e) => {
+                    let e: actix_web::Error = e.into();
+                    let status = e.as_response_error().status_code().as_u16();
+                    let problem =
+                        runtime.as_ref().and_then(|r| protocol::rejection(r.config(), status, &e.to_string()));
+                    return Err(match problem {
+                        Some(problem) => InternalError::from_response(e.to_string(), reply(problem)).into(),
+                        None => e,
+                    });
+                }
+            };
             Ok(Self { context: Context { incoming, pending: (request, runtime) }, inner })
         })
     }

@@ -97,7 +97,7 @@ pub use idempotent_core as core;
 pub use idempotent_core::actor::{Actor, ActorSource};
 pub use idempotent_core::engine::StartupError;
 pub use idempotent_macros::idempotent_actix as idempotent;
-pub use runtime::{health, policy_report, record_status, render_problem};
+pub use runtime::{health, policies_command, policy_report, record_status, render_problem};
 
 idempotent_core::__adapter_types!(Actix, (actix_web::HttpRequest, Option<idempotent_core::engine::Runtime>));
 

@@ -32,8 +32,11 @@ where
         if !BODY {
             let (mut parts, body) = request.into_parts();
             let context = context(&mut parts, state, Bytes::new()).await?;
-            let inner = T::from_request(Request::from_parts(parts, body), state).await;
-            return Ok(Self { context, inner: inner.map_err(IntoResponse::into_response)? });
+            let rejection = match T::from_request(Request::from_parts(parts, body), state).await {
+                Ok(inner) => return Ok(Self { context, inner }),
+                Err(rejection) => rejection.into_response(),
+            };
+            return Err(rejected(&context, rejection).await);
         }
         let (mut parts, body) = request.with_limited_body().into_parts();
         let bytes = match body.collect().await {
@@ -44,10 +47,11 @@ where
             }
         };
         let context = context(&mut parts, state, bytes.clone()).await?;
-        let inner = T::from_request(Request::from_parts(parts, Body::from(bytes)), state)
-            .await
-            .map_err(IntoResponse::into_response)?;
-        Ok(Self { context, inner })
+        let rejection = match T::from_request(Request::from_parts(parts, Body::from(bytes)), state).await {
+            Ok(inner) => return Ok(Self { context, inner }),
+            Err(rejection) => rejection.into_response(),
+        };
+        Err(rejected(&context, rejection).await)
     }
 }
 
@@ -71,6 +75,20 @@ async fn context<S: Send + Sync>(parts: &mut Parts, state: &S, body: Bytes) -> R
         (runtime.clone(), caller)
     });
     Ok(Context { incoming, pending: runtime })
+}
+
+/// The body extractor's rejection, as the runtime's settings want it answered
+/// ([`protocol::rejection`]).
+async fn rejected(context: &Context, rejection: Response) -> Response {
+    let Some((runtime, _)) = &context.pending else { return rejection };
+    if runtime.config().rejections.is_none() {
+        return rejection;
+    }
+    let status = rejection.status().as_u16();
+    let message = axum::body::to_bytes(rejection.into_body(), 64 * 1024).await.unwrap_or_default();
+    let response = protocol::rejection(runtime.config(), status, &String::from_utf8_lossy(&message));
+    response
+        .map_or_else(|| http::StatusCode::from_u16(status).unwrap_or_default().into_response(), |r| r.map(Body::from))
 }
 
 fn source_is<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {

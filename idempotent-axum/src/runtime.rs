@@ -111,6 +111,23 @@ pub async fn health(request: Request) -> Response {
     }
 }
 
+/// The `policies [--format md|json|html]` subcommand for your `main`: prints the policy report of
+/// this binary's routes and answers the exit code, or `None` when the command line is something
+/// else (then serve as usual).
+///
+/// ```no_run
+/// fn main() -> std::process::ExitCode {
+///     if let Some(code) = idempotent_axum::policies_command() {
+///         return code; // `my-service policies --format md` printed the report
+///     }
+///     // ... build the runtime and serve
+///     std::process::ExitCode::SUCCESS
+/// }
+/// ```
+pub fn policies_command() -> Option<std::process::ExitCode> {
+    protocol::policies_command(Framework::Axum)
+}
+
 /// Renders a [`Problem`](idempotent_core::problem::Problem) as an `application/problem+json`
 /// response, for applications that want their own errors to look like the framework's.
 pub fn render_problem(problem: &idempotent_core::problem::Problem) -> Response {

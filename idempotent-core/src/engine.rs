@@ -50,7 +50,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::task::TaskTracker;
 
+mod durations;
 mod lease;
+use durations::Durations;
 use lease::Lease;
 pub use lease::{safety_margin, ClaimFence, LeaseLost};
 
@@ -141,6 +143,11 @@ pub struct Config {
     /// Whether the record status endpoint answers callers of the anonymous namespace (off by
     /// default: see [`crate::protocol::status::record_status`]).
     pub anonymous_record_status: bool,
+    /// When set, a protected route's body extractor that rejects a request (malformed JSON, a
+    /// missing field) answers `application/problem+json` of this `type`, with the extractor's
+    /// status and message, instead of its framework's plain text: see
+    /// [`crate::protocol::rejection`].
+    pub rejections: Option<&'static str>,
 }
 
 impl Default for Config {
@@ -155,6 +162,7 @@ impl Default for Config {
             without_transactions: WithoutTransactions::default(),
             digests: DigestKey::default(),
             anonymous_record_status: false,
+            rejections: None,
         }
     }
 }
@@ -220,6 +228,8 @@ pub struct Runtime {
     store: Arc<dyn Store>,
     config: Arc<Config>,
     tasks: TaskTracker,
+    /// How long each scope's handlers take, for the `Retry-After` of a 409.
+    durations: Arc<Durations>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -382,6 +392,17 @@ impl<A: Adapter> Builder<A> {
         self
     }
 
+    /// Answers the rejections of protected routes' body extractors (a body that is not JSON, a
+    /// missing or mistyped field: 400 or 422 from the framework, as plain text) as
+    /// `application/problem+json` with `type_uri`, their own status and message, so that a
+    /// client tells "your request is malformed" (`type_uri`) from "this key was used with another
+    /// request" (`urn:idempotent:problem:key-reused`, also 422) by the body, like every other
+    /// answer of the API. Nothing is stored for them either way: they never reach the handler.
+    pub fn rejections_as_problems(mut self, type_uri: &'static str) -> Self {
+        self.config.rejections = Some(type_uri);
+        self
+    }
+
     /// What to do with transactional routes when the store cannot run transactions (default:
     /// refuse to start; see [`WithoutTransactions`]).
     pub fn without_transactions(mut self, choice: WithoutTransactions) -> Self {
@@ -400,7 +421,8 @@ impl Runtime {
     /// A runtime on `store` with `config`.
     pub fn new(store: Arc<dyn Store>, config: Config) -> Self {
         telemetry::describe();
-        Self { store, config: Arc::new(config), tasks: TaskTracker::new() }
+        let durations = Arc::new(Durations::for_scopes(registry::routes().iter().filter_map(|r| r.scope())));
+        Self { store, config: Arc::new(config), tasks: TaskTracker::new(), durations }
     }
 
     /// What an adapter's `build` does: checks the settings and validates the routes registered
@@ -611,6 +633,7 @@ impl Runtime {
                 Ok(Claim::InProgress { retry_after }) => {
                     let now = Instant::now();
                     if policy.on_conflict == ConflictMode::Reject || now >= deadline {
+                        let retry_after = self.durations.retry_after(policy.scope, retry_after);
                         tracing::info!(
                             scope = policy.scope,
                             retry_after_ms = retry_after.as_millis() as u64,
@@ -734,11 +757,13 @@ impl Runtime {
             }
         };
         lease.let_keeper_arm().await;
+        let started = Instant::now();
         let handler = FENCE.scope(lease.fence(), handler);
         let result = match &transaction {
             Some(t) => AssertUnwindSafe(crate::store::transaction::scope(t.clone(), handler)).catch_unwind().await,
             None => AssertUnwindSafe(handler).catch_unwind().await,
         };
+        self.durations.record(policy.scope, started.elapsed());
         let result = match (&transaction, result) {
             (Some(t), Ok(captured)) if captured.failed || policy.outcomes.stores(captured.record.status) => {
                 return self.commit(policy, key, token, t.as_ref(), captured, &lease).await;

@@ -76,6 +76,23 @@ pub fn render(routes: &[&RouteRecord], format: Format) -> String {
     render_with(routes, format, Sources::Shown)
 }
 
+/// The `policies [--format md|json|html]` subcommand of an application: `None` when `args` (the
+/// command line without the program's name) is not that subcommand; else the report of
+/// `framework`'s routes to print (Markdown by default), or a one-line usage error.
+pub fn command(framework: crate::registry::Framework, args: &[String]) -> Option<Result<String, String>> {
+    if args.first().map(String::as_str) != Some("policies") {
+        return None;
+    }
+    let usage = "usage: policies [--format md|json|html]";
+    let format = match &args[1..] {
+        [] => Ok(Format::Markdown),
+        [flag, value] if flag == "--format" => value.parse::<Format>(),
+        [flag] if flag == "--format" => Err(format!("--format needs a value: md, json or html; {usage}")),
+        [other, ..] => Err(format!("unknown argument `{other}`; {usage}")),
+    };
+    Some(format.map(|f| render(&crate::registry::routes_of(framework), f)))
+}
+
 /// Whether a report shows where each handler is written (its source file and line).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Sources {
@@ -490,6 +507,25 @@ mod tests {
             assert!(shown.contains("main.rs") && shown.contains("x.rs"), "{shown}");
             assert!(!hidden.contains("main.rs") && !hidden.contains("x.rs"), "{hidden}");
             assert_eq!(shown, render(&[&X, &A], format));
+        }
+    }
+
+    #[test]
+    fn the_policies_subcommand() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(command(Framework::Axum, &args(&["serve"])).is_none());
+        assert!(command(Framework::Axum, &args(&[])).is_none());
+        let md = command(Framework::Axum, &args(&["policies"])).unwrap().unwrap();
+        assert!(md.starts_with("# Idempotency policies"), "{md}");
+        let json = command(Framework::Axum, &args(&["policies", "--format", "json"])).unwrap().unwrap();
+        assert!(serde_json::from_str::<serde_json::Value>(&json).is_ok(), "{json}");
+        for (bad, needle) in [
+            (&["policies", "--format"][..], "--format needs a value"),
+            (&["policies", "--format", "pdf"], "unknown report format `pdf`"),
+            (&["policies", "--colour"], "unknown argument `--colour`"),
+        ] {
+            let error = command(Framework::Axum, &args(bad)).unwrap().unwrap_err();
+            assert!(error.contains(needle), "{error}");
         }
     }
 

@@ -123,3 +123,34 @@ async fn a_fail_open_claim_whose_answer_was_lost_is_resolved() {
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     assert_eq!(store.calls(Op::Complete), 1, "the outcome was stored under the lost claim's token");
 }
+
+const QUICK: Policy = Policy::new("fence.quick");
+
+idempotent_core::inventory::submit! {
+    idempotent_core::registry::RouteRecord::protected(
+        QUICK, "fence::quick", file!(), line!(), idempotent_core::registry::Framework::Axum,
+    )
+}
+
+/// A 409 tells the client to come back when the holder will typically be done: a scope whose
+/// handlers take 300 ms says a second, not the ten seconds left on the lease.
+#[tokio::test(start_paused = true)]
+async fn retry_after_follows_how_long_the_scope_takes() {
+    let rt = Runtime::new(Arc::new(MemoryStore::new()), Config::default());
+    let quick = || async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        answer(201)
+    };
+    for i in 0..3 {
+        assert!(matches!(rt.execute(&QUICK, request(&format!("warm-{i}")), quick()).await, Outcome::Executed(201)));
+    }
+    let running = tokio::spawn({
+        let rt = rt.clone();
+        async move { rt.execute(&QUICK, request("busy"), quick()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let duplicate = rt.execute(&QUICK, request("busy"), quick()).await;
+    let Outcome::Problem(problem) = duplicate else { panic!("{duplicate:?}") };
+    assert_eq!((problem.status, problem.retry_after), (409, Some(1)));
+    assert!(matches!(running.await.unwrap(), Outcome::Executed(201)));
+}

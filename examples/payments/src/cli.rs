@@ -6,7 +6,7 @@
 use crate::config::Config;
 use idempotent_axum::core::key::IdempotencyKey;
 use idempotent_axum::core::protocol::status::record_json;
-use idempotent_axum::core::registry::{self, Framework};
+use idempotent_axum::core::registry::Framework;
 use idempotent_axum::core::report;
 use idempotent_axum::core::store::{self, Invalidated, Purge, RecordKey};
 use std::process::ExitCode;
@@ -25,23 +25,10 @@ pub async fn parse(bin: &str, framework: Framework) -> Result<Config, ExitCode> 
     if args.first().map(String::as_str) == Some("records") {
         return Err(records(bin, &args[1..]).await);
     }
-    if args.first().map(String::as_str) == Some("policies") {
-        let format = match args.get(1).map(String::as_str) {
-            None => "md",
-            Some("--format") => match args.get(2) {
-                Some(f) => f.as_str(),
-                None => return Err(fail(bin, "--format needs a value: md, json or html")),
-            },
-            Some(other) => {
-                return Err(fail(
-                    bin,
-                    format!("unknown argument `{other}`; usage: {bin} policies [--format md|json|html]"),
-                ))
-            }
-        };
-        return Err(match format.parse::<report::Format>() {
-            Ok(f) => {
-                print!("{}", report::render(&registry::routes_of(framework), f));
+    if let Some(report) = report::command(framework, &args) {
+        return Err(match report {
+            Ok(text) => {
+                print!("{text}");
                 ExitCode::SUCCESS
             }
             Err(e) => fail(bin, e),

@@ -534,6 +534,23 @@ pub fn body_problem(too_large: bool, error: &dyn std::fmt::Display) -> Response<
     problem_response(&problem)
 }
 
+/// What a protected route answers when its body extractor rejected the request with `status` and
+/// `message`: `Some` problem+json of the application's type when the runtime was built with
+/// [`rejections_as_problems`](crate::engine::Builder::rejections_as_problems), `None` to send the
+/// framework's own rejection.
+pub fn rejection(config: &Config, status: u16, message: &str) -> Option<Response<Bytes>> {
+    let type_uri = config.rejections?;
+    let detail = if message.trim().is_empty() { "The request was rejected." } else { message.trim() };
+    let problem = Problem {
+        type_uri,
+        title: "Request rejected",
+        status,
+        detail: format!("{detail} Nothing was executed; fix the request, and send it with a new key."),
+        retry_after: None,
+    };
+    Some(problem_response(&problem))
+}
+
 /// Whether a request head says a body follows (a non-zero `Content-Length`, or chunked
 /// `Transfer-Encoding`).
 pub fn declares_body(head: &dyn RequestHead) -> bool {
@@ -552,6 +569,24 @@ pub fn body_taken() -> Response<Bytes> {
         "Another extractor read this request's body before the idempotency layer could; mark the body argument \
          #[body] or declare exclude = [body]. Nothing was executed. This is a server configuration bug.",
     ))
+}
+
+/// The `policies [--format md|json|html]` subcommand for an application's `main`, on the process's
+/// command line ([`crate::report::command`]): `None` when it is not that subcommand (serve as
+/// usual); else the report printed on stdout, exit code 0, or a usage error on stderr, 2. The
+/// adapters offer it as `policies_command()`.
+pub fn policies_command(framework: Framework) -> Option<std::process::ExitCode> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    Some(match crate::report::command(framework, &args)? {
+        Ok(report) => {
+            print!("{report}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(usage) => {
+            eprintln!("{usage}");
+            std::process::ExitCode::from(2)
+        }
+    })
 }
 
 /// The policy report of `framework`'s routes for a request with `query` (`format=json|md|html`,
