@@ -12,11 +12,17 @@
 //! - the `Idempotent-Replayed` response header on every documented response whose status the
 //!   policy stores (so a replay can carry it).
 //!
-//! An operation is matched to a protected handler by its `operationId` (utoipa's default is the
-//! handler function's name, `create_payment`), or by method and path: the path declared in the
-//! route attribute (an actix-web routing attribute, `route = ".."`) or any full path the handler
-//! has served (nested routers and scopes included, see [`registry::served_at`]). Exempt routes and
-//! operations the registry does not know are left untouched.
+//! An operation is matched to a protected handler by the scope it names in the extension
+//! [`SCOPE_EXTENSION`] (`x-idempotency-scope: payments.create`), by its `operationId` (utoipa's
+//! default is the handler function's name, `create_payment`), or by method and path: the path
+//! declared in the route attribute (an actix-web routing attribute, `route = ".."`) or any full
+//! path the handler has served (nested routers and scopes included, see [`registry::served_at`]).
+//! Exempt routes and operations the registry does not know are left untouched.
+//!
+//! Naming the scope is the way for a handler mounted at several paths (`/payments` and
+//! `/v1/payments`): operation ids must be unique in a document, so only one of its operations can
+//! carry the handler's name, and the full path of a nested router is known only once a request
+//! has taken it, so a document built at start-up would miss it.
 //!
 //! ```
 //! # use idempotent_core::{openapi, registry::{Framework, RouteRecord}, policy::Policy};
@@ -42,6 +48,10 @@ use utoipa::openapi::{RefOr, Required};
 
 /// The header a replayed response carries.
 pub const REPLAYED_HEADER: &str = "Idempotent-Replayed";
+
+/// The operation extension naming the scope of the protected handler that serves an operation:
+/// `x-idempotency-scope: payments.create` (see the module docs).
+pub const SCOPE_EXTENSION: &str = "x-idempotency-scope";
 
 /// Documents every protected operation of `routes` found in `openapi`, with the key header named
 /// `Idempotency-Key`; returns how many operations were documented.
@@ -71,7 +81,7 @@ pub fn document_with_header(openapi: &mut OpenApi, routes: &[&RouteRecord], head
                     .iter()
                     .any(|route| route.strip_prefix(method).and_then(|p| p.strip_prefix(' ')) == Some(path));
                 let Some(operation) = operation_mut(item, method) else { continue };
-                if declared || operation.operation_id.as_deref() == Some(name) {
+                if declared || operation.operation_id.as_deref() == Some(name) || names_scope(operation, policy.scope) {
                     document_operation(operation, &policy, header);
                     documented += 1;
                 }
@@ -79,6 +89,11 @@ pub fn document_with_header(openapi: &mut OpenApi, routes: &[&RouteRecord], head
         }
     }
     documented
+}
+
+/// Whether `operation` names `scope` in its [`SCOPE_EXTENSION`].
+fn names_scope(operation: &Operation, scope: &str) -> bool {
+    operation.extensions.as_ref().and_then(|e| e.get(SCOPE_EXTENSION)).and_then(|v| v.as_str()) == Some(scope)
 }
 
 fn operation_mut<'a>(item: &'a mut PathItem, method: &str) -> Option<&'a mut Operation> {
@@ -272,6 +287,37 @@ mod tests {
         assert!(patch["responses"]["503"].is_null(), "fails open: no 503");
         assert!(patch["responses"]["2XX"]["headers"]["Idempotent-Replayed"].is_object());
         assert!(patch["responses"]["409"]["headers"]["Idempotent-Replayed"].is_null(), "success only");
+    }
+
+    /// One handler mounted at two paths: each operation has an id of its own, and neither path is
+    /// declared nor served yet; both name the handler's scope.
+    #[test]
+    fn operations_naming_a_scope_are_documented() {
+        let named = |id: &str, scope: &str| {
+            let extensions = utoipa::openapi::extensions::ExtensionsBuilder::new().add(SCOPE_EXTENSION, scope).build();
+            op(&["201"]).operation_id(Some(id)).extensions(Some(extensions))
+        };
+        const UNPLACED: RouteRecord = RouteRecord::protected(
+            Policy::new("payments.create"),
+            "app::create_payment",
+            "src/main.rs",
+            1,
+            Framework::Axum,
+        );
+        let mut api = OpenApiBuilder::new()
+            .paths(
+                PathsBuilder::new()
+                    .path("/payments", PathItem::new(HttpMethod::Post, named("pay", "payments.create")))
+                    .path("/v1/payments", PathItem::new(HttpMethod::Post, named("v1_pay", "payments.create")))
+                    .path("/refunds", PathItem::new(HttpMethod::Post, named("refund", "refunds.create"))),
+            )
+            .build();
+        assert_eq!(document(&mut api, &[&UNPLACED]), 2);
+        let v = json(&api);
+        for path in ["/payments", "/v1/payments"] {
+            assert_eq!(v["paths"][path]["post"]["parameters"][0]["name"], "Idempotency-Key", "{path}");
+        }
+        assert!(v["paths"]["/refunds"]["post"]["parameters"].is_null(), "another scope is left alone");
     }
 
     #[test]
