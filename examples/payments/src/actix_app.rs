@@ -26,6 +26,7 @@ pub struct AppState {
     bank: Arc<Bank>,
     deposits: Deposits,
     transfer_delay: Duration,
+    openapi: web::Bytes,
 }
 
 fn problem_response(p: DemoProblem) -> HttpResponse {
@@ -175,6 +176,12 @@ async fn metrics() -> HttpResponse {
     HttpResponse::build(status).insert_header((header::CONTENT_TYPE, content_type)).body(body)
 }
 
+/// `GET /openapi.json`, without authentication (see [`crate::openapi`]).
+#[get("/openapi.json")]
+async fn openapi(app: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().insert_header((header::CONTENT_TYPE, crate::openapi::CONTENT_TYPE)).body(app.openapi.clone())
+}
+
 /// The payment routes, served both at the root and under `/v1`.
 fn payment_routes(cfg: &mut web::ServiceConfig) {
     cfg.service(create_payment)
@@ -216,8 +223,13 @@ pub async fn prepare(config: &Config) -> Result<Prepared, String> {
         .without_transactions(WithoutTransactions::NotImplemented)
         .build()
         .map_err(|e| e.to_string())?;
-    let state =
-        AppState { bank: Arc::new(Bank::new(ledger, entries)), deposits, transfer_delay: config.transfer_delay };
+    let document = crate::openapi::render(|document| idempotency.document_openapi(document))?;
+    let state = AppState {
+        bank: Arc::new(Bank::new(ledger, entries)),
+        deposits,
+        transfer_delay: config.transfer_delay,
+        openapi: document.into(),
+    };
     Ok(Prepared { idempotency, state: web::Data::new(state) })
 }
 
@@ -236,7 +248,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, prepared: &Prepared) {
         .route("/_idempotency/policies", web::get().to(policy_report))
         .route("/_idempotency/records/{scope}/{key}", web::get().to(record_status))
         .route("/healthz", web::get().to(health))
-        .service(metrics);
+        .service(metrics)
+        .service(openapi);
 }
 
 /// Binds `config.addr` and returns the bound address and the running server (it runs on the

@@ -26,6 +26,7 @@ pub struct AppState {
     bank: Arc<Bank>,
     deposits: Deposits,
     transfer_delay: Duration,
+    openapi: axum::body::Bytes,
 }
 
 fn problem_response(p: DemoProblem) -> Response {
@@ -152,6 +153,11 @@ async fn metrics() -> Response {
     (status, [(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
+/// `GET /openapi.json`, without authentication (see [`crate::openapi`]).
+async fn openapi(State(app): State<AppState>) -> Response {
+    ([(header::CONTENT_TYPE, crate::openapi::CONTENT_TYPE)], app.openapi).into_response()
+}
+
 /// The payment routes, served both at the root and under `/v1`.
 fn payment_routes() -> Router<AppState> {
     Router::new()
@@ -201,8 +207,13 @@ fn build(
         .without_transactions(WithoutTransactions::NotImplemented)
         .build()
         .map_err(|e| e.to_string())?;
-    let state =
-        AppState { bank: Arc::new(Bank::new(ledger, entries)), deposits, transfer_delay: config.transfer_delay };
+    let document = crate::openapi::render(|document| idempotency.document_openapi(document))?;
+    let state = AppState {
+        bank: Arc::new(Bank::new(ledger, entries)),
+        deposits,
+        transfer_delay: config.transfer_delay,
+        openapi: document.into(),
+    };
     let payments = payment_routes();
     let router = Router::new()
         .merge(payments.clone())
@@ -214,6 +225,7 @@ fn build(
         .route("/_idempotency/records/{scope}/{key}", get(record_status))
         .route("/healthz", get(health))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
         // A payments API would rather fail a request than run a mutating route that can charge
         // twice: a POST or PATCH route added without #[idempotent] answers 500 until it has one.
         .layer(Enforce::refuse())

@@ -8,16 +8,18 @@ use crate::domain::Invalid;
 use idempotent_axum::core::sqlx::{self, PgPool, SqlitePool};
 use idempotent_axum::core::store::transaction::Tx;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// `POST /deposits` body.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 pub struct CreateDeposit {
     /// Minor units, > 0.
+    #[schema(minimum = 1)]
     pub amount: i64,
 }
 
 /// An executed deposit.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Deposit {
     /// `dep_...`.
     pub id: String,
@@ -30,7 +32,7 @@ pub struct Deposit {
 }
 
 /// `GET /deposits`: the caller's deposits, read from the database.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Summary {
     /// How many deposits the caller made.
     pub count: i64,

@@ -4,13 +4,16 @@ use crate::ledger::{Entry, Ledger};
 use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
 use std::time::SystemTime;
+use utoipa::ToSchema;
 
 /// `POST /payments` body.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 pub struct CreatePayment {
     /// Minor units, > 0.
+    #[schema(minimum = 1)]
     pub amount: i64,
     /// ISO 4217 code: three uppercase letters.
+    #[schema(pattern = "^[A-Z]{3}$", min_length = 3, max_length = 3)]
     pub currency: String,
     /// Customer reference.
     pub customer: String,
@@ -20,7 +23,7 @@ pub struct CreatePayment {
 }
 
 /// A created payment.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, ToSchema)]
 pub struct Payment {
     /// `pay_...`.
     pub id: String,
@@ -37,9 +40,10 @@ pub struct Payment {
 }
 
 /// `POST /transfers` body.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 pub struct CreateTransfer {
     /// Minor units, > 0.
+    #[schema(minimum = 1)]
     pub amount: i64,
     /// Source account.
     pub from: String,
@@ -48,7 +52,7 @@ pub struct CreateTransfer {
 }
 
 /// A created transfer.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, ToSchema)]
 pub struct Transfer {
     /// `tr_...`.
     pub id: String,
@@ -63,9 +67,10 @@ pub struct Transfer {
 }
 
 /// `POST /payments/{id}/refunds` body.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 pub struct CreateRefund {
     /// Minor units, > 0 and at most the payment's unrefunded amount.
+    #[schema(minimum = 1)]
     pub amount: i64,
     /// Free text; not part of the fingerprint.
     #[serde(default)]
@@ -73,7 +78,7 @@ pub struct CreateRefund {
 }
 
 /// A created refund.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, ToSchema)]
 pub struct Refund {
     /// `re_...`.
     pub id: String,
