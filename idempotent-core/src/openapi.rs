@@ -2,7 +2,8 @@
 //!
 //! [`document`] finds, for every protected route of the registry that knows its method and path,
 //! the operation of the same method and path in the document, and adds:
-//! - the `Idempotency-Key` header parameter, required or optional as the policy says;
+//! - the `Idempotency-Key` header parameter, required or optional as the policy says, whose
+//!   schema's pattern is exactly what the server accepts ([`HEADER_PATTERN`]);
 //! - the problem responses (`application/problem+json`): 400 (key missing or malformed, body
 //!   unreadable), 409 (the first request with the key is still running), 413 (body too large),
 //!   422 (the key was used with a different request), 500 (the response failed after the operation
@@ -36,6 +37,7 @@
 //! assert_eq!(openapi::document(&mut api, &[&PAY]), 1);
 //! ```
 
+use crate::key::HEADER_PATTERN;
 use crate::policy::{KeyRequirement, Policy};
 use crate::registry::{self, Framework, RouteRecord};
 use utoipa::openapi::content::ContentBuilder;
@@ -130,9 +132,12 @@ fn document_operation(operation: &mut Operation, policy: &Policy, header: &str) 
                 .parameter_in(ParameterIn::Header)
                 .required(if required { Required::True } else { Required::False })
                 .description(Some(format!(
-                    "{description} An RFC 8941 string or token, 1 to 255 visible ASCII characters."
+                    "{description} 1 to 255 visible ASCII characters: a token without commas, or an RFC 8941 \
+                     string (which may hold spaces and commas)."
                 )))
-                .schema(Some(ObjectBuilder::new().schema_type(Type::String).min_length(Some(1)).max_length(Some(255))))
+                .schema(Some(
+                    ObjectBuilder::new().schema_type(Type::String).min_length(Some(1)).pattern(Some(HEADER_PATTERN)),
+                ))
                 .build()
                 .into(),
         );
@@ -269,7 +274,12 @@ mod tests {
         assert_eq!(post["parameters"][0]["name"], "Idempotency-Key");
         assert_eq!(post["parameters"][0]["in"], "header");
         assert_eq!(post["parameters"][0]["required"], true);
-        assert_eq!(post["parameters"][0]["schema"]["maxLength"], 255);
+        // Exactly the values the server accepts: a generated "valid" key is never refused.
+        assert_eq!(post["parameters"][0]["schema"]["pattern"], HEADER_PATTERN);
+        assert!(
+            post["parameters"][0]["schema"]["maxLength"].is_null(),
+            "a quoted key is longer than its 255 characters"
+        );
         for status in ["400", "409", "422", "503"] {
             let r = &post["responses"][status];
             assert!(r["content"]["application/problem+json"]["schema"]["properties"]["type"].is_object(), "{status}");

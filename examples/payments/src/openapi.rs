@@ -37,6 +37,7 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, Secur
 use utoipa::openapi::{InfoBuilder, OpenApi, OpenApiBuilder, Paths, Ref, RefOr, Required};
 use utoipa::ToSchema;
 
+use idempotent_axum::core::key::HEADER_PATTERN;
 pub use idempotent_axum::core::openapi::SCOPE_EXTENSION;
 
 /// Media type of the document.
@@ -363,9 +364,9 @@ fn problem_response(description: &str) -> ResponseBuilder {
         .content(crate::api::PROBLEM_CONTENT_TYPE, ContentBuilder::new().schema(Some(schema_ref("Problem"))).build())
 }
 
-/// An idempotency key as a path segment: what the key header accepts.
+/// An idempotency key as a path segment: what the key header accepts (the path accepts commas too).
 fn idempotency_key() -> RefOr<Schema> {
-    ObjectBuilder::new().schema_type(Type::String).min_length(Some(1)).max_length(Some(255)).into()
+    ObjectBuilder::new().schema_type(Type::String).min_length(Some(1)).pattern(Some(HEADER_PATTERN)).into()
 }
 
 fn problem() -> ObjectBuilder {
@@ -453,6 +454,15 @@ mod tests {
             let public = route.operation.security.is_some();
             assert_eq!(route.operation.responses.responses.contains_key("401"), !public, "{}", route.path);
         }
+    }
+
+    /// Any string was documented, so a generated non-ASCII key was a "valid" request answered 400.
+    #[test]
+    fn the_status_endpoints_key_is_what_the_server_accepts() {
+        let route = routes().into_iter().find(|r| r.path == "/_idempotency/records/{scope}/{key}").unwrap();
+        let parameters = serde_json::to_value(&route.operation.parameters).unwrap();
+        assert_eq!(parameters[1]["name"], "key");
+        assert_eq!(parameters[1]["schema"]["pattern"], HEADER_PATTERN);
     }
 
     #[test]
