@@ -58,6 +58,8 @@ pub enum ProblemKind {
     RecordNotFound,
     /// 501: a transactional route on a store that cannot run transactions; nothing ran.
     TransactionsUnsupported,
+    /// 400: the policy report was asked for in a format it does not have.
+    ReportFormatUnknown,
 }
 
 impl ProblemKind {
@@ -78,6 +80,7 @@ impl ProblemKind {
             ProblemKind::ResponseFailed => "urn:idempotent:problem:response-failed",
             ProblemKind::RecordNotFound => "urn:idempotent:problem:record-not-found",
             ProblemKind::TransactionsUnsupported => "urn:idempotent:problem:transactions-unsupported",
+            ProblemKind::ReportFormatUnknown => "urn:idempotent:problem:report-format-unknown",
         }
     }
 
@@ -91,7 +94,7 @@ impl ProblemKind {
             ProblemKind::HandlerPanicked | ProblemKind::Misconfigured | ProblemKind::ResponseFailed => 500,
             ProblemKind::ActorMissing => 401,
             ProblemKind::BodyTooLarge => 413,
-            ProblemKind::BodyUnreadable => 400,
+            ProblemKind::BodyUnreadable | ProblemKind::ReportFormatUnknown => 400,
             ProblemKind::RecordNotFound => 404,
             ProblemKind::TransactionsUnsupported => 501,
         }
@@ -114,6 +117,7 @@ impl ProblemKind {
             ProblemKind::ResponseFailed => "Response failed after the request ran",
             ProblemKind::RecordNotFound => "No such idempotency record",
             ProblemKind::TransactionsUnsupported => "Operation needs a transactional store",
+            ProblemKind::ReportFormatUnknown => "Unknown report format",
         }
     }
 }
