@@ -245,7 +245,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, prepared: &Prepared) {
         .service(create_quote)
         .service(create_deposit)
         .service(list_deposits)
-        .route("/_idempotency/policies", web::get().to(policy_report))
+        .route("/_idempotency/policies", web::get().to(|_: Caller, request: HttpRequest| policy_report(request)))
         .route("/_idempotency/records/{scope}/{key}", web::get().to(record_status))
         .route("/healthz", web::get().to(health))
         .service(metrics)

@@ -221,7 +221,7 @@ fn build(
         .route("/transfers", post(create_transfer).get(list_transfers))
         .route("/quotes", post(create_quote))
         .route("/deposits", post(create_deposit).get(list_deposits))
-        .route("/_idempotency/policies", get(policy_report))
+        .route("/_idempotency/policies", get(|_: Caller, uri: axum::http::Uri| policy_report(uri)))
         .route("/_idempotency/records/{scope}/{key}", get(record_status))
         .route("/healthz", get(health))
         .route("/metrics", get(metrics))

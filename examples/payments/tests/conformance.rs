@@ -1,0 +1,70 @@
+//! What the binaries did against their OpenAPI document (found by schemathesis, see
+//! `tests/openapi.rs`), each reproduced over real HTTP on both binaries, which must agree.
+
+mod common;
+
+use common::{dir, framework, start, Instance, BINS};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// Both binaries on the memory store, for one test.
+struct Demos {
+    instances: Vec<(&'static str, Instance)>,
+    client: reqwest::Client,
+}
+
+/// An answer: status, content type (without parameters), body, and the `Allow` header.
+#[derive(Debug, PartialEq)]
+struct Answer {
+    status: u16,
+    content_type: String,
+    body: Value,
+    allow: Option<String>,
+}
+
+impl Demos {
+    fn start(test: &str) -> Self {
+        let instances = BINS
+            .into_iter()
+            .map(|bin| {
+                let name = framework(bin);
+                (name, start(bin, "memory", &dir("conformance", &format!("{test}-{name}")).join("ledger.jsonl"), 0))
+            })
+            .collect();
+        Self { instances, client: reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap() }
+    }
+
+    /// The answer of each binary to the request `build` makes from its base URL.
+    async fn each(&self, build: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder) -> Vec<(&str, Answer)> {
+        let mut answers = Vec::new();
+        for (name, instance) in &self.instances {
+            let response = build(&self.client, &format!("http://{}", instance.demo.addr)).send().await.unwrap();
+            let header = |name: &str| response.headers().get(name).map(|v| v.to_str().unwrap().to_owned());
+            let content_type = header("content-type").unwrap_or_default().split(';').next().unwrap().trim().to_owned();
+            let allow = header("allow");
+            let status = response.status().as_u16();
+            let text = response.text().await.unwrap();
+            let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+            answers.push((*name, Answer { status, content_type, body, allow }));
+        }
+        answers
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_report_needs_credentials_like_every_route_but_the_public_ones() {
+    let demos = Demos::start("policies");
+    for (name, answer) in demos.each(|c, base| c.get(format!("{base}/_idempotency/policies"))).await {
+        assert_eq!((answer.status, answer.content_type.as_str()), (401, "application/problem+json"), "{name}");
+    }
+    for (name, answer) in
+        demos.each(|c, base| c.get(format!("{base}/_idempotency/policies?format=md")).bearer_auth("acct_1")).await
+    {
+        assert_eq!((answer.status, answer.content_type.as_str()), (200, "text/markdown"), "{name}");
+    }
+    for path in ["/healthz", "/metrics", "/openapi.json"] {
+        for (name, answer) in demos.each(|c, base| c.get(format!("{base}{path}"))).await {
+            assert_eq!(answer.status, 200, "{name}: {path} needs no credentials");
+        }
+    }
+}
