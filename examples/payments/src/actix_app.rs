@@ -10,7 +10,7 @@ use crate::deposits::{CreateDeposit, Deposits};
 use crate::domain::{Bank, CreatePayment, CreateRefund, CreateTransfer};
 use crate::ledger::Ledger;
 use actix_web::dev::{Payload, Server};
-use actix_web::error::InternalError;
+use actix_web::error::{InternalError, JsonPayloadError};
 use actix_web::http::{header, StatusCode};
 use actix_web::{get, post, web, App, FromRequest, HttpRequest, HttpResponse, HttpServer, ResponseError};
 use idempotent_actix::core::engine::WithoutTransactions;
@@ -191,11 +191,16 @@ fn payment_routes(cfg: &mut web::ServiceConfig) {
         .service(list_refunds);
 }
 
-/// A JSON body that is too large (413), not JSON or missing a field (400) is rejected before the
-/// idempotency layer runs, as a problem+json.
+/// A JSON body that is too large (413), not declared `application/json` (415), not JSON (400) or
+/// JSON of another shape (422) is rejected before the idempotency layer runs, as a problem+json,
+/// with the statuses of the axum binary.
 fn json_config() -> web::JsonConfig {
     web::JsonConfig::default().limit(MAX_BODY).error_handler(|err, _req| {
-        let status = err.status_code();
+        let status = match &err {
+            JsonPayloadError::ContentType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            JsonPayloadError::Deserialize(e) if e.is_data() => StatusCode::UNPROCESSABLE_ENTITY,
+            other => other.status_code(),
+        };
         let response = problem_response(DemoProblem::bad_body(status.as_u16(), err.to_string()));
         InternalError::from_response(err, response).into()
     })

@@ -86,7 +86,7 @@ impl DemoProblem {
         Self::new(404, "not-found", "Payment not found", format!("No payment `{id}` for this account."))
     }
 
-    /// 400 / 413 / 422: the request body was rejected before the handler ran.
+    /// 400 / 413 / 415 / 422: the request body was rejected before the handler ran.
     pub fn bad_body(status: u16, detail: impl Into<String>) -> Self {
         Self::new(status, "bad-body", "Request body rejected", detail)
     }

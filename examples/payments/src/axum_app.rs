@@ -6,11 +6,11 @@ use crate::config::Config;
 use crate::deposits::{CreateDeposit, Deposits};
 use crate::domain::{Bank, CreatePayment, CreateRefund, CreateTransfer};
 use crate::ledger::Ledger;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::{header, request::Parts, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Router;
 use idempotent_axum::core::engine::WithoutTransactions;
 use idempotent_axum::enforce::Enforce;
 use idempotent_axum::{health, idempotent, policy_report, record_status, ActorSource, Idempotency, Tx};
@@ -45,6 +45,31 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         Caller::from_authorization(parts.headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()))
             .ok_or_else(|| problem_response(DemoProblem::unauthorized()))
+    }
+}
+
+/// `axum::Json`, whose rejections are problem+json like every other error of the demo, with the
+/// statuses of the actix-web binary: 415 (not declared `application/json`), 400 (not JSON), 422
+/// (JSON of another shape). As a response it is `axum::Json`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Json<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Response> {
+        match axum::Json::<T>::from_request(request, state).await {
+            Ok(axum::Json(value)) => Ok(Json(value)),
+            Err(rejection) => {
+                Err(problem_response(DemoProblem::bad_body(rejection.status().as_u16(), rejection.body_text())))
+            }
+        }
+    }
+}
+
+impl<T: serde::Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
     }
 }
 

@@ -284,12 +284,18 @@ impl Route {
         self.body_schema(&T::name())
     }
 
-    /// A required JSON request body of the component schema `name`.
+    /// A required JSON request body of the component schema `name`, and the problems of a body
+    /// the extractor refuses before anything runs.
     pub fn body_schema(mut self, name: &str) -> Self {
         let content = ContentBuilder::new().schema(Some(schema_ref(name))).build();
         let body = RequestBodyBuilder::new().required(Some(Required::True)).content("application/json", content);
         self.operation.request_body = Some(RefOr::T(body.build()));
-        self
+        self.problem(400, "The body is not JSON; nothing was executed.")
+            .problem(415, "The body is not declared `Content-Type: application/json`; nothing was executed.")
+            .problem(
+                422,
+                "The body is JSON of another shape (a field missing or of another type); nothing was executed.",
+            )
     }
 
     /// 201 with a JSON body of `T`.
@@ -335,9 +341,16 @@ impl Route {
         self
     }
 
-    /// A problem+json response of `status` that the demo's own code answers.
-    pub fn problem(self, status: u16, description: &str) -> Self {
-        self.with_response(status, problem_response(description))
+    /// A problem+json response of `status` that the demo's own code answers; a status already
+    /// documented gains this description after its own.
+    pub fn problem(mut self, status: u16, description: &str) -> Self {
+        match self.operation.responses.responses.get_mut(&status.to_string()) {
+            Some(RefOr::T(response)) => {
+                response.description = format!("{} {description}", response.description);
+                self
+            }
+            _ => self.with_response(status, problem_response(description)),
+        }
     }
 
     fn with_response(mut self, status: u16, response: ResponseBuilder) -> Self {

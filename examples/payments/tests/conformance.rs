@@ -68,3 +68,46 @@ async fn the_policy_report_needs_credentials_like_every_route_but_the_public_one
         }
     }
 }
+
+/// A body the JSON extractor refuses: axum answered text/plain, and the two binaries disagreed on
+/// the statuses (actix-web answered 400 to all of them). Nothing runs in any of these.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_json_body_is_the_same_problem_on_both_binaries() {
+    let demos = Demos::start("json");
+    let cases: [(&str, Option<&str>, &str, u16); 5] = [
+        ("no content type", None, r#"{"amount": 1, "currency": "EUR", "customer": "c"}"#, 415),
+        ("another content type", Some("text/plain"), r#"{"amount": 1, "currency": "EUR", "customer": "c"}"#, 415),
+        ("not JSON", Some("application/json"), "{nope", 400),
+        ("a field missing", Some("application/json"), r#"{"amount": 1, "currency": "EUR"}"#, 422),
+        (
+            "a field of another type",
+            Some("application/json"),
+            r#"{"amount": "1", "currency": "EUR", "customer": "c"}"#,
+            422,
+        ),
+    ];
+    for (what, content_type, body, status) in cases {
+        let answers = demos
+            .each(|c, base| {
+                let request =
+                    c.post(format!("{base}/payments")).bearer_auth("acct_json").header("Idempotency-Key", what);
+                let request = match content_type {
+                    Some(content_type) => request.header("content-type", content_type),
+                    None => request,
+                };
+                request.body(body)
+            })
+            .await;
+        for (name, answer) in answers {
+            assert_eq!(
+                (answer.status, answer.content_type.as_str()),
+                (status, "application/problem+json"),
+                "{name}: {what}"
+            );
+            assert_eq!(answer.body["type"], "urn:payments-demo:problem:bad-body", "{name}: {what}");
+        }
+    }
+    for (name, answer) in demos.each(|c, base| c.get(format!("{base}/payments")).bearer_auth("acct_json")).await {
+        assert_eq!(answer.body, json!([]), "{name}: nothing was executed");
+    }
+}
