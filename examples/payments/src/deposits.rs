@@ -4,7 +4,6 @@
 //! database (PostgreSQL, or the SQLite file); on a store without SQL the routes answer 501.
 
 use crate::api::ApiError;
-use crate::domain::Invalid;
 use idempotent_axum::core::sqlx::{self, PgPool, SqlitePool};
 use idempotent_axum::core::store::transaction::Tx;
 use serde::{Deserialize, Serialize};
@@ -13,8 +12,9 @@ use utoipa::ToSchema;
 /// `POST /deposits` body.
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 pub struct CreateDeposit {
-    /// Minor units, > 0.
-    #[schema(minimum = 1)]
+    /// Minor units, from 1 to [`MAX_AMOUNT`](crate::domain::MAX_AMOUNT).
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_i64)]
+    #[serde(deserialize_with = "crate::domain::amount")]
     pub amount: i64,
 }
 
@@ -89,9 +89,7 @@ impl Deposits {
     /// Makes a deposit of `req.amount` for `account` inside the route's transaction `tx`: the
     /// deposit row and the new balance, which the engine commits with the idempotency record.
     pub async fn create(&self, tx: &Tx, account: &str, req: &CreateDeposit) -> Result<Deposit, ApiError> {
-        if req.amount <= 0 {
-            return Err(ApiError::Invalid(Invalid("amount must be a positive integer".into())));
-        }
+        crate::domain::check_amount(req.amount)?;
         let id = format!("dep_{}", uuid::Uuid::new_v4().simple());
         let created_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
         let internal = |e: &dyn std::fmt::Display| ApiError::Internal(format!("deposit: {e}"));

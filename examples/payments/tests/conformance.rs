@@ -13,13 +13,15 @@ struct Demos {
     client: reqwest::Client,
 }
 
-/// An answer: status, content type (without parameters), body, and the `Allow` header.
+/// An answer: status, content type (without parameters), body, and the `Allow` and
+/// `Idempotent-Replayed` headers.
 #[derive(Debug, PartialEq)]
 struct Answer {
     status: u16,
     content_type: String,
     body: Value,
     allow: Option<String>,
+    replayed: bool,
 }
 
 impl Demos {
@@ -42,10 +44,11 @@ impl Demos {
             let header = |name: &str| response.headers().get(name).map(|v| v.to_str().unwrap().to_owned());
             let content_type = header("content-type").unwrap_or_default().split(';').next().unwrap().trim().to_owned();
             let allow = header("allow");
+            let replayed = header("idempotent-replayed").as_deref() == Some("true");
             let status = response.status().as_u16();
             let text = response.text().await.unwrap();
             let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-            answers.push((*name, Answer { status, content_type, body, allow }));
+            answers.push((*name, Answer { status, content_type, body, allow, replayed }));
         }
         answers
     }
@@ -109,5 +112,45 @@ async fn a_refused_json_body_is_the_same_problem_on_both_binaries() {
     }
     for (name, answer) in demos.each(|c, base| c.get(format!("{base}/payments")).bearer_auth("acct_json")).await {
         assert_eq!(answer.body, json!([]), "{name}: nothing was executed");
+    }
+}
+
+/// `1000.0` and `1e3` are the integer 1000 to JSON Schema and to the request's fingerprint, but
+/// the binaries refused them (422: "expected i64"). They are one amount, so one payment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_amount_written_1e3_or_1000_0_is_the_amount_1000() {
+    let demos = Demos::start("amounts");
+    let pay = |amount: &'static str, key: &'static str| {
+        move |c: &reqwest::Client, base: &str| {
+            let body = format!(r#"{{"amount": {amount}, "currency": "EUR", "customer": "cus_1"}}"#);
+            c.post(format!("{base}/payments"))
+                .bearer_auth("acct_amounts")
+                .header("Idempotency-Key", key)
+                .header("content-type", "application/json")
+                .body(body)
+        }
+    };
+    for (name, answer) in demos.each(pay("1e3", "one")).await {
+        assert_eq!((answer.status, &answer.body["amount"], answer.replayed), (201, &json!(1000), false), "{name}");
+    }
+    for amount in ["1000", "1000.0", "10e2"] {
+        for (name, answer) in demos.each(pay(amount, "one")).await {
+            assert_eq!((answer.status, answer.replayed), (201, true), "{name}: {amount} is the same request");
+        }
+    }
+    for (name, answer) in demos.each(pay("1000.5", "two")).await {
+        assert_eq!(
+            (answer.status, &answer.body["type"]),
+            (422, &json!("urn:payments-demo:problem:bad-body")),
+            "{name}"
+        );
+    }
+    for (name, answer) in demos.each(pay("1e13", "three")).await {
+        assert_eq!(
+            (answer.status, &answer.body["type"]),
+            (422, &json!("urn:payments-demo:problem:validation")),
+            "{name}"
+        );
+        assert!(answer.body["detail"].as_str().unwrap().contains("from 1 to 1000000000000"), "{name}: {}", answer.body);
     }
 }
