@@ -55,7 +55,7 @@ impl FromRequest for Caller {
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
-            ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Invalid(_) | ApiError::RefundExceeds(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::PaymentNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

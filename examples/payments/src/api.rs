@@ -101,6 +101,10 @@ pub enum ApiError {
     /// The caller has no payment with this id: 404, a final outcome (stored and replayed).
     #[error("payment not found: {0}")]
     PaymentNotFound(String),
+    /// A refund of more than what is left of the payment: 422 `refund-exceeds-payment`, a final
+    /// outcome (stored and replayed).
+    #[error("refund refused: {0}")]
+    RefundExceeds(String),
     /// The operation could not be recorded: 500, released so a retry runs again.
     #[error("internal error: {0}")]
     Internal(String),
@@ -112,6 +116,9 @@ impl ApiError {
         match self {
             ApiError::Invalid(e) => DemoProblem::new(422, "validation", "Invalid request", e.0.clone()),
             ApiError::PaymentNotFound(id) => DemoProblem::payment_not_found(id),
+            ApiError::RefundExceeds(detail) => {
+                DemoProblem::new(422, "refund-exceeds-payment", "Refund exceeds the payment", detail.clone())
+            }
             ApiError::Internal(e) => {
                 tracing::error!(error = %e, "operation failed");
                 DemoProblem::new(
@@ -136,6 +143,7 @@ impl From<RefundRefused> for ApiError {
         match e {
             RefundRefused::UnknownPayment(id) => ApiError::PaymentNotFound(id),
             RefundRefused::Invalid(e) => ApiError::Invalid(e),
+            RefundRefused::Exceeds(detail) => ApiError::RefundExceeds(detail),
         }
     }
 }

@@ -138,15 +138,19 @@ pub struct Refund {
     pub created_at: String,
 }
 
-/// Why a refund was refused: both are final outcomes, answered by the handler.
+/// Why a refund was refused: each is a final outcome, answered by the handler.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RefundRefused {
     /// The caller has no payment with this id (404).
     #[error("no payment `{0}` for this account")]
     UnknownPayment(String),
-    /// The amount is not positive or exceeds what is left to refund (422).
+    /// The amount is not one an operation can have (422).
     #[error(transparent)]
     Invalid(#[from] Invalid),
+    /// The amount is more than what is left to refund of the payment (422, a problem type of its
+    /// own: unlike [`Invalid`], it depends on the refunds made before, not on the request).
+    #[error("{0}")]
+    Exceeds(String),
 }
 
 /// A domain validation failure, answered as 422 problem+json by the handler.
@@ -259,11 +263,10 @@ impl Bank {
         let refunded: i64 = refunds_of(&entries, account, payment).filter_map(|r| r["amount"].as_i64()).sum();
         let left = paid - refunded;
         if req.amount > left {
-            return Ok(Err(Invalid(format!(
+            return Ok(Err(RefundRefused::Exceeds(format!(
                 "amount {} exceeds what is left to refund of payment `{payment}`: {left} of {paid}",
                 req.amount
-            ))
-            .into()));
+            ))));
         }
         let refund = Refund {
             id: new_id("re"),
@@ -381,11 +384,11 @@ mod tests {
         let r = refund(&bank, "a", &p.id, 600).unwrap();
         assert!(r.id.starts_with("re_"), "{}", r.id);
         assert_eq!((r.payment.as_str(), r.amount), (p.id.as_str(), 600));
-        assert!(matches!(refund(&bank, "a", &p.id, 401), Err(RefundRefused::Invalid(_))));
+        assert!(matches!(refund(&bank, "a", &p.id, 401), Err(RefundRefused::Exceeds(_))));
         assert!(matches!(refund(&bank, "a", &p.id, 0), Err(RefundRefused::Invalid(_))));
         assert!(matches!(refund(&bank, "a", &p.id, -1), Err(RefundRefused::Invalid(_))));
         refund(&bank, "a", &p.id, 400).unwrap();
-        assert!(matches!(refund(&bank, "a", &p.id, 1), Err(RefundRefused::Invalid(_))));
+        assert!(matches!(refund(&bank, "a", &p.id, 1), Err(RefundRefused::Exceeds(_))));
         assert_eq!(bank.refunds("a", &p.id).unwrap().len(), 2);
         let _ = std::fs::remove_file(path);
     }
@@ -412,7 +415,7 @@ mod tests {
         };
         let bank = open(&path);
         assert_eq!(bank.refunds("a", &p.id), Some(vec![serde_json::to_value(&r).unwrap()]));
-        assert!(matches!(refund(&bank, "a", &p.id, 301), Err(RefundRefused::Invalid(_))));
+        assert!(matches!(refund(&bank, "a", &p.id, 301), Err(RefundRefused::Exceeds(_))));
         refund(&bank, "a", &p.id, 300).unwrap();
         let _ = std::fs::remove_file(path);
     }

@@ -76,7 +76,7 @@ pub fn routes() -> Vec<Route> {
                 .body::<CreatePayment>()
                 .created::<Payment>("The payment; its URL is in `Location`.")
                 .location()
-                .problem(422, "The amount is not positive or the currency is not three uppercase letters."),
+                .problem(422, "The amount is out of range or the currency is not three uppercase letters."),
             Route::get(format!("{prefix}/payments"), format!("{id}list_payments"), "The caller's payments")
                 .ok_list::<Payment>("The caller's payments, oldest first."),
             Route::get(format!("{prefix}/payments/{{id}}"), format!("{id}get_payment"), "One of the caller's payments")
@@ -91,7 +91,8 @@ pub fn routes() -> Vec<Route> {
                 .problem(404, "The caller has no payment with this id (a final outcome, replayed like a refund).")
                 .problem(
                     422,
-                    "The amount is not positive or exceeds what is left to refund (a final outcome, replayed).",
+                    "The amount is out of range (`urn:payments-demo:problem:validation`) or more than what is left \
+                     to refund (`urn:payments-demo:problem:refund-exceeds-payment`); final outcomes, replayed.",
                 ),
             Route::get(format!("{prefix}/payments/{{id}}/refunds"), format!("{id}list_refunds"), "A payment's refunds")
                 .path_param("id", "The payment's id.")
@@ -104,7 +105,7 @@ pub fn routes() -> Vec<Route> {
             .protected("transfers.create")
             .body::<CreateTransfer>()
             .created::<Transfer>("The transfer, once processed.")
-            .problem(422, "The amount is not positive."),
+            .problem(422, "The amount is out of range."),
         Route::get("/transfers", "list_transfers", "The caller's transfers")
             .ok_list::<Transfer>("The caller's transfers, oldest first."),
         Route::post("/quotes", "create_quote", "Price a quote")
@@ -116,7 +117,7 @@ pub fn routes() -> Vec<Route> {
             .protected("deposits.create")
             .body::<CreateDeposit>()
             .created::<Deposit>("The deposit and the balance after it.")
-            .problem(422, "The amount is not positive."),
+            .problem(422, "The amount is out of range."),
         Route::get("/deposits", "list_deposits", "The caller's deposits")
             .ok::<Summary>("How many deposits the caller made, and its balance.")
             .problem(501, "Deposits live in a SQL store's database; this server runs on another store."),

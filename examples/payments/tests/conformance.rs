@@ -154,3 +154,40 @@ async fn an_amount_written_1e3_or_1000_0_is_the_amount_1000() {
         assert!(answer.body["detail"].as_str().unwrap().contains("from 1 to 1000000000000"), "{name}: {}", answer.body);
     }
 }
+
+/// A refund of more than what is left was the same problem as an amount out of range, though it
+/// depends on the refunds made before and not on the request: a client could not tell them apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_beyond_the_payment_has_a_problem_type_of_its_own() {
+    let demos = Demos::start("refunds");
+    let paid = demos
+        .each(|c, base| {
+            let body = json!({"amount": 1000, "currency": "EUR", "customer": "cus_1"});
+            c.post(format!("{base}/payments")).bearer_auth("acct_refunds").header("Idempotency-Key", "pay").json(&body)
+        })
+        .await;
+    let ids: Vec<String> = paid.iter().map(|(_, a)| a.body["id"].as_str().unwrap().to_owned()).collect();
+    for (index, (name, instance)) in demos.instances.iter().enumerate() {
+        let base = format!("http://{}", instance.demo.addr);
+        let url = format!("{base}/payments/{}/refunds", ids[index]);
+        let send = |amount: i64, key: &str| {
+            demos
+                .client
+                .post(&url)
+                .bearer_auth("acct_refunds")
+                .header("Idempotency-Key", key)
+                .json(&json!({"amount": amount}))
+                .send()
+        };
+        assert_eq!(send(600, "r1").await.unwrap().status(), 201, "{name}");
+        for (amount, key, problem) in
+            [(401, "r2", "refund-exceeds-payment"), (0, "r3", "validation"), (401, "r2", "refund-exceeds-payment")]
+        {
+            let response = send(amount, key).await.unwrap();
+            assert_eq!(response.status(), 422, "{name}: {amount}");
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["type"], format!("urn:payments-demo:problem:{problem}"), "{name}: {amount}");
+        }
+        assert_eq!(send(400, "r4").await.unwrap().status(), 201, "{name}: what is left");
+    }
+}
