@@ -36,6 +36,9 @@ fn problem_response(p: DemoProblem) -> HttpResponse {
     if p.www_authenticate {
         response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
     }
+    if let Some(allow) = p.allow {
+        response.insert_header((header::ALLOW, allow));
+    }
     response.body(p.body)
 }
 
@@ -254,7 +257,12 @@ pub fn configure(cfg: &mut web::ServiceConfig, prepared: &Prepared) {
         .route("/_idempotency/records/{scope}/{key}", web::get().to(record_status))
         .route("/healthz", web::get().to(health))
         .service(metrics)
-        .service(openapi);
+        .service(openapi)
+        // A request no route takes: 405 with `Allow` where the path is served, else 404, both
+        // problems (actix-web itself answers 404 to both, without a body).
+        .default_service(web::to(|request: HttpRequest| async move {
+            problem_response(DemoProblem::unrouted(request.method().as_str(), request.path()))
+        }));
 }
 
 /// Binds `config.addr` and returns the bound address and the running server (it runs on the

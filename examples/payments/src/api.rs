@@ -45,6 +45,8 @@ pub struct DemoProblem {
     pub body: String,
     /// Whether to send `WWW-Authenticate: Bearer` (401 only).
     pub www_authenticate: bool,
+    /// The `Allow` header to send (405 only), when the framework does not set it.
+    pub allow: Option<String>,
 }
 
 impl DemoProblem {
@@ -56,7 +58,7 @@ impl DemoProblem {
             "status": status,
             "detail": detail.into(),
         });
-        Self { status, body: body.to_string(), www_authenticate: false }
+        Self { status, body: body.to_string(), www_authenticate: false, allow: None }
     }
 
     /// 501: deposits on a store without SQL transactions.
@@ -84,6 +86,31 @@ impl DemoProblem {
     /// 404: no such payment for this caller.
     pub fn payment_not_found(id: &str) -> Self {
         Self::new(404, "not-found", "Payment not found", format!("No payment `{id}` for this account."))
+    }
+
+    /// 404: no route has this path.
+    pub fn no_route(path: &str) -> Self {
+        Self::new(404, "no-route", "No such route", format!("Nothing is served at `{path}`; see /openapi.json."))
+    }
+
+    /// 405: the path's routes take other methods; `allow` lists them, for a framework that does
+    /// not send `Allow` itself.
+    pub fn method_not_allowed(method: &str, path: &str, allow: Option<String>) -> Self {
+        let detail = format!("`{path}` does not take {method}; `Allow` lists the methods it takes.");
+        let mut p = Self::new(405, "method-not-allowed", "Method not allowed", detail);
+        p.allow = allow;
+        p
+    }
+
+    /// The answer to a request no route takes: 405 with the methods the demo serves at `path`
+    /// (from its document), or 404 when it serves nothing there.
+    pub fn unrouted(method: &str, path: &str) -> Self {
+        let methods = crate::openapi::methods_at(path);
+        if methods.is_empty() {
+            Self::no_route(path)
+        } else {
+            Self::method_not_allowed(method, path, Some(methods.join(", ")))
+        }
     }
 
     /// 400 / 413 / 415 / 422: the request body was rejected before the handler ran.

@@ -36,6 +36,9 @@ fn problem_response(p: DemoProblem) -> Response {
     if p.www_authenticate {
         response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
+    if let Some(allow) = p.allow.and_then(|a| HeaderValue::from_str(&a).ok()) {
+        response.headers_mut().insert(header::ALLOW, allow);
+    }
     response
 }
 
@@ -251,6 +254,11 @@ fn build(
         .route("/healthz", get(health))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
+        // Errors of the router itself are problems too; axum adds `Allow` to the 405.
+        .fallback(|uri: axum::http::Uri| async move { problem_response(DemoProblem::no_route(uri.path())) })
+        .method_not_allowed_fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
+            problem_response(DemoProblem::method_not_allowed(method.as_str(), uri.path(), None))
+        })
         // A payments API would rather fail a request than run a mutating route that can charge
         // twice: a POST or PATCH route added without #[idempotent] answers 500 until it has one.
         .layer(Enforce::refuse())

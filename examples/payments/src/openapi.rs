@@ -162,6 +162,41 @@ pub fn routes() -> Vec<Route> {
     routes
 }
 
+/// The methods the demo serves at the request path `path` (`/payments/pay_1` matches
+/// `/payments/{id}`), uppercase and sorted; empty when no route has this path.
+pub fn methods_at(path: &str) -> Vec<&'static str> {
+    static TABLE: std::sync::OnceLock<Vec<(&'static str, Vec<String>)>> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let segments = |p: &str| p.split('/').map(str::to_owned).collect();
+        routes().iter().map(|r| (method_name(&r.method), segments(&r.path))).collect()
+    });
+    let segments: Vec<&str> = path.split('/').collect();
+    let mut methods: Vec<&'static str> = table
+        .iter()
+        .filter(|(_, template)| {
+            template.len() == segments.len()
+                && template.iter().zip(&segments).all(|(t, s)| t == s || (t.starts_with('{') && !s.is_empty()))
+        })
+        .map(|(method, _)| *method)
+        .collect();
+    methods.sort_unstable();
+    methods.dedup();
+    methods
+}
+
+fn method_name(method: &HttpMethod) -> &'static str {
+    match method {
+        HttpMethod::Get => "GET",
+        HttpMethod::Post => "POST",
+        HttpMethod::Put => "PUT",
+        HttpMethod::Delete => "DELETE",
+        HttpMethod::Options => "OPTIONS",
+        HttpMethod::Head => "HEAD",
+        HttpMethod::Patch => "PATCH",
+        HttpMethod::Trace => "TRACE",
+    }
+}
+
 /// The document of [`routes`], without what the idempotency runtime adds (see [`render`]).
 pub fn document() -> OpenApi {
     let mut paths = Paths::new();
@@ -477,6 +512,17 @@ mod tests {
         let parameters = serde_json::to_value(&route.operation.parameters).unwrap();
         assert_eq!(parameters[1]["name"], "key");
         assert_eq!(parameters[1]["schema"]["pattern"], HEADER_PATTERN);
+    }
+
+    #[test]
+    fn the_methods_at_a_path_come_from_the_routes_with_its_template() {
+        assert_eq!(methods_at("/payments"), ["GET", "POST"]);
+        assert_eq!(methods_at("/v1/payments/pay_1/refunds"), ["GET", "POST"]);
+        assert_eq!(methods_at("/payments/pay_1"), ["GET"]);
+        assert_eq!(methods_at("/_idempotency/records/payments.create/k"), ["GET"]);
+        for unserved in ["/", "/payments/", "/payments//refunds", "/payments/pay_1/refunds/re_1", "/nothing"] {
+            assert!(methods_at(unserved).is_empty(), "{unserved}");
+        }
     }
 
     #[test]

@@ -191,3 +191,35 @@ async fn a_refund_beyond_the_payment_has_a_problem_type_of_its_own() {
         assert_eq!(send(400, "r4").await.unwrap().status(), 201, "{name}: what is left");
     }
 }
+
+/// actix-web answered 404 without a body to a method a path does not take (`TRACE /payments`),
+/// where HTTP says 405 with `Allow`; and the routers' own 404 and 405 were not problems.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_method_a_path_does_not_take_is_405_with_allow_and_no_route_is_404() {
+    let demos = Demos::start("methods");
+    for (path, allow) in [("/payments", "GET, POST"), ("/v1/payments/pay_1/refunds", "GET, POST"), ("/healthz", "GET")]
+    {
+        for method in ["PUT", "DELETE", "PATCH", "TRACE"] {
+            let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+            for (name, answer) in demos.each(|c, base| c.request(method.clone(), format!("{base}{path}"))).await {
+                let what = format!("{name}: {method} {path}");
+                assert_eq!((answer.status, answer.content_type.as_str()), (405, "application/problem+json"), "{what}");
+                assert_eq!(answer.body["type"], "urn:payments-demo:problem:method-not-allowed", "{what}");
+                let listed = answer.allow.unwrap_or_else(|| panic!("{what}: no Allow"));
+                let mut listed: Vec<&str> = listed.split(',').map(str::trim).filter(|m| *m != "HEAD").collect();
+                listed.sort_unstable();
+                assert_eq!(listed.join(", "), allow, "{what}");
+            }
+        }
+    }
+    for path in ["/nothing", "/payments/pay_1/refunds/re_1", "/v1/transfers"] {
+        for (name, answer) in demos.each(|c, base| c.get(format!("{base}{path}")).bearer_auth("acct_1")).await {
+            assert_eq!(
+                (answer.status, answer.content_type.as_str()),
+                (404, "application/problem+json"),
+                "{name}: {path}"
+            );
+            assert_eq!(answer.body["type"], "urn:payments-demo:problem:no-route", "{name}: {path}");
+        }
+    }
+}
