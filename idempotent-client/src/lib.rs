@@ -85,13 +85,17 @@
 //!
 //! `reqwest-middleware` (0.5, the release built on reqwest 0.13) is the extension point, with
 //! `async-trait` for its trait. `reqwest` and `http` are the types it works on, and `bytes` the
-//! buffered bodies. `idempotent-core` (without features: no store, no database) supplies the
-//! protocol's names once for server and client: the key and replay headers, the in-progress
-//! problem type. `tokio` (`time`) sleeps between attempts and bounds each one, `uuid` (`v7`)
+//! buffered bodies. `tokio` (`time`) sleeps between attempts and bounds each one, `uuid` (`v7`)
 //! makes keys that sort by creation time, `serde_json` reads a problem body's `type` and
 //! `retry_after`, `sha2` digests keys for logs, `tracing` emits the events and `thiserror`
 //! derives the error. Jitter comes from the standard library's randomly keyed hasher, so there
 //! is no random number crate.
+//!
+//! No part of the server runtime: the few names of the protocol the client reads ([`KEY_HEADER`],
+//! [`REPLAYED_HEADER`], [`PROBLEM_CONTENT_TYPE`], [`retry::IN_PROGRESS_PROBLEM`]) are constants of
+//! its own, and a test of the workspace (`tests/tests/client_protocol.rs`) checks that they are
+//! the ones `idempotent-core` answers with. An application that only calls such an API builds no
+//! store, engine or database driver.
 
 mod middleware;
 pub mod retry;
@@ -106,6 +110,16 @@ use http::Method;
 use retry::GiveUpReason;
 use std::fmt;
 use std::time::Duration;
+
+/// The header that carries the key by default, as servers built on `idempotent` read it
+/// (`Idempotency-Key`; header names are case-insensitive).
+pub const KEY_HEADER: &str = "idempotency-key";
+
+/// The header on a replayed response: `Idempotent-Replayed: true`.
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+
+/// The media type of problem responses (RFC 9457), whose `type` and `retry_after` are read.
+pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
 
 /// What the middleware reports on each response to a request it handled, as a response
 /// extension: read it with [`Outcome::of`].

@@ -55,7 +55,7 @@ impl IdempotencyMiddleware {
     /// A builder starting from the defaults.
     pub fn builder() -> Builder {
         Builder {
-            header: HeaderName::from_static(idempotent_core::engine::DEFAULT_HEADER),
+            header: HeaderName::from_static(crate::KEY_HEADER),
             methods: vec![Method::POST, Method::PATCH],
             policy: RetryPolicy::default(),
             jitter: Arc::new(RandomJitter),
@@ -360,7 +360,7 @@ impl Buffered {
 
     fn replayed(&self) -> bool {
         self.headers
-            .get(idempotent_core::engine::REPLAYED_HEADER)
+            .get(crate::REPLAYED_HEADER)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
     }
