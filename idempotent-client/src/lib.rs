@@ -54,6 +54,10 @@
 //! returned as it is (a `503`, say, with its [`Outcome`]); if the last attempt got no response the
 //! error is [`Error::GaveUp`], found with [`Error::of`].
 //!
+//! Its errors and logs show a request's URL as scheme, host, port and path, never its credentials,
+//! query or fragment (which may hold tokens): the errors of its own, and reqwest's errors it
+//! returns or keeps as a cause, whose URL it cuts the same way.
+//!
 //! The retry decision and the backoff schedule are pure functions in [`retry`], with no clock and
 //! no randomness of their own.
 //!
@@ -193,15 +197,19 @@ pub enum Error {
     /// or may not have run: to resume it later, send it again under the same key (set the key on
     /// the request yourself when you may need to resume; errors do not carry it, so that logging
     /// one never leaks it).
-    #[error("gave up after {attempts} attempt(s) in {elapsed:?}: {reason}")]
+    #[error("{method} {url}: gave up after {attempts} attempt(s) in {elapsed:?}: {reason}")]
     GaveUp {
+        /// The request's method.
+        method: Method,
+        /// The request's URL, without credentials, query or fragment.
+        url: String,
         /// Attempts made.
         attempts: u32,
         /// Time from the start of the first attempt to the end of the last one.
         elapsed: Duration,
         /// The bound that ended the retries.
         reason: GiveUpReason,
-        /// Why the last attempt failed.
+        /// Why the last attempt failed (its URL, too, without credentials, query or fragment).
         #[source]
         source: AttemptError,
     },

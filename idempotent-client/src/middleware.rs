@@ -260,7 +260,7 @@ impl IdempotencyMiddleware {
                             Err(e)
                         }
                         // Not reached: a timed-out attempt is always retryable.
-                        Err(e) => Err(gave_up(attempts, elapsed, GiveUpReason::Attempts, e)),
+                        Err(e) => Err(gave_up(&req, attempts, elapsed, GiveUpReason::Attempts, e)),
                     };
                 }
                 Decision::GiveUp(reason) => {
@@ -277,7 +277,7 @@ impl IdempotencyMiddleware {
                             let outcome = outcome(&buffered);
                             buffered.into_response(outcome)
                         }
-                        Err(e) => Err(gave_up(attempts, elapsed, reason, e)),
+                        Err(e) => Err(gave_up(&req, attempts, elapsed, reason, e)),
                     };
                 }
             }
@@ -293,8 +293,8 @@ impl IdempotencyMiddleware {
         next: Next<'_>,
     ) -> (Result<Buffered, AttemptError>, Observed) {
         let exchange = async {
-            let response = next.run(req, extensions).await?;
-            Buffered::read(response).await.map_err(reqwest_middleware::Error::Reqwest)
+            let response = next.run(req, extensions).await.map_err(redacted)?;
+            Buffered::read(response).await.map_err(|e| redacted(reqwest_middleware::Error::Reqwest(e)))
         };
         let result = match self.config.policy.attempt_timeout {
             Some(limit) => match tokio::time::timeout(limit, exchange).await {
@@ -311,8 +311,33 @@ impl IdempotencyMiddleware {
     }
 }
 
-fn gave_up(attempts: u32, elapsed: Duration, reason: GiveUpReason, source: AttemptError) -> reqwest_middleware::Error {
-    reqwest_middleware::Error::middleware(Error::GaveUp { attempts, elapsed, reason, source })
+/// `error` with the URL it names cut to what logs show ([`LogUrl`]): reqwest's errors display
+/// the request's whole URL, credentials and query included, and every error of the middleware
+/// (a give-up's cause, or a failure returned as it is) may end up in a log.
+fn redacted(error: reqwest_middleware::Error) -> reqwest_middleware::Error {
+    match error {
+        reqwest_middleware::Error::Reqwest(mut e) => {
+            if let Some(url) = e.url_mut() {
+                let _ = url.set_username("");
+                let _ = url.set_password(None);
+                url.set_query(None);
+                url.set_fragment(None);
+            }
+            reqwest_middleware::Error::Reqwest(e)
+        }
+        other => other,
+    }
+}
+
+fn gave_up(
+    req: &Request,
+    attempts: u32,
+    elapsed: Duration,
+    reason: GiveUpReason,
+    source: AttemptError,
+) -> reqwest_middleware::Error {
+    let (method, url) = (req.method().clone(), LogUrl(req.url()).to_string());
+    reqwest_middleware::Error::middleware(Error::GaveUp { method, url, attempts, elapsed, reason, source })
 }
 
 /// What a failed attempt means for the retry decision.

@@ -210,3 +210,45 @@ async fn another_header_name_can_carry_the_key() {
     assert!(Outcome::of(&r).is_some());
     assert_eq!(server.seen()[0].key, None, "not under Idempotency-Key");
 }
+
+/// `error`, its causes and its `Debug`, all of what a log could show of it.
+fn everything_shown(error: &reqwest_middleware::Error) -> String {
+    let mut shown = format!("{error} {error:?}");
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        shown.push_str(&format!(" | {cause} {cause:?}"));
+        source = cause.source();
+    }
+    shown
+}
+
+/// The give-up error's cause (reqwest's error) displayed the request's whole URL: credentials and
+/// query included.
+#[tokio::test]
+async fn errors_show_the_url_without_credentials_query_or_fragment() {
+    let secrets = ["alice", "s3cr3t", "t0ken", "fr4g"];
+    let c = client(quick().max_attempts(2).build());
+
+    // Given up: nobody listens on the port.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let err =
+        c.post(format!("http://alice:s3cr3t@{closed}/payments?token=t0ken#fr4g")).body("{}").send().await.unwrap_err();
+    let Some(Error::GaveUp { method, url, attempts: 2, .. }) = Error::of(&err) else { panic!("{err:?}") };
+    assert_eq!((method, url.as_str()), (&Method::POST, format!("http://{closed}/payments").as_str()));
+    let shown = everything_shown(&err);
+    assert!(shown.contains(&format!("POST http://{closed}/payments: gave up after 2 attempt(s)")), "{shown}");
+    for secret in secrets {
+        assert!(!shown.contains(secret), "{secret} in {shown}");
+    }
+
+    // Returned as it is: a redirect loop, which sending again cannot fix.
+    let server = Server::start(vec![response(302, &[("location", "/payments?token=t0ken#fr4g")], "")]).await;
+    let url = format!("http://alice:s3cr3t@{}/payments?token=t0ken#fr4g", server.addr);
+    let err = c.post(url).body("{}").send().await.unwrap_err();
+    assert!(matches!(&err, reqwest_middleware::Error::Reqwest(e) if e.is_redirect()), "{err:?}");
+    let shown = everything_shown(&err);
+    assert!(shown.contains(&server.url("/payments")), "{shown}");
+    for secret in secrets {
+        assert!(!shown.contains(secret), "{secret} in {shown}");
+    }
+}
