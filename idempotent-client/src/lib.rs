@@ -48,7 +48,10 @@
 //!   short SHA-256 digest, never in clear), one event per attempt (`debug` for the answer, `info`
 //!   for a retry and its wait, `warn` when giving up);
 //! - refuses a streaming body ([`Error::NonReplayableBody`]): it could not be sent a second time,
-//!   so the operation would silently lose its protection against lost responses.
+//!   so the operation would silently lose its protection against lost responses;
+//! - reads a response body of at most [`Builder::max_response_body`] bytes
+//!   ([`DEFAULT_MAX_RESPONSE_BODY`], 16 MiB, by default), since it holds the whole body in memory:
+//!   a longer one is [`Error::ResponseTooLarge`], and is not sent again.
 //!
 //! Other methods pass through untouched. When the retries are exhausted, the last response is
 //! returned as it is (a `503`, say, with its [`Outcome`]); if the last attempt got no response the
@@ -104,7 +107,7 @@
 mod middleware;
 pub mod retry;
 
-pub use middleware::{Builder, IdempotencyMiddleware};
+pub use middleware::{Builder, IdempotencyMiddleware, DEFAULT_MAX_RESPONSE_BODY};
 /// The middleware framework this crate plugs into (0.5, on reqwest 0.13): a client is built with
 /// its `ClientBuilder`.
 pub use reqwest_middleware;
@@ -192,6 +195,23 @@ pub enum Error {
         method: Method,
         /// The request's URL, without credentials, query or fragment.
         url: String,
+    },
+    /// The response's body is longer than [`Builder::max_response_body`] allows: it was not
+    /// read, and the request is not sent again. The server answered, so the operation may have
+    /// run; raise the limit if such answers are expected.
+    #[error(
+        "{method} {url}: the response ({status}) has a body longer than {limit} bytes, the most this client reads \
+         (`max_response_body`); it was not read and the request was not sent again"
+    )]
+    ResponseTooLarge {
+        /// The request's method.
+        method: Method,
+        /// The request's URL, without credentials, query or fragment.
+        url: String,
+        /// The response's status.
+        status: http::StatusCode,
+        /// The limit in force, in bytes.
+        limit: usize,
     },
     /// The last attempt got no response and the policy allows no further one. The operation may
     /// or may not have run: to resume it later, send it again under the same key (set the key on

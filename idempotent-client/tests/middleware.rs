@@ -4,7 +4,7 @@ mod common;
 
 use common::{client, created, pay, problem, quick, response, Reply, Server};
 use idempotent_client::retry::IN_PROGRESS_PROBLEM;
-use idempotent_client::{AttemptError, Error, Outcome};
+use idempotent_client::{AttemptError, Error, IdempotencyMiddleware, Outcome};
 use reqwest::Method;
 use reqwest_middleware::ClientBuilder;
 use std::time::{Duration, Instant};
@@ -250,5 +250,44 @@ async fn errors_show_the_url_without_credentials_query_or_fragment() {
     assert!(shown.contains(&server.url("/payments")), "{shown}");
     for secret in secrets {
         assert!(!shown.contains(secret), "{secret} in {shown}");
+    }
+}
+
+/// The whole body was buffered whatever its size: a server could make each operation allocate
+/// as much as it sent.
+#[tokio::test]
+async fn a_response_body_over_the_limit_is_refused_and_not_sent_again() {
+    assert_eq!(IdempotencyMiddleware::new().max_response_body(), 16 * 1024 * 1024);
+    assert_eq!(idempotent_client::DEFAULT_MAX_RESPONSE_BODY, 16 * 1024 * 1024);
+    let c = client(quick().max_response_body(1024).build());
+
+    // Exactly the limit is read.
+    let server = Server::start(vec![response(201, &[], &"x".repeat(1024))]).await;
+    let r = pay(&c, &server).send().await.unwrap();
+    assert_eq!(r.bytes().await.unwrap().len(), 1024);
+
+    // Longer, by its Content-Length, or while reading a chunked body that has none.
+    let chunk = "x".repeat(1000);
+    let chunked = format!(
+        "HTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n\
+         3e8\r\n{chunk}\r\n3e8\r\n{chunk}\r\n0\r\n\r\n"
+    );
+    for (what, reply) in [("content-length", response(201, &[], &"x".repeat(1025))), ("chunked", Reply::Send(chunked))]
+    {
+        let server = Server::start(vec![reply, created(false)]).await;
+        let err = c.post(server.url("/payments?token=t0ken")).json(&serde_json::json!({})).send().await.unwrap_err();
+        match Error::of(&err) {
+            Some(Error::ResponseTooLarge { method, url, status, limit: 1024 }) => {
+                assert_eq!(
+                    (method, url.as_str(), status.as_u16()),
+                    (&Method::POST, server.url("/payments").as_str(), 201)
+                );
+            }
+            other => panic!("{what}: {other:?}"),
+        }
+        let message = err.to_string();
+        assert!(message.contains("longer than 1024 bytes") && message.contains("max_response_body"), "{message}");
+        assert!(!message.contains("t0ken"), "{message}");
+        assert_eq!(server.seen().len(), 1, "{what}: the operation was answered; it is not sent again");
     }
 }
