@@ -96,3 +96,17 @@ if [ -z "${IDEMPOTENT_TEST_MYSQL_URL:-}" ]; then
     log "mariadb is NOT available"
   fi
 fi
+# --- schemathesis ------------------------------------------------------------------------
+# examples/payments/tests/openapi.rs runs it (python3 -m schemathesis.cli, or $PYTHON) against
+# both demo binaries; it skips loudly without it, and fails under CI=true.
+python=${PYTHON:-python3}
+st_up() { "$python" -m schemathesis.cli --version >/dev/null 2>&1; }
+if ! st_up; then
+  command -v "$python" >/dev/null 2>&1 || apt_install python3
+  "$python" -m pip --version >/dev/null 2>&1 || apt_install python3-pip
+  log "installing schemathesis 4 (PyPI)"
+  pip_install() { "$python" -m pip install --quiet --disable-pip-version-check "$@" 'schemathesis>=4,<5' >/dev/null 2>&1; }
+  # A distribution's own Python refuses to install into itself (PEP 668) unless told to.
+  pip_install || pip_install --break-system-packages || true
+fi
+st_up && log "schemathesis is installed" || log "schemathesis is NOT available"

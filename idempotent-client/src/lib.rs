@@ -48,11 +48,18 @@
 //!   short SHA-256 digest, never in clear), one event per attempt (`debug` for the answer, `info`
 //!   for a retry and its wait, `warn` when giving up);
 //! - refuses a streaming body ([`Error::NonReplayableBody`]): it could not be sent a second time,
-//!   so the operation would silently lose its protection against lost responses.
+//!   so the operation would silently lose its protection against lost responses;
+//! - reads a response body of at most [`Builder::max_response_body`] bytes
+//!   ([`DEFAULT_MAX_RESPONSE_BODY`], 16 MiB, by default), since it holds the whole body in memory:
+//!   a longer one is [`Error::ResponseTooLarge`], and is not sent again.
 //!
 //! Other methods pass through untouched. When the retries are exhausted, the last response is
 //! returned as it is (a `503`, say, with its [`Outcome`]); if the last attempt got no response the
 //! error is [`Error::GaveUp`], found with [`Error::of`].
+//!
+//! Its errors and logs show a request's URL as scheme, host, port and path, never its credentials,
+//! query or fragment (which may hold tokens): the errors of its own, and reqwest's errors it
+//! returns or keeps as a cause, whose URL it cuts the same way.
 //!
 //! The retry decision and the backoff schedule are pure functions in [`retry`], with no clock and
 //! no randomness of their own.
@@ -85,18 +92,22 @@
 //!
 //! `reqwest-middleware` (0.5, the release built on reqwest 0.13) is the extension point, with
 //! `async-trait` for its trait. `reqwest` and `http` are the types it works on, and `bytes` the
-//! buffered bodies. `idempotent-core` (without features: no store, no database) supplies the
-//! protocol's names once for server and client: the key and replay headers, the in-progress
-//! problem type. `tokio` (`time`) sleeps between attempts and bounds each one, `uuid` (`v7`)
+//! buffered bodies. `tokio` (`time`) sleeps between attempts and bounds each one, `uuid` (`v7`)
 //! makes keys that sort by creation time, `serde_json` reads a problem body's `type` and
 //! `retry_after`, `sha2` digests keys for logs, `tracing` emits the events and `thiserror`
 //! derives the error. Jitter comes from the standard library's randomly keyed hasher, so there
 //! is no random number crate.
+//!
+//! No part of the server runtime: the few names of the protocol the client reads ([`KEY_HEADER`],
+//! [`REPLAYED_HEADER`], [`PROBLEM_CONTENT_TYPE`], [`retry::IN_PROGRESS_PROBLEM`]) are constants of
+//! its own, and a test of the workspace (`tests/tests/client_protocol.rs`) checks that they are
+//! the ones `idempotent-core` answers with. An application that only calls such an API builds no
+//! store, engine or database driver.
 
 mod middleware;
 pub mod retry;
 
-pub use middleware::{Builder, IdempotencyMiddleware};
+pub use middleware::{Builder, IdempotencyMiddleware, DEFAULT_MAX_RESPONSE_BODY};
 /// The middleware framework this crate plugs into (0.5, on reqwest 0.13): a client is built with
 /// its `ClientBuilder`.
 pub use reqwest_middleware;
@@ -106,6 +117,16 @@ use http::Method;
 use retry::GiveUpReason;
 use std::fmt;
 use std::time::Duration;
+
+/// The header that carries the key by default, as servers built on `idempotent` read it
+/// (`Idempotency-Key`; header names are case-insensitive).
+pub const KEY_HEADER: &str = "idempotency-key";
+
+/// The header on a replayed response: `Idempotent-Replayed: true`.
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+
+/// The media type of problem responses (RFC 9457), whose `type` and `retry_after` are read.
+pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
 
 /// What the middleware reports on each response to a request it handled, as a response
 /// extension: read it with [`Outcome::of`].
@@ -175,19 +196,40 @@ pub enum Error {
         /// The request's URL, without credentials, query or fragment.
         url: String,
     },
+    /// The response's body is longer than [`Builder::max_response_body`] allows: it was not
+    /// read, and the request is not sent again. The server answered, so the operation may have
+    /// run; raise the limit if such answers are expected.
+    #[error(
+        "{method} {url}: the response ({status}) has a body longer than {limit} bytes, the most this client reads \
+         (`max_response_body`); it was not read and the request was not sent again"
+    )]
+    ResponseTooLarge {
+        /// The request's method.
+        method: Method,
+        /// The request's URL, without credentials, query or fragment.
+        url: String,
+        /// The response's status.
+        status: http::StatusCode,
+        /// The limit in force, in bytes.
+        limit: usize,
+    },
     /// The last attempt got no response and the policy allows no further one. The operation may
     /// or may not have run: to resume it later, send it again under the same key (set the key on
     /// the request yourself when you may need to resume; errors do not carry it, so that logging
     /// one never leaks it).
-    #[error("gave up after {attempts} attempt(s) in {elapsed:?}: {reason}")]
+    #[error("{method} {url}: gave up after {attempts} attempt(s) in {elapsed:?}: {reason}")]
     GaveUp {
+        /// The request's method.
+        method: Method,
+        /// The request's URL, without credentials, query or fragment.
+        url: String,
         /// Attempts made.
         attempts: u32,
         /// Time from the start of the first attempt to the end of the last one.
         elapsed: Duration,
         /// The bound that ended the retries.
         reason: GiveUpReason,
-        /// Why the last attempt failed.
+        /// Why the last attempt failed (its URL, too, without credentials, query or fragment).
         #[source]
         source: AttemptError,
     },

@@ -27,7 +27,17 @@ struct Config {
     methods: Vec<Method>,
     policy: RetryPolicy,
     jitter: Arc<dyn Jitter>,
+    max_response_body: usize,
 }
+
+/// The default of [`Builder::max_response_body`]: 16 MiB.
+///
+/// The middleware holds each response body whole in memory before handing the response back (so
+/// that a body cut short is retried like any lost response), so without a bound a misbehaving or
+/// hostile server could make every operation allocate as much as it sends. Answers to mutating
+/// calls are small documents: a server built on `idempotent` stores at most 1 MiB of body to
+/// replay by default, and 16 MiB leaves room for far larger ones.
+pub const DEFAULT_MAX_RESPONSE_BODY: usize = 16 * 1024 * 1024;
 
 impl fmt::Debug for IdempotencyMiddleware {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -35,6 +45,7 @@ impl fmt::Debug for IdempotencyMiddleware {
             .field("header", &self.config.header)
             .field("methods", &self.config.methods)
             .field("policy", &self.config.policy)
+            .field("max_response_body", &self.config.max_response_body)
             .finish_non_exhaustive()
     }
 }
@@ -55,16 +66,22 @@ impl IdempotencyMiddleware {
     /// A builder starting from the defaults.
     pub fn builder() -> Builder {
         Builder {
-            header: HeaderName::from_static(idempotent_core::engine::DEFAULT_HEADER),
+            header: HeaderName::from_static(crate::KEY_HEADER),
             methods: vec![Method::POST, Method::PATCH],
             policy: RetryPolicy::default(),
             jitter: Arc::new(RandomJitter),
+            max_response_body: DEFAULT_MAX_RESPONSE_BODY,
         }
     }
 
     /// The retry policy in force.
     pub fn policy(&self) -> &RetryPolicy {
         &self.config.policy
+    }
+
+    /// The largest response body it reads, in bytes ([`Builder::max_response_body`]).
+    pub fn max_response_body(&self) -> usize {
+        self.config.max_response_body
     }
 }
 
@@ -75,6 +92,7 @@ pub struct Builder {
     methods: Vec<Method>,
     policy: RetryPolicy,
     jitter: Arc<dyn Jitter>,
+    max_response_body: usize,
 }
 
 impl fmt::Debug for Builder {
@@ -83,6 +101,7 @@ impl fmt::Debug for Builder {
             .field("header", &self.header)
             .field("methods", &self.methods)
             .field("policy", &self.policy)
+            .field("max_response_body", &self.max_response_body)
             .finish_non_exhaustive()
     }
 }
@@ -143,6 +162,15 @@ impl Builder {
         self
     }
 
+    /// The largest response body read for a protected request, in bytes; default
+    /// [`DEFAULT_MAX_RESPONSE_BODY`] (16 MiB, see there why). A larger body is not read: the
+    /// request fails with [`Error::ResponseTooLarge`](crate::Error::ResponseTooLarge) and is not
+    /// sent again.
+    pub fn max_response_body(mut self, bytes: usize) -> Self {
+        self.max_response_body = bytes;
+        self
+    }
+
     /// The middleware.
     pub fn build(self) -> IdempotencyMiddleware {
         IdempotencyMiddleware {
@@ -151,6 +179,7 @@ impl Builder {
                 methods: self.methods,
                 policy: self.policy,
                 jitter: self.jitter,
+                max_response_body: self.max_response_body,
             }),
         }
     }
@@ -260,7 +289,7 @@ impl IdempotencyMiddleware {
                             Err(e)
                         }
                         // Not reached: a timed-out attempt is always retryable.
-                        Err(e) => Err(gave_up(attempts, elapsed, GiveUpReason::Attempts, e)),
+                        Err(e) => Err(gave_up(&req, attempts, elapsed, GiveUpReason::Attempts, e)),
                     };
                 }
                 Decision::GiveUp(reason) => {
@@ -277,7 +306,7 @@ impl IdempotencyMiddleware {
                             let outcome = outcome(&buffered);
                             buffered.into_response(outcome)
                         }
-                        Err(e) => Err(gave_up(attempts, elapsed, reason, e)),
+                        Err(e) => Err(gave_up(&req, attempts, elapsed, reason, e)),
                     };
                 }
             }
@@ -292,9 +321,18 @@ impl IdempotencyMiddleware {
         extensions: &mut Extensions,
         next: Next<'_>,
     ) -> (Result<Buffered, AttemptError>, Observed) {
+        let (method, url) = (req.method().clone(), LogUrl(req.url()).to_string());
+        let limit = self.config.max_response_body;
         let exchange = async {
-            let response = next.run(req, extensions).await?;
-            Buffered::read(response).await.map_err(reqwest_middleware::Error::Reqwest)
+            let response = next.run(req, extensions).await.map_err(redacted)?;
+            match Buffered::read(response, limit).await {
+                Ok(Ok(buffered)) => Ok(buffered),
+                Ok(Err(status)) => {
+                    let too_large = Error::ResponseTooLarge { method, url, status, limit };
+                    Err(reqwest_middleware::Error::middleware(too_large))
+                }
+                Err(e) => Err(redacted(reqwest_middleware::Error::Reqwest(e))),
+            }
         };
         let result = match self.config.policy.attempt_timeout {
             Some(limit) => match tokio::time::timeout(limit, exchange).await {
@@ -311,8 +349,33 @@ impl IdempotencyMiddleware {
     }
 }
 
-fn gave_up(attempts: u32, elapsed: Duration, reason: GiveUpReason, source: AttemptError) -> reqwest_middleware::Error {
-    reqwest_middleware::Error::middleware(Error::GaveUp { attempts, elapsed, reason, source })
+/// `error` with the URL it names cut to what logs show ([`LogUrl`]): reqwest's errors display
+/// the request's whole URL, credentials and query included, and every error of the middleware
+/// (a give-up's cause, or a failure returned as it is) may end up in a log.
+fn redacted(error: reqwest_middleware::Error) -> reqwest_middleware::Error {
+    match error {
+        reqwest_middleware::Error::Reqwest(mut e) => {
+            if let Some(url) = e.url_mut() {
+                let _ = url.set_username("");
+                let _ = url.set_password(None);
+                url.set_query(None);
+                url.set_fragment(None);
+            }
+            reqwest_middleware::Error::Reqwest(e)
+        }
+        other => other,
+    }
+}
+
+fn gave_up(
+    req: &Request,
+    attempts: u32,
+    elapsed: Duration,
+    reason: GiveUpReason,
+    source: AttemptError,
+) -> reqwest_middleware::Error {
+    let (method, url) = (req.method().clone(), LogUrl(req.url()).to_string());
+    reqwest_middleware::Error::middleware(Error::GaveUp { method, url, attempts, elapsed, reason, source })
 }
 
 /// What a failed attempt means for the retry decision.
@@ -348,19 +411,37 @@ struct Buffered {
 }
 
 impl Buffered {
-    async fn read(mut response: Response) -> reqwest::Result<Self> {
+    /// Reads `response` to its end, or `Ok(Err(status))` as soon as its body is known to be
+    /// longer than `limit` bytes (from its `Content-Length`, else while reading it).
+    async fn read(mut response: Response, limit: usize) -> reqwest::Result<Result<Self, StatusCode>> {
         let status = response.status();
+        if response.content_length().is_some_and(|length| length > limit as u64) {
+            return Ok(Err(status));
+        }
         let version = response.version();
         let headers = response.headers().clone();
         let extensions = std::mem::take(response.extensions_mut());
         let url = response.url().clone();
-        let body = response.bytes().await?;
-        Ok(Self { status, version, headers, extensions, url, body })
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut length = 0usize;
+        while let Some(chunk) = response.chunk().await? {
+            length += chunk.len();
+            if length > limit {
+                return Ok(Err(status));
+            }
+            chunks.push(chunk);
+        }
+        let body = match chunks.len() {
+            0 => Bytes::new(),
+            1 => chunks.pop().unwrap_or_default(),
+            _ => chunks.concat().into(),
+        };
+        Ok(Ok(Self { status, version, headers, extensions, url, body }))
     }
 
     fn replayed(&self) -> bool {
         self.headers
-            .get(idempotent_core::engine::REPLAYED_HEADER)
+            .get(crate::REPLAYED_HEADER)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
     }

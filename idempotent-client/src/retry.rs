@@ -20,7 +20,6 @@
 //! ```
 
 use http::{HeaderMap, HeaderValue, StatusCode};
-use idempotent_core::problem::ProblemKind;
 use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
@@ -28,7 +27,7 @@ use std::time::Duration;
 
 /// The `type` of the problem a server built on `idempotent` answers, with 409, while the first
 /// request with a key is still running: `urn:idempotent:problem:in-progress`.
-pub const IN_PROGRESS_PROBLEM: &str = ProblemKind::InProgress.type_uri();
+pub const IN_PROGRESS_PROBLEM: &str = "urn:idempotent:problem:in-progress";
 
 /// Bounds and pacing of the retries of one logical operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,7 +137,7 @@ impl Answer {
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.split(';').next())
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case(idempotent_core::problem::CONTENT_TYPE));
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case(crate::PROBLEM_CONTENT_TYPE));
         let problem = if is_problem { serde_json::from_slice::<serde_json::Value>(body).ok() } else { None };
         let problem_type = problem.as_ref().and_then(|p| p.get("type")).and_then(|t| t.as_str()).map(str::to_owned);
         let from_body = problem

@@ -4,7 +4,7 @@ mod common;
 
 use common::{client, created, pay, problem, quick, response, Reply, Server};
 use idempotent_client::retry::IN_PROGRESS_PROBLEM;
-use idempotent_client::{AttemptError, Error, Outcome};
+use idempotent_client::{AttemptError, Error, IdempotencyMiddleware, Outcome};
 use reqwest::Method;
 use reqwest_middleware::ClientBuilder;
 use std::time::{Duration, Instant};
@@ -209,4 +209,85 @@ async fn another_header_name_can_carry_the_key() {
     let r = client(quick().header_name(name).build()).post(server.url("/p")).body("{}").send().await.unwrap();
     assert!(Outcome::of(&r).is_some());
     assert_eq!(server.seen()[0].key, None, "not under Idempotency-Key");
+}
+
+/// `error`, its causes and its `Debug`, all of what a log could show of it.
+fn everything_shown(error: &reqwest_middleware::Error) -> String {
+    let mut shown = format!("{error} {error:?}");
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        shown.push_str(&format!(" | {cause} {cause:?}"));
+        source = cause.source();
+    }
+    shown
+}
+
+/// The give-up error's cause (reqwest's error) displayed the request's whole URL: credentials and
+/// query included.
+#[tokio::test]
+async fn errors_show_the_url_without_credentials_query_or_fragment() {
+    let secrets = ["alice", "s3cr3t", "t0ken", "fr4g"];
+    let c = client(quick().max_attempts(2).build());
+
+    // Given up: nobody listens on the port.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let err =
+        c.post(format!("http://alice:s3cr3t@{closed}/payments?token=t0ken#fr4g")).body("{}").send().await.unwrap_err();
+    let Some(Error::GaveUp { method, url, attempts: 2, .. }) = Error::of(&err) else { panic!("{err:?}") };
+    assert_eq!((method, url.as_str()), (&Method::POST, format!("http://{closed}/payments").as_str()));
+    let shown = everything_shown(&err);
+    assert!(shown.contains(&format!("POST http://{closed}/payments: gave up after 2 attempt(s)")), "{shown}");
+    for secret in secrets {
+        assert!(!shown.contains(secret), "{secret} in {shown}");
+    }
+
+    // Returned as it is: a redirect loop, which sending again cannot fix.
+    let server = Server::start(vec![response(302, &[("location", "/payments?token=t0ken#fr4g")], "")]).await;
+    let url = format!("http://alice:s3cr3t@{}/payments?token=t0ken#fr4g", server.addr);
+    let err = c.post(url).body("{}").send().await.unwrap_err();
+    assert!(matches!(&err, reqwest_middleware::Error::Reqwest(e) if e.is_redirect()), "{err:?}");
+    let shown = everything_shown(&err);
+    assert!(shown.contains(&server.url("/payments")), "{shown}");
+    for secret in secrets {
+        assert!(!shown.contains(secret), "{secret} in {shown}");
+    }
+}
+
+/// The whole body was buffered whatever its size: a server could make each operation allocate
+/// as much as it sent.
+#[tokio::test]
+async fn a_response_body_over_the_limit_is_refused_and_not_sent_again() {
+    assert_eq!(IdempotencyMiddleware::new().max_response_body(), 16 * 1024 * 1024);
+    assert_eq!(idempotent_client::DEFAULT_MAX_RESPONSE_BODY, 16 * 1024 * 1024);
+    let c = client(quick().max_response_body(1024).build());
+
+    // Exactly the limit is read.
+    let server = Server::start(vec![response(201, &[], &"x".repeat(1024))]).await;
+    let r = pay(&c, &server).send().await.unwrap();
+    assert_eq!(r.bytes().await.unwrap().len(), 1024);
+
+    // Longer, by its Content-Length, or while reading a chunked body that has none.
+    let chunk = "x".repeat(1000);
+    let chunked = format!(
+        "HTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n\
+         3e8\r\n{chunk}\r\n3e8\r\n{chunk}\r\n0\r\n\r\n"
+    );
+    for (what, reply) in [("content-length", response(201, &[], &"x".repeat(1025))), ("chunked", Reply::Send(chunked))]
+    {
+        let server = Server::start(vec![reply, created(false)]).await;
+        let err = c.post(server.url("/payments?token=t0ken")).json(&serde_json::json!({})).send().await.unwrap_err();
+        match Error::of(&err) {
+            Some(Error::ResponseTooLarge { method, url, status, limit: 1024 }) => {
+                assert_eq!(
+                    (method, url.as_str(), status.as_u16()),
+                    (&Method::POST, server.url("/payments").as_str(), 201)
+                );
+            }
+            other => panic!("{what}: {other:?}"),
+        }
+        let message = err.to_string();
+        assert!(message.contains("longer than 1024 bytes") && message.contains("max_response_body"), "{message}");
+        assert!(!message.contains("t0ken"), "{message}");
+        assert_eq!(server.seen().len(), 1, "{what}: the operation was answered; it is not sent again");
+    }
 }

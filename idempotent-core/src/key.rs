@@ -9,6 +9,20 @@ use std::fmt;
 /// Longest key accepted, in characters.
 pub const MAX_KEY_LEN: usize = 255;
 
+/// Exactly the header values [`IdempotencyKey::from_header_values`] accepts, as an ECMA-262
+/// regular expression (the dialect of a JSON Schema `pattern`, which Python and Rust read the
+/// same way): optional spaces or tabs around either a bare token of 1 to 255 visible ASCII
+/// characters that has no comma and does not start with `"`, or an RFC 8941 string of 1 to 255
+/// characters (visible ASCII and spaces, `"` and `\` escaped with `\`).
+///
+/// A request path that carries a key (the status endpoint) accepts the same values, and commas.
+pub const HEADER_PATTERN: &str = concat!(
+    r"^[ \t]*(?:",
+    r"[\x21\x23-\x2B\x2D-\x7E][\x21-\x2B\x2D-\x7E]{0,254}",
+    r#"|"(?:[\x20\x21\x23-\x5B\x5D-\x7E]|\\[\x22\x5C]){1,255}""#,
+    r")[ \t]*$",
+);
+
 /// A validated idempotency key, as the client sent it (without the sf-String quotes).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct IdempotencyKey(String);
@@ -197,7 +211,38 @@ mod tests {
         assert_eq!(IdempotencyKey::from_header_values(none), Ok(None));
     }
 
+    fn header(value: &str) -> Result<Option<IdempotencyKey>, KeyError> {
+        IdempotencyKey::from_header_values([value.as_bytes()])
+    }
+
+    #[test]
+    fn the_pattern_describes_exactly_the_accepted_values() {
+        let pattern = regex::Regex::new(HEADER_PATTERN).unwrap();
+        let max = "k".repeat(255);
+        let quoted_max = format!("\"{}\"", "\\\"".repeat(255));
+        for ok in ["a", "abc-123", "\"abc 123\"", "\"a,b\"", " \tpadded\t ", "a\"b", &max, &quoted_max, "\"\\\\\""] {
+            assert!(header(ok).is_ok(), "{ok}");
+            assert!(pattern.is_match(ok), "{ok}");
+        }
+        let long = "k".repeat(256);
+        let quoted_long = format!("\"{}\"", "k".repeat(256));
+        for bad in
+            ["", " ", "\"\"", "a b", "a,b", "cl\u{e9}", "a\x01", "\"abc", "\"a\"b\"", "\"a\\nb\"", &long, &quoted_long]
+        {
+            assert!(header(bad).is_err(), "{bad:?}");
+            assert!(!pattern.is_match(bad), "{bad:?}");
+        }
+    }
+
     proptest::proptest! {
+        /// Strings made mostly of the characters that matter (quotes, backslashes, commas,
+        /// spaces, control and non-ASCII characters): the pattern and the parser agree on each.
+        #[test]
+        fn the_pattern_agrees_with_the_parser(value in "[\"\\\\, \t\x01\x7fa-c\u{e9}]{0,8}|\"?[!-~]{250,260}\"?") {
+            let pattern = regex::Regex::new(HEADER_PATTERN).unwrap();
+            proptest::prop_assert_eq!(pattern.is_match(&value), header(&value).is_ok(), "{:?}", value);
+        }
+
         #[test]
         fn visible_ascii_round_trips(key in "[!-~]{1,255}") {
             proptest::prop_assume!(!key.starts_with('"') && !key.contains(','));

@@ -62,6 +62,8 @@ pub enum ProblemKind {
     QuotaExceeded,
     /// 403: record status is not shown on a server that does not tell its callers apart.
     StatusDisabled,
+    /// 400: the policy report was asked for in a format it does not have.
+    ReportFormatUnknown,
 }
 
 impl ProblemKind {
@@ -84,6 +86,7 @@ impl ProblemKind {
             ProblemKind::TransactionsUnsupported => "urn:idempotent:problem:transactions-unsupported",
             ProblemKind::QuotaExceeded => "urn:idempotent:problem:quota-exceeded",
             ProblemKind::StatusDisabled => "urn:idempotent:problem:status-disabled",
+            ProblemKind::ReportFormatUnknown => "urn:idempotent:problem:report-format-unknown",
         }
     }
 
@@ -97,7 +100,7 @@ impl ProblemKind {
             ProblemKind::HandlerPanicked | ProblemKind::Misconfigured | ProblemKind::ResponseFailed => 500,
             ProblemKind::ActorMissing => 401,
             ProblemKind::BodyTooLarge => 413,
-            ProblemKind::BodyUnreadable => 400,
+            ProblemKind::BodyUnreadable | ProblemKind::ReportFormatUnknown => 400,
             ProblemKind::RecordNotFound => 404,
             ProblemKind::TransactionsUnsupported => 501,
             ProblemKind::QuotaExceeded => 429,
@@ -124,6 +127,7 @@ impl ProblemKind {
             ProblemKind::TransactionsUnsupported => "Operation needs a transactional store",
             ProblemKind::QuotaExceeded => "Too many idempotent requests held for this caller",
             ProblemKind::StatusDisabled => "Record status not available",
+            ProblemKind::ReportFormatUnknown => "Unknown report format",
         }
     }
 }

@@ -493,7 +493,7 @@ macro_rules! http_conformance_tests {
             assert_eq!(r.status, 201);
             let key = new_key();
             let over = send(d.post(&path, "acct_a", &key, &refund(401))).await;
-            over.assert_problem(422, "urn:payments-demo:problem:validation");
+            over.assert_problem(422, "urn:payments-demo:problem:refund-exceeds-payment");
             assert!(!over.replayed());
             let again = send(d.post(&path, "acct_a", &key, &refund(401))).await;
             assert_eq!(again.status, 422);
@@ -511,7 +511,7 @@ macro_rules! http_conformance_tests {
             let rest = send(d.post(&path, "acct_a", &new_key(), &refund(400))).await;
             assert_eq!(rest.status, 201, "{}", String::from_utf8_lossy(&rest.body));
             let more = send(d.post(&path, "acct_a", &new_key(), &refund(1))).await;
-            more.assert_problem(422, "urn:payments-demo:problem:validation");
+            more.assert_problem(422, "urn:payments-demo:problem:refund-exceeds-payment");
             assert_eq!(d.ledger_count("refund"), 2);
         }
 
@@ -574,7 +574,7 @@ macro_rules! http_conformance_tests {
             assert!(replay.replayed());
             assert_eq!((replay.status, &replay.body), (201, &r.body));
             let over = send(d.post(&refunds, "acct_v", &new_key(), &refund(751))).await;
-            over.assert_problem(422, "urn:payments-demo:problem:validation");
+            over.assert_problem(422, "urn:payments-demo:problem:refund-exceeds-payment");
             let unknown = send(d.post("/v1/payments/pay_nope/refunds", "acct_v", &new_key(), &refund(1))).await;
             unknown.assert_problem(404, "urn:payments-demo:problem:not-found");
             for path in [refunds.clone(), format!("/payments/{id}/refunds")] {

@@ -10,7 +10,7 @@ use crate::deposits::{CreateDeposit, Deposits};
 use crate::domain::{Bank, CreatePayment, CreateRefund, CreateTransfer};
 use crate::ledger::Ledger;
 use actix_web::dev::{Payload, Server};
-use actix_web::error::InternalError;
+use actix_web::error::{InternalError, JsonPayloadError};
 use actix_web::http::{header, StatusCode};
 use actix_web::{get, post, web, App, FromRequest, HttpRequest, HttpResponse, HttpServer, ResponseError};
 use idempotent_actix::{health, idempotent, policy_report, record_status, Fence, Idempotency, Tx};
@@ -25,6 +25,7 @@ pub struct AppState {
     bank: Arc<Bank>,
     deposits: Deposits,
     transfer_delay: Duration,
+    openapi: web::Bytes,
 }
 
 fn problem_response(p: DemoProblem) -> HttpResponse {
@@ -33,6 +34,9 @@ fn problem_response(p: DemoProblem) -> HttpResponse {
     response.insert_header((header::CONTENT_TYPE, PROBLEM_CONTENT_TYPE));
     if p.www_authenticate {
         response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+    }
+    if let Some(allow) = p.allow {
+        response.insert_header((header::ALLOW, allow));
     }
     response.body(p.body)
 }
@@ -173,6 +177,12 @@ async fn metrics() -> HttpResponse {
     HttpResponse::build(status).insert_header((header::CONTENT_TYPE, content_type)).body(body)
 }
 
+/// `GET /openapi.json`, without authentication (see [`crate::openapi`]).
+#[get("/openapi.json")]
+async fn openapi(app: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().insert_header((header::CONTENT_TYPE, crate::openapi::CONTENT_TYPE)).body(app.openapi.clone())
+}
+
 /// The payment routes, served both at the root and under `/v1`.
 fn payment_routes(cfg: &mut web::ServiceConfig) {
     cfg.service(create_payment)
@@ -182,11 +192,16 @@ fn payment_routes(cfg: &mut web::ServiceConfig) {
         .service(list_refunds);
 }
 
-/// A JSON body that is too large (413), not JSON or missing a field (400) is rejected before the
-/// idempotency layer runs, as a problem+json.
+/// A JSON body that is too large (413), not declared `application/json` (415), not JSON (400) or
+/// JSON of another shape (422) is rejected before the idempotency layer runs, as a problem+json,
+/// with the statuses of the axum binary.
 fn json_config() -> web::JsonConfig {
     web::JsonConfig::default().limit(MAX_BODY).error_handler(|err, _req| {
-        let status = err.status_code();
+        let status = match &err {
+            JsonPayloadError::ContentType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            JsonPayloadError::Deserialize(e) if e.is_data() => StatusCode::UNPROCESSABLE_ENTITY,
+            other => other.status_code(),
+        };
         let response = problem_response(DemoProblem::bad_body(status.as_u16(), err.to_string()));
         InternalError::from_response(err, response).into()
     })
@@ -207,8 +222,13 @@ pub async fn prepare(config: &Config) -> Result<Prepared, String> {
     let deposits = Deposits::open(&config.store).await?;
     let idempotency =
         crate::api::idempotency_settings(Idempotency::builder(store), config).build().map_err(|e| e.to_string())?;
-    let state =
-        AppState { bank: Arc::new(Bank::new(ledger, entries)), deposits, transfer_delay: config.transfer_delay };
+    let document = crate::openapi::render(|document| idempotency.document_openapi(document))?;
+    let state = AppState {
+        bank: Arc::new(Bank::new(ledger, entries)),
+        deposits,
+        transfer_delay: config.transfer_delay,
+        openapi: document.into(),
+    };
     Ok(Prepared { idempotency, state: web::Data::new(state) })
 }
 
@@ -224,10 +244,16 @@ pub fn configure(cfg: &mut web::ServiceConfig, prepared: &Prepared) {
         .service(create_quote)
         .service(create_deposit)
         .service(list_deposits)
-        .route("/_idempotency/policies", web::get().to(policy_report))
+        .route("/_idempotency/policies", web::get().to(|_: Caller, request: HttpRequest| policy_report(request)))
         .route("/_idempotency/records/{scope}/{key}", web::get().to(record_status))
         .route("/healthz", web::get().to(health))
-        .service(metrics);
+        .service(metrics)
+        .service(openapi)
+        // A request no route takes: 405 with `Allow` where the path is served, else 404, both
+        // problems (actix-web itself answers 404 to both, without a body).
+        .default_service(web::to(|request: HttpRequest| async move {
+            problem_response(DemoProblem::unrouted(request.method().as_str(), request.path()))
+        }));
 }
 
 /// Binds `config.addr` and returns the bound address and the running server (it runs on the

@@ -49,6 +49,8 @@ pub struct DemoProblem {
     pub body: String,
     /// Whether to send `WWW-Authenticate: Bearer` (401 only).
     pub www_authenticate: bool,
+    /// The `Allow` header to send (405 only), when the framework does not set it.
+    pub allow: Option<String>,
 }
 
 impl DemoProblem {
@@ -60,7 +62,7 @@ impl DemoProblem {
             "status": status,
             "detail": detail.into(),
         });
-        Self { status, body: body.to_string(), www_authenticate: false }
+        Self { status, body: body.to_string(), www_authenticate: false, allow: None }
     }
 
     /// 501: deposits on a store without SQL transactions.
@@ -90,11 +92,40 @@ impl DemoProblem {
         Self::new(404, "not-found", "Payment not found", format!("No payment `{id}` for this account."))
     }
 
-    /// 400 / 413 / 422: the request body was rejected before the handler ran.
+    /// 404: no route has this path.
+    pub fn no_route(path: &str) -> Self {
+        Self::new(404, "no-route", "No such route", format!("Nothing is served at `{path}`; see /openapi.json."))
+    }
+
+    /// 405: the path's routes take other methods; `allow` lists them, for a framework that does
+    /// not send `Allow` itself.
+    pub fn method_not_allowed(method: &str, path: &str, allow: Option<String>) -> Self {
+        let detail = format!("`{path}` does not take {method}; `Allow` lists the methods it takes.");
+        let mut p = Self::new(405, "method-not-allowed", "Method not allowed", detail);
+        p.allow = allow;
+        p
+    }
+
+    /// The answer to a request no route takes: 405 with the methods the demo serves at `path`
+    /// (from its document), or 404 when it serves nothing there.
+    pub fn unrouted(method: &str, path: &str) -> Self {
+        let methods = crate::openapi::methods_at(path);
+        if methods.is_empty() {
+            Self::no_route(path)
+        } else {
+            Self::method_not_allowed(method, path, Some(methods.join(", ")))
+        }
+    }
+
+    /// 400 / 413 / 415 / 422: the request body was rejected before the handler ran (type
+    /// [`BAD_BODY`]).
     pub fn bad_body(status: u16, detail: impl Into<String>) -> Self {
         Self::new(status, "bad-body", "Request body rejected", detail)
     }
 }
+
+/// The `type` of a request body rejected before its handler ran.
+pub const BAD_BODY: &str = "urn:payments-demo:problem:bad-body";
 
 /// Errors a handler answers with.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +136,10 @@ pub enum ApiError {
     /// The caller has no payment with this id: 404, a final outcome (stored and replayed).
     #[error("payment not found: {0}")]
     PaymentNotFound(String),
+    /// A refund of more than what is left of the payment: 422 `refund-exceeds-payment`, a final
+    /// outcome (stored and replayed).
+    #[error("refund refused: {0}")]
+    RefundExceeds(String),
     /// The operation could not be recorded: 500, released so a retry runs again.
     #[error("internal error: {0}")]
     Internal(String),
@@ -118,7 +153,7 @@ impl ApiError {
     /// The HTTP status of this error.
     pub fn status(&self) -> u16 {
         match self {
-            ApiError::Invalid(_) => 422,
+            ApiError::Invalid(_) | ApiError::RefundExceeds(_) => 422,
             ApiError::PaymentNotFound(_) => 404,
             ApiError::Internal(_) => 500,
             ApiError::LeaseLost(_) => 503,
@@ -138,6 +173,9 @@ impl ApiError {
                     "Operation not executed",
                     "The server lost touch with its idempotency store while processing; nothing was executed. Retry with the same key.",
                 )
+            }
+            ApiError::RefundExceeds(detail) => {
+                DemoProblem::new(422, "refund-exceeds-payment", "Refund exceeds the payment", detail.clone())
             }
             ApiError::Internal(e) => {
                 tracing::error!(error = %e, "operation failed");
@@ -163,6 +201,7 @@ impl From<RefundRefused> for ApiError {
         match e {
             RefundRefused::UnknownPayment(id) => ApiError::PaymentNotFound(id),
             RefundRefused::Invalid(e) => ApiError::Invalid(e),
+            RefundRefused::Exceeds(detail) => ApiError::RefundExceeds(detail),
         }
     }
 }
@@ -183,6 +222,9 @@ pub fn idempotency_settings<A: idempotent_axum::core::engine::Adapter>(
 ) -> idempotent_axum::core::engine::Builder<A> {
     let builder = builder
         .actor(idempotent_axum::ActorSource::BearerToken)
+        // A body that is not JSON, or JSON of another shape, is a problem+json of the demo's
+        // like every other error, not the framework's plain text.
+        .rejections_as_problems(BAD_BODY)
         .store_timeout(STORE_TIMEOUT)
         .without_transactions(idempotent_axum::core::engine::WithoutTransactions::NotImplemented);
     match &config.digest_secret {

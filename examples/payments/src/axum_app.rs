@@ -25,6 +25,7 @@ pub struct AppState {
     bank: Arc<Bank>,
     deposits: Deposits,
     transfer_delay: Duration,
+    openapi: axum::body::Bytes,
 }
 
 fn problem_response(p: DemoProblem) -> Response {
@@ -33,6 +34,9 @@ fn problem_response(p: DemoProblem) -> Response {
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_CONTENT_TYPE));
     if p.www_authenticate {
         response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    if let Some(allow) = p.allow.and_then(|a| HeaderValue::from_str(&a).ok()) {
+        response.headers_mut().insert(header::ALLOW, allow);
     }
     response
 }
@@ -154,6 +158,11 @@ async fn metrics() -> Response {
     (status, [(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
+/// `GET /openapi.json`, without authentication (see [`crate::openapi`]).
+async fn openapi(State(app): State<AppState>) -> Response {
+    ([(header::CONTENT_TYPE, crate::openapi::CONTENT_TYPE)], app.openapi).into_response()
+}
+
 /// The payment routes, served both at the root and under `/v1`.
 fn payment_routes() -> Router<AppState> {
     Router::new()
@@ -196,8 +205,13 @@ fn build(
 ) -> Result<(Router, Idempotency), String> {
     let idempotency =
         crate::api::idempotency_settings(Idempotency::builder(store), config).build().map_err(|e| e.to_string())?;
-    let state =
-        AppState { bank: Arc::new(Bank::new(ledger, entries)), deposits, transfer_delay: config.transfer_delay };
+    let document = crate::openapi::render(|document| idempotency.document_openapi(document))?;
+    let state = AppState {
+        bank: Arc::new(Bank::new(ledger, entries)),
+        deposits,
+        transfer_delay: config.transfer_delay,
+        openapi: document.into(),
+    };
     let payments = payment_routes();
     let router = Router::new()
         .merge(payments.clone())
@@ -205,10 +219,16 @@ fn build(
         .route("/transfers", post(create_transfer).get(list_transfers))
         .route("/quotes", post(create_quote))
         .route("/deposits", post(create_deposit).get(list_deposits))
-        .route("/_idempotency/policies", get(policy_report))
+        .route("/_idempotency/policies", get(|_: Caller, uri: axum::http::Uri| policy_report(uri)))
         .route("/_idempotency/records/{scope}/{key}", get(record_status))
         .route("/healthz", get(health))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        // Errors of the router itself are problems too; axum adds `Allow` to the 405.
+        .fallback(|uri: axum::http::Uri| async move { problem_response(DemoProblem::no_route(uri.path())) })
+        .method_not_allowed_fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
+            problem_response(DemoProblem::method_not_allowed(method.as_str(), uri.path(), None))
+        })
         // A payments API would rather fail a request than run a mutating route that can charge
         // twice: a POST or PATCH route added without #[idempotent] answers 500 until it has one.
         .layer(Enforce::refuse())

@@ -5,21 +5,23 @@
 //! answer 501.
 
 use crate::api::ApiError;
-use crate::domain::Invalid;
 use idempotent_axum::core::sqlx::{self, MySqlPool, PgPool, SqlitePool};
 use idempotent_axum::core::store::spec::Redacted;
 use idempotent_axum::core::store::transaction::Tx;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// `POST /deposits` body.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 pub struct CreateDeposit {
-    /// Minor units, > 0.
+    /// Minor units, from 1 to [`MAX_AMOUNT`](crate::domain::MAX_AMOUNT).
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_i64)]
+    #[serde(deserialize_with = "crate::domain::amount")]
     pub amount: i64,
 }
 
 /// An executed deposit.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Deposit {
     /// `dep_...`.
     pub id: String,
@@ -32,7 +34,7 @@ pub struct Deposit {
 }
 
 /// `GET /deposits`: the caller's deposits, read from the database.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Summary {
     /// How many deposits the caller made.
     pub count: i64,
@@ -105,9 +107,7 @@ impl Deposits {
     /// Makes a deposit of `req.amount` for `account` inside the route's transaction `tx`: the
     /// deposit row and the new balance, which the engine commits with the idempotency record.
     pub async fn create(&self, tx: &Tx, account: &str, req: &CreateDeposit) -> Result<Deposit, ApiError> {
-        if req.amount <= 0 {
-            return Err(ApiError::Invalid(Invalid("amount must be a positive integer".into())));
-        }
+        crate::domain::check_amount(req.amount)?;
         let id = format!("dep_{}", uuid::Uuid::new_v4().simple());
         let created_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
         let internal = |e: &dyn std::fmt::Display| ApiError::Internal(format!("deposit: {e}"));

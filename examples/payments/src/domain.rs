@@ -4,13 +4,60 @@ use crate::ledger::{Entry, Ledger};
 use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
 use std::time::SystemTime;
+use utoipa::ToSchema;
+
+/// The largest amount of an operation, in minor units: 10^12, ten billion in a currency of two
+/// decimals. Amounts up to it are exact as JSON numbers read as doubles, and a balance of them
+/// overflows no 64-bit integer before millions of operations.
+pub const MAX_AMOUNT: i64 = 1_000_000_000_000;
+
+/// Reads an amount from any JSON number equal to an integer: `1000`, `1000.0` and `1e3` are one
+/// amount, as they are one `integer` to JSON Schema and one number in the request's fingerprint.
+/// A fraction, or a number beyond 64 bits, is an error (the request is refused with 422).
+pub fn amount<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    struct Amount;
+    impl serde::de::Visitor<'_> for Amount {
+        type Value = i64;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an integer number of minor units")
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<i64, E> {
+            Ok(v)
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<i64, E> {
+            i64::try_from(v).map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<i64, E> {
+            // -2^63 and 2^63 are exact doubles; every integral double strictly between fits.
+            const LIMIT: f64 = 9_223_372_036_854_775_808.0;
+            if v.fract() == 0.0 && (-LIMIT..LIMIT).contains(&v) {
+                Ok(v as i64)
+            } else {
+                Err(E::invalid_value(serde::de::Unexpected::Float(v), &self))
+            }
+        }
+    }
+    deserializer.deserialize_any(Amount)
+}
+
+/// Whether `amount` is one an operation can have: 422 otherwise.
+pub fn check_amount(amount: i64) -> Result<(), Invalid> {
+    if (1..=MAX_AMOUNT).contains(&amount) {
+        Ok(())
+    } else {
+        Err(Invalid(format!("amount must be an integer from 1 to {MAX_AMOUNT}, got {amount}")))
+    }
+}
 
 /// `POST /payments` body.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 pub struct CreatePayment {
-    /// Minor units, > 0.
+    /// Minor units, from 1 to [`MAX_AMOUNT`].
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_i64)]
+    #[serde(deserialize_with = "amount")]
     pub amount: i64,
     /// ISO 4217 code: three uppercase letters.
+    #[schema(pattern = "^[A-Z]{3}$", min_length = 3, max_length = 3)]
     pub currency: String,
     /// Customer reference.
     pub customer: String,
@@ -20,7 +67,7 @@ pub struct CreatePayment {
 }
 
 /// A created payment.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, ToSchema)]
 pub struct Payment {
     /// `pay_...`.
     pub id: String,
@@ -37,9 +84,11 @@ pub struct Payment {
 }
 
 /// `POST /transfers` body.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 pub struct CreateTransfer {
-    /// Minor units, > 0.
+    /// Minor units, from 1 to [`MAX_AMOUNT`].
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_i64)]
+    #[serde(deserialize_with = "amount")]
     pub amount: i64,
     /// Source account.
     pub from: String,
@@ -48,7 +97,7 @@ pub struct CreateTransfer {
 }
 
 /// A created transfer.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, ToSchema)]
 pub struct Transfer {
     /// `tr_...`.
     pub id: String,
@@ -63,9 +112,11 @@ pub struct Transfer {
 }
 
 /// `POST /payments/{id}/refunds` body.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 pub struct CreateRefund {
-    /// Minor units, > 0 and at most the payment's unrefunded amount.
+    /// Minor units, from 1 to [`MAX_AMOUNT`], and at most the payment's unrefunded amount.
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_i64)]
+    #[serde(deserialize_with = "amount")]
     pub amount: i64,
     /// Free text; not part of the fingerprint.
     #[serde(default)]
@@ -73,7 +124,7 @@ pub struct CreateRefund {
 }
 
 /// A created refund.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, ToSchema)]
 pub struct Refund {
     /// `re_...`.
     pub id: String,
@@ -87,15 +138,19 @@ pub struct Refund {
     pub created_at: String,
 }
 
-/// Why a refund was refused: both are final outcomes, answered by the handler.
+/// Why a refund was refused: each is a final outcome, answered by the handler.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RefundRefused {
     /// The caller has no payment with this id (404).
     #[error("no payment `{0}` for this account")]
     UnknownPayment(String),
-    /// The amount is not positive or exceeds what is left to refund (422).
+    /// The amount is not one an operation can have (422).
     #[error(transparent)]
     Invalid(#[from] Invalid),
+    /// The amount is more than what is left to refund of the payment (422, a problem type of its
+    /// own: unlike [`Invalid`], it depends on the refunds made before, not on the request).
+    #[error("{0}")]
+    Exceeds(String),
 }
 
 /// A domain validation failure, answered as 422 problem+json by the handler.
@@ -143,8 +198,8 @@ impl Bank {
 
     /// Validates and executes a payment, recording it in the ledger.
     pub fn create_payment(&self, account: &str, req: CreatePayment) -> Result<Result<Payment, Invalid>, String> {
-        if req.amount <= 0 {
-            return Ok(Err(Invalid(format!("amount must be a positive integer, got {}", req.amount))));
+        if let Err(e) = check_amount(req.amount) {
+            return Ok(Err(e));
         }
         if req.currency.len() != 3 || !req.currency.bytes().all(|b| b.is_ascii_uppercase()) {
             return Ok(Err(Invalid(format!("currency must be three uppercase letters, got `{}`", req.currency))));
@@ -163,8 +218,8 @@ impl Bank {
 
     /// Validates and executes a transfer (the caller has already waited the processing time).
     pub fn create_transfer(&self, account: &str, req: CreateTransfer) -> Result<Result<Transfer, Invalid>, String> {
-        if req.amount <= 0 {
-            return Ok(Err(Invalid(format!("amount must be a positive integer, got {}", req.amount))));
+        if let Err(e) = check_amount(req.amount) {
+            return Ok(Err(e));
         }
         let transfer = Transfer { id: new_id("tr"), amount: req.amount, from: req.from, to: req.to, created_at: now() };
         self.record("transfer", account, serde_json::to_value(&transfer).map_err(|e| e.to_string())?)?;
@@ -202,17 +257,16 @@ impl Bank {
         let Some(paid) = find_payment(&entries, account, payment).map(|p| p["amount"].as_i64().unwrap_or(0)) else {
             return Ok(Err(RefundRefused::UnknownPayment(payment.to_owned())));
         };
-        if req.amount <= 0 {
-            return Ok(Err(Invalid(format!("amount must be a positive integer, got {}", req.amount)).into()));
+        if let Err(e) = check_amount(req.amount) {
+            return Ok(Err(e.into()));
         }
         let refunded: i64 = refunds_of(&entries, account, payment).filter_map(|r| r["amount"].as_i64()).sum();
         let left = paid - refunded;
         if req.amount > left {
-            return Ok(Err(Invalid(format!(
+            return Ok(Err(RefundRefused::Exceeds(format!(
                 "amount {} exceeds what is left to refund of payment `{payment}`: {left} of {paid}",
                 req.amount
-            ))
-            .into()));
+            ))));
         }
         let refund = Refund {
             id: new_id("re"),
@@ -289,6 +343,39 @@ mod tests {
         bank.create_refund(account, payment, CreateRefund { amount, reason: None }).unwrap()
     }
 
+    /// `1000.0` and `1e3` are the integer 1000 to JSON Schema and to the fingerprint; serde's i64
+    /// refused them.
+    #[test]
+    fn an_amount_is_any_json_number_equal_to_an_integer() {
+        let read = |amount: &str| {
+            serde_json::from_str::<CreateRefund>(&format!(r#"{{"amount": {amount}}}"#))
+                .map(|r| r.amount)
+                .map_err(|e| e.to_string())
+        };
+        for (text, amount) in
+            [("1000", 1000), ("1000.0", 1000), ("1e3", 1000), ("-0.0", 0), ("-5", -5), ("1e12", MAX_AMOUNT)]
+        {
+            assert_eq!(read(text), Ok(amount), "{text}");
+        }
+        for bad in ["1000.5", "1e-3", "9223372036854775808", "1e19", "\"1000\"", "null"] {
+            let error = read(bad).unwrap_err();
+            assert!(error.contains("an integer number of minor units"), "{bad}: {error}");
+        }
+        assert_eq!(check_amount(MAX_AMOUNT), Ok(()));
+        for out in [0, -1, MAX_AMOUNT + 1] {
+            assert!(check_amount(out).unwrap_err().0.contains("from 1 to 1000000000000"), "{out}");
+        }
+    }
+
+    /// The document's `maximum` is the one the domain checks.
+    #[test]
+    fn the_documented_maximum_is_max_amount() {
+        use utoipa::PartialSchema;
+        let schema = serde_json::to_value(CreatePayment::schema()).unwrap();
+        assert_eq!(schema["properties"]["amount"]["maximum"], MAX_AMOUNT);
+        assert_eq!(schema["properties"]["amount"]["minimum"], 1);
+    }
+
     #[test]
     fn refunds_never_exceed_the_payment() {
         let path = ledger_path("exceed");
@@ -297,11 +384,11 @@ mod tests {
         let r = refund(&bank, "a", &p.id, 600).unwrap();
         assert!(r.id.starts_with("re_"), "{}", r.id);
         assert_eq!((r.payment.as_str(), r.amount), (p.id.as_str(), 600));
-        assert!(matches!(refund(&bank, "a", &p.id, 401), Err(RefundRefused::Invalid(_))));
+        assert!(matches!(refund(&bank, "a", &p.id, 401), Err(RefundRefused::Exceeds(_))));
         assert!(matches!(refund(&bank, "a", &p.id, 0), Err(RefundRefused::Invalid(_))));
         assert!(matches!(refund(&bank, "a", &p.id, -1), Err(RefundRefused::Invalid(_))));
         refund(&bank, "a", &p.id, 400).unwrap();
-        assert!(matches!(refund(&bank, "a", &p.id, 1), Err(RefundRefused::Invalid(_))));
+        assert!(matches!(refund(&bank, "a", &p.id, 1), Err(RefundRefused::Exceeds(_))));
         assert_eq!(bank.refunds("a", &p.id).unwrap().len(), 2);
         let _ = std::fs::remove_file(path);
     }
@@ -328,7 +415,7 @@ mod tests {
         };
         let bank = open(&path);
         assert_eq!(bank.refunds("a", &p.id), Some(vec![serde_json::to_value(&r).unwrap()]));
-        assert!(matches!(refund(&bank, "a", &p.id, 301), Err(RefundRefused::Invalid(_))));
+        assert!(matches!(refund(&bank, "a", &p.id, 301), Err(RefundRefused::Exceeds(_))));
         refund(&bank, "a", &p.id, 300).unwrap();
         let _ = std::fs::remove_file(path);
     }

@@ -13,3 +13,4 @@ pub mod deposits;
 pub mod domain;
 pub mod ledger;
 pub mod metrics;
+pub mod openapi;

@@ -375,7 +375,10 @@ async fn payments_client_exits_1_on_a_refusal_or_no_answer_and_2_on_a_usage_erro
     assert_eq!(down.status.code(), Some(1), "{}", stderr(&down));
     assert!(down.stdout.is_empty());
     let err = stderr(&down);
-    assert!(err.contains("payments-client: no answer: gave up after 5 attempt(s)"), "{err}");
+    assert!(
+        err.contains(&format!("payments-client: no answer: POST {nobody}/payments: gave up after 5 attempt(s)")),
+        "{err}"
+    );
     assert_eq!(err.matches("retrying under the same key").count(), 4, "{err}");
     assert!(started.elapsed() < Duration::from_secs(10));
 

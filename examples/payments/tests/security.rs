@@ -162,7 +162,8 @@ async fn endpoints_answer_generic_problems(bin: &str) {
         assert_eq!(body["type"], "urn:idempotent:problem:record-not-found");
     }
     // The served policy report shows policies, not the source tree.
-    let report = client.get(format!("{base}/_idempotency/policies?format=md")).send().await.unwrap();
+    let report =
+        client.get(format!("{base}/_idempotency/policies?format=md")).bearer_auth("acct_1").send().await.unwrap();
     let report = report.text().await.unwrap();
     assert!(report.contains("payments.create") && !report.contains(".rs:"), "{report}");
 

@@ -545,7 +545,7 @@ pub fn rejection(config: &Config, status: u16, message: &str) -> Option<Response
         type_uri,
         title: "Request rejected",
         status,
-        detail: format!("{detail} Nothing was executed; fix the request, and send it with a new key."),
+        detail: format!("{detail} Nothing was executed or stored; fix the request and send it again."),
         retry_after: None,
     };
     Some(problem_response(&problem))
@@ -593,6 +593,7 @@ pub fn policies_command(framework: Framework) -> Option<std::process::ExitCode> 
 /// default JSON), without the handlers' source files and lines (whoever can reach the endpoint
 /// learns the policies, not the source tree's layout); an unknown format is 400 with a
 /// plain-text message naming the formats.
+/// default JSON); an unknown format is a 400 problem naming the formats.
 pub fn policy_report(framework: Framework, query: Option<&str>) -> Response<Bytes> {
     let format =
         query.into_iter().flat_map(|q| q.split('&')).find_map(|pair| pair.strip_prefix("format=")).unwrap_or("json");
@@ -604,12 +605,27 @@ pub fn policy_report(framework: Framework, query: Option<&str>) -> Response<Byte
             response.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
             response
         }
-        Err(e) => {
-            let mut response = Response::new(Bytes::from(e));
-            *response.status_mut() = StatusCode::BAD_REQUEST;
-            let text = HeaderValue::from_static("text/plain; charset=utf-8");
-            response.headers_mut().insert(http::header::CONTENT_TYPE, text);
-            response
+        Err(e) => problem_response(&Problem::new(ProblemKind::ReportFormatUnknown, format!("{e}."))),
+    }
+}
+
+#[cfg(test)]
+mod policy_report_tests {
+    use super::*;
+
+    /// It answered text/plain, unlike every other error of the framework.
+    #[test]
+    fn an_unknown_format_is_a_problem() {
+        let response = policy_report(Framework::Axum, Some("format=yaml"));
+        assert_eq!(response.status(), 400);
+        assert_eq!(response.headers()[http::header::CONTENT_TYPE], CONTENT_TYPE);
+        let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+        assert_eq!(body["type"], "urn:idempotent:problem:report-format-unknown");
+        assert_eq!(body["detail"], "unknown report format `yaml`: use md, json or html.");
+        for (query, content_type) in [(None, "application/json"), (Some("format=md"), "text/markdown; charset=utf-8")] {
+            let response = policy_report(Framework::Axum, query);
+            assert_eq!(response.status(), 200);
+            assert_eq!(response.headers()[http::header::CONTENT_TYPE], content_type);
         }
     }
 }
