@@ -67,14 +67,14 @@ use proc_macro::TokenStream;
 /// | `fields` | what of the request makes up its identity: body fields as dotted paths, `path(name)` for a path parameter, `query(name)` for a query parameter: `[amount, customer.id, path(id)]` | every path parameter, the whole query, the whole body |
 /// | `exclude` | parts left out of the identity on purpose: `[path]`, `[query]`, `[body]` | none |
 /// | `ttl` | how long a completed response is replayed: `"500ms"`, `"90s"`, `"15m"`, `"24h"`, `"7d"`, `"1h30m"` | `"24h"` |
-/// | `lease` | how long an in-progress claim survives without a heartbeat; at most `ttl` | `"10s"` |
+/// | `lease` | how long an in-progress claim survives without a heartbeat; at most `ttl`, at least 1 s here, and at start-up at least 6 × the runtime's store timeout (6 s with the default 1 s timeout; `.store_timeout(..)` at a sixth of the lease allows shorter ones) | `"10s"` |
 /// | `key` | `"required"` (400 without a key) or `"optional"` (run unprotected without one) | `"required"` |
 /// | `on_conflict` | `"reject"` (409 while the first request runs) or `"wait"` (wait and replay) | `"reject"` |
 /// | `wait_timeout` | longest wait under `on_conflict = "wait"`; only allowed with it | `"30s"` |
 /// | `store` | outcomes stored and replayed: `"final"`, `"success"` or `"all"` | `"final"` |
 /// | `fail_open` | `true` runs the handler unprotected when the store is unreachable | `false` |
 /// | `transactional` | `true`: the handler writes in a transaction of the store's database (its `Tx` argument) and its outcome's record commits in it; PostgreSQL, MySQL and SQLite stores only (see `idempotent_core::store::transaction`) | `false` |
-/// | `route` | `"METHOD /path"` recorded in the route registry and reports before the route has served a request; not needed for enforcement | none (actix-web: the routing attribute) |
+/// | `route` | `"METHOD /path"` recorded in the route registry and reports before the route has served a request (on axum, the only way the report knows the path at start-up); not needed for enforcement | none (actix-web: the routing attribute) |
 ///
 /// A part of the request that `fields` selects from (body, path or query) is compared only by the
 /// values named; the others are compared whole. A `path(name)` is checked on each request, since

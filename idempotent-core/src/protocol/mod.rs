@@ -540,12 +540,15 @@ pub fn body_problem(too_large: bool, error: &dyn std::fmt::Display) -> Response<
 /// framework's own rejection.
 pub fn rejection(config: &Config, status: u16, message: &str) -> Option<Response<Bytes>> {
     let type_uri = config.rejections?;
-    let detail = if message.trim().is_empty() { "The request was rejected." } else { message.trim() };
+    let detail = match message.trim().trim_end_matches('.') {
+        "" => "The request was rejected",
+        message => message,
+    };
     let problem = Problem {
         type_uri,
         title: "Request rejected",
         status,
-        detail: format!("{detail} Nothing was executed or stored; fix the request and send it again."),
+        detail: format!("{detail}. Nothing was executed or stored; fix the request and send it again."),
         retry_after: None,
     };
     Some(problem_response(&problem))
