@@ -1,6 +1,6 @@
 //! The extractors `#[idempotent]` adds to a handler.
 
-use crate::runtime::{reply, runtime_of, Head};
+use crate::runtime::{reply, runtime_of, Head, Request};
 use crate::{Context, Protected};
 use actix_web::dev::Payload;
 use actix_web::error::InternalError;
@@ -46,6 +46,8 @@ where
             }
             let incoming = incoming(&request, bytes);
             let runtime = runtime_of(&request);
+            // The caller is read now, before the body extractor runs (see `protocol::Context`).
+            let actor = request.extensions().get::<idempotent_core::actor::Actor>().cloned();
             let inner = match T::from_request(&request, &mut payload).await {
                 Ok(inner) => inner,
                 Err(e) => {
@@ -59,7 +61,7 @@ where
                     });
                 }
             };
-            Ok(Self { context: Context { incoming, pending: (request, runtime) }, inner })
+            Ok(Self { context: Context::new(incoming, runtime, Request(request), actor), inner })
         })
     }
 }

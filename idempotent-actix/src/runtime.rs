@@ -11,7 +11,7 @@ use idempotent_core::actor::{Actor, RequestHead};
 use idempotent_core::engine::Runtime;
 use idempotent_core::fingerprint::{Fingerprint, FingerprintError};
 use idempotent_core::policy::Policy;
-use idempotent_core::protocol::{self, status, Caller, ResponseBody};
+use idempotent_core::protocol::{self, status, ResponseBody};
 use idempotent_core::registry::{Framework, Site};
 use std::future::Future;
 use std::pin::Pin;
@@ -42,6 +42,17 @@ impl RequestHead for Head<'_> {
     }
 }
 
+/// A protected request's actix-web request, as the protocol reads its head (and the handler's
+/// response is made for it).
+#[derive(Debug)]
+pub struct Request(pub(crate) HttpRequest);
+
+impl RequestHead for Request {
+    fn header_values(&self, name: &str) -> Vec<&[u8]> {
+        self.0.headers().get_all(name).map(|v| v.as_bytes()).collect()
+    }
+}
+
 /// Runs a protected handler: called by the code `#[idempotent]` generates.
 ///
 /// actix-web handlers are not `Send`, so the protocol runs here until it first has to wait, then
@@ -63,16 +74,11 @@ where
     F: Future<Output = T> + 'static,
     T: Responder + 'static,
 {
-    let (request, Some(runtime)) = context.pending else {
-        return reply(protocol::runtime_missing(policy));
-    };
-    protocol::observe(Framework::Actix, site, &context.incoming);
-    let caller = Caller::identify(runtime.config(), &Head(request.headers()), request.extensions().get::<Actor>());
+    let request = context.head().0.clone();
     let handler = async move { from_actix(future.await.respond_to(&request).map_into_boxed_body()) };
-    let task = protocol::request_task(runtime, policy, caller, fingerprint, handler);
-    match protocol::run_task(task, |task| actix_web::rt::spawn(task)).await {
-        Ok(response) => into_actix(response),
-        Err(e) => reply(protocol::task_failed(policy, &e)),
+    match context.task(Framework::Actix, policy, site, fingerprint, handler) {
+        Ok(task) => into_actix(protocol::finish(policy, task, |task| actix_web::rt::spawn(task)).await),
+        Err(problem) => reply(problem),
     }
 }
 

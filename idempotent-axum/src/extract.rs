@@ -11,7 +11,7 @@ use http_body_util::BodyExt;
 use idempotent_core::actor::Actor;
 use idempotent_core::enforce::Gate;
 use idempotent_core::engine::Runtime;
-use idempotent_core::protocol::{self, Caller, Incoming};
+use idempotent_core::protocol::{self, Incoming};
 use std::sync::Arc;
 
 /// Marker of [`Protected`]'s `FromRequest` impl, whatever `T`'s own marker is.
@@ -55,6 +55,8 @@ where
     }
 }
 
+/// The request's context, read before the body extractor runs (see [`protocol::Context`] for
+/// where the caller is read).
 async fn context<S: Send + Sync>(parts: &mut Parts, state: &S, body: Bytes) -> Result<Context, Response> {
     let route = parts.extensions.get::<MatchedPath>().map(MatchedPath::as_str);
     let content_type = parts.headers.get(http::header::CONTENT_TYPE).map(|v| v.as_bytes());
@@ -70,25 +72,22 @@ async fn context<S: Send + Sync>(parts: &mut Parts, state: &S, body: Bytes) -> R
         Err(RawPathParamsRejection::MissingPathParams(_)) => {}
         Err(rejection) => return Err(rejection.into_response()),
     }
-    let runtime = parts.extensions.get::<Runtime>().map(|runtime| {
-        let caller = Caller::identify(runtime.config(), &parts.headers, parts.extensions.get::<Actor>());
-        (runtime.clone(), caller)
-    });
-    Ok(Context { incoming, pending: runtime })
+    let runtime = parts.extensions.get::<Runtime>().cloned();
+    let actor = parts.extensions.get::<Actor>().cloned();
+    Ok(Context::new(incoming, runtime, parts.headers.clone(), actor))
 }
 
 /// The body extractor's rejection, as the runtime's settings want it answered
 /// ([`protocol::rejection`]).
 async fn rejected(context: &Context, rejection: Response) -> Response {
-    let Some((runtime, _)) = &context.pending else { return rejection };
-    if runtime.config().rejections.is_none() {
+    let Some(config) = context.runtime().map(Runtime::config).filter(|c| c.rejections.is_some()) else {
         return rejection;
-    }
+    };
     let status = rejection.status().as_u16();
     let message = axum::body::to_bytes(rejection.into_body(), 64 * 1024).await.unwrap_or_default();
-    let response = protocol::rejection(runtime.config(), status, &String::from_utf8_lossy(&message));
-    response
-        .map_or_else(|| http::StatusCode::from_u16(status).unwrap_or_default().into_response(), |r| r.map(Body::from))
+    let problem = protocol::rejection(config, status, &String::from_utf8_lossy(&message));
+    problem
+        .map_or_else(|| http::StatusCode::from_u16(status).unwrap_or_default().into_response(), |p| p.map(Body::from))
 }
 
 fn source_is<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {

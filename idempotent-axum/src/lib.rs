@@ -74,7 +74,7 @@ pub use idempotent_core::engine::StartupError;
 pub use idempotent_macros::idempotent_axum as idempotent;
 pub use runtime::{health, policies_command, policy_report, record_status, render_problem};
 
-idempotent_core::__adapter_types!(Axum, Option<(idempotent_core::engine::Runtime, idempotent_core::protocol::Caller)>);
+idempotent_core::__adapter_types!(Axum, http::HeaderMap);
 
 /// Items used by the code `#[idempotent]` generates. Not a public API.
 #[doc(hidden)]
@@ -85,7 +85,9 @@ pub mod __private {
     pub use ::axum::response::Response;
     pub use ::core::time::Duration;
     pub use ::idempotent_core::inventory;
-    pub use ::idempotent_core::policy::{ConflictMode, Identity, KeyRequirement, Part, Policy, StoredOutcomes};
-    pub use ::idempotent_core::protocol::field::{Field, PlainField, SetField};
+    pub use ::idempotent_core::policy::{
+        ConflictMode, Identity, KeyRequirement, KeySource, Part, Policy, StoredOutcomes,
+    };
+    pub use ::idempotent_core::protocol::field::{Field, KeyField, PlainField, SetField};
     pub use ::idempotent_core::registry::{Framework, RouteRecord, Site};
 }

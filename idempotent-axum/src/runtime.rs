@@ -37,21 +37,17 @@ where
     F: Future<Output = T> + Send + 'static,
     T: IntoResponse,
 {
-    let Some((runtime, caller)) = context.pending else {
-        return protocol::runtime_missing(policy).map(Body::from);
-    };
-    protocol::observe(Framework::Axum, site, &context.incoming);
     let handler = async move { future.await.into_response() };
-    let task = protocol::request_task(runtime, policy, caller, fingerprint, handler);
-    match protocol::run_task(task, |task| tokio::spawn(task)).await {
-        Ok(response) => response.map(|body| match body {
-            // Bytes in hand and untouched bodies are sent as they are, without another box.
-            ResponseBody::Full(bytes) => Body::from(bytes.unwrap_or_default()),
-            ResponseBody::Stream { head: None, rest } => rest,
-            streaming => Body::new(streaming),
-        }),
-        Err(e) => protocol::task_failed(policy, &e).map(Body::from),
-    }
+    let task = match context.task(Framework::Axum, policy, site, fingerprint, handler) {
+        Ok(task) => task,
+        Err(problem) => return problem.map(Body::from),
+    };
+    protocol::finish(policy, task, |task| tokio::spawn(task)).await.map(|body| match body {
+        // Bytes in hand and untouched bodies are sent as they are, without another box.
+        ResponseBody::Full(bytes) => Body::from(bytes.unwrap_or_default()),
+        ResponseBody::Stream { head: None, rest } => rest,
+        streaming => Body::new(streaming),
+    })
 }
 
 /// Handler serving the policy report of every route registered through this adapter:

@@ -36,7 +36,7 @@ use crate::actor::ActorSource;
 use crate::digest::DigestKey;
 use crate::fingerprint::{Fingerprint, FingerprintError};
 use crate::key::{IdempotencyKey, KeyError};
-use crate::policy::{ConflictMode, KeyRequirement, Policy};
+use crate::policy::{ConflictMode, KeyRequirement, KeySource, Policy};
 use crate::problem::{Problem, ProblemKind};
 use crate::registry::{self, Framework, RegistryError};
 use crate::response::StoredResponse;
@@ -569,20 +569,36 @@ impl Runtime {
     {
         let key = match request.key {
             Err(e) => {
-                let problem = Problem::new(ProblemKind::KeyInvalid, format!("{e}."));
+                // A key made of body fields that are missing is a missing key, named by its field.
+                if let KeyError::FieldMissing(field) = &e {
+                    let problem = Problem::new(
+                        ProblemKind::KeyMissing,
+                        format!("This operation takes its idempotency key from the body field `{field}`, which is missing, null or empty; send it, and resend it unchanged when you retry."),
+                    );
+                    return (Outcome::Problem(problem), Some(RequestOutcome::MissingKey));
+                }
+                let source = policy.key_source.describe(&self.config.header_name);
+                let problem = Problem::new(ProblemKind::KeyInvalid, format!("The {source}: {e}."));
                 return (Outcome::Problem(problem), Some(RequestOutcome::InvalidKey));
             }
             Ok(None) if policy.key == KeyRequirement::Optional => {
                 return (Outcome::Executed(handler.await.live), Some(RequestOutcome::Executed));
             }
             Ok(None) => {
-                let problem = Problem::new(
-                    ProblemKind::KeyMissing,
-                    format!(
+                let detail = match policy.key_source {
+                    KeySource::NamedHeader(name) => format!(
+                        "This operation requires a `{name}` header (the sender's id of this delivery): send it, and resend it unchanged when you retry."
+                    ),
+                    KeySource::Fields(_) => format!(
+                        "This operation takes its idempotency key from the {}, which the request did not carry.",
+                        policy.key_source.describe(&self.config.header_name)
+                    ),
+                    _ => format!(
                         "This operation requires an `{}` header: send a unique value (e.g. a UUID) and reuse it when you retry.",
                         self.config.header_name
                     ),
-                );
+                };
+                let problem = Problem::new(ProblemKind::KeyMissing, detail);
                 return (Outcome::Problem(problem), Some(RequestOutcome::MissingKey));
             }
             Ok(Some(k)) => k,

@@ -83,6 +83,46 @@ impl IdempotencyKey {
     }
 }
 
+impl IdempotencyKey {
+    /// The key of a route whose key is derived from the request (`key = derived`): `derived:` and
+    /// its fingerprint in hex.
+    pub fn derived(fingerprint: &crate::fingerprint::Fingerprint) -> Self {
+        let mut key = String::with_capacity(72);
+        key.push_str("derived:");
+        crate::push_hex(&mut key, &fingerprint.0);
+        Self(key)
+    }
+
+    /// The key made of a body's fields (`key = field(..)` or `[field(..), ..]`), in order. One
+    /// value of 1 to 255 visible ASCII characters is the key as it is (so an operator finds the
+    /// record under the sender's event id); several values, or one that is not such a string, are
+    /// encoded without ambiguity (each length-prefixed), and a longer encoding is replaced by its
+    /// SHA-256 (`sha256:` and 64 hex digits).
+    pub fn from_parts(parts: &[String]) -> Result<Self, KeyError> {
+        let visible =
+            |s: &str| !s.is_empty() && s.len() <= MAX_KEY_LEN && s.bytes().all(|b| (0x21..=0x7E).contains(&b));
+        if let [single] = parts {
+            if visible(single) {
+                return Ok(Self(single.clone()));
+            }
+        }
+        let mut encoded = String::new();
+        for (i, part) in parts.iter().enumerate() {
+            if i > 0 {
+                encoded.push('|');
+            }
+            encoded.push_str(&format!("{}:{part}", part.len()));
+        }
+        if visible(&encoded) {
+            return Ok(Self(encoded));
+        }
+        use sha2::{Digest, Sha256};
+        let mut key = String::from("sha256:");
+        crate::push_hex(&mut key, &Sha256::digest(encoded.as_bytes()));
+        Ok(Self(key))
+    }
+}
+
 impl fmt::Display for IdempotencyKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -113,6 +153,9 @@ pub enum KeyError {
     /// The header appeared more than once.
     #[error("the idempotency key header was sent more than once; send exactly one")]
     Repeated,
+    /// A body field the key is made of is absent, null or empty.
+    #[error("the body field `{0}`, part of the idempotency key, is missing, null or empty")]
+    FieldMissing(String),
 }
 
 fn trim_ows(raw: &[u8]) -> &[u8] {
@@ -232,6 +275,23 @@ mod tests {
             assert!(header(bad).is_err(), "{bad:?}");
             assert!(!pattern.is_match(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn keys_of_fields_are_unambiguous() {
+        let key = |parts: &[&str]| {
+            IdempotencyKey::from_parts(&parts.iter().map(|p| p.to_string()).collect::<Vec<_>>()).unwrap().0
+        };
+        assert_eq!(key(&["evt_123"]), "evt_123", "one visible value is the key itself");
+        assert_eq!(key(&["AUTHORISATION", "8535"]), "13:AUTHORISATION|4:8535");
+        assert_ne!(key(&["a|1:b"]), key(&["a", "b"]));
+        assert_ne!(key(&["ab", "c"]), key(&["a", "bc"]));
+        let long = key(&["x".repeat(300).as_str()]);
+        assert!(long.starts_with("sha256:") && long.len() == 71, "{long}");
+        assert!(key(&["with space"]).starts_with("sha256:"), "not visible ASCII: digested");
+        assert_eq!(key(&["with space"]), key(&["with space"]), "stable");
+        let fp = crate::fingerprint::Fingerprint([7; 32]);
+        assert_eq!(IdempotencyKey::derived(&fp).as_str().len(), 72);
     }
 
     proptest::proptest! {

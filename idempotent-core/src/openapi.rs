@@ -137,11 +137,19 @@ fn document_operation(
     header: &str,
     without_transactions: WithoutTransactions,
 ) {
+    // A key of the sender's own header is documented under that header's name; a key made of
+    // body fields, or derived from the request, has no header to document.
+    let header = match policy.key_source {
+        crate::policy::KeySource::Header => header,
+        crate::policy::KeySource::NamedHeader(name) => name,
+        crate::policy::KeySource::Fields(_) | crate::policy::KeySource::Derived => "",
+    };
     let parameters = operation.parameters.get_or_insert_with(Vec::new);
-    let has_key = parameters.iter().any(|p| match p {
-        RefOr::T(p) => p.parameter_in == ParameterIn::Header && p.name.eq_ignore_ascii_case(header),
-        RefOr::Ref(_) => false,
-    });
+    let has_key = header.is_empty()
+        || parameters.iter().any(|p| match p {
+            RefOr::T(p) => p.parameter_in == ParameterIn::Header && p.name.eq_ignore_ascii_case(header),
+            RefOr::Ref(_) => false,
+        });
     if !has_key {
         let required = policy.key == KeyRequirement::Required;
         let description = if required {

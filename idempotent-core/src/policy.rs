@@ -14,6 +14,53 @@ pub enum KeyRequirement {
     Optional,
 }
 
+/// Where a request's idempotency key comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySource {
+    /// The runtime's key header, `Idempotency-Key` unless the builder names another (the
+    /// default).
+    Header,
+    /// A header of the sender's own, lowercase: a webhook's `webhook-id` (Standard Webhooks),
+    /// GitHub's `x-github-delivery`, Shopify's `x-shopify-webhook-id`. Parsed like the key header:
+    /// 1 to 255 visible ASCII characters, sent once.
+    NamedHeader(&'static str),
+    /// Fields of the typed body, as dotted paths (a Stripe event's `id`; Adyen's `eventCode` and
+    /// `pspReference`), read by the code `#[idempotent]` generates. Several fields make one key,
+    /// in order, encoded so that no two different lists of values give the same key.
+    Fields(&'static [&'static str]),
+    /// No key is read: the request's identity (scope, caller, method, path, query and body as
+    /// the route's `fields`/`exclude` define it) is the key, within the route's `ttl`. For
+    /// clients that send no key: two identical requests within the ttl are one.
+    Derived,
+}
+
+impl KeySource {
+    /// What the report and problems call it: `Idempotency-Key header`, `webhook-id header`,
+    /// `field event.id`, `fields eventCode, pspReference`, `derived`.
+    pub fn describe(self, header_name: &str) -> String {
+        match self {
+            KeySource::Header => format!("`{header_name}` header"),
+            KeySource::NamedHeader(name) => format!("`{name}` header"),
+            KeySource::Fields([field]) => format!("body field `{field}`"),
+            KeySource::Fields(fields) => {
+                let fields: Vec<String> = fields.iter().map(|f| format!("`{f}`")).collect();
+                format!("body fields {}", fields.join(", "))
+            }
+            KeySource::Derived => "the request itself (derived)".to_owned(),
+        }
+    }
+
+    /// The name the JSON report gives it: `header`, `header:<name>`, `fields:<a>,<b>`, `derived`.
+    pub fn as_report(self) -> String {
+        match self {
+            KeySource::Header => "header".to_owned(),
+            KeySource::NamedHeader(name) => format!("header:{name}"),
+            KeySource::Fields(fields) => format!("fields:{}", fields.join(",")),
+            KeySource::Derived => "derived".to_owned(),
+        }
+    }
+}
+
 /// What a request does when it finds the same key still running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConflictMode {
@@ -132,6 +179,8 @@ pub struct Policy {
     pub lease: Duration,
     /// Whether the key is required.
     pub key: KeyRequirement,
+    /// Where the key comes from.
+    pub key_source: KeySource,
     /// What a concurrent duplicate does.
     pub on_conflict: ConflictMode,
     /// Longest wait of a duplicate under [`ConflictMode::Wait`] before it answers 409.
@@ -170,6 +219,7 @@ impl Policy {
             ttl: Self::DEFAULT_TTL,
             lease: Self::DEFAULT_LEASE,
             key: KeyRequirement::Required,
+            key_source: KeySource::Header,
             on_conflict: ConflictMode::Reject,
             wait_timeout: Self::DEFAULT_WAIT_TIMEOUT,
             outcomes: StoredOutcomes::Final,

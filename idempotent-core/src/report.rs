@@ -203,6 +203,7 @@ fn to_json(protected: &[Protected<'_>], exempt: &[(&RouteRecord, &str)]) -> Stri
                 "ttl_seconds": p.ttl.as_secs_f64(),
                 "lease_seconds": p.lease.as_secs_f64(),
                 "key": p.key.as_str(),
+                "key_source": p.key_source.as_report(),
                 "on_conflict": p.on_conflict.as_str(),
                 "wait_timeout_seconds": p.wait_timeout.as_secs_f64(),
                 "stored_outcomes": p.outcomes.as_str(),
@@ -257,7 +258,7 @@ fn to_markdown(protected: &[Protected<'_>], exempt: &[(&RouteRecord, &str)]) -> 
             md(&fields(p)),
             human_duration(p.ttl),
             human_duration(p.lease),
-            p.key.as_str(),
+            md(&key_md(p)),
             on_conflict(p),
             stored(p),
             r.handler,
@@ -277,6 +278,14 @@ fn to_markdown(protected: &[Protected<'_>], exempt: &[(&RouteRecord, &str)]) -> 
         }
     }
     out
+}
+
+/// The key column: the requirement, and where the key comes from unless it is the key header.
+fn key_md(p: &Policy) -> String {
+    match p.key_source {
+        crate::policy::KeySource::Header => p.key.as_str().to_owned(),
+        source => format!("{}, {}", p.key.as_str(), source.describe("Idempotency-Key")),
+    }
 }
 
 /// `file:line`, or `—` when hidden.
@@ -385,9 +394,13 @@ fn to_html(protected: &[Protected<'_>], exempt: &[(&RouteRecord, &str)]) -> Stri
              <th>key</th><th>in progress</th><th>stored outcomes</th><th>store down</th><th>handler</th></tr></thead>\n<tbody>\n",
         );
         for (r, p) in protected {
-            let key = match p.key {
-                crate::policy::KeyRequirement::Required => "<span class=\"tag\">required</span>".to_owned(),
-                crate::policy::KeyRequirement::Optional => "<span class=\"tag warn\">optional</span>".to_owned(),
+            let requirement = match p.key {
+                crate::policy::KeyRequirement::Required => "<span class=\"tag\">required</span>",
+                crate::policy::KeyRequirement::Optional => "<span class=\"tag warn\">optional</span>",
+            };
+            let key = match p.key_source {
+                crate::policy::KeySource::Header => requirement.to_owned(),
+                source => format!("{requirement} {}", esc(&source.describe("Idempotency-Key").replace('`', ""))),
             };
             let store_down = if p.fail_open {
                 "<span class=\"tag warn\">run unprotected</span>"

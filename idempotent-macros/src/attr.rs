@@ -21,6 +21,7 @@ mod kw {
     syn::custom_keyword!(route);
     syn::custom_keyword!(exempt);
     syn::custom_keyword!(exclude);
+    syn::custom_keyword!(derived);
 }
 
 const KEYS: &str = "`scope`, `fields`, `exclude`, `ttl`, `lease`, `key`, `on_conflict`, `wait_timeout`, `store`, \
@@ -113,6 +114,127 @@ pub(crate) struct Exclude {
     pub(crate) parts: Vec<Ident>,
 }
 
+/// `key = ..`: the requirement (`"required"`, `"optional"`) or where the key comes from.
+#[derive(Debug, Clone)]
+pub(crate) enum KeyArg {
+    /// `key = "required"` or `key = "optional"`: the runtime's key header.
+    Requirement(StrArg),
+    /// `key = header("webhook-id")`: a header of the sender's own.
+    Header { key: Span, name: LitStr },
+    /// `key = field(event.id)` or `key = [field(eventCode), field(pspReference)]`.
+    Fields { key: Span, paths: Vec<FieldPath> },
+    /// `key = derived`: the request's identity is the key.
+    Derived { key: Span },
+}
+
+impl KeyArg {
+    /// The span of the `key` argument's name.
+    pub(crate) fn key_span(&self) -> Span {
+        match self {
+            KeyArg::Requirement(arg) => arg.key,
+            KeyArg::Header { key, .. } | KeyArg::Fields { key, .. } | KeyArg::Derived { key } => *key,
+        }
+    }
+}
+
+const KEY_FORMS: &str = "expected `\"required\"`, `\"optional\"`, `header(\"name\")`, `field(path)`, \
+                         `[field(a), field(b)]` or `derived`";
+
+/// Parses what follows `key =`.
+fn key_arg(input: ParseStream<'_>, key: Span) -> syn::Result<KeyArg> {
+    input.parse::<Token![=]>()?;
+    if input.peek(LitStr) {
+        return Ok(KeyArg::Requirement(StrArg { key, value: input.parse()? }));
+    }
+    if input.peek(kw::derived) {
+        let derived = input.parse::<kw::derived>()?;
+        if input.peek(syn::token::Paren) {
+            return Err(syn::Error::new(derived.span, "`derived` takes no arguments: the request itself is the key"));
+        }
+        return Ok(KeyArg::Derived { key });
+    }
+    if input.peek(syn::token::Bracket) {
+        let content;
+        bracketed!(content in input);
+        let items = Punctuated::<KeyItem, Token![,]>::parse_terminated(&content)?;
+        let mut paths = Vec::new();
+        for item in items {
+            match item {
+                KeyItem::Field(path) => paths.push(path),
+                KeyItem::Header(name) => {
+                    return Err(syn::Error::new(
+                        name.span(),
+                        "a key comes from one header or from body fields, not both: use `key = header(..)` alone",
+                    ))
+                }
+                KeyItem::Other(span, what) => {
+                    return Err(syn::Error::new(
+                        span,
+                        format!("{what} cannot be part of a composite key: list body fields only, e.g. `key = [field(eventCode), field(pspReference)]`"),
+                    ))
+                }
+            }
+        }
+        if paths.is_empty() {
+            return Err(syn::Error::new(key, "a composite key lists at least one field, e.g. `key = [field(id)]`"));
+        }
+        return Ok(KeyArg::Fields { key, paths });
+    }
+    match input.parse::<KeyItem>()? {
+        KeyItem::Field(path) => Ok(KeyArg::Fields { key, paths: vec![path] }),
+        KeyItem::Header(name) => Ok(KeyArg::Header { key, name }),
+        KeyItem::Other(span, _) => Err(syn::Error::new(span, KEY_FORMS)),
+    }
+}
+
+/// One form after `key =` or inside its list.
+enum KeyItem {
+    Field(FieldPath),
+    Header(LitStr),
+    /// Something that is not a field, with what to call it in a message.
+    Other(Span, &'static str),
+}
+
+impl Parse for KeyItem {
+    fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
+        if input.peek(kw::derived) {
+            let derived = input.parse::<kw::derived>()?;
+            return Ok(KeyItem::Other(derived.span, "`derived`"));
+        }
+        if input.peek(LitStr) {
+            let lit: LitStr = input.parse()?;
+            return Ok(KeyItem::Other(lit.span(), "a string"));
+        }
+        let which: Ident =
+            input.call(syn::ext::IdentExt::parse_any).map_err(|e| syn::Error::new(e.span(), KEY_FORMS))?;
+        if !input.peek(syn::token::Paren) {
+            return Err(syn::Error::new(which.span(), KEY_FORMS));
+        }
+        let content;
+        syn::parenthesized!(content in input);
+        match which.to_string().as_str() {
+            "field" => {
+                let path: FieldPath = content.parse()?;
+                if !content.is_empty() {
+                    return Err(content.error("expected one body field, e.g. `field(event.id)`"));
+                }
+                Ok(KeyItem::Field(path))
+            }
+            "header" => {
+                if !content.peek(LitStr) {
+                    return Err(content.error("expected the header's name as a string, e.g. `header(\"webhook-id\")`"));
+                }
+                let name: LitStr = content.parse()?;
+                if !content.is_empty() {
+                    return Err(content.error("expected one header name, e.g. `header(\"webhook-id\")`"));
+                }
+                Ok(KeyItem::Header(name))
+            }
+            _ => Err(syn::Error::new(which.span(), KEY_FORMS)),
+        }
+    }
+}
+
 /// A string-valued argument with the span of its key.
 #[derive(Debug, Clone)]
 pub(crate) struct StrArg {
@@ -128,7 +250,7 @@ pub(crate) struct Args {
     pub(crate) exclude: Option<Exclude>,
     pub(crate) ttl: Option<StrArg>,
     pub(crate) lease: Option<StrArg>,
-    pub(crate) key: Option<StrArg>,
+    pub(crate) key: Option<KeyArg>,
     pub(crate) on_conflict: Option<StrArg>,
     pub(crate) wait_timeout: Option<StrArg>,
     pub(crate) store: Option<StrArg>,
@@ -182,7 +304,7 @@ impl Parse for Args {
                 set(&mut args.lease, "lease", key, str_arg(input, key, "lease", "\"10s\"")?)?;
             } else if lookahead.peek(kw::key) {
                 let key = input.parse::<kw::key>()?.span;
-                set(&mut args.key, "key", key, str_arg(input, key, "key", "\"optional\"")?)?;
+                set(&mut args.key, "key", key, key_arg(input, key)?)?;
             } else if lookahead.peek(kw::on_conflict) {
                 let key = input.parse::<kw::on_conflict>()?.span;
                 set(&mut args.on_conflict, "on_conflict", key, str_arg(input, key, "on_conflict", "\"wait\"")?)?;

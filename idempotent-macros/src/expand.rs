@@ -7,7 +7,7 @@
 
 use crate::attr::{Args, FieldPath};
 use crate::duration::Millis;
-use crate::valid::{self, ConflictMode, Errors, KeyRequirement, Route, Spec, StoredOutcomes, Validated};
+use crate::valid::{self, ConflictMode, Errors, KeyRequirement, KeySource, Route, Spec, StoredOutcomes, Validated};
 use proc_macro2::{Group, Literal, Span, TokenStream, TokenTree};
 use quote::{format_ident, quote};
 use syn::punctuated::Punctuated;
@@ -80,7 +80,11 @@ fn try_expand(framework: Framework, attr: TokenStream, item: TokenStream) -> syn
         Some(Validated::Protected(mut spec)) => {
             let handler = func.as_ref().and_then(|func| {
                 let body_fields = spec.fields.as_ref().filter(|f| !f.paths.is_empty()).map(|f| f.key);
-                Handler::inspect(framework, func, body_fields).map_err(|e| errors.push(e)).ok()
+                let key_fields = match &spec.key_source {
+                    KeySource::Fields(paths) => paths.first().map(|p| p.segments[0].span()),
+                    _ => None,
+                };
+                Handler::inspect(framework, func, body_fields.or(key_fields)).map_err(|e| errors.push(e)).ok()
             });
             let (Some(func), Some(handler)) = (func, handler) else {
                 return errors.finish(TokenStream::new());
@@ -292,6 +296,7 @@ fn emit(framework: Framework, spec: &Spec, func: &ItemFn, handler: &Handler) -> 
     let vis = &func.vis;
 
     let policy = policy(&rt, spec);
+    let key_fields = key_fields(&rt, spec, handler, &args, &ctx);
     let fingerprint = fingerprint(&rt, spec, handler, &args, &ctx);
     let record = record(framework, &rt, "protected", policy.clone(), spec.route.as_ref(), name);
     let handler_path = format!("::{name}");
@@ -313,6 +318,7 @@ fn emit(framework: Framework, spec: &Spec, func: &ItemFn, handler: &Handler) -> 
             static __IDEMPOTENT_POLICY: #rt::Policy = #policy;
             static __IDEMPOTENT_SITE: #rt::Site = #rt::Site::new(::core::concat!(::core::module_path!(), #handler_path));
             #unwrap
+            #key_fields
             let __idempotent_fp = #fingerprint;
             #run
         }
@@ -376,6 +382,15 @@ fn policy(rt: &TokenStream, spec: &Spec) -> TokenStream {
         StoredOutcomes::All => quote!(All),
     };
     let (fail_open, transactional) = (spec.fail_open, spec.transactional);
+    let key_source = match &spec.key_source {
+        KeySource::Header => quote!(#rt::KeySource::Header),
+        KeySource::NamedHeader(name) => quote!(#rt::KeySource::NamedHeader(#name)),
+        KeySource::Fields(paths) => {
+            let names = paths.iter().map(|p| LitStr::new(&p.name(), p.segments[0].span()));
+            quote!(#rt::KeySource::Fields(&[#(#names),*]))
+        }
+        KeySource::Derived => quote!(#rt::KeySource::Derived),
+    };
     quote! {
         #rt::Policy {
             scope: #scope,
@@ -383,6 +398,7 @@ fn policy(rt: &TokenStream, spec: &Spec) -> TokenStream {
             ttl: #ttl,
             lease: #lease,
             key: #rt::KeyRequirement::#key,
+            key_source: #key_source,
             on_conflict: #rt::ConflictMode::#on_conflict,
             wait_timeout: #wait_timeout,
             outcomes: #rt::StoredOutcomes::#outcomes,
@@ -420,6 +436,32 @@ fn fingerprint(rt: &TokenStream, spec: &Spec, handler: &Handler, args: &[Ident],
             #(#calls)*
             ::core::result::Result::Ok(__idempotent_b)
         })
+    }
+}
+
+/// For a key made of body fields, the statement that reads them into the context (each access
+/// spanned at the field's name in the attribute, so a missing field or one that is not
+/// `Serialize` is reported there); nothing otherwise.
+fn key_fields(rt: &TokenStream, spec: &Spec, handler: &Handler, args: &[Ident], ctx: &Ident) -> TokenStream {
+    let (KeySource::Fields(paths), Some(body)) = (&spec.key_source, handler.body.map(|index| &args[index])) else {
+        return TokenStream::new();
+    };
+    let parts = paths.iter().map(|path| {
+        let span = path.segments[0].span();
+        let segments = &path.segments;
+        let name = LitStr::new(&path.name(), span);
+        let access = if handler.wrapper { respan(quote!(&#body.0), span) } else { respan(quote!(&#body), span) };
+        let wrapper = respan(quote!(#rt::Field), span);
+        let part = respan(quote!(key_part), span);
+        quote!(let __idempotent_k = #wrapper(#access #(.#segments)*).#part(__idempotent_k, #name)?;)
+    });
+    quote! {
+        let #ctx = #ctx.key_from_fields(|__idempotent_k| {
+            #[allow(unused_imports)]
+            use #rt::KeyField as _;
+            #(#parts)*
+            ::core::result::Result::Ok(__idempotent_k)
+        });
     }
 }
 

@@ -2,7 +2,7 @@
 //! constant. Every problem becomes an error at the offending key or value; all of them are
 //! reported together.
 
-use crate::attr::{Args, Exclude, Fields, StrArg};
+use crate::attr::{Args, Exclude, FieldPath, Fields, KeyArg, StrArg};
 use crate::duration::{self, Millis};
 use proc_macro2::Span;
 use syn::LitStr;
@@ -23,6 +23,15 @@ const DEFAULT_WAIT_TIMEOUT: Millis = Millis(30 * 1000);
 pub(crate) enum KeyRequirement {
     Required,
     Optional,
+}
+
+/// Mirrors `idempotent_core::policy::KeySource`.
+#[derive(Debug, Clone)]
+pub(crate) enum KeySource {
+    Header,
+    NamedHeader(LitStr),
+    Fields(Vec<FieldPath>),
+    Derived,
 }
 
 /// Mirrors `idempotent_core::policy::ConflictMode`.
@@ -56,6 +65,7 @@ pub(crate) struct Spec {
     pub(crate) ttl: Millis,
     pub(crate) lease: Millis,
     pub(crate) key: KeyRequirement,
+    pub(crate) key_source: KeySource,
     pub(crate) on_conflict: ConflictMode,
     pub(crate) wait_timeout: Millis,
     pub(crate) outcomes: StoredOutcomes,
@@ -132,7 +142,7 @@ fn validate_exemption(args: Args, exempt: StrArg) -> syn::Result<Exemption> {
         ("exclude", args.exclude.as_ref().map(|e| e.key)),
         ("ttl", key(&args.ttl)),
         ("lease", key(&args.lease)),
-        ("key", key(&args.key)),
+        ("key", args.key.as_ref().map(KeyArg::key_span)),
         ("on_conflict", key(&args.on_conflict)),
         ("wait_timeout", key(&args.wait_timeout)),
         ("store", key(&args.store)),
@@ -215,13 +225,34 @@ fn validate_policy(args: Args) -> syn::Result<Spec> {
     let wait_timeout =
         duration_arg(args.wait_timeout.as_ref(), "wait_timeout", (DEFAULT_WAIT_TIMEOUT, "30s"), &mut errors);
 
+    let requirement = match &args.key {
+        Some(KeyArg::Requirement(arg)) => Some(arg),
+        _ => None,
+    };
     let key = one_of(
-        args.key.as_ref(),
+        requirement,
         "key",
         &[("required", KeyRequirement::Required), ("optional", KeyRequirement::Optional)],
         &mut errors,
     )
     .unwrap_or(KeyRequirement::Required);
+    let key_source = match &args.key {
+        None | Some(KeyArg::Requirement(_)) => KeySource::Header,
+        Some(KeyArg::Header { name, .. }) => {
+            let value = name.value();
+            let token = !value.is_empty()
+                && value.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if !token {
+                errors.add(
+                    name.span(),
+                    format!("`{value}` is not a header name: use letters, digits and `-` (an HTTP token), e.g. `header(\"webhook-id\")`"),
+                );
+            }
+            KeySource::NamedHeader(LitStr::new(&value.to_ascii_lowercase(), name.span()))
+        }
+        Some(KeyArg::Fields { paths, .. }) => KeySource::Fields(paths.clone()),
+        Some(KeyArg::Derived { .. }) => KeySource::Derived,
+    };
     let on_conflict = one_of(
         args.on_conflict.as_ref(),
         "on_conflict",
@@ -273,6 +304,7 @@ fn validate_policy(args: Args) -> syn::Result<Spec> {
         ttl: ttl.map_or(DEFAULT_TTL.0, |t| t.0),
         lease: lease.map_or(DEFAULT_LEASE.0, |l| l.0),
         key,
+        key_source,
         on_conflict: on_conflict.unwrap_or(ConflictMode::Reject),
         wait_timeout: wait_timeout.map_or(DEFAULT_WAIT_TIMEOUT, |w| w.0),
         outcomes,

@@ -7,6 +7,7 @@
 //! auto-referenced one for everything else), so it needs no specialization.
 
 use crate::fingerprint::{FingerprintBuilder, FingerprintError};
+use crate::key::KeyError;
 use serde::Serialize;
 use std::collections::{BTreeSet, HashSet};
 
@@ -52,6 +53,39 @@ impl<T: ?Sized> PlainField<T> for &Field<'_, T> {
     }
 }
 
+/// The values of the body fields a key is made of (`key = field(..)`), in order, collected by
+/// generated code with [`KeyField::key_part`].
+#[derive(Debug, Default, Clone)]
+pub struct KeyParts(pub Vec<String>);
+
+/// Adds a field's value to a key: a string as it is, a number or a boolean as its canonical
+/// JSON, an object or array as its canonical JSON; null (an absent `Option`) or an empty string
+/// is [`KeyError::FieldMissing`].
+pub trait KeyField<T: ?Sized> {
+    /// `parts` with this field's value added.
+    fn key_part(&self, parts: KeyParts, name: &str) -> Result<KeyParts, KeyError>
+    where
+        T: Serialize;
+}
+
+impl<T: ?Sized> KeyField<T> for Field<'_, T> {
+    fn key_part(&self, mut parts: KeyParts, name: &str) -> Result<KeyParts, KeyError>
+    where
+        T: Serialize,
+    {
+        let value = match serde_json::to_value(self.0) {
+            Ok(serde_json::Value::String(s)) => s,
+            Ok(serde_json::Value::Null) | Err(_) => String::new(),
+            Ok(other) => crate::fingerprint::canonical_json(&other),
+        };
+        if value.is_empty() {
+            return Err(KeyError::FieldMissing(name.to_owned()));
+        }
+        parts.0.push(value);
+        Ok(parts)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[allow(unused_imports)]
@@ -72,6 +106,17 @@ mod tests {
         let backward: Vec<&str> = forward.iter().rev().copied().collect();
         assert_eq!(fp(&forward), fp(&backward));
         assert_ne!(fp(&["a"]), fp(&["b"]));
+    }
+
+    #[test]
+    fn key_parts_are_values_and_a_missing_one_is_named() {
+        use super::{KeyField as _, KeyParts};
+        let parts = Field(&"evt_1").key_part(KeyParts::default(), "id").unwrap();
+        let parts = Field(&42u64).key_part(parts, "n").unwrap();
+        assert_eq!(parts.0, ["evt_1", "42"]);
+        let missing = Field(&None::<String>).key_part(KeyParts::default(), "event.id").unwrap_err();
+        assert_eq!(missing, crate::key::KeyError::FieldMissing("event.id".into()));
+        assert!(Field(&"").key_part(KeyParts::default(), "id").is_err());
     }
 
     #[test]

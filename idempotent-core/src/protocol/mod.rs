@@ -58,13 +58,14 @@ use crate::actor::{Actor, ActorMissing, RequestHead};
 use crate::engine::{Config, Outcome, Request, Runtime, REPLAYED_HEADER};
 use crate::fingerprint::{Fingerprint, FingerprintBuilder, FingerprintError};
 use crate::key::{IdempotencyKey, KeyError};
-use crate::policy::{Part, Policy};
+use crate::policy::{KeySource, Part, Policy};
 use crate::problem::{Problem, ProblemKind, CONTENT_TYPE};
 use crate::registry::{self, Framework};
 use crate::report::Format;
 use crate::response::StoredResponse;
 use crate::telemetry::{self, RequestOutcome};
 use bytes::Bytes;
+pub use field::KeyParts;
 use futures_util::FutureExt;
 use http::header::{HeaderName, HeaderValue};
 use http::{Response, StatusCode};
@@ -172,18 +173,51 @@ impl Incoming {
     }
 }
 
-/// What a protected handler knows of its request before it runs: the parts that make up its
-/// identity, and `pending`, what the adapter still needs to run it (the runtime, the caller or the
-/// framework's request).
+/// One protected request as its transport hands it to the protocol, before the handler runs: the
+/// parts that make up its identity ([`Incoming`]), the runtime installed where it was routed (if
+/// any), its head (headers, read through [`RequestHead`]: the key header, a sender's own key
+/// header, the actor's header), and the [`Actor`] its authentication set.
+///
+/// This is the whole of what a transport (a web framework, a broker) must gather; the rest of the
+/// sequence is written once, here: the key by the route's [`KeySource`](crate::policy::KeySource),
+/// the caller, the request's span and metrics, claim, run, complete or release, capture, replay
+/// and problems ([`task`](Self::task), then [`finish`] with the transport's spawn).
+///
+/// **Where the caller is read.** A transport captures the [`Actor`] extension when its protected
+/// extractor runs, before the body extractor it wraps: an `Actor` set by middleware, or by an
+/// extractor written before the body argument, counts; one set by the body extractor itself does
+/// not. The same on every transport.
 #[derive(Debug)]
-pub struct Context<P> {
-    /// The request's identity parts.
-    pub incoming: Incoming,
-    /// The adapter's own part.
-    pub pending: P,
+pub struct Context<H> {
+    incoming: Incoming,
+    runtime: Option<Runtime>,
+    head: H,
+    actor: Option<Actor>,
+    field_key: Option<Result<IdempotencyKey, KeyError>>,
 }
 
-impl<P> Context<P> {
+impl<H: RequestHead> Context<H> {
+    /// A request with its identity parts, the runtime found where it was routed, its head and the
+    /// actor its authentication set.
+    pub fn new(incoming: Incoming, runtime: Option<Runtime>, head: H, actor: Option<Actor>) -> Self {
+        Self { incoming, runtime, head, actor, field_key: None }
+    }
+
+    /// The request's head.
+    pub fn head(&self) -> &H {
+        &self.head
+    }
+
+    /// The request's identity parts.
+    pub fn incoming(&self) -> &Incoming {
+        &self.incoming
+    }
+
+    /// The runtime installed where the request was routed, if any.
+    pub fn runtime(&self) -> Option<&Runtime> {
+        self.runtime.as_ref()
+    }
+
     /// The request's fingerprint under `policy`; `fields` adds the declared body fields (see
     /// [`Incoming::fingerprint`]).
     pub fn fingerprint(
@@ -192,6 +226,65 @@ impl<P> Context<P> {
         fields: impl FnOnce(FingerprintBuilder) -> Result<FingerprintBuilder, FingerprintError>,
     ) -> Result<Fingerprint, FingerprintError> {
         self.incoming.fingerprint(policy, fields)
+    }
+
+    /// The key of a route whose key is made of body fields: `parts` adds their values (generated
+    /// code, see [`field::KeyField`]).
+    pub fn key_from_fields(mut self, parts: impl FnOnce(KeyParts) -> Result<KeyParts, KeyError>) -> Self {
+        self.field_key = Some(parts(KeyParts::default()).and_then(|parts| IdempotencyKey::from_parts(&parts.0)));
+        self
+    }
+
+    /// Who is asking, and under which key, by `policy`'s key source: the key header the runtime
+    /// names, a header of the sender's, the body fields, or the request's own fingerprint.
+    fn caller(&self, config: &Config, policy: &Policy, fingerprint: &Result<Fingerprint, FingerprintError>) -> Caller {
+        let key = match policy.key_source {
+            KeySource::Header => IdempotencyKey::from_header_values(self.head.header_values(&config.header_name)),
+            KeySource::NamedHeader(name) => IdempotencyKey::from_header_values(self.head.header_values(name)),
+            KeySource::Fields(_) => self.field_key.clone().map_or(Ok(None), |key| key.map(Some)),
+            // A fingerprint that failed is a server bug the engine answers itself (500).
+            KeySource::Derived => {
+                Ok(Some(IdempotencyKey::derived(fingerprint.as_ref().unwrap_or(&Fingerprint([0; 32])))))
+            }
+        };
+        Caller { key, actor: identify_actor(config, &self.head, self.actor.as_ref()) }
+    }
+
+    /// The protected request's task, once its handler's response is known: `handler` is the
+    /// handler's future with its response converted to an `http::Response`. Records the full
+    /// path the handler at `site` served (for reports), and returns the task for [`finish`] to
+    /// run; or, when no runtime is installed where the request was routed, the 500 to send.
+    pub fn task<B, Fut>(
+        self,
+        framework: Framework,
+        policy: &'static Policy,
+        site: &'static registry::Site,
+        fingerprint: Result<Fingerprint, FingerprintError>,
+        handler: Fut,
+    ) -> Result<impl Future<Output = Response<ResponseBody<B>>>, Response<Bytes>>
+    where
+        Fut: Future<Output = Response<B>>,
+        B: http_body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        let Some(runtime) = self.runtime.clone() else { return Err(runtime_missing(policy)) };
+        observe(framework, site, &self.incoming);
+        let caller = self.caller(runtime.config(), policy, &fingerprint);
+        Ok(request_task(runtime, policy, caller, fingerprint, handler))
+    }
+}
+
+/// Runs a protected request's `task` (from [`Context::task`]) with the transport's `spawn`, so
+/// that a client that disconnects cannot cancel it half-way ([`run_task`]); a task that failed
+/// outside the handler is the 500 of [`task_failed`].
+pub async fn finish<B, F, S>(policy: &Policy, task: F, spawn: S) -> Response<ResponseBody<B>>
+where
+    F: Future<Output = Response<ResponseBody<B>>>,
+    S: FnOnce(std::pin::Pin<Box<F>>) -> tokio::task::JoinHandle<Response<ResponseBody<B>>>,
+{
+    match run_task(task, spawn).await {
+        Ok(response) => response,
+        Err(e) => task_failed(policy, &e).map(ResponseBody::full),
     }
 }
 
@@ -202,7 +295,7 @@ impl<P> Context<P> {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __adapter_types {
-    ($framework:ident, $pending:ty) => {
+    ($framework:ident, $head:ty) => {
         /// The installed idempotency runtime; cheap to clone.
         #[derive(Debug, Clone)]
         pub struct Idempotency {
@@ -250,7 +343,7 @@ macro_rules! __adapter_types {
         }
 
         /// What a protected handler knows of its request before it runs.
-        pub type Context = $crate::protocol::Context<$pending>;
+        pub type Context = $crate::protocol::Context<$head>;
 
         /// Wraps a protected handler's body extractor `T` (or stands in for one). With `BODY`
         /// (the whole body is part of the request's identity) it reads the body, within the

@@ -222,7 +222,7 @@ CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);
         let t = config.qualified_table();
         let key = "scope = ?1 AND actor = ?2 AND idem_key = ?3";
         Statements {
-            select: rendered(format!("SELECT fingerprint, state, response, expires_at FROM {t} WHERE {key}")),
+            select: rendered(format!("SELECT fingerprint, state, token, response, expires_at FROM {t} WHERE {key}")),
             upsert: rendered(format!(
                 "INSERT INTO {t} (scope, actor, idem_key, fingerprint, state, token, response, expires_at, created_at)
 VALUES (?1, ?2, ?3, ?4, 'in_progress', ?5, NULL, ?6, ?7)
@@ -397,10 +397,15 @@ impl SqlStore<Sqlite> {
         Self::start_with_writer(pool, writer, config, true).await
     }
 
-    async fn read(&self, key: &RecordKey, fingerprint: &Fingerprint) -> Result<Option<Claim>, StoreError> {
+    async fn read(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        token: &ClaimToken,
+    ) -> Result<Option<Claim>, StoreError> {
         let row =
             Self::key_query(&self.sql().select, key).fetch_optional(self.pool()).await.map_err(Sqlite::unavailable)?;
-        live(row, fingerprint, now_ms())
+        live(row, fingerprint, token, now_ms())
     }
 }
 
@@ -408,8 +413,18 @@ impl SqlStore<Sqlite> {
 /// record past its time to live, or an abandoned claim (its lease expired) of the same request or
 /// past its retention. An abandoned claim of another request under the key is a mismatch: its
 /// outcome is unknown, and a different request never takes it over.
-fn live(row: Option<SqliteRow>, fingerprint: &Fingerprint, now: i64) -> Result<Option<Claim>, StoreError> {
+fn live(
+    row: Option<SqliteRow>,
+    fingerprint: &Fingerprint,
+    token: &ClaimToken,
+    now: i64,
+) -> Result<Option<Claim>, StoreError> {
     let Some(row) = row else { return Ok(None) };
+    let held: Option<String> = column(&row, "token")?;
+    if held.as_deref() == Some(token.0.as_str()) && column::<_, String>(&row, "state")? == "in_progress" {
+        // This very claim, sent again: it holds the record already.
+        return Ok(Some(Claim::Acquired(token.clone())));
+    }
     let expires_at: i64 = column(&row, "expires_at")?;
     if expires_at <= now {
         let state: String = column(&row, "state")?;
@@ -433,14 +448,14 @@ impl Store for SqliteStore {
         token: &ClaimToken,
     ) -> Result<Claim, StoreError> {
         // Fast path: a live record is answered without taking the write lock.
-        if let Some(answer) = self.read(key, fingerprint).await? {
+        if let Some(answer) = self.read(key, fingerprint, token).await? {
             return Ok(answer);
         }
         let mut tx = self.writer().begin_with("BEGIN IMMEDIATE").await.map_err(Sqlite::unavailable)?;
         let now = now_ms();
         let row =
             Self::key_query(&self.sql().select, key).fetch_optional(&mut *tx).await.map_err(Sqlite::unavailable)?;
-        if let Some(answer) = live(row, fingerprint, now)? {
+        if let Some(answer) = live(row, fingerprint, token, now)? {
             tx.commit().await.map_err(Sqlite::unavailable)?;
             return Ok(answer);
         }
