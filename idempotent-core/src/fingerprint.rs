@@ -84,6 +84,13 @@
 //! with an integral value in the `i64` or `u64` range prints the exact decimal of that integer
 //! (2^60 as a double is `1152921504606846976`, where ECMAScript prints `1152921504606847000`), so
 //! `1e3` and `1000` stay one fingerprint.
+//!
+//! A body's numbers are read from its text, so one written with more precision than a double
+//! carries keeps its exact value (`12345678901234567891.25` and `...26` are one double, and two
+//! fingerprints): see `fingerprint::json_text`. Typed fields (`fields = [..]`) are whatever the
+//! application's types serialize to.
+
+mod json_text;
 
 use percent_encoding::percent_decode;
 use serde::Serialize;
@@ -259,8 +266,8 @@ impl FingerprintBuilder {
         }
         let media = content_type.map(media_type).unwrap_or_default();
         if is_json_media_type(&media) {
-            if let Ok(value) = serde_json::from_slice::<Value>(bytes) {
-                self.part(b"body-json", &[canonical_json(&value).as_bytes()]);
+            if let Some(canonical) = json_text::canonical(bytes) {
+                self.part(b"body-json", &[canonical.as_bytes()]);
                 return self;
             }
         } else if media == "application/x-www-form-urlencoded" {
@@ -493,8 +500,12 @@ mod tests {
         FingerprintBuilder::new("s").raw_body(content_type, bytes).finish()
     }
 
+    /// A body's canonical JSON, from its text; the same as its `Value`'s for every number these
+    /// tests use (each fits a double or an integer).
     fn canon(text: &str) -> String {
-        canonical_json(&serde_json::from_str(text).unwrap())
+        let from_value = canonical_json(&serde_json::from_str(text).unwrap());
+        assert_eq!(json_text::canonical(text.as_bytes()).as_deref(), Some(from_value.as_str()), "{text}");
+        from_value
     }
 
     #[test]
