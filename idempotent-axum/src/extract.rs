@@ -80,10 +80,10 @@ async fn context<S: Send + Sync>(parts: &mut Parts, state: &S, body: Bytes) -> R
 /// The body extractor's rejection, as the runtime's settings want it answered
 /// ([`protocol::rejection`]).
 async fn rejected(context: &Context, rejection: Response) -> Response {
-    let Some(config) = context.runtime().map(Runtime::config).filter(|c| c.rejections.is_some()) else {
+    let status = rejection.status().as_u16();
+    let Some(config) = context.runtime().map(Runtime::config).filter(|c| protocol::maps_rejection(c, status)) else {
         return rejection;
     };
-    let status = rejection.status().as_u16();
     let message = axum::body::to_bytes(rejection.into_body(), 64 * 1024).await.unwrap_or_default();
     let problem = protocol::rejection(config, status, &String::from_utf8_lossy(&message));
     problem

@@ -131,11 +131,12 @@ pub struct Config {
     pub store_timeout: Duration,
     /// What a runtime whose store cannot run transactions does with transactional routes.
     pub without_transactions: WithoutTransactions,
-    /// The longest time storing a handler's outcome is retried while the store fails, the lease
-    /// being renewed meanwhile; it is retried only while the lease is vouched for (see
-    /// [`ClaimFence`]), so with the default 10 s lease this bound rarely applies. The client waits
-    /// for it; past it the outcome is given up, the claim expires with its lease and a retry runs
-    /// the handler again.
+    /// How long storing a handler's outcome is retried while the store fails, the lease being
+    /// renewed meanwhile. Within the time the lease is vouched for (see [`ClaimFence`]) a stored
+    /// outcome is certain to be the only one; after it, it is still stored while no other request
+    /// took the key over, and fenced (nothing written) once one did. The client waits for it;
+    /// past it the outcome is given up, the claim expires with its lease and a retry runs the
+    /// handler again.
     pub completion_patience: Duration,
     /// How actors (in the store) and keys (in logs) are digested: plain SHA-256, or under a
     /// server secret (see [`crate::digest`]).
@@ -880,8 +881,9 @@ impl Runtime {
     ) {
         lease.settling();
         // The handler ran: losing its outcome would let a retry run it again. Storing it is
-        // retried while the lease is vouched for (a store that answers again within it stores the
-        // outcome, and no retry could have taken the key meanwhile), never past the patience.
+        // retried for the whole patience: within the time the lease is vouched for, no retry can
+        // have taken the key, and after it a completion is still accepted while none did (and
+        // fenced, writing nothing, once one did), so giving up earlier could only lose it.
         let give_up = tokio::time::Instant::now() + self.config.completion_patience;
         let mut delay = Duration::from_millis(50);
         for attempt in 1.. {
@@ -892,14 +894,7 @@ impl Runtime {
                 );
                 return;
             }
-            if attempt > 1 && !lease.vouched() {
-                tracing::warn!(
-                    scope = policy.scope,
-                    attempt,
-                    "the outcome could not be stored while the lease was vouched for; a retry after it may run the handler again"
-                );
-                return;
-            }
+
             match self.bounded(StoreOperation::Complete, self.store.complete(key, token, record, policy.ttl)).await {
                 Ok(()) => return,
                 Err(StoreError::Fenced) if attempt > 1 => {

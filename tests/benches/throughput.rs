@@ -213,13 +213,7 @@ async fn serve(router: Router) -> SocketAddr {
 
 async fn demo(store: Arc<dyn Store>) -> SocketAddr {
     let ledger = temp_ledger();
-    let config = Config {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        store: "bench".into(),
-        ledger: ledger.clone(),
-        transfer_delay: Duration::ZERO,
-        digest_secret: None,
-    };
+    let config = Config::new("bench", ledger.clone(), Duration::ZERO);
     let (ledger, entries) = Ledger::open(&ledger).unwrap();
     serve(payments_demo::axum_app::app_with_store(&config, store, ledger, entries).await.unwrap()).await
 }

@@ -9,13 +9,7 @@ use payments_demo::config::Config;
 async fn start_actix() -> Demo {
     let ledger = temp_ledger();
     let delay = Duration::from_millis(1200);
-    let config = Config {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        store: "memory".into(),
-        ledger: ledger.clone(),
-        transfer_delay: delay,
-        digest_secret: None,
-    };
+    let config = Config::new("memory", ledger.clone(), delay);
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
         actix_web::rt::System::new().block_on(async move {

@@ -6,13 +6,7 @@ use payments_demo::config::Config;
 async fn start_axum() -> Demo {
     let ledger = temp_ledger();
     let delay = Duration::from_millis(1200);
-    let config = Config {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        store: "memory".into(),
-        ledger: ledger.clone(),
-        transfer_delay: delay,
-        digest_secret: None,
-    };
+    let config = Config::new("memory", ledger.clone(), delay);
     let (addr, _server) = payments_demo::axum_app::start(&config).await.expect("demo starts");
     Demo::new(addr, ledger, delay)
 }

@@ -7,13 +7,14 @@ use crate::api::{done, ApiError, Caller, DemoProblem, MAX_BODY, PROBLEM_CONTENT_
 use crate::cli::SHUTDOWN_GRACE;
 use crate::config::Config;
 use crate::deposits::{CreateDeposit, Deposits};
-use crate::domain::{Bank, CreatePayment, CreateRefund, CreateTransfer};
+use crate::domain::{Bank, CreatePayment, CreateRefund, CreateTransfer, ProviderEvent, SendNotification};
 use crate::ledger::Ledger;
+use crate::webhooks;
 use actix_web::dev::{Payload, Server};
 use actix_web::error::{InternalError, JsonPayloadError};
 use actix_web::http::{header, StatusCode};
-use actix_web::{get, post, web, App, FromRequest, HttpRequest, HttpResponse, HttpServer, ResponseError};
-use idempotent_actix::{health, idempotent, policy_report, record_status, Fence, Idempotency, Tx};
+use actix_web::{get, post, web, App, FromRequest, HttpMessage, HttpRequest, HttpResponse, HttpServer, ResponseError};
+use idempotent_actix::{health, idempotent, policy_report, record_status, Actor, Fence, Idempotency, Tx};
 use std::future::{ready, Ready};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,6 +27,7 @@ pub struct AppState {
     deposits: Deposits,
     transfer_delay: Duration,
     openapi: web::Bytes,
+    webhook_secret: crate::webhooks::Secret,
 }
 
 fn problem_response(p: DemoProblem) -> HttpResponse {
@@ -106,6 +108,85 @@ pub async fn create_transfer(
     fence.check()?;
     let transfer = done(app.bank.create_transfer(&account, req))?;
     Ok(HttpResponse::Created().json(transfer))
+}
+
+/// `POST /webhooks/provider`: a provider's event, once per `webhook-id` however often it is
+/// delivered. Its caller is the provider ([`WebhookSender`]); [`Signed`] verifies the delivery's
+/// signature before anything is claimed, so an unsigned request never runs nor stores anything.
+#[idempotent(scope = "webhooks.provider", key = header("webhook-id"), ttl = "72h")]
+#[post("/webhooks/provider")]
+pub async fn receive_webhook(
+    _: WebhookSender,
+    app: web::Data<AppState>,
+    #[body] Signed(delivery): Signed<ProviderEvent>,
+) -> Result<HttpResponse, ApiError> {
+    let received =
+        app.bank.receive_webhook(webhooks::SENDER, &delivery.id, delivery.event).map_err(ApiError::Internal)?;
+    Ok(HttpResponse::Ok().json(received))
+}
+
+/// The caller of a webhook route: the provider, one identity for all its deliveries. Set before
+/// the body is read, as the idempotency layer reads the caller then; the body extractor
+/// ([`Signed`]) refuses any delivery the provider did not sign, before anything is claimed.
+#[derive(Debug, Clone, Copy)]
+pub struct WebhookSender;
+
+impl FromRequest for WebhookSender {
+    type Error = std::convert::Infallible;
+    type Future = Ready<Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        req.extensions_mut().insert(Actor(webhooks::SENDER.to_owned()));
+        ready(Ok(WebhookSender))
+    }
+}
+
+/// A webhook delivery whose signature verifies (Standard Webhooks), with its JSON body: 401
+/// problem+json when it does not.
+#[derive(Debug)]
+pub struct Signed<T>(pub webhooks::Delivery<T>);
+
+impl<T: serde::de::DeserializeOwned + 'static> FromRequest for Signed<T> {
+    type Error = actix_web::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self, actix_web::Error>>>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let (req, body) = (req.clone(), web::Bytes::from_request(req, payload));
+        Box::pin(async move {
+            let body = body.await?;
+            let secret = req.app_data::<web::Data<AppState>>().map(|app| app.webhook_secret.clone());
+            let header =
+                |name: &'static str| crate::api::single_header(req.headers().get_all(name).map(|v| v.as_bytes()));
+            let refuse = |refused: webhooks::Refused| {
+                let response = problem_response(DemoProblem::webhook_refused(&refused));
+                actix_web::Error::from(InternalError::from_response(refused, response))
+            };
+            let secret = secret.ok_or_else(|| refuse(webhooks::Refused::BadSignature))?;
+            let delivery =
+                webhooks::Delivery::verify(&secret, header, &body, std::time::SystemTime::now()).map_err(refuse)?;
+            let event = serde_json::from_slice(&body).map_err(|e| {
+                let detail = format!("The event is not one this route takes: {e}");
+                actix_web::Error::from(InternalError::from_response(
+                    e,
+                    problem_response(DemoProblem::bad_body(422, detail)),
+                ))
+            })?;
+            Ok(Signed(delivery.with(event)))
+        })
+    }
+}
+
+/// `POST /notifications`: no key needed; the request itself is its key for ten minutes, so the
+/// same body from the same account within that window is one notification.
+#[idempotent(scope = "notifications.send", key = derived, ttl = "10m")]
+#[post("/notifications")]
+pub async fn send_notification(
+    Caller(account): Caller,
+    app: web::Data<AppState>,
+    web::Json(req): web::Json<SendNotification>,
+) -> Result<HttpResponse, ApiError> {
+    let notification = done(app.bank.send_notification(&account, req))?;
+    Ok(HttpResponse::Created().json(notification))
 }
 
 /// `POST /quotes`: any JSON object, fingerprinted whole, kept 3 seconds.
@@ -228,6 +309,7 @@ pub async fn prepare(config: &Config) -> Result<Prepared, String> {
         deposits,
         transfer_delay: config.transfer_delay,
         openapi: document.into(),
+        webhook_secret: config.webhook_secret.clone(),
     };
     Ok(Prepared { idempotency, state: web::Data::new(state) })
 }
@@ -242,6 +324,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, prepared: &Prepared) {
         .service(create_transfer)
         .service(list_transfers)
         .service(create_quote)
+        .service(receive_webhook)
+        .service(send_notification)
         .service(create_deposit)
         .service(list_deposits)
         .route("/_idempotency/policies", web::get().to(|_: Caller, request: HttpRequest| policy_report(request)))

@@ -117,11 +117,28 @@ impl DemoProblem {
         }
     }
 
+    /// 401: a webhook delivery that does not verify (see [`crate::webhooks`]); nothing was claimed.
+    pub fn webhook_refused(why: &crate::webhooks::Refused) -> Self {
+        Self::new(
+            401,
+            "webhook-signature",
+            "Webhook delivery refused",
+            format!("{why}: sign the delivery per the Standard Webhooks specification with the shared secret. Nothing was executed or stored."),
+        )
+    }
+
     /// 400 / 413 / 415 / 422: the request body was rejected before the handler ran (type
     /// [`BAD_BODY`]).
     pub fn bad_body(status: u16, detail: impl Into<String>) -> Self {
         Self::new(status, "bad-body", "Request body rejected", detail)
     }
+}
+
+/// What a webhook delivery's middleware needs: its one value of header `name`, if it was sent once.
+pub fn single_header<'a, I: IntoIterator<Item = &'a [u8]>>(values: I) -> Option<&'a str> {
+    let mut values = values.into_iter();
+    let (Some(value), None) = (values.next(), values.next()) else { return None };
+    std::str::from_utf8(value).ok()
 }
 
 /// The `type` of a request body rejected before its handler ran.

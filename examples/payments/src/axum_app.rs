@@ -4,15 +4,17 @@ use crate::api::{done, ApiError, Caller, DemoProblem, PROBLEM_CONTENT_TYPE};
 use crate::cli::SHUTDOWN_GRACE;
 use crate::config::Config;
 use crate::deposits::{CreateDeposit, Deposits};
-use crate::domain::{Bank, CreatePayment, CreateRefund, CreateTransfer};
+use crate::domain::{Bank, CreatePayment, CreateRefund, CreateTransfer, ProviderEvent, SendNotification};
 use crate::ledger::Ledger;
+use crate::webhooks;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
+use axum::extract::{FromRequest, Request};
 use axum::http::{header, request::Parts, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use idempotent_axum::enforce::Enforce;
-use idempotent_axum::{health, idempotent, policy_report, record_status, Fence, Idempotency, Tx};
+use idempotent_axum::{health, idempotent, policy_report, record_status, Actor, Fence, Idempotency, Tx};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +28,7 @@ pub struct AppState {
     deposits: Deposits,
     transfer_delay: Duration,
     openapi: axum::body::Bytes,
+    webhook_secret: crate::webhooks::Secret,
 }
 
 fn problem_response(p: DemoProblem) -> Response {
@@ -66,6 +69,74 @@ pub async fn create_payment(
     let payment = done(app.bank.create_payment(&account, req))?;
     let location = format!("/payments/{}", payment.id);
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(payment)))
+}
+
+/// `POST /webhooks/provider`: a provider's event, once per `webhook-id` however often it is
+/// delivered. Its caller is the provider ([`WebhookSender`]); [`Signed`] verifies the delivery's
+/// signature before anything is claimed, so an unsigned request never runs nor stores anything.
+#[idempotent(scope = "webhooks.provider", key = header("webhook-id"), ttl = "72h", route = "POST /webhooks/provider")]
+pub async fn receive_webhook(
+    _: WebhookSender,
+    State(app): State<AppState>,
+    #[body] Signed(delivery): Signed<ProviderEvent>,
+) -> Result<impl IntoResponse, ApiError> {
+    let received =
+        app.bank.receive_webhook(webhooks::SENDER, &delivery.id, delivery.event).map_err(ApiError::Internal)?;
+    Ok(Json(received))
+}
+
+/// The caller of a webhook route: the provider, one identity for all its deliveries. Set before
+/// the body is read, as the idempotency layer reads the caller then; the body extractor
+/// ([`Signed`]) refuses any delivery the provider did not sign, before anything is claimed.
+#[derive(Debug, Clone, Copy)]
+pub struct WebhookSender;
+
+impl<S: Send + Sync> FromRequestParts<S> for WebhookSender {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parts.extensions.insert(Actor(webhooks::SENDER.to_owned()));
+        Ok(WebhookSender)
+    }
+}
+
+/// A webhook delivery whose signature verifies (Standard Webhooks), with its JSON body: 401
+/// problem+json when it does not.
+#[derive(Debug)]
+pub struct Signed<T>(pub webhooks::Delivery<T>);
+
+impl<T: serde::de::DeserializeOwned> FromRequest<AppState> for Signed<T> {
+    type Rejection = Response;
+
+    async fn from_request(request: Request, app: &AppState) -> Result<Self, Response> {
+        let (parts, body) = request.into_parts();
+        let header =
+            |name: &'static str| crate::api::single_header(parts.headers.get_all(name).iter().map(|v| v.as_bytes()));
+        let Ok(body) = axum::body::to_bytes(body, MAX_BODY).await else {
+            return Err(problem_response(DemoProblem::bad_body(
+                413,
+                "The delivery is larger than this route accepts.",
+            )));
+        };
+        let delivery = webhooks::Delivery::verify(&app.webhook_secret, header, &body, std::time::SystemTime::now())
+            .map_err(|refused| problem_response(DemoProblem::webhook_refused(&refused)))?;
+        let event = serde_json::from_slice(&body).map_err(|e| {
+            problem_response(DemoProblem::bad_body(422, format!("The event is not one this route takes: {e}")))
+        })?;
+        Ok(Signed(delivery.with(event)))
+    }
+}
+
+/// `POST /notifications`: no key needed; the request itself is its key for ten minutes, so the
+/// same body from the same account within that window is one notification.
+#[idempotent(scope = "notifications.send", key = derived, ttl = "10m", route = "POST /notifications")]
+pub async fn send_notification(
+    Caller(account): Caller,
+    State(app): State<AppState>,
+    Json(req): Json<SendNotification>,
+) -> Result<impl IntoResponse, ApiError> {
+    let notification = done(app.bank.send_notification(&account, req))?;
+    Ok((StatusCode::CREATED, Json(notification)))
 }
 
 /// `POST /payments/{id}/refunds`: the payment must be the caller's and not already refunded in
@@ -211,6 +282,7 @@ fn build(
         deposits,
         transfer_delay: config.transfer_delay,
         openapi: document.into(),
+        webhook_secret: config.webhook_secret.clone(),
     };
     let payments = payment_routes();
     let router = Router::new()
@@ -222,6 +294,8 @@ fn build(
         .route("/_idempotency/policies", get(|_: Caller, uri: axum::http::Uri| policy_report(uri)))
         .route("/_idempotency/records/{scope}/{key}", get(record_status))
         .route("/healthz", get(health))
+        .route("/webhooks/provider", post(receive_webhook))
+        .route("/notifications", post(send_notification))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         // Errors of the router itself are problems too; axum adds `Allow` to the 405.

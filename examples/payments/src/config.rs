@@ -18,6 +18,8 @@ pub struct Config {
     pub ledger: PathBuf,
     /// `PAYMENTS_TRANSFER_DELAY_MS`, default 1500.
     pub transfer_delay: Duration,
+    /// `PAYMENTS_WEBHOOK_SECRET`: the Standard Webhooks signing secret of `POST /webhooks/provider`.
+    pub webhook_secret: crate::webhooks::Secret,
     /// `IDEMPOTENCY_DIGEST_SECRET`: when set, callers and keys are digested with HMAC-SHA256
     /// under it (see `idempotent_core::digest`); the `records` subcommand needs the same one.
     pub digest_secret: Option<String>,
@@ -34,7 +36,24 @@ impl Config {
             delay.parse().map_err(|e| format!("PAYMENTS_TRANSFER_DELAY_MS `{delay}` is not a number of ms: {e}"))?;
         let store = std::env::var("IDEMPOTENCY_STORE").unwrap_or_else(|_| default_store(&ledger));
         let digest_secret = std::env::var("IDEMPOTENCY_DIGEST_SECRET").ok().filter(|s| !s.is_empty());
-        Ok(Self { addr, store, ledger, transfer_delay: Duration::from_millis(delay), digest_secret })
+        let webhook_secret =
+            std::env::var("PAYMENTS_WEBHOOK_SECRET").unwrap_or_else(|_| crate::webhooks::DEFAULT_SECRET.to_owned());
+        let webhook_secret = crate::webhooks::Secret::parse(&webhook_secret)?;
+        Ok(Self { addr, store, ledger, transfer_delay: Duration::from_millis(delay), webhook_secret, digest_secret })
+    }
+
+    /// A configuration for tests and embedding: `store` and `ledger`, any free loopback port, the
+    /// default webhook secret, no digest secret.
+    pub fn new(store: impl Into<String>, ledger: impl Into<PathBuf>, transfer_delay: Duration) -> Self {
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            store: store.into(),
+            ledger: ledger.into(),
+            transfer_delay,
+            webhook_secret: crate::webhooks::Secret::parse(crate::webhooks::DEFAULT_SECRET)
+                .expect("the default secret parses"),
+            digest_secret: None,
+        }
     }
 }
 
@@ -45,6 +64,7 @@ impl std::fmt::Debug for Config {
             .field("store", &self.store_shown())
             .field("ledger", &self.ledger)
             .field("transfer_delay", &self.transfer_delay)
+            .field("webhook_secret", &self.webhook_secret)
             .field("digest_secret", &self.digest_secret.as_ref().map(|_| "(set)"))
             .finish()
     }
@@ -81,11 +101,8 @@ mod tests {
     #[test]
     fn debug_shows_neither_the_store_password_nor_the_digest_secret() {
         let config = Config {
-            addr: "127.0.0.1:0".parse().unwrap(),
-            store: "postgres://app:hunter2@db/payments".into(),
-            ledger: "l.jsonl".into(),
-            transfer_delay: Duration::ZERO,
             digest_secret: Some("s3cret-digest".into()),
+            ..Config::new("postgres://app:hunter2@db/payments", "l.jsonl", Duration::ZERO)
         };
         let shown = format!("{config:?}");
         assert!(shown.contains("postgres://app:***@db/payments"), "{shown}");

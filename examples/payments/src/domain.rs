@@ -111,6 +111,47 @@ pub struct Transfer {
     pub created_at: String,
 }
 
+/// `POST /webhooks/provider` body: a provider's event.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+pub struct ProviderEvent {
+    /// The event's type, e.g. `charge.succeeded`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// What the event is about.
+    pub data: ProviderEventData,
+}
+
+/// The charge a provider's event is about.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+pub struct ProviderEventData {
+    /// The provider's charge id.
+    pub charge: String,
+    /// Minor units.
+    pub amount: i64,
+}
+
+/// `POST /notifications` body.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+pub struct SendNotification {
+    /// Whom to notify.
+    pub to: String,
+    /// What to say.
+    pub text: String,
+}
+
+/// A sent notification.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, ToSchema)]
+pub struct Notification {
+    /// `nt_...`.
+    pub id: String,
+    /// Whom it was sent to.
+    pub to: String,
+    /// What it said.
+    pub text: String,
+    /// RFC 3339 timestamp.
+    pub created_at: String,
+}
+
 /// `POST /payments/{id}/refunds` body.
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 pub struct CreateRefund {
@@ -240,6 +281,37 @@ impl Bank {
         let quote = serde_json::json!({ "id": format!("qt_{}", id.simple()), "price": price, "request": request });
         self.record("quote", account, quote.clone())?;
         Ok(Ok(quote))
+    }
+
+    /// Records a provider's event, delivered as `webhook_id`, and answers `{"received": id}`.
+    pub fn receive_webhook(
+        &self,
+        sender: &str,
+        webhook_id: &str,
+        event: ProviderEvent,
+    ) -> Result<serde_json::Value, String> {
+        let operation = serde_json::json!({ "webhook_id": webhook_id, "type": event.kind, "data": event.data });
+        self.record("webhook", sender, operation)?;
+        Ok(serde_json::json!({ "received": webhook_id }))
+    }
+
+    /// Validates and sends a notification, recording it in the ledger.
+    pub fn send_notification(
+        &self,
+        account: &str,
+        req: SendNotification,
+    ) -> Result<Result<Notification, Invalid>, String> {
+        if req.to.trim().is_empty() || req.text.is_empty() {
+            return Ok(Err(Invalid("a notification needs a recipient (`to`) and a `text`".into())));
+        }
+        let notification = Notification {
+            id: format!("nt_{}", uuid::Uuid::new_v4().simple()),
+            to: req.to,
+            text: req.text,
+            created_at: now(),
+        };
+        self.record("notification", account, serde_json::to_value(&notification).map_err(|e| e.to_string())?)?;
+        Ok(Ok(notification))
     }
 
     /// Validates and executes a refund of one of the account's payments, recording it in the

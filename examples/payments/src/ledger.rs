@@ -9,7 +9,7 @@ use std::sync::Mutex;
 /// One executed operation as written to the ledger.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Entry {
-    /// `payment`, `refund`, `transfer` or `quote`.
+    /// `payment`, `refund`, `transfer`, `quote`, `webhook`, `notification` or `settlement`.
     pub kind: String,
     /// The account that executed it.
     pub account: String,

@@ -14,3 +14,4 @@ pub mod domain;
 pub mod ledger;
 pub mod metrics;
 pub mod openapi;
+pub mod webhooks;

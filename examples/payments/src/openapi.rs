@@ -24,7 +24,10 @@
 //! the registry is in the document and that both binaries serve the same one.
 
 use crate::deposits::{CreateDeposit, Deposit, Summary};
-use crate::domain::{CreatePayment, CreateRefund, CreateTransfer, Payment, Refund, Transfer};
+use crate::domain::{
+    CreatePayment, CreateRefund, CreateTransfer, Notification, Payment, ProviderEvent, ProviderEventData, Refund,
+    SendNotification, Transfer,
+};
 use serde_json::json;
 use utoipa::openapi::content::ContentBuilder;
 use utoipa::openapi::extensions::ExtensionsBuilder;
@@ -58,6 +61,20 @@ pub fn schemas() -> ComponentsBuilder {
         .schema_from::<CreateDeposit>()
         .schema_from::<Deposit>()
         .schema_from::<Summary>()
+        .schema_from::<ProviderEvent>()
+        .schema_from::<ProviderEventData>()
+        .schema_from::<SendNotification>()
+        .schema_from::<Notification>()
+        .schema(
+            "Received",
+            ObjectBuilder::new()
+                .schema_type(Type::Object)
+                .property(
+                    "received",
+                    ObjectBuilder::new().schema_type(Type::String).description(Some("The delivery's `webhook-id`.")),
+                )
+                .required("received"),
+        )
         .schema("QuoteRequest", ObjectBuilder::new().schema_type(Type::Object).description(Some("Any JSON object.")))
         .schema("Quote", quote())
         .schema("Record", record())
@@ -108,6 +125,19 @@ pub fn routes() -> Vec<Route> {
             .problem(422, "The amount is out of range."),
         Route::get("/transfers", "list_transfers", "The caller's transfers")
             .ok_list::<Transfer>("The caller's transfers, oldest first."),
+        Route::post("/webhooks/provider", "receive_webhook", "Receive a provider's event")
+            .public()
+            .protected("webhooks.provider")
+            .header_param("webhook-timestamp", "When the delivery was signed, in seconds since the Unix epoch; within five minutes of now.")
+            .header_param("webhook-signature", "`v1,<base64 HMAC-SHA256 of \"{webhook-id}.{webhook-timestamp}.{body}\">` (Standard Webhooks); several, space-separated, while the sender rotates its secret.")
+            .body::<ProviderEvent>()
+            .response(200, "The event was received: `{\"received\": <webhook-id>}`; a redelivery replays it.", json_content(schema_ref("Received")))
+            .problem(401, "The delivery's signature does not verify, or its timestamp is more than five minutes off; nothing was executed."),
+        Route::post("/notifications", "send_notification", "Send a notification")
+            .protected("notifications.send")
+            .body::<SendNotification>()
+            .created::<Notification>("The notification; the same body from the same account within ten minutes replays it.")
+            .problem(422, "No recipient or no text."),
         Route::post("/quotes", "create_quote", "Price a quote")
             .protected("quotes.create")
             .body_schema("QuoteRequest")
@@ -297,6 +327,15 @@ impl Route {
             ParameterBuilder::new().name(name).parameter_in(ParameterIn::Path).required(Required::True),
             description,
             schema,
+        )
+    }
+
+    /// A required header parameter, any string.
+    pub fn header_param(self, name: &str, description: &str) -> Self {
+        self.parameter(
+            ParameterBuilder::new().name(name).parameter_in(ParameterIn::Header).required(Required::True),
+            description,
+            string(),
         )
     }
 
@@ -501,7 +540,9 @@ mod tests {
         assert_eq!(ids.len(), routes.len());
         for route in &routes {
             let public = route.operation.security.is_some();
-            assert_eq!(route.operation.responses.responses.contains_key("401"), !public, "{}", route.path);
+            // A webhook is authenticated by its signature instead of a bearer token.
+            let signed = route.path.starts_with("/webhooks/");
+            assert_eq!(route.operation.responses.responses.contains_key("401"), !public || signed, "{}", route.path);
         }
     }
 

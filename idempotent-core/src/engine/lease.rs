@@ -157,11 +157,6 @@ impl Lease {
         self.held.lost.load(Ordering::Acquire)
     }
 
-    /// Whether the lease is still vouched for (see [`ClaimFence::check`]).
-    pub(super) fn vouched(&self) -> bool {
-        self.held.good_until().is_some_and(|until| Instant::now() < until)
-    }
-
     /// The request begins storing or releasing its outcome.
     pub(super) fn settling(&self) {
         self.held.settling.store(true, Ordering::Release);

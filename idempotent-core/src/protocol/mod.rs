@@ -631,8 +631,11 @@ pub fn body_problem(too_large: bool, error: &dyn std::fmt::Display) -> Response<
 /// `message`: `Some` problem+json of the application's type when the runtime was built with
 /// [`rejections_as_problems`](crate::engine::Builder::rejections_as_problems), `None` to send the
 /// framework's own rejection.
+///
+/// Only the statuses of a malformed body are mapped (400, 413, 415, 422): a body extractor that
+/// answers otherwise (401 for a signature that does not verify, say) keeps its own answer.
 pub fn rejection(config: &Config, status: u16, message: &str) -> Option<Response<Bytes>> {
-    let type_uri = config.rejections?;
+    let type_uri = config.rejections.filter(|_| maps_rejection(config, status))?;
     let detail = match message.trim().trim_end_matches('.') {
         "" => "The request was rejected",
         message => message,
@@ -645,6 +648,12 @@ pub fn rejection(config: &Config, status: u16, message: &str) -> Option<Response
         retry_after: None,
     };
     Some(problem_response(&problem))
+}
+
+/// Whether [`rejection`] answers a body extractor's rejection of `status` (so that an adapter
+/// reads the rejection's message only then).
+pub fn maps_rejection(config: &Config, status: u16) -> bool {
+    config.rejections.is_some() && matches!(status, 400 | 413 | 415 | 422)
 }
 
 /// Whether a request head says a body follows (a non-zero `Content-Length`, or chunked
