@@ -1,7 +1,10 @@
 //! Transactional mode against the clock, over real HTTP on real PostgreSQL and SQLite, with
-//! leases of a second and a store timeout of 100 ms: the time to live of a transactional outcome
-//! counts from its commit, not from when its transaction began (PostgreSQL's `now()`), so a slow
-//! handler's retry replays.
+//! leases of a second and a store timeout of 100 ms:
+//! - the time to live of a transactional outcome counts from its commit, not from when its
+//!   transaction began (PostgreSQL's `now()`), so a slow handler's retry replays;
+//! - a transaction guard that the handler moves out of itself (into a spawned task) does not hang
+//!   the request, the key or a graceful shutdown: the request is refused with a 500 problem, its
+//!   writes are rolled back, and a retry runs.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -15,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,6 +135,7 @@ async fn write(app: &App, tx: &Tx, n: i64, escape: bool) {
 struct Fixture {
     base: String,
     app: App,
+    idem: Idempotency,
     store: Arc<dyn Store>,
     /// The rows the handlers wrote and committed, by `n`.
     rows: RowCount,
@@ -193,7 +197,7 @@ async fn fixture(db: Db) -> Option<Fixture> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, router).await });
-    Some(Fixture { base, app, store, rows, _schema: schema })
+    Some(Fixture { base, app, idem, store, rows, _schema: schema })
 }
 
 async fn post_to(base: &str, path: &str, key: &str, body: serde_json::Value) -> Captured {
@@ -202,6 +206,16 @@ async fn post_to(base: &str, path: &str, key: &str, body: serde_json::Value) -> 
 
 fn text(answer: &Captured) -> String {
     format!("{} {}", answer.status, String::from_utf8_lossy(&answer.body))
+}
+
+/// Lets the escaped guard go when dropped, also when the test fails: the test's schema can only
+/// be dropped once the escaped transaction has ended.
+struct LetGo(Arc<Notify>);
+
+impl Drop for LetGo {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
 }
 
 /// A transactional outcome's time to live counts from its commit. PostgreSQL's `now()` is the
@@ -233,4 +247,72 @@ async fn postgres_a_transactional_outcome_lives_its_ttl_from_the_commit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_a_transactional_outcome_lives_its_ttl_from_the_commit() {
     a_transactional_outcome_lives_its_ttl_from_the_commit(Db::Sqlite).await;
+}
+
+/// A guard moved into a spawned task outlives the handler: the request still ends at once (500,
+/// nothing stored), a graceful shutdown finishes, the escaped writes never commit, and a retry
+/// runs the handler (on PostgreSQL at once; on SQLite, whose one writer the escaped guard keeps,
+/// once it lets go).
+async fn an_escaped_guard_neither_hangs_nor_commits(db: Db) {
+    let Some(f) = fixture(db).await else { return };
+    let _let_go = LetGo(f.app.let_go.clone());
+    let key = new_key();
+    let started = Instant::now();
+    let refused = tokio::time::timeout(
+        Duration::from_secs(3),
+        post_to(&f.base, "/escape", &key, json!({"n": 7, "escape": true})),
+    )
+    .await
+    .expect("the request ends while the escaped guard is still held");
+    refused.assert_problem(500, "urn:idempotent:problem:misconfigured");
+    assert!(refused.json()["detail"].as_str().unwrap().contains("transaction"), "{}", text(&refused));
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(f.idem.drain(Duration::from_secs(3)).await, "a graceful shutdown finishes");
+
+    let retry = || post_to(&f.base, "/escape", &key, json!({"n": 7}));
+    if db == Db::Postgres {
+        // The claim was released: the retry runs while the escaped guard still holds its
+        // transaction open.
+        let ran = retry().await;
+        assert_eq!((ran.status, ran.replayed()), (201, false), "{}", text(&ran));
+        f.app.let_go.notify_one();
+    } else {
+        // The escaped guard keeps SQLite's writer: nothing runs until it lets go.
+        for _ in 0..5 {
+            let held = retry().await;
+            assert!(matches!(held.status, 409 | 503), "{}", text(&held));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        f.app.let_go.notify_one();
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let answer = retry().await;
+            if answer.status == 201 {
+                assert!(!answer.replayed(), "{}", text(&answer));
+                break;
+            }
+            assert!(matches!(answer.status, 409 | 503), "{}", text(&answer));
+            assert!(Instant::now() < until, "the retry runs once the escaped guard let go");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let escaped: Vec<_> = std::mem::take(&mut *f.app.escaped.lock().unwrap());
+    for task in escaped {
+        task.await.unwrap();
+    }
+    assert_eq!(f.app.runs("tx.escape", 7), 2, "the refused run and the retry");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!((f.rows)().await, [7], "only the retry's write committed");
+    let replay = retry().await;
+    assert_eq!((replay.status, replay.replayed()), (201, true), "{}", text(&replay));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_an_escaped_guard_neither_hangs_nor_commits() {
+    an_escaped_guard_neither_hangs_nor_commits(Db::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_an_escaped_guard_neither_hangs_nor_commits() {
+    an_escaped_guard_neither_hangs_nor_commits(Db::Sqlite).await;
 }
