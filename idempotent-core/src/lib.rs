@@ -80,7 +80,11 @@
 //! `PostgresStore::from_pool` or `SqliteStore::from_pool` must build it with sqlx 0.9: a pool of
 //! sqlx 0.8 is another type; the crate is re-exported as `idempotent_core::sqlx`. The `sqlite`
 //! feature builds SQLite from source (sqlx's `sqlite-bundled`, and `sqlite-unlock-notify` so that
-//! a shared-cache in-memory database waits for a lock rather than failing).
+//! a shared-cache in-memory database waits for a lock rather than failing). With it, on Linux
+//! only, `rustix` 1 (its `time` module): the SQLite store counts leases on the host's monotonic
+//! clock, which every process sharing the database file must read alike; `std::time::Instant`
+//! reads that clock but never shows its value, and this crate forbids `unsafe` code, so
+//! `clock_gettime(CLOCK_MONOTONIC)` comes from rustix's safe wrapper.
 //! Optional, behind the feature of the same name: `utoipa` 6 (its OpenAPI model: the document an
 //! application already builds with it is the one the protected operations are added to;
 //! re-exported as `idempotent_core::utoipa`).

@@ -51,8 +51,11 @@ pub trait Backend: Database + sealed::Sealed {
     const MAX_NAME_LEN: usize;
     /// The rule table and schema names break when they are invalid, as the error says it.
     const NAME_RULE: &'static str;
-    /// Migrations, in order: `(version, SQL)`. `{schema_ddl}`, `{table}` and `{index}` are
-    /// replaced by the configured, quoted names. Every statement is idempotent.
+    /// Migrations, in order: `(version, SQL)`. `{schema_ddl}`, `{table}`, `{index}` and
+    /// `{lease_index}` are replaced by the configured, quoted names. A version once released is
+    /// never edited: a change of the table is a new version. Version 1 is idempotent (`IF NOT
+    /// EXISTS`); a later one may not be (SQLite cannot add a column only if it is missing), and
+    /// runs once, as the table of applied versions records.
     const MIGRATIONS: &'static [(i32, &'static str)];
 
     /// The settings only this database has (timeouts, connection names).
@@ -289,6 +292,7 @@ impl<B: Backend> SqlConfig<B> {
             .replace("{schema_ddl}", &schema_ddl)
             .replace("{table}", &self.qualified_table())
             .replace("{index}", &quote_ident(&format!("{}_expires_at_idx", self.table)))
+            .replace("{lease_index}", &quote_ident(&format!("{}_lease_idx", self.table)))
     }
 }
 
@@ -399,11 +403,19 @@ impl<B: Backend> SqlStore<B> {
         Ok(Self { inner: Arc::new(Inner { pool, writer, config, sql, session, _sweeper: sweeper }) })
     }
 
-    /// The SQL that creates the store's table and index for `config`, for applications that
-    /// manage migrations themselves (with [`SqlConfig::migrate`] set to `false`). Every
-    /// statement is idempotent (`IF NOT EXISTS`).
+    /// The SQL that creates the store's table and indexes for `config`, every version in order,
+    /// for applications that manage migrations themselves (with [`SqlConfig::migrate`] set to
+    /// `false`). Version 1 is idempotent (`IF NOT EXISTS`); SQLite's version 2 adds columns and
+    /// runs once: a database made with an earlier release needs only the versions after its
+    /// own, which [`migrations`](Self::migrations) lists.
     pub fn migration_sql(config: &SqlConfig<B>) -> String {
         B::MIGRATIONS.iter().map(|(_, sql)| config.render(sql)).collect::<Vec<_>>().join("\n")
+    }
+
+    /// The migrations of [`migration_sql`](Self::migration_sql) one by one: `(version, SQL)`, in
+    /// order. The store records the versions it applied in `<table>_migrations`.
+    pub fn migrations(config: &SqlConfig<B>) -> Vec<(i32, String)> {
+        B::MIGRATIONS.iter().map(|(version, sql)| (*version, config.render(sql))).collect()
     }
 
     /// The store's connection pool.
