@@ -540,3 +540,45 @@ async fn a_database_of_the_first_version_keeps_working() {
     s.complete(&k("live"), &ClaimToken("t-live".into()), &paid(), Duration::from_secs(3600)).await.unwrap();
     assert_eq!(s.claim(&k("live"), &fp(1), lease).await.unwrap(), Claim::Completed(paid()));
 }
+
+/// A transactional route's transaction holds SQLite's one writer: a claim of another process
+/// (here another store on the file, whose renewals cannot wait that long) cannot renew its lease
+/// meanwhile. When the transaction ends, committed or rolled back, it moves every lease that was
+/// running when it took the writer on by the time it held it: a retry right after finds the claim
+/// still in progress, with the lease it had, never lapsed.
+async fn a_held_writer_moves_the_leases_it_held_up(commit: bool) {
+    let db = TempDb::new();
+    let holder = SqliteStore::connect_with(&db.spec(), SqliteConfig::new().sweep_interval(None)).await.unwrap();
+    let other = SqliteStore::connect_with(&db.spec(), SqliteConfig::new().sweep_interval(None)).await.unwrap();
+    let lease = Duration::from_millis(1000);
+    let k = RecordKey::new("payments.create", "acct_1", "held-up");
+    let Claim::Acquired(t) = other.claim(&k, &fp(1), lease).await.unwrap() else { panic!("first claim") };
+    let own = RecordKey::new("deposits.create", "acct_1", "holder");
+    let Claim::Acquired(own_token) = holder.claim(&own, &fp(1), Duration::from_secs(30)).await.unwrap() else {
+        panic!()
+    };
+    let transaction = holder.transactions().expect("SQLite runs transactions").begin().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    if commit {
+        transaction.commit(&own, &own_token, &paid(), Duration::from_secs(3600)).await.unwrap();
+    } else {
+        transaction.rollback().await;
+    }
+    let Claim::InProgress { retry_after } = holder.claim(&k, &fp(1), lease).await.unwrap() else {
+        panic!("the held-up claim lapsed")
+    };
+    assert!(retry_after > Duration::from_millis(500), "{retry_after:?} of its lease left");
+    other.renew(&k, &t, lease).await.unwrap();
+    other.complete(&k, &t, &paid(), Duration::from_secs(3600)).await.unwrap();
+    assert_eq!(holder.claim(&k, &fp(1), lease).await.unwrap(), Claim::Completed(paid()));
+}
+
+#[tokio::test]
+async fn a_committed_transaction_moves_the_leases_it_held_up() {
+    a_held_writer_moves_the_leases_it_held_up(true).await;
+}
+
+#[tokio::test]
+async fn a_rolled_back_transaction_moves_the_leases_it_held_up() {
+    a_held_writer_moves_the_leases_it_held_up(false).await;
+}

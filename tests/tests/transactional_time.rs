@@ -4,7 +4,10 @@
 //!   transaction began (PostgreSQL's `now()`), so a slow handler's retry replays;
 //! - a transaction guard that the handler moves out of itself (into a spawned task) does not hang
 //!   the request, the key or a graceful shutdown: the request is refused with a 500 problem, its
-//!   writes are rolled back, and a retry runs.
+//!   writes are rolled back, and a retry runs;
+//! - on SQLite, a transactional handler that holds the database's one writer for seconds lets no
+//!   other request's live claim lapse: retries racing ordinary requests with short leases never
+//!   run them a second time.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -315,4 +318,83 @@ async fn postgres_an_escaped_guard_neither_hangs_nor_commits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_an_escaped_guard_neither_hangs_nor_commits() {
     an_escaped_guard_neither_hangs_nor_commits(Db::Sqlite).await;
+}
+
+/// On SQLite a transactional handler holds the database's one writer for its whole run (3 s
+/// here), so no other claim can renew, complete or be taken over meanwhile. Six ordinary requests
+/// with leases of one second run beside it (three finish while it holds the writer, three after)
+/// while retries of each hammer the store: none of them ever runs a handler a second time, and
+/// every request's outcome is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_a_long_transactional_handler_lets_no_live_claim_lapse() {
+    let Some(f) = fixture(Db::Sqlite).await else { return };
+    let f = Arc::new(f);
+    let keys: Vec<(i64, String, u64)> = (0..6).map(|n| (n, new_key(), if n % 2 == 0 { 1500 } else { 4000 })).collect();
+    let originals: Vec<_> = keys
+        .iter()
+        .map(|(n, key, sleep_ms)| {
+            let (f, key, body) = (f.clone(), key.clone(), json!({"n": n, "sleep_ms": sleep_ms}));
+            tokio::spawn(async move { post_to(&f.base, "/plain", &key, body).await })
+        })
+        .collect();
+    while keys.iter().any(|(n, ..)| f.app.runs("plain.slow", *n) == 0) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let entered = f.app.tx_entered.notified();
+    let holder = {
+        let f = f.clone();
+        tokio::spawn(async move { post_to(&f.base, "/slow-tx", &new_key(), json!({"n": 100, "sleep_ms": 3000})).await })
+    };
+    entered.await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let retries: Vec<_> = keys
+        .iter()
+        .flat_map(|(n, key, sleep_ms)| (0..2).map(move |_| (*n, key.clone(), *sleep_ms)))
+        .map(|(n, key, sleep_ms)| {
+            let (f, stop) = (f.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut seen: Vec<(u16, bool)> = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let answer = post_to(&f.base, "/plain", &key, json!({"n": n, "sleep_ms": sleep_ms})).await;
+                    seen.push((answer.status, answer.replayed()));
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                (n, seen)
+            })
+        })
+        .collect();
+    let held = holder.await.unwrap();
+    assert_eq!(held.status, 201, "{}", text(&held));
+    for original in originals {
+        let answer = original.await.unwrap();
+        assert_eq!((answer.status, answer.replayed()), (201, false), "{}", text(&answer));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut answers: HashMap<(u16, bool), usize> = HashMap::new();
+    let mut ran_again: Vec<i64> = Vec::new();
+    for retry in retries {
+        let (n, seen) = retry.await.unwrap();
+        for (status, replayed) in seen {
+            if status == 201 && !replayed {
+                ran_again.push(n);
+            }
+            *answers.entry((status, replayed)).or_default() += 1;
+        }
+    }
+    let runs: Vec<(i64, usize)> = keys.iter().map(|(n, ..)| (*n, f.app.runs("plain.slow", *n))).collect();
+    eprintln!("retries' answers by (status, replayed): {answers:?}; executions by request: {runs:?}");
+    assert!(ran_again.is_empty(), "retries of {ran_again:?} ran their handler again; executions: {runs:?}");
+    for (n, key, sleep_ms) in &keys {
+        assert_eq!(f.app.runs("plain.slow", *n), 1, "request {n} ran once");
+        let replay = post_to(&f.base, "/plain", key, json!({"n": n, "sleep_ms": sleep_ms})).await;
+        assert_eq!(
+            (replay.status, replay.replayed()),
+            (201, true),
+            "request {n}'s outcome was stored: {}",
+            text(&replay)
+        );
+    }
+    assert_eq!(f.app.runs("tx.slow", 100), 1);
+    assert_eq!((f.rows)().await, [100]);
 }

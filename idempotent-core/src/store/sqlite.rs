@@ -97,9 +97,9 @@
 //! A claim first reads the record without a lock: a live record (replay, mismatch, in progress,
 //! or the claim's own, sent again) is answered from that read, with no write. Otherwise the claim
 //! runs in a `BEGIN IMMEDIATE` transaction, which holds SQLite's single write lock from its
-//! start: it reads the record again
-//! and, if it is still absent or expired, inserts or overwrites it. No other writer can run
-//! between that read and that write, so of many concurrent claimers exactly one acquires.
+//! start: it reads the record again and, if it is still absent or expired, inserts or overwrites
+//! it. No other writer can run between that read and that write, so of many concurrent claimers
+//! exactly one acquires.
 //! `complete`, `release` and `renew` are single statements fenced by the token and the state
 //! only, like the PostgreSQL store's: a lease that expired and that no claim took over still
 //! belongs to its token (see [`Store`]). Every write takes the single write lock, so a late
@@ -110,6 +110,40 @@
 //! off the request path: a completed record once past its time to live, an in-progress record
 //! only [`ABANDONED_CLAIM_RETENTION`](super::ABANDONED_CLAIM_RETENTION) after its lease ended, so a
 //! late worker can still complete it. The task stops when the store is dropped.
+//!
+//! # A transactional route holds the writer
+//!
+//! A transactional route's transaction ([`crate::store::transaction`]) holds SQLite's one write
+//! lock (`BEGIN IMMEDIATE`) from before its handler runs until it commits or rolls back, seconds
+//! for a slow handler. Meanwhile no other write can happen, in this process or another: claims
+//! that need to write wait for it and, past the store timeout, answer 503; completions and
+//! releases wait too. Renewals could not be written either, and a lease that lapsed only because
+//! its holder could not renew it would let a retry, queued for the writer, take a live claim over
+//! the moment the writer frees up: the handler would run twice with no crash at all. So no lease
+//! may lapse because of the hold, and two things see to it:
+//!
+//! - **Renewals of this store wait for nothing.** While one of its transactions holds the writer,
+//!   the store answers a renewal from a read (the token still holds its record: nothing can change
+//!   that until the writer is free) and writes it when the hold ends, in the hold's own
+//!   transaction, as a renewal made then. The engine therefore keeps vouching for its claims'
+//!   leases, and a handler that finished meanwhile keeps retrying its completion, which goes in
+//!   once the writer is free. A hold that ends without committing (its commit failed, its task was
+//!   cancelled) leaves those renewals owed: the next claim that takes the writer writes them
+//!   first, before it judges any lease.
+//! - **Every other lease moves on by the hold.** When the transaction commits, or rolls back, it
+//!   extends, in the same write transaction, every lease that was running when it took the writer
+//!   by the time it held it (on the lease's clock, so only leases of this boot): the claims of
+//!   other processes on the file, whose renewals waited in vain, come out of the hold with the
+//!   lease they had going in. A rollback keeps this: it rolls back to a savepoint taken when the
+//!   transaction opened (`idempotent_handler`, which a handler must leave alone), extends the
+//!   leases and commits that. Leases written by an earlier release (no lease clock) are not
+//!   extended.
+//!
+//! What remains: another process's engine cannot know why its renewals failed, so it stops
+//! vouching for its leases after a lease without an answer; a handler there that finished during
+//! the hold may then give up storing its outcome, and its retry runs it again once the extended
+//! lease ends. Within one process (the usual case), nothing lapses. Keep transactional handlers on
+//! SQLite short all the same: every other write waits for them.
 
 use super::sql::{
     abandoned_claim_retention_ms, column, decide_row, millis, record_info, rendered, sealed, Backend, CommonStatements,
@@ -131,8 +165,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 mod clock;
+mod hold;
 use clock::LeaseClock;
 pub use clock::{SqliteClock, SystemClock};
+use hold::{Holds, Renewal};
+
+/// Where a transactional route's transaction rolls its handler's writes back to.
+const HANDLER_SAVEPOINT: &str = "SAVEPOINT idempotent_handler";
+/// Rolls a transactional route's handler's writes back, keeping its transaction.
+const ROLLBACK_HANDLER: &str = "ROLLBACK TO idempotent_handler";
 
 /// Settings of a [`SqliteStore`]: the shared ones, and
 /// [`busy_timeout`](SqlConfig::busy_timeout) and [`synchronous`](SqlConfig::synchronous).
@@ -145,7 +186,7 @@ pub type SqliteStore = SqlStore<Sqlite>;
 
 /// What the shared SQL store code keeps for SQLite (public only to be named by [`Backend`]).
 mod own {
-    use super::{CommonStatements, SqliteClock, SystemClock};
+    use super::{CommonStatements, Holds, SqliteClock, SystemClock};
     use sqlx::sqlite::{SqliteConnection, SqliteSynchronous};
     use sqlx::SqlStr;
     use std::sync::{Arc, Mutex};
@@ -177,6 +218,8 @@ mod own {
         /// For an in-memory database: a connection of the store's own, never used, that keeps
         /// the database alive while the pool closes and opens its connections.
         pub(super) _keeper: Option<Mutex<SqliteConnection>>,
+        /// The writer's holds by transactional routes, and the renewals they owe.
+        pub(super) holds: Holds,
     }
 
     /// The statements of one configured store, rendered once.
@@ -189,6 +232,8 @@ mod own {
         pub(super) release: SqlStr,
         pub(super) inspect: SqlStr,
         pub(super) sweep: SqlStr,
+        pub(super) held: SqlStr,
+        pub(super) extend: SqlStr,
         pub(super) common: CommonStatements,
         /// The clocks the store reads ([`SqliteConfig::clock`](super::SqliteConfig::clock)).
         pub(super) clock: Arc<dyn SqliteClock>,
@@ -307,6 +352,13 @@ WHERE {key} AND token = ?4 AND state = 'in_progress'"
 WHERE {key} AND token = ?4 AND state = 'in_progress'"
             )),
             release: rendered(format!("DELETE FROM {t} WHERE {key} AND token = ?4 AND state = 'in_progress'")),
+            held: rendered(format!("SELECT 1 FROM {t} WHERE {key} AND token = ?4 AND state = 'in_progress'")),
+            // Every lease on the clock ?1 that was running at ?3, when a transactional route took
+            // the writer, moves on by ?2, the time it held it (and its wall-clock estimate too).
+            extend: rendered(format!(
+                "UPDATE {t} SET lease_until = lease_until + ?2, expires_at = expires_at + ?2
+WHERE state = 'in_progress' AND lease_boot = ?1 AND lease_until > ?3"
+            )),
             inspect: rendered(format!(
                 "SELECT state, response, created_at AS created_ms, expires_at AS expires_ms, expires_at, lease_boot,
     lease_until
@@ -340,7 +392,7 @@ FROM {t} WHERE {key}"
             Some(file) if !file.is_empty() => None,
             _ => Some(Mutex::new(pool.connect_options().connect().await?)),
         };
-        Ok(Session { _keeper: keeper })
+        Ok(Session { _keeper: keeper, holds: Holds::default() })
     }
 
     fn common(sql: &Statements) -> &CommonStatements {
@@ -363,6 +415,54 @@ FROM {t} WHERE {key}"
         // The write lock up front: a transaction that reads first and writes later could find
         // another writer in its way and fail instead of waiting.
         pool.begin_with("BEGIN IMMEDIATE").await
+    }
+
+    async fn outcome_opened(store: &SqliteStore, tx: &mut Transaction<'static, Sqlite>) -> Result<u64, sqlx::Error> {
+        // What a rollback of the handler's writes goes back to, keeping the hold's dues.
+        (&mut **tx).execute(sqlx::raw_sql(SqlStr::from_static(HANDLER_SAVEPOINT))).await?;
+        // Nothing awaits after this: the hold is recorded and its id returned in one poll, so
+        // the transaction it belongs to is there to end it.
+        let clock = LeaseClock::read(&*store.sql().clock);
+        Ok(store.session().holds.open(clock.basis, clock.now))
+    }
+
+    async fn outcome_closing(
+        store: &SqliteStore,
+        tx: &mut Transaction<'static, Sqlite>,
+        id: u64,
+    ) -> Result<(), sqlx::Error> {
+        let Some(dues) = store.session().holds.close(id) else { return Ok(()) };
+        let now = Now::read(&*store.sql().clock);
+        if now.lease.basis == dues.basis {
+            let held = now.lease.now.saturating_sub(dues.began);
+            if held > 0 {
+                sqlx::query(store.sql().extend.clone())
+                    .bind(dues.basis)
+                    .bind(held)
+                    .bind(dues.began)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+        }
+        for renewal in &dues.renewals {
+            let renew = SqliteStore::fenced_query(&store.sql().renew, &renewal.key, &renewal.token);
+            SqliteStore::bind_lease(renew, &now, renewal.lease).execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+
+    async fn outcome_rollback(
+        store: &SqliteStore,
+        mut tx: Transaction<'static, Sqlite>,
+        id: u64,
+    ) -> Result<(), sqlx::Error> {
+        (&mut *tx).execute(sqlx::raw_sql(SqlStr::from_static(ROLLBACK_HANDLER))).await?;
+        Self::outcome_closing(store, &mut tx, id).await?;
+        tx.commit().await
+    }
+
+    fn outcome_ended(store: &SqliteStore, id: u64, settled: bool) {
+        store.session().holds.ended(id, settled);
     }
 
     async fn execute_in(
@@ -484,6 +584,18 @@ impl SqlStore<Sqlite> {
         live(row, fingerprint, token, &Now::read(&*self.sql().clock))
     }
 
+    /// Writes, in the claim's transaction `tx`, the renewals that holds of the writer answered
+    /// and could not commit, before the claim judges any lease. They stay owed unless the
+    /// answer's [`Owed::paid`] says `tx` committed.
+    async fn pay_owed(&self, tx: &mut Transaction<'static, Sqlite>, now: &Now<'_>) -> Result<Owed<'_>, StoreError> {
+        let owed = Owed { holds: &self.session().holds, renewals: self.session().holds.take_owed(now.lease.now) };
+        for renewal in &owed.renewals {
+            let renew = Self::fenced_query(&self.sql().renew, &renewal.key, &renewal.token);
+            Self::bind_lease(renew, now, renewal.lease).execute(&mut **tx).await.map_err(Sqlite::unavailable)?;
+        }
+        Ok(owed)
+    }
+
     /// `query` with a lease of `lease` from `now` bound after its other parameters: the
     /// wall-clock estimate of its end, the clock it is counted on, and its deadline on that clock.
     fn bind_lease<'q>(
@@ -496,6 +608,27 @@ impl SqlStore<Sqlite> {
             .bind(now.wall.saturating_add(lease))
             .bind(now.lease.basis.to_owned())
             .bind(now.lease.now.saturating_add(lease))
+    }
+}
+
+/// Owed renewals written in a claim's transaction: owed again when dropped, unless
+/// [`paid`](Self::paid) (the transaction committed).
+struct Owed<'a> {
+    holds: &'a Holds,
+    renewals: Vec<Renewal>,
+}
+
+impl Owed<'_> {
+    fn paid(mut self) {
+        self.renewals.clear();
+    }
+}
+
+impl Drop for Owed<'_> {
+    fn drop(&mut self) {
+        if !self.renewals.is_empty() {
+            self.holds.owe(std::mem::take(&mut self.renewals));
+        }
     }
 }
 
@@ -580,10 +713,12 @@ impl Store for SqliteStore {
         }
         let mut tx = self.writer().begin_with("BEGIN IMMEDIATE").await.map_err(Sqlite::unavailable)?;
         let now = Now::read(&*self.sql().clock);
+        let owed = self.pay_owed(&mut tx, &now).await?;
         let row =
             Self::key_query(&self.sql().select, key).fetch_optional(&mut *tx).await.map_err(Sqlite::unavailable)?;
         if let Some(answer) = live(row, fingerprint, token, &now)? {
             tx.commit().await.map_err(Sqlite::unavailable)?;
+            owed.paid();
             return Ok(answer);
         }
         let upsert = Self::key_query(&self.sql().upsert, key).bind(&fingerprint.0[..]).bind(&token.0);
@@ -595,10 +730,29 @@ impl Store for SqliteStore {
             .await
             .map_err(Sqlite::unavailable)?;
         tx.commit().await.map_err(Sqlite::unavailable)?;
+        owed.paid();
         Ok(Claim::Acquired(token.clone()))
     }
 
     async fn renew(&self, key: &RecordKey, token: &ClaimToken, lease: Duration) -> Result<(), StoreError> {
+        if let Some(hold) = self.session().holds.current() {
+            // A transactional route holds the writer: nothing can be written until its
+            // transaction ends, which writes this renewal; meanwhile nothing can take the claim.
+            // Whether the token holds it is read now, and stays true until then.
+            let held = Self::fenced_query(&self.sql().held, key, token)
+                .fetch_optional(self.pool())
+                .await
+                .map_err(Sqlite::unavailable)?;
+            if held.is_none() {
+                return Err(StoreError::Fenced);
+            }
+            let answered = LeaseClock::read(&*self.sql().clock).now;
+            let renewal = Renewal { key: key.clone(), token: token.clone(), lease, answered };
+            if self.session().holds.defer(hold, renewal) {
+                return Ok(());
+            }
+            // The hold is ending: the writer is about to be free.
+        }
         let now = Now::read(&*self.sql().clock);
         self.run_fenced(Self::bind_lease(Self::fenced_query(&self.sql().renew, key, token), &now, lease)).await
     }

@@ -22,8 +22,11 @@
 //!
 //! The stores that can do it are the PostgreSQL and SQLite stores ([`TransactionalStore`]). On
 //! SQLite the handler's transaction holds the database's one write lock (`BEGIN IMMEDIATE`) until
-//! it commits, so every other write (claims of other keys, renewals) waits for it: keep such
-//! handlers short. A runtime whose store cannot run transactions refuses to start when a route is
+//! it commits, so every other write (claims of other keys, completions) waits for it: keep such
+//! handlers short. No other claim's lease lapses because of it: the store answers its own
+//! renewals meanwhile and writes them with the commit, which also extends every other lease by
+//! the time the writer was held (see "A transactional route holds the writer" in
+//! `store::sqlite`). A runtime whose store cannot run transactions refuses to start when a route is
 //! transactional, unless it was built to answer those routes 501 instead
 //! ([`Builder::without_transactions`](crate::engine::Builder::without_transactions)).
 //!
