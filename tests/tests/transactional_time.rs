@@ -143,11 +143,24 @@ struct Fixture {
     /// The rows the handlers wrote and committed, by `n`.
     rows: RowCount,
     _schema: Option<Arc<TestSchema>>,
+    _file: Option<TempFile>,
+}
+
+/// A SQLite database file, removed with its WAL files on drop.
+struct TempFile(std::path::PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
+        }
+    }
 }
 
 type RowCount = Box<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<i64>> + Send>> + Send + Sync>;
 
 async fn fixture(db: Db) -> Option<Fixture> {
+    let mut file = None;
     let (store, table, rows, schema): (Arc<dyn Store>, String, RowCount, _) = match db {
         Db::Postgres => {
             let schema = TestSchema::new().await?;
@@ -171,6 +184,7 @@ async fn fixture(db: Db) -> Option<Fixture> {
             let id = uuid::Uuid::new_v4().simple().to_string();
             let path = std::env::temp_dir().join(format!("idempotent-tx-time-{id}.sqlite"));
             let lite = SqliteStore::connect(&format!("sqlite:{}", path.display())).await.unwrap();
+            file = Some(TempFile(path));
             sqlx::query("CREATE TABLE effects (n INTEGER NOT NULL)").execute(lite.pool()).await.unwrap();
             let pool = lite.pool().clone();
             let rows: RowCount = Box::new(move || {
@@ -200,7 +214,7 @@ async fn fixture(db: Db) -> Option<Fixture> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, router).await });
-    Some(Fixture { base, app, idem, store, rows, _schema: schema })
+    Some(Fixture { base, app, idem, store, rows, _schema: schema, _file: file })
 }
 
 async fn post_to(base: &str, path: &str, key: &str, body: serde_json::Value) -> Captured {
