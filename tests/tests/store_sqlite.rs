@@ -402,7 +402,7 @@ async fn store_with_clock(db: &TempDb, clock: Arc<TestClock>) -> SqliteStore {
     SqliteStore::connect_with(&db.spec(), config).await.unwrap()
 }
 
-/// The wall clock steps an hour forward while a claim's lease (one second) is renewed on
+/// The wall clock steps an hour forward while a claim's lease (two seconds) is renewed on
 /// schedule: retries racing it, before and after its next renewal, and the sweeper, never take
 /// it over. Completed records keep their time to live on the wall clock, which the step shortens
 /// by an hour.
@@ -411,7 +411,7 @@ async fn a_wall_clock_step_never_lets_a_retry_take_a_live_claim() {
     let db = TempDb::new();
     let clock = TestClock::new("boot-a");
     let s = store_with_clock(&db, clock.clone()).await;
-    let lease = Duration::from_secs(1);
+    let lease = Duration::from_secs(2);
     let k = RecordKey::new("payments.create", "acct_1", "stepped");
     let Claim::Acquired(t) = s.claim(&k, &fp(1), lease).await.unwrap() else { panic!("first claim") };
     let stop = Arc::new(AtomicBool::new(false));
@@ -431,7 +431,7 @@ async fn a_wall_clock_step_never_lets_a_retry_take_a_live_claim() {
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     clock.step(Duration::from_secs(3600));
-    let until = std::time::Instant::now() + lease + lease / 2;
+    let until = std::time::Instant::now() + lease + lease / 4;
     let retries: Vec<_> = (0..4)
         .map(|i| {
             let (s, k) = (s.clone(), k.clone());
