@@ -781,6 +781,9 @@ impl Runtime {
             None => AssertUnwindSafe(handler).catch_unwind().await,
         };
         self.durations.record(policy.scope, started.elapsed());
+        if let Some(t) = transaction.as_ref().filter(|t| t.escaped()) {
+            return self.refuse_escaped(policy, key, token, t.as_ref(), result, &lease).await;
+        }
         let result = match (&transaction, result) {
             (Some(t), Ok(captured)) if captured.failed || policy.outcomes.stores(captured.record.status) => {
                 return self.commit(policy, key, token, t.as_ref(), captured, &lease).await;
@@ -789,7 +792,7 @@ impl Runtime {
         };
         if let Some(t) = &transaction {
             // A panic or a retryable outcome: the handler's writes go with its claim.
-            t.rollback().await;
+            self.roll_back(t.as_ref()).await;
         }
         match result {
             Err(_panic) => {
@@ -855,7 +858,7 @@ impl Runtime {
                 // A commit cut short by the timeout is dropped with its connection: the server
                 // rolls it back.
                 tracing::warn!(scope = policy.scope, error = %e, "commit failed; the handler's writes were not committed");
-                transaction.rollback().await;
+                self.roll_back(transaction).await;
                 self.release(policy, key, token, lease, None).await;
                 let problem = Problem::new(
                     ProblemKind::StoreUnavailable,
@@ -867,6 +870,45 @@ impl Runtime {
                 (Outcome::Problem(problem), Some(RequestOutcome::StoreUnavailable))
             }
         }
+    }
+
+    /// Rolls a transactional route's writes back, bounded by the store timeout: a rollback cut
+    /// short is dropped with its connection, and the database rolls back what it held.
+    async fn roll_back(&self, transaction: &dyn OutcomeTransaction) {
+        if tokio::time::timeout(self.config.store_timeout, transaction.rollback()).await.is_err() {
+            tracing::warn!(
+                timeout = ?self.config.store_timeout,
+                "rolling back a transactional route's writes took longer than the store timeout; its connection is dropped"
+            );
+        }
+    }
+
+    /// A transactional handler returned while a guard on its transaction was still held: it was
+    /// moved out of the handler (into a spawned task, a response stream), and whatever it writes
+    /// from there would commit with the record. The engine neither waits for it nor commits: the
+    /// response (and any guard its body held) is dropped, the transaction rolled back (by that
+    /// guard when it is dropped, if it is still held), the claim released, and the client told.
+    async fn refuse_escaped<R>(
+        &self,
+        policy: &Policy,
+        key: &RecordKey,
+        token: &ClaimToken,
+        transaction: &dyn OutcomeTransaction,
+        result: std::thread::Result<Captured<R>>,
+        lease: &Lease,
+    ) -> (Outcome<R>, Option<RequestOutcome>) {
+        drop(result);
+        self.roll_back(transaction).await;
+        tracing::error!(
+            scope = policy.scope,
+            "the handler's transaction outlived it (a `Tx` guard moved into a spawned task or a response stream); refusing the request: its writes are rolled back and its claim released"
+        );
+        self.release(policy, key, token, lease, None).await;
+        let problem = Problem::new(
+            ProblemKind::Misconfigured,
+            "The server kept this request's transaction beyond its handler (a server bug); its writes were rolled back and nothing was stored. Retrying with the same key runs it again.",
+        );
+        (Outcome::Problem(problem), Some(RequestOutcome::Released))
     }
 
     /// Stores the outcome, retrying while the store fails for up to

@@ -84,6 +84,10 @@
 //! for a lock rather than failing). The `mysql` feature is sqlx's pure-Rust MySQL protocol, which
 //! speaks to MariaDB too; the MySQL store files records under a SHA-256 of their key with the
 //! `sha2` the fingerprint already uses.
+//! With `sqlite`, on Linux only, `rustix` 1 (its `time` module): the SQLite store counts leases on
+//! the host's monotonic clock, which every process sharing the database file must read alike;
+//! `std::time::Instant` reads that clock but never shows its value, and this crate forbids
+//! `unsafe` code, so `clock_gettime(CLOCK_MONOTONIC)` comes from rustix's safe wrapper.
 //! Optional, behind the feature of the same name: `utoipa` 6 (its OpenAPI model: the document an
 //! application already builds with it is the one the protected operations are added to;
 //! re-exported as `idempotent_core::utoipa`).

@@ -5,6 +5,7 @@
 
 use idempotent_core::fingerprint::{Fingerprint, FingerprintBuilder};
 use idempotent_core::response::StoredResponse;
+use idempotent_core::store::sqlite::{SqliteClock, SystemClock};
 use idempotent_core::store::{
     self, Claim, ClaimToken, Invalidated, Purge, RecordKey, SqliteConfig, SqliteStore, Store, StoreError,
     ABANDONED_CLAIM_RETENTION,
@@ -13,6 +14,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::AssertSqlSafe;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -148,13 +150,15 @@ async fn corrupt_rows_are_errors_not_panics() {
         assert!(matches!(got, Err(StoreError::Corrupt(_))), "{k}: {got:?}");
     }
     // A garbage expiry is corrupt too; an expired garbage row is simply replaced.
-    sqlx::query("INSERT INTO idempotency_records VALUES ('s', 'a', 'bad-expiry', X'00', 'x', NULL, NULL, 'soon', 0)")
+    sqlx::query("INSERT INTO idempotency_records (scope, actor, idem_key, fingerprint, state, token, response, expires_at, created_at)
+             VALUES ('s', 'a', 'bad-expiry', X'00', 'x', NULL, NULL, 'soon', 0)")
         .execute(s.store.pool())
         .await
         .unwrap();
     let got = s.claim(&RecordKey::new("s", "a", "bad-expiry"), &f, Duration::from_secs(5)).await;
     assert!(matches!(got, Err(StoreError::Corrupt(_))), "{got:?}");
-    sqlx::query("INSERT INTO idempotency_records VALUES ('s', 'a', 'old-garbage', X'00', 'x', NULL, X'00', 1, 0)")
+    sqlx::query("INSERT INTO idempotency_records (scope, actor, idem_key, fingerprint, state, token, response, expires_at, created_at)
+             VALUES ('s', 'a', 'old-garbage', X'00', 'x', NULL, X'00', 1, 0)")
         .execute(s.store.pool())
         .await
         .unwrap();
@@ -362,4 +366,219 @@ async fn synchronous_normal_on_request() {
     let Claim::Acquired(t) = s.claim(&k, &fp(1), Duration::from_secs(30)).await.unwrap() else { panic!() };
     s.complete(&k, &t, &paid(), Duration::from_secs(3600)).await.unwrap();
     assert_eq!(s.claim(&k, &fp(1), Duration::from_secs(30)).await.unwrap(), Claim::Completed(paid()));
+}
+
+/// The system's clocks, with a wall clock the test steps and the boot the test names.
+#[derive(Debug)]
+struct TestClock {
+    step_ms: AtomicI64,
+    boot: String,
+}
+
+impl TestClock {
+    fn new(boot: &str) -> Arc<Self> {
+        Arc::new(Self { step_ms: AtomicI64::new(0), boot: boot.to_owned() })
+    }
+
+    fn step(&self, by: Duration) {
+        self.step_ms.fetch_add(by.as_millis() as i64, Ordering::SeqCst);
+    }
+}
+
+impl SqliteClock for TestClock {
+    fn wall_ms(&self) -> i64 {
+        SystemClock.wall_ms() + self.step_ms.load(Ordering::SeqCst)
+    }
+    fn boot_id(&self) -> Option<&str> {
+        Some(&self.boot)
+    }
+    fn monotonic_ms(&self) -> i64 {
+        SystemClock.monotonic_ms()
+    }
+}
+
+async fn store_with_clock(db: &TempDb, clock: Arc<TestClock>) -> SqliteStore {
+    let config = SqliteConfig::new().clock(clock).sweep_interval(None);
+    SqliteStore::connect_with(&db.spec(), config).await.unwrap()
+}
+
+/// The wall clock steps an hour forward while a claim's lease (two seconds) is renewed on
+/// schedule: retries racing it, before and after its next renewal, and the sweeper, never take
+/// it over. Completed records keep their time to live on the wall clock, which the step shortens
+/// by an hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wall_clock_step_never_lets_a_retry_take_a_live_claim() {
+    let db = TempDb::new();
+    let clock = TestClock::new("boot-a");
+    let s = store_with_clock(&db, clock.clone()).await;
+    let lease = Duration::from_secs(2);
+    let k = RecordKey::new("payments.create", "acct_1", "stepped");
+    let Claim::Acquired(t) = s.claim(&k, &fp(1), lease).await.unwrap() else { panic!("first claim") };
+    let stop = Arc::new(AtomicBool::new(false));
+    let renewer = {
+        let (s, k, t, stop) = (s.clone(), k.clone(), t.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                s.renew(&k, &t, lease).await.expect("the live claim's renewal");
+                tokio::time::sleep(lease / 6).await;
+            }
+        })
+    };
+    let (short, long) = (RecordKey::new("s", "a", "ttl-30min"), RecordKey::new("s", "a", "ttl-2h"));
+    for (k, ttl) in [(&short, 1800), (&long, 7200)] {
+        let Claim::Acquired(t) = s.claim(k, &fp(1), lease).await.unwrap() else { panic!() };
+        s.complete(k, &t, &paid(), Duration::from_secs(ttl)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    clock.step(Duration::from_secs(3600));
+    let until = std::time::Instant::now() + lease + lease / 4;
+    let retries: Vec<_> = (0..4)
+        .map(|i| {
+            let (s, k) = (s.clone(), k.clone());
+            tokio::spawn(async move {
+                let mut answered = 0;
+                while std::time::Instant::now() < until {
+                    let claim = s.claim(&k, &fp(1), lease).await.unwrap();
+                    assert!(matches!(claim, Claim::InProgress { .. }), "a retry after the step got {claim:?}");
+                    answered += 1;
+                    if i == 0 {
+                        s.sweep_expired().await.unwrap();
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                answered
+            })
+        })
+        .collect();
+    let mut answered = 0;
+    for r in retries {
+        answered += r.await.unwrap();
+    }
+    assert!(answered > 20, "{answered} retries");
+    stop.store(true, Ordering::SeqCst);
+    renewer.await.unwrap();
+    s.complete(&k, &t, &paid(), Duration::from_secs(3600)).await.unwrap();
+    assert_eq!(s.claim(&k, &fp(1), lease).await.unwrap(), Claim::Completed(paid()));
+    assert!(matches!(s.claim(&short, &fp(1), lease).await.unwrap(), Claim::Acquired(_)), "an hour off its 30 min");
+    assert_eq!(s.claim(&long, &fp(1), lease).await.unwrap(), Claim::Completed(paid()));
+}
+
+/// A lease written under another boot of the host has ended, however far its deadline is: the
+/// process that held it is gone. The same request takes it over, another request under the key is
+/// still a mismatch, and a lease of this boot is untouched.
+#[tokio::test]
+async fn a_lease_from_another_boot_has_ended() {
+    let db = TempDb::new();
+    let before = store_with_clock(&db, TestClock::new("boot-a")).await;
+    let lease = Duration::from_secs(60);
+    let k = RecordKey::new("payments.create", "acct_1", "rebooted");
+    let Claim::Acquired(old) = before.claim(&k, &fp(1), lease).await.unwrap() else { panic!("first claim") };
+    drop(before);
+    let after = store_with_clock(&db, TestClock::new("boot-b")).await;
+    assert_eq!(after.claim(&k, &fp(2), lease).await.unwrap(), Claim::Mismatch);
+    let Claim::Acquired(new) = after.claim(&k, &fp(1), lease).await.unwrap() else { panic!("taken over") };
+    assert!(matches!(after.renew(&k, &old, lease).await, Err(StoreError::Fenced)));
+    assert!(matches!(after.claim(&k, &fp(1), lease).await.unwrap(), Claim::InProgress { .. }));
+    after.complete(&k, &new, &paid(), Duration::from_secs(3600)).await.unwrap();
+    assert_eq!(after.claim(&k, &fp(1), lease).await.unwrap(), Claim::Completed(paid()));
+}
+
+/// A database made before leases had a clock of their own (migration 1 only) is migrated in
+/// place: its records are kept, and its claims in progress, which carry no lease clock, are judged
+/// on the wall clock as they were written.
+#[tokio::test]
+async fn a_database_of_the_first_version_keeps_working() {
+    let db = TempDb::new();
+    let config = SqliteConfig::new().sweep_interval(None);
+    {
+        let options = SqliteConnectOptions::from_str(&db.spec()).unwrap().create_if_missing(true);
+        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.unwrap();
+        let (version, first) = SqliteStore::migrations(&config).remove(0);
+        assert_eq!(version, 1);
+        sqlx::raw_sql(AssertSqlSafe(first)).execute(&pool).await.unwrap();
+        sqlx::raw_sql(
+            "CREATE TABLE idempotency_records_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL);
+             INSERT INTO idempotency_records_migrations VALUES (1, 0);",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+        let rows = [
+            ("live", "in_progress", Some("t-live"), None, now + 60_000),
+            ("lapsed", "in_progress", Some("t-lapsed"), None, now - 1_000),
+            ("done", "completed", Some("t-done"), Some(paid().encode()), now + 3_600_000),
+        ];
+        for (k, state, token, response, expires_at) in rows {
+            sqlx::query(
+                "INSERT INTO idempotency_records VALUES ('payments.create', 'acct_1', ?1, ?2, ?3, ?4, ?5, ?6, 0)",
+            )
+            .bind(k)
+            .bind(&fp(1).0[..])
+            .bind(state)
+            .bind(token)
+            .bind(response)
+            .bind(expires_at)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        pool.close().await;
+    }
+    let s = SqliteStore::connect_with(&db.spec(), config).await.unwrap();
+    let version: i64 = sqlx::query_scalar("SELECT max(version) FROM idempotency_records_migrations")
+        .fetch_one(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(version, 2);
+    let k = |k: &str| RecordKey::new("payments.create", "acct_1", k);
+    let lease = Duration::from_secs(30);
+    assert!(matches!(s.claim(&k("live"), &fp(1), lease).await.unwrap(), Claim::InProgress { .. }));
+    assert!(matches!(s.claim(&k("lapsed"), &fp(1), lease).await.unwrap(), Claim::Acquired(_)));
+    assert_eq!(s.claim(&k("done"), &fp(1), lease).await.unwrap(), Claim::Completed(paid()));
+    s.renew(&k("live"), &ClaimToken("t-live".into()), lease).await.unwrap();
+    s.complete(&k("live"), &ClaimToken("t-live".into()), &paid(), Duration::from_secs(3600)).await.unwrap();
+    assert_eq!(s.claim(&k("live"), &fp(1), lease).await.unwrap(), Claim::Completed(paid()));
+}
+
+/// A transactional route's transaction holds SQLite's one writer: a claim of another process
+/// (here another store on the file, whose renewals cannot wait that long) cannot renew its lease
+/// meanwhile. When the transaction ends, committed or rolled back, it moves every lease that was
+/// running when it took the writer on by the time it held it: a retry right after finds the claim
+/// still in progress, with the lease it had, never lapsed.
+async fn a_held_writer_moves_the_leases_it_held_up(commit: bool) {
+    let db = TempDb::new();
+    let holder = SqliteStore::connect_with(&db.spec(), SqliteConfig::new().sweep_interval(None)).await.unwrap();
+    let other = SqliteStore::connect_with(&db.spec(), SqliteConfig::new().sweep_interval(None)).await.unwrap();
+    let lease = Duration::from_millis(1000);
+    let k = RecordKey::new("payments.create", "acct_1", "held-up");
+    let Claim::Acquired(t) = other.claim(&k, &fp(1), lease).await.unwrap() else { panic!("first claim") };
+    let own = RecordKey::new("deposits.create", "acct_1", "holder");
+    let Claim::Acquired(own_token) = holder.claim(&own, &fp(1), Duration::from_secs(30)).await.unwrap() else {
+        panic!()
+    };
+    let transaction = holder.transactions().expect("SQLite runs transactions").begin().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    if commit {
+        transaction.commit(&own, &own_token, &paid(), Duration::from_secs(3600)).await.unwrap();
+    } else {
+        transaction.rollback().await;
+    }
+    let Claim::InProgress { retry_after } = holder.claim(&k, &fp(1), lease).await.unwrap() else {
+        panic!("the held-up claim lapsed")
+    };
+    assert!(retry_after > Duration::from_millis(500), "{retry_after:?} of its lease left");
+    other.renew(&k, &t, lease).await.unwrap();
+    other.complete(&k, &t, &paid(), Duration::from_secs(3600)).await.unwrap();
+    assert_eq!(holder.claim(&k, &fp(1), lease).await.unwrap(), Claim::Completed(paid()));
+}
+
+#[tokio::test]
+async fn a_committed_transaction_moves_the_leases_it_held_up() {
+    a_held_writer_moves_the_leases_it_held_up(true).await;
+}
+
+#[tokio::test]
+async fn a_rolled_back_transaction_moves_the_leases_it_held_up() {
+    a_held_writer_moves_the_leases_it_held_up(false).await;
 }

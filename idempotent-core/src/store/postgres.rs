@@ -9,8 +9,19 @@
 //! `created_at`. `expires_at` is the end of the lease while the record is in progress and the end
 //! of its time to live once completed, so one column decides whether a record is live.
 //!
-//! Every time comes from the database clock (`now()`), never from the application's, so
-//! instances with skewed clocks agree on leases and expiry.
+//! Every time comes from the database clock, never from the application's, so instances with
+//! skewed clocks agree on leases and expiry.
+//!
+//! # Clock
+//!
+//! A statement that runs on its own (a claim, a renewal, an ordinary completion) reads the clock
+//! with `now()`: one time for the whole statement. A transactional route's completion is the
+//! exception: it runs inside the handler's transaction, where `now()` is the time the transaction
+//! began, before the handler ran; a time to live counted from it would be shortened by the
+//! handler's duration (a handler slower than the time to live would commit a record already
+//! expired, and the next retry would run it again on top of its committed writes). The completion
+//! therefore reads `clock_timestamp()`, the time it is written, whichever way it runs. No other
+//! statement of the store runs inside that transaction.
 //!
 //! # The claim: one statement, one round trip
 //!
@@ -325,9 +336,12 @@ FROM existing WHERE expires_at > now() OR (state = 'in_progress' AND (token = $5
 WHERE {key} AND token = $4 AND state = 'in_progress'
 RETURNING 1"
             )),
+            // The time to live counts from when the outcome is written: `clock_timestamp()`, not
+            // `now()`, which inside a transactional route's transaction is when the transaction
+            // began, before the handler ran (see "Clock" in the module docs).
             complete: rendered(format!(
                 "UPDATE {t} SET state = 'completed', response = $5,
-    expires_at = now() + $6::int8 * interval '1 millisecond'
+    expires_at = clock_timestamp() + $6::int8 * interval '1 millisecond'
 WHERE {key} AND token = $4 AND state = 'in_progress'
 RETURNING 1"
             )),

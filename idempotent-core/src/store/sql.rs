@@ -36,7 +36,7 @@ use sqlx::query::Query;
 use sqlx::{pool::PoolConnection, Connection};
 use sqlx::{AssertSqlSafe, ColumnIndex, Database, Decode, Encode, Pool, Row, SqlSafeStr, SqlStr, Transaction, Type};
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 /// A database the SQL stores run on: what its store does differently, besides its `Store` impl.
@@ -55,8 +55,11 @@ pub trait Backend: Database + sealed::Sealed {
     const MAX_NAME_LEN: usize;
     /// The rule table and schema names break when they are invalid, as the error says it.
     const NAME_RULE: &'static str;
-    /// Migrations, in order: `(version, SQL)`. `{schema_ddl}`, `{table}` and `{index}` are
-    /// replaced by the configured, quoted names. Every statement is idempotent.
+    /// Migrations, in order: `(version, SQL)`. `{schema_ddl}`, `{table}`, `{index}` and
+    /// `{lease_index}` are replaced by the configured, quoted names. A version once released is
+    /// never edited: a change of the table is a new version. Version 1 is idempotent (`IF NOT
+    /// EXISTS`); a later one may not be (SQLite cannot add a column only if it is missing), and
+    /// runs once, as the table of applied versions records.
     const MIGRATIONS: &'static [(i32, &'static str)];
     /// What a conflict the database cancels a statement for is called, for the log line of a
     /// statement run again after one.
@@ -135,6 +138,43 @@ pub trait Backend: Database + sealed::Sealed {
         tx: &mut Transaction<'static, Self>,
         query: Query<'static, Self, Self::Arguments>,
     ) -> Result<u64, sqlx::Error>;
+
+    /// Right after [`begin_outcome`](Self::begin_outcome), in the new transaction: what this
+    /// database does when a transactional route's transaction opens. The answer identifies the
+    /// transaction to the hooks below. By default nothing.
+    async fn outcome_opened(store: &SqlStore<Self>, tx: &mut Transaction<'static, Self>) -> Result<u64, sqlx::Error> {
+        let _ = (store, tx);
+        Ok(0)
+    }
+
+    /// In transaction `id`, before its outcome is written and it commits (or after the
+    /// handler's writes were rolled back, by [`outcome_rollback`](Self::outcome_rollback)): what
+    /// else it commits. By default nothing.
+    async fn outcome_closing(
+        store: &SqlStore<Self>,
+        tx: &mut Transaction<'static, Self>,
+        id: u64,
+    ) -> Result<(), sqlx::Error> {
+        let _ = (store, tx, id);
+        Ok(())
+    }
+
+    /// Rolls back the writes of transaction `id`'s handler. By default the whole transaction.
+    async fn outcome_rollback(
+        store: &SqlStore<Self>,
+        tx: Transaction<'static, Self>,
+        id: u64,
+    ) -> Result<(), sqlx::Error> {
+        let _ = (store, id);
+        tx.rollback().await
+    }
+
+    /// Transaction `id` ended, however it did (committed, rolled back, or dropped with its
+    /// task); `settled` when what [`outcome_closing`](Self::outcome_closing) wrote was
+    /// committed. Called from `Drop`: it must not block. By default nothing.
+    fn outcome_ended(store: &SqlStore<Self>, id: u64, settled: bool) {
+        let _ = (store, id, settled);
+    }
 
     /// After a `COMMIT` whose answer was lost: whether it committed, which the record shows by
     /// being completed under `token`.
@@ -298,6 +338,7 @@ impl<B: Backend> SqlConfig<B> {
             .replace("{schema_ddl}", &schema_ddl)
             .replace("{table}", &self.qualified_table())
             .replace("{index}", &B::quote_ident(&format!("{}_expires_at_idx", self.table)))
+            .replace("{lease_index}", &B::quote_ident(&format!("{}_lease_idx", self.table)))
     }
 }
 
@@ -411,11 +452,19 @@ impl<B: Backend> SqlStore<B> {
         Ok(Self { inner: Arc::new(Inner { pool, writer, config, sql, session, _sweeper: sweeper }) })
     }
 
-    /// The SQL that creates the store's table and index for `config`, for applications that
-    /// manage migrations themselves (with [`SqlConfig::migrate`] set to `false`). Every
-    /// statement is idempotent (`IF NOT EXISTS`).
+    /// The SQL that creates the store's table and indexes for `config`, every version in order,
+    /// for applications that manage migrations themselves (with [`SqlConfig::migrate`] set to
+    /// `false`). Version 1 is idempotent (`IF NOT EXISTS`); SQLite's version 2 adds columns and
+    /// runs once: a database made with an earlier release needs only the versions after its
+    /// own, which [`migrations`](Self::migrations) lists.
     pub fn migration_sql(config: &SqlConfig<B>) -> String {
         B::MIGRATIONS.iter().map(|(_, sql)| config.render(sql)).collect::<Vec<_>>().join("\n")
+    }
+
+    /// The migrations of [`migration_sql`](Self::migration_sql) one by one: `(version, SQL)`, in
+    /// order. The store records the versions it applied in `<table>_migrations`.
+    pub fn migrations(config: &SqlConfig<B>) -> Vec<(i32, String)> {
+        B::MIGRATIONS.iter().map(|(version, sql)| (*version, config.render(sql))).collect()
     }
 
     /// The store's connection pool.
@@ -520,9 +569,47 @@ impl<B: Backend> SqlStore<B> {
 }
 
 /// The open transaction of a transactional route on a SQL store (see [`crate::store::transaction`]).
+///
+/// The handler locks it through [`TxGuard`]s; once the handler has returned, the engine takes it
+/// to commit or roll back, and it is closed for good. A guard still held then (one the handler
+/// moved into a task or a response stream) cannot be waited for: the engine does not take the
+/// transaction from under it, and the guard rolls it back when it is dropped (see
+/// [`OutcomeTransaction::escaped`]).
 pub struct SqlTransaction<B: Backend> {
+    open: Arc<tokio::sync::Mutex<Option<Open<B>>>>,
+    /// Set once the engine is done with the transaction, taken or not: a guard dropped after it
+    /// rolls back what it still holds. Guards read it under this lock while they let go of the
+    /// transaction, so the engine either takes the transaction or leaves it to the guard.
+    closed: Arc<std::sync::Mutex<bool>>,
+}
+
+/// A transaction of a transactional route that is still open, with what its database's hooks
+/// need; when it is dropped, however it ended, [`Backend::outcome_ended`] is told.
+struct Open<B: Backend> {
+    tx: Option<Transaction<'static, B>>,
     store: SqlStore<B>,
-    slot: Arc<tokio::sync::Mutex<Option<Transaction<'static, B>>>>,
+    /// What [`Backend::outcome_opened`] answered.
+    id: u64,
+    /// What [`Backend::outcome_closing`] wrote was committed.
+    settled: bool,
+}
+
+impl<B: Backend> Drop for Open<B> {
+    fn drop(&mut self) {
+        B::outcome_ended(&self.store, self.id, self.settled);
+    }
+}
+
+impl<B: Backend> Open<B> {
+    /// Rolls the handler's writes back ([`Backend::outcome_rollback`]).
+    async fn roll_back(mut self) {
+        let Some(tx) = self.tx.take() else { return };
+        match B::outcome_rollback(&self.store, tx, self.id).await {
+            Ok(()) => self.settled = true,
+            // The connection is gone, and the server rolls back what it held.
+            Err(e) => tracing::debug!(error = %e, "rolling back a transactional route's writes failed"),
+        }
+    }
 }
 
 impl<B: Backend> fmt::Debug for SqlTransaction<B> {
@@ -534,23 +621,36 @@ impl<B: Backend> fmt::Debug for SqlTransaction<B> {
 impl<B: Backend> SqlTransaction<B> {
     /// Locks the transaction for the handler's writes.
     async fn lock(&self) -> Result<TxGuard<B>, TxError> {
-        let guard = self.slot.clone().lock_owned().await;
+        let guard = self.open.clone().lock_owned().await;
         match *guard {
-            Some(_) => Ok(TxGuard { guard }),
+            Some(_) => Ok(TxGuard { guard: Some(guard), closed: self.closed.clone() }),
             None => Err(TxError::Finished),
         }
     }
 
-    async fn take(&self) -> Option<Transaction<'static, B>> {
-        self.slot.lock().await.take()
+    /// Closes the transaction for good and takes it, unless a guard holds it (then that guard
+    /// rolls it back when dropped). Never waits.
+    fn take(&self) -> Option<Open<B>> {
+        let mut closed = self.closed.lock().unwrap_or_else(PoisonError::into_inner);
+        *closed = true;
+        let taken = self.open.try_lock().ok().and_then(|mut open| open.take());
+        drop(closed);
+        taken
     }
 }
 
 /// The handler's hold on its transaction ([`crate::store::transaction::Tx`]): derefs to the
 /// `sqlx::Transaction`, so a statement runs with `.execute(&mut **tx)`. Drop it before the
 /// handler returns; the engine commits.
+///
+/// A guard that outlives its handler (moved into a spawned task or a response stream) makes the
+/// request fail with a 500 problem and nothing stored; the transaction is rolled back when the
+/// guard is dropped, and until then it keeps its connection (on SQLite, the database's one
+/// writer).
 pub struct TxGuard<B: Backend> {
-    guard: tokio::sync::OwnedMutexGuard<Option<Transaction<'static, B>>>,
+    /// Always `Some` until dropped.
+    guard: Option<tokio::sync::OwnedMutexGuard<Option<Open<B>>>>,
+    closed: Arc<std::sync::Mutex<bool>>,
 }
 
 impl<B: Backend> fmt::Debug for TxGuard<B> {
@@ -562,15 +662,33 @@ impl<B: Backend> fmt::Debug for TxGuard<B> {
 impl<B: Backend> std::ops::Deref for TxGuard<B> {
     type Target = Transaction<'static, B>;
     fn deref(&self) -> &Self::Target {
-        // `lock` hands out a guard only over an open transaction, and only the engine takes it,
-        // after the handler (and so every guard) is done.
-        self.guard.as_ref().expect("an open transaction")
+        // `lock` hands out a guard only over an open transaction, and nothing takes it while a
+        // guard holds it.
+        self.guard.as_ref().and_then(|g| g.as_ref()).and_then(|open| open.tx.as_ref()).expect("an open transaction")
     }
 }
 
 impl<B: Backend> std::ops::DerefMut for TxGuard<B> {
     fn deref_mut(&mut self) -> &mut Self::Target {
-        self.guard.as_mut().expect("an open transaction")
+        self.guard.as_mut().and_then(|g| g.as_mut()).and_then(|open| open.tx.as_mut()).expect("an open transaction")
+    }
+}
+
+impl<B: Backend> Drop for TxGuard<B> {
+    fn drop(&mut self) {
+        let closed = self.closed.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(mut guard) = self.guard.take() else { return };
+        let abandoned = if *closed { guard.take() } else { None };
+        drop(guard);
+        drop(closed);
+        if let Some(open) = abandoned {
+            // The engine closed the transaction while this guard, outside the handler, still held
+            // it: nothing of it may commit.
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn(open.roll_back())),
+                Err(_) => drop(open),
+            }
+        }
     }
 }
 
@@ -591,7 +709,13 @@ impl<B: Backend> TxDatabase for B {
 impl<B: Backend> TransactionalStore for SqlStore<B> {
     async fn begin(&self) -> Result<Arc<dyn OutcomeTransaction>, StoreError> {
         let tx = B::begin_outcome(&self.inner.writer, &self.inner.session).await.map_err(B::unavailable)?;
-        Ok(Arc::new(SqlTransaction { store: self.clone(), slot: Arc::new(tokio::sync::Mutex::new(Some(tx))) }))
+        let mut open = Open { tx: Some(tx), store: self.clone(), id: 0, settled: false };
+        let tx = open.tx.as_mut().expect("just opened");
+        open.id = B::outcome_opened(self, tx).await.map_err(B::unavailable)?;
+        Ok(Arc::new(SqlTransaction {
+            open: Arc::new(tokio::sync::Mutex::new(Some(open))),
+            closed: Arc::new(std::sync::Mutex::new(false)),
+        }))
     }
 }
 
@@ -604,39 +728,54 @@ impl<B: Backend> OutcomeTransaction for SqlTransaction<B> {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let Some(mut tx) = self.take().await else {
-            return Err(StoreError::Unavailable("the transaction was already finished".into()));
+        let Some(mut open) = self.take() else {
+            return Err(StoreError::Unavailable(
+                "the transaction was already finished, or is held outside its handler".into(),
+            ));
         };
-        let inner = &self.store.inner;
-        let complete = B::outcome_query(&inner.sql, &inner.session, key, token, response.encode(), ttl);
-        let written = match B::execute_in(&mut tx, complete).await {
+        let store = open.store.clone();
+        let Some(tx) = open.tx.as_mut() else { return Err(StoreError::Unavailable("no transaction".into())) };
+        let complete = B::outcome_query(&store.inner.sql, &store.inner.session, key, token, response.encode(), ttl);
+        let written = match B::outcome_closing(&store, tx, open.id).await {
+            Ok(()) => B::execute_in(tx, complete).await,
+            Err(e) => Err(e),
+        };
+        let written = match written {
             Ok(n) => n,
             Err(e) => {
-                let _ = tx.rollback().await;
+                open.roll_back().await;
                 return Err(B::unavailable(e));
             }
         };
         if written == 0 {
             // The claim was taken over: its new holder's outcome is the key's, not ours.
-            let _ = tx.rollback().await;
+            open.roll_back().await;
             return Err(StoreError::Fenced);
         }
+        let tx = open.tx.take().expect("still open");
         match tx.commit().await {
-            Ok(()) => Ok(()),
-            Err(e) => match B::committed(&self.store, key, token).await {
-                Ok(true) => Ok(()),
+            Ok(()) => {
+                open.settled = true;
+                Ok(())
+            }
+            Err(e) => match B::committed(&store, key, token).await {
+                Ok(true) => {
+                    open.settled = true;
+                    Ok(())
+                }
                 _ => Err(B::unavailable(e)),
             },
         }
     }
 
     async fn rollback(&self) {
-        if let Some(tx) = self.take().await {
-            if let Err(e) = tx.rollback().await {
-                // The connection is gone, and the server rolls back what it held.
-                tracing::debug!(error = %e, "rolling back a transactional route's writes failed");
-            }
+        if let Some(open) = self.take() {
+            open.roll_back().await;
         }
+    }
+
+    fn escaped(&self) -> bool {
+        self.open.try_lock().is_err()
     }
 
     fn as_any(&self) -> &dyn std::any::Any {

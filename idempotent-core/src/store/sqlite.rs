@@ -47,25 +47,59 @@
 //! # Table
 //!
 //! The same layout as the PostgreSQL store: primary key `(scope, actor, idem_key)`,
-//! `fingerprint` (32 bytes), `state` (`in_progress` or `completed`), `token` (the claim's token
-//! while in progress), `response`
-//! ([`StoredResponse::encode`]), `expires_at` and `created_at` in milliseconds since the Unix
-//! epoch. `expires_at` is the end of the lease while in progress and the end of the time to live
-//! once completed.
+//! `fingerprint` (32 bytes), `state` (`in_progress` or `completed`), `token` (the claim's token;
+//! kept once completed), `response` ([`StoredResponse::encode`]), `expires_at` and `created_at`
+//! in milliseconds since the Unix epoch; and, while in progress, the lease's own clock and
+//! deadline, `lease_boot` and `lease_until` (see [clock](#clock)). `expires_at` is the end of the
+//! time to live once completed, and the wall-clock estimate of the lease's end while in progress
+//! (what `inspect` shows, and what an older release reads).
+//!
+//! # Migrations
+//!
+//! By default the table is created, or brought up to date, on start-up, and the applied versions
+//! are recorded in `<table>_migrations`. Version 1 creates the table; version 2 adds the lease
+//! columns and an index of the claims in progress. A database made by an earlier release keeps
+//! its records: its claims in progress, which have no lease columns, are judged on the wall
+//! clock as before. An application that manages its own migrations applies
+//! [`SqliteStore::migrations`] in order, each version once.
 //!
 //! # Clock
 //!
-//! SQLite has no server clock: leases and expiry use this process's wall clock
-//! ([`SystemTime`]). Processes sharing a database file share the host's clock; a clock step
-//! shortens or lengthens leases and lifetimes by the size of the step.
+//! SQLite has no server clock: the store reads the host's, through [`SqliteConfig::clock`]
+//! ([`SystemClock`] unless a test sets another), and keeps two apart:
+//!
+//! - **Leases** are counted on the host's monotonic clock (Linux: `CLOCK_MONOTONIC`, the clock of
+//!   the engine's own timers, which a step of the wall clock never moves and which every process
+//!   of the host shares), under the boot it counts from (`/proc/sys/kernel/random/boot_id`). A
+//!   wall-clock step, forward or back, neither shortens nor lengthens a lease: a retry never takes
+//!   a live claim over because the clock jumped. A deadline written under another boot has ended,
+//!   whatever its value: the process that held it did not survive the reboot; the same request
+//!   takes it over (another request under the key is still a mismatch, for
+//!   [`ABANDONED_CLAIM_RETENTION`](super::ABANDONED_CLAIM_RETENTION) after the lease's
+//!   wall-clock estimate).
+//! - **The time to live** of completed records, and the times `inspect` reports, are on the wall
+//!   clock (`SystemTime`): a record must outlive a reboot. A step of the wall clock moves them by
+//!   its size: an hour forward forgets every completed record an hour early (a retry in that hour
+//!   runs its handler again, as after the end of its time to live), an hour back keeps them an
+//!   hour longer. The sweeper deletes abandoned claims of this boot on the lease's clock, others
+//!   on the wall clock.
+//!
+//! Elsewhere than Linux (or where the boot id cannot be read, which is logged once), there is no
+//! monotonic clock that the host's processes share and can tell apart across reboots: leases
+//! follow the wall clock (`lease_boot` is `wall`), and a step of the wall clock larger than what
+//! is left of a lease shortens it, letting a concurrent retry take a live claim over. Keep the
+//! clock stepped only at boot there (NTP's slewing never steps it). Processes that share a
+//! database file must share one clock: containers on one host do, unless put in time namespaces
+//! of their own.
 //!
 //! # Atomicity
 //!
-//! A claim first reads the record without a lock: a live record (replay, mismatch, in progress)
-//! is answered from that read, with no write. Otherwise the claim runs in a `BEGIN IMMEDIATE`
-//! transaction, which holds SQLite's single write lock from its start: it reads the record again
-//! and, if it is still absent or expired, inserts or overwrites it. No other writer can run
-//! between that read and that write, so of many concurrent claimers exactly one acquires.
+//! A claim first reads the record without a lock: a live record (replay, mismatch, in progress,
+//! or the claim's own, sent again) is answered from that read, with no write. Otherwise the claim
+//! runs in a `BEGIN IMMEDIATE` transaction, which holds SQLite's single write lock from its
+//! start: it reads the record again and, if it is still absent or expired, inserts or overwrites
+//! it. No other writer can run between that read and that write, so of many concurrent claimers
+//! exactly one acquires.
 //! `complete`, `release` and `renew` are single statements fenced by the token and the state
 //! only, like the PostgreSQL store's: a lease that expired and that no claim took over still
 //! belongs to its token (see [`Store`]). Every write takes the single write lock, so a late
@@ -76,12 +110,46 @@
 //! off the request path: a completed record once past its time to live, an in-progress record
 //! only [`ABANDONED_CLAIM_RETENTION`](super::ABANDONED_CLAIM_RETENTION) after its lease ended, so a
 //! late worker can still complete it. The task stops when the store is dropped.
+//!
+//! # A transactional route holds the writer
+//!
+//! A transactional route's transaction ([`crate::store::transaction`]) holds SQLite's one write
+//! lock (`BEGIN IMMEDIATE`) from before its handler runs until it commits or rolls back, seconds
+//! for a slow handler. Meanwhile no other write can happen, in this process or another: claims
+//! that need to write wait for it and, past the store timeout, answer 503; completions and
+//! releases wait too. Renewals could not be written either, and a lease that lapsed only because
+//! its holder could not renew it would let a retry, queued for the writer, take a live claim over
+//! the moment the writer frees up: the handler would run twice with no crash at all. So no lease
+//! may lapse because of the hold, and two things see to it:
+//!
+//! - **Renewals of this store wait for nothing.** While one of its transactions holds the writer,
+//!   the store answers a renewal from a read (the token still holds its record: nothing can change
+//!   that until the writer is free) and writes it when the hold ends, in the hold's own
+//!   transaction, as a renewal made then. The engine therefore keeps vouching for its claims'
+//!   leases, and a handler that finished meanwhile keeps retrying its completion, which goes in
+//!   once the writer is free. A hold that ends without committing (its commit failed, its task was
+//!   cancelled) leaves those renewals owed: the next claim that takes the writer writes them
+//!   first, before it judges any lease.
+//! - **Every other lease moves on by the hold.** When the transaction commits, or rolls back, it
+//!   extends, in the same write transaction, every lease that was running when it took the writer
+//!   by the time it held it (on the lease's clock, so only leases of this boot): the claims of
+//!   other processes on the file, whose renewals waited in vain, come out of the hold with the
+//!   lease they had going in. A rollback keeps this: it rolls back to a savepoint taken when the
+//!   transaction opened (`idempotent_handler`, which a handler must leave alone), extends the
+//!   leases and commits that. Leases written by an earlier release (no lease clock) are not
+//!   extended.
+//!
+//! What remains: another process's engine cannot know why its renewals failed, so it stops
+//! vouching for its leases after a lease without an answer; a handler there that finished during
+//! the hold may then give up storing its outcome, and its retry runs it again once the extended
+//! lease ends. Within one process (the usual case), nothing lapses. Keep transactional handlers on
+//! SQLite short all the same: every other write waits for them.
 
 use super::sql::{
     abandoned_claim_retention_ms, column, decide_row, millis, record_info, rendered, sealed, Backend, CommonStatements,
     SqlConfig, SqlStore,
 };
-use super::{Claim, ClaimToken, Invalidated, Purge, RecordInfo, RecordKey, Store, StoreError};
+use super::{epoch_millis, Claim, ClaimToken, Invalidated, Purge, RecordInfo, RecordKey, Store, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use crate::store::transaction::TransactionalStore;
@@ -93,8 +161,19 @@ use sqlx::sqlite::{
 };
 use sqlx::{ConnectOptions, Executor, SqlStr, Sqlite, Transaction};
 use std::str::FromStr;
-use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+mod clock;
+mod hold;
+use clock::LeaseClock;
+pub use clock::{SqliteClock, SystemClock};
+use hold::{Holds, Renewal};
+
+/// Where a transactional route's transaction rolls its handler's writes back to.
+const HANDLER_SAVEPOINT: &str = "SAVEPOINT idempotent_handler";
+/// Rolls a transactional route's handler's writes back, keeping its transaction.
+const ROLLBACK_HANDLER: &str = "ROLLBACK TO idempotent_handler";
 
 /// Settings of a [`SqliteStore`]: the shared ones, and
 /// [`busy_timeout`](SqlConfig::busy_timeout) and [`synchronous`](SqlConfig::synchronous).
@@ -107,10 +186,10 @@ pub type SqliteStore = SqlStore<Sqlite>;
 
 /// What the shared SQL store code keeps for SQLite (public only to be named by [`Backend`]).
 mod own {
-    use super::CommonStatements;
+    use super::{CommonStatements, Holds, SqliteClock, SystemClock};
     use sqlx::sqlite::{SqliteConnection, SqliteSynchronous};
     use sqlx::SqlStr;
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
     /// SQLite's own settings.
@@ -119,6 +198,7 @@ mod own {
         pub(super) busy_timeout: Duration,
         pub(super) synchronous: SqliteSynchronous,
         pub(super) create_if_missing: bool,
+        pub(super) clock: Arc<dyn SqliteClock>,
     }
 
     impl Default for Settings {
@@ -127,6 +207,7 @@ mod own {
                 busy_timeout: Duration::from_secs(10),
                 synchronous: SqliteSynchronous::Full,
                 create_if_missing: true,
+                clock: Arc::new(SystemClock),
             }
         }
     }
@@ -137,6 +218,8 @@ mod own {
         /// For an in-memory database: a connection of the store's own, never used, that keeps
         /// the database alive while the pool closes and opens its connections.
         pub(super) _keeper: Option<Mutex<SqliteConnection>>,
+        /// The writer's holds by transactional routes, and the renewals they owe.
+        pub(super) holds: Holds,
     }
 
     /// The statements of one configured store, rendered once.
@@ -149,7 +232,11 @@ mod own {
         pub(super) release: SqlStr,
         pub(super) inspect: SqlStr,
         pub(super) sweep: SqlStr,
+        pub(super) held: SqlStr,
+        pub(super) extend: SqlStr,
         pub(super) common: CommonStatements,
+        /// The clocks the store reads ([`SqliteConfig::clock`](super::SqliteConfig::clock)).
+        pub(super) clock: Arc<dyn SqliteClock>,
     }
 }
 
@@ -178,6 +265,13 @@ impl SqlConfig<Sqlite> {
         self
     }
 
+    /// The clocks the store reads (default [`SystemClock`]): for tests, to step the wall clock or
+    /// play another boot of the host. See "Clock" in the [module docs](self#clock).
+    pub fn clock(mut self, clock: Arc<dyn SqliteClock>) -> Self {
+        self.settings.clock = clock;
+        self
+    }
+
     /// Whether [`SqliteStore::connect_with`] creates the database file when it does not exist
     /// (default `true`). Off, a mistyped path is an error instead of an empty new store: what an
     /// operator's tool wants.
@@ -196,9 +290,10 @@ impl Backend for Sqlite {
     const SWEEP_BATCH: u32 = 500;
     const MAX_NAME_LEN: usize = usize::MAX;
     const NAME_RULE: &'static str = "SQLite table name must be non-empty without NUL";
-    const MIGRATIONS: &'static [(i32, &'static str)] = &[(
-        1,
-        "CREATE TABLE IF NOT EXISTS {table} (
+    const MIGRATIONS: &'static [(i32, &'static str)] = &[
+        (
+            1,
+            "CREATE TABLE IF NOT EXISTS {table} (
     scope       TEXT    NOT NULL,
     actor       TEXT    NOT NULL,
     idem_key    TEXT    NOT NULL,
@@ -212,7 +307,19 @@ impl Backend for Sqlite {
 );
 CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);
 ",
-    )];
+        ),
+        // Leases on the host's monotonic clock (see "Clock" in the module docs): the clock a
+        // lease's deadline is counted on (a boot id, or `wall`) and that deadline. Rows written
+        // before have neither, and their leases follow `expires_at`. The index holds only the
+        // claims in progress, which a transactional route's commit extends.
+        (
+            2,
+            "ALTER TABLE {table} ADD COLUMN lease_boot TEXT;
+ALTER TABLE {table} ADD COLUMN lease_until INTEGER;
+CREATE INDEX IF NOT EXISTS {lease_index} ON {table} (lease_until) WHERE state = 'in_progress';
+",
+        ),
+    ];
 
     type Settings = Settings;
     type Statements = Statements;
@@ -222,27 +329,40 @@ CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);
         let t = config.qualified_table();
         let key = "scope = ?1 AND actor = ?2 AND idem_key = ?3";
         Statements {
-            select: rendered(format!("SELECT fingerprint, state, token, response, expires_at FROM {t} WHERE {key}")),
+            select: rendered(format!(
+                "SELECT fingerprint, state, token, response, expires_at, lease_boot, lease_until FROM {t} WHERE {key}"
+            )),
+            // ?6 is the wall-clock estimate of the lease's end, ?8 and ?9 the lease's clock and
+            // its deadline on it.
             upsert: rendered(format!(
-                "INSERT INTO {t} (scope, actor, idem_key, fingerprint, state, token, response, expires_at, created_at)
-VALUES (?1, ?2, ?3, ?4, 'in_progress', ?5, NULL, ?6, ?7)
+                "INSERT INTO {t} (scope, actor, idem_key, fingerprint, state, token, response, expires_at, created_at,
+    lease_boot, lease_until)
+VALUES (?1, ?2, ?3, ?4, 'in_progress', ?5, NULL, ?6, ?7, ?8, ?9)
 ON CONFLICT (scope, actor, idem_key) DO UPDATE SET fingerprint = excluded.fingerprint,
     state = 'in_progress', token = excluded.token, response = NULL,
-    expires_at = excluded.expires_at, created_at = excluded.created_at"
+    expires_at = excluded.expires_at, created_at = excluded.created_at,
+    lease_boot = excluded.lease_boot, lease_until = excluded.lease_until"
             )),
             renew: rendered(format!(
-                "UPDATE {t} SET expires_at = ?5 WHERE {key} AND token = ?4 AND state = 'in_progress'"
+                "UPDATE {t} SET expires_at = ?5, lease_boot = ?6, lease_until = ?7
+WHERE {key} AND token = ?4 AND state = 'in_progress'"
             )),
             complete: rendered(format!(
-                "UPDATE {t} SET state = 'completed', response = ?5, expires_at = ?6
+                "UPDATE {t} SET state = 'completed', response = ?5, expires_at = ?6, lease_boot = NULL, lease_until = NULL
 WHERE {key} AND token = ?4 AND state = 'in_progress'"
             )),
             release: rendered(format!("DELETE FROM {t} WHERE {key} AND token = ?4 AND state = 'in_progress'")),
-            // Live records (?4, now), and in-progress ones until `ABANDONED_CLAIM_RETENTION` after
-            // their lease (?5), as the sweeper keeps them.
+            held: rendered(format!("SELECT 1 FROM {t} WHERE {key} AND token = ?4 AND state = 'in_progress'")),
+            // Every lease on the clock ?1 that was running at ?3, when a transactional route took
+            // the writer, moves on by ?2, the time it held it (and its wall-clock estimate too).
+            extend: rendered(format!(
+                "UPDATE {t} SET lease_until = lease_until + ?2, expires_at = expires_at + ?2
+WHERE state = 'in_progress' AND lease_boot = ?1 AND lease_until > ?3"
+            )),
             inspect: rendered(format!(
-                "SELECT state, response, created_at AS created_ms, expires_at AS expires_ms FROM {t}
-WHERE {key} AND (expires_at > ?4 OR (state = 'in_progress' AND expires_at > ?5))"
+                "SELECT state, response, created_at AS created_ms, expires_at AS expires_ms, expires_at, lease_boot,
+    lease_until
+FROM {t} WHERE {key}"
             )),
             common: CommonStatements {
                 invalidate: rendered(format!("DELETE FROM {t} WHERE {key}")),
@@ -250,11 +370,16 @@ WHERE {key} AND (expires_at > ?4 OR (state = 'in_progress' AND expires_at > ?5))
                 state: rendered(format!("SELECT state FROM {t} WHERE {key}")),
                 completed_by: rendered(format!("SELECT 1 FROM {t} WHERE {key} AND token = ?4 AND state = 'completed'")),
             },
-            // Completed records go at the end of their time to live (?1, now), in-progress ones
-            // only `ABANDONED_CLAIM_RETENTION` after their lease (?3).
+            clock: config.settings.clock.clone(),
+            // Completed records go at the end of their time to live (?1, the wall clock's now),
+            // in-progress ones only `ABANDONED_CLAIM_RETENTION` after their lease: on the lease's
+            // clock (?4) when it is this one's (?5, its now less the retention), else on the wall
+            // clock (?3, its now less the retention), as `lease_left` judges them.
             sweep: rendered(format!(
-                "DELETE FROM {t} WHERE rowid IN (SELECT rowid FROM {t}
-    WHERE expires_at <= ?1 AND (state <> 'in_progress' OR expires_at <= ?3) LIMIT ?2)"
+                "DELETE FROM {t} WHERE rowid IN (SELECT rowid FROM {t} WHERE expires_at <= ?1 AND (
+    state <> 'in_progress'
+    OR (lease_boot = ?4 AND lease_until <= ?5)
+    OR ((lease_boot IS NULL OR lease_boot <> ?4) AND expires_at <= ?3)) LIMIT ?2)"
             )),
         }
     }
@@ -267,7 +392,7 @@ WHERE {key} AND (expires_at > ?4 OR (state = 'in_progress' AND expires_at > ?5))
             Some(file) if !file.is_empty() => None,
             _ => Some(Mutex::new(pool.connect_options().connect().await?)),
         };
-        Ok(Session { _keeper: keeper })
+        Ok(Session { _keeper: keeper, holds: Holds::default() })
     }
 
     fn common(sql: &Statements) -> &CommonStatements {
@@ -281,13 +406,63 @@ WHERE {key} AND (expires_at > ?4 OR (state = 'in_progress' AND expires_at > ?5))
         response: Vec<u8>,
         ttl: Duration,
     ) -> Query<'static, Sqlite, SqliteArguments> {
-        SqliteStore::fenced_query(&sql.complete, key, token).bind(response).bind(now_ms().saturating_add(millis(ttl)))
+        SqliteStore::fenced_query(&sql.complete, key, token)
+            .bind(response)
+            .bind(sql.clock.wall_ms().saturating_add(millis(ttl)))
     }
 
     async fn begin_outcome(pool: &SqlitePool, _session: &Session) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
         // The write lock up front: a transaction that reads first and writes later could find
         // another writer in its way and fail instead of waiting.
         pool.begin_with("BEGIN IMMEDIATE").await
+    }
+
+    async fn outcome_opened(store: &SqliteStore, tx: &mut Transaction<'static, Sqlite>) -> Result<u64, sqlx::Error> {
+        // What a rollback of the handler's writes goes back to, keeping the hold's dues.
+        (&mut **tx).execute(sqlx::raw_sql(SqlStr::from_static(HANDLER_SAVEPOINT))).await?;
+        // Nothing awaits after this: the hold is recorded and its id returned in one poll, so
+        // the transaction it belongs to is there to end it.
+        let clock = LeaseClock::read(&*store.sql().clock);
+        Ok(store.session().holds.open(clock.basis, clock.now))
+    }
+
+    async fn outcome_closing(
+        store: &SqliteStore,
+        tx: &mut Transaction<'static, Sqlite>,
+        id: u64,
+    ) -> Result<(), sqlx::Error> {
+        let Some(dues) = store.session().holds.close(id) else { return Ok(()) };
+        let now = Now::read(&*store.sql().clock);
+        if now.lease.basis == dues.basis {
+            let held = now.lease.now.saturating_sub(dues.began);
+            if held > 0 {
+                sqlx::query(store.sql().extend.clone())
+                    .bind(dues.basis)
+                    .bind(held)
+                    .bind(dues.began)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+        }
+        for renewal in &dues.renewals {
+            let renew = SqliteStore::fenced_query(&store.sql().renew, &renewal.key, &renewal.token);
+            SqliteStore::bind_lease(renew, &now, renewal.lease).execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+
+    async fn outcome_rollback(
+        store: &SqliteStore,
+        mut tx: Transaction<'static, Sqlite>,
+        id: u64,
+    ) -> Result<(), sqlx::Error> {
+        (&mut *tx).execute(sqlx::raw_sql(SqlStr::from_static(ROLLBACK_HANDLER))).await?;
+        Self::outcome_closing(store, &mut tx, id).await?;
+        tx.commit().await
+    }
+
+    fn outcome_ended(store: &SqliteStore, id: u64, settled: bool) {
+        store.session().holds.ended(id, settled);
     }
 
     async fn execute_in(
@@ -303,8 +478,14 @@ WHERE {key} AND (expires_at > ?4 OR (state = 'in_progress' AND expires_at > ?5))
     }
 
     fn sweep_query(sql: &Statements, batch: i64) -> Query<'static, Sqlite, SqliteArguments> {
-        let now = now_ms();
-        sqlx::query(sql.sweep.clone()).bind(now).bind(batch).bind(now.saturating_sub(abandoned_claim_retention_ms()))
+        let (wall, lease) = (sql.clock.wall_ms(), LeaseClock::read(&*sql.clock));
+        let retention = abandoned_claim_retention_ms();
+        sqlx::query(sql.sweep.clone())
+            .bind(wall)
+            .bind(batch)
+            .bind(wall.saturating_sub(retention))
+            .bind(lease.basis.to_owned())
+            .bind(lease.now.saturating_sub(retention))
     }
 
     async fn execute(
@@ -345,16 +526,11 @@ WHERE {key} AND (expires_at > ?4 OR (state = 'in_progress' AND expires_at > ?5))
         (&mut *conn).execute(sqlx::raw_sql(sql)).await?;
         sqlx::query(rendered(format!("INSERT INTO {versions} (version, applied_at) VALUES (?1, ?2)")))
             .bind(i64::from(version))
-            .bind(now_ms())
+            .bind(SystemClock.wall_ms())
             .execute(conn)
             .await?;
         Ok(())
     }
-}
-
-/// Milliseconds since the Unix epoch on this process's clock.
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 impl SqlStore<Sqlite> {
@@ -405,37 +581,121 @@ impl SqlStore<Sqlite> {
     ) -> Result<Option<Claim>, StoreError> {
         let row =
             Self::key_query(&self.sql().select, key).fetch_optional(self.pool()).await.map_err(Sqlite::unavailable)?;
-        live(row, fingerprint, token, now_ms())
+        live(row, fingerprint, token, &Now::read(&*self.sql().clock))
+    }
+
+    /// Writes, in the claim's transaction `tx`, the renewals that holds of the writer answered
+    /// and could not commit, before the claim judges any lease. They stay owed unless the
+    /// answer's [`Owed::paid`] says `tx` committed.
+    async fn pay_owed(&self, tx: &mut Transaction<'static, Sqlite>, now: &Now<'_>) -> Result<Owed<'_>, StoreError> {
+        let owed = Owed { holds: &self.session().holds, renewals: self.session().holds.take_owed(now.lease.now) };
+        for renewal in &owed.renewals {
+            let renew = Self::fenced_query(&self.sql().renew, &renewal.key, &renewal.token);
+            Self::bind_lease(renew, now, renewal.lease).execute(&mut **tx).await.map_err(Sqlite::unavailable)?;
+        }
+        Ok(owed)
+    }
+
+    /// `query` with a lease of `lease` from `now` bound after its other parameters: the
+    /// wall-clock estimate of its end, the clock it is counted on, and its deadline on that clock.
+    fn bind_lease<'q>(
+        query: Query<'q, Sqlite, SqliteArguments>,
+        now: &Now<'_>,
+        lease: Duration,
+    ) -> Query<'q, Sqlite, SqliteArguments> {
+        let lease = millis(lease);
+        query
+            .bind(now.wall.saturating_add(lease))
+            .bind(now.lease.basis.to_owned())
+            .bind(now.lease.now.saturating_add(lease))
     }
 }
 
-/// The answer a live row gives, or `None` when the row is absent or can be claimed: a completed
-/// record past its time to live, or an abandoned claim (its lease expired) of the same request or
-/// past its retention. An abandoned claim of another request under the key is a mismatch: its
-/// outcome is unknown, and a different request never takes it over.
+/// Owed renewals written in a claim's transaction: owed again when dropped, unless
+/// [`paid`](Self::paid) (the transaction committed).
+struct Owed<'a> {
+    holds: &'a Holds,
+    renewals: Vec<Renewal>,
+}
+
+impl Owed<'_> {
+    fn paid(mut self) {
+        self.renewals.clear();
+    }
+}
+
+impl Drop for Owed<'_> {
+    fn drop(&mut self) {
+        if !self.renewals.is_empty() {
+            self.holds.owe(std::mem::take(&mut self.renewals));
+        }
+    }
+}
+
+/// The store's clocks read once: the wall clock, and the clock leases are counted on.
+struct Now<'a> {
+    wall: i64,
+    lease: LeaseClock<'a>,
+}
+
+impl<'a> Now<'a> {
+    fn read(clock: &'a dyn SqliteClock) -> Self {
+        Self { wall: clock.wall_ms(), lease: LeaseClock::read(clock) }
+    }
+}
+
+/// How long a row has left, in milliseconds (zero or less: it has ended, that long ago).
+///
+/// A completed row lives until `expires_at`, on the wall clock. An in-progress row's lease runs
+/// until `lease_until` on the clock `lease_boot` names: when that is the clock leases are counted
+/// on here, it is read on it. A deadline of another boot of the host has ended (its process is
+/// gone): when `expires_at` estimated, or now if that is later. A row written before leases had
+/// a clock of their own, or a boot's deadline read by a process that has no boot id, is read on
+/// the wall clock (`expires_at`).
+fn lease_left(state: &str, expires_at: i64, boot: Option<&str>, until: Option<i64>, now: &Now<'_>) -> i64 {
+    let wall_left = expires_at.saturating_sub(now.wall);
+    match (boot, until) {
+        _ if state != "in_progress" => wall_left,
+        (Some(boot), Some(until)) if boot == now.lease.basis => until.saturating_sub(now.lease.now),
+        (Some(boot), Some(_)) if now.lease.monotonic() && boot != clock::WALL => wall_left.min(0),
+        _ => wall_left,
+    }
+}
+
+/// A row's [`lease_left`], from its `expires_at`, `lease_boot` and `lease_until` columns.
+fn row_left(row: &SqliteRow, state: &str, now: &Now<'_>) -> Result<i64, StoreError> {
+    let expires_at: i64 = column(row, "expires_at")?;
+    let boot: Option<String> = column(row, "lease_boot")?;
+    let until: Option<i64> = column(row, "lease_until")?;
+    Ok(lease_left(state, expires_at, boot.as_deref(), until, now))
+}
+
+/// The answer a live row gives to a claim with `token`, or `None` when the row is absent or can
+/// be claimed: a completed record past its time to live, or an abandoned claim (its lease ended)
+/// of the same request or past its retention. An abandoned claim of another request under the
+/// key is a mismatch: its outcome is unknown, and a different request never takes it over. A live
+/// claim of `token` itself (a claim sent again) is acquired as it is.
 fn live(
     row: Option<SqliteRow>,
     fingerprint: &Fingerprint,
     token: &ClaimToken,
-    now: i64,
+    now: &Now<'_>,
 ) -> Result<Option<Claim>, StoreError> {
     let Some(row) = row else { return Ok(None) };
-    let held: Option<String> = column(&row, "token")?;
-    if held.as_deref() == Some(token.0.as_str()) && column::<_, String>(&row, "state")? == "in_progress" {
-        // This very claim, sent again: it holds the record already.
+    let state: String = column(&row, "state")?;
+    let left = row_left(&row, &state, now)?;
+    if left > 0 && state == "in_progress" && column::<_, Option<String>>(&row, "token")?.as_deref() == Some(&token.0) {
         return Ok(Some(Claim::Acquired(token.clone())));
     }
-    let expires_at: i64 = column(&row, "expires_at")?;
-    if expires_at <= now {
-        let state: String = column(&row, "state")?;
+    if left <= 0 {
         let stored: Vec<u8> = column(&row, "fingerprint")?;
-        let retained = expires_at > now.saturating_sub(abandoned_claim_retention_ms());
+        let retained = left > -abandoned_claim_retention_ms();
         if state == "in_progress" && retained && stored != fingerprint.0 {
             return Ok(Some(Claim::Mismatch));
         }
         return Ok(None);
     }
-    decide_row(&row, fingerprint, Duration::from_millis((expires_at - now) as u64)).map(Some)
+    decide_row(&row, fingerprint, Duration::from_millis(left as u64)).map(Some)
 }
 
 #[async_trait]
@@ -452,28 +712,49 @@ impl Store for SqliteStore {
             return Ok(answer);
         }
         let mut tx = self.writer().begin_with("BEGIN IMMEDIATE").await.map_err(Sqlite::unavailable)?;
-        let now = now_ms();
+        let now = Now::read(&*self.sql().clock);
+        let owed = self.pay_owed(&mut tx, &now).await?;
         let row =
             Self::key_query(&self.sql().select, key).fetch_optional(&mut *tx).await.map_err(Sqlite::unavailable)?;
-        if let Some(answer) = live(row, fingerprint, token, now)? {
+        if let Some(answer) = live(row, fingerprint, token, &now)? {
             tx.commit().await.map_err(Sqlite::unavailable)?;
+            owed.paid();
             return Ok(answer);
         }
-        Self::key_query(&self.sql().upsert, key)
-            .bind(&fingerprint.0[..])
-            .bind(&token.0)
-            .bind(now.saturating_add(millis(lease)))
-            .bind(now)
+        let upsert = Self::key_query(&self.sql().upsert, key).bind(&fingerprint.0[..]).bind(&token.0);
+        let upsert = upsert.bind(now.wall.saturating_add(millis(lease))).bind(now.wall);
+        upsert
+            .bind(now.lease.basis.to_owned())
+            .bind(now.lease.now.saturating_add(millis(lease)))
             .execute(&mut *tx)
             .await
             .map_err(Sqlite::unavailable)?;
         tx.commit().await.map_err(Sqlite::unavailable)?;
+        owed.paid();
         Ok(Claim::Acquired(token.clone()))
     }
 
     async fn renew(&self, key: &RecordKey, token: &ClaimToken, lease: Duration) -> Result<(), StoreError> {
-        self.run_fenced(Self::fenced_query(&self.sql().renew, key, token).bind(now_ms().saturating_add(millis(lease))))
-            .await
+        if let Some(hold) = self.session().holds.current() {
+            // A transactional route holds the writer: nothing can be written until its
+            // transaction ends, which writes this renewal; meanwhile nothing can take the claim.
+            // Whether the token holds it is read now, and stays true until then.
+            let held = Self::fenced_query(&self.sql().held, key, token)
+                .fetch_optional(self.pool())
+                .await
+                .map_err(Sqlite::unavailable)?;
+            if held.is_none() {
+                return Err(StoreError::Fenced);
+            }
+            let answered = LeaseClock::read(&*self.sql().clock).now;
+            let renewal = Renewal { key: key.clone(), token: token.clone(), lease, answered };
+            if self.session().holds.defer(hold, renewal) {
+                return Ok(());
+            }
+            // The hold is ending: the writer is about to be free.
+        }
+        let now = Now::read(&*self.sql().clock);
+        self.run_fenced(Self::bind_lease(Self::fenced_query(&self.sql().renew, key, token), &now, lease)).await
     }
 
     async fn complete(
@@ -501,14 +782,21 @@ impl Store for SqliteStore {
     }
 
     async fn inspect(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
-        let now = now_ms();
-        let row = Self::key_query(&self.sql().inspect, key)
-            .bind(now)
-            .bind(now.saturating_sub(abandoned_claim_retention_ms()))
-            .fetch_optional(self.pool())
-            .await
-            .map_err(Sqlite::unavailable)?;
-        row.as_ref().map(record_info).transpose()
+        let row =
+            Self::key_query(&self.sql().inspect, key).fetch_optional(self.pool()).await.map_err(Sqlite::unavailable)?;
+        let Some(row) = row else { return Ok(None) };
+        let now = Now::read(&*self.sql().clock);
+        let state: String = column(&row, "state")?;
+        let left = row_left(&row, &state, &now)?;
+        // Live records, and in-progress ones until `ABANDONED_CLAIM_RETENTION` after their lease,
+        // as the sweeper keeps them.
+        let shown = left > 0 || (state == "in_progress" && left > -abandoned_claim_retention_ms());
+        if !shown {
+            return Ok(None);
+        }
+        let mut info = record_info(&row)?;
+        info.expires_at = epoch_millis(now.wall.saturating_add(left));
+        Ok(Some(info))
     }
 
     async fn invalidate(&self, key: &RecordKey, purge: Purge) -> Result<Invalidated, StoreError> {

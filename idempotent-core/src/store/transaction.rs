@@ -22,13 +22,23 @@
 //!
 //! The stores that can do it are the PostgreSQL, SQLite and MySQL stores ([`TransactionalStore`]). On
 //! SQLite the handler's transaction holds the database's one write lock (`BEGIN IMMEDIATE`) until
-//! it commits, so every other write (claims of other keys, renewals) waits for it: keep such
-//! handlers short. A runtime whose store cannot run transactions refuses to start when a route is
+//! it commits, so every other write (claims of other keys, completions) waits for it: keep such
+//! handlers short. No other claim's lease lapses because of it: the store answers its own
+//! renewals meanwhile and writes them with the commit, which also extends every other lease by
+//! the time the writer was held (see "A transactional route holds the writer" in
+//! `store::sqlite`). A runtime whose store cannot run transactions refuses to start when a route is
 //! transactional, unless it was built to answer those routes 501 instead
 //! ([`Builder::without_transactions`](crate::engine::Builder::without_transactions)).
 //!
 //! A replay never opens a transaction: the engine opens one only for a request that acquired its
 //! claim.
+//!
+//! The transaction belongs to the handler's own run: a guard on it that the handler moves out of
+//! itself (into a spawned task, or into a response body streamed after it returned) is refused.
+//! The engine does not wait for it: the request fails with a 500 problem
+//! (`urn:idempotent:problem:misconfigured`), nothing is stored, the claim is released, and the
+//! transaction is rolled back when that guard is dropped. Until then the guard keeps its
+//! connection (on SQLite, the database's one writer, so no other write can happen meanwhile).
 
 use super::{ClaimToken, RecordKey, StoreError};
 use crate::response::StoredResponse;
@@ -60,8 +70,19 @@ pub trait OutcomeTransaction: Any + Send + Sync {
         ttl: Duration,
     ) -> Result<(), StoreError>;
 
-    /// Rolls the transaction back: the handler's writes are discarded.
+    /// Rolls the transaction back: the handler's writes are discarded. Never waits for a guard
+    /// held outside the handler (see [`escaped`](Self::escaped)): such a guard rolls the
+    /// transaction back when it is dropped.
     async fn rollback(&self);
+
+    /// Whether a guard on the transaction is held now. Asked once the handler has returned, when
+    /// every guard the handler took should be gone: one still held was moved out of the handler
+    /// (into a spawned task, a response stream), and the transaction cannot be committed under
+    /// it. The engine then answers 500, rolls back and releases the claim instead of waiting for
+    /// it. `false` by default.
+    fn escaped(&self) -> bool {
+        false
+    }
 
     /// The transaction as `Any`, for [`Tx`] to find its database's type.
     fn as_any(&self) -> &dyn Any;
