@@ -78,7 +78,7 @@ where
     let handler = async move { from_actix(future.await.respond_to(&request).map_into_boxed_body()) };
     match context.task(Framework::Actix, policy, site, fingerprint, handler) {
         Ok(task) => into_actix(protocol::finish(policy, task, |task| actix_web::rt::spawn(task)).await),
-        Err(problem) => reply(problem),
+        Err(problem) => reply(*problem),
     }
 }
 

@@ -40,7 +40,7 @@ where
     let handler = async move { future.await.into_response() };
     let task = match context.task(Framework::Axum, policy, site, fingerprint, handler) {
         Ok(task) => task,
-        Err(problem) => return problem.map(Body::from),
+        Err(problem) => return (*problem).map(Body::from),
     };
     protocol::finish(policy, task, |task| tokio::spawn(task)).await.map(|body| match body {
         // Bytes in hand and untouched bodies are sent as they are, without another box.

@@ -261,13 +261,13 @@ impl<H: RequestHead> Context<H> {
         site: &'static registry::Site,
         fingerprint: Result<Fingerprint, FingerprintError>,
         handler: Fut,
-    ) -> Result<impl Future<Output = Response<ResponseBody<B>>>, Response<Bytes>>
+    ) -> Result<impl Future<Output = Response<ResponseBody<B>>>, Box<Response<Bytes>>>
     where
         Fut: Future<Output = Response<B>>,
         B: http_body::Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
     {
-        let Some(runtime) = self.runtime.clone() else { return Err(runtime_missing(policy)) };
+        let Some(runtime) = self.runtime.clone() else { return Err(Box::new(runtime_missing(policy))) };
         observe(framework, site, &self.incoming);
         let caller = self.caller(runtime.config(), policy, &fingerprint);
         Ok(request_task(runtime, policy, caller, fingerprint, handler))
