@@ -16,11 +16,16 @@
 //! - order: moving pairs of different names around keeps the fingerprint, swapping two values
 //!   of one name changes it;
 //! - `a` and `b` have one fingerprint exactly when their canonical pairs are equal;
+//! - a request gathered by the protocol (`Incoming`) with that query and form body has the
+//!   documented encoding of its method, path, query and body parts;
 //! - `query_params` selects the named pairs, whatever the order of the names, a name given
 //!   twice counted once.
 #![no_main]
 
+use bytes::Bytes;
 use idempotent_core::fingerprint::{Fingerprint, FingerprintBuilder};
+use idempotent_core::policy::Policy;
+use idempotent_core::protocol::Incoming;
 use libfuzzer_sys::fuzz_target;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -28,6 +33,9 @@ use std::collections::BTreeMap;
 type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
 
 const FORM: Option<&str> = Some("application/x-www-form-urlencoded");
+
+/// A route whose identity is the whole request: path parameters, query and body.
+static POLICY: Policy = Policy::new("s");
 
 fuzz_target!(|data: &[u8]| {
     let (a, b) = match data.iter().position(|&byte| byte == b'\n') {
@@ -58,22 +66,34 @@ fn check_one(raw: &[u8]) {
     assert_eq!(ours, theirs, "the reference decoder and form_urlencoded disagree on {raw:?}");
 
     // The fingerprint is the documented encoding of the canonical pairs.
-    assert_eq!(form(raw), spec_form(raw, &expected), "body-form of {raw:?}");
+    assert_eq!(form(raw), encoding(&[form_part(raw, &expected)]), "body-form of {raw:?}");
     let text = std::str::from_utf8(raw).ok();
     if let Some(text) = text {
-        assert_eq!(query(text), spec(b"query", &[], &expected), "query of {text:?}");
+        assert_eq!(query(text), encoding(&[(b"query", items(&expected))]), "query of {text:?}");
+        // The same parts as the protocol gathers them from a request, after method and path.
+        let incoming = Incoming::new("POST", Some("/r"))
+            .query(Some(text))
+            .body(FORM.map(str::as_bytes), Bytes::copy_from_slice(raw));
+        let parts = [
+            (&b"method"[..], vec![&b"POST"[..]]),
+            (b"path", vec![]),
+            (b"query", items(&expected)),
+            form_part(raw, &expected),
+        ];
+        assert_eq!(incoming.fingerprint(&POLICY, Ok).ok(), Some(encoding(&parts)), "a request with {text:?}");
     }
 
     // Idempotent: the canonical pairs, written again, are the same request.
     for encoded in [encode_all(&expected), encode_some(&expected)] {
-        assert_eq!(form(encoded.as_bytes()), spec_form(encoded.as_bytes(), &expected), "{encoded:?} rewrites {raw:?}");
-        assert_eq!(query(&encoded), spec(b"query", &[], &expected));
+        let part = form_part(encoded.as_bytes(), &expected);
+        assert_eq!(form(encoded.as_bytes()), encoding(&[part]), "{encoded:?} rewrites {raw:?}");
+        assert_eq!(query(&encoded), encoding(&[(b"query", items(&expected))]));
     }
 
     // Order: pairs of different names move freely; a repeated name's values keep their order.
     let pieces: Vec<&[u8]> = raw.split(|&b| b == b'&').filter(|p| !p.is_empty()).collect();
     let regrouped = regroup(&pieces);
-    assert_eq!(form(&regrouped), spec_form(&regrouped, &expected), "{regrouped:?} regroups {raw:?}");
+    assert_eq!(form(&regrouped), encoding(&[form_part(&regrouped, &expected)]), "{regrouped:?} regroups {raw:?}");
     if let Some(swapped) = swap_values_of_one_name(&pieces) {
         assert_ne!(form(&swapped), form(raw), "swapping two values of one name in {raw:?}");
     }
@@ -95,8 +115,11 @@ fn check_one(raw: &[u8]) {
         let mut sorted: Vec<&[u8]> = names.iter().map(|n| n.as_bytes()).collect();
         sorted.sort();
         sorted.dedup();
+        let names_item: Vec<u8> = encoding_of_names(&sorted);
+        let mut part = vec![names_item.as_slice()];
+        part.extend(items(&selected));
         let fp = |names: &[&str]| FingerprintBuilder::new("s").query_params(Some(text), names).finish();
-        assert_eq!(fp(&names), spec(b"query-params", &sorted, &selected), "query_params({names:?}) of {text:?}");
+        assert_eq!(fp(&names), encoding(&[(b"query-params", part)]), "query_params({names:?}) of {text:?}");
         let reversed: Vec<&str> = names.iter().rev().copied().collect();
         assert_eq!(fp(&reversed), fp(&names));
     }
@@ -153,40 +176,53 @@ fn canonical(pairs: &Pairs) -> Pairs {
     sorted
 }
 
-/// SHA-256 of `put(version) put(scope) put(tag) put(payload)` where the payload is
-/// `put(names)` (when there are names) then `put(name) put(value)` per pair.
-fn spec(tag: &[u8], names: &[&[u8]], pairs: &Pairs) -> Fingerprint {
+/// The first item of `query-params`: `put(name)` per selected name.
+fn encoding_of_names(names: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for name in names {
+        out.extend_from_slice(&(name.len() as u64).to_be_bytes());
+        out.extend_from_slice(name);
+    }
+    out
+}
+
+/// One part of the documented encoding: its tag and its items.
+type Part<'a> = (&'static [u8], Vec<&'a [u8]>);
+
+/// SHA-256 of the documented encoding (the module docs of `fingerprint`): `put(version)
+/// put(scope)`, then per part `put(tag) put(put(item) put(item) ...)`, where `put(x)` is the
+/// length of `x` as 8 bytes big-endian, then `x`.
+fn encoding(parts: &[Part<'_>]) -> Fingerprint {
     let put = |out: &mut Vec<u8>, item: &[u8]| {
         out.extend_from_slice(&(item.len() as u64).to_be_bytes());
         out.extend_from_slice(item);
     };
-    let mut payload = Vec::new();
-    if tag == b"query-params" {
-        let mut names_item = Vec::new();
-        for name in names {
-            put(&mut names_item, name);
+    let mut out = Vec::new();
+    put(&mut out, b"idempotent-fingerprint/v2");
+    put(&mut out, b"s");
+    for (tag, items) in parts {
+        let mut payload = Vec::new();
+        for item in items {
+            put(&mut payload, item);
         }
-        put(&mut payload, &names_item);
+        put(&mut out, tag);
+        put(&mut out, &payload);
     }
-    for (name, value) in pairs {
-        put(&mut payload, name);
-        put(&mut payload, value);
-    }
-    let mut encoding = Vec::new();
-    put(&mut encoding, b"idempotent-fingerprint/v2");
-    put(&mut encoding, b"s");
-    put(&mut encoding, tag);
-    put(&mut encoding, &payload);
-    Fingerprint(Sha256::digest(&encoding).into())
+    Fingerprint(Sha256::digest(&out).into())
 }
 
-/// A form body: an empty one is `body-empty` (whatever the content type), any other the pairs
-/// as `body-form`.
-fn spec_form(raw: &[u8], pairs: &Pairs) -> Fingerprint {
+/// Each pair's name, then its value.
+fn items(pairs: &Pairs) -> Vec<&[u8]> {
+    pairs.iter().flat_map(|(name, value)| [name.as_slice(), value.as_slice()]).collect()
+}
+
+/// The part of a form body: `body-empty` for no bytes at all (whatever the content type), else
+/// `body-form` and its pairs.
+fn form_part<'a>(raw: &[u8], pairs: &'a Pairs) -> Part<'a> {
     if raw.is_empty() {
-        spec(b"body-empty", &[], &Vec::new())
+        (b"body-empty", Vec::new())
     } else {
-        spec(b"body-form", &[], pairs)
+        (b"body-form", items(pairs))
     }
 }
 
