@@ -228,23 +228,35 @@ fn form_part<'a>(raw: &[u8], pairs: &'a Pairs) -> Part<'a> {
 
 /// Every byte percent-encoded.
 fn encode_all(pairs: &Pairs) -> String {
-    let enc = |bytes: &[u8]| bytes.iter().map(|b| format!("%{b:02X}")).collect::<String>();
-    pairs.iter().map(|(n, v)| format!("{}={}", enc(n), enc(v))).collect::<Vec<_>>().join("&")
+    encode(pairs, |b, out| push_escaped(b, b"0123456789ABCDEF", out))
 }
 
 /// Alphanumerics as they are, a space as `+`, anything else `%xx` in lowercase hex.
 fn encode_some(pairs: &Pairs) -> String {
-    let enc = |bytes: &[u8]| {
-        bytes
-            .iter()
-            .map(|&b| match b {
-                b' ' => "+".to_owned(),
-                b if b.is_ascii_alphanumeric() => (b as char).to_string(),
-                b => format!("%{b:02x}"),
-            })
-            .collect::<String>()
-    };
-    pairs.iter().map(|(n, v)| format!("{}={}", enc(n), enc(v))).collect::<Vec<_>>().join("&")
+    encode(pairs, |b, out| match b {
+        b' ' => out.push('+'),
+        b if b.is_ascii_alphanumeric() => out.push(char::from(b)),
+        b => push_escaped(b, b"0123456789abcdef", out),
+    })
+}
+
+fn encode(pairs: &Pairs, byte: impl Fn(u8, &mut String)) -> String {
+    let mut out = String::new();
+    for (i, (name, value)) in pairs.iter().enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        name.iter().for_each(|&b| byte(b, &mut out));
+        out.push('=');
+        value.iter().for_each(|&b| byte(b, &mut out));
+    }
+    out
+}
+
+fn push_escaped(b: u8, digits: &[u8; 16], out: &mut String) {
+    out.push('%');
+    out.push(char::from(digits[usize::from(b >> 4)]));
+    out.push(char::from(digits[usize::from(b & 15)]));
 }
 
 /// The pieces grouped by decoded name, the groups in the reverse order of their names' first
