@@ -125,8 +125,10 @@ for target in "${targets[@]}"; do
     echo "fuzz: $target: ${runs:-?} runs in $seconds s, $cov, no failure" >&2
   else
     status=1
-    echo "fuzz: $target FAILED; the end of $log:" >&2
-    grep -v -E '^#[0-9]+.*(NEW|REDUCE|pulse)' "$log" | tail -n 40 >&2
+    echo "fuzz: $target FAILED:" >&2
+    grep -m 1 -A 4 'panicked at' "$log" >&2 || true
+    echo "fuzz: the end of $log:" >&2
+    grep -v -E '^#[0-9]+.*(NEW|REDUCE|pulse)' "$log" | tail -n 30 >&2
   fi
 done
 echo "fuzz: build and runs took $((SECONDS - start)) s" >&2
