@@ -87,7 +87,7 @@
 //!
 //! A body's numbers are read from its text, so one written with more precision than a double
 //! carries keeps its exact value (`12345678901234567891.25` and `...26` are one double, and two
-//! fingerprints): see `fingerprint::json_text`. Typed fields (`fields = [..]`) are whatever the
+//! fingerprints): see [`canonical_json_text`]. Typed fields (`fields = [..]`) are whatever the
 //! application's types serialize to.
 
 mod json_text;
@@ -367,6 +367,27 @@ fn form_decode(raw: &[u8]) -> Vec<u8> {
 
 fn pair_items(pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<&[u8]> {
     pairs.iter().flat_map(|(name, value)| [name.as_slice(), value.as_slice()]).collect()
+}
+
+/// The canonical JSON of a body's text, as [`FingerprintBuilder::raw_body`] fingerprints a JSON
+/// body, or `None` when `text` is not one JSON value (by RFC 8259, as strictly as serde_json
+/// reads it).
+///
+/// Where every number of `text` has at most 17 significant digits (all a double carries) or is an
+/// integer that fits an `i64`/`u64`, this is [`canonical_json`] of the parsed value. A number
+/// written with more digits than that, or beyond a double's range, keeps its exact decimal value,
+/// normalised (`d.ddd…e±n`), so `12345678901234567891.25` and `12345678901234567891.26`, one
+/// double, stay two requests:
+///
+/// ```
+/// use idempotent_core::fingerprint::canonical_json_text;
+///
+/// assert_eq!(canonical_json_text(br#"{ "b": 1e3, "a": 2.50 }"#).as_deref(), Some(r#"{"a":2.5,"b":1000}"#));
+/// assert_ne!(canonical_json_text(b"12345678901234567891.25"), canonical_json_text(b"12345678901234567891.26"));
+/// assert_eq!(canonical_json_text(b"{"), None);
+/// ```
+pub fn canonical_json_text(text: &[u8]) -> Option<String> {
+    json_text::canonical(text)
 }
 
 /// Renders `value` as canonical JSON (RFC 8785, with exact integers; see the module docs): object

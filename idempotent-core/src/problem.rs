@@ -144,9 +144,11 @@ impl Problem {
         }
     }
 
-    /// Adds a `Retry-After`, rounded up to whole seconds (at least 1).
+    /// Adds a `Retry-After`, rounded up to whole seconds (at least 1, at most `u64::MAX`).
     pub fn with_retry_after(mut self, after: Duration) -> Self {
-        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        // Saturating: `Duration::MAX` has a fraction of a second above `u64::MAX` seconds, and a
+        // wrapped sum would tell the client to retry in one second.
+        let secs = after.as_secs().saturating_add(u64::from(after.subsec_nanos() > 0));
         self.retry_after = Some(secs.max(1));
         self
     }
@@ -170,5 +172,15 @@ mod tests {
         assert_eq!(v["status"], 409);
         assert_eq!(v["retry_after"], 2);
         assert_eq!(v["title"], "Request with this idempotency key is in progress");
+    }
+
+    #[test]
+    fn retry_after_of_duration_max_saturates_instead_of_overflowing() {
+        let p = Problem::new(ProblemKind::StoreUnavailable, "later").with_retry_after(Duration::MAX);
+        assert_eq!(p.retry_after, Some(u64::MAX));
+        let p = Problem::new(ProblemKind::StoreUnavailable, "later").with_retry_after(Duration::from_secs(u64::MAX));
+        assert_eq!(p.retry_after, Some(u64::MAX));
+        let p = Problem::new(ProblemKind::InProgress, "later").with_retry_after(Duration::from_nanos(1));
+        assert_eq!(p.retry_after, Some(1));
     }
 }
