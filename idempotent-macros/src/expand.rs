@@ -79,9 +79,10 @@ fn try_expand(framework: Framework, attr: TokenStream, item: TokenStream) -> syn
     match validated {
         Some(Validated::Protected(mut spec)) => {
             let handler = func.as_ref().and_then(|func| {
-                let body_fields = spec.fields.as_ref().filter(|f| !f.paths.is_empty()).map(|f| f.key);
+                let body_fields =
+                    spec.fields.as_ref().filter(|f| !f.paths.is_empty()).map(|f| (f.key, "`fields` names"));
                 let key_fields = match &spec.key_source {
-                    KeySource::Fields(paths) => paths.first().map(|p| p.segments[0].span()),
+                    KeySource::Fields(paths) => paths.first().map(|p| (p.segments[0].span(), "the key is read from")),
                     _ => None,
                 };
                 Handler::inspect(framework, func, body_fields.or(key_fields)).map_err(|e| errors.push(e)).ok()
@@ -135,7 +136,7 @@ struct Handler {
 const BODY_TYPES: [&str; 5] = ["Json", "Form", "Bytes", "String", "Payload"];
 
 impl Handler {
-    fn inspect(framework: Framework, func: &ItemFn, body_fields: Option<Span>) -> syn::Result<Handler> {
+    fn inspect(framework: Framework, func: &ItemFn, body_fields: Option<(Span, &str)>) -> syn::Result<Handler> {
         let mut errors = Errors::default();
         let sig = &func.sig;
         // syn keeps function modifiers it may learn in later releases (e.g. `gen fn`) apart from
@@ -196,11 +197,11 @@ impl Handler {
             }
             Framework::Actix => body,
         };
-        if let (Some(key), None) = (body_fields, body) {
+        if let (Some((span, what)), None) = (body_fields, body) {
             errors.add(
-                key,
+                span,
                 format!(
-                    "`fields` names fields of the request body, but `{}` has no body argument (`Json<T>`, `Form<T>`, \
+                    "{what} fields of the request body, but `{}` has no body argument (`Json<T>`, `Form<T>`, \
                      or a custom extractor marked `#[body]`); remove the body fields or add the body argument",
                     sig.ident
                 ),
