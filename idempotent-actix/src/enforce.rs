@@ -14,9 +14,7 @@ use actix_web::error::PayloadError;
 use actix_web::HttpMessage;
 use futures_util::future::LocalBoxFuture;
 use futures_util::StreamExt;
-use idempotent_core::enforce::{Decision, GatedBody};
-use idempotent_core::problem::Problem;
-use idempotent_core::protocol::problem_response;
+use idempotent_core::protocol::{problem_response, Decision, GatedBody, Problem};
 use std::future::{ready, Ready};
 
 idempotent_core::__adapter_enforce!(Actix, "App::new().wrap(Enforce::warn())");

@@ -99,20 +99,4 @@ pub use idempotent_core::engine::StartupError;
 pub use idempotent_macros::idempotent_actix as idempotent;
 pub use runtime::{health, policies_command, policy_report, record_status, render_problem, Request};
 
-idempotent_core::__adapter_types!(Actix, runtime::Request);
-
-/// Items used by the code `#[idempotent]` generates. Not a public API.
-#[doc(hidden)]
-pub mod __private {
-    pub use crate::extract::Exempt;
-    pub use crate::runtime::run;
-    pub use crate::{Context, Protected};
-    pub use ::actix_web::HttpResponse as Response;
-    pub use ::core::time::Duration;
-    pub use ::idempotent_core::inventory;
-    pub use ::idempotent_core::policy::{
-        ConflictMode, Identity, KeyRequirement, KeySource, Part, Policy, StoredOutcomes,
-    };
-    pub use ::idempotent_core::protocol::field::{Field, KeyField, PlainField, SetField};
-    pub use ::idempotent_core::registry::{Framework, RouteRecord, Site};
-}
+idempotent_core::__adapter_types!(Actix, runtime::Request, ::actix_web::HttpResponse);

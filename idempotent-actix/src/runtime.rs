@@ -3,16 +3,12 @@
 
 use crate::{Context, Idempotency};
 use actix_web::body::{BodySize, BodyStream, BoxBody, MessageBody};
-use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpMessage, HttpRequest, HttpResponse, Responder};
+use actix_web::{web, HttpRequest, HttpResponse, Responder};
 use bytes::Bytes;
-use idempotent_core::actor::{Actor, RequestHead};
-use idempotent_core::engine::Runtime;
-use idempotent_core::fingerprint::{Fingerprint, FingerprintError};
-use idempotent_core::policy::Policy;
-use idempotent_core::protocol::{self, status, ResponseBody};
-use idempotent_core::registry::{Framework, Site};
+use idempotent_core::protocol::{
+    self, status, Fingerprint, FingerprintError, Framework, Policy, Problem, RequestHead, ResponseBody, Runtime, Site,
+};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
@@ -31,15 +27,6 @@ impl Idempotency {
 pub(crate) fn runtime_of(request: &HttpRequest) -> Option<Runtime> {
     let data = || request.app_data::<web::Data<Idempotency>>().map(|d| d.get_ref());
     request.app_data::<Idempotency>().or_else(data).map(|i| i.runtime().clone())
-}
-
-/// actix-web's headers, as the protocol reads them.
-pub(crate) struct Head<'a>(pub(crate) &'a HeaderMap);
-
-impl RequestHead for Head<'_> {
-    fn header_values(&self, name: &str) -> Vec<&[u8]> {
-        self.0.get_all(name).map(|v| v.as_bytes()).collect()
-    }
 }
 
 /// A protected request's actix-web request, as the protocol reads its head (and the handler's
@@ -76,10 +63,8 @@ where
 {
     let request = context.head().0.clone();
     let handler = async move { from_actix(future.await.respond_to(&request).map_into_boxed_body()) };
-    match context.task(Framework::Actix, policy, site, fingerprint, handler) {
-        Ok(task) => into_actix(protocol::finish(policy, task, |task| actix_web::rt::spawn(task)).await),
-        Err(problem) => reply(*problem),
-    }
+    let task = context.task(Framework::Actix, policy, site, fingerprint, handler);
+    into_actix(protocol::finish(policy, task, actix_web::rt::spawn).await)
 }
 
 /// Handler serving the policy report of every route registered through this adapter:
@@ -98,20 +83,15 @@ pub async fn policy_report(request: HttpRequest) -> HttpResponse {
 /// `.route("/_idempotency/records/{scope}/{key}", web::get().to(record_status))`. See
 /// [`protocol::status::record_status`] for the answers.
 pub async fn record_status(request: HttpRequest) -> HttpResponse {
-    let Some(runtime) = runtime_of(&request) else { return reply(status::runtime_missing()) };
     let param = |name| protocol::decode_partly_encoded(request.match_info().get(name).unwrap_or_default()).into_owned();
-    let actor =
-        protocol::identify_actor(runtime.config(), &Head(request.headers()), request.extensions().get::<Actor>());
-    reply(status::record_status(&runtime, &param("scope"), &param("key"), actor).await)
+    let (scope, key) = (param("scope"), param("key"));
+    reply(status::record_status_of(&Request(request), &scope, &key).await)
 }
 
 /// Handler of a health check (`.route("/healthz", web::get().to(health))`): 200 when the
 /// idempotency store answers, 503 problem+json when it does not.
 pub async fn health(request: HttpRequest) -> HttpResponse {
-    reply(match runtime_of(&request) {
-        Some(runtime) => status::health(&runtime).await,
-        None => status::runtime_missing(),
-    })
+    reply(status::health_of(&Request(request)).await)
 }
 
 /// The `policies [--format md|json|html]` subcommand for your `main`: prints the policy report of
@@ -131,9 +111,9 @@ pub fn policies_command() -> Option<std::process::ExitCode> {
     protocol::policies_command(Framework::Actix)
 }
 
-/// Renders a [`Problem`](idempotent_core::problem::Problem) as an `application/problem+json`
-/// response, for applications that want their own errors to look like the framework's.
-pub fn render_problem(problem: &idempotent_core::problem::Problem) -> HttpResponse {
+/// Renders a [`Problem`] as an `application/problem+json` response, for applications that want
+/// their own errors to look like the framework's.
+pub fn render_problem(problem: &Problem) -> HttpResponse {
     reply(protocol::problem_response(problem))
 }
 
@@ -175,19 +155,14 @@ pub(crate) fn reply(response: http::Response<Bytes>) -> HttpResponse {
 /// own size (and so its `Content-Length`).
 pub(crate) fn into_actix(response: http::Response<ResponseBody<ActixBody>>) -> HttpResponse {
     let (parts, body) = response.into_parts();
-    let body = match body {
+    let mut out =
+        HttpResponse::build(StatusCode::from_u16(parts.status.as_u16()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR));
+    for (name, value) in &parts.headers {
+        out.append_header((name.as_str(), value.as_bytes()));
+    }
+    out.body(match body {
         ResponseBody::Full(bytes) => BoxBody::new(bytes.unwrap_or_default()),
         ResponseBody::Stream { head: None, rest } => rest.0,
         streaming => BoxBody::new(BodyStream::new(http_body_util::BodyDataStream::new(streaming))),
-    };
-    let status = StatusCode::from_u16(parts.status.as_u16()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut out = HttpResponse::with_body(status, body);
-    for (name, value) in &parts.headers {
-        if let (Ok(n), Ok(v)) =
-            (HeaderName::from_bytes(name.as_str().as_bytes()), HeaderValue::from_bytes(value.as_bytes()))
-        {
-            out.headers_mut().append(n, v);
-        }
-    }
-    out
+    })
 }

@@ -18,8 +18,7 @@
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request};
 use axum::response::Response;
-use idempotent_core::enforce::{Decision, GatedBody};
-use idempotent_core::protocol::problem_response;
+use idempotent_core::protocol::{problem_response, Decision, GatedBody};
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;

@@ -1,15 +1,13 @@
 //! Installing the runtime and running a protected handler.
 
+use crate::extract::View;
 use crate::{Context, Idempotency};
 use axum::body::Body;
 use axum::extract::{FromRequestParts, RawPathParams, Request};
 use axum::response::{IntoResponse, Response};
-use idempotent_core::actor::Actor;
-use idempotent_core::engine::Runtime;
-use idempotent_core::fingerprint::{Fingerprint, FingerprintError};
-use idempotent_core::policy::Policy;
-use idempotent_core::protocol::{self, status, ResponseBody};
-use idempotent_core::registry::{Framework, Site};
+use idempotent_core::protocol::{
+    self, status, Fingerprint, FingerprintError, Framework, Policy, Problem, ResponseBody, Runtime, Site,
+};
 use std::future::Future;
 
 impl Idempotency {
@@ -38,11 +36,8 @@ where
     T: IntoResponse,
 {
     let handler = async move { future.await.into_response() };
-    let task = match context.task(Framework::Axum, policy, site, fingerprint, handler) {
-        Ok(task) => task,
-        Err(problem) => return (*problem).map(Body::from),
-    };
-    protocol::finish(policy, task, |task| tokio::spawn(task)).await.map(|body| match body {
+    let task = context.task(Framework::Axum, policy, site, fingerprint, handler);
+    protocol::finish(policy, task, tokio::spawn).await.map(|body| match body {
         // Bytes in hand and untouched bodies are sent as they are, without another box.
         ResponseBody::Full(bytes) => Body::from(bytes.unwrap_or_default()),
         ResponseBody::Stream { head: None, rest } => rest,
@@ -85,26 +80,20 @@ pub async fn policy_report(uri: http::Uri) -> Response {
 /// See [`protocol::status::record_status`] for the answers.
 pub async fn record_status(request: Request) -> Response {
     let (mut parts, _) = request.into_parts();
-    let Some(runtime) = parts.extensions.get::<Runtime>().cloned() else {
-        return status::runtime_missing().map(Body::from);
-    };
     let params = match RawPathParams::from_request_parts(&mut parts, &()).await {
         Ok(params) => params,
         Err(rejection) => return rejection.into_response(),
     };
     let param = |name: &str| params.iter().find(|(n, _)| *n == name).map(|(_, v)| v.to_owned()).unwrap_or_default();
     let (scope, key) = (param("scope"), param("key"));
-    let actor = protocol::identify_actor(runtime.config(), &parts.headers, parts.extensions.get::<Actor>());
-    status::record_status(&runtime, &scope, &key, actor).await.map(Body::from)
+    status::record_status_of(&View { parts: &parts, params: None }, &scope, &key).await.map(Body::from)
 }
 
 /// Handler of a health check (`.route("/healthz", get(health))`, below [`Idempotency::layer`]):
 /// 200 when the idempotency store answers, 503 problem+json when it does not.
 pub async fn health(request: Request) -> Response {
-    match request.extensions().get::<Runtime>() {
-        Some(runtime) => status::health(runtime).await.map(Body::from),
-        None => status::runtime_missing().map(Body::from),
-    }
+    let (parts, _) = request.into_parts();
+    status::health_of(&View { parts: &parts, params: None }).await.map(Body::from)
 }
 
 /// The `policies [--format md|json|html]` subcommand for your `main`: prints the policy report of
@@ -124,8 +113,8 @@ pub fn policies_command() -> Option<std::process::ExitCode> {
     protocol::policies_command(Framework::Axum)
 }
 
-/// Renders a [`Problem`](idempotent_core::problem::Problem) as an `application/problem+json`
-/// response, for applications that want their own errors to look like the framework's.
-pub fn render_problem(problem: &idempotent_core::problem::Problem) -> Response {
+/// Renders a [`Problem`] as an `application/problem+json` response, for applications that want
+/// their own errors to look like the framework's.
+pub fn render_problem(problem: &Problem) -> Response {
     protocol::problem_response(problem).map(Body::from)
 }

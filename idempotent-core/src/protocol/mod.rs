@@ -51,16 +51,27 @@ pub mod body;
 pub mod capture;
 pub mod field;
 pub mod status;
+pub mod transport;
 
 pub use body::ResponseBody;
+pub use transport::Transport;
 
-use crate::actor::{Actor, ActorMissing, RequestHead};
-use crate::engine::{Config, Outcome, Request, Runtime, REPLAYED_HEADER};
-use crate::fingerprint::{Fingerprint, FingerprintBuilder, FingerprintError};
+// The value types a transport names, so that it reaches the rest of the crate through this module.
+pub use crate::actor::{Actor, RequestHead};
+pub use crate::enforce::{Decision, Gate, GatedBody};
+pub use crate::engine::Runtime;
+pub use crate::fingerprint::{Fingerprint, FingerprintError};
+pub use crate::policy::Policy;
+pub use crate::problem::Problem;
+pub use crate::registry::{Framework, Site};
+
+use crate::actor::ActorMissing;
+use crate::engine::{Config, Outcome, Request, REPLAYED_HEADER};
+use crate::fingerprint::FingerprintBuilder;
 use crate::key::{IdempotencyKey, KeyError};
-use crate::policy::{KeySource, Part, Policy};
-use crate::problem::{Problem, ProblemKind, CONTENT_TYPE};
-use crate::registry::{self, Framework};
+use crate::policy::{KeySource, Part};
+use crate::problem::{ProblemKind, CONTENT_TYPE};
+use crate::registry;
 use crate::report::Format;
 use crate::response::StoredResponse;
 use crate::telemetry::{self, RequestOutcome};
@@ -179,7 +190,7 @@ impl Incoming {
 /// header, the actor's header), and the [`Actor`] its authentication set.
 ///
 /// This is the whole of what a transport (a web framework, a broker) must gather; the rest of the
-/// sequence is written once, here: the key by the route's [`KeySource`](crate::policy::KeySource),
+/// sequence is written once, here: the key by the route's [`KeySource`],
 /// the caller, the request's span and metrics, claim, run, complete or release, capture, replay
 /// and problems ([`task`](Self::task), then [`finish`] with the transport's spawn).
 ///
@@ -253,7 +264,7 @@ impl<H: RequestHead> Context<H> {
     /// The protected request's task, once its handler's response is known: `handler` is the
     /// handler's future with its response converted to an `http::Response`. Records the full
     /// path the handler at `site` served (for reports), and returns the task for [`finish`] to
-    /// run; or, when no runtime is installed where the request was routed, the 500 to send.
+    /// run; when no runtime is installed where the request was routed, the task answers 500.
     pub fn task<B, Fut>(
         self,
         framework: Framework,
@@ -261,16 +272,19 @@ impl<H: RequestHead> Context<H> {
         site: &'static registry::Site,
         fingerprint: Result<Fingerprint, FingerprintError>,
         handler: Fut,
-    ) -> Result<impl Future<Output = Response<ResponseBody<B>>>, Box<Response<Bytes>>>
+    ) -> impl Future<Output = Response<ResponseBody<B>>>
     where
         Fut: Future<Output = Response<B>>,
         B: http_body::Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
     {
-        let Some(runtime) = self.runtime.clone() else { return Err(Box::new(runtime_missing(policy))) };
+        use futures_util::future::Either;
+        let Some(runtime) = self.runtime.clone() else {
+            return Either::Left(std::future::ready(runtime_missing(policy).map(ResponseBody::full)));
+        };
         observe(framework, site, &self.incoming);
         let caller = self.caller(runtime.config(), policy, &fingerprint);
-        Ok(request_task(runtime, policy, caller, fingerprint, handler))
+        Either::Right(request_task(runtime, policy, caller, fingerprint, handler))
     }
 }
 
@@ -290,12 +304,32 @@ where
 
 /// Declares the types every adapter has, so they are written once: the installed runtime
 /// `Idempotency` (with `builder`, `runtime` and, with the `utoipa` feature, `document_openapi`),
-/// and the extractor `Protected<T>` that wraps a handler's body extractor and carries its
-/// [`Context`]. The adapter adds its framework's trait impls and installation method.
+/// the extractor `Protected<T>` that wraps a handler's body extractor and carries its
+/// [`Context`], the `Tx` and `Fence` extractors, and the `__private` module the generated code
+/// names (the adapter's `extract::Exempt` and `runtime::run`, and `$response`, its framework's
+/// response). The adapter adds its framework's trait impls and installation method.
 #[doc(hidden)]
 #[macro_export]
+// `crate::` names the adapter that expands this macro (its `extract` and `runtime` modules),
+// which is what is meant.
+#[allow(clippy::crate_in_macro_def)]
 macro_rules! __adapter_types {
-    ($framework:ident, $head:ty) => {
+    ($framework:ident, $head:ty, $response:ty) => {
+        /// Items used by the code `#[idempotent]` generates. Not a public API.
+        #[doc(hidden)]
+        pub mod __private {
+            pub use crate::extract::Exempt;
+            pub use crate::runtime::run;
+            pub use crate::{Context, Protected};
+            pub use ::core::time::Duration;
+            pub use $crate::inventory;
+            pub use $crate::policy::{ConflictMode, Identity, KeyRequirement, KeySource, Part, Policy, StoredOutcomes};
+            pub use $crate::protocol::field::{Field, KeyField, PlainField, SetField};
+            pub use $crate::registry::{Framework, RouteRecord, Site};
+            /// The framework's response, which a protected handler returns.
+            pub type Response = $response;
+        }
+
         /// The installed idempotency runtime; cheap to clone.
         #[derive(Debug, Clone)]
         pub struct Idempotency {
@@ -363,31 +397,27 @@ macro_rules! __adapter_types {
             }
         }
 
-        /// The transaction of a `transactional = true` route's handler, as an extractor: lock it
-        /// with `postgres()` or `sqlite()` (see `idempotent_core::store::transaction`) and write in it;
-        /// the outcome's record commits with the writes.
+        /// What the engine gives a protected handler while it runs, as an extractor: its
+        /// transaction ([`Tx`]) or its claim ([`Fence`]).
         #[derive(Debug, Clone, Copy, Default)]
-        pub struct Tx(pub $crate::store::transaction::Tx);
+        pub struct Scoped<T>(pub T);
 
-        impl ::std::ops::Deref for Tx {
-            type Target = $crate::store::transaction::Tx;
-            fn deref(&self) -> &Self::Target {
+        impl<T> ::std::ops::Deref for Scoped<T> {
+            type Target = T;
+            fn deref(&self) -> &T {
                 &self.0
             }
         }
+
+        /// The transaction of a `transactional = true` route's handler, as an extractor: lock it
+        /// with `postgres()` or `sqlite()` (see `idempotent_core::store::transaction`) and write in it;
+        /// the outcome's record commits with the writes.
+        pub type Tx = Scoped<$crate::store::transaction::Tx>;
 
         /// The claim a protected handler runs under, as an extractor: `fence.check()` before an
         /// effect that cannot be taken back, `fence.claim()` for the fencing token and the time
         /// the lease is still vouched for (see `idempotent_core::engine::ClaimFence`).
-        #[derive(Debug, Clone, Copy, Default)]
-        pub struct Fence(pub $crate::engine::Fence);
-
-        impl ::std::ops::Deref for Fence {
-            type Target = $crate::engine::Fence;
-            fn deref(&self) -> &Self::Target {
-                &self.0
-            }
-        }
+        pub type Fence = Scoped<$crate::engine::Fence>;
     };
 }
 

@@ -1,7 +1,7 @@
 //! The operator's endpoints: a caller's record (`GET /_idempotency/records/{scope}/{key}`) and
 //! the store's health (`GET /healthz`), written once for every adapter.
 
-use super::problem_response;
+use super::{identify_actor, problem_response, Transport};
 use crate::actor::ActorMissing;
 use crate::engine::Runtime;
 use crate::key::IdempotencyKey;
@@ -33,8 +33,8 @@ use std::time::SystemTime;
 ///   the log, never to the caller).
 ///
 /// `actor` is resolved as for a protected route (the application's [`Actor`](crate::actor::Actor)
-/// extension first, then the configured source), so a caller sees only the records its own
-/// requests created. The answer is never cached (`Cache-Control: no-store`).
+/// extension first, then the configured source: see [`record_status_of`]), so a caller sees only
+/// the records its own requests created. The answer is never cached (`Cache-Control: no-store`).
 pub async fn record_status(
     runtime: &Runtime,
     scope: &str,
@@ -42,6 +42,14 @@ pub async fn record_status(
     actor: Result<Option<String>, ActorMissing>,
 ) -> Response<Bytes> {
     no_store(record(runtime, scope, key, actor).await)
+}
+
+/// [`record_status`] of a transport's request: its caller known as on a protected route
+/// ([`identify_actor`]), [`runtime_missing`] when no runtime is installed where it was routed.
+pub async fn record_status_of<T: Transport>(request: &T, scope: &str, key: &str) -> Response<Bytes> {
+    let Some(runtime) = request.runtime() else { return runtime_missing() };
+    let actor = identify_actor(runtime.config(), request, request.actor().as_ref());
+    record_status(&runtime, scope, key, actor).await
 }
 
 async fn record(
@@ -107,6 +115,15 @@ pub async fn health(runtime: &Runtime) -> Response<Bytes> {
             tracing::warn!(store = runtime.store().name(), error = %e, "health check: the idempotency store does not answer");
             store_unavailable(runtime, "The idempotency store does not answer.")
         }
+    }
+}
+
+/// [`health`] of the runtime installed where a transport's `request` was routed, or
+/// [`runtime_missing`].
+pub async fn health_of<T: Transport>(request: &T) -> Response<Bytes> {
+    match request.runtime() {
+        Some(runtime) => health(&runtime).await,
+        None => runtime_missing(),
     }
 }
 
