@@ -14,8 +14,10 @@ use actix_web::error::PayloadError;
 use actix_web::HttpMessage;
 use futures_util::future::LocalBoxFuture;
 use futures_util::StreamExt;
-use idempotent_core::protocol::{problem_response, Decision, GatedBody, Problem};
+use idempotent_core::protocol::{problem_response, Gate, GatedBody, Problem};
 use std::future::{ready, Ready};
+use std::rc::Rc;
+use std::sync::Arc;
 
 idempotent_core::__adapter_enforce!(Actix, "App::new().wrap(Enforce::warn())");
 
@@ -32,7 +34,7 @@ where
     type Future = Ready<Result<Self::Transform, Self::InitError>>;
 
     fn new_transform(&self, service: S) -> Self::Future {
-        ready(Ok(EnforceMiddleware { enforce: self.clone(), service }))
+        ready(Ok(EnforceMiddleware { enforce: self.clone(), service: Rc::new(service) }))
     }
 }
 
@@ -40,12 +42,7 @@ where
 #[derive(Debug)]
 pub struct EnforceMiddleware<S> {
     enforce: Enforce,
-    service: S,
-}
-
-fn refused<B>(request: actix_web::HttpRequest, problem: &Problem) -> ServiceResponse<EitherBody<B>> {
-    let response = reply(problem_response(problem));
-    ServiceResponse::new(request, response).map_into_right_body()
+    service: Rc<S>,
 }
 
 impl<S, B> Service<ServiceRequest> for EnforceMiddleware<S>
@@ -60,33 +57,30 @@ where
 
     forward_ready!(service);
 
-    fn call(&self, mut request: ServiceRequest) -> Self::Future {
+    fn call(&self, request: ServiceRequest) -> Self::Future {
         let method = request.method().as_str().to_owned();
-        let route = if self.enforce.judges(&method) { request.match_pattern() } else { None };
-        let decision = route.as_deref().map_or(Decision::Serve, |route| self.enforce.before(&method, route));
-        match (decision, route) {
-            (Decision::Refuse(problem), _) => Box::pin(ready(Ok(refused(request.request().clone(), &problem)))),
-            (Decision::Gate(gate), Some(route)) => {
+        let route = request.match_pattern();
+        let service = self.service.clone();
+        let serve = move |mut request: ServiceRequest, gate: Option<Arc<Gate>>| {
+            if let Some(gate) = gate {
                 request.extensions_mut().insert(gate.clone());
-                let held = GatedBody::new(gate.clone(), request.take_payload()).map(|chunk| {
+                let held = GatedBody::new(gate, request.take_payload()).map(|chunk| {
                     chunk.map_err(|e| e.unwrap_or_else(|held| PayloadError::Io(std::io::Error::other(held))))
                 });
                 let held: std::pin::Pin<Box<dyn futures_util::Stream<Item = _>>> = Box::pin(held);
                 request.set_payload(Payload::from(held));
-                let enforcer = self.enforce.0.clone();
-                let response = self.service.call(request);
-                Box::pin(async move {
-                    let response = response.await?;
-                    Ok(match enforcer.after(&method, &route, &gate, response.status().as_u16()) {
-                        Some(problem) => refused(response.request().clone(), &problem),
-                        None => response.map_into_left_body(),
-                    })
-                })
             }
-            _ => {
-                let response = self.service.call(request);
-                Box::pin(async move { response.await.map(ServiceResponse::map_into_left_body) })
-            }
-        }
+            let response = service.call(request);
+            async move { response.await.map(ServiceResponse::map_into_left_body) }
+        };
+        let status = |response: &Result<Self::Response, _>| response.as_ref().map_or(500, |r| r.status().as_u16());
+        let refuse = |problem: &Problem, answered: Result<Result<Self::Response, _>, ServiceRequest>| {
+            let request = match answered {
+                Ok(response) => response?.request().clone(),
+                Err(request) => request.request().clone(),
+            };
+            Ok(ServiceResponse::new(request, reply(problem_response(problem))).map_into_right_body())
+        };
+        Box::pin(self.enforce.0.clone().serve((method, route), request, serve, status, refuse))
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! ```
 //! use actix_web::{post, test, web, App, HttpResponse};
-//! use idempotent_actix::{idempotent, Idempotency};
+//! use idempotent_actix::{idempotent, ActorSource, Idempotency};
 //! use idempotent_actix::core::store::MemoryStore;
 //! use serde::{Deserialize, Serialize};
 //! use std::sync::Arc;
@@ -19,7 +19,10 @@
 //! }
 //!
 //! # actix_web::rt::System::new().block_on(async {
-//! let idempotency = Idempotency::builder(Arc::new(MemoryStore::new())).actor(idempotent_axum::ActorSource::Anonymous).build().unwrap();
+//! let idempotency = Idempotency::builder(Arc::new(MemoryStore::new()))
+//!     .actor(ActorSource::Anonymous)
+//!     .build()
+//!     .unwrap();
 //! let app = test::init_service(App::new().app_data(idempotency.data()).service(charge)).await;
 //! for replayed in [false, true] {
 //!     let req = test::TestRequest::post()

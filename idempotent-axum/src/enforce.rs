@@ -18,10 +18,11 @@
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request};
 use axum::response::Response;
-use idempotent_core::protocol::{problem_response, Decision, GatedBody};
+use idempotent_core::protocol::{problem_response, Gate, GatedBody, Problem};
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 idempotent_core::__adapter_enforce!(Axum, "router.layer(Enforce::warn())");
@@ -58,29 +59,18 @@ where
         // The clone that was polled ready serves this request; a fresh clone waits for the next.
         let clone = self.inner.clone();
         let mut ready = std::mem::replace(&mut self.inner, clone);
-        let judged = self.enforce.judges(request.method().as_str());
-        let route = request.extensions().get::<MatchedPath>().filter(|_| judged).map(|m| m.as_str().to_owned());
-        let Some(route) = route else {
-            return Box::pin(ready.call(request));
-        };
-        let method = request.method().clone();
-        match self.enforce.before(method.as_str(), &route) {
-            Decision::Serve => Box::pin(ready.call(request)),
-            Decision::Refuse(problem) => Box::pin(std::future::ready(Ok(problem_response(&problem).map(Body::from)))),
-            Decision::Gate(gate) => {
+        let method = request.method().as_str().to_owned();
+        let route = request.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned());
+        let serve = move |request: Request, gate: Option<Arc<Gate>>| match gate {
+            None => ready.call(request),
+            Some(gate) => {
                 let (mut parts, body) = request.into_parts();
                 parts.extensions.insert(gate.clone());
-                let request = Request::from_parts(parts, Body::new(GatedBody::new(gate.clone(), body)));
-                let enforcer = self.enforce.0.clone();
-                let response = ready.call(request);
-                Box::pin(async move {
-                    let response = response.await?;
-                    Ok(match enforcer.after(method.as_str(), &route, &gate, response.status().as_u16()) {
-                        Some(problem) => problem_response(&problem).map(Body::from),
-                        None => response,
-                    })
-                })
+                ready.call(Request::from_parts(parts, Body::new(GatedBody::new(gate, body))))
             }
-        }
+        };
+        let status = |response: &Result<Response, Infallible>| response.as_ref().map_or(500, |r| r.status().as_u16());
+        let refuse = |problem: &Problem, _| Ok(problem_response(problem).map(Body::from));
+        Box::pin(self.enforce.0.clone().serve((method, route), request, serve, status, refuse))
     }
 }

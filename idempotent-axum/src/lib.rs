@@ -2,7 +2,7 @@
 //!
 //! ```
 //! use axum::{routing::post, Json, Router};
-//! use idempotent_axum::{idempotent, Idempotency};
+//! use idempotent_axum::{idempotent, ActorSource, Idempotency};
 //! use idempotent_axum::core::store::MemoryStore;
 //! use serde::{Deserialize, Serialize};
 //! use std::sync::Arc;
@@ -16,7 +16,10 @@
 //!     (axum::http::StatusCode::CREATED, format!("charged {} {}", c.amount, c.currency))
 //! }
 //!
-//! let idempotency = Idempotency::builder(Arc::new(MemoryStore::new())).actor(idempotent_axum::ActorSource::Anonymous).build().unwrap();
+//! let idempotency = Idempotency::builder(Arc::new(MemoryStore::new()))
+//!     .actor(ActorSource::Anonymous)
+//!     .build()
+//!     .unwrap();
 //! let app: Router = Router::new().route("/charges", post(charge)).layer(idempotency.layer());
 //! ```
 //!

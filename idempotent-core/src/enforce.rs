@@ -279,6 +279,36 @@ impl Enforcer {
         }
         None
     }
+
+    /// One request through enforcement, the decision followed through for every adapter:
+    /// `serve` runs the application on `request` (with the gate to put on it and its body, when
+    /// there is one), `status` reads its answer's status, `refuse` answers a problem instead:
+    /// before the application runs (given the request back) or in place of its answer.
+    /// `route` is the matched route pattern, `None` when the router matched none.
+    pub async fn serve<Q, R, F>(
+        self,
+        (method, route): (String, Option<String>),
+        request: Q,
+        serve: impl FnOnce(Q, Option<Arc<Gate>>) -> F,
+        status: impl FnOnce(&R) -> u16,
+        refuse: impl FnOnce(&Problem, Result<R, Q>) -> R,
+    ) -> R
+    where
+        F: std::future::Future<Output = R>,
+    {
+        let route = route.filter(|_| self.judges(&method));
+        match route.as_deref().map(|route| (route, self.before(&method, route))) {
+            Some((_, Decision::Refuse(problem))) => refuse(&problem, Err(request)),
+            Some((route, Decision::Gate(gate))) => {
+                let response = serve(request, Some(gate.clone())).await;
+                match self.after(&method, route, &gate, status(&response)) {
+                    Some(problem) => refuse(&problem, Ok(response)),
+                    None => response,
+                }
+            }
+            _ => serve(request, None).await,
+        }
+    }
 }
 
 fn unprotected(method: &str, route: &str) -> Unprotected {

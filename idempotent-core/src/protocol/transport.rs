@@ -25,16 +25,16 @@
 //! use std::sync::Arc;
 //!
 //! /// One request as this transport receives it.
-//! struct Message { headers: Vec<(&'static str, &'static str)>, body: &'static str, runtime: Runtime }
+//! struct Message { headers: http::HeaderMap, body: &'static str, runtime: Runtime }
 //!
 //! impl RequestHead for Message {
 //!     fn header_values(&self, name: &str) -> Vec<&[u8]> {
-//!         self.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_bytes()).collect()
+//!         self.headers.header_values(name)
 //!     }
 //! }
 //!
 //! impl Transport for Message {
-//!     type Head = Vec<(&'static str, &'static str)>;
+//!     type Head = http::HeaderMap;
 //!     fn head(&self) -> Self::Head { self.headers.clone() }
 //!     fn method(&self) -> &str { "POST" }
 //!     fn route(&self) -> Option<std::borrow::Cow<'_, str>> { Some("/orders".into()) }
@@ -42,20 +42,17 @@
 //!     fn runtime(&self) -> Option<Runtime> { Some(self.runtime.clone()) }
 //!     fn actor(&self) -> Option<Actor> { Some(Actor("acct_1".into())) }
 //! }
-//! # impl RequestHead for Vec<(&'static str, &'static str)> {
-//! #     fn header_values(&self, name: &str) -> Vec<&[u8]> {
-//! #         self.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_bytes()).collect()
-//! #     }
-//! # }
 //!
 //! static POLICY: Policy = Policy::new("orders.create");
-//! static SITE: Site = Site { function: "create_order", module: "orders", file: file!(), line: line!() };
+//! static SITE: Site = Site::new("orders::create_order");
 //!
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 //! let runtime = Runtime::new(Arc::new(MemoryStore::new()), Config::default());
 //! let mut answers = Vec::new();
 //! for _ in 0..2 {
-//!     let message = Message { headers: vec![("Idempotency-Key", "o-1")], body: "{}", runtime: runtime.clone() };
+//!     let mut headers = http::HeaderMap::new();
+//!     headers.insert("idempotency-key", http::HeaderValue::from_static("o-1"));
+//!     let message = Message { headers, body: "{}", runtime: runtime.clone() };
 //!     let context = Context::read(&message, Bytes::from(message.body));
 //!     let fingerprint = context.fingerprint(&POLICY, Ok);
 //!     let handler = async { http::Response::new(Full::new(Bytes::from("created"))) };
