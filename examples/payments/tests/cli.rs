@@ -42,7 +42,16 @@ fn policies_subcommand_prints_each_format(b: Bin) {
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     let mut scopes: Vec<&str> = v["routes"].as_array().unwrap().iter().map(|r| r["scope"].as_str().unwrap()).collect();
     scopes.sort_unstable();
-    assert_eq!(scopes, ["deposits.create", "payments.create", "quotes.create", "refunds.create", "transfers.create"]);
+    let routes = [
+        "deposits.create",
+        "notifications.send",
+        "payments.create",
+        "quotes.create",
+        "refunds.create",
+        "transfers.create",
+        "webhooks.provider",
+    ];
+    assert_eq!(scopes, routes);
     let html = bin(b).args(["policies", "--format", "html"]).output().unwrap();
     assert!(String::from_utf8(html.stdout).unwrap().starts_with("<!DOCTYPE html>"));
     let bad = bin(b).args(["policies", "--format", "pdf"]).output().unwrap();
