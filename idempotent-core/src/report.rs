@@ -18,7 +18,13 @@
 //!       "ttl_seconds": <number>, "lease_seconds": <number>,
 //!       "key": "required"|"optional", "on_conflict": "reject"|"wait",
 //!       "wait_timeout_seconds": <number>, "stored_outcomes": "final"|"success"|"all",
-//!       "fail_open": <bool>, "transactional": <bool>, "framework": "axum"|"actix",
+//!       "fail_open": <bool>, "transactional": <bool>,
+//!       "framework": "axum"|"actix"|"nats"|"rabbitmq", "transport": "http"|"nats"|"amqp",
+//!       "consumes": [                // a consumer handler's bindings, as its runner bound it
+//!         { "source": <string>,      // the stream (NATS) or queue (RabbitMQ)
+//!           "filter": <string>,      // subject filter or routing key, "" for none
+//!           "consumer": <string> }   // the durable's name: part of every record key
+//!       ],                           // empty for an HTTP route, or before its runner started
 //!       "handler": <string>, "file": <string>, "line": <int> }
 //!   ],
 //!   "exempt": [                      // deliberately unprotected routes, sorted by path, method
@@ -174,6 +180,17 @@ fn part_json(part: Part) -> serde_json::Value {
 }
 
 fn route(r: &RouteRecord) -> String {
+    let bound = crate::registry::bound_to(r);
+    if !bound.is_empty() {
+        let each = bound.iter().map(|b| {
+            let filter = if b.filter.is_empty() { String::new() } else { format!(", filter {}", b.filter) };
+            format!("{} {}{filter}, consumer {}", r.framework.as_str(), b.source, b.consumer)
+        });
+        return each.collect::<Vec<_>>().join("; ");
+    }
+    if r.framework.is_consumer() {
+        return format!("{} consumer (not bound yet)", r.framework.as_str());
+    }
     let served = crate::registry::served_at(r);
     if !served.is_empty() {
         return served.join(", ");
@@ -210,6 +227,10 @@ fn to_json(protected: &[Protected<'_>], exempt: &[(&RouteRecord, &str)]) -> Stri
                 "fail_open": p.fail_open,
                 "transactional": p.transactional,
                 "framework": r.framework.as_str(),
+                "transport": r.framework.transport(),
+                "consumes": crate::registry::bound_to(r).iter().map(|b| json!({
+                    "source": b.source, "filter": b.filter, "consumer": b.consumer,
+                })).collect::<Vec<_>>(),
                 "handler": r.handler,
                 "file": Some(r.file).filter(|f| !f.is_empty()),
                 "line": Some(r.line).filter(|_| !r.file.is_empty()),
@@ -341,6 +362,9 @@ td.handler code,td.handler .src{overflow-wrap:break-word}
 ";
 
 fn html_route(r: &RouteRecord) -> String {
+    if r.framework.is_consumer() {
+        return esc(&route(r));
+    }
     let served = crate::registry::served_at(r);
     if !served.is_empty() {
         let routes: Vec<String> = served
