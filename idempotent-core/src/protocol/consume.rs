@@ -345,6 +345,22 @@ impl Delivery {
     }
 }
 
+/// What a consumer handler's generated function returns: the delivery's settlement, to come.
+pub type Settling = BoxFuture<'static, Settlement>;
+
+/// An annotated consumer handler, as `#[idempotent]` turns it into a value for its runner: its
+/// policy, its name in the registry, and the function that runs a delivery through it.
+#[derive(Debug, Clone, Copy)]
+pub struct Handler {
+    /// The handler's policy.
+    pub policy: &'static Policy,
+    /// `module::path::handler_name`, as in its registry record.
+    pub handler: &'static str,
+    /// Runs one delivery through the handler: its arguments taken from the delivery, its key
+    /// read, the message fingerprinted, then [`Delivery::run`].
+    pub call: fn(Delivery) -> Settling,
+}
+
 /// Why a handler's arguments could not be taken from a delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejection {
