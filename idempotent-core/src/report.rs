@@ -161,13 +161,17 @@ pub fn human_duration(d: std::time::Duration) -> String {
     out
 }
 
-/// The request's identity as the report shows it: `path: all; query: all; body: amount, currency`.
-fn fields(p: &Policy) -> String {
+/// The request's identity as the report shows it: `path: all; query: all; body: amount, currency`
+/// (a message's: its body only).
+fn fields(r: &RouteRecord, p: &Policy) -> String {
     let id = p.identity;
     let body = match id.body {
         Part::Whole => "whole body".to_owned(),
         other => other.describe(),
     };
+    if r.framework.is_consumer() {
+        return format!("body: {body}");
+    }
     format!("path: {}; query: {}; body: {body}", id.path.describe(), id.query.describe())
 }
 
@@ -276,11 +280,11 @@ fn to_markdown(protected: &[Protected<'_>], exempt: &[(&RouteRecord, &str)]) -> 
             "| `{}` | {} | {} | {} | {} | {} | {} | {} | `{}` | {} |\n",
             p.scope,
             md(&route(r)),
-            md(&fields(p)),
+            md(&fields(r, p)),
             human_duration(p.ttl),
             human_duration(p.lease),
             md(&key_md(p)),
-            on_conflict(p),
+            on_conflict(r, p),
             stored(p),
             r.handler,
             source(r)
@@ -326,7 +330,10 @@ fn stored(p: &Policy) -> String {
     }
 }
 
-fn on_conflict(p: &Policy) -> String {
+fn on_conflict(r: &RouteRecord, p: &Policy) -> String {
+    if r.framework.is_consumer() {
+        return "redelivered later".to_owned();
+    }
     match p.on_conflict {
         ConflictMode::Reject => "reject (409)".to_owned(),
         ConflictMode::Wait => format!("wait {}", human_duration(p.wait_timeout)),
@@ -436,11 +443,11 @@ fn to_html(protected: &[Protected<'_>], exempt: &[(&RouteRecord, &str)]) -> Stri
                  <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"handler\">{}</td></tr>\n",
                 html_route(r),
                 esc(p.scope),
-                esc(&fields(p)),
+                esc(&fields(r, p)),
                 esc(&human_duration(p.ttl)),
                 esc(&human_duration(p.lease)),
                 key,
-                esc(&on_conflict(p)),
+                esc(&on_conflict(r, p)),
                 stored(p),
                 store_down,
                 html_handler(r),

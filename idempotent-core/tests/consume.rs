@@ -459,7 +459,8 @@ fn a_consumer_appears_in_the_report_with_its_binding() {
     use idempotent_core::report::{render, Format};
     let records = registry::routes_of(Framework::Nats);
     let md = render(&records, Format::Markdown);
-    assert!(md.contains("| `c.table` | nats consumer (not bound yet) |"), "{md}");
+    assert!(md.contains("| `c.table` | nats consumer (not bound yet) | body: whole body |"), "{md}");
+    assert!(md.contains("| redelivered later |"), "{md}");
     let binding =
         ConsumerBinding { source: "PAYMENTS".into(), filter: "payments.settle".into(), consumer: "settler".into() };
     registry::bind_consumer(Framework::Nats, "consume::settle", binding);
