@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure the real servers the tests talk to are up: PostgreSQL on 127.0.0.1:5432 with a
-# database `test`, Redis on 127.0.0.1:6379, and MariaDB on 127.0.0.1:3306 with a database `test`.
+# database `test`, Redis on 127.0.0.1:6379, MariaDB on 127.0.0.1:3306 with a database `test`, and
+# NATS with JetStream on 127.0.0.1:4222.
 # Starts them if they are installed but stopped, installs them (Debian packages) if they are
 # missing. Safe to run repeatedly. The TLS store tests (tests/tests/store_tls.rs) start servers of
 # their own from the same packages: redis-server (Debian's is built with TLS), PostgreSQL's initdb
@@ -96,6 +97,23 @@ if [ -z "${IDEMPOTENT_TEST_MYSQL_URL:-}" ]; then
     log "mariadb is NOT available"
   fi
 fi
+# --- NATS with JetStream ----------------------------------------------------------------
+# The consumer tests (tests/tests/nats.rs, the payments worker's) need JetStream on 4222.
+nats_up() { (exec 3<>/dev/tcp/127.0.0.1/4222) >/dev/null 2>&1; }
+if [ -z "${IDEMPOTENT_TEST_NATS_URL:-}" ]; then
+  if ! nats_up; then
+    command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || apt_install nats-server
+    nats_bin=$(command -v nats-server || echo /usr/sbin/nats-server)
+    if [ -x "$nats_bin" ]; then
+      log "starting nats-server with JetStream on 4222"
+      mkdir -p /tmp/idempotent-nats-js
+      nohup "$nats_bin" -js -a 127.0.0.1 -p 4222 -sd /tmp/idempotent-nats-js >/tmp/idempotent-nats.log 2>&1 &
+      for _ in $(seq 1 50); do nats_up && break; sleep 0.1; done
+    fi
+  fi
+  nats_up && log "nats is up" || log "nats is NOT available"
+fi
+
 # --- schemathesis ------------------------------------------------------------------------
 # examples/payments/tests/openapi.rs runs it (python3 -m schemathesis.cli, or $PYTHON) against
 # both demo binaries; it skips loudly without it, and fails under CI=true.

@@ -212,6 +212,23 @@ pub enum Outcome<R> {
     Problem(Problem),
 }
 
+/// What became of a claimed execution's outcome in the store: what a transport that
+/// acknowledges only stored outcomes (a message consumer) needs to know beyond the [`Outcome`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// No claim was acquired for this request: a replay, a problem, or a run without protection
+    /// (an optional key without one, a `fail_open` route whose store was unreachable).
+    Unclaimed,
+    /// The handler ran under the claim and its outcome is stored (or committed with its writes).
+    Stored,
+    /// The claim was given back: the outcome was retryable, the handler panicked, or its
+    /// transaction could not be opened or committed. A retry runs the handler again.
+    Released,
+    /// The handler ran but its outcome is not known to be stored: the claim was taken over (the
+    /// completion was fenced, or the lease found lost), or the store failed past the patience.
+    NotStored,
+}
+
 /// Everything the engine needs to know about one request.
 #[derive(Debug)]
 pub struct Request {
@@ -550,11 +567,29 @@ impl Runtime {
     where
         Fut: Future<Output = Captured<R>>,
     {
-        let (outcome, counted) = self.decide(policy, request, handler).await;
+        self.execute_on(telemetry::HTTP, policy, request, handler).await.0
+    }
+
+    /// [`execute`](Self::execute) for a request that arrived over `transport` (the `transport`
+    /// label of [`telemetry::REQUESTS_TOTAL`]: `http`, or a broker's name), also telling what
+    /// became of the outcome in the store ([`Settled`]), which a consumer needs before it
+    /// acknowledges a message.
+    pub async fn execute_on<R, Fut>(
+        &self,
+        transport: &'static str,
+        policy: &Policy,
+        request: Request,
+        handler: Fut,
+    ) -> (Outcome<R>, Settled)
+    where
+        Fut: Future<Output = Captured<R>>,
+    {
+        let mut settled = Settled::Unclaimed;
+        let (outcome, counted) = self.decide(policy, request, handler, &mut settled).await;
         if let Some(counted) = counted {
-            telemetry::request_finished(policy.scope, counted);
+            telemetry::request_finished(transport, policy.scope, counted);
         }
-        outcome
+        (outcome, settled)
     }
 
     /// [`execute`](Self::execute) without the bookkeeping: the outcome and how it counts (`None`
@@ -564,6 +599,7 @@ impl Runtime {
         policy: &Policy,
         request: Request,
         handler: Fut,
+        settled: &mut Settled,
     ) -> (Outcome<R>, Option<RequestOutcome>)
     where
         Fut: Future<Output = Captured<R>>,
@@ -634,7 +670,11 @@ impl Runtime {
             let sent = tokio::time::Instant::now();
             let claim = self.store.claim_as(&record_key, &fingerprint, policy.lease, &token);
             match self.bounded(StoreOperation::Claim, claim).await {
-                Ok(Claim::Acquired(token)) => return self.run_claimed(policy, record_key, token, sent, handler).await,
+                Ok(Claim::Acquired(token)) => {
+                    let (outcome, counted, stored) = self.run_claimed(policy, record_key, token, sent, handler).await;
+                    *settled = stored;
+                    return (outcome, counted);
+                }
                 Ok(Claim::Completed(response)) => {
                     tracing::debug!(scope = policy.scope, "replaying stored response");
                     return (replay(response), Some(RequestOutcome::Replayed));
@@ -754,7 +794,7 @@ impl Runtime {
         token: ClaimToken,
         sent: tokio::time::Instant,
         handler: Fut,
-    ) -> (Outcome<R>, Option<RequestOutcome>)
+    ) -> (Outcome<R>, Option<RequestOutcome>, Settled)
     where
         Fut: Future<Output = Captured<R>>,
     {
@@ -770,7 +810,7 @@ impl Runtime {
                     format!("The idempotency store could not open this request's transaction ({e}); nothing was executed. Retry with the same key."),
                 )
                 .with_retry_after(self.config.store_retry_after);
-                return (Outcome::Problem(problem), Some(RequestOutcome::StoreUnavailable));
+                return (Outcome::Problem(problem), Some(RequestOutcome::StoreUnavailable), Settled::Released);
             }
         };
         lease.let_keeper_arm().await;
@@ -782,7 +822,8 @@ impl Runtime {
         };
         self.durations.record(policy.scope, started.elapsed());
         if let Some(t) = transaction.as_ref().filter(|t| t.escaped()) {
-            return self.refuse_escaped(policy, key, token, t.as_ref(), result, &lease).await;
+            let (outcome, counted) = self.refuse_escaped(policy, key, token, t.as_ref(), result, &lease).await;
+            return (outcome, counted, Settled::Released);
         }
         let result = match (&transaction, result) {
             (Some(t), Ok(captured)) if captured.failed || policy.outcomes.stores(captured.record.status) => {
@@ -802,16 +843,17 @@ impl Runtime {
                     ProblemKind::HandlerPanicked,
                     "The request failed before completing; nothing was stored. Retry with the same key.",
                 );
-                (Outcome::Problem(problem), Some(RequestOutcome::Released))
+                (Outcome::Problem(problem), Some(RequestOutcome::Released), Settled::Released)
             }
             Ok(captured) => {
                 let status = captured.record.status;
                 if captured.failed || policy.outcomes.stores(status) {
-                    self.complete(policy, key, token, &captured.record, &lease).await;
-                    (Outcome::Executed(captured.live), Some(RequestOutcome::Executed))
+                    let stored = self.complete(policy, key, token, &captured.record, &lease).await;
+                    let settled = if stored { Settled::Stored } else { Settled::NotStored };
+                    (Outcome::Executed(captured.live), Some(RequestOutcome::Executed), settled)
                 } else {
                     self.release(policy, key, token, &lease, Some(status)).await;
-                    (Outcome::Executed(captured.live), Some(RequestOutcome::Released))
+                    (Outcome::Executed(captured.live), Some(RequestOutcome::Released), Settled::Released)
                 }
             }
         }
@@ -837,11 +879,11 @@ impl Runtime {
         transaction: &dyn OutcomeTransaction,
         captured: Captured<R>,
         lease: &Lease,
-    ) -> (Outcome<R>, Option<RequestOutcome>) {
+    ) -> (Outcome<R>, Option<RequestOutcome>, Settled) {
         lease.settling();
         let commit = transaction.commit(key, token, &captured.record, policy.ttl);
         match self.bounded(StoreOperation::Commit, commit).await {
-            Ok(()) => (Outcome::Executed(captured.live), Some(RequestOutcome::Executed)),
+            Ok(()) => (Outcome::Executed(captured.live), Some(RequestOutcome::Executed), Settled::Stored),
             Err(StoreError::Fenced) => {
                 tracing::info!(
                     scope = policy.scope,
@@ -852,7 +894,7 @@ impl Runtime {
                     "This request lost its claim on the key to a retry before it could commit; its writes were rolled back. Retry with the same key to get the outcome.",
                 )
                 .with_retry_after(Duration::from_secs(1));
-                (Outcome::Problem(problem), Some(RequestOutcome::InProgress))
+                (Outcome::Problem(problem), Some(RequestOutcome::InProgress), Settled::NotStored)
             }
             Err(e) => {
                 // A commit cut short by the timeout is dropped with its connection: the server
@@ -867,7 +909,7 @@ impl Runtime {
                     ),
                 )
                 .with_retry_after(self.config.store_retry_after);
-                (Outcome::Problem(problem), Some(RequestOutcome::StoreUnavailable))
+                (Outcome::Problem(problem), Some(RequestOutcome::StoreUnavailable), Settled::Released)
             }
         }
     }
@@ -912,7 +954,9 @@ impl Runtime {
     }
 
     /// Stores the outcome, retrying while the store fails for up to
-    /// [`Config::completion_patience`]; the lease is renewed meanwhile.
+    /// [`Config::completion_patience`]; the lease is renewed meanwhile. Answers whether the
+    /// outcome is known to be stored (a fenced retry of a completion whose first answer was lost
+    /// may have stored it, and answers `false`: not known).
     async fn complete(
         &self,
         policy: &Policy,
@@ -920,7 +964,7 @@ impl Runtime {
         token: &ClaimToken,
         record: &StoredResponse,
         lease: &Lease,
-    ) {
+    ) -> bool {
         lease.settling();
         // The handler ran: losing its outcome would let a retry run it again. Storing it is
         // retried for the whole patience: within the time the lease is vouched for, no retry can
@@ -928,17 +972,19 @@ impl Runtime {
         // fenced, writing nothing, once one did), so giving up earlier could only lose it.
         let give_up = tokio::time::Instant::now() + self.config.completion_patience;
         let mut delay = Duration::from_millis(50);
-        for attempt in 1.. {
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
             if lease.lost() {
                 tracing::warn!(
                     scope = policy.scope,
                     "lease lost while the handler ran (another request took the key over); outcome not stored"
                 );
-                return;
+                return false;
             }
 
             match self.bounded(StoreOperation::Complete, self.store.complete(key, token, record, policy.ttl)).await {
-                Ok(()) => return,
+                Ok(()) => return true,
                 Err(StoreError::Fenced) if attempt > 1 => {
                     // An earlier attempt whose answer was lost may have stored it.
                     tracing::info!(
@@ -946,20 +992,20 @@ impl Runtime {
                         attempt,
                         "completion fenced: stored by an earlier attempt whose answer was lost, or taken over"
                     );
-                    return;
+                    return false;
                 }
                 Err(StoreError::Fenced) => {
                     tracing::info!(
                         scope = policy.scope,
                         "completion fenced: the claim was taken over before completion; outcome not stored"
                     );
-                    return;
+                    return false;
                 }
                 Err(e) => {
                     let retry_at = tokio::time::Instant::now() + delay;
                     if retry_at >= give_up {
                         tracing::warn!(scope = policy.scope, attempt, error = %e, "outcome could not be stored; the claim will expire with its lease");
-                        return;
+                        return false;
                     }
                     tracing::warn!(scope = policy.scope, attempt, error = %e, "storing the outcome failed; retrying");
                     tokio::time::sleep_until(retry_at).await;

@@ -32,13 +32,18 @@ use crate::policy::{ConflictMode, Policy, StoredOutcomes};
 use std::collections::BTreeMap;
 use std::fmt;
 
-/// The web framework a route belongs to.
+/// The adapter a protected handler was written for: a web framework's, or a message broker's
+/// (a consumer handler, see [`crate::protocol::consume`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Framework {
     /// axum.
     Axum,
     /// actix-web.
     Actix,
+    /// A NATS JetStream consumer (`idempotent-nats`).
+    Nats,
+    /// A RabbitMQ (AMQP 0-9-1) consumer.
+    RabbitMq,
 }
 
 impl Framework {
@@ -47,6 +52,23 @@ impl Framework {
         match self {
             Framework::Axum => "axum",
             Framework::Actix => "actix",
+            Framework::Nats => "nats",
+            Framework::RabbitMq => "rabbitmq",
+        }
+    }
+
+    /// Whether its handlers consume messages from a broker rather than serve HTTP routes.
+    pub const fn is_consumer(self) -> bool {
+        matches!(self, Framework::Nats | Framework::RabbitMq)
+    }
+
+    /// How its requests arrive: the `transport` label of the request metrics and field of the
+    /// request span: `http`, `nats` or `amqp`.
+    pub const fn transport(self) -> &'static str {
+        match self {
+            Framework::Axum | Framework::Actix => crate::telemetry::HTTP,
+            Framework::Nats => "nats",
+            Framework::RabbitMq => "amqp",
         }
     }
 }
@@ -348,6 +370,38 @@ pub fn observe(framework: Framework, site: &Site, method: &str, path: &str) {
 pub fn served_at(record: &RouteRecord) -> Vec<String> {
     let served = SERVED.read().unwrap_or_else(|p| p.into_inner());
     served.get(&(record.framework, record.handler)).map(|r| r.iter().cloned().collect()).unwrap_or_default()
+}
+
+/// Where a consumer handler takes its messages from, as its runner bound it at start-up (the
+/// attribute does not know it: the stream or queue, filter and consumer name are the
+/// application's configuration).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConsumerBinding {
+    /// The JetStream stream, or the RabbitMQ queue, the messages are read from.
+    pub source: String,
+    /// The subject filter (NATS) or routing key (RabbitMQ), empty when there is none.
+    pub filter: String,
+    /// The durable consumer's name (NATS) or the consumer tag (RabbitMQ): part of every record
+    /// key of its deliveries, so two consumers of one stream (fan-out) each process a message
+    /// once.
+    pub consumer: String,
+}
+
+static BOUND: std::sync::RwLock<BTreeMap<(Framework, &'static str), std::collections::BTreeSet<ConsumerBinding>>> =
+    std::sync::RwLock::new(BTreeMap::new());
+
+/// Records that the consumer handler `handler` of `framework` (its record's `handler` path)
+/// takes messages from `binding`, for reports. A runner calls it once it has checked the
+/// consumer's configuration.
+pub fn bind_consumer(framework: Framework, handler: &'static str, binding: ConsumerBinding) {
+    let mut bound = BOUND.write().unwrap_or_else(|p| p.into_inner());
+    bound.entry((framework, handler)).or_default().insert(binding);
+}
+
+/// What `record`'s consumer handler was bound to so far ([`bind_consumer`]), sorted.
+pub fn bound_to(record: &RouteRecord) -> Vec<ConsumerBinding> {
+    let bound = BOUND.read().unwrap_or_else(|p| p.into_inner());
+    bound.get(&(record.framework, record.handler)).map(|b| b.iter().cloned().collect()).unwrap_or_default()
 }
 
 /// Which methods count as mutating for enforcement.

@@ -18,7 +18,13 @@
 //!       "ttl_seconds": <number>, "lease_seconds": <number>,
 //!       "key": "required"|"optional", "on_conflict": "reject"|"wait",
 //!       "wait_timeout_seconds": <number>, "stored_outcomes": "final"|"success"|"all",
-//!       "fail_open": <bool>, "transactional": <bool>, "framework": "axum"|"actix",
+//!       "fail_open": <bool>, "transactional": <bool>,
+//!       "framework": "axum"|"actix"|"nats"|"rabbitmq", "transport": "http"|"nats"|"amqp",
+//!       "consumes": [                // a consumer handler's bindings, as its runner bound it
+//!         { "source": <string>,      // the stream (NATS) or queue (RabbitMQ)
+//!           "filter": <string>,      // subject filter or routing key, "" for none
+//!           "consumer": <string> }   // the durable's name: part of every record key
+//!       ],                           // empty for an HTTP route, or before its runner started
 //!       "handler": <string>, "file": <string>, "line": <int> }
 //!   ],
 //!   "exempt": [                      // deliberately unprotected routes, sorted by path, method
@@ -155,13 +161,17 @@ pub fn human_duration(d: std::time::Duration) -> String {
     out
 }
 
-/// The request's identity as the report shows it: `path: all; query: all; body: amount, currency`.
-fn fields(p: &Policy) -> String {
+/// The request's identity as the report shows it: `path: all; query: all; body: amount, currency`
+/// (a message's: its body only).
+fn fields(r: &RouteRecord, p: &Policy) -> String {
     let id = p.identity;
     let body = match id.body {
         Part::Whole => "whole body".to_owned(),
         other => other.describe(),
     };
+    if r.framework.is_consumer() {
+        return format!("body: {body}");
+    }
     format!("path: {}; query: {}; body: {body}", id.path.describe(), id.query.describe())
 }
 
@@ -174,6 +184,17 @@ fn part_json(part: Part) -> serde_json::Value {
 }
 
 fn route(r: &RouteRecord) -> String {
+    let bound = crate::registry::bound_to(r);
+    if !bound.is_empty() {
+        let each = bound.iter().map(|b| {
+            let filter = if b.filter.is_empty() { String::new() } else { format!(", filter {}", b.filter) };
+            format!("{} {}{filter}, consumer {}", r.framework.as_str(), b.source, b.consumer)
+        });
+        return each.collect::<Vec<_>>().join("; ");
+    }
+    if r.framework.is_consumer() {
+        return format!("{} consumer (not bound yet)", r.framework.as_str());
+    }
     let served = crate::registry::served_at(r);
     if !served.is_empty() {
         return served.join(", ");
@@ -210,6 +231,10 @@ fn to_json(protected: &[Protected<'_>], exempt: &[(&RouteRecord, &str)]) -> Stri
                 "fail_open": p.fail_open,
                 "transactional": p.transactional,
                 "framework": r.framework.as_str(),
+                "transport": r.framework.transport(),
+                "consumes": crate::registry::bound_to(r).iter().map(|b| json!({
+                    "source": b.source, "filter": b.filter, "consumer": b.consumer,
+                })).collect::<Vec<_>>(),
                 "handler": r.handler,
                 "file": Some(r.file).filter(|f| !f.is_empty()),
                 "line": Some(r.line).filter(|_| !r.file.is_empty()),
@@ -255,11 +280,11 @@ fn to_markdown(protected: &[Protected<'_>], exempt: &[(&RouteRecord, &str)]) -> 
             "| `{}` | {} | {} | {} | {} | {} | {} | {} | `{}` | {} |\n",
             p.scope,
             md(&route(r)),
-            md(&fields(p)),
+            md(&fields(r, p)),
             human_duration(p.ttl),
             human_duration(p.lease),
             md(&key_md(p)),
-            on_conflict(p),
+            on_conflict(r, p),
             stored(p),
             r.handler,
             source(r)
@@ -305,7 +330,10 @@ fn stored(p: &Policy) -> String {
     }
 }
 
-fn on_conflict(p: &Policy) -> String {
+fn on_conflict(r: &RouteRecord, p: &Policy) -> String {
+    if r.framework.is_consumer() {
+        return "redelivered later".to_owned();
+    }
     match p.on_conflict {
         ConflictMode::Reject => "reject (409)".to_owned(),
         ConflictMode::Wait => format!("wait {}", human_duration(p.wait_timeout)),
@@ -341,6 +369,9 @@ td.handler code,td.handler .src{overflow-wrap:break-word}
 ";
 
 fn html_route(r: &RouteRecord) -> String {
+    if r.framework.is_consumer() {
+        return esc(&route(r));
+    }
     let served = crate::registry::served_at(r);
     if !served.is_empty() {
         let routes: Vec<String> = served
@@ -412,11 +443,11 @@ fn to_html(protected: &[Protected<'_>], exempt: &[(&RouteRecord, &str)]) -> Stri
                  <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"handler\">{}</td></tr>\n",
                 html_route(r),
                 esc(p.scope),
-                esc(&fields(p)),
+                esc(&fields(r, p)),
                 esc(&human_duration(p.ttl)),
                 esc(&human_duration(p.lease)),
                 key,
-                esc(&on_conflict(p)),
+                esc(&on_conflict(r, p)),
                 stored(p),
                 store_down,
                 html_handler(r),

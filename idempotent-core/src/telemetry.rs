@@ -53,7 +53,10 @@ use tracing::field::Empty;
 
 /// Name of the span of a protected request.
 pub const SPAN_NAME: &str = "idempotent.request";
-/// Counter of protected requests, labels `scope` and `outcome` (see [`RequestOutcome`]).
+/// The `transport` of requests that arrived over HTTP, through a web framework's adapter.
+pub const HTTP: &str = "http";
+/// Counter of protected requests, labels `scope`, `outcome` (see [`RequestOutcome`]) and
+/// `transport` (`http`, or a broker's name for a consumer's delivery).
 pub const REQUESTS_TOTAL: &str = "idempotent_requests_total";
 /// Histogram of store call durations in seconds, labels `store` and `operation`.
 pub const STORE_OPERATION_SECONDS: &str = "idempotent_store_operation_seconds";
@@ -198,9 +201,21 @@ pub fn request_span(
     key: Option<&IdempotencyKey>,
     digests: &crate::digest::DigestKey,
 ) -> tracing::Span {
+    transport_span(HTTP, policy, key, digests)
+}
+
+/// [`request_span`] of a request that arrived over `transport` (its span's `transport` field):
+/// a message consumer's delivery has one like an HTTP request.
+pub fn transport_span(
+    transport: &'static str,
+    policy: &Policy,
+    key: Option<&IdempotencyKey>,
+    digests: &crate::digest::DigestKey,
+) -> tracing::Span {
     let span = tracing::info_span!(
         "idempotent.request",
         scope = policy.scope,
+        transport,
         key_digest = Empty,
         outcome = Empty,
         replayed = Empty
@@ -214,8 +229,9 @@ pub fn request_span(
 /// Records how a request ended: the counter, and the fields of its span when the current span is
 /// one (a caller of [`Runtime::execute`](crate::engine::Runtime::execute) outside an adapter may
 /// have none, or a span of its own that is left alone).
-pub(crate) fn request_finished(scope: &'static str, outcome: RequestOutcome) {
-    metrics::counter!(REQUESTS_TOTAL, "scope" => scope, "outcome" => outcome.as_str()).increment(1);
+pub(crate) fn request_finished(transport: &'static str, scope: &'static str, outcome: RequestOutcome) {
+    metrics::counter!(REQUESTS_TOTAL, "scope" => scope, "outcome" => outcome.as_str(), "transport" => transport)
+        .increment(1);
     let span = tracing::Span::current();
     if span.metadata().is_some_and(|m| m.name() == SPAN_NAME) {
         span.record("outcome", outcome.as_str());

@@ -234,7 +234,10 @@ fn a_scripted_sequence_counts_each_outcome_exactly_once_per_request() {
     recorded.take(&snapshotter);
 
     let count = |outcome: RequestOutcome| {
-        recorded.counter(telemetry::REQUESTS_TOTAL, &[("scope", "metrics.test"), ("outcome", outcome.as_str())])
+        recorded.counter(
+            telemetry::REQUESTS_TOTAL,
+            &[("scope", "metrics.test"), ("outcome", outcome.as_str()), ("transport", "http")],
+        )
     };
     let expected = [
         (RequestOutcome::Executed, 5),

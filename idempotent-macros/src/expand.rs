@@ -21,14 +21,17 @@ pub(crate) enum Framework {
     Axum,
     /// `idempotent-actix`.
     Actix,
+    /// `idempotent-nats`: a message consumer's handler.
+    Nats,
 }
 
 impl Framework {
     /// The hidden module of the adapter that generated code refers to.
-    fn runtime(self) -> TokenStream {
+    pub(crate) fn runtime(self) -> TokenStream {
         match self {
             Framework::Axum => quote!(::idempotent_axum::__private),
             Framework::Actix => quote!(::idempotent_actix::__private),
+            Framework::Nats => quote!(::idempotent_nats::__private),
         }
     }
 
@@ -36,6 +39,7 @@ impl Framework {
         match self {
             Framework::Axum => format_ident!("Axum"),
             Framework::Actix => format_ident!("Actix"),
+            Framework::Nats => format_ident!("Nats"),
         }
     }
 }
@@ -63,6 +67,11 @@ pub(crate) fn idempotent(framework: Framework, attr: TokenStream, item: TokenStr
 fn try_expand(framework: Framework, attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
     let mut errors = Errors::default();
     let validated = match syn::parse2::<Args>(attr) {
+        Ok(args) if framework == Framework::Nats => {
+            let consumer = crate::consumer::check_args(&args).map_err(|e| errors.push(e));
+            let validated = valid::validate(args).map_err(|e| errors.push(e)).ok();
+            consumer.ok().and(validated)
+        }
         Ok(args) => valid::validate(args).map_err(|e| errors.push(e)).ok(),
         Err(error) => {
             errors.push(error);
@@ -93,6 +102,9 @@ fn try_expand(framework: Framework, attr: TokenStream, item: TokenStream) -> syn
             if spec.route.is_none() && framework == Framework::Actix {
                 spec.route = actix_route(&func.attrs);
             }
+            if framework == Framework::Nats {
+                return errors.finish(crate::consumer::emit(framework, &spec, &func, &handler));
+            }
             errors.finish(emit(framework, &spec, &func, &handler))
         }
         Some(Validated::Exempt(mut exemption)) => {
@@ -120,13 +132,13 @@ fn emit_exempt(framework: Framework, reason: &LitStr, route: Option<&Route>, mut
 }
 
 /// What the expansion needs to know about the handler's signature.
-struct Handler {
+pub(crate) struct Handler {
     /// The argument the declared body fields are read from: `#[body]`, else the one typed `Json`,
     /// `Form`, `Bytes` or `String`.
-    body: Option<usize>,
+    pub(crate) body: Option<usize>,
     /// Whether the body is `Json<T>` or `Form<T>`, whose fields are reached through `.0` (so an
     /// unknown field is reported on `T`, not on the wrapper).
-    wrapper: bool,
+    pub(crate) wrapper: bool,
     /// The argument the adapter's `Protected` extractor wraps: on axum the last one (the only one
     /// allowed to read the body); on actix-web the body argument. `None`: an extra last argument.
     wrapped: Option<usize>,
@@ -195,7 +207,7 @@ impl Handler {
                 }
                 last
             }
-            Framework::Actix => body,
+            Framework::Actix | Framework::Nats => body,
         };
         if let (Some((span, what)), None) = (body_fields, body) {
             errors.add(
@@ -227,7 +239,7 @@ fn type_name(ty: &Type) -> Option<String> {
 }
 
 /// Removes our `#[body]` marks from the handler's arguments (they are not real attributes).
-fn strip_body_marks(func: &mut ItemFn) {
+pub(crate) fn strip_body_marks(func: &mut ItemFn) {
     for input in &mut func.sig.inputs {
         if let FnArg::Typed(arg) = input {
             arg.attrs.retain(|a| !a.path().is_ident("body"));
@@ -240,7 +252,7 @@ fn strip_body_marks(func: &mut ItemFn) {
 /// A compiler error about an expression points at the expression's whole span; when its tokens
 /// come from different places that span degrades to the whole attribute, so expressions whose
 /// errors belong to the user's code are spanned there entirely.
-fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+pub(crate) fn respan(tokens: TokenStream, span: Span) -> TokenStream {
     tokens
         .into_iter()
         .map(|mut token| {
@@ -328,7 +340,7 @@ fn emit(framework: Framework, spec: &Spec, func: &ItemFn, handler: &Handler) -> 
 }
 
 /// Lint levels apply to the user's code, so the nested function keeps them.
-fn is_lint_attr(attr: &Attribute) -> bool {
+pub(crate) fn is_lint_attr(attr: &Attribute) -> bool {
     ["allow", "warn", "deny", "forbid", "expect"].iter().any(|lint| attr.path().is_ident(lint))
 }
 
@@ -358,7 +370,7 @@ fn part(rt: &TokenStream, excluded: bool, names: &[LitStr]) -> TokenStream {
     }
 }
 
-fn policy(rt: &TokenStream, spec: &Spec) -> TokenStream {
+pub(crate) fn policy(rt: &TokenStream, spec: &Spec) -> TokenStream {
     let scope = &spec.scope;
     let names = |idents: Option<&Vec<Ident>>| -> Vec<LitStr> {
         idents.into_iter().flatten().map(|i| LitStr::new(&i.to_string(), i.span())).collect()
@@ -415,7 +427,13 @@ fn policy(rt: &TokenStream, spec: &Spec) -> TokenStream {
 /// Each field access is spanned at the field's name in the attribute, so a field that does not
 /// exist or is not `Serialize` is reported there. A field typed `HashSet`/`BTreeSet` is
 /// fingerprinted as a set (elements sorted), whatever its iteration order.
-fn fingerprint(rt: &TokenStream, spec: &Spec, handler: &Handler, args: &[Ident], ctx: &Ident) -> TokenStream {
+pub(crate) fn fingerprint(
+    rt: &TokenStream,
+    spec: &Spec,
+    handler: &Handler,
+    args: &[Ident],
+    ctx: &Ident,
+) -> TokenStream {
     let paths: &[FieldPath] = spec.fields.as_ref().map_or(&[], |f| &f.paths);
     let (Some(body), false) = (handler.body.map(|index| &args[index]), paths.is_empty()) else {
         return quote!(#ctx.fingerprint(&__IDEMPOTENT_POLICY, ::core::result::Result::Ok));
@@ -443,7 +461,7 @@ fn fingerprint(rt: &TokenStream, spec: &Spec, handler: &Handler, args: &[Ident],
 /// For a key made of body fields, the statement that reads them into the context (each access
 /// spanned at the field's name in the attribute, so a missing field or one that is not
 /// `Serialize` is reported there); nothing otherwise.
-fn key_fields(rt: &TokenStream, spec: &Spec, handler: &Handler, args: &[Ident], ctx: &Ident) -> TokenStream {
+pub(crate) fn key_fields(rt: &TokenStream, spec: &Spec, handler: &Handler, args: &[Ident], ctx: &Ident) -> TokenStream {
     let (KeySource::Fields(paths), Some(body)) = (&spec.key_source, handler.body.map(|index| &args[index])) else {
         return TokenStream::new();
     };
@@ -469,7 +487,7 @@ fn key_fields(rt: &TokenStream, spec: &Spec, handler: &Handler, args: &[Ident], 
 /// The registry record, built with `RouteRecord::protected(policy, ..)` or
 /// `RouteRecord::exempted(reason, ..)` (`constructor` and `first`) so the record's other fields
 /// keep their defaults.
-fn record(
+pub(crate) fn record(
     framework: Framework,
     rt: &TokenStream,
     constructor: &str,

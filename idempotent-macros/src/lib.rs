@@ -18,9 +18,10 @@
 //!
 //! # Layout
 //! `attr` parses the argument list, `duration` parses durations, `valid` checks the values,
-//! `expand` rewrites the handler.
+//! `expand` rewrites the handler, `consumer` checks and expands a message consumer's handler.
 
 mod attr;
+mod consumer;
 mod duration;
 mod expand;
 mod valid;
@@ -115,4 +116,22 @@ pub fn idempotent_axum(attr: TokenStream, item: TokenStream) -> TokenStream {
 #[proc_macro_attribute]
 pub fn idempotent_actix(attr: TokenStream, item: TokenStream) -> TokenStream {
     expand::idempotent(Framework::Actix, attr.into(), item.into()).into()
+}
+
+/// Makes a NATS JetStream consumer's handler run once per message key; re-exported as
+/// `idempotent_nats::idempotent`.
+///
+/// Takes the arguments of [`macro@idempotent_axum`] that apply to a message (`scope`, `fields`
+/// of the body, `exclude = [body]`, `ttl`, `lease`, `store`, `fail_open`, `transactional`), and
+/// requires `key`: where a message's key comes from, `header("Nats-Msg-Id")` (or any header),
+/// `field(path)`, a composite `[field(a), field(b)]`, or `derived` (the message itself). `route`,
+/// `on_conflict`, `wait_timeout` and `exempt` do not apply to a consumer.
+///
+/// The handler is an `async fn` whose arguments are taken from the delivery (`Json<T>` decodes
+/// the body; `State<S>`, `Fence`, `Tx`, the headers and the delivery's info are the others) and
+/// which returns `Result<R, ConsumeError>` where `R` is its reply (`()`, `String`, `Json<T>`..).
+/// It becomes a constant of the same name, the `Handler` its runner takes.
+#[proc_macro_attribute]
+pub fn idempotent_nats(attr: TokenStream, item: TokenStream) -> TokenStream {
+    expand::idempotent(Framework::Nats, attr.into(), item.into()).into()
 }

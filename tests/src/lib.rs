@@ -9,6 +9,7 @@ pub mod faults;
 pub mod http;
 pub mod identity;
 pub mod mysql;
+pub mod nats_server;
 pub mod postgres;
 pub mod process;
 pub mod redis_cluster;

@@ -28,7 +28,7 @@ pub fn test_prefix() -> String {
 }
 
 /// Whether an unavailable server must fail the run (`CI=true`) rather than skip.
-pub(crate) fn in_ci() -> bool {
+pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
 }
 

@@ -8,4 +8,7 @@ fn ui() {
     // The actix-web entry point: the same attribute next to actix-web's routing attributes.
     t.pass("ui/actix_pass/*.rs");
     t.compile_fail("ui/actix_fail/*.rs");
+    // The NATS entry point: the same attribute on message consumer handlers.
+    t.pass("ui/nats_pass/*.rs");
+    t.compile_fail("ui/nats_fail/*.rs");
 }

@@ -206,7 +206,8 @@ pub struct Bank {
     entries: Mutex<Vec<Entry>>,
 }
 
-fn now() -> String {
+/// The current time, as the demo writes it.
+pub fn now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 

@@ -45,6 +45,13 @@ impl Ledger {
         Ok((Self { file: Mutex::new(file) }, entries))
     }
 
+    /// Appends one line as it is (a JSON object and its newline) with a single write.
+    pub fn append_raw(&self, line: &[u8]) -> std::io::Result<()> {
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        file.write_all(line)?;
+        file.flush()
+    }
+
     /// Appends one entry with a single write, so concurrent appends never interleave.
     pub fn append(&self, entry: &Entry) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;

@@ -49,6 +49,7 @@
 
 pub mod body;
 pub mod capture;
+pub mod consume;
 pub mod field;
 pub mod status;
 pub mod transport;
@@ -475,7 +476,7 @@ where
         Err(_) if unprotected => None,
         Err(e) => {
             tracing::info!(scope = policy.scope, "{e}");
-            telemetry::request_finished(policy.scope, RequestOutcome::InvalidKey);
+            telemetry::request_finished(telemetry::HTTP, policy.scope, RequestOutcome::InvalidKey);
             let detail = match e {
                 ActorMissing::NotFound => "This operation needs to know who is calling, and the request did not say: authenticate and retry with the same key.",
                 ActorMissing::Repeated => "The request carries its identity header more than once, so it cannot say who is calling: send it exactly once and retry with the same key.",
