@@ -21,19 +21,24 @@
 //! [`SqliteConfig::synchronous`].
 //!
 //! Measured cost: first executions per second through the store (each a claim then a
-//! completion, so two commits), on a database file on the ext4 disk of a shared 2-core virtual
-//! machine, three runs (`cargo bench -p idempotent-tests --bench throughput -- sqlite-sync`):
+//! completion, so two writes), on a database file on the ext4 disk of a shared 2-core virtual
+//! machine, in one run that alternates the rows, best of three
+//! (`cargo bench -p idempotent-tests --bench throughput -- sqlite-sync`):
 //!
 //! | `synchronous` | 1 caller | 16 concurrent callers |
 //! |---|---|---|
-//! | `FULL` (default) | 550 – 790 /s | 540 – 780 /s |
-//! | `NORMAL` | 1630 – 1850 /s | 1990 – 2280 /s |
+//! | `FULL` (default) | 483 /s | 2880 /s |
+//! | `FULL`, one write per transaction (`group_commit(1)`) | 1077 /s | 702 /s |
+//! | `NORMAL` | 2541 /s | 5172 /s |
 //!
-//! That is 1.3 to 1.8 ms per first execution with `FULL` against about 0.6 ms with `NORMAL`
-//! (2.2 to 4.2 times the throughput). `FULL` suffers most when other processes load the disk: a
-//! fourth run, during other builds, gave `FULL` 200 and 380 /s, `NORMAL` 1320 and 2160 /s.
-//! Replays only read and cost the same either way. The figures depend on the disk's sync latency
-//! far more than on the CPU: measure on yours.
+//! One caller's writes run alone whatever the setting (the first two rows take the same path
+//! there, and differ by the disk's sync latency from one moment to the next, which other tenants
+//! of the machine moved by four times within minutes). Concurrent callers share commits (see
+//! [group commit](#group-commit)): with `FULL`, 16 callers got 4.1 times the first executions of
+//! one write per transaction in that run, and 3.5 to 7.6 times what the store did before it
+//! had group commit, across three runs (`BENCHMARKS.md`). `NORMAL` syncs only at checkpoints; replays only read
+//! and cost the same either way. The figures depend on the disk's sync latency far more than on
+//! the CPU: measure on yours.
 //!
 //! # In memory
 //!

@@ -11,6 +11,7 @@ use super::{Now, Sqlite, SqliteStore, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::store::sql::Backend;
 use crate::store::{Claim, ClaimToken, RecordKey};
+use sqlx::Connection;
 use std::fmt;
 use std::mem;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -232,7 +233,7 @@ impl SqliteStore {
 
     /// One write transaction holding `writes`, committed: each write's answer, in order.
     async fn transaction(&self, writes: &[Write]) -> Result<Vec<Answer>, Failed> {
-        let mut tx = self.writer().begin_with("BEGIN IMMEDIATE").await.map_err(Failed::Begin)?;
+        let mut tx = self.begin_writes().await.map_err(Failed::Begin)?;
         let now = Now::read(&*self.sql().clock);
         let owed = self.pay_owed(&mut tx, &now).await.map_err(Failed::Within)?;
         let mut answers = Vec::with_capacity(writes.len());
@@ -250,6 +251,29 @@ impl SqliteStore {
         tx.commit().await.map_err(Failed::Within)?;
         owed.paid();
         Ok(answers)
+    }
+}
+
+impl SqliteStore {
+    /// Opens a write transaction on the writer. SQLite rolls a transaction back by itself when
+    /// the disk is full or fails, and the driver may then still count it as open on its
+    /// connection, refusing every later `BEGIN` there: such a connection is closed, and the pool
+    /// opens another.
+    async fn begin_writes(&self) -> Result<sqlx::Transaction<'static, Sqlite>, sqlx::Error> {
+        let writer = self.writer();
+        for _ in 0..writer.options().get_max_connections() {
+            match writer.begin_with("BEGIN IMMEDIATE").await {
+                Err(sqlx::Error::InvalidSavePointStatement) => {
+                    let conn = writer.acquire().await?;
+                    if conn.is_in_transaction() {
+                        tracing::warn!("SQLite store: a connection kept a transaction SQLite had ended; closing it");
+                        drop(conn.detach());
+                    }
+                }
+                other => return other,
+            }
+        }
+        writer.begin_with("BEGIN IMMEDIATE").await
     }
 }
 
