@@ -285,7 +285,7 @@ impl Inner {
             return false;
         }
         let key = first.remove();
-        if let Some(e) = self.records.remove(&*key) {
+        if let Some(e) = self.records.remove(&key) {
             self.released(&key, &e, quota);
             self.swept += 1;
         }
