@@ -210,7 +210,7 @@ impl SqliteStore {
             // No transaction could be had (the writer stayed busy past the timeout): alone, each
             // write would wait for it again.
             Err(Failed::Begin(e)) => {
-                let message = Sqlite::unavailable(e).to_string();
+                let message = format!("{}: {e}", <Sqlite as sqlx::Database>::NAME);
                 for write in writes {
                     write.change.fail(StoreError::Unavailable(message.clone()));
                 }
