@@ -12,7 +12,8 @@
 //!    the wire protocol (request-path statements apart from sqlx's background pool checks);
 //! 4. the cost of SQLite's durable commits: first executions per second through the SQLite store
 //!    (a claim, then a completion) with `synchronous = FULL` (the default) and `NORMAL`, on a
-//!    database file in the temporary directory;
+//!    database file in the temporary directory, each with group commit (the default) and with one
+//!    write per transaction (`group_commit(1)`);
 //! 5. the memory store as it fills: claims and completions per second on an empty store, one
 //!    half full and one full of live records (where every new key is refused), one full of
 //!    expired records (each claim makes its own room), and one holding a million records; and
@@ -462,13 +463,19 @@ async fn postgres_round_trips(pg: &idempotent_tests::postgres::TestSchema) {
     println!("  {:<18} {:>22.2} {:>34.2}", "replay", per(mid.0, after.0), per(mid.1, after.1));
 }
 
-/// First executions per second through a SQLite store with `synchronous`, `callers` at once.
-async fn sqlite_first_executions(synchronous: sqlx::sqlite::SqliteSynchronous, callers: usize, n: usize) -> f64 {
+/// First executions per second through a SQLite store with `synchronous`, at most `group` writes
+/// per transaction, `callers` at once.
+async fn sqlite_first_executions(
+    synchronous: sqlx::sqlite::SqliteSynchronous,
+    group: usize,
+    callers: usize,
+    n: usize,
+) -> f64 {
     use idempotent_axum::core::fingerprint::FingerprintBuilder;
     use idempotent_axum::core::response::StoredResponse;
     use idempotent_axum::core::store::{Claim, RecordKey, SqliteConfig};
     let path = std::env::temp_dir().join(format!("bench-sync-{}.sqlite", uuid::Uuid::new_v4().simple()));
-    let config = SqliteConfig::new().synchronous(synchronous).sweep_interval(None);
+    let config = SqliteConfig::new().synchronous(synchronous).group_commit(group).sweep_interval(None);
     let store = SqliteStore::connect_with(&format!("sqlite:{}", path.display()), config).await.unwrap();
     let fingerprint = FingerprintBuilder::new("bench.sync").finish();
     let response = StoredResponse::new(201, [("content-type", "application/json")], r#"{"id":"pay_1"}"#.into());
@@ -508,22 +515,35 @@ async fn sqlite_first_executions(synchronous: sqlx::sqlite::SqliteSynchronous, c
 async fn sqlite_durability() {
     use sqlx::sqlite::SqliteSynchronous;
     const N: usize = 2_000;
+    // The default (group commit, up to 64 writes per transaction) and one write per transaction
+    // (`group_commit(1)`, each claim and each completion a commit of its own), for each setting.
+    const ROWS: [(&str, SqliteSynchronous, usize); 4] = [
+        ("FULL (default)", SqliteSynchronous::Full, 64),
+        ("FULL, 1 write per tx", SqliteSynchronous::Full, 1),
+        ("NORMAL", SqliteSynchronous::Normal, 64),
+        ("NORMAL, 1 write per tx", SqliteSynchronous::Normal, 1),
+    ];
     println!(
         "\n4. SQLite store, first executions (claim + completion) per second, {N} per run, best of 3 alternating runs"
     );
-    println!("  {:<22} {:>14} {:>22}", "synchronous", "1 caller", "16 concurrent callers");
-    let mut best = [[0f64; 2]; 2];
+    println!("  {:<24} {:>14} {:>22}", "synchronous", "1 caller", "16 concurrent callers");
+    let mut best = [[0f64; 2]; ROWS.len()];
     for _ in 0..3 {
-        for (row, sync) in [SqliteSynchronous::Full, SqliteSynchronous::Normal].into_iter().enumerate() {
+        for (row, (_, sync, group)) in ROWS.into_iter().enumerate() {
             for (col, callers) in [1, 16].into_iter().enumerate() {
-                best[row][col] = best[row][col].max(sqlite_first_executions(sync, callers, N).await);
+                best[row][col] = best[row][col].max(sqlite_first_executions(sync, group, callers, N).await);
             }
         }
     }
-    for (label, [one, many]) in ["FULL (default)", "NORMAL"].into_iter().zip(best) {
-        println!("  {label:<22} {one:>14.0} {many:>22.0}");
+    for ((label, ..), [one, many]) in ROWS.into_iter().zip(best) {
+        println!("  {label:<24} {one:>14.0} {many:>22.0}");
     }
-    println!("  NORMAL/FULL: {:.2}x with 1 caller, {:.2}x with 16", best[1][0] / best[0][0], best[1][1] / best[0][1]);
+    println!("  NORMAL/FULL: {:.2}x with 1 caller, {:.2}x with 16", best[2][0] / best[0][0], best[2][1] / best[0][1]);
+    println!(
+        "  group commit (default) / 1 write per tx, FULL: {:.2}x with 1 caller, {:.2}x with 16",
+        best[0][0] / best[1][0],
+        best[0][1] / best[1][1]
+    );
 }
 
 /// The record of key number `i` of the fill part, filed as the engine files it: a route's scope,

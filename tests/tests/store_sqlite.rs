@@ -582,3 +582,57 @@ async fn a_committed_transaction_moves_the_leases_it_held_up() {
 async fn a_rolled_back_transaction_moves_the_leases_it_held_up() {
     a_held_writer_moves_the_leases_it_held_up(false).await;
 }
+
+/// A database that is full (here, capped by `max_page_count`) refuses the writes that need room,
+/// each answered as unavailable, concurrent writes sharing a transaction included; once room is
+/// made, the store writes again on the same pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_database_refuses_writes_then_recovers() {
+    let db = TempDb::new();
+    let options = SqliteConnectOptions::new()
+        .filename(&db.0)
+        .create_if_missing(true)
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+        .pragma("max_page_count", "40");
+    let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.unwrap();
+    let s = SqliteStore::from_pool(pool, SqliteConfig::new().sweep_interval(None)).await.unwrap();
+    let big = StoredResponse::new(201, [("content-type", "text/plain")], bytes::Bytes::from(vec![b'x'; 3000]));
+    let (mut stored, mut refused) = (Vec::new(), 0);
+    for round in 0..40 {
+        let writes: Vec<_> = (0..8)
+            .map(|i| {
+                let (s, big) = (s.clone(), big.clone());
+                tokio::spawn(async move {
+                    let k = RecordKey::new("s", "a", format!("full-{round}-{i}"));
+                    let Claim::Acquired(t) = s.claim(&k, &fp(1), Duration::from_secs(30)).await? else {
+                        panic!("a fresh key")
+                    };
+                    s.complete(&k, &t, &big, Duration::from_secs(3600)).await.map(|()| k)
+                })
+            })
+            .collect();
+        for w in writes {
+            match w.await.unwrap() {
+                Ok(k) => stored.push(k),
+                Err(StoreError::Unavailable(_)) => refused += 1,
+                Err(e) => panic!("unexpected {e:?}"),
+            }
+        }
+        if refused > 0 {
+            break;
+        }
+    }
+    assert!(refused > 0, "the database never filled");
+    assert!(!stored.is_empty(), "nothing fitted");
+    for k in &stored {
+        assert_eq!(s.invalidate(k, Purge::Any).await.unwrap(), Invalidated::Deleted);
+    }
+    for i in 0..4 {
+        let k = RecordKey::new("s", "a", format!("after-{i}"));
+        let Claim::Acquired(t) = s.claim(&k, &fp(1), Duration::from_secs(30)).await.unwrap() else {
+            panic!("a fresh key")
+        };
+        s.complete(&k, &t, &paid(), Duration::from_secs(3600)).await.unwrap();
+        assert_eq!(s.claim(&k, &fp(1), Duration::from_secs(30)).await.unwrap(), Claim::Completed(paid()));
+    }
+}

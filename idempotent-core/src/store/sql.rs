@@ -512,7 +512,7 @@ impl<B: Backend> SqlStore<B> {
     }
 
     /// A statement fenced by a claim's token, with the record's key and then the token bound as
-    /// its first parameters; run it with [`run_fenced`](Self::run_fenced).
+    /// its first parameters; no row touched means the token no longer holds the claim.
     pub(super) fn fenced_query(sql: &SqlStr, key: &RecordKey, token: &ClaimToken) -> Query<'static, B, B::Arguments>
     where
         String: Type<B> + for<'e> Encode<'e, B>,
@@ -555,16 +555,6 @@ impl<B: Backend> SqlStore<B> {
     pub(super) async fn ping(&self) -> Result<(), StoreError> {
         B::execute(&self.inner.pool, &self.inner.session, sqlx::query("SELECT 1")).await.map_err(B::unavailable)?;
         Ok(())
-    }
-
-    /// Runs a statement fenced by a claim's token: no row touched means the token no longer holds
-    /// the claim ([`StoreError::Fenced`]).
-    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
-    pub(super) async fn run_fenced(&self, query: Query<'static, B, B::Arguments>) -> Result<(), StoreError> {
-        match B::execute(&self.inner.writer, &self.inner.session, query).await.map_err(B::unavailable)? {
-            0 => Err(StoreError::Fenced),
-            _ => Ok(()),
-        }
     }
 }
 

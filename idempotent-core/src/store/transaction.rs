@@ -26,7 +26,9 @@
 //! handlers short. No other claim's lease lapses because of it: the store answers its own
 //! renewals meanwhile and writes them with the commit, which also extends every other lease by
 //! the time the writer was held (see "A transactional route holds the writer" in
-//! `store::sqlite`). A runtime whose store cannot run transactions refuses to start when a route is
+//! `store::sqlite`). The SQLite store's group commit, which lets the writes of concurrent requests
+//! share one transaction and one sync, leaves this transaction out: it commits alone, and the
+//! writes that queued while it held the writer share the next one (see "Group commit" there). A runtime whose store cannot run transactions refuses to start when a route is
 //! transactional, unless it was built to answer those routes 501 instead
 //! ([`Builder::without_transactions`](crate::engine::Builder::without_transactions)).
 //!

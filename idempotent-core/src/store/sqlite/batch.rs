@@ -1,0 +1,296 @@
+//! Group commit: the store's writes that wait for the writer share one write transaction, and so
+//! one sync of the disk (see "Group commit" in the [store's docs](super)).
+//!
+//! A write is queued with the channel its answer goes back on. The first write queued while no
+//! batch runs starts a task that takes every write waiting (up to the configured bound), runs them
+//! in one `BEGIN IMMEDIATE` transaction, commits, answers each with its own result, and goes on
+//! while writes are waiting. Nothing waits for a batch to fill: a write that finds the writer idle
+//! starts at once, alone; writes that arrive while a batch commits form the next.
+
+use super::{Now, Sqlite, SqliteStore, StoreError};
+use crate::fingerprint::Fingerprint;
+use crate::store::sql::Backend;
+use crate::store::{Claim, ClaimToken, RecordKey};
+use sqlx::Connection;
+use std::fmt;
+use std::mem;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// One write waiting for the writer, with where its answer goes.
+pub(super) struct Write {
+    pub(super) key: RecordKey,
+    pub(super) token: ClaimToken,
+    pub(super) change: Change,
+}
+
+/// What a [`Write`] does to its record.
+pub(super) enum Change {
+    /// A claim that found no live record on its read: judged again, and written, under the lock.
+    Claim { fingerprint: Fingerprint, lease: Duration, reply: oneshot::Sender<Result<Claim, StoreError>> },
+    /// A statement fenced by the token (a renewal, a completion, a release); answered with the
+    /// rows it changed.
+    Fenced { statement: Fenced, reply: oneshot::Sender<Result<u64, StoreError>> },
+}
+
+/// A fenced statement's own parameters, fixed when it was asked for.
+pub(super) enum Fenced {
+    /// A renewal: the lease's wall-clock estimate of its end, its clock, and its deadline on it.
+    Renew { expires_at: i64, basis: String, until: i64 },
+    /// A completion: the encoded response and the end of its time to live.
+    Complete { response: Vec<u8>, expires_at: i64 },
+    /// A release.
+    Release,
+}
+
+/// What a write answers once its batch committed.
+pub(super) enum Answer {
+    Claim(Result<Claim, StoreError>),
+    Rows(u64),
+}
+
+impl Write {
+    /// Whether its caller stopped waiting (its request timed out or was dropped): it is then not
+    /// run, and the caller's error stands for it.
+    fn abandoned(&self) -> bool {
+        match &self.change {
+            Change::Claim { reply, .. } => reply.is_closed(),
+            Change::Fenced { reply, .. } => reply.is_closed(),
+        }
+    }
+
+    fn answer(self, answer: Answer) {
+        // A caller that stopped waiting meanwhile no longer wants the answer.
+        match (self.change, answer) {
+            (Change::Claim { reply, .. }, Answer::Claim(claim)) => drop(reply.send(claim)),
+            (Change::Fenced { reply, .. }, Answer::Rows(rows)) => drop(reply.send(Ok(rows))),
+            (change, _) => change.fail(StoreError::Unavailable("SQLite store: a write got another's answer".into())),
+        }
+    }
+}
+
+impl Change {
+    fn fail(self, error: StoreError) {
+        match self {
+            Change::Claim { reply, .. } => drop(reply.send(Err(error))),
+            Change::Fenced { reply, .. } => drop(reply.send(Err(error))),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: Vec<Write>,
+    /// A task is running the batches.
+    running: bool,
+}
+
+/// The writes waiting for the writer, and whether a task runs them.
+#[derive(Default)]
+pub(super) struct Batches {
+    queue: Mutex<Queue>,
+}
+
+impl fmt::Debug for Batches {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let queue = self.queue();
+        f.debug_struct("Batches").field("waiting", &queue.waiting.len()).field("running", &queue.running).finish()
+    }
+}
+
+impl Batches {
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        // Every method leaves the queue consistent: a panic elsewhere leaves it usable.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `write`; `true` when no task runs the batches, and the caller must start one.
+    fn push(&self, write: Write) -> bool {
+        let mut queue = self.queue();
+        queue.waiting.push(write);
+        !mem::replace(&mut queue.running, true)
+    }
+
+    /// The next batch, at most `max` writes in the order they came; `None` when none is waiting,
+    /// and the task that asked stops (the next write starts another).
+    fn next(&self, max: usize) -> Option<Vec<Write>> {
+        let mut queue = self.queue();
+        if queue.waiting.is_empty() {
+            queue.running = false;
+            return None;
+        }
+        if queue.waiting.len() <= max {
+            return Some(mem::take(&mut queue.waiting));
+        }
+        let rest = queue.waiting.split_off(max);
+        Some(mem::replace(&mut queue.waiting, rest))
+    }
+}
+
+/// The task that runs the batches. Dropped before the queue was empty (its runtime shut down),
+/// it lets the next write start another, and the writes it left are answered as unavailable.
+struct Runner {
+    store: SqliteStore,
+    done: bool,
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let left = {
+            let mut queue = self.store.session().batches.queue();
+            queue.running = false;
+            mem::take(&mut queue.waiting)
+        };
+        for write in left {
+            write.change.fail(stopped());
+        }
+    }
+}
+
+fn stopped() -> StoreError {
+    StoreError::Unavailable("SQLite store: the writer stopped before this write ran".into())
+}
+
+impl SqliteStore {
+    /// Queues `write` for the next batch, starting the task that runs them if none does.
+    pub(super) fn submit(&self, write: Write) {
+        if self.session().batches.push(write) {
+            let runner = Runner { store: self.clone(), done: false };
+            tokio::spawn(runner.run());
+        }
+    }
+
+    /// A claim run under the write lock, in the next batch.
+    pub(super) async fn claim_batched(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+        token: &ClaimToken,
+    ) -> Result<Claim, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let change = Change::Claim { fingerprint: *fingerprint, lease, reply };
+        self.submit(Write { key: key.clone(), token: token.clone(), change });
+        answer.await.unwrap_or_else(|_| Err(stopped()))
+    }
+
+    /// A fenced statement run in the next batch: [`StoreError::Fenced`] when it changed no row.
+    pub(super) async fn fenced_batched(
+        &self,
+        key: &RecordKey,
+        token: &ClaimToken,
+        statement: Fenced,
+    ) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Write { key: key.clone(), token: token.clone(), change: Change::Fenced { statement, reply } });
+        match answer.await.unwrap_or_else(|_| Err(stopped()))? {
+            0 => Err(StoreError::Fenced),
+            _ => Ok(()),
+        }
+    }
+
+    /// Runs `writes` in one transaction. If it fails, each runs again in a transaction of its
+    /// own, so that a write that cannot be written fails alone.
+    async fn run_batch(&self, mut writes: Vec<Write>) {
+        writes.retain(|w| !w.abandoned());
+        if writes.is_empty() {
+            return;
+        }
+        let e = match self.transaction(&writes).await {
+            Ok(answers) => {
+                for (write, answer) in writes.into_iter().zip(answers) {
+                    write.answer(answer);
+                }
+                return;
+            }
+            // No transaction could be had (the writer stayed busy past the timeout): alone, each
+            // write would wait for it again.
+            Err(Failed::Begin(e)) => {
+                let message = format!("{}: {e}", <Sqlite as sqlx::Database>::NAME);
+                for write in writes {
+                    write.change.fail(StoreError::Unavailable(message.clone()));
+                }
+                return;
+            }
+            Err(Failed::Within(e)) => e,
+        };
+        if writes.len() == 1 {
+            let write = writes.pop().expect("one write");
+            return write.change.fail(Sqlite::unavailable(e));
+        }
+        tracing::debug!(error = %e, writes = writes.len(), "SQLite store: a batch of writes failed; running each alone");
+        for write in writes {
+            match self.transaction(std::slice::from_ref(&write)).await {
+                Ok(mut answers) => write.answer(answers.pop().expect("one answer per write")),
+                Err(Failed::Begin(e) | Failed::Within(e)) => write.change.fail(Sqlite::unavailable(e)),
+            }
+        }
+    }
+
+    /// One write transaction holding `writes`, committed: each write's answer, in order.
+    async fn transaction(&self, writes: &[Write]) -> Result<Vec<Answer>, Failed> {
+        let mut tx = self.begin_writes().await.map_err(Failed::Begin)?;
+        let now = Now::read(&*self.sql().clock);
+        let owed = self.pay_owed(&mut tx, &now).await.map_err(Failed::Within)?;
+        let mut answers = Vec::with_capacity(writes.len());
+        for write in writes {
+            let answer = match &write.change {
+                Change::Claim { fingerprint, lease, .. } => {
+                    self.claim_in(&mut tx, &write.key, fingerprint, *lease, &write.token, &now).await.map(Answer::Claim)
+                }
+                Change::Fenced { statement, .. } => {
+                    self.fenced_in(&mut tx, &write.key, &write.token, statement).await.map(Answer::Rows)
+                }
+            };
+            answers.push(answer.map_err(Failed::Within)?);
+        }
+        tx.commit().await.map_err(Failed::Within)?;
+        owed.paid();
+        Ok(answers)
+    }
+}
+
+impl SqliteStore {
+    /// Opens a write transaction on the writer. SQLite rolls a transaction back by itself when
+    /// the disk is full or fails, and the driver may then still count it as open on its
+    /// connection, refusing every later `BEGIN` there: such a connection is closed, and the pool
+    /// opens another.
+    async fn begin_writes(&self) -> Result<sqlx::Transaction<'static, Sqlite>, sqlx::Error> {
+        let writer = self.writer();
+        for _ in 0..writer.options().get_max_connections() {
+            match writer.begin_with("BEGIN IMMEDIATE").await {
+                Err(sqlx::Error::InvalidSavePointStatement) => {
+                    let conn = writer.acquire().await?;
+                    if conn.is_in_transaction() {
+                        tracing::warn!("SQLite store: a connection kept a transaction SQLite had ended; closing it");
+                        drop(conn.detach());
+                    }
+                }
+                other => return other,
+            }
+        }
+        writer.begin_with("BEGIN IMMEDIATE").await
+    }
+}
+
+/// Why a batch's transaction failed.
+enum Failed {
+    /// It could not begin: nothing ran.
+    Begin(sqlx::Error),
+    /// A statement in it, or its commit, failed: nothing of it committed.
+    Within(sqlx::Error),
+}
+
+impl Runner {
+    async fn run(mut self) {
+        let max = self.store.config().settings.batch.max(1);
+        while let Some(batch) = self.store.session().batches.next(max) {
+            self.store.run_batch(batch).await;
+        }
+        self.done = true;
+    }
+}
