@@ -159,7 +159,10 @@ fn text(response: &Captured) -> String {
 }
 
 fn detail(response: &Captured) -> String {
-    serde_json::from_slice::<Value>(&response.body).ok().and_then(|p| p["detail"].as_str().map(str::to_owned)).unwrap_or_default()
+    serde_json::from_slice::<Value>(&response.body)
+        .ok()
+        .and_then(|p| p["detail"].as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 async fn a_sender_header_is_the_key((addr, runs): (SocketAddr, Arc<Runs>)) {
@@ -172,7 +175,8 @@ async fn a_sender_header_is_the_key((addr, runs): (SocketAddr, Arc<Runs>)) {
     let malformed = send(post(addr, "/webhook", "provider", &event).header("webhook-id", "x".repeat(300))).await;
     assert_eq!(malformed.status, 400, "{}", text(&malformed));
     assert!(detail(&malformed).contains("webhook-id"), "{}", detail(&malformed));
-    let twice = send(post(addr, "/webhook", "provider", &event).header("webhook-id", &id).header("webhook-id", "other")).await;
+    let twice =
+        send(post(addr, "/webhook", "provider", &event).header("webhook-id", &id).header("webhook-id", "other")).await;
     assert_eq!(twice.status, 400, "{}", text(&twice));
     assert_eq!(runs.header.load(Ordering::SeqCst), 0);
     // Present: the first delivery runs, a redelivery replays, another body under it is 422.
@@ -181,7 +185,8 @@ async fn a_sender_header_is_the_key((addr, runs): (SocketAddr, Arc<Runs>)) {
     let again = send(post(addr, "/webhook", "provider", &event).header("webhook-id", &id)).await;
     assert!(again.replayed());
     assert_eq!(text(&again), text(&first));
-    let other = send(post(addr, "/webhook", "provider", &json!({"type": "charge.refunded"})).header("webhook-id", &id)).await;
+    let other =
+        send(post(addr, "/webhook", "provider", &json!({"type": "charge.refunded"})).header("webhook-id", &id)).await;
     assert_eq!(other.status, 422, "{}", text(&other));
     assert_eq!(runs.header.load(Ordering::SeqCst), 1);
 }
