@@ -11,6 +11,7 @@ pub mod identity;
 pub mod mysql;
 pub mod postgres;
 pub mod process;
+pub mod rabbitmq;
 pub mod redis_cluster;
 pub mod redis_server;
 pub mod tls;

@@ -90,7 +90,11 @@ async fn metrics_count_each_outcome_of_a_scripted_sequence() {
         let text = scripted(bin, "counts").await;
         let samples = parse(&text);
         let requests = |scope: &str, outcome: &str| {
-            value(&samples, "idempotent_requests_total", &[("scope", scope), ("outcome", outcome), ("transport", "http")])
+            value(
+                &samples,
+                "idempotent_requests_total",
+                &[("scope", scope), ("outcome", outcome), ("transport", "http")],
+            )
         };
         let payments: Vec<(&str, f64)> = [
             "executed",

@@ -679,3 +679,26 @@ pub fn check_redelivery(policy: &Policy, redelivery: &Redelivery) -> Result<(), 
         Err(RedeliveryError(problems))
     }
 }
+
+/// Checks that each delivery of `policy`'s handler can be settled within `deadline`: a broker's
+/// bound on how long one delivery may stay unacknowledged where nothing extends it (RabbitMQ's
+/// consumer timeout, past which the broker closes the channel and delivers the message again).
+/// A handler that runs for up to `max_processing` is followed by up to its lease (storing the
+/// outcome, or holding a message whose key is held elsewhere before it is redelivered), so
+/// `max_processing + lease` must fit inside `deadline`. Refuses naming the consumer and the
+/// numbers.
+pub fn check_deadline(
+    policy: &Policy,
+    consumer: &str,
+    deadline: Duration,
+    max_processing: Duration,
+) -> Result<(), RedeliveryError> {
+    let (scope, lease) = (policy.scope, policy.lease);
+    let needed = max_processing + lease;
+    if needed <= deadline {
+        return Ok(());
+    }
+    Err(RedeliveryError(vec![format!(
+        "consumer `{consumer}` (scope `{scope}`): a delivery may stay unacknowledged for max processing {max_processing:?} + lease {lease:?} = {needed:?}, longer than the broker's deadline of {deadline:?} (RabbitMQ's consumer timeout), which would deliver it again while it runs; raise the deadline or lower the max processing"
+    )]))
+}
