@@ -243,7 +243,7 @@ impl Worker {
         let filter = self.bind.as_ref().map(|(e, k)| format!("{e}:{k}")).unwrap_or_default();
         let binding = ConsumerBinding { source: self.queue.clone(), filter, consumer: self.queue.clone() };
         bind_consumer(Framework::RabbitMq, handler.handler, binding);
-        let shared = Arc::new(Shared { worker: self, handler, max_deliver });
+        let shared = Arc::new(Shared { worker: self, handler, max_deliver, stop: stop.clone() });
         let tasks = tokio_util::task::TaskTracker::new();
         while !stop.is_cancelled() {
             let Some((connection, channel)) = open.take() else {
@@ -329,6 +329,7 @@ struct Shared {
     worker: Worker,
     handler: Handler,
     max_deliver: Option<u64>,
+    stop: CancellationToken,
 }
 
 /// A header table's value as a header's text, where it has one.
@@ -394,7 +395,8 @@ impl Shared {
             Action::Nak { delay } => {
                 // AMQP requeues at once: the delay is waited out here, within the consumer timeout.
                 let left = self.worker.consumer_timeout.saturating_sub(started.elapsed());
-                tokio::time::sleep(delay.min(left / 2)).await;
+                // Stopping returns it to the queue at once, for another worker.
+                tokio::select! { () = tokio::time::sleep(delay.min(left / 2)) => {}, () = self.stop.cancelled() => {} }
                 message.acker.reject(requeue(true)).await
             }
             Action::Terminate { reason } => match &self.worker.dead_letter {

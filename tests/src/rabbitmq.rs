@@ -151,6 +151,15 @@ impl Client {
         }
     }
 
+    /// Empties `queue` if it exists (on a channel of its own, which a missing queue closes).
+    pub async fn purge(&self, queue: &str) {
+        let channel = self.connection.create_channel().await.expect("channel");
+        let options = idempotent_rabbitmq::lapin::options::QueuePurgeOptions::default();
+        if channel.queue_purge(queue.into(), options).await.is_ok() {
+            let _ = channel.close(200, "OK".into()).await;
+        }
+    }
+
     /// Deletes `queues` (a test's own), best effort.
     pub async fn delete(&self, queues: &[&str]) {
         for queue in queues {

@@ -15,3 +15,4 @@ pub mod ledger;
 pub mod metrics;
 pub mod openapi;
 pub mod webhooks;
+pub mod worker_amqp;
