@@ -3,7 +3,7 @@
 //! effects happen once however often RabbitMQ delivers it.
 //!
 //! ```no_run
-//! use idempotent_rabbitmq::{idempotent, CancellationToken, ConsumeError, Json, Worker};
+//! use idempotent_rabbitmq::{idempotent, CancellationToken, ConsumeError, Json, Settings, Worker};
 //! use idempotent_rabbitmq::core::store::MemoryStore;
 //! use std::sync::Arc;
 //! use std::time::Duration;
@@ -20,11 +20,14 @@
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let runtime = idempotent_rabbitmq::start(Arc::new(MemoryStore::new()))?;
 //! let stop = CancellationToken::new(); // cancel it on SIGTERM
-//! Worker::new(runtime, "amqp://guest:guest@127.0.0.1:5672/%2f", "payments.settle")
-//!     .declare() // a quorum queue, its dead-letter exchange and queue
-//!     .dead_letter("payments.dead")
-//!     .delivery_limit(20)
-//!     .max_processing(Duration::from_secs(60))
+//! let settings = Settings {
+//!     declare: true, // a quorum queue, its dead-letter exchange and queue
+//!     dead_letter: Some("payments.dead".into()),
+//!     delivery_limit: Some(20),
+//!     max_processing: Duration::from_secs(60),
+//!     ..Settings::default()
+//! };
+//! Worker::new(runtime, "amqp://guest:guest@127.0.0.1:5672/%2f", "payments.settle", settings)
 //!     .run(settle, stop)
 //!     .await?;
 //! # Ok(()) }
@@ -44,7 +47,7 @@
 //! - dead-lettered when it can never succeed (a key used by another message, no key, a body the
 //!   handler cannot decode, a [`ConsumeError::DeadLetter`], a retry on the last delivery the
 //!   queue's limit allows). A `basic.reject` cannot carry a header, so with a dead-letter
-//!   exchange named ([`Worker::dead_letter`]) the message is published there with its
+//!   exchange named ([`Settings::dead_letter`]) the message is published there with its
 //!   properties, headers and `Idempotent-Reason`, confirmed by the broker, then acknowledged (an
 //!   unconfirmed dead letter requeues it instead); without one it is rejected without requeue,
 //!   to whatever dead-lettering the queue has.
@@ -57,8 +60,8 @@
 //! A connection or channel lost mid-handler does not stop the handler: its outcome is still
 //! stored, the worker connects again, and the redelivery is answered from the store. While a
 //! handler runs the engine renews its lease; RabbitMQ's own deadline cannot be extended, so
-//! start-up refuses a handler whose [`Worker::max_processing`] plus lease does not fit the
-//! queue's consumer timeout ([`Worker::consumer_timeout`]), or whose ttl is shorter than
+//! start-up refuses a handler whose [`Settings::max_processing`] plus lease does not fit the
+//! queue's consumer timeout ([`Settings::consumer_timeout`]), or whose ttl is shorter than
 //! `consumer timeout × (delivery limit + 1)`, or a queue without a delivery limit.
 //!
 //! # Dependencies and why
@@ -74,16 +77,13 @@
 
 use futures_util::StreamExt;
 use idempotent_core::engine::{Config, Runtime, StartupError};
-use idempotent_core::protocol::consume::{check_deadline, check_redelivery, Action, Delivery, DeliveryInfo, Handler};
-use idempotent_core::protocol::consume::{Redelivery, Reply};
+use idempotent_core::protocol::consume::{check_deadline, check_redelivery, headers, Action, Delivery, DeliveryInfo};
+use idempotent_core::protocol::consume::{Handler, Redelivery};
 use idempotent_core::registry::{bind_consumer, ConsumerBinding, Framework};
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions};
-use lapin::options::{ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use std::any::Any;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::{any::Any, collections::BTreeMap, sync::Arc, time::Duration, time::Instant};
 
 pub use idempotent_core as core;
 pub use idempotent_core::protocol::consume::{ConsumeError, Json, RedeliveryError, State};
@@ -93,8 +93,6 @@ pub use tokio_util::sync::CancellationToken;
 
 /// The header of a dead letter, or of a reply carrying a [`ConsumeError::Final`], with the reason.
 pub const REASON: &str = "Idempotent-Reason";
-/// The header of a stored reply sent again to a duplicate request.
-pub const REPLAYED: &str = "Idempotent-Replayed";
 /// RabbitMQ's default consumer timeout (its `consumer_timeout` setting): 30 minutes.
 pub const DEFAULT_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
@@ -103,9 +101,8 @@ pub const DEFAULT_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 pub mod __private {
     pub use ::core::time::Duration;
     pub use idempotent_core::inventory;
-    pub use idempotent_core::policy::{
-        ConflictMode, Identity, KeyRequirement, KeySource, Part, Policy, StoredOutcomes,
-    };
+    pub use idempotent_core::policy::StoredOutcomes;
+    pub use idempotent_core::policy::{ConflictMode, Identity, KeyRequirement, KeySource, Part, Policy};
     pub use idempotent_core::protocol::consume::{Delivery, FromDelivery, Handler, Settling};
     pub use idempotent_core::protocol::field::{Field, KeyField, PlainField, SetField};
     pub use idempotent_core::registry::{Framework, RouteRecord};
@@ -128,28 +125,37 @@ pub enum Error {
     Amqp(#[from] lapin::Error),
 }
 
-/// Runs one queue's messages through one `#[idempotent]` handler.
-pub struct Worker {
-    runtime: Runtime,
-    uri: String,
-    queue: String,
-    concurrency: u16,
-    declare: bool,
-    bind: Option<(String, String)>,
-    dead_letter: Option<String>,
-    delivery_limit: Option<u32>,
-    consumer_timeout: Duration,
-    max_processing: Duration,
-    state: Option<Arc<dyn Any + Send + Sync>>,
+/// Where a worker's queue comes from and what it promises: [`Worker::new`] takes them.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How many messages are handled at once, the channel's prefetch (default 8). A message
+    /// waiting out its requeue delay holds its place.
+    pub concurrency: u16,
+    /// Declare the queue at start-up (default `false`): durable and quorum, with the dead-letter
+    /// exchange, delivery limit and consumer timeout below (`x-consumer-timeout`, which servers
+    /// before 3.12 ignore: there the server's `consumer_timeout` must be at least as long), and
+    /// the dead-letter exchange (fanout, durable) with a durable queue of its name bound to it.
+    /// Otherwise the queue must exist, and the settings below say how it was declared.
+    pub declare: bool,
+    /// An existing exchange and routing key to bind the queue to at start-up; reports show it.
+    pub bind: Option<(String, String)>,
+    /// The exchange dead letters are published to, with the `Idempotent-Reason` header.
+    pub dead_letter: Option<String>,
+    /// The quorum queue's `delivery-limit`: how many times a message is returned before the
+    /// broker drops or dead-letters it. Required: an unbounded queue can redeliver a message
+    /// after its record's ttl.
+    pub delivery_limit: Option<u32>,
+    /// How long a delivery may stay unacknowledged before the broker closes the channel and
+    /// delivers it again (default [`DEFAULT_CONSUMER_TIMEOUT`]).
+    pub consumer_timeout: Duration,
+    /// The longest the handler runs (default 5 minutes), checked at start-up against the
+    /// consumer timeout. Not enforced: a handler that runs longer is not cut short.
+    pub max_processing: Duration,
 }
 
-impl Worker {
-    /// A worker of `queue` on the broker at `uri` (`amqp://USER:PASS@HOST:PORT/VHOST`), on `runtime`.
-    pub fn new(runtime: Runtime, uri: &str, queue: &str) -> Self {
+impl Default for Settings {
+    fn default() -> Self {
         Self {
-            runtime,
-            uri: uri.to_owned(),
-            queue: queue.to_owned(),
             concurrency: 8,
             declare: false,
             bind: None,
@@ -157,60 +163,23 @@ impl Worker {
             delivery_limit: None,
             consumer_timeout: DEFAULT_CONSUMER_TIMEOUT,
             max_processing: Duration::from_secs(5 * 60),
-            state: None,
         }
     }
+}
 
-    /// How many messages are handled at once, the channel's prefetch (default 8). A message
-    /// waiting out its requeue delay holds its place.
-    pub fn concurrency(mut self, n: u16) -> Self {
-        self.concurrency = n.max(1);
-        self
-    }
+/// Runs one queue's messages through one `#[idempotent]` handler.
+pub struct Worker {
+    runtime: Runtime,
+    uri: String,
+    queue: String,
+    settings: Settings,
+    state: Option<Arc<dyn Any + Send + Sync>>,
+}
 
-    /// Declares the queue at start-up, durable and quorum, with the dead-letter exchange, the
-    /// delivery limit and the consumer timeout set here (`x-consumer-timeout`, which servers
-    /// before 3.12 ignore: there the server's `consumer_timeout` must be at least as long); and
-    /// the dead-letter exchange (fanout, durable) with a durable queue of its name bound to it.
-    /// Without it the queue must exist, and the settings here say how it was declared.
-    pub fn declare(mut self) -> Self {
-        self.declare = true;
-        self
-    }
-
-    /// Binds the queue to `exchange` (which must exist) with `routing_key` at start-up; reports
-    /// show the binding.
-    pub fn bind(mut self, exchange: &str, routing_key: &str) -> Self {
-        self.bind = Some((exchange.to_owned(), routing_key.to_owned()));
-        self
-    }
-
-    /// The exchange dead letters are published to, with the `Idempotent-Reason` header.
-    pub fn dead_letter(mut self, exchange: &str) -> Self {
-        self.dead_letter = Some(exchange.to_owned());
-        self
-    }
-
-    /// The quorum queue's `delivery-limit`: how many times a message is returned before the
-    /// broker drops or dead-letters it. Required: an unbounded queue can redeliver a message
-    /// after its record's ttl.
-    pub fn delivery_limit(mut self, limit: u32) -> Self {
-        self.delivery_limit = Some(limit);
-        self
-    }
-
-    /// The queue's consumer timeout: how long a delivery may stay unacknowledged before the
-    /// broker closes the channel and delivers it again (default [`DEFAULT_CONSUMER_TIMEOUT`]).
-    pub fn consumer_timeout(mut self, timeout: Duration) -> Self {
-        self.consumer_timeout = timeout;
-        self
-    }
-
-    /// The longest the handler runs (default 5 minutes); checked at start-up against the
-    /// consumer timeout. Not enforced: a handler that runs longer is not cut short.
-    pub fn max_processing(mut self, max: Duration) -> Self {
-        self.max_processing = max;
-        self
+impl Worker {
+    /// A worker of `queue` on the broker at `uri` (`amqp://USER:PASS@HOST:PORT/VHOST`), on `runtime`.
+    pub fn new(runtime: Runtime, uri: &str, queue: &str, settings: Settings) -> Self {
+        Self { runtime, uri: uri.to_owned(), queue: queue.to_owned(), settings, state: None }
     }
 
     /// The application's state, for the handler's `State<S>` arguments.
@@ -224,54 +193,49 @@ impl Worker {
     /// whenever the connection or channel is lost; then lets the messages in flight settle,
     /// closes the connection and returns.
     pub async fn run(self, handler: Handler, stop: CancellationToken) -> Result<(), Error> {
-        let max_deliver = self.delivery_limit.map(|limit| u64::from(limit) + 1);
-        let redelivery = Redelivery {
-            consumer: self.queue.clone(),
-            explicit_ack: true,
-            ack_wait: self.consumer_timeout,
-            max_deliver,
-            backoff: Vec::new(),
-            duplicate_window: None,
-        };
-        let mut problems = check_redelivery(handler.policy, &redelivery).err().map(|e| e.0).unwrap_or_default();
-        let deadline = check_deadline(handler.policy, &self.queue, self.consumer_timeout, self.max_processing);
-        problems.extend(deadline.err().map(|e| e.0).unwrap_or_default());
+        let set = &self.settings;
+        let max_deliver = set.delivery_limit.map(|limit| u64::from(limit) + 1);
+        let (consumer, backoff, ack_wait) = (self.queue.clone(), Vec::new(), set.consumer_timeout);
+        let redelivery =
+            Redelivery { consumer, explicit_ack: true, ack_wait, max_deliver, backoff, duplicate_window: None };
+        let checks = [
+            check_redelivery(handler.policy, &redelivery),
+            check_deadline(handler.policy, &self.queue, set.consumer_timeout, set.max_processing),
+        ];
+        let problems: Vec<String> = checks.into_iter().filter_map(Result::err).flat_map(|e| e.0).collect();
         if !problems.is_empty() {
             return Err(RedeliveryError(problems).into());
         }
         let mut open = Some(self.open(true).await?);
-        let filter = self.bind.as_ref().map(|(e, k)| format!("{e}:{k}")).unwrap_or_default();
+        let filter = set.bind.as_ref().map(|(e, k)| format!("{e}:{k}")).unwrap_or_default();
         let binding = ConsumerBinding { source: self.queue.clone(), filter, consumer: self.queue.clone() };
         bind_consumer(Framework::RabbitMq, handler.handler, binding);
         let shared = Arc::new(Shared { worker: self, handler, max_deliver, stop: stop.clone() });
-        let tasks = tokio_util::task::TaskTracker::new();
+        let (tasks, queue) = (tokio_util::task::TaskTracker::new(), shared.worker.queue.as_str());
         while !stop.is_cancelled() {
             let Some((connection, channel)) = open.take() else {
-                match shared.worker.open(false).await {
-                    Ok(opened) => open = Some(opened),
-                    Err(e) => tracing::warn!(queue = %shared.worker.queue, error = %e, "cannot reconnect; retrying"),
-                }
+                let reopened = shared.worker.open(false).await;
+                open = reopened.inspect_err(|e| tracing::warn!(queue, error = %e, "cannot connect")).ok();
                 tokio::select! { () = stop.cancelled() => {}, () = tokio::time::sleep(Duration::from_millis(500)) => {} }
                 continue;
             };
-            let (queue, options) = (shared.worker.queue.as_str().into(), BasicConsumeOptions::default());
-            match channel.basic_consume(queue, "".into(), options, FieldTable::default()).await {
-                Ok(mut consumer) => loop {
+            let consumer =
+                channel.basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default());
+            if let Ok(mut consumer) = consumer.await {
+                loop {
                     let next = tokio::select! { () = stop.cancelled() => break, next = consumer.next() => next };
-                    let Some(Ok(delivery)) = next else {
-                        tracing::warn!(queue = %shared.worker.queue, "connection or channel lost; connecting again");
-                        break;
-                    };
+                    let Some(Ok(delivery)) = next else { break };
                     let (shared, channel) = (shared.clone(), channel.clone());
                     tasks.spawn(async move { shared.handle(channel, delivery).await });
-                },
-                Err(e) => tracing::warn!(queue = %shared.worker.queue, error = %e, "cannot consume; connecting again"),
+                }
             }
             if stop.is_cancelled() {
-                // Settle what is in flight on this channel, then close it: deliveries not begun
-                // go back to the queue.
+                // Settle what is in flight on this channel before closing it: deliveries not
+                // begun go back to the queue.
                 tasks.close();
                 tasks.wait().await;
+            } else {
+                tracing::warn!(queue, "connection or channel lost; connecting again");
             }
             let _ = connection.close(200, "OK".into()).await;
         }
@@ -280,44 +244,37 @@ impl Worker {
         Ok(())
     }
 
-    /// A connection and a channel with publisher confirms and the prefetch; declares the
-    /// topology (at start-up) or checks the queue exists.
+    /// A connection and a channel with publisher confirms and the prefetch; at start-up declares
+    /// the topology or checks the queue exists.
     async fn open(&self, first: bool) -> Result<(Connection, Channel), lapin::Error> {
-        let name = format!("idempotent-rabbitmq {}", self.queue);
+        let (set, q, none) = (&self.settings, self.queue.as_str(), FieldTable::default);
+        let name = format!("idempotent-rabbitmq {q}");
         let connection =
-            Connection::connect(&self.uri, ConnectionProperties::default().with_connection_name(name.into()));
-        let connection = connection.await?;
+            Connection::connect(&self.uri, ConnectionProperties::default().with_connection_name(name.into())).await?;
         let channel = connection.create_channel().await?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        channel.basic_qos(self.concurrency, BasicQosOptions::default()).await?;
-        let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+        channel.basic_qos(set.concurrency, BasicQosOptions::default()).await?;
+        let (durable, declare) = (QueueDeclareOptions { durable: true, ..Default::default() }, first && set.declare);
         let mut args = FieldTable::default();
-        if first && self.declare {
-            let text = |s: &str| AMQPValue::LongString(s.into());
-            args.insert("x-queue-type".into(), text("quorum"));
-            if let Some(exchange) = &self.dead_letter {
-                let options = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
-                let fanout = ExchangeKind::Fanout;
-                channel.exchange_declare(exchange.as_str().into(), fanout, options, FieldTable::default()).await?;
-                channel.queue_declare(exchange.as_str().into(), durable, FieldTable::default()).await?;
-                let bind = QueueBindOptions::default();
-                let e = exchange.as_str();
-                channel.queue_bind(e.into(), e.into(), "".into(), bind, FieldTable::default()).await?;
-                args.insert("x-dead-letter-exchange".into(), text(exchange));
+        if declare {
+            args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+            if let Some(dead) = set.dead_letter.as_deref() {
+                let options = ExchangeDeclareOptions { durable: true, ..Default::default() };
+                channel.exchange_declare(dead.into(), ExchangeKind::Fanout, options, none()).await?;
+                channel.queue_declare(dead.into(), durable, none()).await?;
+                channel.queue_bind(dead.into(), dead.into(), "".into(), Default::default(), none()).await?;
+                args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(dead.into()));
             }
-            if let Some(limit) = self.delivery_limit {
+            if let Some(limit) = set.delivery_limit {
                 args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(limit.into()));
             }
-            let timeout = i64::try_from(self.consumer_timeout.as_millis()).unwrap_or(i64::MAX);
+            let timeout = i64::try_from(set.consumer_timeout.as_millis()).unwrap_or(i64::MAX);
             args.insert("x-consumer-timeout".into(), AMQPValue::LongLongInt(timeout));
         }
-        let passive = !(first && self.declare);
-        let options = QueueDeclareOptions { passive, ..durable };
-        channel.queue_declare(self.queue.as_str().into(), options, args).await?;
-        if let (Some((exchange, key)), true) = (&self.bind, first) {
-            let (q, options) = (self.queue.as_str().into(), QueueBindOptions::default());
+        channel.queue_declare(q.into(), QueueDeclareOptions { passive: !declare, ..durable }, args).await?;
+        if let (Some((exchange, key)), true) = (&set.bind, first) {
             channel
-                .queue_bind(q, exchange.as_str().into(), key.as_str().into(), options, FieldTable::default())
+                .queue_bind(q.into(), exchange.as_str().into(), key.as_str().into(), Default::default(), none())
                 .await?;
         }
         Ok((connection, channel))
@@ -338,10 +295,6 @@ fn text(value: &AMQPValue) -> Option<String> {
         AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
         AMQPValue::ShortString(s) => s.as_str().to_owned(),
         AMQPValue::Boolean(b) => b.to_string(),
-        AMQPValue::ShortShortInt(n) => n.to_string(),
-        AMQPValue::ShortShortUInt(n) => n.to_string(),
-        AMQPValue::ShortInt(n) => n.to_string(),
-        AMQPValue::ShortUInt(n) => n.to_string(),
         AMQPValue::LongInt(n) => n.to_string(),
         AMQPValue::LongUInt(n) => n.to_string(),
         AMQPValue::LongLongInt(n) => n.to_string(),
@@ -350,11 +303,14 @@ fn text(value: &AMQPValue) -> Option<String> {
     })
 }
 
+/// A header table value of text.
+fn long(text: &str) -> AMQPValue {
+    AMQPValue::LongString(text.into())
+}
+
 impl Shared {
     async fn handle(&self, channel: Channel, message: lapin::message::Delivery) {
-        let started = Instant::now();
-        let props = &message.properties;
-        let mut headers = http::HeaderMap::new();
+        let (started, props, queue) = (Instant::now(), &message.properties, self.worker.queue.as_str());
         let table = props.headers().iter().flat_map(|t| t.inner()).filter_map(|(n, v)| Some((n.as_str(), text(v)?)));
         let properties = [
             ("message-id", props.message_id()),
@@ -364,17 +320,13 @@ impl Shared {
             ("user-id", props.user_id()),
             ("content-type", props.content_type()),
         ];
-        let properties = properties.into_iter().filter_map(|(n, v)| Some((n, v.as_ref()?.as_str().to_owned())));
-        for (name, value) in table.chain(properties) {
-            if let (Ok(n), Ok(v)) = (name.parse::<http::HeaderName>(), value.parse()) {
-                headers.insert(n, v);
-            }
-        }
+        let properties = properties.into_iter().filter_map(|(n, v)| Some((n, v.as_ref()?.to_string())));
+        let headers = headers(table.chain(properties));
         // A quorum queue counts the returns of a message; a classic queue only tells a redelivery.
         let returned = headers.get("x-delivery-count").and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        let reply_to = props.reply_to().as_ref().map(|r| r.as_str().to_owned());
+        let reply_to = props.reply_to().as_ref().map(|r| r.to_string());
         let info = DeliveryInfo {
-            consumer: self.worker.queue.clone(),
+            consumer: queue.to_owned(),
             attempt: returned.map_or(1 + u64::from(message.redelivered), |n| n + 1),
             max_attempts: self.max_deliver,
             wants_reply: reply_to.is_some(),
@@ -384,71 +336,52 @@ impl Shared {
         if let Some(state) = &self.worker.state {
             delivery = delivery.with_state(state.clone());
         }
-        let requeue = |requeue| BasicRejectOptions { requeue };
+        let (acker, requeue) = (&message.acker, |requeue| BasicRejectOptions { requeue });
         let settled = match (self.handler.call)(delivery).await.action {
             Action::Ack { reply } => {
                 if let (Some(reply), Some(to)) = (reply, reply_to) {
-                    self.reply(&channel, props, &to, reply).await;
+                    let table = reply.headers().into_iter().map(|(n, v)| (n.into(), long(&v)));
+                    let base = BasicProperties::default().with_headers(table.collect::<BTreeMap<_, _>>().into());
+                    let reply_props =
+                        props.correlation_id().iter().fold(base, |p, id| p.with_correlation_id(id.clone()));
+                    if !publish(&channel, "", &to, &reply.body, reply_props).await {
+                        tracing::warn!(queue, "reply not confirmed");
+                    }
                 }
-                message.acker.ack(Default::default()).await
+                acker.ack(Default::default()).await
             }
             Action::Nak { delay } => {
                 // AMQP requeues at once: the delay is waited out here, within the consumer timeout.
-                let left = self.worker.consumer_timeout.saturating_sub(started.elapsed());
                 // Stopping returns it to the queue at once, for another worker.
-                tokio::select! { () = tokio::time::sleep(delay.min(left / 2)) => {}, () = self.stop.cancelled() => {} }
-                message.acker.reject(requeue(true)).await
+                let hold = delay.min(self.worker.settings.consumer_timeout.saturating_sub(started.elapsed()) / 2);
+                tokio::select! { () = tokio::time::sleep(hold) => {}, () = self.stop.cancelled() => {} }
+                acker.reject(requeue(true)).await
             }
-            Action::Terminate { reason } => match &self.worker.dead_letter {
+            Action::Terminate { reason } => match self.worker.settings.dead_letter.as_deref() {
                 Some(exchange) => {
                     let mut table = props.headers().clone().unwrap_or_default();
-                    table.insert(REASON.into(), AMQPValue::LongString(reason.as_str().into()));
-                    table.insert("Idempotent-Queue".into(), AMQPValue::LongString(self.worker.queue.as_str().into()));
+                    table.insert(REASON.into(), long(&reason));
+                    table.insert("Idempotent-Queue".into(), long(queue));
                     let dead = props.clone().with_headers(table);
-                    let (e, key) = (exchange.as_str().into(), message.routing_key.clone());
-                    if publish(&channel, e, key, &message.data, dead).await {
-                        message.acker.ack(Default::default()).await
+                    if publish(&channel, exchange, message.routing_key.as_str(), &message.data, dead).await {
+                        acker.ack(Default::default()).await
                     } else {
-                        tracing::warn!(queue = %self.worker.queue, "dead letter not confirmed; requeueing");
-                        message.acker.reject(requeue(true)).await
+                        tracing::warn!(queue, "dead letter not confirmed; requeueing");
+                        acker.reject(requeue(true)).await
                     }
                 }
-                None => message.acker.reject(requeue(false)).await,
+                None => acker.reject(requeue(false)).await,
             },
         };
         if !matches!(settled, Ok(true)) {
             // Its channel is gone: the broker delivers it again, and the store answers that.
-            tracing::info!(queue = %self.worker.queue, "delivery not settled: channel lost");
-        }
-    }
-
-    /// Publishes a stored reply to `to` with the request's correlation id.
-    async fn reply(&self, channel: &Channel, request: &BasicProperties, to: &str, reply: Reply) {
-        let mut table = FieldTable::default();
-        if let Some(error) = &reply.error {
-            table.insert(REASON.into(), AMQPValue::LongString(LongString::from(error.as_str())));
-        }
-        if reply.replayed {
-            table.insert(REPLAYED.into(), AMQPValue::LongString("true".into()));
-        }
-        let mut props = BasicProperties::default().with_headers(table);
-        if let Some(id) = request.correlation_id() {
-            props = props.with_correlation_id(id.clone());
-        }
-        if !publish(channel, "".into(), to.into(), &reply.body, props).await {
-            tracing::warn!(queue = %self.worker.queue, "reply not confirmed");
+            tracing::info!(queue, "delivery not settled: channel lost");
         }
     }
 }
 
 /// Publishes and waits for the broker's confirmation.
-async fn publish(
-    channel: &Channel,
-    exchange: lapin::types::ShortString,
-    key: lapin::types::ShortString,
-    body: &[u8],
-    props: BasicProperties,
-) -> bool {
-    let confirm = channel.basic_publish(exchange, key, BasicPublishOptions::default(), body, props);
+async fn publish(channel: &Channel, exchange: &str, key: &str, body: &[u8], props: BasicProperties) -> bool {
+    let confirm = channel.basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), body, props);
     matches!(async { confirm.await?.await }.await, Ok(c) if c.is_ack())
 }

@@ -7,7 +7,7 @@
 use idempotent_rabbitmq::core::store::MemoryStore;
 use idempotent_rabbitmq::lapin::types::{AMQPValue, FieldTable};
 use idempotent_rabbitmq::lapin::BasicProperties;
-use idempotent_rabbitmq::{idempotent, CancellationToken, ConsumeError, Error, Json, Worker};
+use idempotent_rabbitmq::{idempotent, CancellationToken, ConsumeError, Error, Json, Settings, Worker};
 use idempotent_tests::rabbitmq::{amqp_url, close_connections, unique, Client};
 use serde_json::json;
 use std::collections::HashMap;
@@ -54,10 +54,25 @@ fn spawn(
     (stop.clone(), tokio::spawn(worker.run(handler, stop)))
 }
 
-/// A worker of a fresh quorum queue (declared, limit 5, dead letters to `<queue>.dead`).
-fn worker(url: &str, queue: &str) -> Worker {
+/// The settings of a fresh quorum queue: declared, limit 5, dead letters to `<queue>.dead`.
+fn settings(queue: &str) -> Settings {
+    Settings {
+        declare: true,
+        dead_letter: Some(format!("{queue}.dead")),
+        delivery_limit: Some(5),
+        ..Settings::default()
+    }
+}
+
+/// A worker of a fresh quorum queue with `settings`, on the memory store.
+fn worker_with(url: &str, queue: &str, settings: Settings) -> Worker {
     let runtime = idempotent_rabbitmq::start(Arc::new(MemoryStore::new())).expect("runtime");
-    Worker::new(runtime, url, queue).declare().dead_letter(&format!("{queue}.dead")).delivery_limit(5)
+    Worker::new(runtime, url, queue, settings)
+}
+
+/// A worker of a fresh quorum queue (see [`settings`]).
+fn worker(url: &str, queue: &str) -> Worker {
+    worker_with(url, queue, settings(queue))
 }
 
 /// Waits until `done` holds, up to 20 s.
@@ -155,7 +170,8 @@ async fn a_quorum_queues_delivery_limit_stops_a_handler_that_always_fails() {
     let Some(url) = amqp_url().await else { return };
     let queue = unique("rmq.limit.");
     let dead = format!("{queue}.dead");
-    let (stop, run) = spawn(worker(&url, &queue).delivery_limit(3), always_fails);
+    let (stop, run) =
+        spawn(worker_with(&url, &queue, Settings { delivery_limit: Some(3), ..settings(&queue) }), always_fails);
     let client = Client::connect(&url).await;
     client.await_queue(&queue).await;
     client.publish(&queue, b"x", BasicProperties::default().with_message_id("poison-1".into())).await;
@@ -250,10 +266,13 @@ async fn start_up_refuses_a_consumer_timeout_too_short_or_a_queue_without_a_deli
     let Some(url) = amqp_url().await else { return };
     let queue = unique("rmq.refused.");
     let runtime = || idempotent_rabbitmq::start(Arc::new(MemoryStore::new())).unwrap();
-    let short = Worker::new(runtime(), &url, &queue)
-        .delivery_limit(5)
-        .consumer_timeout(Duration::from_secs(15))
-        .max_processing(Duration::from_secs(30));
+    let short = Settings {
+        delivery_limit: Some(5),
+        consumer_timeout: Duration::from_secs(15),
+        max_processing: Duration::from_secs(30),
+        ..Settings::default()
+    };
+    let short = Worker::new(runtime(), &url, &queue, short);
     let error = short.run(settle, CancellationToken::new()).await.unwrap_err();
     assert!(matches!(error, Error::Refused(_)), "{error}");
     let error = error.to_string();
@@ -261,11 +280,11 @@ async fn start_up_refuses_a_consumer_timeout_too_short_or_a_queue_without_a_deli
         error.contains(&format!("consumer `{queue}` (scope `rmq.settle`): a delivery may stay unacknowledged for max processing 30s + lease 6s = 36s, longer than the broker's deadline of 15s")),
         "{error}"
     );
-    let unbounded = Worker::new(runtime(), &url, &queue);
+    let unbounded = Worker::new(runtime(), &url, &queue, Settings::default());
     let error = unbounded.run(settle, CancellationToken::new()).await.unwrap_err().to_string();
     assert!(error.contains(&format!("consumer `{queue}` (scope `rmq.settle`): max_deliver is unlimited")), "{error}");
     // A queue that does not exist (not declared by the worker): refused, not waited for.
-    let missing = Worker::new(runtime(), &url, &queue).delivery_limit(5);
+    let missing = Worker::new(runtime(), &url, &queue, Settings { delivery_limit: Some(5), ..Settings::default() });
     let error = missing.run(settle, CancellationToken::new()).await.unwrap_err();
     assert!(matches!(error, Error::Amqp(_)), "{error}");
     assert!(error.to_string().contains("NOT_FOUND"), "{error}");
@@ -276,7 +295,8 @@ async fn a_worker_is_reported_with_its_queue_binding_and_key_source() {
     let Some(url) = amqp_url().await else { return };
     let queue = unique("rmq.report.");
     let client = Client::connect(&url).await;
-    let worker = worker(&url, &queue).bind("amq.direct", &queue).state(Ledger::default());
+    let bind = Some(("amq.direct".to_owned(), queue.clone()));
+    let worker = worker_with(&url, &queue, Settings { bind, ..settings(&queue) }).state(Ledger::default());
     let (stop, run) = spawn(worker, settle);
     let records =
         idempotent_rabbitmq::core::registry::routes_of(idempotent_rabbitmq::core::registry::Framework::RabbitMq);

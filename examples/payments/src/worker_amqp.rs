@@ -9,7 +9,7 @@
 
 use crate::config::Config;
 use crate::ledger::Ledger;
-use idempotent_rabbitmq::{idempotent, CancellationToken, ConsumeError, Json, State, Worker};
+use idempotent_rabbitmq::{idempotent, CancellationToken, ConsumeError, Json, Settings, State, Worker};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -94,12 +94,15 @@ pub async fn run_amqp(
         config.store_shown(),
         config.ledger.display()
     );
-    Worker::new(runtime, broker, QUEUE)
-        .declare()
-        .dead_letter(DEAD)
-        .delivery_limit(DELIVERY_LIMIT)
-        .concurrency(16)
-        .max_processing(settle_delay + Duration::from_secs(60))
+    let settings = Settings {
+        concurrency: 16,
+        declare: true,
+        dead_letter: Some(DEAD.to_owned()),
+        delivery_limit: Some(DELIVERY_LIMIT),
+        max_processing: settle_delay + Duration::from_secs(60),
+        ..Settings::default()
+    };
+    Worker::new(runtime, broker, QUEUE, settings)
         .state(Settler { ledger: Arc::new(ledger), delay: settle_delay })
         .run(settle, token)
         .await

@@ -443,6 +443,28 @@ pub struct Reply {
     pub replayed: bool,
 }
 
+impl Reply {
+    /// The headers a broker's reply carries: `Idempotent-Reason` with the reason of a
+    /// [`ConsumeError::Final`], `Idempotent-Replayed: true` on a stored reply sent again.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let reason = self.error.clone().map(|e| ("Idempotent-Reason", e));
+        reason.into_iter().chain(self.replayed.then(|| ("Idempotent-Replayed", "true".to_owned()))).collect()
+    }
+}
+
+/// The headers of a message as core reads them (for [`Delivery::new`]), from a broker's
+/// `(name, text)` pairs; a pair that is not a valid HTTP header name and value is left out, and a
+/// later pair of the same name replaces an earlier one.
+pub fn headers<'a>(pairs: impl IntoIterator<Item = (&'a str, String)>) -> http::HeaderMap {
+    let mut headers = http::HeaderMap::new();
+    for (name, value) in pairs {
+        if let (Ok(name), Ok(value)) = (name.parse::<http::HeaderName>(), http::HeaderValue::try_from(value)) {
+            headers.insert(name, value);
+        }
+    }
+    headers
+}
+
 /// What the adapter does with the message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
