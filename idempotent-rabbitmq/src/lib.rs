@@ -70,8 +70,9 @@
 //! maintained client; lapin has the wider use and its ackers are poisoned when their channel
 //! closes, which is what keeps a reconnecting worker from acknowledging a stale tag). Also
 //! `idempotent-core` and `idempotent-macros` (the protocol and the attribute),
-//! `tokio`/`tokio-util` (tasks and the stop token), `futures-util` (the delivery stream), `http`
-//! and `bytes` (the headers and body core reads), `thiserror` and `tracing`.
+//! `tokio`/`tokio-util` (tasks and the stop token), `futures-util` (the delivery stream), `bytes`
+//! (the body core reads), `thiserror` and `tracing`. Built without lapin's TLS (its default is
+//! rustls): a broker on a private network needs none; `amqps://` is not supported yet.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
