@@ -332,3 +332,46 @@ async fn a_worker_is_reported_with_its_queue_binding_and_key_source() {
     assert_eq!(client.ready(&queue).await, 0, "settled");
     client.delete(&[&queue, &format!("{queue}.dead")]).await;
 }
+
+static KEYED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Keyed by a header of the message's table.
+#[idempotent(scope = "rmq.header", key = header("X-Order"), ttl = "7d", lease = "6s")]
+async fn by_header(msg: Json<Settle>) -> Result<(), ConsumeError> {
+    KEYED.lock().unwrap().push(format!("{}/{}", msg.0.payment, msg.0.amount));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_from_the_header_table_whatever_the_headers_type() {
+    let Some(url) = amqp_url().await else { return };
+    let queue = unique("rmq.header.");
+    let (stop, run) = spawn(worker(&url, &queue), by_header);
+    let client = Client::connect(&url).await;
+    client.await_queue(&queue).await;
+    let with = |order: AMQPValue| {
+        let mut table = FieldTable::default();
+        table.insert("X-Order".into(), order);
+        BasicProperties::default().with_content_type("application/json".into()).with_headers(table)
+    };
+    let body = |payment: &str| json!({"payment": payment, "amount": 1}).to_string();
+    // The same order twice (a text header, then the same number as an integer header): one key.
+    // Another order: another key. No header: no key.
+    client.publish(&queue, body("h-1").as_bytes(), with(AMQPValue::LongString("7".into()))).await;
+    client.publish(&queue, body("h-1").as_bytes(), with(AMQPValue::LongLongInt(7))).await;
+    client.publish(&queue, body("h-2").as_bytes(), with(AMQPValue::LongInt(8))).await;
+    let no_key = BasicProperties::default().with_content_type("application/json".into());
+    client.publish(&queue, body("h-3").as_bytes(), no_key).await;
+    let letter = client.get(&format!("{queue}.dead"), Duration::from_secs(20)).await.expect("no key: dead letter");
+    let reason = header(&letter.properties, "Idempotent-Reason").unwrap();
+    assert!(reason.contains("no usable idempotency key"), "{reason}");
+    until("both keys settled", || KEYED.lock().unwrap().len() >= 2).await;
+    drained(&client, &queue).await;
+    stop.cancel();
+    run.await.unwrap().expect("the worker stops cleanly");
+    let mut runs = KEYED.lock().unwrap().clone();
+    runs.sort();
+    assert_eq!(runs, ["h-1/1", "h-2/1"]);
+    assert_eq!(client.ready(&queue).await, 0);
+    client.delete(&[&queue, &format!("{queue}.dead")]).await;
+}
