@@ -17,7 +17,8 @@ step "every feature of the published crates alone, warning-free (cargo check per
 for spec in \
   "idempotent-core:sqlite postgres mysql redis tls testing utoipa" \
   "idempotent-axum:sqlite postgres mysql redis tls utoipa" \
-  "idempotent-actix:sqlite postgres mysql redis tls utoipa"; do
+  "idempotent-actix:sqlite postgres mysql redis tls utoipa" \
+  "idempotent-rabbitmq:sqlite postgres mysql redis"; do
   crate=${spec%%:*}
   for feature in "" ${spec#*:}; do
     out=$(cargo check -q -p "$crate" --no-default-features ${feature:+--features "$feature"} --message-format short 2>&1 || true)

@@ -2,6 +2,7 @@
 # Makes sure the real servers the tests talk to are up: PostgreSQL on 127.0.0.1:5432 with a
 # database `test`, Redis on 127.0.0.1:6379, MariaDB on 127.0.0.1:3306 with a database `test`, and
 # NATS with JetStream on 127.0.0.1:4222.
+# RabbitMQ on 127.0.0.1:5672 (user guest/guest).
 # Starts them if they are installed but stopped, installs them (Debian packages) if they are
 # missing. Safe to run repeatedly. The TLS store tests (tests/tests/store_tls.rs) start servers of
 # their own from the same packages: redis-server (Debian's is built with TLS), PostgreSQL's initdb
@@ -112,6 +113,28 @@ if [ -z "${IDEMPOTENT_TEST_NATS_URL:-}" ]; then
     fi
   fi
   nats_up && log "nats is up" || log "nats is NOT available"
+fi
+
+# --- RabbitMQ ----------------------------------------------------------------------------
+# The RabbitMQ consumer tests (tests/tests/rabbitmq.rs, examples/payments/tests/worker_amqp.rs)
+# need a broker on 5672 with the default guest user (allowed from loopback only).
+amqp_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) >/dev/null 2>&1; }
+if [ -z "${IDEMPOTENT_TEST_AMQP_URL:-}" ]; then
+  if ! amqp_up; then
+    command -v rabbitmq-server >/dev/null 2>&1 || [ -x /usr/sbin/rabbitmq-server ] || apt_install rabbitmq-server
+    if [ -d /etc/rabbitmq ]; then
+      # Listen on loopback only, and name the node after localhost: a container's hostname may
+      # not resolve, and then the broker does not start.
+      grep -q '^listeners.tcp' /etc/rabbitmq/rabbitmq.conf 2>/dev/null ||
+        echo 'listeners.tcp.local = 127.0.0.1:5672' | as_root tee -a /etc/rabbitmq/rabbitmq.conf >/dev/null
+      grep -q '^NODENAME' /etc/rabbitmq/rabbitmq-env.conf 2>/dev/null ||
+        printf 'NODENAME=rabbit@localhost\nERL_EPMD_ADDRESS=127.0.0.1\n' | as_root tee -a /etc/rabbitmq/rabbitmq-env.conf >/dev/null
+      log "starting rabbitmq-server on 5672"
+      as_root service rabbitmq-server restart >/dev/null 2>&1 || as_root rabbitmq-server -detached >/dev/null 2>&1 || true
+      for _ in $(seq 1 600); do amqp_up && break; sleep 0.1; done
+    fi
+  fi
+  amqp_up && log "rabbitmq is up" || log "rabbitmq is NOT available"
 fi
 
 # --- schemathesis ------------------------------------------------------------------------

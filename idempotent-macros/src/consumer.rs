@@ -86,7 +86,7 @@ pub(crate) fn emit(framework: Framework, spec: &Spec, func: &ItemFn, handler: &H
     let fingerprint = fingerprint(&rt, spec, handler, &args, &ctx);
     let record = record(framework, &rt, "protected", policy.clone(), None, name);
     let handler_path = format!("::{name}");
-    let variant = format_ident!("Nats");
+    let variant = framework.variant();
     let output_span = match &func.sig.output {
         syn::ReturnType::Type(_, ty) => ty.span(),
         syn::ReturnType::Default => name.span(),
@@ -139,6 +139,19 @@ mod tests {
         );
         assert!(out.contains("KeySource :: Fields (& [\"payment\"])"), "{out}");
         assert!(out.contains("Framework :: Nats"), "{out}");
+    }
+
+    #[test]
+    fn a_rabbitmq_handler_refers_to_its_own_crate() {
+        let out = crate::expand::idempotent(
+            crate::expand::Framework::RabbitMq,
+            r#"scope = "s", key = header("message-id")"#.parse().unwrap(),
+            "async fn h(m: Bytes) -> Result<(), ConsumeError> { Ok(()) }".parse().unwrap(),
+        )
+        .to_string();
+        assert!(out.contains(":: idempotent_rabbitmq :: __private :: Handler"), "{out}");
+        assert!(out.contains("Framework :: RabbitMq"), "{out}");
+        assert!(!out.contains("idempotent_nats"), "{out}");
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub(crate) enum Framework {
     Actix,
     /// `idempotent-nats`: a message consumer's handler.
     Nats,
+    /// `idempotent-rabbitmq`: a message consumer's handler.
+    RabbitMq,
 }
 
 impl Framework {
@@ -32,15 +34,22 @@ impl Framework {
             Framework::Axum => quote!(::idempotent_axum::__private),
             Framework::Actix => quote!(::idempotent_actix::__private),
             Framework::Nats => quote!(::idempotent_nats::__private),
+            Framework::RabbitMq => quote!(::idempotent_rabbitmq::__private),
         }
     }
 
-    fn variant(self) -> Ident {
+    pub(crate) fn variant(self) -> Ident {
         match self {
             Framework::Axum => format_ident!("Axum"),
             Framework::Actix => format_ident!("Actix"),
             Framework::Nats => format_ident!("Nats"),
+            Framework::RabbitMq => format_ident!("RabbitMq"),
         }
+    }
+
+    /// Whether its handlers consume a broker's messages (see `consumer`).
+    pub(crate) fn is_consumer(self) -> bool {
+        matches!(self, Framework::Nats | Framework::RabbitMq)
     }
 }
 
@@ -67,7 +76,7 @@ pub(crate) fn idempotent(framework: Framework, attr: TokenStream, item: TokenStr
 fn try_expand(framework: Framework, attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
     let mut errors = Errors::default();
     let validated = match syn::parse2::<Args>(attr) {
-        Ok(args) if framework == Framework::Nats => {
+        Ok(args) if framework.is_consumer() => {
             let consumer = crate::consumer::check_args(&args).map_err(|e| errors.push(e));
             let validated = valid::validate(args).map_err(|e| errors.push(e)).ok();
             consumer.ok().and(validated)
@@ -102,7 +111,7 @@ fn try_expand(framework: Framework, attr: TokenStream, item: TokenStream) -> syn
             if spec.route.is_none() && framework == Framework::Actix {
                 spec.route = actix_route(&func.attrs);
             }
-            if framework == Framework::Nats {
+            if framework.is_consumer() {
                 return errors.finish(crate::consumer::emit(framework, &spec, &func, &handler));
             }
             errors.finish(emit(framework, &spec, &func, &handler))
@@ -207,7 +216,7 @@ impl Handler {
                 }
                 last
             }
-            Framework::Actix | Framework::Nats => body,
+            Framework::Actix | Framework::Nats | Framework::RabbitMq => body,
         };
         if let (Some((span, what)), None) = (body_fields, body) {
             errors.add(

@@ -135,3 +135,14 @@ pub fn idempotent_actix(attr: TokenStream, item: TokenStream) -> TokenStream {
 pub fn idempotent_nats(attr: TokenStream, item: TokenStream) -> TokenStream {
     expand::idempotent(Framework::Nats, attr.into(), item.into()).into()
 }
+
+/// Makes a RabbitMQ (AMQP 0-9-1) consumer's handler run once per message key; re-exported as
+/// `idempotent_rabbitmq::idempotent`.
+///
+/// The same arguments as [`macro@idempotent_nats`]; the key's header may be a header of the
+/// message's header table or one of its properties (`message-id`, `correlation-id`, `type`,
+/// `app-id`, `user-id`, as the runner presents them).
+#[proc_macro_attribute]
+pub fn idempotent_rabbitmq(attr: TokenStream, item: TokenStream) -> TokenStream {
+    expand::idempotent(Framework::RabbitMq, attr.into(), item.into()).into()
+}

@@ -12,6 +12,7 @@ pub mod mysql;
 pub mod nats_server;
 pub mod postgres;
 pub mod process;
+pub mod rabbitmq;
 pub mod redis_cluster;
 pub mod redis_server;
 pub mod tls;

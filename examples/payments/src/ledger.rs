@@ -54,7 +54,13 @@ impl Ledger {
 
     /// Appends one entry with a single write, so concurrent appends never interleave.
     pub fn append(&self, entry: &Entry) -> std::io::Result<()> {
-        let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
+        self.append_line(entry)
+    }
+
+    /// Appends any JSON object as one line, like [`append`](Self::append) (the settlement
+    /// worker's lines carry `payment` and `amount` at their top level as well).
+    pub fn append_line(&self, line: &impl Serialize) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(line).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
         file.write_all(&line)?;

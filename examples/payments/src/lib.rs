@@ -16,3 +16,4 @@ pub mod metrics;
 pub mod openapi;
 pub mod webhooks;
 pub mod worker;
+pub mod worker_amqp;

@@ -166,14 +166,14 @@ impl WorkerConfig {
 /// Runs the worker until `stop` is cancelled; `ready` is called once it consumes. Errors are one
 /// line for stderr.
 pub async fn run(config: WorkerConfig, stop: CancellationToken, ready: impl FnOnce(&str)) -> Result<(), String> {
-    // The place of a RabbitMQ worker (its queue `payments.settle`, dead letters to the fanout
-    // exchange `payments.dead`) once an adapter for it exists.
     let url = match &config.broker {
         Broker::Nats(url) => url,
-        Broker::Amqp(_) => {
-            return Err("PAYMENTS_BROKER: RabbitMQ (amqp://) is not supported by this build of payments-worker; use \
-                        nats://HOST:PORT"
-                .to_owned())
+        Broker::Amqp(url) => {
+            // RabbitMQ: the quorum queue `payments.settle`, dead letters to `payments.dead`.
+            let api = crate::config::Config::new(config.store.clone(), config.ledger.clone(), Duration::ZERO);
+            ready(&format!("consuming {} over AMQP", crate::worker_amqp::QUEUE));
+            return crate::worker_amqp::run_amqp(&api, url, config.settle_delay, async move { stop.cancelled().await })
+                .await;
         }
     };
     let store = idempotent_nats::core::store::connect(&config.store).await.map_err(|e| {

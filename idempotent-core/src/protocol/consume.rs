@@ -443,6 +443,28 @@ pub struct Reply {
     pub replayed: bool,
 }
 
+impl Reply {
+    /// The headers a broker's reply carries: `Idempotent-Reason` with the reason of a
+    /// [`ConsumeError::Final`], `Idempotent-Replayed: true` on a stored reply sent again.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let reason = self.error.clone().map(|e| ("Idempotent-Reason", e));
+        reason.into_iter().chain(self.replayed.then(|| ("Idempotent-Replayed", "true".to_owned()))).collect()
+    }
+}
+
+/// The headers of a message as core reads them (for [`Delivery::new`]), from a broker's
+/// `(name, text)` pairs; a pair that is not a valid HTTP header name and value is left out, and a
+/// later pair of the same name replaces an earlier one.
+pub fn headers<'a>(pairs: impl IntoIterator<Item = (&'a str, String)>) -> http::HeaderMap {
+    let mut headers = http::HeaderMap::new();
+    for (name, value) in pairs {
+        if let (Ok(name), Ok(value)) = (name.parse::<http::HeaderName>(), http::HeaderValue::try_from(value)) {
+            headers.insert(name, value);
+        }
+    }
+    headers
+}
+
 /// What the adapter does with the message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -678,4 +700,27 @@ pub fn check_redelivery(policy: &Policy, redelivery: &Redelivery) -> Result<(), 
     } else {
         Err(RedeliveryError(problems))
     }
+}
+
+/// Checks that each delivery of `policy`'s handler can be settled within `deadline`: a broker's
+/// bound on how long one delivery may stay unacknowledged where nothing extends it (RabbitMQ's
+/// consumer timeout, past which the broker closes the channel and delivers the message again).
+/// A handler that runs for up to `max_processing` is followed by up to its lease (storing the
+/// outcome, or holding a message whose key is held elsewhere before it is redelivered), so
+/// `max_processing + lease` must fit inside `deadline`. Refuses naming the consumer and the
+/// numbers.
+pub fn check_deadline(
+    policy: &Policy,
+    consumer: &str,
+    deadline: Duration,
+    max_processing: Duration,
+) -> Result<(), RedeliveryError> {
+    let (scope, lease) = (policy.scope, policy.lease);
+    let needed = max_processing + lease;
+    if needed <= deadline {
+        return Ok(());
+    }
+    Err(RedeliveryError(vec![format!(
+        "consumer `{consumer}` (scope `{scope}`): a delivery may stay unacknowledged for max processing {max_processing:?} + lease {lease:?} = {needed:?}, longer than the broker's deadline of {deadline:?} (RabbitMQ's consumer timeout), which would deliver it again while it runs; raise the deadline or lower the max processing"
+    )]))
 }

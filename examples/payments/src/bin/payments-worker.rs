@@ -62,6 +62,7 @@ fn policies(args: &[String]) -> ExitCode {
             registry::bind_consumer(Framework::Nats, worker::settle.handler, worker::binding());
             let mut routes = registry::routes_of(Framework::Axum);
             routes.extend(registry::routes_of(Framework::Nats));
+            routes.extend(registry::routes_of(Framework::RabbitMq));
             print!("{}", report::render(&routes, format));
             ExitCode::SUCCESS
         }
