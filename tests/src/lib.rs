@@ -13,6 +13,7 @@ pub mod postgres;
 pub mod process;
 pub mod redis_cluster;
 pub mod redis_server;
+pub mod spec;
 pub mod tls;
 pub mod trace_capture;
 
