@@ -6,7 +6,9 @@
 //! of operations placed and the record they left): at each point any operation invoked before the
 //! earliest return among those not yet placed may come next. An operation whose answer was lost
 //! (the call failed: it may or may not have reached the store) has no return: it may be placed
-//! anywhere after its invocation, with any answer, or never.
+//! anywhere after its invocation, with any answer, or never; or, when its `returned` is a time
+//! (not `u64::MAX`), only before every operation invoked after it failed (a call that failed
+//! because its connection was reset took effect before that, if at all).
 //!
 //! Time stands still in these histories ([`step`] at tick 0, with a lease that never runs out):
 //! real stores are driven with leases far longer than the run, so no lease expires during it.
@@ -42,7 +44,8 @@ pub struct Event {
     pub answer: Option<Answer>,
     /// When it was invoked.
     pub invoked: u64,
-    /// When it returned (ignored when `answer` is `None`).
+    /// When it returned; for a failed call, when it failed (`u64::MAX`: its effect may come at
+    /// any later time).
     pub returned: u64,
 }
 
@@ -81,12 +84,14 @@ pub fn linearizable(history: &[Event]) -> Result<Vec<usize>, NotLinearizable> {
         }
         let horizon =
             (0..n).filter(|&i| !is_placed(&placed, i)).map(|i| returned(&history[i])).min().unwrap_or(u64::MAX);
+        // A failed call is placed before any operation invoked after it failed, or never.
+        let latest = order.iter().map(|&i| history[i].invoked).max().unwrap_or(0);
         let mut advanced = false;
         while next_candidate[depth] < n {
             let i = next_candidate[depth];
             next_candidate[depth] += 1;
             let e = &history[i];
-            if is_placed(&placed, i) || e.invoked >= horizon {
+            if is_placed(&placed, i) || e.invoked >= horizon || (e.answer.is_none() && latest > e.returned) {
                 continue;
             }
             let (after, answer) = step(record, e.op, 0, FOREVER, Rules::STORE);
@@ -153,6 +158,16 @@ mod tests {
         let impossible =
             [ev(Op::Complete { token: 1 }, None, 0, 0), ev(claim(2), Some(Answer::Completed { by: 1 }), 5, 6)];
         assert!(linearizable(&impossible).is_err(), "nothing to complete");
+        // A call that failed at 1 cannot take effect after an operation invoked at 5.
+        let mut late = [
+            ev(claim(1), Some(Answer::Acquired), 0, 1),
+            ev(Op::Complete { token: 1 }, None, 0, 1),
+            ev(claim(2), Some(Answer::InProgress), 5, 6),
+            ev(claim(3), Some(Answer::Completed { by: 1 }), 7, 8),
+        ];
+        assert!(linearizable(&late).is_err());
+        late[1].returned = u64::MAX;
+        assert_eq!(linearizable(&late), Ok(vec![0, 2, 1, 3]), "unless it may arrive any time");
     }
 
     #[test]
