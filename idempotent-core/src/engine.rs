@@ -52,9 +52,11 @@ use tokio_util::task::TaskTracker;
 
 mod durations;
 mod lease;
+pub mod timing;
 use durations::Durations;
 use lease::Lease;
-pub use lease::{safety_margin, ClaimFence, LeaseLost};
+pub use lease::{ClaimFence, LeaseLost};
+pub use timing::{renewal_period, safety_margin, RENEWALS_PER_LEASE};
 
 tokio::task_local! {
     static FENCE: ClaimFence;
@@ -106,13 +108,6 @@ pub const DEFAULT_MAX_STORED_BODY: usize = 1024 * 1024;
 pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default time for which storing an outcome is retried: 30 s.
 pub const DEFAULT_COMPLETION_PATIENCE: Duration = Duration::from_secs(30);
-/// A lease is renewed this many times per lease.
-pub const RENEWALS_PER_LEASE: u32 = 6;
-
-/// How often a claim's lease is renewed: a sixth of the lease.
-pub fn renewal_period(lease: Duration) -> Duration {
-    (lease / RENEWALS_PER_LEASE).max(Duration::from_millis(1))
-}
 
 /// Runtime settings, fixed at start-up.
 #[derive(Debug, Clone)]
@@ -267,7 +262,7 @@ pub enum StartupError {
     HeaderName(String),
     /// Routes whose lease cannot survive one failed renewal with this store timeout; one line
     /// each.
-    #[error("leases too short for the store timeout of {timeout:?}: a lease must be at least {RENEWALS_PER_LEASE} times the store timeout ({:?} here; `#[idempotent]` itself accepts any lease from 1 s), so that one renewal that fails or times out cannot lose a live claim. Lengthen the lease, or lower the store timeout with `.store_timeout(..)` to at most a sixth of the shortest lease ({:?}):\n{}", *timeout * RENEWALS_PER_LEASE, shortest_lease(routes) / RENEWALS_PER_LEASE, .routes.iter().map(|(r, _)| format!("  - {r}")).collect::<Vec<_>>().join("\n"))]
+    #[error("leases too short for the store timeout of {timeout:?}: a lease must be at least {RENEWALS_PER_LEASE} times the store timeout ({:?} here; `#[idempotent]` itself accepts any lease from 1 s), so that one renewal that fails or times out cannot lose a live claim. Lengthen the lease, or lower the store timeout with `.store_timeout(..)` to at most a sixth of the shortest lease ({:?}):\n{}", *timeout * RENEWALS_PER_LEASE, timing::max_store_timeout(shortest_lease(routes)), .routes.iter().map(|(r, _)| format!("  - {r}")).collect::<Vec<_>>().join("\n"))]
     LeaseTooShort {
         /// The configured store timeout.
         timeout: Duration,
@@ -473,7 +468,7 @@ impl Runtime {
         };
         let short: Vec<(String, Duration)> = protected
             .iter()
-            .filter(|(_, p)| p.lease < config.store_timeout * RENEWALS_PER_LEASE)
+            .filter(|(_, p)| !timing::lease_covers(p.lease, config.store_timeout))
             .map(|(r, p)| (format!("{}: lease {:?}", place(r, p), p.lease), p.lease))
             .collect();
         if !short.is_empty() {
@@ -971,7 +966,7 @@ impl Runtime {
         // have taken the key, and after it a completion is still accepted while none did (and
         // fenced, writing nothing, once one did), so giving up earlier could only lose it.
         let give_up = tokio::time::Instant::now() + self.config.completion_patience;
-        let mut delay = Duration::from_millis(50);
+        let mut delay = timing::COMPLETION_FIRST_RETRY;
         let mut attempt = 0u32;
         loop {
             attempt += 1;
@@ -1009,7 +1004,7 @@ impl Runtime {
                     }
                     tracing::warn!(scope = policy.scope, attempt, error = %e, "storing the outcome failed; retrying");
                     tokio::time::sleep_until(retry_at).await;
-                    delay = (delay * 2).min(Duration::from_secs(1));
+                    delay = timing::next_completion_retry(delay);
                 }
             }
         }

@@ -15,6 +15,7 @@ pub mod process;
 pub mod rabbitmq;
 pub mod redis_cluster;
 pub mod redis_server;
+pub mod spec;
 pub mod tls;
 pub mod trace_capture;
 

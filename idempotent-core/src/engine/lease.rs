@@ -27,7 +27,8 @@
 //! ([`safety_margin`]); once nothing is left, another request may take the key over at any
 //! moment, and the handler should not start an effect it cannot take back.
 
-use super::{bounded, renewal_period, Runtime};
+use super::timing::{renewal_period, safety_margin};
+use super::{bounded, Runtime};
 use crate::policy::Policy;
 use crate::store::{ClaimToken, RecordKey, Store, StoreError};
 use crate::telemetry::{self, StoreOperation};
@@ -40,13 +41,6 @@ use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
-
-/// The part of a lease that [`ClaimFence`] does not count on: a fiftieth (2 %) of it, at least
-/// 10 ms. It covers clocks that run apart by up to 1 % (the process's against the store's, a
-/// renewal's trip counted on both sides); quartz clocks of servers are off by well under 0.01 %.
-pub fn safety_margin(lease: Duration) -> Duration {
-    (lease / 50).max(Duration::from_millis(10))
-}
 
 /// One claim held by this process: what its renewals need, and what they tell its request.
 struct Held {
