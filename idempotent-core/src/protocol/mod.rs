@@ -351,7 +351,7 @@ macro_rules! __adapter_types {
             pub use crate::{Context, Protected};
             pub use ::core::time::Duration;
             pub use $crate::inventory;
-            pub use $crate::policy::{ConflictMode, Identity, KeyRequirement, KeySource, Part, Policy, StoredOutcomes};
+            pub use $crate::policy::{ConflictMode, Identity, KeyRequirement, KeySource, Part, Policy, StoredOutcomes, TokenField};
             pub use $crate::protocol::field::{Field, KeyField, PlainField, SetField};
             pub use $crate::registry::{Framework, RouteRecord, Site};
             /// The framework's response, which a protected handler returns.
@@ -441,6 +441,24 @@ macro_rules! __adapter_types {
         /// with `postgres()` or `sqlite()` (see `idempotent_core::store::transaction`) and write in it;
         /// the outcome's record commits with the writes.
         pub type Tx = Scoped<$crate::store::transaction::Tx>;
+
+        /// Mints server-issued tokens for the caller of the request, as an extractor: a handler that
+        /// renders a form calls `mint.token("checkout.create").await` and writes the token into
+        /// the form's hidden field (see `idempotent_core::issued`). The caller is known as on a
+        /// protected route: an `Actor` set before this extractor runs, else the configured source.
+        #[derive(Debug, Clone)]
+        pub struct Mint(pub $crate::protocol::tokens::Minter);
+
+        impl Mint {
+            /// A fresh token for this caller on `scope`, recorded as issued; a problem (401, 404,
+            /// 429, 503) to answer otherwise.
+            pub async fn token(
+                &self,
+                scope: &str,
+            ) -> ::core::result::Result<$crate::issued::IssuedToken, $crate::problem::Problem> {
+                self.0.mint(scope).await
+            }
+        }
 
         /// The claim a protected handler runs under, as an extractor: `fence.check()` before an
         /// effect that cannot be taken back, `fence.claim()` for the fencing token and the time
