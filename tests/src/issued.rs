@@ -256,7 +256,8 @@ macro_rules! issued_conformance_tests {
                     }
                 );
                 assert_eq!(assert_see_other(&a), assert_see_other(&b));
-                assert!(!a.replayed() && b.replayed(), "the second is the first's answer");
+                // Whichever claimed first ran; the other waited and got its answer.
+                assert!(a.replayed() != b.replayed(), "one ran, the other is its answer");
                 assert_eq!(s.flags.runs(), 1);
             }
 
@@ -414,7 +415,11 @@ macro_rules! issued_conformance_tests {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 crashing.kill();
-                assert!(lost.await.unwrap().is_err(), "the crashed instance answered nothing");
+                // Nothing, or the 500 of a task cancelled while its runtime was torn down; never
+                // an outcome, and nothing stored.
+                if let Ok(answer) = lost.await.unwrap() {
+                    assert_eq!(answer.status(), 500, "the crashed instance answered no outcome");
+                }
                 // Waits (on_conflict = "wait") until the lease of the dead claim runs out.
                 let retried = send(survivor.submit("/checkout", &who, 10, &[&token], HTML)).await;
                 let location = assert_see_other(&retried);

@@ -61,6 +61,8 @@ async fn start(open: Opener, flags: Arc<Flags>) -> Server {
                 .token_quota(QUOTA)
                 .store_timeout(Duration::from_millis(400))
                 .problem_page(problem_page)
+                // The demo's routes may be linked in: its deposits need SQL.
+                .without_transactions(idempotent_actix::core::engine::WithoutTransactions::NotImplemented)
                 .build()
                 .expect("valid registry");
             let server = HttpServer::new(move || {

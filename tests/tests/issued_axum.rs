@@ -66,6 +66,8 @@ async fn start(open: Opener, flags: Arc<Flags>) -> Server {
                 .token_quota(QUOTA)
                 .store_timeout(Duration::from_millis(400))
                 .problem_page(problem_page)
+                // The demo's routes may be linked in: its deposits need SQL.
+                .without_transactions(idempotent_axum::core::engine::WithoutTransactions::NotImplemented)
                 .build()
                 .expect("valid registry");
             let app = Router::new()
@@ -87,7 +89,9 @@ async fn start(open: Opener, flags: Arc<Flags>) -> Server {
         runtime.shutdown_background();
     });
     let addr = addr.await.expect("server thread");
-    Server::new(addr, flags, Box::new(move || drop(stop.send(()))))
+    Server::new(addr, flags, Box::new(move || {
+        let _ = stop.send(());
+    }))
 }
 
 idempotent_tests::issued_conformance_tests!(start);
