@@ -7,8 +7,8 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse, Responder};
 use bytes::Bytes;
 use idempotent_core::protocol::{
-    self, status, tokens, Fingerprint, FingerprintError, Framework, Policy, Problem, RequestHead, ResponseBody, Runtime,
-    Site,
+    self, status, tokens, Fingerprint, FingerprintError, Framework, Policy, Problem, RequestHead, ResponseBody,
+    Runtime, Site,
 };
 use std::future::Future;
 use std::pin::Pin;

@@ -100,9 +100,7 @@ pub async fn mint_token(request: Request) -> Response {
     idempotent_core::protocol::transport::exempt(parts.extensions.get());
     let body = match axum::body::to_bytes(body, 4096).await {
         Ok(body) => body,
-        Err(e) => {
-            return protocol::transport::unreadable_body::<http_body_util::LengthLimitError>(&e).map(Body::from)
-        }
+        Err(e) => return protocol::transport::unreadable_body::<http_body_util::LengthLimitError>(&e).map(Body::from),
     };
     tokens::mint_of(&View { parts: &parts, params: None }, &body).await.map(Body::from)
 }

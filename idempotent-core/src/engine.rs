@@ -531,8 +531,11 @@ impl Runtime {
             }
         }
         if config.tokens.is_none() {
-            let issued: Vec<String> =
-                protected.iter().filter(|(_, p)| p.key_source.token_ttl().is_some()).map(|(r, p)| place(r, p)).collect();
+            let issued: Vec<String> = protected
+                .iter()
+                .filter(|(_, p)| p.key_source.token_ttl().is_some())
+                .map(|(r, p)| place(r, p))
+                .collect();
             if !issued.is_empty() {
                 problems.push(StartupError::TokenSecretMissing { routes: issued });
             }
@@ -624,7 +627,9 @@ impl Runtime {
         else {
             return Err(Problem::new(
                 ProblemKind::ScopeNotIssued,
-                format!("No route of this server takes server-issued tokens for the scope `{scope}`; nothing was minted."),
+                format!(
+                    "No route of this server takes server-issued tokens for the scope `{scope}`; nothing was minted."
+                ),
             ));
         };
         let ttl = policy.key_source.token_ttl().unwrap_or_default();
@@ -696,7 +701,8 @@ impl Runtime {
             Ok(verified) => verified,
             Err(e) => {
                 tracing::info!(scope = policy.scope, error = %e, "form token refused");
-                let kind = if e == TokenError::Forbidden { ProblemKind::TokenForbidden } else { ProblemKind::TokenInvalid };
+                let kind =
+                    if e == TokenError::Forbidden { ProblemKind::TokenForbidden } else { ProblemKind::TokenInvalid };
                 let what = match e {
                     TokenError::Malformed => "This form's token is not one this server issues.",
                     TokenError::Forbidden => "This form's token was not issued to you for this form.",
@@ -710,9 +716,8 @@ impl Runtime {
         let holder = tokens.issued_claim(&verified.id);
         let found = self.store.renew(&record, &holder, left);
         match self.bounded(StoreOperation::Renew, found).await {
-            Ok(()) => IdempotencyKey::parse(verified.id.as_bytes()).map_err(|e| {
-                (Problem::new(ProblemKind::KeyInvalid, format!("{e}.")), RequestOutcome::InvalidKey)
-            }),
+            Ok(()) => IdempotencyKey::parse(verified.id.as_bytes())
+                .map_err(|e| (Problem::new(ProblemKind::KeyInvalid, format!("{e}.")), RequestOutcome::InvalidKey)),
             Err(StoreError::Fenced) => {
                 tracing::info!(scope = policy.scope, "form token unknown to the store");
                 let problem = Problem::new(

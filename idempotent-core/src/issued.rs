@@ -153,7 +153,11 @@ impl TokenKey {
         crate::push_hex(&mut token, &id);
         crate::push_hex(&mut token, &expires.to_be_bytes());
         crate::push_hex(&mut token, &tag[..TAG_BYTES]);
-        IssuedToken { id: token[..2 * ID_BYTES].to_owned(), token, expires_at: UNIX_EPOCH + Duration::from_secs(expires) }
+        IssuedToken {
+            id: token[..2 * ID_BYTES].to_owned(),
+            token,
+            expires_at: UNIX_EPOCH + Duration::from_secs(expires),
+        }
     }
 
     /// Checks `token` for `actor` (digest) on `scope` at `now`: its shape, its MAC (in constant
@@ -266,7 +270,8 @@ mod tests {
     #[test]
     fn two_tokens_differ_and_their_issued_claims_differ() {
         let now = SystemTime::now();
-        let (a, b) = (key().mint("a", "s", Duration::from_secs(60), now), key().mint("a", "s", Duration::from_secs(60), now));
+        let (a, b) =
+            (key().mint("a", "s", Duration::from_secs(60), now), key().mint("a", "s", Duration::from_secs(60), now));
         assert_ne!(a.id, b.id);
         assert_ne!(key().issued_claim(&a.id), key().issued_claim(&b.id));
         assert_eq!(key().issued_claim(&a.id), key().issued_claim(&a.id));

@@ -155,7 +155,8 @@ pub(crate) enum TokenFrom {
     Header(LitStr),
 }
 
-const ISSUED_FORM: &str = "expected `issued(ttl = \"15m\", from = form(\"_idem\"))` or `from = header(\"x-form-token\")`";
+const ISSUED_FORM: &str =
+    "expected `issued(ttl = \"15m\", from = form(\"_idem\"))` or `from = header(\"x-form-token\")`";
 
 impl Issued {
     fn parse(input: ParseStream<'_>, key: Span) -> syn::Result<Self> {
@@ -215,7 +216,9 @@ fn token_from(input: ParseStream<'_>) -> syn::Result<TokenFrom> {
     };
     let content;
     syn::parenthesized!(content in input);
-    let name: LitStr = content.parse().map_err(|e| syn::Error::new(e.span(), "expected a name as a string, e.g. `form(\"_idem\")`"))?;
+    let name: LitStr = content
+        .parse()
+        .map_err(|e| syn::Error::new(e.span(), "expected a name as a string, e.g. `form(\"_idem\")`"))?;
     if !content.is_empty() {
         return Err(content.error("expected one name, e.g. `form(\"_idem\")`"));
     }

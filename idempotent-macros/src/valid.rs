@@ -40,7 +40,10 @@ pub(crate) enum KeySource {
     Fields(Vec<FieldPath>),
     Derived,
     /// A server-issued token, valid for the duration, read from a form field or a header.
-    Issued { ttl: Millis, from: TokenFrom },
+    Issued {
+        ttl: Millis,
+        from: TokenFrom,
+    },
 }
 
 /// Mirrors `idempotent_core::policy::ConflictMode`.
@@ -286,7 +289,10 @@ fn validate_policy(args: Args) -> syn::Result<Spec> {
             let route_ttl = ttl.as_ref().map_or(DEFAULT_TTL.0, |t| t.0);
             if let Some((token_ttl, _)) = token_ttl {
                 if token_ttl.0 == 0 {
-                    errors.add(issued.ttl.as_ref().map_or(issued.issued, |t| t.value.span()), "a token `ttl` of zero could never be submitted; use e.g. \"15m\"");
+                    errors.add(
+                        issued.ttl.as_ref().map_or(issued.issued, |t| t.value.span()),
+                        "a token `ttl` of zero could never be submitted; use e.g. \"15m\"",
+                    );
                 } else if token_ttl.0 > route_ttl.0 {
                     errors.add(
                         issued.ttl.as_ref().map_or(issued.issued, |t| t.value.span()),

@@ -89,9 +89,13 @@ async fn start(open: Opener, flags: Arc<Flags>) -> Server {
         runtime.shutdown_background();
     });
     let addr = addr.await.expect("server thread");
-    Server::new(addr, flags, Box::new(move || {
-        let _ = stop.send(());
-    }))
+    Server::new(
+        addr,
+        flags,
+        Box::new(move || {
+            let _ = stop.send(());
+        }),
+    )
 }
 
 idempotent_tests::issued_conformance_tests!(start);

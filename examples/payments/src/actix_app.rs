@@ -4,6 +4,7 @@
 //! error bodies are shared with the axum binary.
 
 use crate::api::{done, ApiError, Caller, DemoProblem, MAX_BODY, PROBLEM_CONTENT_TYPE};
+use crate::checkout::{self, CheckoutForm};
 use crate::cli::SHUTDOWN_GRACE;
 use crate::config::Config;
 use crate::deposits::{CreateDeposit, Deposits};
@@ -14,7 +15,6 @@ use actix_web::dev::{Payload, Server};
 use actix_web::error::{InternalError, JsonPayloadError};
 use actix_web::http::{header, StatusCode};
 use actix_web::{get, post, web, App, FromRequest, HttpMessage, HttpRequest, HttpResponse, HttpServer, ResponseError};
-use crate::checkout::{self, CheckoutForm};
 use idempotent_actix::{
     health, idempotent, mint_token, policy_report, record_status, Actor, Fence, Idempotency, Mint, Tx,
 };
@@ -120,7 +120,10 @@ async fn login(request: HttpRequest) -> HttpResponse {
             .insert_header((header::SET_COOKIE, checkout::session_cookie(&account)))
             .insert_header((header::LOCATION, "/checkout"))
             .finish(),
-        None => html(400, checkout::error_page(400, "Login", "Log in with ?account=ACCT: 1 to 64 letters, digits, `_` or `-`.")),
+        None => html(
+            400,
+            checkout::error_page(400, "Login", "Log in with ?account=ACCT: 1 to 64 letters, digits, `_` or `-`."),
+        ),
     }
 }
 
@@ -157,7 +160,11 @@ pub async fn submit_checkout(
 
 /// `GET /checkout/receipt/{id}`: the caller's payment.
 #[get("/checkout/receipt/{id}")]
-async fn receipt(CheckoutCaller(account): CheckoutCaller, app: web::Data<AppState>, id: web::Path<String>) -> HttpResponse {
+async fn receipt(
+    CheckoutCaller(account): CheckoutCaller,
+    app: web::Data<AppState>,
+    id: web::Path<String>,
+) -> HttpResponse {
     match app.bank.payment(&account, &id) {
         Some(payment) => html(200, checkout::receipt_page(&payment)),
         None => html(404, checkout::error_page(404, "No such payment", &format!("You have no payment `{id}`."))),

@@ -1,6 +1,7 @@
 //! The demo on axum: routes, authentication and error responses.
 
 use crate::api::{done, ApiError, Caller, DemoProblem, PROBLEM_CONTENT_TYPE};
+use crate::checkout::{self, CheckoutForm};
 use crate::cli::SHUTDOWN_GRACE;
 use crate::config::Config;
 use crate::deposits::{CreateDeposit, Deposits};
@@ -10,11 +11,10 @@ use crate::webhooks;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, request::Parts, HeaderValue, StatusCode};
+use axum::response::Html;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::response::Html;
 use axum::{Form, Json, Router};
-use crate::checkout::{self, CheckoutForm};
 use idempotent_axum::enforce::Enforce;
 use idempotent_axum::{
     health, idempotent, mint_token, policy_report, record_status, Actor, Fence, Idempotency, Mint, Tx,
@@ -166,7 +166,10 @@ async fn login(uri: axum::http::Uri) -> Response {
             [(header::SET_COOKIE, checkout::session_cookie(&account)), (header::LOCATION, "/checkout".to_owned())],
         )
             .into_response(),
-        None => html(400, checkout::error_page(400, "Login", "Log in with ?account=ACCT: 1 to 64 letters, digits, `_` or `-`.")),
+        None => html(
+            400,
+            checkout::error_page(400, "Login", "Log in with ?account=ACCT: 1 to 64 letters, digits, `_` or `-`."),
+        ),
     }
 }
 
@@ -201,7 +204,11 @@ pub async fn submit_checkout(
 }
 
 /// `GET /checkout/receipt/{id}`: the caller's payment.
-async fn receipt(CheckoutCaller(account): CheckoutCaller, State(app): State<AppState>, Path(id): Path<String>) -> Response {
+async fn receipt(
+    CheckoutCaller(account): CheckoutCaller,
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Response {
     match app.bank.payment(&account, &id) {
         Some(payment) => html(200, checkout::receipt_page(&payment)),
         None => html(404, checkout::error_page(404, "No such payment", &format!("You have no payment `{id}`."))),

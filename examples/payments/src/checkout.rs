@@ -161,14 +161,16 @@ pub fn submit(bank: &crate::domain::Bank, outage: &Outage, account: &str, form: 
         body: error_page(status, title, detail),
     };
     if outage.fails() {
-        return failed(500, "Payment failed", "The payment provider did not answer; nothing was charged. Submit the form again.");
+        return failed(
+            500,
+            "Payment failed",
+            "The payment provider did not answer; nothing was charged. Submit the form again.",
+        );
     }
     match crate::api::done(bank.create_payment(account, form.into())) {
-        Ok(payment) => Answer {
-            status: 303,
-            location: Some(format!("/checkout/receipt/{}", payment.id)),
-            body: String::new(),
-        },
+        Ok(payment) => {
+            Answer { status: 303, location: Some(format!("/checkout/receipt/{}", payment.id)), body: String::new() }
+        }
         Err(crate::api::ApiError::Invalid(e)) => failed(422, "Payment refused", &e.0),
         Err(e) => failed(e.status(), "Payment failed", &format!("{e}. Submit the form again.")),
     }

@@ -34,15 +34,15 @@ impl Checkout {
         let dir = common::dir("browser", &format!("{framework}-{scenario}"));
         let ledger = dir.join("ledger.jsonl");
         let mut cmd = Command::new(bin);
-        cmd.env("PAYMENTS_LEDGER", &ledger).env("IDEMPOTENCY_STORE", format!("sqlite:{}", dir.join("idem.db").display()));
+        cmd.env("PAYMENTS_LEDGER", &ledger)
+            .env("IDEMPOTENCY_STORE", format!("sqlite:{}", dir.join("idem.db").display()));
         for (name, value) in env {
             cmd.env(name, value);
         }
         let demo = idempotent_tests::process::DemoProcess::start(cmd);
         let account = format!("shopper_{framework}_{}", scenario.replace('-', "_"));
         let base = format!("http://{}", demo.addr);
-        let checkout =
-            Self { base, ledger, account, name: format!("{framework}-{scenario}"), browser, _demo: demo };
+        let checkout = Self { base, ledger, account, name: format!("{framework}-{scenario}"), browser, _demo: demo };
         checkout.goto(&format!("/login?account={}", checkout.account)).await;
         checkout.element("pay").await;
         assert!(checkout.url().await.ends_with("/checkout"), "login lands on the form");

@@ -143,7 +143,8 @@ impl Incoming {
             return Ok(None);
         }
         let pairs = crate::fingerprint::form_pairs(&self.body);
-        let values: Vec<&[u8]> = pairs.iter().filter(|(n, _)| n == name.as_bytes()).map(|(_, v)| v.as_slice()).collect();
+        let values: Vec<&[u8]> =
+            pairs.iter().filter(|(n, _)| n == name.as_bytes()).map(|(_, v)| v.as_slice()).collect();
         match values.as_slice() {
             [] => Ok(None),
             [value] => IdempotencyKey::parse(value).map(Some),
@@ -282,11 +283,7 @@ impl<H: RequestHead> Context<H> {
             }
             KeySource::Issued { from: TokenField::Form(name), .. } => self.incoming.form_field(name),
         };
-        Caller {
-            key,
-            actor: identify_actor(config, &self.head, self.actor.as_ref()),
-            html: accepts_html(&self.head),
-        }
+        Caller { key, actor: identify_actor(config, &self.head, self.actor.as_ref()), html: accepts_html(&self.head) }
     }
 
     /// The protected request's task, once its handler's response is known: `handler` is the
@@ -351,7 +348,9 @@ macro_rules! __adapter_types {
             pub use crate::{Context, Protected};
             pub use ::core::time::Duration;
             pub use $crate::inventory;
-            pub use $crate::policy::{ConflictMode, Identity, KeyRequirement, KeySource, Part, Policy, StoredOutcomes, TokenField};
+            pub use $crate::policy::{
+                ConflictMode, Identity, KeyRequirement, KeySource, Part, Policy, StoredOutcomes, TokenField,
+            };
             pub use $crate::protocol::field::{Field, KeyField, PlainField, SetField};
             pub use $crate::registry::{Framework, RouteRecord, Site};
             /// The framework's response, which a protected handler returns.
@@ -530,11 +529,8 @@ where
     // Without a key on a route whose key is optional the request runs unprotected: no namespace
     // is needed, so a missing actor is no reason to refuse it.
     let unprotected = matches!(caller.key, Ok(None)) && policy.key == crate::policy::KeyRequirement::Optional;
-    let page = runtime
-        .config()
-        .problem_page
-        .as_ref()
-        .filter(|_| caller.html && policy.key_source.token_ttl().is_some());
+    let page =
+        runtime.config().problem_page.as_ref().filter(|_| caller.html && policy.key_source.token_ttl().is_some());
     let problem_answer = |problem: &Problem| match page {
         Some(page) => page_response(page, problem),
         None => problem_response(problem),
