@@ -201,20 +201,35 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
 /// expired, instead of filling the store with issued records.
 #[derive(Debug, Default)]
 pub struct Quota {
-    live: Mutex<HashMap<String, Vec<SystemTime>>>,
+    live: Mutex<Live>,
 }
+
+#[derive(Debug, Default)]
+struct Live {
+    by_actor: HashMap<String, Vec<SystemTime>>,
+    /// Mints since the last sweep of every caller.
+    since_sweep: usize,
+}
+
+/// Every this many mints, callers whose tokens all expired are forgotten.
+const SWEEP_EVERY: usize = 1024;
 
 impl Quota {
     /// Counts one more token of `actor` expiring at `expires_at`, unless it already holds `quota`
     /// live ones at `now`: then `Err` with the time until its first one expires.
     pub fn admit(&self, actor: &str, quota: usize, now: SystemTime, expires_at: SystemTime) -> Result<(), Duration> {
         let mut live = self.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Callers whose tokens all expired are forgotten, so the map holds only live callers.
-        live.retain(|_, expiries| {
-            expiries.retain(|e| *e > now);
-            !expiries.is_empty()
-        });
-        let expiries = live.entry(actor.to_owned()).or_default();
+        live.since_sweep += 1;
+        if live.since_sweep >= SWEEP_EVERY {
+            // Callers whose tokens all expired are forgotten, so the map holds live callers only.
+            live.since_sweep = 0;
+            live.by_actor.retain(|_, expiries| {
+                expiries.retain(|e| *e > now);
+                !expiries.is_empty()
+            });
+        }
+        let expiries = live.by_actor.entry(actor.to_owned()).or_default();
+        expiries.retain(|e| *e > now);
         if expiries.len() >= quota {
             let first = expiries.iter().min().copied().unwrap_or(now);
             return Err(first.duration_since(now).unwrap_or_default());
@@ -287,5 +302,17 @@ mod tests {
         assert_eq!(q.admit("a", 2, now, at(30)), Err(Duration::from_secs(10)));
         assert!(q.admit("b", 2, now, at(30)).is_ok(), "another caller has its own share");
         assert!(q.admit("a", 2, at(11), at(40)).is_ok(), "an expired token gives its place back");
+    }
+
+    #[test]
+    fn callers_whose_tokens_expired_are_forgotten() {
+        let q = Quota::default();
+        let now = SystemTime::now();
+        for i in 0..SWEEP_EVERY - 1 {
+            q.admit(&format!("caller-{i}"), 1, now, now + Duration::from_secs(1)).unwrap();
+        }
+        let later = now + Duration::from_secs(2);
+        q.admit("last", 1, later, later + Duration::from_secs(1)).unwrap();
+        assert_eq!(q.live.lock().unwrap().by_actor.len(), 1, "only the live caller is kept");
     }
 }
