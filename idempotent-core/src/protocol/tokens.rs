@@ -120,11 +120,8 @@ mod tests {
     }
 
     async fn submit(rt: &Runtime, actor: &str, token: &str, html: bool) -> (u16, String) {
-        let caller = Caller {
-            key: IdempotencyKey::parse(token.as_bytes()).map(Some),
-            actor: Ok(Some(actor.to_owned())),
-            html,
-        };
+        let caller =
+            Caller { key: IdempotencyKey::parse(token.as_bytes()).map(Some), actor: Ok(Some(actor.to_owned())), html };
         let fp = Incoming::new("POST", Some("/t")).fingerprint(&ISSUED, Ok);
         let response =
             respond(rt, &ISSUED, caller, fp, async { http::Response::new(Full::new(Bytes::from_static(b"ran"))) })
@@ -187,7 +184,12 @@ mod tests {
         };
         let errors = |p: Policy| {
             let record = RouteRecord::protected(p, "h", "f.rs", 1, Framework::Axum);
-            crate::registry::validate(&[&record]).err().unwrap_or_default().iter().map(|e| e.to_string()).collect::<Vec<_>>()
+            crate::registry::validate(&[&record])
+                .err()
+                .unwrap_or_default()
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
         };
         assert!(errors(issued(3600, 900, KeyRequirement::Required)).is_empty());
         assert!(errors(issued(600, 900, KeyRequirement::Required))[0].contains("make ttl at least the token's ttl"));
@@ -198,7 +200,9 @@ mod tests {
     #[test]
     fn the_token_is_read_from_a_form_body_once() {
         let form = |body: &'static str, content_type: &'static [u8]| {
-            Incoming::new("POST", None).body(Some(content_type), Bytes::from_static(body.as_bytes())).form_field("_idem")
+            Incoming::new("POST", None)
+                .body(Some(content_type), Bytes::from_static(body.as_bytes()))
+                .form_field("_idem")
         };
         let urlencoded = b"application/x-www-form-urlencoded; charset=utf-8".as_slice();
         assert_eq!(form("a=1&_idem=abc", urlencoded).unwrap().unwrap().as_str(), "abc");
