@@ -50,7 +50,7 @@ impl RequestHead for Request {
 /// runtime tracks the task, so [`Idempotency::drain`] waits for it at shutdown, and it runs in the
 /// request's `idempotent.request` span, a child of the span current here. The key
 /// and actor are read here, once every extractor of the handler has run, so an authentication
-/// extractor anywhere in the argument list can set an [`Actor`] first.
+/// extractor anywhere in the argument list can set an [`Actor`](crate::Actor) first.
 pub async fn run<F, T>(
     context: Context,
     policy: &'static Policy,
@@ -77,7 +77,7 @@ pub async fn policy_report(request: HttpRequest) -> HttpResponse {
 
 /// Handler of `GET /_idempotency/records/{scope}/{key}`: the caller's own record of `key` on
 /// `scope` (state, stored status, times), 404 for any other caller's. The caller is known by the
-/// same rule as on protected routes ([`protocol::identify_actor`]): an [`Actor`] in the
+/// same rule as on protected routes ([`protocol::identify_actor`]): an [`Actor`](crate::Actor) in the
 /// request's extensions (set by the application's authentication middleware, or by an extractor
 /// of a handler that calls this one after it: `async fn mine(_: Authenticated, r: HttpRequest)
 /// -> HttpResponse { record_status(r).await }`), then the configured source:

@@ -54,11 +54,11 @@ pub async fn policy_report(uri: http::Uri) -> Response {
 
 /// Handler of `GET /_idempotency/records/{scope}/{key}`: the caller's own record of `key` on
 /// `scope` (state, stored status, times), 404 for any other caller's. The caller is known by the
-/// same rule as on protected routes ([`protocol::identify_actor`]): an [`Actor`] in the request's
+/// same rule as on protected routes ([`protocol::identify_actor`]): an [`Actor`](crate::Actor) in the request's
 /// extensions, set by the application's authentication middleware, else the configured actor
 /// source. Mount it below [`Idempotency::layer`]:
 /// `.route("/_idempotency/records/{scope}/{key}", get(record_status))`. An application whose
-/// authentication is an extractor that inserts the [`Actor`] calls it from a handler of its own,
+/// authentication is an extractor that inserts the [`Actor`](crate::Actor) calls it from a handler of its own,
 /// after that extractor:
 ///
 /// ```

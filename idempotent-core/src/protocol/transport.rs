@@ -173,7 +173,7 @@ pub fn encoded(head: &dyn RequestHead) -> bool {
 }
 
 /// A request body stream whose chunks are kept as they pass: the body read once for two readers,
-/// the identity (which may read it decoded) and the body extractor (which gets [`Tee::raw`], the
+/// the identity (which may read it decoded) and the body extractor (which gets [`TeeKept::raw`], the
 /// bytes as they came, under the request's own headers).
 #[derive(Debug)]
 pub struct Tee<S> {
