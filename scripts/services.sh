@@ -151,3 +151,11 @@ if ! st_up; then
   pip_install || pip_install --break-system-packages || true
 fi
 st_up && log "schemathesis is installed" || log "schemathesis is NOT available"
+# --- a real browser ------------------------------------------------------------------------
+# examples/payments/tests/checkout_browser.rs drives headless Chromium through chromedriver (both
+# from Debian's packages; tests/src/browser.rs installs them too when missing). It skips loudly
+# without them, and fails under CI=true.
+if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then
+  apt_install chromium chromium-driver
+fi
+command -v chromedriver >/dev/null 2>&1 && log "chromium and chromedriver are installed" || log "chromium is NOT available"

@@ -119,3 +119,12 @@ impl<T: Default> FromRequest for crate::Scoped<T> {
         ready(Ok(Self::default()))
     }
 }
+
+impl FromRequest for crate::Mint {
+    type Error = std::convert::Infallible;
+    type Future = Ready<Result<Self, Self::Error>>;
+
+    fn from_request(request: &HttpRequest, _: &mut Payload) -> Self::Future {
+        ready(Ok(Self(protocol::tokens::Minter::of(&Request(request.clone())))))
+    }
+}

@@ -100,6 +100,6 @@ pub use idempotent_core as core;
 pub use idempotent_core::actor::{Actor, ActorSource};
 pub use idempotent_core::engine::StartupError;
 pub use idempotent_macros::idempotent_actix as idempotent;
-pub use runtime::{health, policies_command, policy_report, record_status, render_problem, Request};
+pub use runtime::{health, mint_token, policies_command, policy_report, record_status, render_problem, Request};
 
 idempotent_core::__adapter_types!(Actix, runtime::Request, ::actix_web::HttpResponse);

@@ -7,7 +7,8 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse, Responder};
 use bytes::Bytes;
 use idempotent_core::protocol::{
-    self, status, Fingerprint, FingerprintError, Framework, Policy, Problem, RequestHead, ResponseBody, Runtime, Site,
+    self, status, tokens, Fingerprint, FingerprintError, Framework, Policy, Problem, RequestHead, ResponseBody,
+    Runtime, Site,
 };
 use std::future::Future;
 use std::pin::Pin;
@@ -86,6 +87,23 @@ pub async fn record_status(request: HttpRequest) -> HttpResponse {
     let param = |name| protocol::decode_partly_encoded(request.match_info().get(name).unwrap_or_default()).into_owned();
     let (scope, key) = (param("scope"), param("key"));
     reply(status::record_status_of(&Request(request), &scope, &key).await)
+}
+
+/// Handler of `POST /_idempotency/tokens` (`.route("/_idempotency/tokens",
+/// web::post().to(mint_token))`, where the runtime is installed, after the application's
+/// authentication): body `{"scope": ".."}`, 201 `{"scope", "token", "expires_at"}` for the
+/// caller, for a script to send as the form field or header of a route declared
+/// `key = issued(..)`. Never cached; a body over 4 KiB is 413. It is exempt from enforcement: a
+/// retried mint mints another token, bounded by the caller's quota. See
+/// [`protocol::tokens::mint_of`] for the answers.
+pub async fn mint_token(request: HttpRequest, body: web::Payload) -> HttpResponse {
+    protocol::transport::exempt(actix_web::HttpMessage::extensions(&request).get());
+    let body = match body.to_bytes_limited(4096).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(e)) => return reply(protocol::body_problem(false, &e)),
+        Err(e) => return reply(protocol::body_problem(true, &e)),
+    };
+    reply(tokens::mint_of(&Request(request), &body).await)
 }
 
 /// Handler of a health check (`.route("/healthz", web::get().to(health))`): 200 when the

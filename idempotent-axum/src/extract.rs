@@ -123,3 +123,11 @@ impl<S: Send + Sync> FromRequestParts<S> for Exempt {
         Ok(Exempt)
     }
 }
+
+impl<S: Send + Sync> FromRequestParts<S> for crate::Mint {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(idempotent_core::protocol::tokens::Minter::of(&View { parts, params: None })))
+    }
+}

@@ -75,6 +75,6 @@ pub use idempotent_core as core;
 pub use idempotent_core::actor::{Actor, ActorSource};
 pub use idempotent_core::engine::StartupError;
 pub use idempotent_macros::idempotent_axum as idempotent;
-pub use runtime::{health, policies_command, policy_report, record_status, render_problem};
+pub use runtime::{health, mint_token, policies_command, policy_report, record_status, render_problem};
 
 idempotent_core::__adapter_types!(Axum, http::HeaderMap, ::axum::response::Response);

@@ -6,7 +6,7 @@ use axum::body::Body;
 use axum::extract::{FromRequestParts, RawPathParams, Request};
 use axum::response::{IntoResponse, Response};
 use idempotent_core::protocol::{
-    self, status, Fingerprint, FingerprintError, Framework, Policy, Problem, ResponseBody, Runtime, Site,
+    self, status, tokens, Fingerprint, FingerprintError, Framework, Policy, Problem, ResponseBody, Runtime, Site,
 };
 use std::future::Future;
 
@@ -87,6 +87,22 @@ pub async fn record_status(request: Request) -> Response {
     let param = |name: &str| params.iter().find(|(n, _)| *n == name).map(|(_, v)| v.to_owned()).unwrap_or_default();
     let (scope, key) = (param("scope"), param("key"));
     status::record_status_of(&View { parts: &parts, params: None }, &scope, &key).await.map(Body::from)
+}
+
+/// Handler of `POST /_idempotency/tokens` (`.route("/_idempotency/tokens", post(mint_token))`,
+/// below [`Idempotency::layer`] and the application's authentication): body `{"scope": ".."}`,
+/// 201 `{"scope", "token", "expires_at"}` for the caller, for a script to send as the form field
+/// or header of a route declared `key = issued(..)`. Never cached; a body over 4 KiB is 413. It
+/// is exempt from enforcement: a retried mint mints another token, bounded by the caller's
+/// quota. See [`protocol::tokens::mint_of`] for the answers.
+pub async fn mint_token(request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    idempotent_core::protocol::transport::exempt(parts.extensions.get());
+    let body = match axum::body::to_bytes(body, 4096).await {
+        Ok(body) => body,
+        Err(e) => return protocol::transport::unreadable_body::<http_body_util::LengthLimitError>(&e).map(Body::from),
+    };
+    tokens::mint_of(&View { parts: &parts, params: None }, &body).await.map(Body::from)
 }
 
 /// Handler of a health check (`.route("/healthz", get(health))`, below [`Idempotency::layer`]):

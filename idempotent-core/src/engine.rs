@@ -144,6 +144,30 @@ pub struct Config {
     /// status and message, instead of its framework's plain text: see
     /// [`crate::protocol::rejection`].
     pub rejections: Option<&'static str>,
+    /// The secret server-issued tokens are minted and verified under (see [`crate::issued`]);
+    /// required when a route declares `key = issued(..)`.
+    pub tokens: Option<crate::issued::TokenKey>,
+    /// How many live (unexpired) tokens one caller may hold, per process, before minting answers
+    /// 429 (default [`DEFAULT_TOKEN_QUOTA`]).
+    pub token_quota: usize,
+    /// How the problems of issued routes are rendered for browsers (requests that accept
+    /// `text/html`); `None` answers them problem+json like every other route.
+    pub problem_page: Option<ProblemPage>,
+}
+
+/// Default of [`Config::token_quota`]: 100 live tokens per caller.
+pub const DEFAULT_TOKEN_QUOTA: usize = 100;
+
+/// The application's page for a problem of a route whose key is a server-issued token, answered
+/// to browsers instead of problem+json: the function returns the page's HTML, sent with the
+/// problem's status (a link to a fresh form belongs on it). Cheap to clone.
+#[derive(Clone)]
+pub struct ProblemPage(pub Arc<dyn Fn(&Problem) -> String + Send + Sync>);
+
+impl std::fmt::Debug for ProblemPage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProblemPage(..)")
+    }
 }
 
 impl Default for Config {
@@ -159,6 +183,9 @@ impl Default for Config {
             digests: DigestKey::default(),
             anonymous_record_status: false,
             rejections: None,
+            tokens: None,
+            token_quota: DEFAULT_TOKEN_QUOTA,
+            problem_page: None,
         }
     }
 }
@@ -243,6 +270,8 @@ pub struct Runtime {
     tasks: TaskTracker,
     /// How long each scope's handlers take, for the `Retry-After` of a 409.
     durations: Arc<Durations>,
+    /// Live server-issued tokens per caller.
+    minted: Arc<crate::issued::Quota>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -274,6 +303,13 @@ pub enum StartupError {
     /// another's response.
     #[error("no actor source chosen, so every caller of these routes would share one key namespace (one caller's key could replay another's response). Choose one on the builder: `.actor(ActorSource::BearerToken)`, `.actor(ActorSource::Header(..))` or `.actor(ActorSource::custom(..))` (an `Actor` your authentication sets on the request wins over it), or `.actor(ActorSource::Anonymous)` on purpose for a service whose callers all trust each other:\n{}", .routes.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
     ActorSourceNotChosen {
+        /// `scope (handler at file:line)`, one per route.
+        routes: Vec<String>,
+    },
+    /// Routes whose key is a server-issued token on a runtime built without the secret to mint
+    /// and verify tokens under.
+    #[error("these routes take server-issued tokens, but no token secret was given: call `.token_secret(..)` on the builder with 32 random bytes or more, the same on every instance sharing the store:\n{}", .routes.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    TokenSecretMissing {
         /// `scope (handler at file:line)`, one per route.
         routes: Vec<String>,
     },
@@ -416,6 +452,31 @@ impl<A: Adapter> Builder<A> {
         self
     }
 
+    /// The secret server-issued tokens are minted and verified under (HMAC-SHA256; 32 random
+    /// bytes or more, the same on every instance sharing the store): required when a route
+    /// declares `key = issued(..)`. See [`crate::issued`].
+    pub fn token_secret(mut self, secret: impl AsRef<[u8]>) -> Self {
+        self.config.tokens = Some(crate::issued::TokenKey::new(secret));
+        self
+    }
+
+    /// How many live tokens one caller may hold per process before minting answers 429 (default
+    /// [`DEFAULT_TOKEN_QUOTA`]).
+    pub fn token_quota(mut self, quota: usize) -> Self {
+        self.config.token_quota = quota;
+        self
+    }
+
+    /// Renders the problems of routes whose key is a server-issued token as the application's
+    /// own HTML page, for requests that accept `text/html` (a browser submitting a form):
+    /// `page` gets the problem (its `status`, `type_uri` and `detail`) and returns the page,
+    /// sent with the problem's status and `Cache-Control: no-store`. JSON clients still get
+    /// problem+json.
+    pub fn problem_page(mut self, page: impl Fn(&Problem) -> String + Send + Sync + 'static) -> Self {
+        self.config.problem_page = Some(ProblemPage(Arc::new(page)));
+        self
+    }
+
     /// What to do with transactional routes when the store cannot run transactions (default:
     /// refuse to start; see [`WithoutTransactions`]).
     pub fn without_transactions(mut self, choice: WithoutTransactions) -> Self {
@@ -435,7 +496,7 @@ impl Runtime {
     pub fn new(store: Arc<dyn Store>, config: Config) -> Self {
         telemetry::describe();
         let durations = Arc::new(Durations::for_scopes(registry::routes().iter().filter_map(|r| r.scope())));
-        Self { store, config: Arc::new(config), tasks: TaskTracker::new(), durations }
+        Self { store, config: Arc::new(config), tasks: TaskTracker::new(), durations, minted: Arc::default() }
     }
 
     /// What an adapter's `build` does: checks the settings and validates the routes registered
@@ -479,6 +540,16 @@ impl Runtime {
                 protected.iter().filter(|(_, p)| p.transactional).map(|(r, p)| place(r, p)).collect();
             if !transactional.is_empty() {
                 problems.push(StartupError::NoTransactions { store: store.name(), routes: transactional });
+            }
+        }
+        if config.tokens.is_none() {
+            let issued: Vec<String> = protected
+                .iter()
+                .filter(|(_, p)| p.key_source.token_ttl().is_some())
+                .map(|(r, p)| place(r, p))
+                .collect();
+            if !issued.is_empty() {
+                problems.push(StartupError::TokenSecretMissing { routes: issued });
             }
         }
         if !actor_chosen && !protected.is_empty() {
@@ -550,6 +621,133 @@ impl Runtime {
     /// Whether the store answers ([`Store::health`]) within [`Config::store_timeout`].
     pub async fn health(&self) -> Result<(), StoreError> {
         self.bounded(StoreOperation::Health, self.store.health()).await
+    }
+
+    /// Mints a token for `actor` (`None`: anonymous) on `scope`, for a form being rendered or the
+    /// mint endpoint: checks that a protected route declares `scope` with `key = issued(..)`,
+    /// takes one of the caller's [`Config::token_quota`], and records the token as issued in the
+    /// store for its ttl (one claim round trip) before handing it out.
+    ///
+    /// Errors are problems to answer: 404 `scope-not-issued`, 429 `quota-exceeded` (the caller's
+    /// share here or in the store), 503 `store-unavailable`, 500 when no token secret is set.
+    pub async fn mint(&self, scope: &str, actor: Option<&str>) -> Result<crate::issued::IssuedToken, Problem> {
+        let routes = registry::routes();
+        let Some(policy) = routes
+            .iter()
+            .filter_map(|r| r.policy.as_ref())
+            .find(|p| p.scope == scope && p.key_source.token_ttl().is_some())
+        else {
+            return Err(Problem::new(
+                ProblemKind::ScopeNotIssued,
+                format!(
+                    "No route of this server takes server-issued tokens for the scope `{scope}`; nothing was minted."
+                ),
+            ));
+        };
+        let ttl = policy.key_source.token_ttl().unwrap_or_default();
+        let Some(tokens) = &self.config.tokens else {
+            tracing::error!(scope, "a token was asked for, but the runtime has no token secret");
+            return Err(Problem::new(
+                ProblemKind::Misconfigured,
+                "The server has no secret to mint form tokens under; this is a server configuration bug.",
+            ));
+        };
+        let digest = actor.map(|a| self.config.digests.actor(a)).unwrap_or_default();
+        let now = std::time::SystemTime::now();
+        let token = tokens.mint(&digest, policy.scope, ttl, now);
+        if let Err(retry_after) = self.minted.admit(&digest, self.config.token_quota, now, token.expires_at) {
+            return Err(Problem::new(
+                ProblemKind::QuotaExceeded,
+                "You hold as many unsubmitted form tokens as this server issues to one caller; submit or abandon a form and retry later.",
+            )
+            .with_retry_after(retry_after));
+        }
+        let record = self.record_key(policy.scope, actor, &format!("{}{}", crate::issued::ISSUED_PREFIX, token.id));
+        let issued = crate::fingerprint::FingerprintBuilder::new(policy.scope).method("ISSUE").finish();
+        let holder = tokens.issued_claim(&token.id);
+        let claim = self.store.claim_as(&record, &issued, ttl, &holder);
+        match self.bounded(StoreOperation::Claim, claim).await {
+            Ok(Claim::Acquired(_)) => Ok(token),
+            Ok(other) => {
+                // 128 random bits met a record of their own: not something to hand out.
+                tracing::error!(scope, answer = ?other, "a new token's issued record already existed");
+                Err(Problem::new(ProblemKind::Misconfigured, "The server could not mint a form token; retry."))
+            }
+            Err(StoreError::QuotaExceeded { retry_after }) => Err(Problem::new(
+                ProblemKind::QuotaExceeded,
+                "You hold as many records as this server keeps for one caller; nothing was minted. Retry later.",
+            )
+            .with_retry_after(retry_after)),
+            Err(e) => {
+                tracing::warn!(scope, error = %e, "could not record a minted token");
+                Err(Problem::new(
+                    ProblemKind::StoreUnavailable,
+                    "The server cannot issue form tokens right now; load the form again later.",
+                )
+                .with_retry_after(self.config.store_retry_after))
+            }
+        }
+    }
+
+    /// The key of an issued route's request: `token` checked for `actor` on `policy`'s scope by
+    /// its MAC and expiry (no store round trip), then found as issued in the store (one renewal
+    /// of its issued record, which writes no state). A problem and how it counts when refused.
+    async fn redeem(
+        &self,
+        policy: &Policy,
+        actor: Option<&str>,
+        token: &IdempotencyKey,
+    ) -> Result<IdempotencyKey, (Problem, RequestOutcome)> {
+        use crate::issued::TokenError;
+        let Some(tokens) = &self.config.tokens else {
+            let problem = Problem::new(
+                ProblemKind::Misconfigured,
+                "The server has no secret to verify form tokens under; this is a server configuration bug.",
+            );
+            return Err((problem, RequestOutcome::InvalidKey));
+        };
+        let digest = actor.map(|a| self.config.digests.actor(a)).unwrap_or_default();
+        let now = std::time::SystemTime::now();
+        let fresh = "Load the form again to get a fresh one; nothing was executed.";
+        let verified = match tokens.verify(token.as_str(), &digest, policy.scope, now) {
+            Ok(verified) => verified,
+            Err(e) => {
+                tracing::info!(scope = policy.scope, error = %e, "form token refused");
+                let kind =
+                    if e == TokenError::Forbidden { ProblemKind::TokenForbidden } else { ProblemKind::TokenInvalid };
+                let what = match e {
+                    TokenError::Malformed => "This form's token is not one this server issues.",
+                    TokenError::Forbidden => "This form's token was not issued to you for this form.",
+                    TokenError::Expired => "This form has expired.",
+                };
+                return Err((Problem::new(kind, format!("{what} {fresh}")), RequestOutcome::InvalidKey));
+            }
+        };
+        let record = self.record_key(policy.scope, actor, &format!("{}{}", crate::issued::ISSUED_PREFIX, verified.id));
+        let left = verified.expires_at.duration_since(now).unwrap_or_default().max(Duration::from_secs(1));
+        let holder = tokens.issued_claim(&verified.id);
+        let found = self.store.renew(&record, &holder, left);
+        match self.bounded(StoreOperation::Renew, found).await {
+            Ok(()) => IdempotencyKey::parse(verified.id.as_bytes())
+                .map_err(|e| (Problem::new(ProblemKind::KeyInvalid, format!("{e}.")), RequestOutcome::InvalidKey)),
+            Err(StoreError::Fenced) => {
+                tracing::info!(scope = policy.scope, "form token unknown to the store");
+                let problem = Problem::new(
+                    ProblemKind::TokenInvalid,
+                    format!("This form's token is no longer known to the server. {fresh}"),
+                );
+                Err((problem, RequestOutcome::InvalidKey))
+            }
+            Err(e) => {
+                tracing::warn!(scope = policy.scope, error = %e, "could not look the form token up; failing closed");
+                let problem = Problem::new(
+                    ProblemKind::StoreUnavailable,
+                    "The server cannot guarantee this form is submitted only once right now; nothing was executed. Submit it again later.",
+                )
+                .with_retry_after(self.config.store_retry_after);
+                Err((problem, RequestOutcome::StoreUnavailable))
+            }
+        }
     }
 
     /// Runs one request through the state machine; `handler` is polled at most once per call and
@@ -625,6 +823,10 @@ impl Runtime {
                         "This operation takes its idempotency key from the {}, which the request did not carry.",
                         policy.key_source.describe(&self.config.header_name)
                     ),
+                    KeySource::Issued { from, .. } => format!(
+                        "This form carries no token (the {}). Load the form again to get a fresh one; nothing was executed.",
+                        from.describe()
+                    ),
                     _ => format!(
                         "This operation requires an `{}` header: send a unique value (e.g. a UUID) and reuse it when you retry.",
                         self.config.header_name
@@ -634,6 +836,13 @@ impl Runtime {
                 return (Outcome::Problem(problem), Some(RequestOutcome::MissingKey));
             }
             Ok(Some(k)) => k,
+        };
+        let key = match policy.key_source {
+            KeySource::Issued { .. } => match self.redeem(policy, request.actor.as_deref(), &key).await {
+                Ok(key) => key,
+                Err((problem, counted)) => return (Outcome::Problem(problem), Some(counted)),
+            },
+            _ => key,
         };
         let fingerprint = match request.fingerprint {
             Ok(fp) => fp,
@@ -676,10 +885,11 @@ impl Runtime {
                 }
                 Ok(Claim::Mismatch) => {
                     tracing::info!(scope = policy.scope, "key already used with a different request; answering 422");
-                    let problem = Problem::new(
-                        ProblemKind::KeyReused,
-                        "This idempotency key was already used with a different request. Use a new key for a new request, or resend the original request unchanged.",
-                    );
+                    let detail = match policy.key_source {
+                        KeySource::Issued { .. } => "This form was already submitted with other values, and its outcome stands. Load the form again to make a new submission.",
+                        _ => "This idempotency key was already used with a different request. Use a new key for a new request, or resend the original request unchanged.",
+                    };
+                    let problem = Problem::new(ProblemKind::KeyReused, detail);
                     return (Outcome::Problem(problem), Some(RequestOutcome::Mismatch));
                 }
                 Ok(Claim::InProgress { retry_after }) => {

@@ -340,7 +340,7 @@ fn is_json_media_type(media: &str) -> bool {
 /// The decoded pairs of an `application/x-www-form-urlencoded` string, sorted by (name bytes,
 /// value bytes). Splits like `form_urlencoded::parse` but keeps the decoded bytes instead of
 /// replacing invalid UTF-8 with U+FFFD (see the module docs).
-fn form_pairs(input: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+pub(crate) fn form_pairs(input: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = input
         .split(|&b| b == b'&')
         .filter(|piece| !piece.is_empty())

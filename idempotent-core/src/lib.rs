@@ -113,6 +113,7 @@ pub mod digest;
 pub mod enforce;
 pub mod engine;
 pub mod fingerprint;
+pub mod issued;
 pub mod key;
 #[cfg(feature = "utoipa")]
 pub mod openapi;

@@ -142,7 +142,10 @@ fn document_operation(
     let header = match policy.key_source {
         crate::policy::KeySource::Header => header,
         crate::policy::KeySource::NamedHeader(name) => name,
-        crate::policy::KeySource::Fields(_) | crate::policy::KeySource::Derived => "",
+        crate::policy::KeySource::Issued { from: crate::policy::TokenField::Header(name), .. } => name,
+        crate::policy::KeySource::Fields(_)
+        | crate::policy::KeySource::Derived
+        | crate::policy::KeySource::Issued { from: crate::policy::TokenField::Form(_), .. } => "",
     };
     let parameters = operation.parameters.get_or_insert_with(Vec::new);
     let has_key = header.is_empty()

@@ -32,6 +32,35 @@ pub enum KeySource {
     /// the route's `fields`/`exclude` define it) is the key, within the route's `ttl`. For
     /// clients that send no key: two identical requests within the ttl are one.
     Derived,
+    /// A token the server minted for this scope and this caller while rendering a form (see
+    /// [`crate::issued`]), sent back in a form field or a header. Valid for `ttl` from minting;
+    /// verified before any store round trip.
+    Issued {
+        /// How long a minted token can be submitted.
+        ttl: Duration,
+        /// Where a submit carries it.
+        from: TokenField,
+    },
+}
+
+/// Where a submit carries its server-issued token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenField {
+    /// A field of a form-encoded body (`application/x-www-form-urlencoded`), e.g. a hidden
+    /// `<input name="_idem">`.
+    Form(&'static str),
+    /// A request header, lowercase (for scripts that fetched a token from the mint endpoint).
+    Header(&'static str),
+}
+
+impl TokenField {
+    /// `form field `_idem`` or `header `x-form-token``.
+    pub fn describe(self) -> String {
+        match self {
+            TokenField::Form(name) => format!("form field `{name}`"),
+            TokenField::Header(name) => format!("`{name}` header"),
+        }
+    }
 }
 
 impl KeySource {
@@ -47,16 +76,27 @@ impl KeySource {
                 format!("body fields {}", fields.join(", "))
             }
             KeySource::Derived => "the request itself (derived)".to_owned(),
+            KeySource::Issued { from, .. } => format!("server-issued token in the {}", from.describe()),
         }
     }
 
-    /// The name the JSON report gives it: `header`, `header:<name>`, `fields:<a>,<b>`, `derived`.
+    /// The token ttl of an [`Issued`](KeySource::Issued) source.
+    pub const fn token_ttl(self) -> Option<Duration> {
+        match self {
+            KeySource::Issued { ttl, .. } => Some(ttl),
+            _ => None,
+        }
+    }
+
+    /// The name the JSON report gives it: `header`, `header:<name>`, `fields:<a>,<b>`, `derived`,
+    /// `issued` (the token's ttl and field are reported beside it).
     pub fn as_report(self) -> String {
         match self {
             KeySource::Header => "header".to_owned(),
             KeySource::NamedHeader(name) => format!("header:{name}"),
             KeySource::Fields(fields) => format!("fields:{}", fields.join(",")),
             KeySource::Derived => "derived".to_owned(),
+            KeySource::Issued { .. } => "issued".to_owned(),
         }
     }
 }

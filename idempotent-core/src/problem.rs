@@ -64,6 +64,14 @@ pub enum ProblemKind {
     StatusDisabled,
     /// 400: the policy report was asked for in a format it does not have.
     ReportFormatUnknown,
+    /// 400: a server-issued token that is malformed, expired, or no longer known to the store
+    /// (see [`crate::issued`]); nothing ran.
+    TokenInvalid,
+    /// 403: a server-issued token minted for another caller or another scope, or not minted by
+    /// this server; nothing ran.
+    TokenForbidden,
+    /// 404: a token was asked for a scope no route declares `key = issued(..)`.
+    ScopeNotIssued,
 }
 
 impl ProblemKind {
@@ -87,6 +95,9 @@ impl ProblemKind {
             ProblemKind::QuotaExceeded => "urn:idempotent:problem:quota-exceeded",
             ProblemKind::StatusDisabled => "urn:idempotent:problem:status-disabled",
             ProblemKind::ReportFormatUnknown => "urn:idempotent:problem:report-format-unknown",
+            ProblemKind::TokenInvalid => "urn:idempotent:problem:token-invalid",
+            ProblemKind::TokenForbidden => "urn:idempotent:problem:token-forbidden",
+            ProblemKind::ScopeNotIssued => "urn:idempotent:problem:scope-not-issued",
         }
     }
 
@@ -104,7 +115,9 @@ impl ProblemKind {
             ProblemKind::RecordNotFound => 404,
             ProblemKind::TransactionsUnsupported => 501,
             ProblemKind::QuotaExceeded => 429,
-            ProblemKind::StatusDisabled => 403,
+            ProblemKind::StatusDisabled | ProblemKind::TokenForbidden => 403,
+            ProblemKind::TokenInvalid => 400,
+            ProblemKind::ScopeNotIssued => 404,
         }
     }
 
@@ -128,6 +141,9 @@ impl ProblemKind {
             ProblemKind::QuotaExceeded => "Too many idempotent requests held for this caller",
             ProblemKind::StatusDisabled => "Record status not available",
             ProblemKind::ReportFormatUnknown => "Unknown report format",
+            ProblemKind::TokenInvalid => "Form token invalid or expired",
+            ProblemKind::TokenForbidden => "Form token not issued to this caller for this form",
+            ProblemKind::ScopeNotIssued => "No tokens are issued for this scope",
         }
     }
 }

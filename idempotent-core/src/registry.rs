@@ -307,6 +307,21 @@ fn check_policy(r: &RouteRecord, p: &Policy, errors: &mut Vec<RegistryError>) {
     if p.transactional && (p.fail_open || p.key == crate::policy::KeyRequirement::Optional) {
         bad("transactional needs the store and a key: it cannot be combined with fail_open or an optional key".into());
     }
+    if let Some(token_ttl) = p.key_source.token_ttl() {
+        if token_ttl.is_zero() {
+            bad("the issued token's ttl is zero: no token could ever be submitted".into());
+        }
+        if token_ttl > p.ttl {
+            bad(format!(
+                "the issued token lives {token_ttl:?} but the outcome is kept only {:?}: a form resubmitted after that \
+                 would run again; make ttl at least the token's ttl",
+                p.ttl
+            ));
+        }
+        if p.key == crate::policy::KeyRequirement::Optional {
+            bad("an issued token cannot be optional: a form without one would run unprotected".into());
+        }
+    }
     if p.outcomes == StoredOutcomes::All && p.fail_open {
         bad("store `all` promises the handler never runs twice for one key, but fail_open runs it unprotected \
              when the store is unreachable; drop one"

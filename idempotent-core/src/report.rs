@@ -225,6 +225,7 @@ fn to_json(protected: &[Protected<'_>], exempt: &[(&RouteRecord, &str)]) -> Stri
                 "lease_seconds": p.lease.as_secs_f64(),
                 "key": p.key.as_str(),
                 "key_source": p.key_source.as_report(),
+                "token_ttl_seconds": p.key_source.token_ttl().map(|t| t.as_secs_f64()),
                 "on_conflict": p.on_conflict.as_str(),
                 "wait_timeout_seconds": p.wait_timeout.as_secs_f64(),
                 "stored_outcomes": p.outcomes.as_str(),
@@ -309,6 +310,12 @@ fn to_markdown(protected: &[Protected<'_>], exempt: &[(&RouteRecord, &str)]) -> 
 fn key_md(p: &Policy) -> String {
     match p.key_source {
         crate::policy::KeySource::Header => p.key.as_str().to_owned(),
+        crate::policy::KeySource::Issued { ttl, .. } => format!(
+            "{}, {} (token ttl {})",
+            p.key.as_str(),
+            p.key_source.describe("Idempotency-Key"),
+            humantime::format_duration(ttl)
+        ),
         source => format!("{}, {}", p.key.as_str(), source.describe("Idempotency-Key")),
     }
 }
@@ -431,6 +438,11 @@ fn to_html(protected: &[Protected<'_>], exempt: &[(&RouteRecord, &str)]) -> Stri
             };
             let key = match p.key_source {
                 crate::policy::KeySource::Header => requirement.to_owned(),
+                crate::policy::KeySource::Issued { ttl, .. } => format!(
+                    "{requirement} {} (token ttl {})",
+                    esc(&p.key_source.describe("Idempotency-Key").replace('`', "")),
+                    humantime::format_duration(ttl)
+                ),
                 source => format!("{requirement} {}", esc(&source.describe("Idempotency-Key").replace('`', ""))),
             };
             let store_down = if p.fail_open {

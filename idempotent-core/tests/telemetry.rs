@@ -287,6 +287,7 @@ fn the_memory_store_reports_the_records_its_sweeper_deletes() {
                 let c = Caller {
                     key: idempotent_core::key::IdempotencyKey::parse(key.as_bytes()).map(Some),
                     actor: Ok(None),
+                    html: false,
                 };
                 let fp = Ok(FingerprintBuilder::new(SHORT.scope).finish());
                 assert_eq!(respond(&runtime, &SHORT, c, fp, async { reply(201) }).await.status(), 201);

@@ -22,6 +22,10 @@ mod kw {
     syn::custom_keyword!(exempt);
     syn::custom_keyword!(exclude);
     syn::custom_keyword!(derived);
+    syn::custom_keyword!(issued);
+    syn::custom_keyword!(from);
+    syn::custom_keyword!(form);
+    syn::custom_keyword!(header);
 }
 
 const KEYS: &str = "`scope`, `fields`, `exclude`, `ttl`, `lease`, `key`, `on_conflict`, `wait_timeout`, `store`, \
@@ -125,6 +129,100 @@ pub(crate) enum KeyArg {
     Fields { key: Span, paths: Vec<FieldPath> },
     /// `key = derived`: the request's identity is the key.
     Derived { key: Span },
+    /// `key = issued(ttl = "15m", from = form("_idem"))`: a token the server minted.
+    Issued(Issued),
+}
+
+/// The arguments of `key = issued(..)`.
+#[derive(Debug, Clone)]
+pub(crate) struct Issued {
+    /// The span of `key`.
+    pub(crate) key: Span,
+    /// The span of `issued`.
+    pub(crate) issued: Span,
+    /// `ttl = ".."`: how long a token can be submitted.
+    pub(crate) ttl: Option<StrArg>,
+    /// `from = form("..")` or `from = header("..")`.
+    pub(crate) from: Option<TokenFrom>,
+}
+
+/// Where a submit carries its token.
+#[derive(Debug, Clone)]
+pub(crate) enum TokenFrom {
+    /// `form("_idem")`: a field of a form-encoded body.
+    Form(LitStr),
+    /// `header("x-form-token")`: a request header.
+    Header(LitStr),
+}
+
+const ISSUED_FORM: &str =
+    "expected `issued(ttl = \"15m\", from = form(\"_idem\"))` or `from = header(\"x-form-token\")`";
+
+impl Issued {
+    fn parse(input: ParseStream<'_>, key: Span) -> syn::Result<Self> {
+        let issued = input.parse::<kw::issued>()?.span;
+        let mut out = Issued { key, issued, ttl: None, from: None };
+        if !input.peek(syn::token::Paren) {
+            return Err(syn::Error::new(issued, format!("`issued` takes where the token comes from; {ISSUED_FORM}")));
+        }
+        let content;
+        syn::parenthesized!(content in input);
+        while !content.is_empty() {
+            let lookahead = content.lookahead1();
+            if lookahead.peek(kw::ttl) {
+                let span = content.parse::<kw::ttl>()?.span;
+                let arg = str_arg(&content, span, "ttl", "\"15m\"")?;
+                if out.ttl.replace(arg).is_some() {
+                    return Err(syn::Error::new(span, "duplicate argument `ttl` of `issued(..)`"));
+                }
+            } else if lookahead.peek(kw::from) {
+                let span = content.parse::<kw::from>()?.span;
+                content.parse::<Token![=]>()?;
+                let from = token_from(&content)?;
+                if out.from.replace(from).is_some() {
+                    return Err(syn::Error::new(span, "duplicate argument `from` of `issued(..)`"));
+                }
+            } else {
+                let unknown: proc_macro2::TokenTree = content.parse()?;
+                return Err(syn::Error::new(
+                    unknown.span(),
+                    format!("unknown argument `{unknown}` of `issued(..)`: it takes `ttl` and `from`"),
+                ));
+            }
+            if !content.is_empty() {
+                content.parse::<Token![,]>()?;
+            }
+        }
+        if out.from.is_none() {
+            return Err(syn::Error::new(
+                issued,
+                "`issued(..)` needs `from`: where a submit carries the token, `from = form(\"_idem\")` or `from = header(\"x-form-token\")`",
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// `form("name")` or `header("name")`.
+fn token_from(input: ParseStream<'_>) -> syn::Result<TokenFrom> {
+    let which = if input.peek(kw::form) {
+        input.parse::<kw::form>()?;
+        true
+    } else if input.peek(kw::header) {
+        input.parse::<kw::header>()?;
+        false
+    } else {
+        return Err(input.error("expected `form(\"_idem\")` (a field of a form body) or `header(\"x-form-token\")`"));
+    };
+    let content;
+    syn::parenthesized!(content in input);
+    let name: LitStr = content
+        .parse()
+        .map_err(|e| syn::Error::new(e.span(), "expected a name as a string, e.g. `form(\"_idem\")`"))?;
+    if !content.is_empty() {
+        return Err(content.error("expected one name, e.g. `form(\"_idem\")`"));
+    }
+    Ok(if which { TokenFrom::Form(name) } else { TokenFrom::Header(name) })
 }
 
 impl KeyArg {
@@ -133,12 +231,13 @@ impl KeyArg {
         match self {
             KeyArg::Requirement(arg) => arg.key,
             KeyArg::Header { key, .. } | KeyArg::Fields { key, .. } | KeyArg::Derived { key } => *key,
+            KeyArg::Issued(issued) => issued.key,
         }
     }
 }
 
 const KEY_FORMS: &str = "expected `\"required\"`, `\"optional\"`, `header(\"name\")`, `field(path)`, \
-                         `[field(a), field(b)]` or `derived`";
+                         `[field(a), field(b)]`, `derived` or `issued(ttl = \"15m\", from = form(\"_idem\"))`";
 
 /// Parses what follows `key =`.
 fn key_arg(input: ParseStream<'_>, key: Span) -> syn::Result<KeyArg> {
@@ -152,6 +251,9 @@ fn key_arg(input: ParseStream<'_>, key: Span) -> syn::Result<KeyArg> {
             return Err(syn::Error::new(derived.span, "`derived` takes no arguments: the request itself is the key"));
         }
         return Ok(KeyArg::Derived { key });
+    }
+    if input.peek(kw::issued) {
+        return Issued::parse(input, key).map(KeyArg::Issued);
     }
     if input.peek(syn::token::Bracket) {
         let content;
@@ -200,6 +302,14 @@ impl Parse for KeyItem {
         if input.peek(kw::derived) {
             let derived = input.parse::<kw::derived>()?;
             return Ok(KeyItem::Other(derived.span, "`derived`"));
+        }
+        if input.peek(kw::issued) {
+            let issued = input.parse::<kw::issued>()?;
+            if input.peek(syn::token::Paren) {
+                let _content;
+                syn::parenthesized!(_content in input);
+            }
+            return Ok(KeyItem::Other(issued.span, "a server-issued token"));
         }
         if input.peek(LitStr) {
             let lit: LitStr = input.parse()?;

@@ -5,7 +5,7 @@
 //! adapter's context extractor, fingerprints the body, and hands the inner call to the adapter's
 //! `run`.
 
-use crate::attr::{Args, FieldPath};
+use crate::attr::{Args, FieldPath, TokenFrom};
 use crate::duration::Millis;
 use crate::valid::{self, ConflictMode, Errors, KeyRequirement, KeySource, Route, Spec, StoredOutcomes, Validated};
 use proc_macro2::{Group, Literal, Span, TokenStream, TokenTree};
@@ -288,8 +288,9 @@ fn emit(framework: Framework, spec: &Spec, func: &ItemFn, handler: &Handler) -> 
     let args: Vec<Ident> = (0..func.sig.inputs.len()).map(|i| format_ident!("__idempotent_arg{i}")).collect();
     let mut outer_inputs: Punctuated<FnArg, Token![,]> = Punctuated::new();
     let mut unwrap = quote!(let (#ctx, ()) = #guarded.into_parts(););
-    // The whole body is read up front only when it is part of the identity.
-    let whole_body = !spec.excluded.body && spec.fields.as_ref().is_none_or(|f| f.paths.is_empty());
+    // The whole body is read up front when it is part of the identity, or holds the form token.
+    let whole_body = (!spec.excluded.body && spec.fields.as_ref().is_none_or(|f| f.paths.is_empty()))
+        || matches!(spec.key_source, KeySource::Issued { from: TokenFrom::Form(_), .. });
     for (index, (input, arg)) in func.sig.inputs.iter().zip(&args).enumerate() {
         if let FnArg::Typed(typed) = input {
             let ty = &typed.ty;
@@ -412,6 +413,14 @@ pub(crate) fn policy(rt: &TokenStream, spec: &Spec) -> TokenStream {
             quote!(#rt::KeySource::Fields(&[#(#names),*]))
         }
         KeySource::Derived => quote!(#rt::KeySource::Derived),
+        KeySource::Issued { ttl, from } => {
+            let ttl = duration(rt, *ttl);
+            let from = match from {
+                TokenFrom::Form(name) => quote!(#rt::TokenField::Form(#name)),
+                TokenFrom::Header(name) => quote!(#rt::TokenField::Header(#name)),
+            };
+            quote!(#rt::KeySource::Issued { ttl: #ttl, from: #from })
+        }
     };
     quote! {
         #rt::Policy {

@@ -69,7 +69,7 @@ use proc_macro::TokenStream;
 /// | `exclude` | parts left out of the identity on purpose: `[path]`, `[query]`, `[body]` | none |
 /// | `ttl` | how long a completed response is replayed: `"500ms"`, `"90s"`, `"15m"`, `"24h"`, `"7d"`, `"1h30m"` | `"24h"` |
 /// | `lease` | how long an in-progress claim survives without a heartbeat; at most `ttl`, at least 1 s here, and at start-up at least 6 × the runtime's store timeout (6 s with the default 1 s timeout; `.store_timeout(..)` at a sixth of the lease allows shorter ones) | `"10s"` |
-/// | `key` | `"required"` (400 without a key) or `"optional"` (run unprotected without one) | `"required"` |
+/// | `key` | `"required"` (400 without a key) or `"optional"` (run unprotected without one); or where the key comes from: `header("webhook-id")`, `field(event.id)`, `[field(a), field(b)]`, `derived`, or `issued(ttl = "15m", from = form("_idem"))` / `issued(from = header("x-form-token"))`, a token the server minted for a form (see below) | `"required"` |
 /// | `on_conflict` | `"reject"` (409 while the first request runs) or `"wait"` (wait and replay) | `"reject"` |
 /// | `wait_timeout` | longest wait under `on_conflict = "wait"`; only allowed with it | `"30s"` |
 /// | `store` | outcomes stored and replayed: `"final"`, `"success"` or `"all"` | `"final"` |
@@ -82,6 +82,16 @@ use proc_macro::TokenStream;
 /// a router may add parameters when it mounts the handler (`web::scope("/t/{tenant}")`): a route
 /// without that parameter answers 500 `misconfigured` and runs nothing. Without a body field the whole body counts,
 /// canonicalised by content type, so the body type need not be `Serialize`.
+///
+/// # Server-issued tokens
+/// `key = issued(ttl = "15m", from = form("_idem"))` protects a browser form, which sends no key
+/// header: the key is a token the server minted for the caller and the scope while rendering
+/// the form (the adapter's `Mint` extractor, or `POST /_idempotency/tokens` for scripts), sent
+/// back in the form field (or with `from = header("..")` in a header). `ttl` is how long a token
+/// can be submitted (default `"15m"`); it must be at most the route's `ttl`, so that a resubmitted
+/// form finds its outcome for as long as its token is accepted. The runtime needs
+/// `.token_secret(..)`. See `idempotent_core::issued` for what a token guarantees (and that it is
+/// not CSRF protection).
 ///
 /// # Exempt routes
 /// `#[idempotent(exempt = "why")]` marks a mutating-looking route as deliberately unprotected:

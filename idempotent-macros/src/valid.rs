@@ -2,7 +2,7 @@
 //! constant. Every problem becomes an error at the offending key or value; all of them are
 //! reported together.
 
-use crate::attr::{Args, Exclude, FieldPath, Fields, KeyArg, StrArg};
+use crate::attr::{Args, Exclude, FieldPath, Fields, KeyArg, StrArg, TokenFrom};
 use crate::duration::{self, Millis};
 use proc_macro2::Span;
 use syn::LitStr;
@@ -17,6 +17,13 @@ const DEFAULT_LEASE: (Millis, &str) = (Millis(10 * 1000), "10s");
 /// timeout is usually stricter (see `idempotent_core::engine::Config::store_timeout`).
 const MIN_LEASE: Millis = Millis(1000);
 const DEFAULT_WAIT_TIMEOUT: Millis = Millis(30 * 1000);
+/// The default life of a server-issued token.
+const DEFAULT_TOKEN_TTL: (Millis, &str) = (Millis(15 * 60 * 1000), "15m");
+
+/// Whether `value` is an HTTP token (a header name).
+fn is_token(value: &str) -> bool {
+    !value.is_empty() && value.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
 
 /// Mirrors `idempotent_core::policy::KeyRequirement`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +39,11 @@ pub(crate) enum KeySource {
     NamedHeader(LitStr),
     Fields(Vec<FieldPath>),
     Derived,
+    /// A server-issued token, valid for the duration, read from a form field or a header.
+    Issued {
+        ttl: Millis,
+        from: TokenFrom,
+    },
 }
 
 /// Mirrors `idempotent_core::policy::ConflictMode`.
@@ -252,6 +264,44 @@ fn validate_policy(args: Args) -> syn::Result<Spec> {
         }
         Some(KeyArg::Fields { paths, .. }) => KeySource::Fields(paths.clone()),
         Some(KeyArg::Derived { .. }) => KeySource::Derived,
+        Some(KeyArg::Issued(issued)) => {
+            let token_ttl = duration_arg(issued.ttl.as_ref(), "ttl", DEFAULT_TOKEN_TTL, &mut errors);
+            let from = match &issued.from {
+                Some(TokenFrom::Header(name)) => {
+                    let value = name.value();
+                    if !is_token(&value) {
+                        errors.add(
+                            name.span(),
+                            format!("`{value}` is not a header name: use letters, digits and `-` (an HTTP token), e.g. `header(\"x-form-token\")`"),
+                        );
+                    }
+                    TokenFrom::Header(LitStr::new(&value.to_ascii_lowercase(), name.span()))
+                }
+                Some(TokenFrom::Form(name)) => {
+                    if name.value().is_empty() {
+                        errors.add(name.span(), "a form field's name cannot be empty, e.g. `form(\"_idem\")`");
+                    }
+                    TokenFrom::Form(name.clone())
+                }
+                // The parser refuses `issued(..)` without `from`.
+                None => TokenFrom::Form(LitStr::new("_idem", issued.issued)),
+            };
+            let route_ttl = ttl.as_ref().map_or(DEFAULT_TTL.0, |t| t.0);
+            if let Some((token_ttl, _)) = token_ttl {
+                if token_ttl.0 == 0 {
+                    errors.add(
+                        issued.ttl.as_ref().map_or(issued.issued, |t| t.value.span()),
+                        "a token `ttl` of zero could never be submitted; use e.g. \"15m\"",
+                    );
+                } else if token_ttl.0 > route_ttl.0 {
+                    errors.add(
+                        issued.ttl.as_ref().map_or(issued.issued, |t| t.value.span()),
+                        "the token outlives the route's `ttl`: a form resubmitted after the outcome is forgotten would run again; make the route's `ttl` at least the token's",
+                    );
+                }
+            }
+            KeySource::Issued { ttl: token_ttl.map_or(DEFAULT_TOKEN_TTL.0, |t| t.0), from }
+        }
     };
     let on_conflict = one_of(
         args.on_conflict.as_ref(),

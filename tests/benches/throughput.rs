@@ -26,10 +26,16 @@
 //!    FULL`), with 1 and 16 concurrent callers (each its own account), in process, and their
 //!    ratio.
 //!
+//! 7. server-issued form tokens: the cost of minting one (the `Mint` extractor of a form page:
+//!    MAC and one store write) and of a submit whose key is an issued token (MAC check, one store
+//!    round trip to find the token as issued, then the usual claim and completion) against the
+//!    same form submitted with an `Idempotency-Key` header, first executions and replays, in
+//!    process, on the memory store, SQLite, PostgreSQL and Redis.
+//!
 //! Machines are shared and noisy: compare the ratios within one run, not absolute numbers
 //! across runs. `cargo bench -p idempotent-tests --bench throughput -- in-process` runs only the
 //! first part, `-- sqlite-sync` only the fourth, `-- memory-fill` only the fifth,
-//! `-- transactional` only the sixth.
+//! `-- transactional` only the sixth, `-- issued` only the seventh.
 
 use axum::body::Body;
 use axum::extract::State;
@@ -146,6 +152,7 @@ async fn in_process_round(n: usize, round: usize) -> [f64; 3] {
         .actor(idempotent_axum::ActorSource::Anonymous)
         .store_timeout(payments_demo::api::STORE_TIMEOUT)
         .without_transactions(idempotent_axum::core::engine::WithoutTransactions::NotImplemented)
+        .token_secret(TOKEN_SECRET)
         .build()
         .unwrap();
     let app = Router::new().route("/bare", post(bare)).route("/protected", post(protected)).layer(idem.layer());
@@ -808,6 +815,7 @@ fn deposit_app(store: Arc<dyn Store>, db: DepositDb) -> Router {
     let idem = Idempotency::builder(store)
         .actor(idempotent_axum::ActorSource::Anonymous)
         .store_timeout(payments_demo::api::STORE_TIMEOUT)
+        .token_secret(TOKEN_SECRET)
         .build()
         .unwrap();
     Router::new()
@@ -882,6 +890,119 @@ async fn transactional_cost(pg: Option<Arc<idempotent_tests::postgres::TestSchem
     }
 }
 
+/// The token secret of every runtime here (the demo's checkout route is linked in).
+const TOKEN_SECRET: &[u8] = b"the benchmark's token secret, 32 bytes or more";
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+struct FormCharge {
+    amount: i64,
+    currency: String,
+}
+
+#[idempotent(scope = "bench.form.header", fields = [amount, currency], lease = "3s")]
+async fn form_by_header(axum::Form(c): axum::Form<FormCharge>) -> (StatusCode, String) {
+    (StatusCode::SEE_OTHER, c.currency)
+}
+
+#[idempotent(scope = "bench.form.issued", key = issued(ttl = "15m", from = form("_idem")), fields = [amount, currency], lease = "3s")]
+async fn form_by_token(axum::Form(c): axum::Form<FormCharge>) -> (StatusCode, String) {
+    (StatusCode::SEE_OTHER, c.currency)
+}
+
+async fn form_page(mint: idempotent_axum::Mint) -> String {
+    mint.token("bench.form.issued").await.expect("a token").token
+}
+
+fn form_request(path: &str, key: Option<&str>, token: Option<&str>) -> Request<Body> {
+    let mut b = Request::post(path).header("content-type", "application/x-www-form-urlencoded");
+    if let Some(k) = key {
+        b = b.header("idempotency-key", k);
+    }
+    let body = match token {
+        Some(t) => format!("amount=100&currency=EUR&_idem={t}"),
+        None => "amount=100&currency=EUR".to_owned(),
+    };
+    b.body(Body::from(body)).unwrap()
+}
+
+/// Microseconds per call of `n` sequential calls of `f(i)`.
+async fn timed<F: std::future::Future<Output = ()>>(n: usize, f: impl Fn(usize) -> F) -> f64 {
+    let start = Instant::now();
+    for i in 0..n {
+        f(i).await;
+    }
+    start.elapsed().as_secs_f64() * 1e6 / n as f64
+}
+
+/// Part 7 on one store: µs per mint, per issued first execution and replay, per header-key first
+/// execution and replay.
+async fn issued_on(store: Arc<dyn Store>, n: usize) -> [f64; 5] {
+    let idem = Idempotency::builder(store)
+        .actor(idempotent_axum::ActorSource::Anonymous)
+        .store_timeout(payments_demo::api::STORE_TIMEOUT)
+        .without_transactions(idempotent_axum::core::engine::WithoutTransactions::NotImplemented)
+        .token_secret(TOKEN_SECRET)
+        .token_quota(usize::MAX)
+        .build()
+        .unwrap();
+    let app = Router::new()
+        .route("/form", axum::routing::get(form_page))
+        .route("/header", post(form_by_header))
+        .route("/issued", post(form_by_token))
+        .layer(idem.layer());
+    let tokens = std::sync::Mutex::new(Vec::with_capacity(n));
+    let mint_us = timed(n, |_| async {
+        let r = app.clone().oneshot(Request::get("/form").body(Body::empty()).unwrap()).await.unwrap();
+        let token = axum::body::to_bytes(r.into_body(), 1024).await.unwrap();
+        tokens.lock().unwrap().push(String::from_utf8(token.to_vec()).unwrap());
+    })
+    .await;
+    let tokens = tokens.into_inner().unwrap();
+    let submit = |req: Request<Body>| {
+        let app = app.clone();
+        async move {
+            let r = app.oneshot(req).await.unwrap();
+            assert_eq!(r.status(), StatusCode::SEE_OTHER);
+        }
+    };
+    let run = std::process::id();
+    let issued_first = timed(n, |i| submit(form_request("/issued", None, Some(&tokens[i])))).await;
+    let issued_replay = timed(n, |_| submit(form_request("/issued", None, Some(&tokens[0])))).await;
+    let header_first = timed(n, |i| submit(form_request("/header", Some(&format!("h-{run}-{i}")), None))).await;
+    let header_replay = timed(n, |_| submit(form_request("/header", Some(&format!("h-{run}-0")), None))).await;
+    [mint_us, issued_first, issued_replay, header_first, header_replay]
+}
+
+async fn issued_cost(redis_url: Option<String>, pg: Option<Arc<idempotent_tests::postgres::TestSchema>>) {
+    println!("\n7. server-issued form tokens, in process, µs per request (sequential)");
+    println!(
+        "  {:<12} {:>6} {:>9} {:>13} {:>13} {:>13} {:>13} {:>9} {:>9}",
+        "store", "n", "mint", "issued first", "issued replay", "header first", "header replay", "first x", "replay x"
+    );
+    let sqlite_path = std::env::temp_dir().join(format!("bench-issued-{}.db", std::process::id()));
+    let mut stores: Vec<(&str, usize, Arc<dyn Store>)> = vec![("memory", 20_000, Arc::new(MemoryStore::new()))];
+    let sqlite = SqliteStore::connect(&format!("sqlite:{}", sqlite_path.display())).await.unwrap();
+    stores.push(("sqlite", 1_000, Arc::new(sqlite)));
+    if let Some(pg) = &pg {
+        stores.push(("postgres", 1_000, pg.store().await));
+    }
+    if let Some(url) = &redis_url {
+        let prefix = format!("bench-issued:{}:", std::process::id());
+        stores.push(("redis", 2_000, Arc::new(RedisStore::builder(url).prefix(prefix).build().await.unwrap())));
+    }
+    for (name, n, store) in stores {
+        let [mint, issued_first, issued_replay, header_first, header_replay] = issued_on(store, n).await;
+        println!(
+            "  {name:<12} {n:>6} {mint:>9.2} {issued_first:>13.2} {issued_replay:>13.2} {header_first:>13.2} {header_replay:>13.2} {:>8.2}x {:>8.2}x",
+            issued_first / header_first,
+            issued_replay / header_replay
+        );
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", sqlite_path.display()));
+    }
+}
+
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         println!("throughput: run with `cargo bench -p idempotent-tests --bench throughput`");
@@ -904,6 +1025,15 @@ fn main() {
         rt.block_on(async { tokio::spawn(memory_fill()).await }).unwrap();
         return;
     }
+    if std::env::args().any(|a| a == "issued") {
+        rt.block_on(async {
+            let redis_url = idempotent_tests::redis_server::redis_url().await;
+            let pg = idempotent_tests::postgres::TestSchema::new().await;
+            tokio::spawn(issued_cost(redis_url, pg)).await
+        })
+        .unwrap();
+        return;
+    }
     in_process();
     if std::env::args().any(|a| a == "in-process") {
         return;
@@ -917,6 +1047,8 @@ fn main() {
         }
         tokio::spawn(sqlite_durability()).await.unwrap();
         tokio::spawn(memory_fill()).await.unwrap();
-        tokio::spawn(transactional_cost(pg)).await.unwrap();
+        tokio::spawn(transactional_cost(pg.clone())).await.unwrap();
+        let redis_url = idempotent_tests::redis_server::redis_url().await;
+        tokio::spawn(issued_cost(redis_url, pg)).await.unwrap();
     });
 }

@@ -4,10 +4,12 @@
 /// The store contract suite, from `idempotent-core` (feature `testing`).
 pub use idempotent_core::store_contract_tests;
 pub use idempotent_core::testing as contract;
+pub mod browser;
 pub mod fault_proxy;
 pub mod faults;
 pub mod http;
 pub mod identity;
+pub mod issued;
 pub mod mysql;
 pub mod nats_server;
 pub mod postgres;

@@ -4,6 +4,7 @@
 //! error bodies are shared with the axum binary.
 
 use crate::api::{done, ApiError, Caller, DemoProblem, MAX_BODY, PROBLEM_CONTENT_TYPE};
+use crate::checkout::{self, CheckoutForm};
 use crate::cli::SHUTDOWN_GRACE;
 use crate::config::Config;
 use crate::deposits::{CreateDeposit, Deposits};
@@ -14,7 +15,9 @@ use actix_web::dev::{Payload, Server};
 use actix_web::error::{InternalError, JsonPayloadError};
 use actix_web::http::{header, StatusCode};
 use actix_web::{get, post, web, App, FromRequest, HttpMessage, HttpRequest, HttpResponse, HttpServer, ResponseError};
-use idempotent_actix::{health, idempotent, policy_report, record_status, Actor, Fence, Idempotency, Tx};
+use idempotent_actix::{
+    health, idempotent, mint_token, policy_report, record_status, Actor, Fence, Idempotency, Mint, Tx,
+};
 use std::future::{ready, Ready};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,6 +31,8 @@ pub struct AppState {
     transfer_delay: Duration,
     openapi: web::Bytes,
     webhook_secret: crate::webhooks::Secret,
+    outage: Arc<checkout::Outage>,
+    checkout_delay: Duration,
 }
 
 fn problem_response(p: DemoProblem) -> HttpResponse {
@@ -77,6 +82,98 @@ pub async fn create_payment(
     let payment = done(app.bank.create_payment(&account, req))?;
     let location = format!("/payments/{}", payment.id);
     Ok(HttpResponse::Created().insert_header((header::LOCATION, location)).json(payment))
+}
+
+/// The caller of a checkout route: `Authorization: Bearer <account>`, else the `session` cookie
+/// `/login` sets (401 problem+json without either). Set as the request's [`Actor`], so that the
+/// idempotency layer and the token minter know the caller however it authenticated.
+#[derive(Debug, Clone)]
+pub struct CheckoutCaller(pub String);
+
+impl FromRequest for CheckoutCaller {
+    type Error = actix_web::Error;
+    type Future = Ready<Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let values = |name| req.headers().get_all(name).map(|v| v.as_bytes());
+        let Some(account) = checkout::caller(values(header::AUTHORIZATION), values(header::COOKIE)) else {
+            let response = problem_response(DemoProblem::unauthorized());
+            return ready(Err(InternalError::from_response("authentication required", response).into()));
+        };
+        req.extensions_mut().insert(Actor(account.clone()));
+        ready(Ok(CheckoutCaller(account)))
+    }
+}
+
+fn html(status: u16, body: String) -> HttpResponse {
+    HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .insert_header((header::CONTENT_TYPE, "text/html; charset=utf-8"))
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .body(body)
+}
+
+/// `GET /login?account=ACCT`: the `session` cookie, and 303 to the checkout form.
+#[get("/login")]
+async fn login(request: HttpRequest) -> HttpResponse {
+    match checkout::login_account(request.query_string()) {
+        Some(account) => HttpResponse::SeeOther()
+            .insert_header((header::SET_COOKIE, checkout::session_cookie(&account)))
+            .insert_header((header::LOCATION, "/checkout"))
+            .finish(),
+        None => html(
+            400,
+            checkout::error_page(400, "Login", "Log in with ?account=ACCT: 1 to 64 letters, digits, `_` or `-`."),
+        ),
+    }
+}
+
+/// `GET /checkout`: the form, with a fresh token bound to the caller.
+#[get("/checkout")]
+async fn checkout_form(CheckoutCaller(account): CheckoutCaller, mint: Mint) -> HttpResponse {
+    match mint.token(checkout::SCOPE).await {
+        // Kept in the browser's history (not `no-store`): Back shows this form again, with its
+        // token, as users expect of a form they filled in.
+        Ok(token) => HttpResponse::Ok()
+            .insert_header((header::CONTENT_TYPE, "text/html; charset=utf-8"))
+            .insert_header((header::CACHE_CONTROL, "private"))
+            .body(checkout::form_page(&account, &token)),
+        Err(problem) => html(problem.status, checkout::problem_page(&problem)),
+    }
+}
+
+/// `POST /checkout`: one payment per rendered form, whatever the browser does with it.
+#[idempotent(scope = "checkout.create", key = issued(ttl = "15m", from = form("_idem")),
+             fields = [amount, currency, customer], on_conflict = "wait", ttl = "24h")]
+#[post("/checkout")]
+pub async fn submit_checkout(
+    CheckoutCaller(account): CheckoutCaller,
+    app: web::Data<AppState>,
+    web::Form(form): web::Form<CheckoutForm>,
+) -> HttpResponse {
+    actix_web::rt::time::sleep(app.checkout_delay).await;
+    let answer = checkout::submit(&app.bank, &app.outage, &account, form);
+    match answer.location {
+        Some(location) => HttpResponse::SeeOther().insert_header((header::LOCATION, location)).finish(),
+        None => html(answer.status, answer.body),
+    }
+}
+
+/// `GET /checkout/receipt/{id}`: the caller's payment.
+#[get("/checkout/receipt/{id}")]
+async fn receipt(
+    CheckoutCaller(account): CheckoutCaller,
+    app: web::Data<AppState>,
+    id: web::Path<String>,
+) -> HttpResponse {
+    match app.bank.payment(&account, &id) {
+        Some(payment) => html(200, checkout::receipt_page(&payment)),
+        None => html(404, checkout::error_page(404, "No such payment", &format!("You have no payment `{id}`."))),
+    }
+}
+
+/// `POST /_idempotency/tokens`, for the checkout's caller (bearer or cookie).
+async fn tokens(_: CheckoutCaller, request: HttpRequest, body: web::Payload) -> HttpResponse {
+    mint_token(request, body).await
 }
 
 /// `POST /payments/{id}/refunds`: the payment must be the caller's and not already refunded in
@@ -310,6 +407,8 @@ pub async fn prepare(config: &Config) -> Result<Prepared, String> {
         transfer_delay: config.transfer_delay,
         openapi: document.into(),
         webhook_secret: config.webhook_secret.clone(),
+        outage: Arc::new(checkout::Outage::new(config.checkout_failures)),
+        checkout_delay: config.checkout_delay,
     };
     Ok(Prepared { idempotency, state: web::Data::new(state) })
 }
@@ -331,6 +430,11 @@ pub fn configure(cfg: &mut web::ServiceConfig, prepared: &Prepared) {
         .route("/_idempotency/policies", web::get().to(|_: Caller, request: HttpRequest| policy_report(request)))
         .route("/_idempotency/records/{scope}/{key}", web::get().to(record_status))
         .route("/healthz", web::get().to(health))
+        .service(login)
+        .service(checkout_form)
+        .service(submit_checkout)
+        .service(receipt)
+        .route("/_idempotency/tokens", web::post().to(tokens))
         .service(metrics)
         .service(openapi)
         // A request no route takes: 405 with `Allow` where the path is served, else 404, both

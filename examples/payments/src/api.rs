@@ -243,7 +243,10 @@ pub fn idempotency_settings<A: idempotent_axum::core::engine::Adapter>(
         // like every other error, not the framework's plain text.
         .rejections_as_problems(BAD_BODY)
         .store_timeout(STORE_TIMEOUT)
-        .without_transactions(idempotent_axum::core::engine::WithoutTransactions::NotImplemented);
+        .without_transactions(idempotent_axum::core::engine::WithoutTransactions::NotImplemented)
+        // The checkout form's tokens, and its problems as pages for the browser.
+        .token_secret(&config.token_secret)
+        .problem_page(crate::checkout::problem_page);
     match &config.digest_secret {
         Some(secret) => builder.digest_secret(secret),
         None => builder,

@@ -1,6 +1,7 @@
 //! The demo on axum: routes, authentication and error responses.
 
 use crate::api::{done, ApiError, Caller, DemoProblem, PROBLEM_CONTENT_TYPE};
+use crate::checkout::{self, CheckoutForm};
 use crate::cli::SHUTDOWN_GRACE;
 use crate::config::Config;
 use crate::deposits::{CreateDeposit, Deposits};
@@ -10,11 +11,14 @@ use crate::webhooks;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, request::Parts, HeaderValue, StatusCode};
+use axum::response::Html;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Form, Json, Router};
 use idempotent_axum::enforce::Enforce;
-use idempotent_axum::{health, idempotent, policy_report, record_status, Actor, Fence, Idempotency, Tx};
+use idempotent_axum::{
+    health, idempotent, mint_token, policy_report, record_status, Actor, Fence, Idempotency, Mint, Tx,
+};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +33,8 @@ pub struct AppState {
     transfer_delay: Duration,
     openapi: axum::body::Bytes,
     webhook_secret: crate::webhooks::Secret,
+    outage: Arc<checkout::Outage>,
+    checkout_delay: Duration,
 }
 
 fn problem_response(p: DemoProblem) -> Response {
@@ -125,6 +131,93 @@ impl<T: serde::de::DeserializeOwned> FromRequest<AppState> for Signed<T> {
         })?;
         Ok(Signed(delivery.with(event)))
     }
+}
+
+/// The caller of a checkout route: `Authorization: Bearer <account>`, else the `session` cookie
+/// `/login` sets (401 problem+json without either). Set as the request's [`Actor`], so that the
+/// idempotency layer and the token minter know the caller however it authenticated.
+#[derive(Debug, Clone)]
+pub struct CheckoutCaller(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for CheckoutCaller {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let values = |name| parts.headers.get_all(name).iter().map(|v| v.as_bytes());
+        let account = checkout::caller(values(header::AUTHORIZATION), values(header::COOKIE))
+            .ok_or_else(|| problem_response(DemoProblem::unauthorized()))?;
+        parts.extensions.insert(Actor(account.clone()));
+        Ok(CheckoutCaller(account))
+    }
+}
+
+fn html(status: u16, body: String) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, Html(body)).into_response();
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// `GET /login?account=ACCT`: the `session` cookie, and 303 to the checkout form.
+async fn login(uri: axum::http::Uri) -> Response {
+    match checkout::login_account(uri.query().unwrap_or_default()) {
+        Some(account) => (
+            StatusCode::SEE_OTHER,
+            [(header::SET_COOKIE, checkout::session_cookie(&account)), (header::LOCATION, "/checkout".to_owned())],
+        )
+            .into_response(),
+        None => html(
+            400,
+            checkout::error_page(400, "Login", "Log in with ?account=ACCT: 1 to 64 letters, digits, `_` or `-`."),
+        ),
+    }
+}
+
+/// `GET /checkout`: the form, with a fresh token bound to the caller.
+async fn checkout_form(CheckoutCaller(account): CheckoutCaller, mint: Mint) -> Response {
+    match mint.token(checkout::SCOPE).await {
+        Ok(token) => {
+            // Kept in the browser's history (not `no-store`): Back shows this form again, with
+            // its token, as users expect of a form they filled in.
+            let mut page = html(200, checkout::form_page(&account, &token));
+            page.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
+            page
+        }
+        Err(problem) => html(problem.status, checkout::problem_page(&problem)),
+    }
+}
+
+/// `POST /checkout`: one payment per rendered form, whatever the browser does with it.
+#[idempotent(scope = "checkout.create", key = issued(ttl = "15m", from = form("_idem")),
+             fields = [amount, currency, customer], on_conflict = "wait", ttl = "24h")]
+pub async fn submit_checkout(
+    CheckoutCaller(account): CheckoutCaller,
+    State(app): State<AppState>,
+    Form(form): Form<CheckoutForm>,
+) -> Response {
+    tokio::time::sleep(app.checkout_delay).await;
+    let answer = checkout::submit(&app.bank, &app.outage, &account, form);
+    match answer.location {
+        Some(location) => (StatusCode::SEE_OTHER, [(header::LOCATION, location)]).into_response(),
+        None => html(answer.status, answer.body),
+    }
+}
+
+/// `GET /checkout/receipt/{id}`: the caller's payment.
+async fn receipt(
+    CheckoutCaller(account): CheckoutCaller,
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Response {
+    match app.bank.payment(&account, &id) {
+        Some(payment) => html(200, checkout::receipt_page(&payment)),
+        None => html(404, checkout::error_page(404, "No such payment", &format!("You have no payment `{id}`."))),
+    }
+}
+
+/// `POST /_idempotency/tokens`, for the checkout's caller (bearer or cookie).
+async fn tokens(_: CheckoutCaller, request: Request) -> Response {
+    mint_token(request).await
 }
 
 /// `POST /notifications`: no key needed; the request itself is its key for ten minutes, so the
@@ -283,6 +376,8 @@ fn build(
         transfer_delay: config.transfer_delay,
         openapi: document.into(),
         webhook_secret: config.webhook_secret.clone(),
+        outage: Arc::new(checkout::Outage::new(config.checkout_failures)),
+        checkout_delay: config.checkout_delay,
     };
     let payments = payment_routes();
     let router = Router::new()
@@ -296,6 +391,10 @@ fn build(
         .route("/healthz", get(health))
         .route("/webhooks/provider", post(receive_webhook))
         .route("/notifications", post(send_notification))
+        .route("/login", get(login))
+        .route("/checkout", get(checkout_form).post(submit_checkout))
+        .route("/checkout/receipt/{id}", get(receipt))
+        .route("/_idempotency/tokens", post(tokens))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         // Errors of the router itself are problems too; axum adds `Allow` to the 405.

@@ -23,7 +23,20 @@ pub struct Config {
     /// `IDEMPOTENCY_DIGEST_SECRET`: when set, callers and keys are digested with HMAC-SHA256
     /// under it (see `idempotent_core::digest`); the `records` subcommand needs the same one.
     pub digest_secret: Option<String>,
+    /// `PAYMENTS_TOKEN_SECRET`: the secret the checkout form's tokens are minted under (the same
+    /// on every instance sharing the store); a fixed demo value by default.
+    pub token_secret: String,
+    /// `PAYMENTS_CHECKOUT_FAILURES`: the first N checkout submits fail with 500, a simulated
+    /// provider outage (default 0).
+    pub checkout_failures: usize,
+    /// `PAYMENTS_CHECKOUT_DELAY_MS`: the payment provider's processing time of a checkout
+    /// submit (default 0).
+    pub checkout_delay: Duration,
 }
+
+/// The token secret of the checkout form when `PAYMENTS_TOKEN_SECRET` is not set. A deployment
+/// sets its own: whoever knows it can mint tokens for any account.
+pub const DEFAULT_TOKEN_SECRET: &str = "payments-demo checkout token secret, not for production";
 
 impl Config {
     /// Reads the environment; a malformed value is an error naming the variable.
@@ -39,7 +52,28 @@ impl Config {
         let webhook_secret =
             std::env::var("PAYMENTS_WEBHOOK_SECRET").unwrap_or_else(|_| crate::webhooks::DEFAULT_SECRET.to_owned());
         let webhook_secret = crate::webhooks::Secret::parse(&webhook_secret)?;
-        Ok(Self { addr, store, ledger, transfer_delay: Duration::from_millis(delay), webhook_secret, digest_secret })
+        let token_secret = std::env::var("PAYMENTS_TOKEN_SECRET")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| DEFAULT_TOKEN_SECRET.to_owned());
+        let failures = std::env::var("PAYMENTS_CHECKOUT_FAILURES").unwrap_or_else(|_| "0".into());
+        let checkout_failures =
+            failures.parse().map_err(|e| format!("PAYMENTS_CHECKOUT_FAILURES `{failures}` is not a count: {e}"))?;
+        let checkout_delay = std::env::var("PAYMENTS_CHECKOUT_DELAY_MS").unwrap_or_else(|_| "0".into());
+        let checkout_delay: u64 = checkout_delay
+            .parse()
+            .map_err(|e| format!("PAYMENTS_CHECKOUT_DELAY_MS `{checkout_delay}` is not a number of ms: {e}"))?;
+        Ok(Self {
+            addr,
+            store,
+            ledger,
+            transfer_delay: Duration::from_millis(delay),
+            webhook_secret,
+            digest_secret,
+            token_secret,
+            checkout_failures,
+            checkout_delay: Duration::from_millis(checkout_delay),
+        })
     }
 
     /// A configuration for tests and embedding: `store` and `ledger`, any free loopback port, the
@@ -53,6 +87,9 @@ impl Config {
             webhook_secret: crate::webhooks::Secret::parse(crate::webhooks::DEFAULT_SECRET)
                 .expect("the default secret parses"),
             digest_secret: None,
+            token_secret: DEFAULT_TOKEN_SECRET.to_owned(),
+            checkout_failures: 0,
+            checkout_delay: Duration::ZERO,
         }
     }
 }
@@ -66,6 +103,9 @@ impl std::fmt::Debug for Config {
             .field("transfer_delay", &self.transfer_delay)
             .field("webhook_secret", &self.webhook_secret)
             .field("digest_secret", &self.digest_secret.as_ref().map(|_| "(set)"))
+            .field("token_secret", &"(set)")
+            .field("checkout_failures", &self.checkout_failures)
+            .field("checkout_delay", &self.checkout_delay)
             .finish()
     }
 }

@@ -7,6 +7,7 @@
 pub mod actix_app;
 pub mod api;
 pub mod axum_app;
+pub mod checkout;
 pub mod cli;
 pub mod config;
 pub mod deposits;

@@ -42,16 +42,21 @@ fn policies_subcommand_prints_each_format(b: Bin) {
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     let mut scopes: Vec<&str> = v["routes"].as_array().unwrap().iter().map(|r| r["scope"].as_str().unwrap()).collect();
     scopes.sort_unstable();
-    let routes = [
-        "deposits.create",
-        "notifications.send",
-        "payments.create",
-        "quotes.create",
-        "refunds.create",
-        "transfers.create",
-        "webhooks.provider",
-    ];
-    assert_eq!(scopes, routes);
+    assert_eq!(
+        scopes,
+        [
+            "checkout.create",
+            "deposits.create",
+            "notifications.send",
+            "payments.create",
+            "quotes.create",
+            "refunds.create",
+            "transfers.create",
+            "webhooks.provider"
+        ]
+    );
+    let checkout = v["routes"].as_array().unwrap().iter().find(|r| r["scope"] == "checkout.create").unwrap();
+    assert_eq!((&checkout["key_source"], &checkout["token_ttl_seconds"]), (&"issued".into(), &900.0.into()));
     let html = bin(b).args(["policies", "--format", "html"]).output().unwrap();
     assert!(String::from_utf8(html.stdout).unwrap().starts_with("<!DOCTYPE html>"));
     let bad = bin(b).args(["policies", "--format", "pdf"]).output().unwrap();

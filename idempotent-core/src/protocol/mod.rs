@@ -52,6 +52,7 @@ pub mod capture;
 pub mod consume;
 pub mod field;
 pub mod status;
+pub mod tokens;
 pub mod transport;
 
 pub use body::ResponseBody;
@@ -70,7 +71,7 @@ use crate::actor::ActorMissing;
 use crate::engine::{Config, Outcome, Request, REPLAYED_HEADER};
 use crate::fingerprint::FingerprintBuilder;
 use crate::key::{IdempotencyKey, KeyError};
-use crate::policy::{KeySource, Part};
+use crate::policy::{KeySource, Part, TokenField};
 use crate::problem::{ProblemKind, CONTENT_TYPE};
 use crate::registry;
 use crate::report::Format;
@@ -130,6 +131,26 @@ impl Incoming {
         self.content_type = content_type.and_then(|c| HeaderValue::from_bytes(c).ok());
         self.body = body;
         self
+    }
+
+    /// The value of the form field `name` of a form-encoded body (`application/x-www-form-urlencoded`),
+    /// parsed as a key: `Ok(None)` when absent (or the body is not a form), an error when it is
+    /// sent more than once or is not a valid key.
+    pub fn form_field(&self, name: &str) -> Result<Option<IdempotencyKey>, KeyError> {
+        let form = self.content_type.as_ref().and_then(|c| c.to_str().ok()).is_some_and(|c| {
+            c.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"))
+        });
+        if !form {
+            return Ok(None);
+        }
+        let pairs = crate::fingerprint::form_pairs(&self.body);
+        let values: Vec<&[u8]> =
+            pairs.iter().filter(|(n, _)| n == name.as_bytes()).map(|(_, v)| v.as_slice()).collect();
+        match values.as_slice() {
+            [] => Ok(None),
+            [value] => IdempotencyKey::parse(value).map(Some),
+            _ => Err(KeyError::Repeated),
+        }
     }
 
     /// The method.
@@ -258,8 +279,12 @@ impl<H: RequestHead> Context<H> {
             KeySource::Derived => {
                 Ok(Some(IdempotencyKey::derived(fingerprint.as_ref().unwrap_or(&Fingerprint([0; 32])))))
             }
+            KeySource::Issued { from: TokenField::Header(name), .. } => {
+                IdempotencyKey::from_header_values(self.head.header_values(name))
+            }
+            KeySource::Issued { from: TokenField::Form(name), .. } => self.incoming.form_field(name),
         };
-        Caller { key, actor: identify_actor(config, &self.head, self.actor.as_ref()) }
+        Caller { key, actor: identify_actor(config, &self.head, self.actor.as_ref()), html: accepts_html(&self.head) }
     }
 
     /// The protected request's task, once its handler's response is known: `handler` is the
@@ -324,7 +349,9 @@ macro_rules! __adapter_types {
             pub use crate::{Context, Protected};
             pub use ::core::time::Duration;
             pub use $crate::inventory;
-            pub use $crate::policy::{ConflictMode, Identity, KeyRequirement, KeySource, Part, Policy, StoredOutcomes};
+            pub use $crate::policy::{
+                ConflictMode, Identity, KeyRequirement, KeySource, Part, Policy, StoredOutcomes, TokenField,
+            };
             pub use $crate::protocol::field::{Field, KeyField, PlainField, SetField};
             pub use $crate::registry::{Framework, RouteRecord, Site};
             /// The framework's response, which a protected handler returns.
@@ -415,6 +442,24 @@ macro_rules! __adapter_types {
         /// the outcome's record commits with the writes.
         pub type Tx = Scoped<$crate::store::transaction::Tx>;
 
+        /// Mints server-issued tokens for the caller of the request, as an extractor: a handler that
+        /// renders a form calls `mint.token("checkout.create").await` and writes the token into
+        /// the form's hidden field (see `idempotent_core::issued`). The caller is known as on a
+        /// protected route: an `Actor` set before this extractor runs, else the configured source.
+        #[derive(Debug, Clone)]
+        pub struct Mint(pub $crate::protocol::tokens::Minter);
+
+        impl Mint {
+            /// A fresh token for this caller on `scope`, recorded as issued; a problem (401, 404,
+            /// 429, 503) to answer otherwise.
+            pub async fn token(
+                &self,
+                scope: &str,
+            ) -> ::core::result::Result<$crate::issued::IssuedToken, $crate::problem::Problem> {
+                self.0.mint(scope).await
+            }
+        }
+
         /// The claim a protected handler runs under, as an extractor: `fence.check()` before an
         /// effect that cannot be taken back, `fence.claim()` for the fencing token and the time
         /// the lease is still vouched for (see `idempotent_core::engine::ClaimFence`).
@@ -430,14 +475,28 @@ pub struct Caller {
     pub key: Result<Option<IdempotencyKey>, KeyError>,
     /// The actor: `Ok(None)` for the anonymous namespace.
     pub actor: Result<Option<String>, ActorMissing>,
+    /// Whether the request accepts `text/html` (a browser): problems of an issued route are then
+    /// rendered by the application's [`ProblemPage`](crate::engine::ProblemPage), if it has one.
+    pub html: bool,
 }
 
 impl Caller {
     /// Reads the key header named in `config` and resolves the actor with [`identify_actor`].
     pub fn identify(config: &Config, head: &dyn RequestHead, extension: Option<&Actor>) -> Self {
         let key = IdempotencyKey::from_header_values(head.header_values(&config.header_name));
-        Self { key, actor: identify_actor(config, head, extension) }
+        Self { key, actor: identify_actor(config, head, extension), html: accepts_html(head) }
     }
+}
+
+/// Whether a request's `Accept` names `text/html` (what browsers send for a page or a form
+/// submit; JSON clients do not).
+pub fn accepts_html(head: &dyn RequestHead) -> bool {
+    head.header_values("accept").iter().any(|v| {
+        v.split(|b| *b == b',').any(|range| {
+            let media = range.split(|b| *b == b';').next().unwrap_or_default().trim_ascii();
+            media.eq_ignore_ascii_case(b"text/html")
+        })
+    })
 }
 
 /// The one rule by which a protected route and the record status endpoint know the caller:
@@ -471,6 +530,12 @@ where
     // Without a key on a route whose key is optional the request runs unprotected: no namespace
     // is needed, so a missing actor is no reason to refuse it.
     let unprotected = matches!(caller.key, Ok(None)) && policy.key == crate::policy::KeyRequirement::Optional;
+    let page =
+        runtime.config().problem_page.as_ref().filter(|_| caller.html && policy.key_source.token_ttl().is_some());
+    let problem_answer = |problem: &Problem| match page {
+        Some(page) => page_response(page, problem),
+        None => problem_response(problem),
+    };
     let actor = match caller.actor {
         Ok(actor) => actor,
         Err(_) if unprotected => None,
@@ -482,7 +547,7 @@ where
                 ActorMissing::Repeated => "The request carries its identity header more than once, so it cannot say who is calling: send it exactly once and retry with the same key.",
             };
             let problem = Problem::new(ProblemKind::ActorMissing, detail);
-            return problem_response(&problem).map(ResponseBody::full);
+            return problem_answer(&problem).map(ResponseBody::full);
         }
     };
     let max = runtime.config().max_stored_body;
@@ -503,8 +568,19 @@ where
     match runtime.execute(policy, request, handler).await {
         Outcome::Executed(response) => response,
         Outcome::Replayed(stored) => replay_response(stored).map(ResponseBody::full),
-        Outcome::Problem(problem) => problem_response(&problem).map(ResponseBody::full),
+        Outcome::Problem(problem) => problem_answer(&problem).map(ResponseBody::full),
     }
+}
+
+/// The application's HTML page for `problem` ([`ProblemPage`](crate::engine::ProblemPage)), with
+/// the problem's status and `Retry-After`, never cached.
+pub fn page_response(page: &crate::engine::ProblemPage, problem: &Problem) -> Response<Bytes> {
+    let mut response = problem_response(problem);
+    *response.body_mut() = Bytes::from((page.0)(problem));
+    let headers = response.headers_mut();
+    headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    headers.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
 /// The task an adapter spawns for one protected request: [`respond`], inside the request's span

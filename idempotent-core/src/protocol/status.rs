@@ -166,14 +166,14 @@ fn store_unavailable(runtime: &Runtime, what: &str) -> Response<Bytes> {
     no_store(problem_response(&problem))
 }
 
-fn json(status: u16, body: &serde_json::Value) -> Response<Bytes> {
+pub(crate) fn json(status: u16, body: &serde_json::Value) -> Response<Bytes> {
     let mut response = Response::new(Bytes::from(body.to_string()));
     *response.status_mut() = http::StatusCode::from_u16(status).unwrap_or_default();
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
 
-fn no_store(mut response: Response<Bytes>) -> Response<Bytes> {
+pub(crate) fn no_store(mut response: Response<Bytes>) -> Response<Bytes> {
     response.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }

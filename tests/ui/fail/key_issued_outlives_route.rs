@@ -1,0 +1,14 @@
+use axum::Form;
+use idempotent_axum::idempotent;
+
+#[derive(serde::Deserialize, serde::Serialize)]
+struct Checkout {
+    amount: u64,
+}
+
+#[idempotent(scope = "checkout.create", ttl = "10m", key = issued(ttl = "15m", from = form("_idem")))]
+async fn checkout(Form(c): Form<Checkout>) -> String {
+    c.amount.to_string()
+}
+
+fn main() {}
