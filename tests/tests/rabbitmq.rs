@@ -296,7 +296,8 @@ async fn a_worker_is_reported_with_its_queue_binding_and_key_source() {
     let queue = unique("rmq.report.");
     let client = Client::connect(&url).await;
     let bind = Some(("amq.direct".to_owned(), queue.clone()));
-    let worker = worker_with(&url, &queue, Settings { bind, ..settings(&queue) }).state(Ledger::default());
+    let ledger = Ledger::default();
+    let worker = worker_with(&url, &queue, Settings { bind, ..settings(&queue) }).state(ledger.clone());
     let (stop, run) = spawn(worker, settle);
     let records =
         idempotent_rabbitmq::core::registry::routes_of(idempotent_rabbitmq::core::registry::Framework::RabbitMq);
@@ -327,8 +328,15 @@ async fn a_worker_is_reported_with_its_queue_binding_and_key_source() {
     );
     assert!(confirm.await.unwrap().await.unwrap().is_ack());
     drained(&client, &queue).await;
+    // Delivered is not yet settled: wait for the handler's run before stopping the worker.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count(&ledger, "b-1") == 0 {
+        assert!(Instant::now() < deadline, "the routed message never reached the handler");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     stop.cancel();
     run.await.unwrap().expect("the worker stops cleanly");
+    assert_eq!(count(&ledger, "b-1"), 1);
     assert_eq!(client.ready(&queue).await, 0, "settled");
     client.delete(&[&queue, &format!("{queue}.dead")]).await;
 }

@@ -133,9 +133,11 @@ pub struct ProviderEventData {
 /// `POST /notifications` body.
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 pub struct SendNotification {
-    /// Whom to notify.
+    /// Whom to notify (not blank).
+    #[schema(min_length = 1, pattern = "\\S")]
     pub to: String,
-    /// What to say.
+    /// What to say (not empty).
+    #[schema(min_length = 1)]
     pub text: String,
 }
 

@@ -530,7 +530,7 @@ mod tests {
     fn every_protected_route_of_both_binaries_is_documented() {
         use idempotent_axum::core::policy::KeySource;
         let documented: BTreeSet<&str> = routes().iter().filter_map(|r| r.scope).collect();
-        let json_api = |r: &&idempotent_axum::core::registry::RouteRecord| {
+        let json_api = |r: &&&idempotent_axum::core::registry::RouteRecord| {
             !matches!(r.policy.as_ref().map(|p| p.key_source), Some(KeySource::Issued { .. }))
         };
         for framework in [Framework::Axum, Framework::Actix] {
