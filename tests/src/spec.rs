@@ -2,7 +2,7 @@
 //! ([`idempotent_model::store`]): one key, tokens and fingerprints numbered as the model numbers
 //! them, answers turned into the model's [`Answer`]s so that the two can be compared.
 //!
-//! [`stores`] opens every store this machine has: memory, SQLite (a temporary file), PostgreSQL,
+//! [`store`] opens each store this machine has by name: memory, SQLite (a temporary file), PostgreSQL,
 //! MySQL/MariaDB, Redis (single node and cluster), each skipped loudly (a failure under `CI=true`)
 //! by its harness when its server cannot be had.
 
