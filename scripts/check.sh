@@ -18,6 +18,7 @@ for spec in \
   "idempotent-core:sqlite postgres mysql redis tls testing utoipa" \
   "idempotent-axum:sqlite postgres mysql redis tls utoipa" \
   "idempotent-actix:sqlite postgres mysql redis tls utoipa" \
+  "idempotent-nats:sqlite postgres mysql redis" \
   "idempotent-rabbitmq:sqlite postgres mysql redis"; do
   crate=${spec%%:*}
   for feature in "" ${spec#*:}; do

@@ -167,7 +167,13 @@ impl FingerprintBuilder {
 
     /// Adds the request's method, ASCII-uppercased (tag `method`).
     pub fn method(mut self, method: &str) -> Self {
-        self.part(b"method", &[method.to_ascii_uppercase().as_bytes()]);
+        // Methods arrive uppercase almost always: no copy then.
+        let upper = if method.bytes().any(|b| b.is_ascii_lowercase()) {
+            std::borrow::Cow::Owned(method.to_ascii_uppercase())
+        } else {
+            std::borrow::Cow::Borrowed(method)
+        };
+        self.part(b"method", &[upper.as_bytes()]);
         self
     }
 

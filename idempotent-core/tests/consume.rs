@@ -7,7 +7,7 @@ use idempotent_core::engine::{Config, Fence, Runtime};
 use idempotent_core::policy::{KeySource, Part, Policy};
 use idempotent_core::protocol::consume::{
     check_redelivery, Action, ConsumeError, Delivery, DeliveryInfo, FromDelivery, Json, Redelivery, Rejection, Reply,
-    Settlement, State,
+    SettingNames, Settlement, State,
 };
 use idempotent_core::registry::Framework;
 use idempotent_core::store::{MemoryStore, Store};
@@ -419,6 +419,7 @@ fn redelivery() -> Redelivery {
         max_deliver: Some(5),
         backoff: Vec::new(),
         duplicate_window: Some(Duration::from_secs(120)),
+        names: SettingNames::JETSTREAM,
     }
 }
 
@@ -431,7 +432,7 @@ fn start_up_refuses_a_consumer_whose_settings_outlive_the_ttl() {
     assert_eq!(
         error.0,
         [
-            "consumer `settler` (scope `settlements.create`): ttl 60s is shorter than its redelivery horizon 150s (ack_wait 30s × max_deliver 5 + backoff 0ns); lengthen the ttl or lower ack_wait or max_deliver",
+            "consumer `settler` (scope `settlements.create`): ttl 60s is shorter than its redelivery horizon 150s (ack_wait 30s × 5 deliveries + backoff 0ns); lengthen the ttl or lower ack_wait or max_deliver",
             "consumer `settler` (scope `settlements.create`): ttl 60s is shorter than the stream's duplicate window 120s; lengthen the ttl to at least the window",
         ]
     );

@@ -67,7 +67,9 @@
 use async_nats::jetstream::{self, consumer::AckPolicy, AckKind};
 use futures_util::StreamExt;
 use idempotent_core::engine::{Config, Runtime, StartupError};
-use idempotent_core::protocol::consume::{check_redelivery, Action, Delivery, DeliveryInfo, Handler, Redelivery};
+use idempotent_core::protocol::consume::{
+    check_redelivery, Action, Delivery, DeliveryInfo, Handler, Redelivery, SettingNames,
+};
 use idempotent_core::registry::{bind_consumer, ConsumerBinding, Framework};
 use std::any::Any;
 use std::sync::Arc;
@@ -175,6 +177,7 @@ impl Worker {
             max_deliver,
             backoff: config.backoff.clone(),
             duplicate_window: Some(window).filter(|w| !w.is_zero()),
+            names: SettingNames::JETSTREAM,
         };
         check_redelivery(handler.policy, &redelivery)?;
         let filter = [config.filter_subject.clone()].into_iter().chain(config.filter_subjects.clone());

@@ -79,7 +79,7 @@
 use futures_util::StreamExt;
 use idempotent_core::engine::{Config, Runtime, StartupError};
 use idempotent_core::protocol::consume::{check_deadline, check_redelivery, headers, Action, Delivery, DeliveryInfo};
-use idempotent_core::protocol::consume::{Handler, Redelivery};
+use idempotent_core::protocol::consume::{Handler, Redelivery, SettingNames};
 use idempotent_core::registry::{bind_consumer, ConsumerBinding, Framework};
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
@@ -197,8 +197,9 @@ impl Worker {
         let set = &self.settings;
         let max_deliver = set.delivery_limit.map(|limit| u64::from(limit) + 1);
         let (consumer, backoff, ack_wait) = (self.queue.clone(), Vec::new(), set.consumer_timeout);
+        let names = SettingNames::RABBITMQ;
         let redelivery =
-            Redelivery { consumer, explicit_ack: true, ack_wait, max_deliver, backoff, duplicate_window: None };
+            Redelivery { consumer, explicit_ack: true, ack_wait, max_deliver, backoff, duplicate_window: None, names };
         let checks = [
             check_redelivery(handler.policy, &redelivery),
             check_deadline(handler.policy, &self.queue, set.consumer_timeout, set.max_processing),

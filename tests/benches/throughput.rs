@@ -32,10 +32,16 @@
 //!    same form submitted with an `Idempotency-Key` header, first executions and replays, in
 //!    process, on the memory store, SQLite, PostgreSQL and Redis.
 //!
+//! 8. keyed digests: the in-process cost of a first execution and a replay of a caller known by
+//!    its bearer token, with plain SHA-256 digests (the default) and with a digest secret
+//!    (HMAC-SHA256 of the actor on every request, and of the key for the request's span), without
+//!    and with a `tracing` subscriber (the key's digest is computed only for a span someone
+//!    wants).
+//!
 //! Machines are shared and noisy: compare the ratios within one run, not absolute numbers
 //! across runs. `cargo bench -p idempotent-tests --bench throughput -- in-process` runs only the
 //! first part, `-- sqlite-sync` only the fourth, `-- memory-fill` only the fifth,
-//! `-- transactional` only the sixth, `-- issued` only the seventh.
+//! `-- transactional` only the sixth, `-- issued` only the seventh, `-- digests` only the eighth.
 
 use axum::body::Body;
 use axum::extract::State;
@@ -210,6 +216,64 @@ fn in_process() {
         both[1] - first_us,
         both[2] - replay_us
     );
+}
+
+/// The digest secret of part 8's keyed runtime.
+const DIGEST_SECRET: &[u8] = b"the benchmark's digest secret, 32 bytes or more";
+
+/// Part 8: first execution and replay, µs per request, of a caller known by its bearer token, on
+/// a runtime with plain digests or (`keyed`) a digest secret.
+async fn digest_round(n: usize, round: usize, keyed: bool) -> [f64; 2] {
+    let mut builder = Idempotency::builder(Arc::new(MemoryStore::new()))
+        .actor(idempotent_axum::ActorSource::BearerToken)
+        .store_timeout(payments_demo::api::STORE_TIMEOUT)
+        .without_transactions(idempotent_axum::core::engine::WithoutTransactions::NotImplemented)
+        .token_secret(TOKEN_SECRET);
+    if keyed {
+        builder = builder.digest_secret(DIGEST_SECRET);
+    }
+    let app = Router::new().route("/protected", post(protected)).layer(builder.build().unwrap().layer());
+    let request = |key: &str| {
+        let mut r = charge_request("/protected", Some(key));
+        r.headers_mut().insert("authorization", "Bearer tok_live_4eC39HqLyjWDarjtT1zdp7dc".parse().unwrap());
+        r
+    };
+    let tag = if keyed { "keyed" } else { "plain" };
+    let first = per_request(&app, n, |i| request(&format!("{tag}-r{round}-k-{i}"))).await;
+    let replay = per_request(&app, n, |_| request(&format!("{tag}-r{round}-k-0"))).await;
+    [first, replay]
+}
+
+fn digests() {
+    const N: usize = 20_000;
+    const ROUNDS: usize = 5;
+    // best[subscriber][keyed] = [first, replay], the fastest of the rounds, variants interleaved.
+    let mut best = [[[f64::MAX; 2]; 2]; 2];
+    for round in 0..ROUNDS {
+        for (s, observed) in [Observed::Nothing, Observed::Subscriber].into_iter().enumerate() {
+            let rt = observed.runtime();
+            for keyed in [false, true] {
+                let figures = rt.block_on(async { tokio::spawn(digest_round(N, round, keyed)).await.unwrap() });
+                for (b, f) in best[s][usize::from(keyed)].iter_mut().zip(figures) {
+                    *b = b.min(f);
+                }
+            }
+        }
+    }
+    println!("8. keyed digests: a bearer-token caller, memory store, {N} requests each, best of {ROUNDS} rounds (µs/request)");
+    println!("  {:<34} {:>8} {:>8} {:>9} {:>9}", "installed", "first", "replay", "first +", "replay +");
+    for (s, label) in ["no subscriber", "subscriber (fmt, INFO, to a sink)"].into_iter().enumerate() {
+        let [plain, keyed] = best[s];
+        println!("  {:<34} {:>8.2} {:>8.2}", format!("{label}, plain SHA-256"), plain[0], plain[1]);
+        println!(
+            "  {:<34} {:>8.2} {:>8.2} {:>8.2}  {:>8.2}",
+            format!("{label}, HMAC (digest secret)"),
+            keyed[0],
+            keyed[1],
+            keyed[0] - plain[0],
+            keyed[1] - plain[1]
+        );
+    }
 }
 
 async fn serve(router: Router) -> SocketAddr {
@@ -1034,10 +1098,15 @@ fn main() {
         .unwrap();
         return;
     }
+    if std::env::args().any(|a| a == "digests") {
+        digests();
+        return;
+    }
     in_process();
     if std::env::args().any(|a| a == "in-process") {
         return;
     }
+    digests();
     rt.block_on(async {
         let redis_url = idempotent_tests::redis_server::redis_url().await;
         let pg = idempotent_tests::postgres::TestSchema::new().await;

@@ -381,7 +381,7 @@ async fn start_up_refuses_a_consumer_that_cannot_keep_the_promise() {
     let long = refusal("long").await;
     assert!(
         long.contains(
-            "ttl 60s is shorter than its redelivery horizon 90s (ack_wait 30s × max_deliver 3 + backoff 0ns)"
+            "ttl 60s is shorter than its redelivery horizon 90s (ack_wait 30s × 3 deliveries + backoff 0ns)"
         ),
         "{long}"
     );

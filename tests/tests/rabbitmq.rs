@@ -282,7 +282,10 @@ async fn start_up_refuses_a_consumer_timeout_too_short_or_a_queue_without_a_deli
     );
     let unbounded = Worker::new(runtime(), &url, &queue, Settings::default());
     let error = unbounded.run(settle, CancellationToken::new()).await.unwrap_err().to_string();
-    assert!(error.contains(&format!("consumer `{queue}` (scope `rmq.settle`): max_deliver is unlimited")), "{error}");
+    assert!(
+        error.contains(&format!("consumer `{queue}` (scope `rmq.settle`): x-delivery-limit is unlimited")),
+        "{error}"
+    );
     // A queue that does not exist (not declared by the worker): refused, not waited for.
     let missing = Worker::new(runtime(), &url, &queue, Settings { delivery_limit: Some(5), ..Settings::default() });
     let error = missing.run(settle, CancellationToken::new()).await.unwrap_err();

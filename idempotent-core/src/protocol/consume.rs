@@ -649,6 +649,26 @@ pub struct Redelivery {
     /// How long the broker drops a republished message with the same id (JetStream's duplicate
     /// window), when it does.
     pub duplicate_window: Option<Duration>,
+    /// What the broker calls these settings, for the messages of [`check_redelivery`].
+    pub names: SettingNames,
+}
+
+/// What a broker calls its redelivery settings, so that a refusal to start names the setting
+/// its operator has to change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SettingNames {
+    /// The acknowledgement deadline ([`Redelivery::ack_wait`]).
+    pub ack_wait: &'static str,
+    /// The bound on deliveries ([`Redelivery::max_deliver`]).
+    pub max_deliver: &'static str,
+}
+
+impl SettingNames {
+    /// NATS JetStream's consumer settings: `ack_wait`, `max_deliver`.
+    pub const JETSTREAM: SettingNames = SettingNames { ack_wait: "ack_wait", max_deliver: "max_deliver" };
+    /// RabbitMQ's: the broker's `consumer_timeout`, and a quorum queue's `x-delivery-limit`
+    /// (redeliveries after the first delivery).
+    pub const RABBITMQ: SettingNames = SettingNames { ack_wait: "consumer_timeout", max_deliver: "x-delivery-limit" };
 }
 
 impl Redelivery {
@@ -678,12 +698,13 @@ pub fn check_redelivery(policy: &Policy, redelivery: &Redelivery) -> Result<(), 
             "consumer `{name}` (scope `{scope}`): its ack policy is not explicit, so a message can be acknowledged before its outcome is stored; use the explicit ack policy"
         ));
     }
+    let SettingNames { ack_wait, max_deliver } = redelivery.names;
     match redelivery.horizon() {
         None => problems.push(format!(
-            "consumer `{name}` (scope `{scope}`): max_deliver is unlimited, so a message can be delivered after its record's ttl of {ttl:?} and run again; set max_deliver"
+            "consumer `{name}` (scope `{scope}`): {max_deliver} is unlimited, so a message can be delivered after its record's ttl of {ttl:?} and run again; set {max_deliver}"
         )),
         Some(horizon) if horizon > ttl => problems.push(format!(
-            "consumer `{name}` (scope `{scope}`): ttl {ttl:?} is shorter than its redelivery horizon {horizon:?} (ack_wait {:?} × max_deliver {} + backoff {:?}); lengthen the ttl or lower ack_wait or max_deliver",
+            "consumer `{name}` (scope `{scope}`): ttl {ttl:?} is shorter than its redelivery horizon {horizon:?} ({ack_wait} {:?} × {} deliveries + backoff {:?}); lengthen the ttl or lower {ack_wait} or {max_deliver}",
             redelivery.ack_wait,
             redelivery.max_deliver.unwrap_or_default(),
             redelivery.backoff.iter().sum::<Duration>(),
