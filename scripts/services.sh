@@ -137,6 +137,14 @@ if [ -z "${IDEMPOTENT_TEST_AMQP_URL:-}" ]; then
   amqp_up && log "rabbitmq is up" || log "rabbitmq is NOT available"
 fi
 
+# --- network namespaces and packet filters -------------------------------------------------
+# examples/payments/tests/partitions.rs puts Redis and PostgreSQL on hosts of their own (network
+# namespaces, `ip netns`), drops their packets with nftables (`nft`) and slows their link with
+# `tc`. It needs root; without these tools it skips loudly, and fails under CI=true.
+if ! command -v nft >/dev/null 2>&1 && ! [ -x /usr/sbin/nft ]; then apt_install nftables; fi
+if ! command -v tc >/dev/null 2>&1 && ! [ -x /usr/sbin/tc ]; then apt_install iproute2; fi
+{ command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ]; } && log "nftables is installed" || log "nftables is NOT available"
+
 # --- schemathesis ------------------------------------------------------------------------
 # examples/payments/tests/openapi.rs runs it (python3 -m schemathesis.cli, or $PYTHON) against
 # both demo binaries; it skips loudly without it, and fails under CI=true.

@@ -12,6 +12,7 @@ pub mod identity;
 pub mod issued;
 pub mod mysql;
 pub mod nats_server;
+pub mod netns;
 pub mod postgres;
 pub mod process;
 pub mod rabbitmq;

@@ -142,14 +142,7 @@ struct RowResult {
 
 /// The transfer lease `bin` declares, from its policy report.
 fn transfer_lease(bin: &str) -> Duration {
-    let out = std::process::Command::new(bin).args(["policies", "--format", "json"]).output().expect("run policies");
-    assert!(out.status.success(), "{bin} policies: {}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the policy report is JSON");
-    let route = report["routes"]
-        .as_array()
-        .and_then(|routes| routes.iter().find(|r| r["scope"] == SCOPE))
-        .unwrap_or_else(|| panic!("{bin}: no {SCOPE} route in the policy report"));
-    Duration::from_secs_f64(route["lease_seconds"].as_f64().expect("lease_seconds"))
+    common::route_lease(bin, SCOPE)
 }
 
 /// The engine renews a claim every third of its lease. A row that stalls the store before the

@@ -56,6 +56,19 @@ pub fn ledger_count(instances: &[&Instance], kind: &str) -> usize {
     executions(&ledgers, kind, None)
 }
 
+/// The lease `bin` declares for the route of `scope`, from its policy report (`policies --format
+/// json`).
+pub fn route_lease(bin: &str, scope: &str) -> std::time::Duration {
+    let out = Command::new(bin).args(["policies", "--format", "json"]).output().expect("run policies");
+    assert!(out.status.success(), "{bin} policies: {}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the policy report is JSON");
+    let route = report["routes"]
+        .as_array()
+        .and_then(|routes| routes.iter().find(|r| r["scope"] == scope))
+        .unwrap_or_else(|| panic!("{bin}: no {scope} route in the policy report"));
+    std::time::Duration::from_secs_f64(route["lease_seconds"].as_f64().expect("lease_seconds"))
+}
+
 /// A fresh temporary directory for one test's files, named after the test binary and `name`.
 pub fn dir(prefix: &str, name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("payments-{prefix}-{}-{name}", std::process::id()));
