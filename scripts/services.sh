@@ -138,7 +138,7 @@ if [ -z "${IDEMPOTENT_TEST_AMQP_URL:-}" ]; then
 fi
 
 # --- network namespaces and packet filters -------------------------------------------------
-# examples/payments/tests/partitions.rs puts Redis and PostgreSQL on hosts of their own (network
+# examples/payments/tests/dropped_packets.rs puts Redis and PostgreSQL on hosts of their own (network
 # namespaces, `ip netns`), drops their packets with nftables (`nft`) and slows their link with
 # `tc`. It needs root; without these tools it skips loudly, and fails under CI=true.
 if ! command -v nft >/dev/null 2>&1 && ! [ -x /usr/sbin/nft ]; then apt_install nftables; fi

@@ -16,7 +16,7 @@
 //! its own. Every request is sent with a client timeout of [`CLIENT_TIMEOUT`], far beyond the
 //! store timeout and the engine's completion patience: a request that got no answer fails its
 //! row. Without root, `ip netns`, `nft` or the servers the test prints why and passes, except
-//! under `CI=true`, where that is a failure (`cargo test -p payments-demo --test partitions --
+//! under `CI=true`, where that is a failure (`cargo test -p payments-demo --test dropped_packets --
 //! --nocapture` prints a line per row and the table).
 
 mod common;
