@@ -136,12 +136,6 @@ async fn sqlite_is_linearizable() {
     plain("sqlite").await;
 }
 
-// Under investigation: one run of the full suite found a PostgreSQL history (four clients on one
-// key, claims, completions, releases and invalidations) that the checker could not linearize;
-// other runs pass. Whether the store or the sequential specification is wrong is not settled (see
-// docs/verification.md). Run it with `cargo test -p idempotent-tests --test store_linearizable --
-// --ignored postgres`.
-#[ignore = "a PostgreSQL history was found not linearizable once; under investigation"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_is_linearizable() {
     plain("postgres").await;
