@@ -65,6 +65,7 @@ macro_rules! store_contract_tests {
                 expired_lease_is_taken_over_by_exactly_one,
                 an_abandoned_claim_is_never_taken_by_another_request,
                 a_claim_sent_again_finds_itself,
+                a_claim_sent_again_after_its_lease_ran_out_leases_anew,
                 stale_token_is_fenced,
                 completed_records_expire_after_ttl,
                 hundred_concurrent_claimers_one_winner,
@@ -279,6 +280,27 @@ pub async fn a_claim_sent_again_finds_itself<S: Store>(s: Arc<S>) {
     assert!(matches!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::InProgress { .. }));
     s.complete(&k, &token, &response(b"once"), TTL).await.unwrap();
     assert_eq!(s.claim_as(&k, &fp(1), LEASE, &token).await.unwrap(), Claim::Completed(response(b"once")));
+}
+
+/// A claim sent again with its own token after its lease ran out (nobody took the record over)
+/// is acquired with a new lease: the caller counts on one from when it sent the claim, so the
+/// record must not stay expired, open to a takeover.
+pub async fn a_claim_sent_again_after_its_lease_ran_out_leases_anew<S: Store>(s: Arc<S>) {
+    let k = key("resent-expired-claim");
+    let token = ClaimToken::generate();
+    let short = Duration::from_millis(300);
+    assert_eq!(s.claim_as(&k, &fp(1), short, &token).await.unwrap(), Claim::Acquired(token.clone()));
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(s.claim_as(&k, &fp(1), LEASE, &token).await.unwrap(), Claim::Acquired(token.clone()));
+    match s.claim(&k, &fp(1), LEASE).await.unwrap() {
+        Claim::InProgress { retry_after } => assert!(retry_after > Duration::from_secs(20), "{retry_after:?}"),
+        other => panic!("the lease was not taken anew: {other:?}"),
+    }
+    let info = s.inspect(&k).await.unwrap().expect("a record");
+    assert_eq!(info.state, RecordState::InProgress);
+    assert_about(info.expires_at, LEASE, "the new lease");
+    s.complete(&k, &token, &response(b"resent"), TTL).await.unwrap();
+    assert_eq!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"resent")));
 }
 
 /// A worker whose lease was taken over can neither complete, release nor renew, and does not

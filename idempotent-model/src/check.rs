@@ -49,7 +49,7 @@ impl Outcome {
     pub fn summary(&self) -> String {
         let p = &self.protocol;
         format!(
-            "{:?}: {} workers x {} attempts, drift {} (margin {}), crashes {}, horizon {:?}: {} states, depth {}, {:.2} s",
+            "{:?}: {} workers x {} attempts, drift {} (margin {}), crashes {}, horizon {:?}{}: {} states, depth {}, {:.2} s",
             p.variant,
             p.workers,
             p.attempts,
@@ -57,6 +57,7 @@ impl Outcome {
             p.timing.margin,
             p.crashes,
             p.horizon,
+            p.renewal_failures.map(|k| format!(", at most {k} renewals failing in a row")).unwrap_or_default(),
             self.states,
             self.depth,
             self.took.as_secs_f64()

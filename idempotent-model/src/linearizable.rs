@@ -63,48 +63,72 @@ const FOREVER: Tick = Tick::MAX / 2;
 
 /// A linearization of `history` (the indices of its operations in order, those with a lost answer
 /// that took no effect left out), or why there is none.
+///
+/// Failed calls make the search branch: each may be placed anywhere it is allowed, or never. Three
+/// things keep that small:
+/// - a failed call is placed only where it changes the record: one that would leave it as it is
+///   is the same as one never placed, and placing it would only narrow where other failed calls
+///   may go;
+/// - a failed call that can no longer be placed (an operation invoked after it failed is placed)
+///   counts in the memo as if placed: whether it took effect early or never, what is left to
+///   order is the same, so the two configurations are one;
+/// - operations with an answer are tried before failed calls, so that a history explained
+///   without most failed calls' effects is found first.
 pub fn linearizable(history: &[Event]) -> Result<Vec<usize>, NotLinearizable> {
     let n = history.len();
     let returned = |e: &Event| if e.answer.is_some() { e.returned } else { u64::MAX };
     let words = n.div_ceil(64);
     let mut seen: HashSet<(Vec<u64>, Record)> = HashSet::new();
+    // Operations with an answer first, failed calls last, each in the order they were invoked.
+    let mut candidates: Vec<usize> = (0..n).collect();
+    candidates.sort_by_key(|&i| (history[i].answer.is_none(), history[i].invoked));
     // Depth-first: each frame is a configuration and the candidates still to try from it.
     let mut placed = vec![0u64; words];
     let mut order: Vec<usize> = Vec::new();
     let mut records = vec![Record::Empty];
+    let mut latests = vec![0u64];
     let mut next_candidate = vec![0usize];
     let mut longest = Vec::new();
     let is_placed = |placed: &[u64], i: usize| placed[i / 64] & (1 << (i % 64)) != 0;
+    // A failed call is placed before any operation invoked after it failed, or never.
+    let too_late = |e: &Event, latest: u64| e.answer.is_none() && latest > e.returned;
     loop {
         let depth = order.len();
-        let record = records[depth];
+        let (record, latest) = (records[depth], latests[depth]);
         let known_left = (0..n).any(|i| !is_placed(&placed, i) && history[i].answer.is_some());
         if !known_left {
             return Ok(order);
         }
         let horizon =
             (0..n).filter(|&i| !is_placed(&placed, i)).map(|i| returned(&history[i])).min().unwrap_or(u64::MAX);
-        // A failed call is placed before any operation invoked after it failed, or never.
-        let latest = order.iter().map(|&i| history[i].invoked).max().unwrap_or(0);
         let mut advanced = false;
         while next_candidate[depth] < n {
-            let i = next_candidate[depth];
+            let i = candidates[next_candidate[depth]];
             next_candidate[depth] += 1;
             let e = &history[i];
-            if is_placed(&placed, i) || e.invoked >= horizon || (e.answer.is_none() && latest > e.returned) {
+            if is_placed(&placed, i) || e.invoked >= horizon || too_late(e, latest) {
                 continue;
             }
             let (after, answer) = step(record, e.op, 0, FOREVER, Rules::STORE);
-            if e.answer.is_some_and(|a| a != answer) {
+            if e.answer.is_some_and(|a| a != answer) || (e.answer.is_none() && after == record) {
                 continue;
             }
             placed[i / 64] |= 1 << (i % 64);
-            if !seen.insert((placed.clone(), after)) {
+            let latest = latest.max(e.invoked);
+            // The memo's key: what is placed, failed calls that can no longer be, and the record.
+            let mut key = placed.clone();
+            for (j, f) in history.iter().enumerate() {
+                if too_late(f, latest) {
+                    key[j / 64] |= 1 << (j % 64);
+                }
+            }
+            if !seen.insert((key, after)) {
                 placed[i / 64] &= !(1 << (i % 64));
                 continue;
             }
             order.push(i);
             records.push(after);
+            latests.push(latest);
             next_candidate.push(0);
             if order.len() > longest.len() {
                 longest.clone_from(&order);
@@ -120,6 +144,7 @@ pub fn linearizable(history: &[Event]) -> Result<Vec<usize>, NotLinearizable> {
             return Err(NotLinearizable { longest, explored: seen.len() });
         };
         records.pop();
+        latests.pop();
         next_candidate.pop();
         placed[i / 64] &= !(1 << (i % 64));
     }
@@ -168,6 +193,64 @@ mod tests {
         assert!(linearizable(&late).is_err());
         late[1].returned = u64::MAX;
         assert_eq!(linearizable(&late), Ok(vec![0, 2, 1, 3]), "unless it may arrive any time");
+    }
+
+    #[test]
+    fn failed_calls_that_change_nothing_are_left_out() {
+        let claim = |token| Op::Claim { token, fingerprint: 0 };
+        let history = [
+            ev(claim(1), Some(Answer::Acquired), 0, 1),
+            ev(Op::Inspect, None, 2, 3),
+            ev(claim(2), None, 2, 3),
+            ev(Op::Renew { token: 1 }, None, 2, u64::MAX),
+            ev(Op::Complete { token: 1 }, Some(Answer::Done), 4, 5),
+        ];
+        assert_eq!(linearizable(&history), Ok(vec![0, 4]));
+    }
+
+    /// Histories of a sequential store seen through calls that overlap and often fail (each
+    /// failed call taking effect or not, by a coin): many failed calls, each placeable in many
+    /// places, are searched through at once.
+    #[test]
+    fn histories_with_many_failed_calls_are_searched_through() {
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        let mut below = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..20 {
+            let (mut history, mut record, mut failed) = (Vec::new(), Record::Empty, 0);
+            for k in 0..160u64 {
+                let token = below(8) as u8;
+                let op = match below(20) {
+                    0..=6 => Op::Claim { token, fingerprint: u8::from(below(8) == 0) },
+                    7..=8 => Op::Renew { token },
+                    9..=12 => Op::Complete { token },
+                    13..=14 => Op::Release { token },
+                    15..=16 => Op::Inspect,
+                    17..=18 => Op::Invalidate(crate::store::Purge::Any),
+                    _ => Op::Invalidate(crate::store::Purge::Completed),
+                };
+                // Takes effect at 100 k, within a call that overlaps its neighbours.
+                let at = 100 * k + 1000;
+                let (invoked, returned) = (at - below(300), at + below(300));
+                let fails = below(3) == 0;
+                let answer = if fails && below(2) == 0 {
+                    None
+                } else {
+                    let (after, answer) = step(record, op, 0, FOREVER, Rules::STORE);
+                    record = after;
+                    Some(answer).filter(|_| !fails)
+                };
+                failed += usize::from(fails);
+                let returned = if fails && below(8) == 0 { u64::MAX } else { returned };
+                history.push(ev(op, answer, invoked, returned));
+            }
+            assert!(failed > 30, "{failed} failed calls");
+            assert!(linearizable(&history).is_ok(), "{history:#?}");
+        }
     }
 
     #[test]

@@ -39,6 +39,14 @@
 //! is only ever stored by the token holding the claim, and only one; every replay is of that one
 //! outcome; and, so that none of this holds vacuously, a takeover, a fenced completion and a replay
 //! each happen in some run.
+//!
+//! # The fault budget
+//! In the fault budget mode ([`Protocol::fault_budget`]) at most `k` renewals of a claim fail in
+//! a row (lost, late, or left on the wire when the keeper sends the next), and the next one is
+//! applied and answered within the store timeout; workers do not crash. Then also: no claim is
+//! acquired while another token's handler runs or stores its outcome. The engine's budget is
+//! [`Timing::renewal_failures_tolerated`]: the suite checks that it holds and that one failure
+//! more does not.
 
 use crate::store::{step, Answer, Op, Record, Rules, Tick, Token};
 use crate::timing::Timing;
@@ -73,6 +81,11 @@ pub struct Protocol {
     pub horizon: Option<u8>,
     /// Engine or variant.
     pub variant: Variant,
+    /// The fault budget mode: `None`, every renewal may fail (the engine's model: a live handler
+    /// may lose its claim, and the fence keeps it from writing); `Some(k)`, at most `k` renewals
+    /// of a claim fail in a row, and the next one is applied and answered within the store
+    /// timeout. Then property `live handler keeps its claim` is checked too.
+    pub renewal_failures: Option<u8>,
 }
 
 impl Protocol {
@@ -82,7 +95,23 @@ impl Protocol {
         let timing = Timing::engine(drift);
         // Storing an outcome goes on past the lease: late completions are part of the protocol.
         assert!(timing.completion_patience > timing.lease);
-        Protocol { workers, attempts, timing, crashes: true, horizon: None, variant: Variant::Engine }
+        Protocol {
+            workers,
+            attempts,
+            timing,
+            crashes: true,
+            horizon: None,
+            variant: Variant::Engine,
+            renewal_failures: None,
+        }
+    }
+
+    /// The fault budget mode ([`Protocol::renewal_failures`]): `workers` workers of one attempt
+    /// each, clocks up to `drift` ticks off, no crashes (a crashed handler is not live), at most
+    /// `failures` renewals failing in a row; every other request may still be lost or late, and
+    /// storing an outcome is retried.
+    pub fn fault_budget(workers: u8, drift: Tick, failures: u8) -> Self {
+        Protocol { crashes: false, renewal_failures: Some(failures), ..Protocol::engine(workers, 1, drift) }
     }
 
     /// The same with `variant`.
@@ -178,6 +207,8 @@ pub struct Worker {
     pub call: Option<Call>,
     /// The renewal it waits for.
     pub renewal: Option<Call>,
+    /// Renewals of its claim that failed in a row (counted in the fault budget mode only).
+    pub failed: u8,
 }
 
 /// The whole system: the key's record, the workers, the requests nobody waits for any more, and
@@ -217,6 +248,8 @@ impl Event {
     pub const FOREIGN_WRITE: u8 = 16;
     /// An outcome was written over another.
     pub const SECOND_OUTCOME: u8 = 32;
+    /// A claim was acquired while another token's handler ran or stored its outcome.
+    pub const LIVE_TAKEOVER: u8 = 64;
 }
 
 /// One step of the system.
@@ -286,14 +319,28 @@ impl Protocol {
             && worker.hold.is_some_and(|h| worker.clock() < h.vouched - self.timing.margin)
     }
 
+    /// Whether `worker`'s renewal on the wire must succeed: the fault budget is spent.
+    fn must_renew(&self, worker: &Worker) -> bool {
+        self.renewal_failures.is_some_and(|k| worker.failed >= k)
+    }
+
+    /// A renewal of `worker` ended without being confirmed.
+    fn renewal_failed(&self, worker: &mut Worker) {
+        if self.renewal_failures.is_some() {
+            worker.failed = worker.failed.saturating_add(1);
+        }
+    }
+
     /// Something due at `s` that time may not pass.
     fn due(&self, s: &State) -> bool {
         s.workers.iter().any(|w| {
             let clock = w.clock();
             let timeout = [w.call, w.renewal].iter().flatten().any(|c| clock > c.sent + self.timing.store_timeout);
+            // A renewal that must succeed is answered by the end of the store timeout.
+            let owed = self.must_renew(w) && w.renewal.is_some_and(|c| clock >= c.sent + self.timing.store_timeout);
             let renewal = w.keeping() && w.hold.is_some_and(|h| clock >= h.next_renewal);
             let completion = matches!(w.phase, Phase::Completing { retry_at: Some(at), .. } if clock >= at);
-            timeout || renewal || completion
+            timeout || renewal || completion || owed
         })
     }
 
@@ -301,6 +348,14 @@ impl Protocol {
     fn apply(&self, s: &mut State, op: Op) -> Answer {
         let before = s.record;
         let (after, answer) = step(before, op, 0, self.timing.lease, self.rules());
+        if let (Op::Claim { token, .. }, Answer::Acquired, Some(_)) = (op, answer, self.renewal_failures) {
+            let live = |w: &Worker| {
+                matches!(w.phase, Phase::Running | Phase::Completing { .. }) && w.hold.is_some_and(|h| h.token != token)
+            };
+            if s.workers.iter().any(live) {
+                s.events |= Event::LIVE_TAKEOVER;
+            }
+        }
         match (op, before, answer) {
             (Op::Claim { token, .. }, Record::Held { token: held, .. }, Answer::Acquired) if held != token => {
                 s.events |= Event::TAKEOVER;
@@ -343,6 +398,9 @@ impl Protocol {
             if let Some(hold) = worker.hold.as_mut().filter(|h| h.lost) {
                 hold.vouched = self.floor();
                 hold.next_renewal = 0;
+            }
+            if !worker.keeping() {
+                worker.failed = 0;
             }
             let done = matches!(worker.phase, Phase::Finished | Phase::Crashed)
                 || (worker.phase == Phase::Idle && worker.attempts == self.attempts);
@@ -424,9 +482,10 @@ impl Protocol {
                     Some(Answer::Done) => {
                         let from = if self.variant == Variant::DeadlineFromReply { clock } else { call.sent };
                         hold.vouched = hold.vouched.max(from + self.timing.lease);
+                        worker.failed = 0;
                     }
                     Some(Answer::Fenced) => hold.lost = true,
-                    _ => {}
+                    _ => self.renewal_failed(worker),
                 }
             }
             return;
@@ -467,7 +526,8 @@ impl Model for Protocol {
 
     fn init_states(&self) -> Vec<State> {
         assert!((1..=4).contains(&self.workers) && (1..=4).contains(&self.attempts), "at most 16 tokens");
-        let worker = Worker { offset: 0, attempts: 0, phase: Phase::Idle, hold: None, call: None, renewal: None };
+        let worker =
+            Worker { offset: 0, attempts: 0, phase: Phase::Idle, hold: None, call: None, renewal: None, failed: 0 };
         vec![State {
             record: Record::Empty,
             workers: vec![worker; usize::from(self.workers)],
@@ -490,13 +550,17 @@ impl Model for Protocol {
                 Phase::Completing { retry_at: Some(at), .. } if clock >= at => actions.push(Action::Complete(w)),
                 _ => {}
             }
-            if worker.keeping() && worker.hold.is_some_and(|h| clock >= h.next_renewal) {
+            // A renewal that must succeed is not left behind on the wire.
+            let owed = self.must_renew(worker) && worker.renewal.is_some_and(|c| c.wire == Wire::Sent);
+            if worker.keeping() && worker.hold.is_some_and(|h| clock >= h.next_renewal) && !owed {
                 actions.push(Action::Renew(w));
             }
             for renewal in [false, true] {
                 let Some(call) = worker.slot(renewal) else { continue };
                 // An answer that arrives by the end of the store timeout is taken.
                 let in_time = clock <= call.sent + self.timing.store_timeout;
+                // Within the fault budget a renewal may fail; once it is spent, it may not.
+                let may_fail = !renewal || !self.must_renew(worker);
                 match call.wire {
                     // A request is not lost here: one its sender stops waiting for goes astray, and
                     // a stray may be lost (the same runs, fewer states).
@@ -505,11 +569,13 @@ impl Model for Protocol {
                         if in_time {
                             actions.push(Action::Receive(w, renewal));
                         }
-                        actions.push(Action::Lose(w, renewal));
+                        if may_fail {
+                            actions.push(Action::Lose(w, renewal));
+                        }
                     }
                     Wire::Lost => {}
                 }
-                if !in_time {
+                if !in_time && may_fail {
                     actions.push(Action::Timeout(w, renewal));
                 }
             }
@@ -600,12 +666,15 @@ impl Model for Protocol {
                 // its answer (taken now, which changes nothing but the time it is taken).
                 if let Some(before) = worker.renewal.take() {
                     match before.wire {
-                        Wire::Sent => Self::stray(&mut s, Some(before)),
+                        Wire::Sent => {
+                            self.renewal_failed(&mut s.workers[w]);
+                            Self::stray(&mut s, Some(before));
+                        }
                         Wire::Answered(answer) => {
                             s.workers[w].renewal = Some(before);
                             self.settle(&mut s, w, true, Some(answer));
                         }
-                        Wire::Lost => {}
+                        Wire::Lost => self.renewal_failed(&mut s.workers[w]),
                     }
                 }
                 let worker = &mut s.workers[w];
@@ -655,8 +724,15 @@ impl Model for Protocol {
     /// - `one outcome`: at most one outcome is ever written;
     /// - `replays the outcome`: every claim answered with an outcome gets the one stored;
     /// - `takeover`, `fenced completion`, `replay` (sometimes): each happens in some run.
+    ///
+    /// In the fault budget mode ([`Protocol::renewal_failures`]) also:
+    /// - `live handler keeps its claim`: no claim is acquired while another token's handler runs
+    ///   or stores its outcome;
+    /// - `budget spent while the handler runs` (sometimes): a handler runs after as many
+    ///   renewals failed in a row as the budget allows; and no `fenced completion` (a live
+    ///   handler is never taken over, so nothing fences its completion).
     fn properties(&self) -> Vec<Property<Self>> {
-        vec![
+        let mut properties = vec![
             Property::always("one holder", |m: &Protocol, s: &State| {
                 (0..s.workers.len()).filter(|&w| m.believes(s, w)).count() <= 1
             }),
@@ -664,8 +740,20 @@ impl Model for Protocol {
             Property::always("one outcome", |_, s: &State| s.events & Event::SECOND_OUTCOME == 0),
             Property::always("replays the outcome", |_, s: &State| s.events & Event::WRONG_REPLAY == 0),
             Property::sometimes("takeover", |_, s: &State| s.events & Event::TAKEOVER != 0),
-            Property::sometimes("fenced completion", |_, s: &State| s.events & Event::FENCED_COMPLETION != 0),
             Property::sometimes("replay", |_, s: &State| s.events & Event::REPLAY != 0),
-        ]
+        ];
+        if self.renewal_failures.is_none() {
+            properties.push(Property::sometimes("fenced completion", |_, s: &State| {
+                s.events & Event::FENCED_COMPLETION != 0
+            }));
+        } else {
+            properties.push(Property::always("live handler keeps its claim", |_, s: &State| {
+                s.events & Event::LIVE_TAKEOVER == 0
+            }));
+            properties.push(Property::sometimes("budget spent while the handler runs", |m: &Protocol, s: &State| {
+                s.workers.iter().any(|w| w.phase == Phase::Running && m.must_renew(w) && w.keeping())
+            }));
+        }
+        properties
     }
 }

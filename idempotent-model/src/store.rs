@@ -1,8 +1,9 @@
 //! One key's record and the store's step: the sequential specification of [`Store`].
 //!
 //! [`step`] is what every store does to one key's record, atomically, for each operation of the
-//! [`Store`] trait, as its docs state it: the claim (a resent claim finds itself; an expired claim
-//! of the same request is taken over; another request's record is a mismatch), renewal,
+//! [`Store`] trait, as its docs state it: the claim (a resent claim finds itself, and leases its
+//! record anew once the lease has run out; an expired claim of the same request is taken over;
+//! another request's record is a mismatch), renewal,
 //! completion and release fenced by the token, inspection and invalidation. Time is a number of
 //! ticks; a record's deadline is the tick from which a claim may take it over.
 //!
@@ -146,7 +147,12 @@ pub fn step(record: Record, op: Op, now: Tick, lease: Tick, rules: Rules) -> (Re
     let holds = |token: Token| matches!(record, Held { token: held, .. } if held == token);
     match op {
         Op::Claim { token, fingerprint } => match record {
-            Held { token: held, .. } if held == token => (record, Answer::Acquired),
+            // Its own claim, sent again: held as it is while the lease runs, leased anew once it
+            // has run out (the sender vouches for the lease from when it sent the claim).
+            Held { token: held, deadline, .. } if held == token && deadline > now => (record, Answer::Acquired),
+            Held { token: held, .. } if held == token => {
+                (Held { token, fingerprint, deadline: now + lease }, Answer::Acquired)
+            }
             Empty => (Held { token, fingerprint, deadline: now + lease }, Answer::Acquired),
             Held { fingerprint: f, .. } | Done { fingerprint: f, .. } if f != fingerprint => (record, Answer::Mismatch),
             Held { deadline, .. } if deadline <= now => {
@@ -240,6 +246,19 @@ mod tests {
                 Fenced
             ]
         );
+    }
+
+    #[test]
+    fn a_claim_sent_again_after_its_lease_ran_out_leases_anew() {
+        let claim = |fingerprint| Op::Claim { token: 1, fingerprint };
+        let (r, _) = step(Record::Empty, claim(0), 0, L, Rules::STORE);
+        assert_eq!(step(r, claim(0), 3, L, Rules::STORE), (r, Answer::Acquired), "live: as it is");
+        let anew = Record::Held { token: 1, fingerprint: 0, deadline: 6 + L };
+        assert_eq!(step(r, claim(0), 6, L, Rules::STORE), (anew, Answer::Acquired));
+        let (_, other) = step(anew, Op::Claim { token: 2, fingerprint: 0 }, 7, L, Rules::STORE);
+        assert_eq!(other, Answer::InProgress, "nobody takes the lease it was given again");
+        let (taken, _) = step(r, claim(1), 6, L, Rules::STORE);
+        assert_eq!(taken, Record::Held { token: 1, fingerprint: 1, deadline: 6 + L }, "taken anew, as claimed");
     }
 
     #[test]

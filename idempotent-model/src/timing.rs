@@ -14,8 +14,8 @@
 //! any scale: the margin must cover the drift of both clocks.
 
 use idempotent_core::engine::timing::{
-    clock_drift, max_store_timeout, next_completion_retry, renewal_period, safety_margin, COMPLETION_FIRST_RETRY,
-    RENEWALS_PER_LEASE,
+    clock_drift, max_store_timeout, next_completion_retry, renewal_failures_within, renewal_period, safety_margin,
+    COMPLETION_FIRST_RETRY, RENEWALS_PER_LEASE,
 };
 use idempotent_core::engine::{DEFAULT_COMPLETION_PATIENCE, DEFAULT_STORE_TIMEOUT};
 use std::time::Duration;
@@ -75,6 +75,16 @@ impl Timing {
         }
     }
 
+    /// The fault budget in these ticks: how many renewals in a row may fail while a live claim
+    /// keeps its lease, by the engine's rule
+    /// ([`renewal_failures_within`](idempotent_core::engine::timing::renewal_failures_within)),
+    /// with the model's margin for the clocks.
+    pub fn renewal_failures_tolerated(&self) -> u8 {
+        let d = |t: Tick| Duration::from_secs(u64::try_from(t).expect("a duration"));
+        let k = renewal_failures_within(d(self.lease), d(self.period), d(self.store_timeout), d(self.margin));
+        u8::try_from(k).expect("a small budget")
+    }
+
     /// From which attempt on every wait is the same: attempts counted further are not told apart.
     pub fn completion_attempts_apart(&self) -> u8 {
         let last = self.completion_retries.len() as u8;
@@ -100,5 +110,7 @@ mod tests {
         assert_eq!(t.completion_retries, [1, 1, 1], "50, 100, 200 ms: each under a tick of 1 s");
         assert_eq!(t.completion_patience, 30);
         assert_eq!(t.completion_retry(9), 1);
+        assert_eq!(Timing::engine(0).renewal_failures_tolerated(), 2);
+        assert_eq!(t.renewal_failures_tolerated(), 0, "a margin of 2 ticks leaves room for one renewal");
     }
 }

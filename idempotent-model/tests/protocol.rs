@@ -4,6 +4,7 @@
 //! Each check prints its states, depth and time (`--nocapture`). The longer run is
 //! [`longer_run`], ignored here: see its docs.
 
+use idempotent_model::timing::Timing;
 use idempotent_model::{check, find_failure, Outcome, Protocol, Variant};
 
 /// Both cores of a small machine.
@@ -69,7 +70,9 @@ fn completion_without_the_token_check_fails() {
 /// The longer run: `IDEMPOTENT_MODEL_LONG=1 cargo test -p idempotent-model --release --test
 /// protocol -- --ignored --nocapture`, with `IDEMPOTENT_MODEL_WORKERS` (default 2),
 /// `IDEMPOTENT_MODEL_ATTEMPTS` (1), `IDEMPOTENT_MODEL_DRIFT` (0), `IDEMPOTENT_MODEL_HORIZON` (none:
-/// every run, however long) and `IDEMPOTENT_MODEL_CRASHES` (1).
+/// every run, however long) and `IDEMPOTENT_MODEL_CRASHES` (1); with
+/// `IDEMPOTENT_MODEL_RENEWAL_FAILURES=k`, the fault budget mode with at most `k` renewals failing
+/// in a row (one attempt per worker, no crashes), reporting whether a live handler kept its claim.
 #[test]
 #[ignore = "minutes to hours: run on purpose (see the docs)"]
 fn longer_run() {
@@ -84,5 +87,34 @@ fn longer_run() {
     );
     protocol.crashes = var("IDEMPOTENT_MODEL_CRASHES", 1) != 0;
     protocol.horizon = u8::try_from(var("IDEMPOTENT_MODEL_HORIZON", 0)).ok().filter(|&h| h > 0);
+    if let Ok(k) = u8::try_from(var("IDEMPOTENT_MODEL_RENEWAL_FAILURES", -1)) {
+        let budget = Protocol::fault_budget(protocol.workers, protocol.timing.drift, k);
+        let outcome = find_failure(Protocol { horizon: protocol.horizon, ..budget }, THREADS);
+        println!("{}: broken {:?}", outcome.summary(), outcome.broken());
+        for property in outcome.broken() {
+            println!("  {property}: {:?}", outcome.discoveries[property].clone().into_actions());
+        }
+        return;
+    }
     holds(&check(protocol, THREADS));
+}
+
+/// The fault budget: with at most as many renewals failing in a row as the engine's rule allows
+/// (`engine::timing::renewal_failures_tolerated`: 2 at the tightest lease), no claim is acquired
+/// while a handler runs or stores its outcome. The claim's answer may arrive a store timeout after
+/// the store leased it, the keeper counts its periods from that answer, every other request may
+/// be lost or late, and storing the outcome is retried.
+#[test]
+fn a_live_handler_keeps_its_claim_within_the_fault_budget() {
+    let budget = Timing::engine(0).renewal_failures_tolerated();
+    holds(&check(Protocol::fault_budget(2, 0, budget), THREADS));
+}
+
+/// One failure beyond the budget: a claim answered a store timeout after it was applied, then
+/// renewals lost until the next one reaches the store as the lease runs out, and another
+/// request's claim takes the key over from a handler still running.
+#[test]
+fn one_renewal_failure_beyond_the_budget_loses_the_claim() {
+    let budget = Timing::engine(0).renewal_failures_tolerated();
+    fails(&find_failure(Protocol::fault_budget(2, 0, budget + 1), THREADS), "live handler keeps its claim");
 }

@@ -261,12 +261,12 @@ fn digests() {
         }
     }
     println!("8. keyed digests: a bearer-token caller, memory store, {N} requests each, best of {ROUNDS} rounds (µs/request)");
-    println!("  {:<34} {:>8} {:>8} {:>9} {:>9}", "installed", "first", "replay", "first +", "replay +");
+    println!("  {:<56} {:>8} {:>8} {:>9} {:>9}", "installed", "first", "replay", "first +", "replay +");
     for (s, label) in ["no subscriber", "subscriber (fmt, INFO, to a sink)"].into_iter().enumerate() {
         let [plain, keyed] = best[s];
-        println!("  {:<34} {:>8.2} {:>8.2}", format!("{label}, plain SHA-256"), plain[0], plain[1]);
+        println!("  {:<56} {:>8.2} {:>8.2}", format!("{label}, plain SHA-256"), plain[0], plain[1]);
         println!(
-            "  {:<34} {:>8.2} {:>8.2} {:>8.2}  {:>8.2}",
+            "  {:<56} {:>8.2} {:>8.2} {:>8.2}  {:>8.2}",
             format!("{label}, HMAC (digest secret)"),
             keyed[0],
             keyed[1],

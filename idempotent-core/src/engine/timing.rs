@@ -49,6 +49,38 @@ pub fn safety_margin(lease: Duration) -> Duration {
     (clock_drift(lease) * 2).max(Duration::from_millis(10))
 }
 
+/// How many renewals in a row may fail (lost, or not answered within the store timeout) while a
+/// live claim keeps its lease, whatever else happens: the fault budget of a claim whose lease is
+/// `lease`, renewed every `period`, each store operation bounded by `store_timeout`, the clocks
+/// of the process and the store measuring a lease up to `margin` apart.
+///
+/// The store starts the lease when it applies the claim; the claim's answer may arrive up to a
+/// store timeout later, and the keeper counts its periods from then. After `k` failures the
+/// `k + 1`-th renewal leaves `(k + 1) × period` after the answer and may take a store timeout to
+/// reach the store, where it must arrive before the lease has run out, by the store's clock:
+/// `store timeout + (k + 1) × period + store timeout + margin < lease`. The answer is the largest
+/// such `k` (none fits: `0`, and even a first renewal that fails may lose the claim). Once a
+/// renewal succeeded the next budget is the same or larger: its lease counts from when it was
+/// applied, which is before its answer, not after. The model of the protocol
+/// (`idempotent-model`) checks that a live handler never loses its claim within this budget and
+/// does with one more failure.
+pub fn renewal_failures_within(lease: Duration, period: Duration, store_timeout: Duration, margin: Duration) -> u32 {
+    let Some(room) = lease.checked_sub(store_timeout * 2 + margin) else { return 0 };
+    let period = period.max(Duration::from_nanos(1));
+    // The number of whole periods that fit strictly inside `room`, less the renewal that must
+    // succeed.
+    let periods = room.as_nanos().div_ceil(period.as_nanos());
+    u32::try_from(periods.saturating_sub(2)).unwrap_or(u32::MAX)
+}
+
+/// [`renewal_failures_within`] as the engine runs a claim of `lease` with `store_timeout`: renewed
+/// every [`renewal_period`], the clocks apart by up to the [`safety_margin`]. With the shortest
+/// lease that covers the store timeout ([`lease_covers`]: six of them) it is 2: a live claim keeps
+/// its lease through two renewals in a row that fail, and may lose it on the third.
+pub fn renewal_failures_tolerated(lease: Duration, store_timeout: Duration) -> u32 {
+    renewal_failures_within(lease, renewal_period(lease), store_timeout, safety_margin(lease))
+}
+
 /// How long storing an outcome waits after its first failed attempt.
 pub const COMPLETION_FIRST_RETRY: Duration = Duration::from_millis(50);
 
@@ -83,5 +115,18 @@ mod tests {
             })
             .collect();
         assert_eq!(waits, [50, 100, 200, 400, 800, 1000, 1000]);
+    }
+
+    #[test]
+    fn the_fault_budget() {
+        let s = Duration::from_secs;
+        assert_eq!(renewal_failures_tolerated(s(6), s(1)), 2, "the tightest lease");
+        assert_eq!(renewal_failures_tolerated(s(30), s(1)), 4, "periods of 5 s in 27.4 s of room");
+        assert_eq!(renewal_failures_tolerated(s(60), Duration::from_millis(100)), 4);
+        // (k + 1) periods must fit strictly inside the room: 4 s of room and 1 s periods is 2.
+        assert_eq!(renewal_failures_within(s(6), s(1), s(1), Duration::ZERO), 2);
+        assert_eq!(renewal_failures_within(s(6), s(1), s(1), Duration::from_nanos(1)), 2);
+        assert_eq!(renewal_failures_within(s(6), s(1), s(1), s(2)), 0);
+        assert_eq!(renewal_failures_within(s(6), s(1), s(3), Duration::ZERO), 0, "no room at all");
     }
 }

@@ -543,11 +543,14 @@ impl MemoryStore {
             inner.swept += 1;
         }
         if let Some(e) = inner.records.get(storage_key.as_str()) {
-            if matches!(&e.state, State::InProgress { token: held, .. } if held == token) {
+            let own = matches!(&e.state, State::InProgress { token: held, .. } if held == token);
+            if own && !e.expired(now) {
                 // This very claim, sent again: it holds the record already.
                 return Ok(Claim::Acquired(token.clone()));
             }
-            let abandoned = matches!(e.state, State::InProgress { .. });
+            // Its own claim whose lease ran out is taken anew, with a new lease, like an
+            // abandoned claim of the same request.
+            let abandoned = matches!(e.state, State::InProgress { .. }) && !own;
             if !e.expired(now) || (abandoned && e.fingerprint != *fingerprint) {
                 if e.fingerprint != *fingerprint {
                     return Ok(Claim::Mismatch);

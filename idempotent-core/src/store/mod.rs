@@ -293,7 +293,12 @@ pub trait Store: Send + Sync + 'static {
     /// Claims `key` for `token` (which the caller made with [`ClaimToken::generate`]),
     /// atomically:
     /// - an in-progress record held by `token` itself (this claim, sent again after its answer
-    ///   was lost): [`Claim::Acquired`], changing nothing;
+    ///   was lost): [`Claim::Acquired`]; while its lease runs nothing changes, and once the lease
+    ///   has run out (no other claim took the record over) it is taken anew, leased for `lease`
+    ///   from now, like a takeover. A caller vouches for the lease from when it sent the claim,
+    ///   so an answer [`Claim::Acquired`] always comes with a lease that runs at least that
+    ///   long; a record that stayed expired would let another claim take it over while the
+    ///   caller counts on it;
     /// - no record, a completed record past its time to live, or an in-progress record with the
     ///   same fingerprint whose lease has expired: take it (`token`, lease `lease`) and answer
     ///   [`Claim::Acquired`];

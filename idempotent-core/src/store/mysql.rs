@@ -77,12 +77,14 @@
 //!    a consistent read that takes no lock. A live row (`expires_at` in the future) is the
 //!    answer: the stored response, a mismatch, or in progress with its remaining lease; or
 //!    [`Claim::Acquired`] when it is in progress under the claim's own token (a claim run again
-//!    after its answer was lost, see [lost connections](#lost-connections)).
+//!    after its answer was lost, see [lost connections](#lost-connections)); once that claim's
+//!    lease has run out, it is taken anew as in 3.
 //! 2. No row: `INSERT` the claim. The primary key lets one concurrent insert of the key succeed;
 //!    the others fail with a duplicate key (error 1062; InnoDB makes them wait for the winner's
 //!    commit) and go back to 1, where they see the winner's row.
 //! 3. An expired row (a crashed owner's lease, or a completed record past its time to live):
-//!    `UPDATE ... SET <new claim> WHERE key_hash = ? AND expires_at <= UTC_TIMESTAMP(6)`. An
+//!    `UPDATE ... SET <new claim> WHERE key_hash = ? AND expires_at <= UTC_TIMESTAMP(6)` (and
+//!    the row is completed, or of the same request, or the claim's own, or past its retention). An
 //!    `UPDATE` reads the newest committed version of the row under its exclusive row lock, not
 //!    the snapshot, whatever the isolation level: of several concurrent takeovers the first
 //!    takes the lock and writes, the others wait for its commit, find the lease live and change
@@ -432,7 +434,7 @@ VALUES (?, ?, ?, ?, ?, 'in_progress', ?, NULL, {now} + INTERVAL ? MICROSECOND, {
                 "UPDATE {t} SET scope = ?, actor = ?, idem_key = ?, fingerprint = ?, state = 'in_progress', token = ?,
     response = NULL, created_at = {now}, expires_at = {now} + INTERVAL ? MICROSECOND
 WHERE key_hash = ? AND expires_at <= {now}
-    AND (state <> 'in_progress' OR fingerprint = ? OR expires_at <= {now} - INTERVAL ? MICROSECOND)"
+    AND (state <> 'in_progress' OR fingerprint = ? OR token = ? OR expires_at <= {now} - INTERVAL ? MICROSECOND)"
             )),
             renew: rendered(format!(
                 "UPDATE {t} SET expires_at = {now} + INTERVAL ? MICROSECOND
@@ -792,14 +794,16 @@ impl Store for MySqlStore {
             let remaining_us: i64 = column(&row, "remaining_us")?;
             let state: String = column(&row, "state")?;
             let held: Option<String> = column(&row, "token")?;
-            if state == "in_progress" && held.as_deref() == Some(token.0.as_str()) {
+            let own = state == "in_progress" && held.as_deref() == Some(token.0.as_str());
+            if own && remaining_us > 0 {
                 return Ok(Claim::Acquired(token.clone()));
             }
             if remaining_us > 0 {
                 return decide_row(&row, fingerprint, Duration::from_micros(remaining_us as u64));
             }
+            // Its own claim whose lease ran out is taken anew below, with a new lease.
             let stored: Vec<u8> = column(&row, "fingerprint")?;
-            if state == "in_progress" && stored != fingerprint.0 && remaining_us > -retention_us {
+            if state == "in_progress" && !own && stored != fingerprint.0 && remaining_us > -retention_us {
                 // An abandoned claim of another request: its outcome is unknown.
                 return Ok(Claim::Mismatch);
             }
@@ -812,6 +816,7 @@ impl Store for MySqlStore {
                 .bind(micros(lease))
                 .bind(hash.clone())
                 .bind(&fingerprint.0[..])
+                .bind(&token.0)
                 .bind(retention_us);
             if self.exec(takeover).await?.0 == 1 {
                 return Ok(Claim::Acquired(token.clone()));

@@ -46,7 +46,9 @@
 //! - Live: the statement returns the row (fingerprint, state, response, remaining lease) and
 //!   writes nothing; the mismatch, replay and in-progress answers are decided from it. A live
 //!   in-progress row that carries the claim's own token (a claim run again after its answer was
-//!   lost, see [lost connections](#lost-connections)) answers [`Claim::Acquired`].
+//!   lost, see [lost connections](#lost-connections)) answers [`Claim::Acquired`]; one whose
+//!   lease ran out is taken anew by `takeover`, with a new lease, and answers only if that
+//!   update wrote it (a claim that took it over meanwhile makes the statement return no row).
 //! - A race the snapshot cannot see (the row was inserted, or taken over, or deleted between the
 //!   snapshot and the write) returns no row at all; the statement is simply run again. Only
 //!   contended first claims ever pay that second round trip.
@@ -312,7 +314,8 @@ CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);
     UPDATE {t} SET fingerprint = $4, state = 'in_progress', token = $5, response = NULL,
         expires_at = now() + $6::int8 * interval '1 millisecond', created_at = now()
     WHERE {key} AND expires_at <= now()
-        AND (state <> 'in_progress' OR fingerprint = $4 OR expires_at <= now() - $7::int8 * interval '1 millisecond')
+        AND (state <> 'in_progress' OR fingerprint = $4 OR token = $5
+            OR expires_at <= now() - $7::int8 * interval '1 millisecond')
     RETURNING 1
 ), inserted AS (
     INSERT INTO {t} (scope, actor, idem_key, fingerprint, state, token, expires_at)
@@ -328,8 +331,8 @@ SELECT TRUE, NULL, NULL, NULL, NULL FROM inserted
 UNION ALL
 SELECT COALESCE(state = 'in_progress' AND token = $5, FALSE), fingerprint, state, response,
     GREATEST(0, CEIL(EXTRACT(EPOCH FROM (expires_at - now())) * 1000))::int8
-FROM existing WHERE expires_at > now() OR (state = 'in_progress' AND (token = $5
-    OR (fingerprint <> $4 AND expires_at > now() - $7::int8 * interval '1 millisecond')))"
+FROM existing WHERE expires_at > now() OR (state = 'in_progress' AND fingerprint <> $4 AND token <> $5
+    AND expires_at > now() - $7::int8 * interval '1 millisecond')"
             )),
             renew: rendered(format!(
                 "UPDATE {t} SET expires_at = now() + $5::int8 * interval '1 millisecond'

@@ -266,11 +266,15 @@ if s == 'p' then
     return {'x', 'in-progress record without a valid lease deadline'}
   end
   if redis.call('PTTL', key) < 0 then return {'x', 'in-progress record without expiry'} end
-  -- This very claim, sent again after its answer was lost: it holds the record already.
-  if v[3] == ARGV[2] then return {'a'} end
+  local deadline = tonumber(l)
+  -- This very claim, sent again after its answer was lost: it holds the record already, and
+  -- takes it anew (a new lease) once its lease has run out.
+  if v[3] == ARGV[2] then
+    if deadline <= now then return take() end
+    return {'a'}
+  end
   -- Another request under the same key: never taken over, live or abandoned.
   if f ~= ARGV[1] then return {'m'} end
-  local deadline = tonumber(l)
   if deadline <= now then return take() end
   return {'p', deadline - now}
 elseif s == 'c' then

@@ -774,7 +774,8 @@ fn row_left(row: &SqliteRow, state: &str, now: &Now<'_>) -> Result<i64, StoreErr
 /// be claimed: a completed record past its time to live, or an abandoned claim (its lease ended)
 /// of the same request or past its retention. An abandoned claim of another request under the
 /// key is a mismatch: its outcome is unknown, and a different request never takes it over. A live
-/// claim of `token` itself (a claim sent again) is acquired as it is.
+/// claim of `token` itself (a claim sent again) is acquired as it is; once its lease ran out, it
+/// can be claimed (taken anew, with a new lease).
 fn live(
     row: Option<SqliteRow>,
     fingerprint: &Fingerprint,
@@ -784,13 +785,14 @@ fn live(
     let Some(row) = row else { return Ok(None) };
     let state: String = column(&row, "state")?;
     let left = row_left(&row, &state, now)?;
-    if left > 0 && state == "in_progress" && column::<_, Option<String>>(&row, "token")?.as_deref() == Some(&token.0) {
+    let own = state == "in_progress" && column::<_, Option<String>>(&row, "token")?.as_deref() == Some(&token.0);
+    if left > 0 && own {
         return Ok(Some(Claim::Acquired(token.clone())));
     }
     if left <= 0 {
         let stored: Vec<u8> = column(&row, "fingerprint")?;
         let retained = left > -abandoned_claim_retention_ms();
-        if state == "in_progress" && retained && stored != fingerprint.0 {
+        if state == "in_progress" && !own && retained && stored != fingerprint.0 {
             return Ok(Some(Claim::Mismatch));
         }
         return Ok(None);
