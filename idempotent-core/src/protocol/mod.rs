@@ -291,6 +291,10 @@ impl<H: RequestHead> Context<H> {
     /// handler's future with its response converted to an `http::Response`. Records the full
     /// path the handler at `site` served (for reports), and returns the task for [`finish`] to
     /// run; when no runtime is installed where the request was routed, the task answers 500.
+    ///
+    /// The task is boxed here, once: it holds the whole protocol's state (the engine's steps and
+    /// the handler), and a future that held it inline would be copied whole each time it moves
+    /// (into the framework's box of the handler's future, into a spawned task).
     pub fn task<B, Fut>(
         self,
         framework: Framework,
@@ -298,7 +302,7 @@ impl<H: RequestHead> Context<H> {
         site: &'static registry::Site,
         fingerprint: Result<Fingerprint, FingerprintError>,
         handler: Fut,
-    ) -> impl Future<Output = Response<ResponseBody<B>>>
+    ) -> std::pin::Pin<Box<impl Future<Output = Response<ResponseBody<B>>>>>
     where
         Fut: Future<Output = Response<B>>,
         B: http_body::Body<Data = Bytes> + Unpin,
@@ -306,18 +310,18 @@ impl<H: RequestHead> Context<H> {
     {
         use futures_util::future::Either;
         let Some(runtime) = self.runtime.clone() else {
-            return Either::Left(std::future::ready(runtime_missing(policy).map(ResponseBody::full)));
+            return Box::pin(Either::Left(std::future::ready(runtime_missing(policy).map(ResponseBody::full))));
         };
         observe(framework, site, &self.incoming);
         let caller = self.caller(runtime.config(), policy, &fingerprint);
-        Either::Right(request_task(runtime, policy, caller, fingerprint, handler))
+        Box::pin(Either::Right(request_task(runtime, policy, caller, fingerprint, handler)))
     }
 }
 
 /// Runs a protected request's `task` (from [`Context::task`]) with the transport's `spawn`, so
 /// that a client that disconnects cannot cancel it half-way ([`run_task`]); a task that failed
 /// outside the handler is the 500 of [`task_failed`].
-pub async fn finish<B, F, S>(policy: &Policy, task: F, spawn: S) -> Response<ResponseBody<B>>
+pub async fn finish<B, F, S>(policy: &Policy, task: std::pin::Pin<Box<F>>, spawn: S) -> Response<ResponseBody<B>>
 where
     F: Future<Output = Response<ResponseBody<B>>>,
     S: FnOnce(std::pin::Pin<Box<F>>) -> tokio::task::JoinHandle<Response<ResponseBody<B>>>,
@@ -617,12 +621,14 @@ where
 /// returns to any await point, and its answer awaited: from its first poll on, only its own task
 /// can drop it. A panic outside the handler (the handler's own are caught inside) and a spawned
 /// task that failed are answered with `Err`: see [`task_failed`].
-pub async fn run_task<T, F, S>(task: F, spawn: S) -> Result<T, String>
+///
+/// The task comes boxed, so that the future of this function (and of its callers) holds a
+/// pointer, not the task's whole state.
+pub async fn run_task<T, F, S>(mut task: std::pin::Pin<Box<F>>, spawn: S) -> Result<T, String>
 where
     F: Future<Output = T>,
     S: FnOnce(std::pin::Pin<Box<F>>) -> tokio::task::JoinHandle<T>,
 {
-    let mut task = Box::pin(task);
     let first = std::future::poll_fn(|cx| {
         std::task::Poll::Ready(std::panic::catch_unwind(AssertUnwindSafe(|| task.as_mut().poll(cx))))
     })
@@ -852,7 +858,7 @@ mod run_task_tests {
     #[tokio::test]
     async fn a_task_that_finishes_at_once_is_not_spawned() {
         let spawned = AtomicBool::new(false);
-        let answer = run_task(async { 7 }, |task| {
+        let answer = run_task(Box::pin(async { 7 }), |task| {
             spawned.store(true, Ordering::SeqCst);
             tokio::spawn(task)
         })
@@ -868,7 +874,7 @@ mod run_task_tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
             8
         };
-        let answer = run_task(task, |task| {
+        let answer = run_task(Box::pin(task), |task| {
             spawned.store(true, Ordering::SeqCst);
             tokio::spawn(task)
         })
@@ -891,7 +897,7 @@ mod run_task_tests {
                 finished.notify_one();
             }
         };
-        let caller = run_task(task, |task| tokio::spawn(task));
+        let caller = run_task(Box::pin(task), |task| tokio::spawn(task));
         // The caller is polled once (the task begins and waits), then dropped.
         assert!(tokio::time::timeout(Duration::from_millis(1), caller).await.is_err());
         assert_eq!(steps.load(Ordering::SeqCst), 1);
@@ -927,7 +933,7 @@ mod run_task_tests {
             let task = super::request_task(runtime.clone(), &POLICY, caller, fingerprint, handler);
             // The first request starts this thread's lease keeper: it is not counted.
             let counter = if key == "k-0" { Arc::new(AtomicUsize::new(0)) } else { spawned.clone() };
-            let response = run_task(task, |task| {
+            let response = run_task(Box::pin(task), |task| {
                 counter.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(task)
             })
@@ -945,7 +951,7 @@ mod run_task_tests {
     #[tokio::test]
     async fn a_panic_in_the_first_poll_is_an_error() {
         let answer: Result<u8, String> =
-            run_task(async { panic!("outside the handler") }, |task| tokio::spawn(task)).await;
+            run_task(Box::pin(async { panic!("outside the handler") }), |task| tokio::spawn(task)).await;
         assert_eq!(answer, Err("panicked: outside the handler".to_owned()));
     }
 
@@ -955,7 +961,7 @@ mod run_task_tests {
             tokio::time::sleep(Duration::from_millis(1)).await;
             panic!("later")
         };
-        let answer: Result<u8, String> = run_task(task, |task| tokio::spawn(task)).await;
+        let answer: Result<u8, String> = run_task(Box::pin(task), |task| tokio::spawn(task)).await;
         assert!(answer.is_err_and(|e| e.contains("panic")));
     }
 }
