@@ -188,7 +188,29 @@
 //! afterwards, so that a failed migration cannot leave the lock on a pooled connection). An
 //! application that manages its own migrations sets [`MySqlConfig::migrate`] to `false` and
 //! applies [`MySqlStore::migration_sql`] itself. [`MySqlConfig::database`] puts the table in
-//! another database than the connection's (created if missing).
+//! another database than the connection's (created if missing). Version 2 adds the `bytes`
+//! column and the `(actor(191), expires_at)` index of the [per-caller bound](#per-caller-bound)
+//! (rows already there count nothing: they go within their time to live); unlike version 1 it
+//! is not idempotent (MySQL 8 has no `ADD COLUMN IF NOT EXISTS`) and runs once.
+//!
+//! # Per-caller bound
+//!
+//! Off by default; [`MySqlConfig::actor_max_bytes`] or `mysql://...?actor_max_bytes=32MiB` sets
+//! it (the rule: [`quota`](super::quota)). Each row's `bytes` column holds what it counts
+//! ([`quota::record_bytes`](super::quota::record_bytes): 256 bytes, the scope's, actor's and key's
+//! characters, the encoded response once completed), written by every claim and completion
+//! whether a bound is set or not; a row counts while `expires_at` is ahead of `UTC_TIMESTAMP(6)`.
+//!
+//! Without a bound a claim runs the statements above. With one, the claim's first read is
+//! unchanged (a replay, a mismatch or an in-progress answer costs nothing more); a bounded
+//! actor's insert or takeover runs on one connection that holds a named lock of the actor
+//! (`GET_LOCK('idempotent actor <hash>')`, waiting at most the acquire timeout, then 503): the sum
+//! of the actor's live rows through the `(actor, expires_at)` index, the admission, the write
+//! (committed on its own), `RELEASE_LOCK`, three round trips more. The claims of one actor thereby
+//! take turns and each sees the rows of those before it, so of concurrent claims of one actor
+//! exactly as many acquire as the bound fits. A connection that fails meanwhile is closed, which
+//! releases its lock. On Vitess and PlanetScale `GET_LOCK` needs a reserved connection (see
+//! [versions](#versions)); a bound there is untested.
 //!
 //! # Transactional mode
 //!

@@ -103,6 +103,33 @@
 //! spread over all Cluster slots; the braces make the hash the key's hash tag, so the slot never
 //! depends on the prefix. Client keys, actors and scopes never appear in Redis in clear.
 //!
+//! # Per-caller bound
+//!
+//! Off by default; [`RedisStoreBuilder::actor_max_bytes`] or `redis://...?actor_max_bytes=32MiB`
+//! sets it, on a single node (the rule: [`quota`](super::quota)). Each record counts
+//! [`quota::record_bytes`](super::quota::record_bytes) (256 bytes, the scope's, actor's and key's
+//! characters, the encoded response once completed) until its lease (in progress) or its time to
+//! live (completed) ends. The scripts keep the accounting of each bounded actor in two keys of
+//! its own, `{prefix}a{<hex SHA-256 of the actor>}`, a sorted set of the actor's record keys
+//! scored by the time each stops counting, and the same key with `:b`, a hash of their bytes
+//! whose field `=` holds the total; both expire a second after the actor's last record stops
+//! counting. The claim script takes out the records that stopped counting (at most 1000 per
+//! claim), compares the total with the threshold the store computes from the bound
+//! ([`quota::allowance`](super::quota::allowance)), and refuses or takes the record in the same
+//! script: atomic, so of concurrent claims of one actor exactly as many acquire as the bound
+//! fits. Renew, complete, release and invalidate move or take out the record's entry in the same
+//! scripts. Without a bound the scripts are those of a store without this setting and touch no
+//! key but the record's; with one, no command is added (the accounting rides in the same
+//! `EVALSHA`). A record deleted outside the store's scripts (by hand, or by a store opened without
+//! the bound) counts until its time in the sorted set ends.
+//!
+//! Not on Redis Cluster: there a caller's records are spread over every slot (each record key's
+//! hash tag is the hash of the whole record key, scope and client key included), and a script may
+//! only touch keys of one slot, so no script can sum a caller's records and claim a record at
+//! once; keeping the records of one caller in one slot would need another key layout, and would
+//! put each caller's whole load on one node. A bound given for a cluster is refused at
+//! [`build`](RedisStoreBuilder::build) with [`StoreError::Config`].
+//!
 //! # Value layout
 //! A Redis hash with binary-safe fields:
 //! - `s`: state, `p` (in progress) or `c` (completed);

@@ -63,10 +63,30 @@
 //!
 //! By default the table is created, or brought up to date, on start-up, and the applied versions
 //! are recorded in `<table>_migrations`. Version 1 creates the table; version 2 adds the lease
-//! columns and an index of the claims in progress. A database made by an earlier release keeps
+//! columns and an index of the claims in progress; version 3 the `bytes` column and the
+//! `(actor, expires_at)` index of the [per-caller bound](#per-caller-bound) (rows already there
+//! count nothing: they go within their time to live). A database made by an earlier release keeps
 //! its records: its claims in progress, which have no lease columns, are judged on the wall
 //! clock as before. An application that manages its own migrations applies
 //! [`SqliteStore::migrations`] in order, each version once.
+//!
+//! # Per-caller bound
+//!
+//! Off by default; [`SqliteConfig::actor_max_bytes`] or `sqlite:PATH?actor_max_bytes=32MiB` sets
+//! it (the rule: [`quota`](super::quota)). Each row's `bytes` column holds what it counts
+//! ([`quota::record_bytes`](super::quota::record_bytes): 256 bytes, the scope's, actor's and key's
+//! characters, the encoded response once completed), written by every claim and completion
+//! whether a bound is set or not; a row counts while `expires_at` (the lease's wall-clock
+//! estimate, or the end of the time to live) is ahead of the wall clock. A claim that would write
+//! (its key absent or expired) sums its actor's live rows through the `(actor, expires_at)` index
+//! inside its write transaction, under SQLite's one write lock, and is refused with
+//! [`StoreError::QuotaExceeded`] when the actor's rows and the new claim would exceed the bound:
+//! no claim can come between the sum and the insert, so of concurrent claims of one actor exactly
+//! as many acquire as the bound fits. A refused claim of a batch (see
+//! [group commit](#group-commit)) fails alone; the others of its batch are written. Without a
+//! bound a claim runs the statements it runs without this setting; with one, a claim that writes
+//! runs one more indexed `SELECT` in its transaction, and replays none. Rows written before version 3
+//! of the [migrations](#migrations) count nothing.
 //!
 //! # Clock
 //!
