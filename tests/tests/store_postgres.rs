@@ -568,7 +568,10 @@ async fn a_table_of_the_first_version_is_migrated() {
     let Claim::Acquired(t) = s.claim(&key("a"), &fp(1), LEASE).await.unwrap() else { panic!() };
     assert_eq!(bytes("a").await.unwrap() as usize, claim);
     s.complete(&key("a"), &t, &response(b"a"), TTL).await.unwrap();
-    assert_eq!(bytes("a").await.unwrap() as usize, store::quota::record_bytes(&key("a"), response(b"a").encode().len()));
+    assert_eq!(
+        bytes("a").await.unwrap() as usize,
+        store::quota::record_bytes(&key("a"), response(b"a").encode().len())
+    );
     // The completed record now holds more than a claim: one more claim would cross the bound.
     assert!(matches!(s.claim(&key("b"), &fp(1), LEASE).await, Err(StoreError::QuotaExceeded { .. })));
 }

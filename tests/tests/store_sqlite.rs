@@ -563,7 +563,9 @@ async fn a_database_of_the_first_version_keeps_working() {
     let lease = Duration::from_secs(30);
     // Its rows count nothing towards their actor's bound; the records written now do.
     let bytes = |key: &'static str| {
-        sqlx::query_scalar::<_, i64>("SELECT bytes FROM idempotency_records WHERE idem_key = ?1").bind(key).fetch_one(s.pool())
+        sqlx::query_scalar::<_, i64>("SELECT bytes FROM idempotency_records WHERE idem_key = ?1")
+            .bind(key)
+            .fetch_one(s.pool())
     };
     assert_eq!(bytes("done").await.unwrap(), 0);
     assert!(matches!(s.claim(&k("live"), &fp(1), lease).await.unwrap(), Claim::InProgress { .. }));
@@ -578,7 +580,8 @@ async fn a_database_of_the_first_version_keeps_working() {
     // their bytes.
     drop(s);
     let claim = store::quota::record_bytes(&k("x"), 0);
-    let used = store::quota::record_bytes(&k("live"), paid().encode().len()) + store::quota::record_bytes(&k("lapsed"), 0);
+    let used =
+        store::quota::record_bytes(&k("live"), paid().encode().len()) + store::quota::record_bytes(&k("lapsed"), 0);
     let bounded = SqliteConfig::new().sweep_interval(None).actor_max_bytes(Some(used + claim));
     let s = SqliteStore::connect_with(&db.spec(), bounded).await.unwrap();
     assert!(matches!(s.claim(&k("x"), &fp(1), lease).await.unwrap(), Claim::Acquired(_)));

@@ -209,7 +209,8 @@
 //! (committed on its own), `RELEASE_LOCK`, three round trips more. The claims of one actor thereby
 //! take turns and each sees the rows of those before it, so of concurrent claims of one actor
 //! exactly as many acquire as the bound fits. A connection that fails meanwhile is closed, which
-//! releases its lock. On Vitess and PlanetScale `GET_LOCK` needs a reserved connection (see
+//! releases its lock, and the claim fails with [`StoreError::Unavailable`] rather than run again
+//! (a retry with the same key then finds the record in progress if the write went in). On Vitess and PlanetScale `GET_LOCK` needs a reserved connection (see
 //! [versions](#versions)); a bound there is untested.
 //!
 //! # Transactional mode
@@ -260,8 +261,8 @@
 //! the feature, and `PREFERRED` connects in clear.
 
 use super::sql::{
-    abandoned_claim_retention_ms, admit_row, column, decide_row, millis, record_bytes, record_info, rendered,
-    retrying, sealed, Backend, CommonStatements, Failure, SqlConfig, SqlStore,
+    abandoned_claim_retention_ms, admit_row, column, decide_row, millis, record_bytes, record_info, rendered, retrying,
+    sealed, Backend, CommonStatements, Failure, SqlConfig, SqlStore,
 };
 use super::{quota, Claim, ClaimToken, Invalidated, Purge, RecordInfo, RecordKey, Store, StoreError};
 use crate::fingerprint::Fingerprint;
@@ -823,7 +824,9 @@ impl SqlStore<MySql> {
             sqlx::query_scalar("SELECT GET_LOCK(?, ?)").bind(&name).bind(wait).fetch_one(&mut *conn).await;
         match locked {
             Ok(Some(1)) => {}
-            Ok(_) => return Err(StoreError::Unavailable(format!("MySQL: the caller's claims lock was busy for {wait} s"))),
+            Ok(_) => {
+                return Err(StoreError::Unavailable(format!("MySQL: the caller's claims lock was busy for {wait} s")))
+            }
             Err(e) => {
                 drop(conn.detach());
                 return Err(MySql::unavailable(e));

@@ -710,10 +710,7 @@ impl Store for PostgresStore {
                     // A record that answers the claim is answered without the actor's lock: a
                     // replay costs what it costs without a bound.
                     let answer = || {
-                        Self::key_query(&self.sql().answer, key)
-                            .bind(&fingerprint.0[..])
-                            .bind(&token.0)
-                            .bind(retention)
+                        Self::key_query(&self.sql().answer, key).bind(&fingerprint.0[..]).bind(&token.0).bind(retention)
                     };
                     if let (Some(row), _) = self.run(&answer).await? {
                         return claim_answer(&row, fingerprint, token);
@@ -721,7 +718,8 @@ impl Store for PostgresStore {
                     let sql = self.sql();
                     let (answer, _) = retrying(self.pool(), |conn| {
                         let lock = sqlx::query(sql.actor_lock.clone()).bind(key.actor.clone());
-                        let (quota, queries, key) = (Self::key_query(&sql.quota, key), [claim(), answer()], key.clone());
+                        let (quota, queries, key) =
+                            (Self::key_query(&sql.quota, key), [claim(), answer()], key.clone());
                         Box::pin(async move { claim_bounded(conn, lock, quota, queries, &key, max).await })
                     })
                     .await

@@ -835,33 +835,43 @@ impl RedisStoreBuilder {
             }
             Target::Invalid(_) => unreachable!("handled above"),
         };
-        // With a bound, every script but `inspect` keeps the actor's accounting; without one,
-        // the scripts touch nothing but the record's key.
-        let (account, bounded) = match self.actor_max_bytes {
-            Some(_) => (ACCOUNT, true),
-            None => ("", false),
-        };
-        let pick = |plain: &str, counted: &'static str| if bounded { counted.to_owned() } else { plain.to_owned() };
-        let claim = CLAIM
-            .replace("--{admit}", if bounded { CLAIM_ADMIT } else { "" })
-            .replace("--{count}", if bounded { CLAIM_COUNT } else { "" });
-        let invalidate = INVALIDATE.replace("--{uncount}", if bounded { "uncount(key)" } else { "" });
-        // The shebang stays the first line.
-        let invalidate = invalidate.replacen("\n", &format!("\n{account}"), 1);
+        let [claim, renew, complete, release, inspect, invalidate] = scripts(self.actor_max_bytes.is_some());
         Ok(RedisStore {
             cluster: matches!(conn, Conn::Cluster(_)),
             conn,
             deadline,
             prefix,
             actor_max_bytes: self.actor_max_bytes,
-            claim: Lua::new(format!("{account}{claim}")),
-            renew: Lua::new(format!("{ALLOW_OOM}{account}{HELD}{}", pick(RENEW, RENEW_COUNT))),
-            complete: Lua::new(format!("{ALLOW_OOM}{account}{COMPLETED_BY_ME}{HELD}{}", pick(COMPLETE, COMPLETE_COUNT))),
-            release: Lua::new(format!("{ALLOW_OOM}{account}{HELD}{}", pick(RELEASE, RELEASE_COUNT))),
-            inspect: Lua::new(INSPECT.to_owned()),
+            claim: Lua::new(claim),
+            renew: Lua::new(renew),
+            complete: Lua::new(complete),
+            release: Lua::new(release),
+            inspect: Lua::new(inspect),
             invalidate: Lua::new(invalidate),
         })
     }
+}
+
+/// The scripts of a store, with (`bounded`) or without a per-caller bound: claim, renew,
+/// complete, release, inspect, invalidate. With a bound, every one but `inspect` keeps the
+/// actor's accounting; without one, they touch nothing but the record's key.
+fn scripts(bounded: bool) -> [String; 6] {
+    let account = if bounded { ACCOUNT } else { "" };
+    let pick = |plain: &str, counted: &str| if bounded { counted.to_owned() } else { plain.to_owned() };
+    let claim = CLAIM
+        .replace("--{admit}", if bounded { CLAIM_ADMIT } else { "" })
+        .replace("--{count}", if bounded { CLAIM_COUNT } else { "" });
+    let invalidate = INVALIDATE.replace("--{uncount}", if bounded { "uncount(key)" } else { "" });
+    // The shebang stays the first line.
+    let invalidate = invalidate.replacen('\n', &format!("\n{account}"), 1);
+    [
+        format!("{account}{claim}"),
+        format!("{ALLOW_OOM}{account}{HELD}{}", pick(RENEW, RENEW_COUNT)),
+        format!("{ALLOW_OOM}{account}{COMPLETED_BY_ME}{HELD}{}", pick(COMPLETE, COMPLETE_COUNT)),
+        format!("{ALLOW_OOM}{account}{HELD}{}", pick(RELEASE, RELEASE_COUNT)),
+        INSPECT.to_owned(),
+        invalidate,
+    ]
 }
 
 /// A [`Store`] on Redis or Redis Cluster; see the [module documentation](self) for the key
@@ -1283,11 +1293,8 @@ impl Store for RedisStore {
     }
 
     async fn renew(&self, key: &RecordKey, token: &ClaimToken, lease: Duration) -> Result<(), StoreError> {
-        let call = self
-            .call(&self.renew, key)
-            .arg(token.0.as_str())
-            .arg(millis(lease))
-            .arg(millis(ABANDONED_CLAIM_RETENTION));
+        let call =
+            self.call(&self.renew, key).arg(token.0.as_str()).arg(millis(lease)).arg(millis(ABANDONED_CLAIM_RETENTION));
         let call = if self.actor_max_bytes.is_some() { call.arg(quota::record_bytes(key, 0)) } else { call };
         self.fenced(&call).await
     }
@@ -1338,6 +1345,24 @@ impl Store for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Without a bound the scripts name no key but the record's (a cluster needs that, and a
+    /// store without a bound pays nothing for the feature); with one, each but `inspect` keeps
+    /// the accounting, and the shebangs stay first.
+    #[test]
+    fn only_a_bound_puts_accounting_in_the_scripts() {
+        for script in scripts(false) {
+            assert!(!script.contains("KEYS[2]") && !script.contains("count(") && !script.contains("--{"), "{script}");
+        }
+        let bounded = scripts(true);
+        for (i, script) in bounded.iter().enumerate() {
+            assert_eq!(script.contains("KEYS[2]"), i != 4, "{script}");
+            assert!(!script.contains("--{"), "{script}");
+            assert!(!script.contains("#!lua") || script.starts_with("#!lua"), "{script}");
+        }
+        assert!(bounded[0].contains("prune(now)") && bounded[0].contains("count(key, now + lease"));
+        assert!(bounded[5].contains("uncount(key)"));
+    }
 
     /// The builder's `Debug` and every message about a specification show it without its
     /// password.

@@ -392,8 +392,16 @@ mod tests {
         let cases = [
             ("sqlite:/tmp/x.db?actor_max_bytes=1MiB", "sqlite:/tmp/x.db", Some(1 << 20)),
             ("sqlite:/tmp/x.db", "sqlite:/tmp/x.db", None),
-            ("postgres://u:p?w@db/app?actor_max_bytes=2kB&sslmode=require", "postgres://u:p?w@db/app?sslmode=require", Some(2000)),
-            ("mysql://root@db/app?ssl-mode=DISABLED&actor_max_bytes=100", "mysql://root@db/app?ssl-mode=DISABLED", Some(100)),
+            (
+                "postgres://u:p?w@db/app?actor_max_bytes=2kB&sslmode=require",
+                "postgres://u:p?w@db/app?sslmode=require",
+                Some(2000),
+            ),
+            (
+                "mysql://root@db/app?ssl-mode=DISABLED&actor_max_bytes=100",
+                "mysql://root@db/app?ssl-mode=DISABLED",
+                Some(100),
+            ),
             ("redis://h:1/?prefix=app:&actor_max_bytes=0", "redis://h:1/?prefix=app:", None),
             ("rediss://h:1/?actor_max_bytes=64KiB#insecure", "rediss://h:1/#insecure", Some(64 << 10)),
             ("redis+cluster://h1:1,h2:2/?actor_max_bytes=3MB", "redis+cluster://h1:1,h2:2/", Some(3_000_000)),
@@ -402,15 +410,23 @@ mod tests {
             let parsed = SharedSpec::parse(spec).unwrap();
             assert_eq!((parsed.url.as_ref(), parsed.actor_max_bytes), (url, bound), "{spec}");
         }
-        assert!(matches!(SharedSpec::parse("sqlite:x.db").unwrap().url, Cow::Borrowed(_)), "nothing to take out: no copy");
-        for bad in ["sqlite:x.db?actor_max_bytes=lots", "sqlite:x.db?actor_max_bytes=", "sqlite:x.db?actor_max_bytes=5TiB"] {
+        assert!(
+            matches!(SharedSpec::parse("sqlite:x.db").unwrap().url, Cow::Borrowed(_)),
+            "nothing to take out: no copy"
+        );
+        for bad in
+            ["sqlite:x.db?actor_max_bytes=lots", "sqlite:x.db?actor_max_bytes=", "sqlite:x.db?actor_max_bytes=5TiB"]
+        {
             let Err(StoreError::Config(message)) = SharedSpec::parse(bad) else { panic!("{bad}") };
             assert!(message.contains("actor_max_bytes") && message.contains("is not a size"), "{message}");
         }
         // The parameter's paths keep the redaction rule: the password never shows.
         let bad = "postgres://app:hunter2@db/app?password=hunter2&actor_max_bytes=much";
         let Err(StoreError::Config(message)) = SharedSpec::parse(bad) else { panic!() };
-        assert!(!message.contains("hunter2") && message.contains("postgres://app:***@db/app?password=***"), "{message}");
+        assert!(
+            !message.contains("hunter2") && message.contains("postgres://app:***@db/app?password=***"),
+            "{message}"
+        );
         let parsed = SharedSpec::parse("redis://:hunter2@h:1/?actor_max_bytes=1MiB").unwrap();
         assert_eq!(parsed.to_string(), "redis://:***@h:1/");
         assert!(!format!("{parsed:?}").contains("hunter2"), "{parsed:?}");
