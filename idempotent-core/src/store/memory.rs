@@ -23,7 +23,7 @@
 //! other caller's claims still get in. The anonymous namespace (every request of a service whose
 //! actor source is `Anonymous`) is no caller to tell apart from others: only the store's own
 //! budget bounds it. The byte bound's admission, its `Retry-After` and who is exempt are
-//! [`quota`](super::quota)'s rule, which the shared stores' bound follows too; what this store
+//! [`quota`]'s rule, which the shared stores' bound follows too; what this store
 //! counts is each record's footprint in memory, and a record counts until it is forgotten.
 //!
 //! A claim for a new key that would cross the store's bounds first forgets records due to be

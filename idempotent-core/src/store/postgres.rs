@@ -137,8 +137,8 @@
 //! # Per-caller bound
 //!
 //! Off by default; [`PostgresConfig::actor_max_bytes`] or `postgres://...?actor_max_bytes=32MiB`
-//! sets it (the rule: [`quota`](super::quota)). Each row's `bytes` column holds what it counts
-//! ([`quota::record_bytes`](super::quota::record_bytes): 256 bytes, the scope's, actor's and key's
+//! sets it (the rule: [`quota`]). Each row's `bytes` column holds what it counts
+//! ([`quota::record_bytes`]: 256 bytes, the scope's, actor's and key's
 //! characters, the encoded response once completed), written by every claim and completion
 //! whether a bound is set or not; a row counts while `expires_at` is ahead of `now()`.
 //!

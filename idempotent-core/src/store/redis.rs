@@ -106,8 +106,8 @@
 //! # Per-caller bound
 //!
 //! Off by default; [`RedisStoreBuilder::actor_max_bytes`] or `redis://...?actor_max_bytes=32MiB`
-//! sets it, on a single node (the rule: [`quota`](super::quota)). Each record counts
-//! [`quota::record_bytes`](super::quota::record_bytes) (256 bytes, the scope's, actor's and key's
+//! sets it, on a single node (the rule: [`quota`]). Each record counts
+//! [`quota::record_bytes`] (256 bytes, the scope's, actor's and key's
 //! characters, the encoded response once completed) until its lease (in progress) or its time to
 //! live (completed) ends. The scripts keep the accounting of each bounded actor in two keys of
 //! its own, `{prefix}a{<hex SHA-256 of the actor>}`, a sorted set of the actor's record keys
@@ -115,7 +115,7 @@
 //! whose field `=` holds the total; both expire a second after the actor's last record stops
 //! counting. The claim script takes out the records that stopped counting (at most 1000 per
 //! claim), compares the total with the threshold the store computes from the bound
-//! ([`quota::allowance`](super::quota::allowance)), and refuses or takes the record in the same
+//! ([`quota::allowance`]), and refuses or takes the record in the same
 //! script: atomic, so of concurrent claims of one actor exactly as many acquire as the bound
 //! fits. Renew, complete, release and invalidate move or take out the record's entry in the same
 //! scripts. Without a bound the scripts are those of a store without this setting and touch no
@@ -352,7 +352,7 @@ end
 "#;
 
 /// The claim's admission under a bound, at the start of `take()`: ARGV[5] is the most the actor
-/// may hold and still claim ([`quota::allowance`](super::quota::allowance), `-1` when nothing
+/// may hold and still claim ([`quota::allowance`], `-1` when nothing
 /// fits), ARGV[6] the bytes of the claim. The key's own record, taken over, does not count. A
 /// refusal answers `{'q', <ms until the earliest counted record stops counting>}`.
 const CLAIM_ADMIT: &str = r#"if KEYS[2] then

@@ -73,8 +73,8 @@
 //! # Per-caller bound
 //!
 //! Off by default; [`SqliteConfig::actor_max_bytes`] or `sqlite:PATH?actor_max_bytes=32MiB` sets
-//! it (the rule: [`quota`](super::quota)). Each row's `bytes` column holds what it counts
-//! ([`quota::record_bytes`](super::quota::record_bytes): 256 bytes, the scope's, actor's and key's
+//! it (the rule: [`quota`]). Each row's `bytes` column holds what it counts
+//! ([`quota::record_bytes`]: 256 bytes, the scope's, actor's and key's
 //! characters, the encoded response once completed), written by every claim and completion
 //! whether a bound is set or not; a row counts while `expires_at` (the lease's wall-clock
 //! estimate, or the end of the time to live) is ahead of the wall clock. A claim that would write
