@@ -306,8 +306,8 @@ impl<B: Backend> SqlConfig<B> {
     }
 
     /// One caller's byte bound (default `None`: no per-caller bound): a claim for a new key, or
-    /// for an expired record it takes over, by an actor whose live records hold `max_bytes` or
-    /// more, counting the new one, is refused with [`StoreError::QuotaExceeded`] (429 with
+    /// for an expired record it takes over, by an actor whose live records, with the new claim,
+    /// would hold more than `max_bytes` is refused with [`StoreError::QuotaExceeded`] (429 with
     /// `Retry-After`: the time until that actor's earliest live record expires), while other
     /// actors still get in. The rule is [`super::quota`]'s; each record counts
     /// [`quota::record_bytes`](super::quota::record_bytes) (a fixed overhead, the key's
