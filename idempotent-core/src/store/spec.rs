@@ -286,10 +286,12 @@ impl<'a> SharedSpec<'a> {
     /// [`StoreError::Config`] naming the parameter (and never showing a password of `spec`).
     pub fn parse(spec: &'a str) -> Result<Self, StoreError> {
         // The query starts at the first `?` after the user information (a password may hold a
-        // `?`), and ends at a `#fragment`.
-        let hosts = spec.find("://").map_or(0, |at| at + 3);
-        let hosts = spec[hosts..].rfind('@').map_or(hosts, |at| hosts + at + 1);
-        let Some(start) = spec[hosts..].find('?').map(|at| hosts + at) else {
+        // `?`), or, when that `@` was the query's own, at the first `?`; it ends at a
+        // `#fragment`.
+        let authority = spec.find("://").map_or(0, |at| at + 3);
+        let hosts = spec[authority..].rfind('@').map_or(authority, |at| authority + at + 1);
+        let first = |from: usize| spec[from..].find('?').map(|at| from + at);
+        let Some(start) = first(hosts).or_else(|| first(authority)) else {
             return Ok(Self { url: Cow::Borrowed(spec), actor_max_bytes: None });
         };
         let end = spec[start..].find('#').map_or(spec.len(), |at| start + at);
@@ -405,6 +407,11 @@ mod tests {
             ("redis://h:1/?prefix=app:&actor_max_bytes=0", "redis://h:1/?prefix=app:", None),
             ("rediss://h:1/?actor_max_bytes=64KiB#insecure", "rediss://h:1/#insecure", Some(64 << 10)),
             ("redis+cluster://h1:1,h2:2/?actor_max_bytes=3MB", "redis+cluster://h1:1,h2:2/", Some(3_000_000)),
+            (
+                "postgres://db/app?application_name=me@x&actor_max_bytes=1kB",
+                "postgres://db/app?application_name=me@x",
+                Some(1000),
+            ),
         ];
         for (spec, url, bound) in cases {
             let parsed = SharedSpec::parse(spec).unwrap();
