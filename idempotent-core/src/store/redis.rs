@@ -99,9 +99,10 @@
 //! One record is one Redis key: `{prefix}{<hex SHA-256 of the record key>}`, e.g.
 //! `idem:{9f86d0...0a08}`, where the record key is the length-prefixed scope, actor and client key
 //! ([`RecordKey::storage_key`]). The prefix (default `idem:`) separates applications sharing one
-//! Redis; it may not contain `{` or `}`. Every operation touches exactly that one key, so records
-//! spread over all Cluster slots; the braces make the hash the key's hash tag, so the slot never
-//! depends on the prefix. Client keys, actors and scopes never appear in Redis in clear.
+//! Redis; it may not contain `{` or `}`. Every operation touches exactly that one key (with a
+//! [per-caller bound](#per-caller-bound), on a single node, also its actor's two accounting
+//! keys), so records spread over all Cluster slots; the braces make the hash the key's hash tag,
+//! so the slot never depends on the prefix. Client keys, actors and scopes never appear in Redis in clear.
 //!
 //! # Per-caller bound
 //!
