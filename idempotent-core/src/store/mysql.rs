@@ -189,7 +189,7 @@
 //! application that manages its own migrations sets [`MySqlConfig::migrate`] to `false` and
 //! applies [`MySqlStore::migration_sql`] itself. [`MySqlConfig::database`] puts the table in
 //! another database than the connection's (created if missing). Version 2 adds the `bytes`
-//! column and the `(actor(191), expires_at)` index of the [per-caller bound](#per-caller-bound)
+//! column and the `(actor(191), expires_at, bytes)` index of the [per-caller bound](#per-caller-bound)
 //! (rows already there count nothing: they go within their time to live); unlike version 1 it
 //! is not idempotent (MySQL 8 has no `ADD COLUMN IF NOT EXISTS`) and runs once.
 //!
@@ -205,7 +205,7 @@
 //! unchanged (a replay, a mismatch or an in-progress answer costs nothing more); a bounded
 //! actor's insert or takeover runs on one connection that holds a named lock of the actor
 //! (`GET_LOCK('idempotent actor <hash>')`, waiting at most the acquire timeout, then 503): the sum
-//! of the actor's live rows through the `(actor, expires_at)` index, the admission, the write
+//! of the actor's live rows through the `(actor, expires_at, bytes)` index, the admission, the write
 //! (committed on its own), `RELEASE_LOCK`, three round trips more. The claims of one actor thereby
 //! take turns and each sees the rows of those before it, so of concurrent claims of one actor
 //! exactly as many acquire as the bound fits. A connection that fails meanwhile is closed, which
@@ -430,7 +430,7 @@ impl Backend for MySql {
         // and the index that sums an actor's live records. Rows written before count nothing.
         (
             2,
-            "ALTER TABLE {table} ADD COLUMN bytes BIGINT NOT NULL DEFAULT 0, ADD KEY actor_idx (actor(191), expires_at);
+            "ALTER TABLE {table} ADD COLUMN bytes BIGINT NOT NULL DEFAULT 0, ADD KEY actor_idx (actor(191), expires_at, bytes);
 ",
         ),
     ];
