@@ -91,6 +91,36 @@ macro_rules! store_contract_tests {
     };
 }
 
+/// Expands to `mod $name { ... }` with one `#[tokio::test]` per behaviour of a per-caller byte
+/// bound ([`crate::store::quota`]), for the stores that count [`quota::record_bytes`] per live
+/// record (the shared stores).
+///
+/// `$make` is a closure `|max_bytes: usize| async move { ... }` returning a fresh store where one
+/// actor may hold `max_bytes` (`Arc<S>`, or `Option<Arc<S>>` where `None` skips).
+///
+/// [`quota::record_bytes`]: crate::store::quota::record_bytes
+#[macro_export]
+macro_rules! store_quota_tests {
+    ($name:ident, $make:expr $(,)?) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $crate::store_quota_tests!(@each $make;
+                an_actor_over_its_bound_is_refused_alone,
+                racing_claims_of_one_actor_fit_its_bound,
+            );
+        }
+    };
+    (@each $make:expr; $($test:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $test() {
+                $crate::testing::$test($make).await;
+            }
+        )*
+    };
+}
+
 /// What a setup block may return: a store, or `None` to skip.
 pub trait IntoFixture {
     /// The store type.
@@ -507,4 +537,94 @@ where
     assert!(matches!(again.claim(&running, &fp(1), LEASE).await.unwrap(), Claim::InProgress { .. }));
     again.complete(&running, &t2, &response(b"finished"), TTL).await.unwrap();
     assert_eq!(again.claim(&running, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"finished")));
+}
+
+/// A bounded actor's key `n` (one character, so that all its claims count alike).
+fn greedy(n: &str) -> RecordKey {
+    RecordKey::new("payments.create", "acct_greedy", format!("key-{n}"))
+}
+
+/// A claim that must be refused by its actor's bound; its `Retry-After`.
+async fn refused<S: Store + ?Sized>(s: &S, k: &RecordKey) -> Duration {
+    match s.claim(k, &fp(1), LEASE).await {
+        Err(StoreError::QuotaExceeded { retry_after }) => retry_after,
+        other => panic!("{k:?}: expected QuotaExceeded, got {other:?}"),
+    }
+}
+
+/// An actor at its byte bound (three claims' worth) is refused a new key, with the time until
+/// its earliest live record expires, while another actor and anonymous callers still get in;
+/// every answer about its own records (in progress, mismatch, the claim sent again, renewal,
+/// completion past the bound, replay) still comes. It gets in again once a record is purged or
+/// released, and once a record's lease runs out.
+pub async fn an_actor_over_its_bound_is_refused_alone<F, Fut, X>(make: F)
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = X>,
+    X: IntoFixture,
+{
+    let claim = crate::store::quota::record_bytes(&greedy("1"), 0);
+    let Some(s) = make(3 * claim).await.into_fixture() else { return };
+    let short = Duration::from_secs(4);
+    let t1 = acquire(&*s, &greedy("1"), &fp(1), LEASE).await;
+    let t2 = acquire(&*s, &greedy("2"), &fp(1), LEASE).await;
+    acquire(&*s, &greedy("3"), &fp(1), short).await;
+    let retry_after = refused(&*s, &greedy("4")).await;
+    assert!(
+        retry_after >= Duration::from_secs(1) && retry_after <= short,
+        "until the earliest record's lease ends: {retry_after:?}"
+    );
+    // Another actor gets its own three claims' worth; anonymous callers are not bounded.
+    for (actor, claims) in [("acct_other", 3), ("", 5)] {
+        for i in 0..claims {
+            acquire(&*s, &RecordKey::new("payments.create", actor, format!("key-{i}")), &fp(1), LEASE).await;
+        }
+    }
+    // Its own records keep answering, and its claims keep going.
+    assert!(matches!(s.claim(&greedy("1"), &fp(1), LEASE).await.unwrap(), Claim::InProgress { .. }));
+    assert_eq!(s.claim(&greedy("1"), &fp(2), LEASE).await.unwrap(), Claim::Mismatch);
+    assert_eq!(s.claim_as(&greedy("2"), &fp(1), LEASE, &t2).await.unwrap(), Claim::Acquired(t2.clone()));
+    s.renew(&greedy("2"), &t2, LEASE).await.unwrap();
+    let large = response(&[7; 4096]);
+    s.complete(&greedy("1"), &t1, &large, TTL).await.expect("a completion is never refused");
+    assert_eq!(s.claim(&greedy("1"), &fp(1), LEASE).await.unwrap(), Claim::Completed(large));
+    refused(&*s, &greedy("4")).await;
+    // A purged record, or a released claim, no longer counts.
+    assert_eq!(s.invalidate(&greedy("1"), Purge::Any).await.unwrap(), Invalidated::Deleted);
+    let t4 = acquire(&*s, &greedy("4"), &fp(1), LEASE).await;
+    refused(&*s, &greedy("5")).await;
+    s.release(&greedy("4"), &t4).await.unwrap();
+    acquire(&*s, &greedy("5"), &fp(1), LEASE).await;
+    refused(&*s, &greedy("6")).await;
+    // Nor does a claim whose lease ran out.
+    tokio::time::sleep(short + Duration::from_millis(300)).await;
+    acquire(&*s, &greedy("6"), &fp(1), LEASE).await;
+    refused(&*s, &greedy("7")).await;
+}
+
+/// 32 concurrent claims of one actor, each for a new key, under a bound that fits five claims:
+/// exactly five acquire, every other one is refused with [`StoreError::QuotaExceeded`].
+pub async fn racing_claims_of_one_actor_fit_its_bound<F, Fut, X>(make: F)
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = X>,
+    X: IntoFixture,
+{
+    let race = |i: usize| RecordKey::new("payments.create", "acct_racer", format!("race-{i:02}"));
+    let Some(s) = make(5 * crate::store::quota::record_bytes(&race(0), 0)).await.into_fixture() else { return };
+    let tasks: Vec<_> = (0..32)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move { s.claim(&race(i), &fp(1), LEASE).await })
+        })
+        .collect();
+    let (mut acquired, mut over) = (0, 0);
+    for t in tasks {
+        match t.await.expect("claim task") {
+            Ok(Claim::Acquired(_)) => acquired += 1,
+            Err(StoreError::QuotaExceeded { .. }) => over += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert_eq!((acquired, over), (5, 27));
 }

@@ -37,12 +37,17 @@
 //!    its bearer token, with plain SHA-256 digests (the default) and with a digest secret
 //!    (HMAC-SHA256 of the actor on every request, and of the key for the request's span), without
 //!    and with a `tracing` subscriber (the key's digest is computed only for a span someone
-//!    wants).
+//!    wants);
+//! 9. the cost of a per-caller byte bound (`actor_max_bytes`, set high enough never to refuse):
+//!    first executions (claim and completion) per second through the store, without and with a
+//!    bound, on a SQLite file and on PostgreSQL, with 1 caller, 16 concurrent callers (each its
+//!    own actor) and 16 concurrent requests of one actor (whose claims take turns under a bound).
 //!
 //! Machines are shared and noisy: compare the ratios within one run, not absolute numbers
 //! across runs. `cargo bench -p idempotent-tests --bench throughput -- in-process` runs only the
 //! first part, `-- sqlite-sync` only the fourth, `-- memory-fill` only the fifth,
-//! `-- transactional` only the sixth, `-- issued` only the seventh, `-- digests` only the eighth.
+//! `-- transactional` only the sixth, `-- issued` only the seventh, `-- digests` only the eighth,
+//! `-- actor-quota` only the ninth.
 
 use axum::body::Body;
 use axum::extract::State;
@@ -1106,6 +1111,92 @@ async fn issued_cost(redis_url: Option<String>, pg: Option<Arc<idempotent_tests:
     }
 }
 
+/// First executions (claim then completion) per second through `store`: `n` fresh keys over
+/// `callers` concurrent tasks, each its own actor unless `one_actor`.
+async fn first_executions(store: Arc<dyn Store>, callers: usize, one_actor: bool, n: usize) -> f64 {
+    use idempotent_axum::core::fingerprint::FingerprintBuilder;
+    use idempotent_axum::core::response::StoredResponse;
+    use idempotent_axum::core::store::{Claim, RecordKey};
+    let fingerprint = FingerprintBuilder::new("bench.quota").finish();
+    let response = StoredResponse::new(201, [("content-type", "application/json")], r#"{"id":"pay_1"}"#.into());
+    let next = Arc::new(AtomicU64::new(0));
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..callers)
+        .map(|c| {
+            let (store, next, response, run) = (store.clone(), next.clone(), response.clone(), run.clone());
+            let actor = if one_actor { "acct_bench".to_owned() } else { format!("acct_{c}") };
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if i >= n {
+                        break;
+                    }
+                    let key = RecordKey::new("bench.quota", actor.as_str(), format!("{run}-{i}"));
+                    let Claim::Acquired(token) =
+                        store.claim(&key, &fingerprint, Duration::from_secs(30)).await.unwrap()
+                    else {
+                        panic!("a fresh key")
+                    };
+                    store.complete(&key, &token, &response, Duration::from_secs(3600)).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn actor_quota_cost(pg: Option<Arc<idempotent_tests::postgres::TestSchema>>) {
+    use idempotent_axum::core::store::SqliteConfig;
+    const N: usize = 1_000;
+    const BOUND: Option<usize> = Some(1 << 30);
+    println!("\n9. per-caller byte bound: first executions (claim + completion) per second, {N} per run, best of 3");
+    println!("  {:<28} {:>10} {:>24} {:>22}", "store", "1 caller", "16 callers, 16 actors", "16 callers, 1 actor");
+    let path = std::env::temp_dir().join(format!("bench-quota-{}.sqlite", uuid::Uuid::new_v4().simple()));
+    let spec = format!("sqlite:{}", path.display());
+    let mut rows: Vec<(String, Arc<dyn Store>)> = Vec::new();
+    for (label, bound) in [("SQLite, no bound", None), ("SQLite, actor_max_bytes", BOUND)] {
+        let config = SqliteConfig::new().sweep_interval(None).actor_max_bytes(bound);
+        rows.push((label.into(), Arc::new(SqliteStore::connect_with(&spec, config).await.unwrap())));
+    }
+    if let Some(pg) = &pg {
+        for (label, bound) in [("PostgreSQL, no bound", None), ("PostgreSQL, actor_max_bytes", BOUND)] {
+            let config = pg.config().sweep_interval(None).actor_max_bytes(bound);
+            rows.push((label.into(), Arc::new(PostgresStore::connect_with(&pg.url, config).await.unwrap())));
+        }
+    } else {
+        println!("  (no PostgreSQL: its rows are left out)");
+    }
+    let mut best = vec![[0f64; 3]; rows.len()];
+    for _ in 0..3 {
+        for (row, (_, store)) in rows.iter().enumerate() {
+            for (col, (callers, one_actor)) in [(1, false), (16, false), (16, true)].into_iter().enumerate() {
+                best[row][col] = best[row][col].max(first_executions(store.clone(), callers, one_actor, N).await);
+            }
+        }
+    }
+    for ((label, _), [one, many, shared]) in rows.iter().zip(&best) {
+        println!("  {label:<28} {one:>10.0} {many:>24.0} {shared:>22.0}");
+    }
+    for pair in best.chunks(2) {
+        if let [off, on] = pair {
+            println!(
+                "  with / without a bound: {:.2}x (1 caller), {:.2}x (16 actors), {:.2}x (1 actor)",
+                on[0] / off[0],
+                on[1] / off[1],
+                on[2] / off[2]
+            );
+        }
+    }
+    drop(rows);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}
+
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         println!("throughput: run with `cargo bench -p idempotent-tests --bench throughput`");
@@ -1116,6 +1207,14 @@ fn main() {
         rt.block_on(async {
             let pg = idempotent_tests::postgres::TestSchema::new().await;
             tokio::spawn(transactional_cost(pg)).await
+        })
+        .unwrap();
+        return;
+    }
+    if std::env::args().any(|a| a == "actor-quota") {
+        rt.block_on(async {
+            let pg = idempotent_tests::postgres::TestSchema::new().await;
+            tokio::spawn(actor_quota_cost(pg)).await
         })
         .unwrap();
         return;
@@ -1157,6 +1256,7 @@ fn main() {
         tokio::spawn(memory_fill()).await.unwrap();
         tokio::spawn(transactional_cost(pg.clone())).await.unwrap();
         let redis_url = idempotent_tests::redis_server::redis_url().await;
-        tokio::spawn(issued_cost(redis_url, pg)).await.unwrap();
+        tokio::spawn(issued_cost(redis_url, pg.clone())).await.unwrap();
+        tokio::spawn(actor_quota_cost(pg)).await.unwrap();
     });
 }

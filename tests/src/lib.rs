@@ -3,6 +3,8 @@
 
 /// The store contract suite, from `idempotent-core` (feature `testing`).
 pub use idempotent_core::store_contract_tests;
+/// The per-caller bound's contract suite, from `idempotent-core` (feature `testing`).
+pub use idempotent_core::store_quota_tests;
 pub use idempotent_core::testing as contract;
 pub mod browser;
 pub mod fault_proxy;

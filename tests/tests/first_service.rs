@@ -55,3 +55,35 @@ async fn the_first_service_walk_through() {
     let replay = send(post(&restarted, "/orders", "acct_1", "k-create").json(&order)).await;
     assert!(replay.replayed() && replay.body == created.body, "{}", String::from_utf8_lossy(&replay.body));
 }
+
+/// The same service on a SQLite file with a per-caller bound in its store specification: a
+/// caller whose stored answers fill its share is refused a new key with 429 and `Retry-After`
+/// (its record lives for the route's ttl), while its replays still come and another caller still
+/// gets in.
+#[tokio::test]
+async fn a_caller_over_its_bound_gets_429_with_retry_after() {
+    let path = std::env::temp_dir().join(format!("first-service-{}.sqlite", new_key()));
+    // One claim (a fixed 256 bytes, the key's characters) fits, not a stored order and a claim.
+    let spec = format!("sqlite:{}?actor_max_bytes=600", path.display());
+    let store = idempotent_axum::core::store::connect(&spec).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, first_service::app(store)).await });
+    let client = reqwest::Client::new();
+    let post = |caller: &str, key: &str| {
+        client
+            .post(format!("{base}/orders"))
+            .bearer_auth(caller)
+            .header("Idempotency-Key", key)
+            .json(&json!({"item": "book", "quantity": 1}))
+    };
+    let first = send(post("acct_1", "k-1")).await;
+    assert_eq!(first.status, 201, "{}", String::from_utf8_lossy(&first.body));
+    let over = send(post("acct_1", "k-2")).await;
+    over.assert_problem(429, "urn:idempotent:problem:quota-exceeded");
+    let retry_after: u64 = over.header("retry-after").expect("Retry-After").parse().unwrap();
+    assert!(retry_after > 60, "until its stored order is forgotten: {retry_after} s");
+    assert!(send(post("acct_1", "k-1")).await.replayed(), "a replay is never refused");
+    assert_eq!(send(post("acct_2", "k-2")).await.status, 201, "another caller still gets in");
+    let _ = std::fs::remove_file(&path);
+}

@@ -31,6 +31,11 @@ idempotent_tests::store_contract_tests!(
     reopen = |store: Arc<MyTestStore>| async move { store.reopen().await }
 );
 
+idempotent_tests::store_quota_tests!(mysql_actor_bound, |max_bytes: usize| async move {
+    let db = TestDb::new().await?;
+    Some(db.store_with(db.config().actor_max_bytes(Some(max_bytes))).await)
+});
+
 fn fp(n: u32) -> Fingerprint {
     FingerprintBuilder::new("payments.create").field("n", &n).unwrap().finish()
 }
@@ -757,6 +762,47 @@ async fn sweeper_deletes_expired_records_in_the_background() {
     assert_eq!(s.store().sweep_expired().await.unwrap(), 0);
 }
 
+/// A table made by the first version is migrated in place: its rows are kept and count nothing
+/// towards their actor's bound, the rows written now count their bytes, and a bound applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_of_the_first_version_is_migrated() {
+    let Some(db) = TestDb::new().await else { return };
+    let config = db.config();
+    let (version, first) = MySqlStore::migrations(&config).remove(0);
+    assert_eq!(version, 1);
+    db.execute(&first).await.unwrap();
+    db.execute(
+        "CREATE TABLE idempotency_records_migrations (version INT PRIMARY KEY, applied_at DATETIME(6) NOT NULL);
+         INSERT INTO idempotency_records_migrations VALUES (1, UTC_TIMESTAMP(6))",
+    )
+    .await
+    .unwrap();
+    let old = key("old");
+    let stored = format!("X'{}'", hex(&response(b"old").encode()));
+    let expires = "UTC_TIMESTAMP(6) + INTERVAL 1 HOUR";
+    insert_row(&db, &old, &format!("X'{}'", hex(&fp(1).0)), "'completed'", "'t-old'", &stored, expires).await;
+    let claim = store::quota::record_bytes(&key("a"), 0);
+    let s = db.store_with(config.actor_max_bytes(Some(2 * claim))).await;
+    let pool = s.store().pool();
+    let version: i32 =
+        sqlx::query_scalar("SELECT MAX(version) FROM idempotency_records_migrations").fetch_one(pool).await.unwrap();
+    assert_eq!(version, 2);
+    assert_eq!(s.claim(&old, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"old")));
+    let bytes = |k: &'static str| {
+        sqlx::query_scalar::<_, i64>("SELECT bytes FROM idempotency_records WHERE idem_key = ?").bind(k).fetch_one(pool)
+    };
+    assert_eq!(bytes("old").await.unwrap(), 0);
+    let Claim::Acquired(t) = s.claim(&key("a"), &fp(1), LEASE).await.unwrap() else { panic!() };
+    assert_eq!(bytes("a").await.unwrap() as usize, claim);
+    s.complete(&key("a"), &t, &response(b"a"), TTL).await.unwrap();
+    assert_eq!(
+        bytes("a").await.unwrap() as usize,
+        store::quota::record_bytes(&key("a"), response(b"a").encode().len())
+    );
+    // The completed record now holds more than a claim: one more claim would cross the bound.
+    assert!(matches!(s.claim(&key("b"), &fp(1), LEASE).await, Err(StoreError::QuotaExceeded { .. })));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_are_concurrent_safe_and_available_as_sql() {
     let Some(db) = TestDb::new().await else { return };
@@ -769,7 +815,7 @@ async fn migrations_are_concurrent_safe_and_available_as_sql() {
         .fetch_one(a.store().pool())
         .await
         .unwrap();
-    assert_eq!(versions, 1);
+    assert_eq!(versions as usize, MySqlStore::migrations(&db.config()).len());
     // No migration left its named lock on a connection.
     let held: Option<i64> = sqlx::query_scalar("SELECT IS_USED_LOCK('idempotent-core migrations')")
         .fetch_one(a.store().pool())
@@ -789,7 +835,8 @@ async fn migrations_are_concurrent_safe_and_available_as_sql() {
     let sql = MySqlStore::migration_sql(&config);
     assert!(sql.contains(&format!("`{}`.`by_hand`", db.name)), "{sql}");
     db.execute(&sql).await.unwrap();
-    db.execute(&sql).await.unwrap();
+    // Version 1 is idempotent; later versions (columns added) run once.
+    db.execute(&MySqlStore::migrations(&config)[0].1).await.unwrap();
     let s = db.store_with(config).await;
     let Claim::Acquired(t) = s.claim(&k, &fp(1), LEASE).await.unwrap() else { panic!() };
     s.complete(&k, &t, &response(b"hand"), TTL).await.unwrap();

@@ -27,6 +27,11 @@ idempotent_tests::store_contract_tests!(
     reopen = |store: Arc<PgTestStore>| async move { store.reopen().await }
 );
 
+idempotent_tests::store_quota_tests!(postgres_actor_bound, |max_bytes: usize| async move {
+    let schema = TestSchema::new().await?;
+    Some(schema.store_with(schema.config().actor_max_bytes(Some(max_bytes))).await)
+});
+
 fn fp(n: u32) -> Fingerprint {
     FingerprintBuilder::new("payments.create").field("n", &n).unwrap().finish()
 }
@@ -527,6 +532,50 @@ async fn answers_from_a_live_row_write_nothing() {
     assert_eq!(version("quiet").await, before);
 }
 
+/// A table made by the first version is migrated in place: its rows are kept and count nothing
+/// towards their actor's bound, the rows written now count their bytes, and a bound applies.
+#[tokio::test]
+async fn a_table_of_the_first_version_is_migrated() {
+    let Some(schema) = TestSchema::new().await else { return };
+    let config = schema.config();
+    let (version, first) = PostgresStore::migrations(&config).remove(0);
+    assert_eq!(version, 1);
+    let table = format!("\"{}\".idempotency_records", schema.name);
+    schema.execute(&first).await.unwrap();
+    schema
+        .execute(&format!(
+            "CREATE TABLE \"{0}\".idempotency_records_migrations (version INT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now());
+             INSERT INTO \"{0}\".idempotency_records_migrations (version) VALUES (1);
+             INSERT INTO {table} (scope, actor, idem_key, fingerprint, state, token, response, expires_at)
+             VALUES ('payments.create', 'acct_1', 'old', '\\x{1}', 'completed', 't-old', '\\x{2}', now() + interval '1 hour')",
+            schema.name,
+            hex(&fp(1).0),
+            hex(&response(b"old").encode()),
+        ))
+        .await
+        .unwrap();
+    let claim = store::quota::record_bytes(&key("a"), 0);
+    let s = schema.store_with(config.actor_max_bytes(Some(2 * claim))).await;
+    let versions = format!("SELECT max(version)::int8 FROM \"{}\".idempotency_records_migrations", schema.name);
+    assert_eq!(schema.query_scalar(&versions).await.unwrap(), 2);
+    assert_eq!(s.claim(&key("old"), &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"old")));
+    let bytes = |k: &str| {
+        let sql = format!("SELECT bytes FROM {table} WHERE idem_key = '{k}'");
+        let schema = schema.clone();
+        async move { schema.query_scalar(&sql).await }
+    };
+    assert_eq!(bytes("old").await.unwrap(), 0);
+    let Claim::Acquired(t) = s.claim(&key("a"), &fp(1), LEASE).await.unwrap() else { panic!() };
+    assert_eq!(bytes("a").await.unwrap() as usize, claim);
+    s.complete(&key("a"), &t, &response(b"a"), TTL).await.unwrap();
+    assert_eq!(
+        bytes("a").await.unwrap() as usize,
+        store::quota::record_bytes(&key("a"), response(b"a").encode().len())
+    );
+    // The completed record now holds more than a claim: one more claim would cross the bound.
+    assert!(matches!(s.claim(&key("b"), &fp(1), LEASE).await, Err(StoreError::QuotaExceeded { .. })));
+}
+
 #[tokio::test]
 async fn migrations_are_concurrent_safe_and_available_as_sql() {
     let Some(schema) = TestSchema::new().await else { return };
@@ -542,7 +591,7 @@ async fn migrations_are_concurrent_safe_and_available_as_sql() {
     .fetch_one(a.store().pool())
     .await
     .unwrap();
-    assert_eq!(versions, 1);
+    assert_eq!(versions as usize, PostgresStore::migrations(&schema.config()).len());
 
     // Managed by hand: the SQL creates what the store needs; the store then creates nothing.
     let config = schema.config().table("by_hand").migrate(false);

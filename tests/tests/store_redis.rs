@@ -114,6 +114,28 @@ async fn app_manager(url: &str, config: redis::aio::ConnectionManagerConfig) -> 
 }
 
 idempotent_tests::store_contract_tests!(single_node, single_store(), reopen = reopen_single);
+// The scripts that keep a per-caller bound's accounting, under the whole contract and the
+// bound's own.
+idempotent_tests::store_contract_tests!(single_node_bounded, bounded_single_store(1 << 30));
+idempotent_tests::store_quota_tests!(single_node_actor_bound, bounded_single_store);
+
+async fn bounded_single_store(max_bytes: usize) -> Option<Arc<RedisStore>> {
+    let url = redis_url().await?;
+    let store = RedisStore::builder(&url).prefix(test_prefix()).actor_max_bytes(Some(max_bytes));
+    Some(Arc::new(store.build().await.expect("connect to redis")))
+}
+
+/// A per-caller bound needs one node: on a cluster, an actor's records are spread over every
+/// slot and no script can sum them. The builder says so rather than bound nothing.
+#[tokio::test]
+async fn a_per_caller_bound_is_refused_on_a_cluster() {
+    let Some(nodes) = redis_cluster().await else { return };
+    let bounded = RedisStore::cluster(nodes.clone()).prefix(test_prefix()).actor_max_bytes(Some(1 << 20)).build().await;
+    let Err(StoreError::Config(message)) = bounded else { panic!("a bound on a cluster must be refused") };
+    assert!(message.contains("actor_max_bytes") && message.contains("single Redis node"), "{message}");
+    // `0` is no bound: the cluster store builds.
+    RedisStore::cluster(nodes).prefix(test_prefix()).actor_max_bytes(Some(0)).build().await.unwrap();
+}
 idempotent_tests::store_contract_tests!(applications_manager, manager_store(), reopen = reopen_single);
 idempotent_tests::store_contract_tests!(cluster, cluster_store(), reopen = reopen_cluster);
 redis_contract!(single_node_extra, single_store(), [many_keys]);

@@ -106,6 +106,13 @@ idempotent_tests::store_contract_tests!(
     reopen = |store: Arc<FileStore>| async move { store.reopen().await }
 );
 
+idempotent_tests::store_quota_tests!(sqlite_actor_bound, |max_bytes: usize| async move {
+    let db = TempDb::new();
+    let config = SqliteConfig::new().actor_max_bytes(Some(max_bytes));
+    let store = SqliteStore::connect_with(&db.spec(), config).await.expect("open sqlite");
+    Arc::new(FileStore { store, db })
+});
+
 fn fp(n: u32) -> Fingerprint {
     FingerprintBuilder::new("payments.create").field("n", &n).unwrap().finish()
 }
@@ -121,6 +128,27 @@ async fn spec_string_creates_the_file() {
     assert!(matches!(s.claim(&k, &fp(1), Duration::from_secs(5)).await.unwrap(), Claim::Acquired(_)));
     let bad = store::connect("sqlite:/nonexistent-dir/x/y.db").await;
     assert!(matches!(bad, Err(StoreError::Unavailable(_))), "{:?}", bad.err());
+}
+
+/// `?actor_max_bytes=` in the specification bounds each caller (and never reaches sqlx, which
+/// would refuse it); a malformed size is a configuration error that names the parameter.
+#[tokio::test]
+async fn spec_string_sets_a_per_caller_bound() {
+    let db = TempDb::new();
+    let k = |actor: &str, k: &str| RecordKey::new("s", actor, k);
+    let claim = store::quota::record_bytes(&k("a", "k1"), 0);
+    let s = store::connect(&format!("{}?actor_max_bytes={claim}", db.spec())).await.unwrap();
+    assert!(matches!(s.claim(&k("a", "k1"), &fp(1), Duration::from_secs(5)).await.unwrap(), Claim::Acquired(_)));
+    let over = s.claim(&k("a", "k2"), &fp(1), Duration::from_secs(5)).await;
+    assert!(matches!(over, Err(StoreError::QuotaExceeded { .. })), "{over:?}");
+    assert!(matches!(s.claim(&k("b", "k2"), &fp(1), Duration::from_secs(5)).await.unwrap(), Claim::Acquired(_)));
+    for bad in ["lots", "", "12XB"] {
+        let Err(StoreError::Config(message)) = store::connect(&format!("{}?actor_max_bytes={bad}", db.spec())).await
+        else {
+            panic!("{bad} accepted")
+        };
+        assert!(message.contains("actor_max_bytes") && message.contains("not a size"), "{message}");
+    }
 }
 
 #[tokio::test]
@@ -530,15 +558,34 @@ async fn a_database_of_the_first_version_keeps_working() {
         .fetch_one(s.pool())
         .await
         .unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
     let k = |k: &str| RecordKey::new("payments.create", "acct_1", k);
     let lease = Duration::from_secs(30);
+    // Its rows count nothing towards their actor's bound; the records written now do.
+    let bytes = |key: &'static str| {
+        sqlx::query_scalar::<_, i64>("SELECT bytes FROM idempotency_records WHERE idem_key = ?1")
+            .bind(key)
+            .fetch_one(s.pool())
+    };
+    assert_eq!(bytes("done").await.unwrap(), 0);
     assert!(matches!(s.claim(&k("live"), &fp(1), lease).await.unwrap(), Claim::InProgress { .. }));
     assert!(matches!(s.claim(&k("lapsed"), &fp(1), lease).await.unwrap(), Claim::Acquired(_)));
     assert_eq!(s.claim(&k("done"), &fp(1), lease).await.unwrap(), Claim::Completed(paid()));
     s.renew(&k("live"), &ClaimToken("t-live".into()), lease).await.unwrap();
     s.complete(&k("live"), &ClaimToken("t-live".into()), &paid(), Duration::from_secs(3600)).await.unwrap();
     assert_eq!(s.claim(&k("live"), &fp(1), lease).await.unwrap(), Claim::Completed(paid()));
+    assert_eq!(bytes("live").await.unwrap() as usize, store::quota::record_bytes(&k("live"), paid().encode().len()));
+    assert_eq!(bytes("lapsed").await.unwrap() as usize, store::quota::record_bytes(&k("lapsed"), 0));
+    // A bound on the migrated database: the old completed row counts nothing, the live claims
+    // their bytes.
+    drop(s);
+    let claim = store::quota::record_bytes(&k("x"), 0);
+    let used =
+        store::quota::record_bytes(&k("live"), paid().encode().len()) + store::quota::record_bytes(&k("lapsed"), 0);
+    let bounded = SqliteConfig::new().sweep_interval(None).actor_max_bytes(Some(used + claim));
+    let s = SqliteStore::connect_with(&db.spec(), bounded).await.unwrap();
+    assert!(matches!(s.claim(&k("x"), &fp(1), lease).await.unwrap(), Claim::Acquired(_)));
+    assert!(matches!(s.claim(&k("y"), &fp(1), lease).await, Err(StoreError::QuotaExceeded { .. })));
 }
 
 /// A transactional route's transaction holds SQLite's one writer: a claim of another process

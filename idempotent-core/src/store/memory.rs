@@ -22,7 +22,9 @@
 //! refused with [`StoreError::QuotaExceeded`] (429 with `Retry-After` to that caller) while every
 //! other caller's claims still get in. The anonymous namespace (every request of a service whose
 //! actor source is `Anonymous`) is no caller to tell apart from others: only the store's own
-//! budget bounds it.
+//! budget bounds it. The byte bound's admission, its `Retry-After` and who is exempt are
+//! [`quota`]'s rule, which the shared stores' bound follows too; what this store
+//! counts is each record's footprint in memory, and a record counts until it is forgotten.
 //!
 //! A claim for a new key that would cross the store's bounds first forgets records due to be
 //! forgotten; when none is, it fails with [`StoreError::Full`] (503 to every client) rather than
@@ -41,7 +43,7 @@
 //! holds it, [`Store::inspect`] does not report it.
 
 use super::{
-    Claim, ClaimToken, Invalidated, Purge, RecordInfo, RecordKey, RecordState, Store, StoreError,
+    quota, Claim, ClaimToken, Invalidated, Purge, RecordInfo, RecordKey, RecordState, Store, StoreError,
     ABANDONED_CLAIM_RETENTION,
 };
 use crate::fingerprint::Fingerprint;
@@ -312,7 +314,7 @@ impl Inner {
                 break;
             }
         }
-        at.saturating_duration_since(now).max(Duration::from_secs(1))
+        quota::retry_after(at.saturating_duration_since(now))
     }
 
     fn insert(&mut self, key: Arc<str>, mut entry: Entry, quota: bool) {
@@ -403,10 +405,11 @@ impl ActorBounds {
         self.records.is_some() || self.bytes.is_some()
     }
 
-    /// Whether an actor holding `usage` may add a record of `need` bytes.
+    /// Whether an actor holding `usage` may add a record of `need` bytes (the byte bound by
+    /// [`quota::fits`], the rule every store's per-caller bound follows).
     fn admit(self, usage: Usage, need: usize) -> bool {
         self.records.is_none_or(|max| usage.records < max)
-            && self.bytes.is_none_or(|max| usage.bytes.saturating_add(need) <= max)
+            && self.bytes.is_none_or(|max| quota::fits(usage.bytes, need, max))
     }
 }
 
@@ -574,7 +577,7 @@ impl MemoryStore {
         }
         let mut need = record_bytes(storage_key.len()) + allocation(TOKEN_LEN);
         let usage = |inner: &Inner| inner.actors.get(key.actor.as_str()).copied().unwrap_or_default();
-        if quota && !key.actor.is_empty() && !self.actor.admit(usage(inner), need) {
+        if quota && !quota::exempt(&key.actor) && !self.actor.admit(usage(inner), need) {
             // The actor's records due to be forgotten may be anywhere in the index: forget
             // every record that is due. Each is forgotten once, so this costs no more than
             // forgetting them one claim at a time would.

@@ -11,6 +11,7 @@ use std::fmt;
 use std::time::{Duration, SystemTime};
 
 pub mod memory;
+pub mod quota;
 pub mod spec;
 pub mod transaction;
 
@@ -409,6 +410,10 @@ pub enum Purpose {
 /// `sslmode=verify-full`, a MySQL URL with `ssl-mode=VERIFY_IDENTITY` (feature `tls`; see the
 /// `store::postgres` and `store::mysql` docs). The same as [`open`] for [`Purpose::Serve`].
 ///
+/// A shared store's specification may end with `?actor_max_bytes=32MiB` (or `&actor_max_bytes=..`
+/// among the driver's parameters): one caller's byte bound ([`quota`], [`spec::SharedSpec`]), off
+/// by default; it is taken out of the URL before the driver sees it.
+///
 /// An unknown scheme, a scheme whose feature is not enabled, or a backend that cannot be reached
 /// is an error that says which; no message shows a password of the specification
 /// ([`spec::redact`]).
@@ -429,33 +434,40 @@ pub async fn open(spec: &str, purpose: Purpose) -> Result<std::sync::Arc<dyn Sto
         Scheme::Memory => std::sync::Arc::new(MemoryStore::from_spec(&spec::MemorySpec::parse(spec)?)),
         #[cfg(feature = "sqlite")]
         Scheme::Sqlite => {
+            let shared = spec::SharedSpec::parse(spec)?;
             let config = match purpose {
                 Purpose::Serve => SqliteConfig::default(),
                 Purpose::Operate => {
                     SqliteConfig::default().migrate(false).sweep_interval(None).create_if_missing(false)
                 }
             };
-            std::sync::Arc::new(SqliteStore::connect_with(spec, config).await?)
+            let config = config.actor_max_bytes(shared.actor_max_bytes);
+            std::sync::Arc::new(SqliteStore::connect_with(&shared.url, config).await?)
         }
         #[cfg(feature = "postgres")]
         Scheme::Postgres => {
+            let shared = spec::SharedSpec::parse(spec)?;
             let config = match purpose {
                 Purpose::Serve => PostgresConfig::default(),
                 Purpose::Operate => PostgresConfig::default().migrate(false).sweep_interval(None),
             };
-            std::sync::Arc::new(PostgresStore::connect_with(spec, config).await?)
+            let config = config.actor_max_bytes(shared.actor_max_bytes);
+            std::sync::Arc::new(PostgresStore::connect_with(&shared.url, config).await?)
         }
         #[cfg(feature = "mysql")]
         Scheme::Mysql => {
+            let shared = spec::SharedSpec::parse(spec)?;
             let config = match purpose {
                 Purpose::Serve => MySqlConfig::default(),
                 Purpose::Operate => MySqlConfig::default().migrate(false).sweep_interval(None),
             };
-            std::sync::Arc::new(MySqlStore::connect_with(spec, config).await?)
+            let config = config.actor_max_bytes(shared.actor_max_bytes);
+            std::sync::Arc::new(MySqlStore::connect_with(&shared.url, config).await?)
         }
         #[cfg(feature = "redis")]
         Scheme::Redis | Scheme::RedisCluster | Scheme::RedisTls | Scheme::RedisClusterTls => {
-            std::sync::Arc::new(RedisStore::connect(spec).await?)
+            let shared = spec::SharedSpec::parse(spec)?;
+            std::sync::Arc::new(RedisStore::builder(&shared.url).actor_max_bytes(shared.actor_max_bytes).build().await?)
         }
         #[allow(unreachable_patterns)]
         other => {

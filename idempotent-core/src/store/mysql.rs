@@ -190,7 +190,30 @@
 //! afterwards, so that a failed migration cannot leave the lock on a pooled connection). An
 //! application that manages its own migrations sets [`MySqlConfig::migrate`] to `false` and
 //! applies [`MySqlStore::migration_sql`] itself. [`MySqlConfig::database`] puts the table in
-//! another database than the connection's (created if missing).
+//! another database than the connection's (created if missing). Version 2 adds the `bytes`
+//! column and the `(actor(191), expires_at, bytes)` index of the [per-caller bound](#per-caller-bound)
+//! (rows already there count nothing: they go within their time to live); unlike version 1 it
+//! is not idempotent (MySQL 8 has no `ADD COLUMN IF NOT EXISTS`) and runs once.
+//!
+//! # Per-caller bound
+//!
+//! Off by default; [`MySqlConfig::actor_max_bytes`] or `mysql://...?actor_max_bytes=32MiB` sets
+//! it (the rule: [`quota`]). Each row's `bytes` column holds what it counts
+//! ([`quota::record_bytes`]: 256 bytes, the scope's, actor's and key's
+//! characters, the encoded response once completed), written by every claim and completion
+//! whether a bound is set or not; a row counts while `expires_at` is ahead of `UTC_TIMESTAMP(6)`.
+//!
+//! Without a bound a claim runs the statements above. With one, the claim's first read is
+//! unchanged (a replay, a mismatch or an in-progress answer costs nothing more); a bounded
+//! actor's insert or takeover runs on one connection that holds a named lock of the actor
+//! (`GET_LOCK('idempotent actor <hash>')`, waiting at most the acquire timeout, then 503): the sum
+//! of the actor's live rows through the `(actor, expires_at, bytes)` index, the admission, the write
+//! (committed on its own), `RELEASE_LOCK`, three round trips more. The claims of one actor thereby
+//! take turns and each sees the rows of those before it, so of concurrent claims of one actor
+//! exactly as many acquire as the bound fits. A connection that fails meanwhile is closed, which
+//! releases its lock, and the claim fails with [`StoreError::Unavailable`] rather than run again
+//! (a retry with the same key then finds the record in progress if the write went in). On Vitess and PlanetScale `GET_LOCK` needs a reserved connection (see
+//! [versions](#versions)); a bound there is untested.
 //!
 //! # Transactional mode
 //!
@@ -240,10 +263,10 @@
 //! the feature, and `PREFERRED` connects in clear.
 
 use super::sql::{
-    abandoned_claim_retention_ms, column, decide_row, millis, record_info, rendered, retrying, sealed, Backend,
-    CommonStatements, Failure, SqlConfig, SqlStore,
+    abandoned_claim_retention_ms, admit_row, column, decide_row, millis, record_bytes, record_info, rendered, retrying,
+    sealed, Backend, CommonStatements, Failure, SqlConfig, SqlStore,
 };
-use super::{Claim, ClaimToken, Invalidated, Purge, RecordInfo, RecordKey, Store, StoreError};
+use super::{quota, Claim, ClaimToken, Invalidated, Purge, RecordInfo, RecordKey, Store, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use crate::store::transaction::TransactionalStore;
@@ -321,6 +344,7 @@ mod own {
     pub struct Statements {
         pub(super) select: SqlStr,
         pub(super) insert: SqlStr,
+        pub(super) quota: SqlStr,
         pub(super) takeover: SqlStr,
         pub(super) renew: SqlStr,
         pub(super) complete: SqlStr,
@@ -385,8 +409,9 @@ impl Backend for MySql {
     const MAX_NAME_LEN: usize = 53;
     const NAME_RULE: &'static str = "MySQL table and database names must be 1 to 53 bytes without NUL (MySQL's limit of 64, less the `_migrations` suffix of the migrations' table)";
     const CONFLICT: &'static str = "deadlock or lock wait timeout";
-    const MIGRATIONS: &'static [(i32, &'static str)] = &[(
-        1,
+    const MIGRATIONS: &'static [(i32, &'static str)] = &[
+        (
+            1,
         "{schema_ddl}CREATE TABLE IF NOT EXISTS {table} (
     key_hash    BINARY(32)    NOT NULL,
     scope       TEXT          CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
@@ -402,7 +427,15 @@ impl Backend for MySql {
     KEY expires_at_idx (expires_at)
 ) ENGINE = InnoDB;
 ",
-    )];
+        ),
+        // What each record counts towards its actor's bound (`MySqlConfig::actor_max_bytes`),
+        // and the index that sums an actor's live records. Rows written before count nothing.
+        (
+            2,
+            "ALTER TABLE {table} ADD COLUMN bytes BIGINT NOT NULL DEFAULT 0, ADD KEY actor_idx (actor(191), expires_at, bytes);
+",
+        ),
+    ];
 
     type Settings = Settings;
     type Statements = Statements;
@@ -415,7 +448,7 @@ impl Backend for MySql {
         let epoch_ms =
             |col: &str| format!("CAST(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', {col}) DIV 1000 AS SIGNED)");
         let complete = format!(
-            "UPDATE {t} SET state = 'completed', response = ?, expires_at = {now} + INTERVAL ? MICROSECOND
+            "UPDATE {t} SET state = 'completed', response = ?, expires_at = {now} + INTERVAL ? MICROSECOND, bytes = ?
 WHERE key_hash = ? AND token = ? AND state = 'in_progress'"
         );
         Statements {
@@ -424,15 +457,23 @@ WHERE key_hash = ? AND token = ? AND state = 'in_progress'"
 FROM {t} WHERE key_hash = ?"
             )),
             insert: rendered(format!(
-                "INSERT INTO {t} (key_hash, scope, actor, idem_key, fingerprint, state, token, response, expires_at, created_at)
-VALUES (?, ?, ?, ?, ?, 'in_progress', ?, NULL, {now} + INTERVAL ? MICROSECOND, {now})"
+                "INSERT INTO {t} (key_hash, scope, actor, idem_key, fingerprint, state, token, response, expires_at, created_at,
+    bytes)
+VALUES (?, ?, ?, ?, ?, 'in_progress', ?, NULL, {now} + INTERVAL ? MICROSECOND, {now}, ?)"
+            )),
+            // The bytes of the actor's live records other than the key's own, and the
+            // milliseconds until the earliest of them expires.
+            quota: rendered(format!(
+                "SELECT CAST(COALESCE(SUM(bytes), 0) AS SIGNED) AS used,
+    CAST(TIMESTAMPDIFF(MICROSECOND, {now}, MIN(expires_at)) DIV 1000 AS SIGNED) AS earliest_ms
+FROM {t} WHERE actor = ? AND expires_at > {now} AND key_hash <> ?"
             )),
             // The compare-and-set: only a row whose lease or time to live has passed, checked on
             // the newest committed version under the row's lock; an abandoned claim only by the
             // same request (its fingerprint), or once its retention is over.
             takeover: rendered(format!(
                 "UPDATE {t} SET scope = ?, actor = ?, idem_key = ?, fingerprint = ?, state = 'in_progress', token = ?,
-    response = NULL, created_at = {now}, expires_at = {now} + INTERVAL ? MICROSECOND
+    response = NULL, created_at = {now}, expires_at = {now} + INTERVAL ? MICROSECOND, bytes = ?
 WHERE key_hash = ? AND expires_at <= {now}
     AND (state <> 'in_progress' OR fingerprint = ? OR token = ? OR expires_at <= {now} - INTERVAL ? MICROSECOND)"
             )),
@@ -636,7 +677,8 @@ ORDER BY expires_at LIMIT ?"
 
 /// The fenced completion `statement` of `key` by `token`: stores `response` for `ttl`.
 fn complete(statement: &SqlStr, key: &RecordKey, token: &ClaimToken, response: Vec<u8>, ttl: Duration) -> MyQuery {
-    sqlx::query(statement.clone()).bind(response).bind(micros(ttl)).bind(digest(key)).bind(&token.0)
+    let bytes = record_bytes(key, response.len());
+    sqlx::query(statement.clone()).bind(response).bind(micros(ttl)).bind(bytes).bind(digest(key)).bind(&token.0)
 }
 
 /// The value `select` (one system variable) reads, or `None` when the server has no such
@@ -693,6 +735,14 @@ async fn run(pool: &MySqlPool, mut query: MyQuery, fetch: bool) -> Result<(Answe
         })
     })
     .await
+}
+
+/// The named lock (`GET_LOCK`) the claims of `actor` take turns on under a per-caller bound: at
+/// most 64 characters, as MySQL allows, whatever the actor.
+fn actor_lock(actor: &str) -> String {
+    let mut name = String::from("idempotent actor ");
+    crate::push_hex(&mut name, &Sha256::digest(actor.as_bytes())[..20]);
+    name
 }
 
 /// Whether `e` is a duplicate key: another claim inserted the key first.
@@ -755,6 +805,60 @@ impl SqlStore<MySql> {
         Ok((answer.affected(), lost))
     }
 
+    /// Runs `write`, the claim of `key` (filed under `hash`) as an insert or a takeover, under
+    /// its actor's bound `max`: on one connection that holds the actor's named lock
+    /// (`GET_LOCK`), the sum of the actor's live records, the admission, then `write`, so that
+    /// the claims of one actor take turns and each sees those before it. The rows `write`
+    /// changed, or its error (a duplicate key: another claim inserted the key first); a refusal
+    /// is `Err`. The lock is released at the end; on a failure the connection is closed, which
+    /// releases it.
+    async fn bounded(
+        &self,
+        key: &RecordKey,
+        hash: &[u8],
+        write: MyQuery,
+        max: usize,
+    ) -> Result<Result<u64, sqlx::Error>, StoreError> {
+        let name = actor_lock(&key.actor);
+        let mut conn = self.pool().acquire().await.map_err(MySql::unavailable)?;
+        let wait = i64::try_from(self.config().settings.acquire_timeout.as_secs()).unwrap_or(5).max(1);
+        let locked: Result<Option<i64>, sqlx::Error> =
+            sqlx::query_scalar("SELECT GET_LOCK(?, ?)").bind(&name).bind(wait).fetch_one(&mut *conn).await;
+        match locked {
+            Ok(Some(1)) => {}
+            Ok(_) => {
+                return Err(StoreError::Unavailable(format!("MySQL: the caller's claims lock was busy for {wait} s")))
+            }
+            Err(e) => {
+                drop(conn.detach());
+                return Err(MySql::unavailable(e));
+            }
+        }
+        let quota = sqlx::query(self.sql().quota.clone()).bind(&key.actor).bind(hash.to_vec());
+        let answer = async {
+            let used = quota.fetch_one(&mut *conn).await?;
+            if let Err(refused) = admit_row(&used, key, quota::record_bytes(key, 0), max) {
+                return Ok(Err(refused));
+            }
+            Ok(Ok(write.execute(&mut *conn).await.map(|done| done.rows_affected())))
+        };
+        let answer: Result<Result<Result<u64, sqlx::Error>, StoreError>, sqlx::Error> = answer.await;
+        match answer {
+            Ok(answer) => {
+                // Released before the connection goes back to the pool; if that fails, the
+                // connection is closed, which releases it.
+                if sqlx::query("DO RELEASE_LOCK(?)").bind(&name).execute(&mut *conn).await.is_err() {
+                    drop(conn.detach());
+                }
+                answer
+            }
+            Err(e) => {
+                drop(conn.detach());
+                Err(MySql::unavailable(e))
+            }
+        }
+    }
+
     /// A statement with `hash` bound first.
     fn on(sql: &SqlStr, hash: &[u8]) -> MyQuery {
         sqlx::query(sql.clone()).bind(hash.to_vec())
@@ -774,6 +878,7 @@ impl Store for MySqlStore {
         let hash = digest(key);
         let retention_us = abandoned_claim_retention_ms() * 1000;
         let sql = self.sql();
+        let max = self.config().bound_for(&key.actor);
         for _ in 0..CLAIM_ATTEMPTS {
             let (row, _) = self.fetch(Self::on(&sql.select, &hash)).await?;
             let Some(row) = row else {
@@ -783,11 +888,18 @@ impl Store for MySqlStore {
                     .bind(&key.key)
                     .bind(&fingerprint.0[..])
                     .bind(&token.0)
-                    .bind(micros(lease));
-                match run(self.pool(), insert, false).await {
+                    .bind(micros(lease))
+                    .bind(record_bytes(key, 0));
+                let written = match max {
+                    Some(max) => self.bounded(key, &hash, insert, max).await?.map(|_| ()),
+                    None => run(self.pool(), insert, false).await.map(drop),
+                };
+                match written {
                     Ok(_) => return Ok(Claim::Acquired(token.clone())),
                     // Another claim inserted the key since the read: read it.
                     Err(e) if duplicate_key(&e) => continue,
+                    // Under the actor's lock, a conflict is not run again by `run`: read again.
+                    Err(e) if max.is_some() && MySql::failure(&e) == Failure::Conflict => continue,
                     Err(e) => return Err(MySql::unavailable(e)),
                 }
             };
@@ -814,11 +926,21 @@ impl Store for MySqlStore {
                 .bind(&fingerprint.0[..])
                 .bind(&token.0)
                 .bind(micros(lease))
+                .bind(record_bytes(key, 0))
                 .bind(hash.clone())
                 .bind(&fingerprint.0[..])
                 .bind(&token.0)
                 .bind(retention_us);
-            if self.exec(takeover).await?.0 == 1 {
+            let taken = match max {
+                Some(max) => match self.bounded(key, &hash, takeover, max).await? {
+                    Ok(rows) => rows,
+                    // A conflict: read the row again.
+                    Err(e) if MySql::failure(&e) == Failure::Conflict => continue,
+                    Err(e) => return Err(MySql::unavailable(e)),
+                },
+                None => self.exec(takeover).await?.0,
+            };
+            if taken == 1 {
                 return Ok(Claim::Acquired(token.clone()));
             }
             // The row was taken over, renewed, completed or deleted since the read: read it.

@@ -99,9 +99,37 @@
 //! One record is one Redis key: `{prefix}{<hex SHA-256 of the record key>}`, e.g.
 //! `idem:{9f86d0...0a08}`, where the record key is the length-prefixed scope, actor and client key
 //! ([`RecordKey::storage_key`]). The prefix (default `idem:`) separates applications sharing one
-//! Redis; it may not contain `{` or `}`. Every operation touches exactly that one key, so records
-//! spread over all Cluster slots; the braces make the hash the key's hash tag, so the slot never
-//! depends on the prefix. Client keys, actors and scopes never appear in Redis in clear.
+//! Redis; it may not contain `{` or `}`. Every operation touches exactly that one key (with a
+//! [per-caller bound](#per-caller-bound), on a single node, also its actor's two accounting
+//! keys), so records spread over all Cluster slots; the braces make the hash the key's hash tag,
+//! so the slot never depends on the prefix. Client keys, actors and scopes never appear in Redis in clear.
+//!
+//! # Per-caller bound
+//!
+//! Off by default; [`RedisStoreBuilder::actor_max_bytes`] or `redis://...?actor_max_bytes=32MiB`
+//! sets it, on a single node (the rule: [`quota`]). Each record counts
+//! [`quota::record_bytes`] (256 bytes, the scope's, actor's and key's
+//! characters, the encoded response once completed) until its lease (in progress) or its time to
+//! live (completed) ends. The scripts keep the accounting of each bounded actor in two keys of
+//! its own, `{prefix}a{<hex SHA-256 of the actor>}`, a sorted set of the actor's record keys
+//! scored by the time each stops counting, and the same key with `:b`, a hash of their bytes
+//! whose field `=` holds the total; both expire a second after the actor's last record stops
+//! counting. The claim script takes out the records that stopped counting (at most 1000 per
+//! claim), compares the total with the threshold the store computes from the bound
+//! ([`quota::allowance`]), and refuses or takes the record in the same
+//! script: atomic, so of concurrent claims of one actor exactly as many acquire as the bound
+//! fits. Renew, complete, release and invalidate move or take out the record's entry in the same
+//! scripts. Without a bound the scripts are those of a store without this setting and touch no
+//! key but the record's; with one, no command is added (the accounting rides in the same
+//! `EVALSHA`). A record deleted outside the store's scripts (by hand, or by a store opened without
+//! the bound) counts until its time in the sorted set ends.
+//!
+//! Not on Redis Cluster: there a caller's records are spread over every slot (each record key's
+//! hash tag is the hash of the whole record key, scope and client key included), and a script may
+//! only touch keys of one slot, so no script can sum a caller's records and claim a record at
+//! once; keeping the records of one caller in one slot would need another key layout, and would
+//! put each caller's whole load on one node. A bound given for a cluster is refused at
+//! [`build`](RedisStoreBuilder::build) with [`StoreError::Config`].
 //!
 //! # Value layout
 //! A Redis hash with binary-safe fields:
@@ -187,7 +215,7 @@
 //! - The cluster needs all 16384 slots covered (`cluster_state:ok`).
 
 use super::{
-    epoch_millis, Claim, ClaimToken, Invalidated, Purge, RecordInfo, RecordKey, RecordState, Store, StoreError,
+    epoch_millis, quota, Claim, ClaimToken, Invalidated, Purge, RecordInfo, RecordKey, RecordState, Store, StoreError,
     ABANDONED_CLAIM_RETENTION,
 };
 use crate::fingerprint::Fingerprint;
@@ -246,11 +274,13 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local function take()
   local lease = tonumber(ARGV[3])
+  --{admit}
   -- HSET first: on a full Redis, the first write of the script is the one refused, before
   -- anything changed.
   redis.call('HSET', key, 's', 'p', 't', ARGV[2], 'f', ARGV[1], 'l', string.format('%d', now + lease),
     'c', string.format('%d', now))
   redis.call('PEXPIRE', key, string.format('%d', lease + tonumber(ARGV[4])))
+  --{count}
   return {'a'}
 end
 local kind = redis.call('TYPE', key)['ok']
@@ -284,6 +314,87 @@ elseif s == 'c' then
 end
 return {'x', 'unknown state'}
 "#;
+
+/// The per-caller accounting of a store with a bound ([`RedisStoreBuilder::actor_max_bytes`]),
+/// put before the scripts of such a store (after their shebang); a call without those keys (an
+/// anonymous caller's) skips it. KEYS[2] is the actor's sorted
+/// set of record keys, each scored by the time (Redis's clock, ms) it stops counting; KEYS[3] the
+/// hash of their bytes, whose field `=` is their total. `count` sets a record's time and bytes,
+/// `uncount` takes it out; each writes its `HINCRBY` first, so that a full Redis refuses it before
+/// anything changed. `prune` takes out up to 1000 records that stopped counting by `t`.
+const ACCOUNT: &str = r#"
+local function keep(t)
+  local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+  if last[2] then
+    local ms = string.format('%d', math.max(tonumber(last[2]) - t, 0) + 1000)
+    redis.call('PEXPIRE', KEYS[2], ms)
+    redis.call('PEXPIRE', KEYS[3], ms)
+  end
+end
+local function count(member, score, bytes, t)
+  if not KEYS[2] then return end
+  local old = tonumber(redis.call('HGET', KEYS[3], member) or '0')
+  redis.call('HINCRBY', KEYS[3], '=', string.format('%d', tonumber(bytes) - old))
+  redis.call('HSET', KEYS[3], member, bytes)
+  redis.call('ZADD', KEYS[2], string.format('%d', score), member)
+  keep(t)
+end
+local function uncount(member)
+  if not KEYS[2] then return end
+  local old = redis.call('HGET', KEYS[3], member)
+  if old then
+    redis.call('HINCRBY', KEYS[3], '=', string.format('%d', -tonumber(old)))
+    redis.call('HDEL', KEYS[3], member)
+  end
+  redis.call('ZREM', KEYS[2], member)
+end
+local function prune(t)
+  if not KEYS[2] then return end
+  for _, member in ipairs(redis.call('ZRANGE', KEYS[2], '-inf', t, 'BYSCORE', 'LIMIT', 0, 1000)) do
+    uncount(member)
+  end
+end
+"#;
+
+/// The claim's admission under a bound, at the start of `take()`: ARGV[5] is the most the actor
+/// may hold and still claim ([`quota::allowance`], `-1` when nothing
+/// fits), ARGV[6] the bytes of the claim. The key's own record, taken over, does not count. A
+/// refusal answers `{'q', <ms until the earliest counted record stops counting>}`.
+const CLAIM_ADMIT: &str = r#"if KEYS[2] then
+    prune(now)
+    local own = tonumber(redis.call('HGET', KEYS[3], key) or '0')
+    local used = tonumber(redis.call('HGET', KEYS[3], '=') or '0') - own
+    if used > tonumber(ARGV[5]) then
+      local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+      return {'q', first[2] and (tonumber(first[2]) - now) or 0}
+    end
+  end"#;
+
+/// The claim's accounting under a bound, once it took the record: it counts until its lease ends.
+const CLAIM_COUNT: &str = "count(key, now + lease, ARGV[6], now)";
+
+/// Renew under a bound, ARGV[4] the claim's bytes: counts until the new lease ends.
+const RENEW_COUNT: &str = "local lease = tonumber(ARGV[2])
+local t = now()
+                           redis.call('HSET', key, 'l', string.format('%d', t + lease))
+                           redis.call('PEXPIRE', key, string.format('%d', lease + tonumber(ARGV[3])))
+                           count(key, t + lease, ARGV[4], t)
+return 1
+";
+/// Complete under a bound, ARGV[4] the completed record's bytes: counts until its time to live
+/// ends.
+const COMPLETE_COUNT: &str = "redis.call('HSET', key, 's', 'c', 'r', ARGV[2])
+redis.call('HDEL', key, 'l')
+                              redis.call('PEXPIRE', key, ARGV[3])
+local t = now()
+                              count(key, t + tonumber(ARGV[3]), ARGV[4], t)
+return 1
+";
+/// Release under a bound.
+const RELEASE_COUNT: &str = "redis.call('DEL', key)
+uncount(key)
+return 1
+";
 
 /// First line of the fenced scripts: Redis 7 lets them write on a full Redis (`maxmemory` reached
 /// under `noeviction`), so work already claimed can finish while new claims are refused.
@@ -345,6 +456,7 @@ if ARGV[1] ~= '1' then
   if redis.call('HGET', key, 's') ~= 'c' then return 2 end
 end
 redis.call('DEL', key)
+--{uncount}
 return 1
 "#;
 
@@ -405,14 +517,15 @@ impl Lua {
     }
 
     fn call(&self, key: String) -> Call<'_> {
-        Call { script: self, key, args: Vec::new() }
+        Call { script: self, keys: vec![key], args: Vec::new() }
     }
 }
 
-/// One invocation of a script on one key.
+/// One invocation of a script on its record's key (and, under a per-caller bound, its actor's
+/// accounting keys).
 struct Call<'a> {
     script: &'a Lua,
-    key: String,
+    keys: Vec<String>,
     args: Vec<Vec<u8>>,
 }
 
@@ -422,10 +535,19 @@ impl Call<'_> {
         self
     }
 
-    /// `EVALSHA <hash> 1 <key> <args>...` or `EVAL <code> 1 <key> <args>...`.
+    /// The same call, also on `keys`.
+    fn keys(mut self, keys: impl IntoIterator<Item = String>) -> Self {
+        self.keys.extend(keys);
+        self
+    }
+
+    /// `EVALSHA <hash> <n> <keys>... <args>...` or `EVAL <code> <n> <keys>... <args>...`.
     fn cmd(&self, name: &str, script: &[u8]) -> Cmd {
         let mut cmd = redis::cmd(name);
-        cmd.arg(script).arg(1).arg(self.key.as_str());
+        cmd.arg(script).arg(self.keys.len());
+        for key in &self.keys {
+            cmd.arg(key.as_str());
+        }
         for a in &self.args {
             cmd.arg(a.as_slice());
         }
@@ -563,9 +685,18 @@ pub struct RedisStoreBuilder {
     connection_timeout: Duration,
     response_timeout: Duration,
     tls: TlsSettings,
+    actor_max_bytes: Option<usize>,
 }
 
 impl RedisStoreBuilder {
+    /// One caller's byte bound (default `None`: no per-caller bound; `Some(0)` is `None`),
+    /// single node only: see [per-caller bound](self#per-caller-bound). Overrides an
+    /// `actor_max_bytes` query parameter given to [`connect`](super::connect).
+    pub fn actor_max_bytes(mut self, max_bytes: Option<usize>) -> Self {
+        self.actor_max_bytes = max_bytes.filter(|n| *n > 0);
+        self
+    }
+
     /// Key prefix of this application's records (default [`DEFAULT_PREFIX`]); overrides a
     /// `prefix` query parameter. Applications sharing one Redis must use distinct prefixes. It may
     /// not contain `{` or `}`, which would change the keys' Cluster hash tag.
@@ -646,6 +777,12 @@ impl RedisStoreBuilder {
         if prefix.contains(['{', '}']) {
             return Err(StoreError::Config(format!("redis key prefix `{prefix}` may not contain `{{` or `}}`")));
         }
+        let cluster = matches!(target, Target::Cluster(_) | Target::Given(Conn::Cluster(_)));
+        if cluster && self.actor_max_bytes.is_some() {
+            return Err(StoreError::Config(
+                "a per-caller bound (`actor_max_bytes`) needs a single Redis node: on Redis Cluster a caller's records lie in every slot, and no script can sum them atomically (see the store's docs)".into(),
+            ));
+        }
         let (conn, deadline) = match target {
             Target::Single(url) => {
                 self.tls.check(secure(&url)?)?;
@@ -703,19 +840,43 @@ impl RedisStoreBuilder {
             }
             Target::Invalid(_) => unreachable!("handled above"),
         };
+        let [claim, renew, complete, release, inspect, invalidate] = scripts(self.actor_max_bytes.is_some());
         Ok(RedisStore {
             cluster: matches!(conn, Conn::Cluster(_)),
             conn,
             deadline,
             prefix,
-            claim: Lua::new(CLAIM.to_owned()),
-            renew: Lua::new(format!("{ALLOW_OOM}{HELD}{RENEW}")),
-            complete: Lua::new(format!("{ALLOW_OOM}{COMPLETED_BY_ME}{HELD}{COMPLETE}")),
-            release: Lua::new(format!("{ALLOW_OOM}{HELD}{RELEASE}")),
-            inspect: Lua::new(INSPECT.to_owned()),
-            invalidate: Lua::new(INVALIDATE.to_owned()),
+            actor_max_bytes: self.actor_max_bytes,
+            claim: Lua::new(claim),
+            renew: Lua::new(renew),
+            complete: Lua::new(complete),
+            release: Lua::new(release),
+            inspect: Lua::new(inspect),
+            invalidate: Lua::new(invalidate),
         })
     }
+}
+
+/// The scripts of a store, with (`bounded`) or without a per-caller bound: claim, renew,
+/// complete, release, inspect, invalidate. With a bound, every one but `inspect` keeps the
+/// actor's accounting; without one, they touch nothing but the record's key.
+fn scripts(bounded: bool) -> [String; 6] {
+    let account = if bounded { ACCOUNT } else { "" };
+    let pick = |plain: &str, counted: &str| if bounded { counted.to_owned() } else { plain.to_owned() };
+    let claim = CLAIM
+        .replace("--{admit}", if bounded { CLAIM_ADMIT } else { "" })
+        .replace("--{count}", if bounded { CLAIM_COUNT } else { "" });
+    let invalidate = INVALIDATE.replace("--{uncount}", if bounded { "uncount(key)" } else { "" });
+    // The shebang stays the first line.
+    let invalidate = invalidate.replacen('\n', &format!("\n{account}"), 1);
+    [
+        format!("{account}{claim}"),
+        format!("{ALLOW_OOM}{account}{HELD}{}", pick(RENEW, RENEW_COUNT)),
+        format!("{ALLOW_OOM}{account}{COMPLETED_BY_ME}{HELD}{}", pick(COMPLETE, COMPLETE_COUNT)),
+        format!("{ALLOW_OOM}{account}{HELD}{}", pick(RELEASE, RELEASE_COUNT)),
+        INSPECT.to_owned(),
+        invalidate,
+    ]
 }
 
 /// A [`Store`] on Redis or Redis Cluster; see the [module documentation](self) for the key
@@ -729,6 +890,8 @@ pub struct RedisStore {
     deadline: Option<Duration>,
     cluster: bool,
     prefix: String,
+    /// One caller's byte bound: the scripts keep each actor's accounting.
+    actor_max_bytes: Option<usize>,
     claim: Lua,
     renew: Lua,
     complete: Lua,
@@ -852,7 +1015,26 @@ impl RedisStore {
             connection_timeout: DEFAULT_CONNECTION_TIMEOUT,
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             tls: TlsSettings::default(),
+            actor_max_bytes: None,
         }
+    }
+
+    /// The keys of `key`'s actor's accounting, under a per-caller bound that applies to it
+    /// (none for the anonymous actor, or without a bound):
+    /// `{prefix}a{<hex SHA-256 of the actor>}` (the sorted set) and the same with `:b` (the hash
+    /// of bytes).
+    fn accounting(&self, key: &RecordKey) -> Option<[String; 2]> {
+        self.actor_max_bytes.filter(|_| !quota::exempt(&key.actor))?;
+        let mut set = format!("{}a{{", self.prefix);
+        crate::push_hex(&mut set, &Sha256::digest(key.actor.as_bytes()));
+        set.push('}');
+        let bytes = format!("{set}:b");
+        Some([set, bytes])
+    }
+
+    /// A call of `script` on `key`'s record, with its actor's accounting keys when it has some.
+    fn call<'a>(&self, script: &'a Lua, key: &RecordKey) -> Call<'a> {
+        script.call(self.redis_key(key)).keys(self.accounting(key).into_iter().flatten())
     }
 
     /// The key prefix of this store's records.
@@ -1043,6 +1225,9 @@ fn decode_claim(reply: Value, token: ClaimToken) -> Result<Claim, StoreError> {
             let raw = bytes(r).ok_or_else(|| unexpected(&reply))?;
             StoredResponse::decode(raw).map(Claim::Completed).map_err(|e| StoreError::Corrupt(e.to_string()))
         }
+        (b"q", Some(Value::Int(ms))) => Err(StoreError::QuotaExceeded {
+            retry_after: quota::retry_after(Duration::from_millis(u64::try_from(*ms).unwrap_or(0))),
+        }),
         (b"x", Some(why)) => {
             Err(StoreError::Corrupt(String::from_utf8_lossy(bytes(why).unwrap_or(b"malformed record")).into_owned()))
         }
@@ -1093,23 +1278,29 @@ impl Store for RedisStore {
         token: &ClaimToken,
     ) -> Result<Claim, StoreError> {
         let call = self
-            .claim
-            .call(self.redis_key(key))
+            .call(&self.claim, key)
             .arg(&fingerprint.0[..])
             .arg(token.0.as_str())
             .arg(millis(lease))
             .arg(millis(ABANDONED_CLAIM_RETENTION));
+        let call = match self.actor_max_bytes {
+            // The anonymous actor's claims take no accounting keys, and always fit.
+            Some(max) => {
+                let need = quota::record_bytes(key, 0);
+                let allowance = if call.keys.len() > 1 { quota::allowance(need, max) } else { Some(usize::MAX) };
+                let allowance = allowance.map_or(-1, |a| i64::try_from(a).unwrap_or(i64::MAX));
+                call.arg(allowance).arg(need)
+            }
+            None => call,
+        };
         let reply = self.invoke(&call).await?;
         decode_claim(reply, token.clone())
     }
 
     async fn renew(&self, key: &RecordKey, token: &ClaimToken, lease: Duration) -> Result<(), StoreError> {
-        let call = self
-            .renew
-            .call(self.redis_key(key))
-            .arg(token.0.as_str())
-            .arg(millis(lease))
-            .arg(millis(ABANDONED_CLAIM_RETENTION));
+        let call =
+            self.call(&self.renew, key).arg(token.0.as_str()).arg(millis(lease)).arg(millis(ABANDONED_CLAIM_RETENTION));
+        let call = if self.actor_max_bytes.is_some() { call.arg(quota::record_bytes(key, 0)) } else { call };
         self.fenced(&call).await
     }
 
@@ -1120,13 +1311,15 @@ impl Store for RedisStore {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let call =
-            self.complete.call(self.redis_key(key)).arg(token.0.as_str()).arg(response.encode()).arg(millis(ttl));
+        let encoded = response.encode();
+        let bytes = quota::record_bytes(key, encoded.len());
+        let call = self.call(&self.complete, key).arg(token.0.as_str()).arg(encoded).arg(millis(ttl));
+        let call = if self.actor_max_bytes.is_some() { call.arg(bytes) } else { call };
         self.fenced(&call).await
     }
 
     async fn release(&self, key: &RecordKey, token: &ClaimToken) -> Result<(), StoreError> {
-        let call = self.release.call(self.redis_key(key)).arg(token.0.as_str());
+        let call = self.call(&self.release, key).arg(token.0.as_str());
         self.fenced(&call).await
     }
 
@@ -1137,7 +1330,7 @@ impl Store for RedisStore {
 
     async fn invalidate(&self, key: &RecordKey, purge: Purge) -> Result<Invalidated, StoreError> {
         let any = if purge == Purge::Any { "1" } else { "0" };
-        match self.invoke(&self.invalidate.call(self.redis_key(key)).arg(any)).await? {
+        match self.invoke(&self.call(&self.invalidate, key).arg(any)).await? {
             Value::Int(1) => Ok(Invalidated::Deleted),
             Value::Int(2) => Ok(Invalidated::InProgress),
             Value::Int(0) => Ok(Invalidated::Absent),
@@ -1157,6 +1350,24 @@ impl Store for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Without a bound the scripts name no key but the record's (a cluster needs that, and a
+    /// store without a bound pays nothing for the feature); with one, each but `inspect` keeps
+    /// the accounting, and the shebangs stay first.
+    #[test]
+    fn only_a_bound_puts_accounting_in_the_scripts() {
+        for script in scripts(false) {
+            assert!(!script.contains("KEYS[2]") && !script.contains("count(") && !script.contains("--{"), "{script}");
+        }
+        let bounded = scripts(true);
+        for (i, script) in bounded.iter().enumerate() {
+            assert_eq!(script.contains("KEYS[2]"), i != 4, "{script}");
+            assert!(!script.contains("--{"), "{script}");
+            assert!(!script.contains("#!lua") || script.starts_with("#!lua"), "{script}");
+        }
+        assert!(bounded[0].contains("prune(now)") && bounded[0].contains("count(key, now + lease"));
+        assert!(bounded[5].contains("uncount(key)"));
+    }
 
     /// The builder's `Debug` and every message about a specification show it without its
     /// password.

@@ -19,8 +19,9 @@
 //! assert_eq!(redact("sqlite:/var/lib/app/idempotency.sqlite"), "sqlite:/var/lib/app/idempotency.sqlite");
 //! ```
 //!
-//! [`Scheme::of`] tells which store a specification names, and [`MemorySpec::parse`] reads the
-//! memory store's bounds from `memory?max_bytes=..&actor_max_bytes=..`.
+//! [`Scheme::of`] tells which store a specification names, [`MemorySpec::parse`] reads the
+//! memory store's bounds from `memory?max_bytes=..&actor_max_bytes=..`, and [`SharedSpec::parse`]
+//! a shared store's per-caller bound from `...?actor_max_bytes=..`.
 
 use super::StoreError;
 use std::borrow::Cow;
@@ -236,6 +237,94 @@ impl MemorySpec {
     }
 }
 
+/// A shared store's specification (`sqlite:`, `postgres://`, `mysql://`, `redis://`...) with this
+/// library's own query parameter taken out: `actor_max_bytes`, one caller's byte bound (see
+/// [`super::quota`]), with the same sizes as [`MemorySpec`] (`0`: no bound, the default).
+///
+/// | parameter | meaning | default |
+/// |---|---|---|
+/// | `actor_max_bytes` | one caller's bytes of live records (`0`: no per-caller bound) | no bound |
+///
+/// ```
+/// use idempotent_core::store::spec::SharedSpec;
+///
+/// let spec = SharedSpec::parse("postgres://app:pw@db/app?sslmode=verify-full&actor_max_bytes=32MiB").unwrap();
+/// assert_eq!(spec.url, "postgres://app:pw@db/app?sslmode=verify-full");
+/// assert_eq!(spec.actor_max_bytes, Some(32 << 20));
+/// assert_eq!(SharedSpec::parse("sqlite:app.db").unwrap().actor_max_bytes, None);
+/// ```
+///
+/// The parameter is read here once and removed from the URL the database driver is given, which
+/// would refuse it or send it to the server as a setting.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SharedSpec<'a> {
+    /// The specification without `actor_max_bytes`, for the database driver.
+    pub url: Cow<'a, str>,
+    /// One caller's byte budget; `None`: no per-caller bound.
+    pub actor_max_bytes: Option<usize>,
+}
+
+impl fmt::Debug for SharedSpec<'_> {
+    /// Redacted, as every specification this library shows.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedSpec")
+            .field("url", &Redacted(&self.url))
+            .field("actor_max_bytes", &self.actor_max_bytes)
+            .finish()
+    }
+}
+
+impl fmt::Display for SharedSpec<'_> {
+    /// The URL, redacted.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact(&self.url))
+    }
+}
+
+impl<'a> SharedSpec<'a> {
+    /// Reads `spec`'s `actor_max_bytes` and removes it; a malformed size is
+    /// [`StoreError::Config`] naming the parameter (and never showing a password of `spec`).
+    pub fn parse(spec: &'a str) -> Result<Self, StoreError> {
+        // The query starts at the first `?` after the user information (a password may hold a
+        // `?`), or, when that `@` was the query's own, at the first `?`; it ends at a
+        // `#fragment`.
+        let authority = spec.find("://").map_or(0, |at| at + 3);
+        let hosts = spec[authority..].rfind('@').map_or(authority, |at| authority + at + 1);
+        let first = |from: usize| spec[from..].find('?').map(|at| from + at);
+        let Some(start) = first(hosts).or_else(|| first(authority)) else {
+            return Ok(Self { url: Cow::Borrowed(spec), actor_max_bytes: None });
+        };
+        let end = spec[start..].find('#').map_or(spec.len(), |at| start + at);
+        let query = &spec[start + 1..end];
+        if !query.split('&').any(|pair| pair.split('=').next() == Some("actor_max_bytes")) {
+            return Ok(Self { url: Cow::Borrowed(spec), actor_max_bytes: None });
+        }
+        let mut actor_max_bytes = None;
+        let mut kept = Vec::new();
+        for pair in query.split('&') {
+            match pair.split_once('=').unwrap_or((pair, "")) {
+                ("actor_max_bytes", value) => {
+                    let bytes = parse_size(value).ok_or_else(|| {
+                        StoreError::Config(format!(
+                            "store parameter `actor_max_bytes={value}` of `{}` is not a size: write bytes, or a number with KiB, MiB, GiB (kB, MB, GB); 0 for no per-caller bound",
+                            redact(spec)
+                        ))
+                    })?;
+                    actor_max_bytes = Some(bytes).filter(|n| *n > 0);
+                }
+                _ => kept.push(pair),
+            }
+        }
+        let mut url = spec[..start].to_owned();
+        if !kept.is_empty() {
+            url.push('?');
+            url.push_str(&kept.join("&"));
+        }
+        url.push_str(&spec[end..]);
+        Ok(Self { url: Cow::Owned(url), actor_max_bytes })
+    }
+}
+
 /// `123`, `64KiB`, `256MiB`, `2GiB`, `10kB`, `5MB`, `1GB`: a number of bytes; `None` when
 /// malformed or too large.
 fn parse_size(text: &str) -> Option<usize> {
@@ -298,6 +387,56 @@ mod tests {
         assert!(error.contains("unknown store `mongodb://u:***@h/d`"), "{error}");
         assert!(!error.contains("hunter2"));
         assert!(Scheme::of("memoryx").is_err());
+    }
+
+    #[test]
+    fn shared_stores_take_the_actor_bound_out_of_their_url() {
+        let cases = [
+            ("sqlite:/tmp/x.db?actor_max_bytes=1MiB", "sqlite:/tmp/x.db", Some(1 << 20)),
+            ("sqlite:/tmp/x.db", "sqlite:/tmp/x.db", None),
+            (
+                "postgres://u:p?w@db/app?actor_max_bytes=2kB&sslmode=require",
+                "postgres://u:p?w@db/app?sslmode=require",
+                Some(2000),
+            ),
+            (
+                "mysql://root@db/app?ssl-mode=DISABLED&actor_max_bytes=100",
+                "mysql://root@db/app?ssl-mode=DISABLED",
+                Some(100),
+            ),
+            ("redis://h:1/?prefix=app:&actor_max_bytes=0", "redis://h:1/?prefix=app:", None),
+            ("rediss://h:1/?actor_max_bytes=64KiB#insecure", "rediss://h:1/#insecure", Some(64 << 10)),
+            ("redis+cluster://h1:1,h2:2/?actor_max_bytes=3MB", "redis+cluster://h1:1,h2:2/", Some(3_000_000)),
+            (
+                "postgres://db/app?application_name=me@x&actor_max_bytes=1kB",
+                "postgres://db/app?application_name=me@x",
+                Some(1000),
+            ),
+        ];
+        for (spec, url, bound) in cases {
+            let parsed = SharedSpec::parse(spec).unwrap();
+            assert_eq!((parsed.url.as_ref(), parsed.actor_max_bytes), (url, bound), "{spec}");
+        }
+        assert!(
+            matches!(SharedSpec::parse("sqlite:x.db").unwrap().url, Cow::Borrowed(_)),
+            "nothing to take out: no copy"
+        );
+        for bad in
+            ["sqlite:x.db?actor_max_bytes=lots", "sqlite:x.db?actor_max_bytes=", "sqlite:x.db?actor_max_bytes=5TiB"]
+        {
+            let Err(StoreError::Config(message)) = SharedSpec::parse(bad) else { panic!("{bad}") };
+            assert!(message.contains("actor_max_bytes") && message.contains("is not a size"), "{message}");
+        }
+        // The parameter's paths keep the redaction rule: the password never shows.
+        let bad = "postgres://app:hunter2@db/app?password=hunter2&actor_max_bytes=much";
+        let Err(StoreError::Config(message)) = SharedSpec::parse(bad) else { panic!() };
+        assert!(
+            !message.contains("hunter2") && message.contains("postgres://app:***@db/app?password=***"),
+            "{message}"
+        );
+        let parsed = SharedSpec::parse("redis://:hunter2@h:1/?actor_max_bytes=1MiB").unwrap();
+        assert_eq!(parsed.to_string(), "redis://:***@h:1/");
+        assert!(!format!("{parsed:?}").contains("hunter2"), "{parsed:?}");
     }
 
     #[test]

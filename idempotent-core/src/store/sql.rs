@@ -55,8 +55,8 @@ pub trait Backend: Database + sealed::Sealed {
     const MAX_NAME_LEN: usize;
     /// The rule table and schema names break when they are invalid, as the error says it.
     const NAME_RULE: &'static str;
-    /// Migrations, in order: `(version, SQL)`. `{schema_ddl}`, `{table}`, `{index}` and
-    /// `{lease_index}` are replaced by the configured, quoted names. A version once released is
+    /// Migrations, in order: `(version, SQL)`. `{schema_ddl}`, `{table}`, `{index}`,
+    /// `{lease_index}` and `{actor_index}` are replaced by the configured, quoted names. A version once released is
     /// never edited: a change of the table is a new version. Version 1 is idempotent (`IF NOT
     /// EXISTS`); a later one may not be (SQLite cannot add a column only if it is missing), and
     /// runs once, as the table of applied versions records.
@@ -239,6 +239,7 @@ pub struct SqlConfig<B: Backend> {
     pub(super) max_connections: u32,
     pub(super) sweep_interval: Option<Duration>,
     pub(super) sweep_batch: u32,
+    pub(super) actor_max_bytes: Option<usize>,
     pub(super) settings: B::Settings,
 }
 
@@ -251,6 +252,7 @@ impl<B: Backend> Default for SqlConfig<B> {
             max_connections: B::MAX_CONNECTIONS,
             sweep_interval: Some(Duration::from_secs(60)),
             sweep_batch: B::SWEEP_BATCH,
+            actor_max_bytes: None,
             settings: B::Settings::default(),
         }
     }
@@ -303,6 +305,30 @@ impl<B: Backend> SqlConfig<B> {
         self
     }
 
+    /// One caller's byte bound (default `None`: no per-caller bound): a claim for a new key, or
+    /// for an expired record it takes over, by an actor whose live records, with the new claim,
+    /// would hold more than `max_bytes` is refused with [`StoreError::QuotaExceeded`] (429 with
+    /// `Retry-After`: the time until that actor's earliest live record expires), while other
+    /// actors still get in. The rule is [`super::quota`]'s; each record counts
+    /// [`quota::record_bytes`](super::quota::record_bytes) (a fixed overhead, the key's
+    /// characters and the stored response) while it is live: a claim until its lease ends, a
+    /// completed record until its time to live ends. Replays, in-progress answers, renewals and
+    /// completions are never refused, so the responses of claims in flight may take an actor past
+    /// its bound. Anonymous callers (the empty actor) are not bounded. What a bound costs, per
+    /// database, is in the module docs of `store::postgres`, `store::sqlite` and
+    /// `store::mysql`; without one, a claim runs exactly the statements it runs without this
+    /// setting. From a specification string: `?actor_max_bytes=32MiB`
+    /// ([`SharedSpec`](super::spec::SharedSpec)).
+    pub fn actor_max_bytes(mut self, max_bytes: Option<usize>) -> Self {
+        self.actor_max_bytes = max_bytes.filter(|n| *n > 0);
+        self
+    }
+
+    /// The bound on what `actor` may hold, if it is bounded at all.
+    pub(super) fn bound_for(&self, actor: &str) -> Option<usize> {
+        self.actor_max_bytes.filter(|_| !super::quota::exempt(actor))
+    }
+
     pub(super) fn validate(&self) -> Result<(), StoreError> {
         let ok = |s: &str| !s.is_empty() && s.len() <= B::MAX_NAME_LEN && !s.contains('\0');
         if !ok(&self.table) || self.schema.as_deref().is_some_and(|s| !ok(s)) {
@@ -339,6 +365,7 @@ impl<B: Backend> SqlConfig<B> {
             .replace("{table}", &self.qualified_table())
             .replace("{index}", &B::quote_ident(&format!("{}_expires_at_idx", self.table)))
             .replace("{lease_index}", &B::quote_ident(&format!("{}_lease_idx", self.table)))
+            .replace("{actor_index}", &B::quote_ident(&format!("{}_actor_idx", self.table)))
     }
 }
 
@@ -946,6 +973,27 @@ pub(super) fn abandoned_claim_retention_ms() -> i64 {
 pub(super) fn millis(d: Duration) -> i64 {
     // Ten years is far beyond any lease or time to live and keeps timestamps and sums in range.
     d.as_millis().min(10 * 365 * 24 * 3600 * 1000) as i64
+}
+
+/// The admission of a claim of `key` needing `need` bytes under `max` ([`super::quota::admit`]),
+/// from a row of the store's quota statement: `used`, the bytes of the actor's other live records,
+/// and `earliest_ms`, the milliseconds until the earliest of them expires (`NULL` when none).
+pub(super) fn admit_row<R>(row: &R, key: &RecordKey, need: usize, max: usize) -> Result<(), StoreError>
+where
+    R: Row,
+    i64: for<'r> Decode<'r, R::Database> + Type<R::Database>,
+    for<'n> &'n str: ColumnIndex<R>,
+{
+    let used: i64 = column(row, "used")?;
+    let earliest: Option<i64> = column(row, "earliest_ms")?;
+    let until = || Duration::from_millis(earliest.unwrap_or(0).max(0) as u64);
+    super::quota::admit(&key.actor, usize::try_from(used).unwrap_or(0), need, Some(max), until)
+}
+
+/// What a record of `key` holding an encoded response of `response_len` bytes counts towards its
+/// actor's bound, as the `bytes` column stores it.
+pub(super) fn record_bytes(key: &RecordKey, response_len: usize) -> i64 {
+    i64::try_from(super::quota::record_bytes(key, response_len)).unwrap_or(i64::MAX)
 }
 
 /// Column `name` of a stored row; a value that cannot be decoded is [`StoreError::Corrupt`].

@@ -38,8 +38,9 @@ pub(super) enum Change {
 pub(super) enum Fenced {
     /// A renewal: the lease's wall-clock estimate of its end, its clock, and its deadline on it.
     Renew { expires_at: i64, basis: String, until: i64 },
-    /// A completion: the encoded response and the end of its time to live.
-    Complete { response: Vec<u8>, expires_at: i64 },
+    /// A completion: the encoded response, the end of its time to live, and what the record
+    /// then counts towards its actor's bound.
+    Complete { response: Vec<u8>, expires_at: i64, bytes: i64 },
     /// A release.
     Release,
 }
