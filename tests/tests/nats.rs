@@ -380,9 +380,7 @@ async fn start_up_refuses_a_consumer_that_cannot_keep_the_promise() {
     assert!(unbounded.contains("consumer `unbounded` (scope `t.nats.short`): max_deliver is unlimited"), "{unbounded}");
     let long = refusal("long").await;
     assert!(
-        long.contains(
-            "ttl 60s is shorter than its redelivery horizon 90s (ack_wait 30s × 3 deliveries + backoff 0ns)"
-        ),
+        long.contains("ttl 60s is shorter than its redelivery horizon 90s (ack_wait 30s × 3 deliveries + backoff 0ns)"),
         "{long}"
     );
     // The stream's duplicate window is JetStream's default, two minutes.
