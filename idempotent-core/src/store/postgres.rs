@@ -98,6 +98,23 @@
 //! Renewals and releases are always sent on their own, and a transactional route's completion
 //! runs inside its transaction, as before.
 //!
+//! Why it is off by default: store-level first executions per second (a claim, then a completion;
+//! a pool of 8; PostgreSQL 15 on the same shared 2-core machine, commits synced to disk), with
+//! `group_commit(64)` against one statement per write, alternating, best of 3
+//! (`cargo bench -p idempotent-tests --bench throughput -- postgres-batch`; `BENCHMARKS.md` has the
+//! runs):
+//!
+//! | callers | `group_commit(64)` | one statement per write | ratio, that run | ratio, four runs |
+//! |---|---|---|---|---|
+//! | 1 | 1089 /s | 1181 /s | 0.92 | 0.56 to 1.03 (the same path: noise) |
+//! | 16 | 1140 /s | 2033 /s | 0.56 | 0.56 to 1.51 |
+//! | 64 | 2331 /s | 2071 /s | 1.13 | 1.13 to 3.51 |
+//!
+//! With many more concurrent requests than connections it wins; at 16 callers on 8 connections it
+//! mostly lost (the server already flushes the commits of concurrent statements together, and a
+//! batched write waits for the batch in flight before its own). Measure on your load before
+//! turning it on.
+//!
 //! # Isolation: `READ COMMITTED`, always
 //!
 //! The claim statement relies on `READ COMMITTED` (an `UPDATE` that meets a concurrently changed
@@ -444,7 +461,11 @@ FROM {t} WHERE {key} AND (expires_at > now()
     async fn attach(pool: &PgPool, own: bool) -> Result<Session, sqlx::Error> {
         if own {
             // `connect_with` set READ COMMITTED on every connection of the pool.
-            return Ok(Session { explicit_read_committed: false, batches: Batches::default(), alone: Default::default() });
+            return Ok(Session {
+                explicit_read_committed: false,
+                batches: Batches::default(),
+                alone: Default::default(),
+            });
         }
         let default: String =
             sqlx::query_scalar("SELECT current_setting('default_transaction_isolation')").fetch_one(pool).await?;

@@ -1,12 +1,13 @@
 //! Group commit: the claims and completions of concurrent requests sent as one statement over
 //! arrays, each caller answered from its own row (see "Group commit" in the [store's docs](super)).
 //!
-//! A write is queued ([`Batches`](crate::store::batch::Batches), shared with the SQLite store) with the channel its answer goes
-//! back on. The first write queued while fewer than [`WRITERS`] tasks run starts one; a task takes
-//! the writes waiting (at most the configured bound, no two of one kind on one key), sends the
-//! claims as one statement and the completions as another, at the same time on two connections,
-//! answers each caller from its row once its statement committed, and goes on while writes are
-//! waiting. A batch of one write sends the store's single statement, as without batching.
+//! A write that is not sent alone ([`PostgresStore::alone`]) is queued
+//! ([`Batches`](crate::store::batch::Batches), shared with the SQLite store) with the channel its
+//! answer goes back on. The first write queued while fewer than [`WRITERS`] tasks run starts one;
+//! a task takes the writes waiting (at most the configured bound, no two of one kind on one key),
+//! sends the claims as one statement and the completions as another, at the same time on two
+//! connections, answers each caller from its row once its statement committed, and goes on while
+//! writes are waiting. A batch of one write sends the store's single statement.
 
 use super::{PgQuery, PgRow, PostgresStore};
 use crate::fingerprint::Fingerprint;
@@ -155,8 +156,7 @@ impl PostgresStore {
         token: &ClaimToken,
     ) -> Result<Option<Claim>, StoreError> {
         let (reply, answer) = oneshot::channel();
-        let write =
-            ClaimWrite { key: key.clone(), fingerprint: *fingerprint, lease, token: token.clone(), reply };
+        let write = ClaimWrite { key: key.clone(), fingerprint: *fingerprint, lease, token: token.clone(), reply };
         self.submit(Write::Claim(write));
         answer.await.unwrap_or_else(|_| Err(stopped()))
     }

@@ -1,12 +1,12 @@
 //! Group commit: the store's writes that wait for the writer share one write transaction, and so
 //! one sync of the disk (see "Group commit" in the [store's docs](super)).
 //!
-//! A write is queued ([`Batches`](crate::store::batch::Batches), shared with the PostgreSQL store) with the channel its answer
-//! goes back on. The first write queued while no batch runs starts a task that takes every write
-//! waiting (up to the configured bound), runs them in one `BEGIN IMMEDIATE` transaction, commits,
-//! answers each with its own result, and goes on while writes are waiting. Nothing waits for a
-//! batch to fill: a write that finds the writer idle starts at once, alone; writes that arrive
-//! while a batch commits form the next.
+//! A write is queued ([`Batches`](crate::store::batch::Batches), shared with the PostgreSQL
+//! store) with the channel its answer goes back on. The first write queued while no batch runs
+//! starts a task that takes every write waiting (up to the configured bound), runs them in one
+//! `BEGIN IMMEDIATE` transaction, commits, answers each with its own result, and goes on while
+//! writes are waiting. Nothing waits for a batch to fill: a write that finds the writer idle
+//! starts at once, alone; writes that arrive while a batch commits form the next.
 
 use super::{Now, Sqlite, SqliteStore, StoreError};
 use crate::fingerprint::Fingerprint;
