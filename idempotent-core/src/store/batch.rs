@@ -132,11 +132,14 @@ mod tests {
         assert!(batches.push(2, 2));
         assert!(!batches.push(3, 2));
         assert_eq!(batches.next(8), Some(vec![1, 2, 3]));
+        // One writer found the queue empty and stopped; the other still runs.
         assert_eq!(batches.next(8), None);
-        assert!(!batches.push(4, 2), "one writer still runs");
-        assert_eq!(batches.next(8), Some(vec![4]));
+        assert!(batches.push(4, 2), "one writer runs: room for another");
+        assert!(!batches.push(5, 2));
+        assert_eq!(batches.next(8), Some(vec![4, 5]));
         assert_eq!(batches.next(8), None);
-        assert!(batches.push(5, 2));
+        assert_eq!(batches.next(8), None);
+        assert!(batches.push(6, 2));
     }
 
     #[test]
