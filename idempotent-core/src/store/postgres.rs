@@ -104,11 +104,11 @@
 //! (`cargo bench -p idempotent-tests --bench throughput -- postgres-batch`; `BENCHMARKS.md` has the
 //! runs):
 //!
-//! | callers | `group_commit(64)` | one statement per write | ratio, that run | ratio, four runs |
+//! | callers | `group_commit(64)` | one statement per write | ratio, that run | ratio, five runs |
 //! |---|---|---|---|---|
-//! | 1 | 1089 /s | 1181 /s | 0.92 | 0.56 to 1.03 (the same path: noise) |
-//! | 16 | 1140 /s | 2033 /s | 0.56 | 0.56 to 1.51 |
-//! | 64 | 2331 /s | 2071 /s | 1.13 | 1.13 to 3.51 |
+//! | 1 | 1343 /s | 1343 /s | 1.00 | 0.56 to 1.03 (the same path: noise) |
+//! | 16 | 2084 /s | 3183 /s | 0.65 | 0.56 to 1.51 |
+//! | 64 | 4214 /s | 3787 /s | 1.11 | 1.11 to 3.51 |
 //!
 //! With many more concurrent requests than connections it wins; at 16 callers on 8 connections it
 //! mostly lost (the server already flushes the commits of concurrent statements together, and a
