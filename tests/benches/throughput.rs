@@ -42,12 +42,16 @@
 //!    first executions (claim and completion) per second through the store, without and with a
 //!    bound, on a SQLite file and on PostgreSQL, with 1 caller, 16 concurrent callers (each its
 //!    own actor) and 16 concurrent requests of one actor (whose claims take turns under a bound).
+//! 10. PostgreSQL group commit: first executions per second through the PostgreSQL store (a claim,
+//!     then a completion, no HTTP) with 1, 16 and 64 concurrent callers, with claims and
+//!     completions of concurrent callers batched into one statement each (`group_commit(64)`) and
+//!     with one statement per claim and per completion (the default), alternating, best of 3.
 //!
 //! Machines are shared and noisy: compare the ratios within one run, not absolute numbers
 //! across runs. `cargo bench -p idempotent-tests --bench throughput -- in-process` runs only the
 //! first part, `-- sqlite-sync` only the fourth, `-- memory-fill` only the fifth,
 //! `-- transactional` only the sixth, `-- issued` only the seventh, `-- digests` only the eighth,
-//! `-- actor-quota` only the ninth.
+//! `-- actor-quota` only the ninth, `-- postgres-batch` only the tenth.
 
 use axum::body::Body;
 use axum::extract::State;
@@ -661,6 +665,90 @@ async fn sqlite_durability() {
     );
 }
 
+/// First executions per second through `store` (a claim, then a completion), `callers` at once,
+/// `n` keys named after `run`.
+async fn postgres_first_executions(store: &PostgresStore, run: &str, callers: usize, n: usize) -> f64 {
+    use idempotent_axum::core::fingerprint::FingerprintBuilder;
+    use idempotent_axum::core::response::StoredResponse;
+    use idempotent_axum::core::store::{Claim, RecordKey};
+    let fingerprint = FingerprintBuilder::new("bench.batch").finish();
+    let response = StoredResponse::new(201, [("content-type", "application/json")], r#"{"id":"pay_1"}"#.into());
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..callers)
+        .map(|_| {
+            let (store, next, response, run) = (store.clone(), next.clone(), response.clone(), run.to_owned());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if i >= n {
+                        break;
+                    }
+                    let key = RecordKey::new("bench.batch", "acct_bench", format!("{run}-{i}"));
+                    let Claim::Acquired(token) =
+                        store.claim(&key, &fingerprint, Duration::from_secs(30)).await.unwrap()
+                    else {
+                        panic!("a fresh key")
+                    };
+                    store.complete(&key, &token, &response, Duration::from_secs(3600)).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn postgres_batching(pg: Option<Arc<idempotent_tests::postgres::TestSchema>>) {
+    use idempotent_axum::core::store::PostgresConfig;
+    let Some(pg) = pg else {
+        println!("\n10. PostgreSQL group commit: skipped (no PostgreSQL server)");
+        return;
+    };
+    const N: usize = 3_000;
+    const CALLERS: [usize; 3] = [1, 16, 64];
+    // A pool of 8, as the comparison's; the sweeper off, so that only the measured work runs.
+    let config = |group: usize| pg.config().sweep_interval(None).max_connections(8).group_commit(group);
+    let rows: [(&str, PostgresConfig); 2] =
+        [("group_commit(64)", config(64)), ("1 statement per write (default)", config(1))];
+    let mut stores = Vec::new();
+    for (label, config) in rows {
+        stores.push((label, PostgresStore::connect_with(&pg.url, config).await.unwrap()));
+    }
+    // Warm up: connections and prepared statements, single and batched.
+    for (row, (_, store)) in stores.iter().enumerate() {
+        postgres_first_executions(store, &format!("warm{row}"), 64, 2_000).await;
+    }
+    println!(
+        "\n10. PostgreSQL store, first executions (claim + completion) per second, {N} per run, best of 3 alternating runs"
+    );
+    println!("  {:<32} {:>10} {:>12} {:>12}", "", "1 caller", "16 callers", "64 callers");
+    let mut best = [[0f64; CALLERS.len()]; 2];
+    for round in 0..3 {
+        for (col, callers) in CALLERS.into_iter().enumerate() {
+            // Each row goes first in turn: the cell after a 64-caller run meets the server still
+            // busy with it (its WAL writer, autovacuum), and a pause lets it settle.
+            for turn in 0..2 {
+                let row = (turn + round + col) % 2;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let run = format!("r{round}c{callers}s{row}");
+                best[row][col] = best[row][col].max(postgres_first_executions(&stores[row].1, &run, callers, N).await);
+            }
+        }
+    }
+    for ((label, _), figures) in stores.iter().zip(best) {
+        println!("  {label:<32} {:>10.0} {:>12.0} {:>12.0}", figures[0], figures[1], figures[2]);
+    }
+    println!(
+        "  batched / 1 statement per write: {:.2}x with 1 caller, {:.2}x with 16, {:.2}x with 64",
+        best[0][0] / best[1][0],
+        best[0][1] / best[1][1],
+        best[0][2] / best[1][2]
+    );
+}
+
 /// The record of key number `i` of the fill part, filed as the engine files it: a route's scope,
 /// the digest of one caller (computed once: the figures are the store's), a key shaped like a
 /// UUID.
@@ -1223,6 +1311,14 @@ fn main() {
         rt.block_on(async { tokio::spawn(sqlite_durability()).await }).unwrap();
         return;
     }
+    if std::env::args().any(|a| a == "postgres-batch") {
+        rt.block_on(async {
+            let pg = idempotent_tests::postgres::TestSchema::new().await;
+            tokio::spawn(postgres_batching(pg)).await
+        })
+        .unwrap();
+        return;
+    }
     if std::env::args().any(|a| a == "memory-fill") {
         rt.block_on(async { tokio::spawn(memory_fill()).await }).unwrap();
         return;
@@ -1257,6 +1353,7 @@ fn main() {
         tokio::spawn(transactional_cost(pg.clone())).await.unwrap();
         let redis_url = idempotent_tests::redis_server::redis_url().await;
         tokio::spawn(issued_cost(redis_url, pg.clone())).await.unwrap();
-        tokio::spawn(actor_quota_cost(pg)).await.unwrap();
+        tokio::spawn(actor_quota_cost(pg.clone())).await.unwrap();
+        tokio::spawn(postgres_batching(pg)).await.unwrap();
     });
 }

@@ -32,6 +32,18 @@ idempotent_tests::store_quota_tests!(postgres_actor_bound, |max_bytes: usize| as
     Some(schema.store_with(schema.config().actor_max_bytes(Some(max_bytes))).await)
 });
 
+// The same contract with group commit on: under load, claims and completions share statements.
+idempotent_tests::store_contract_tests!(
+    postgres_group_commit,
+    async {
+        match TestSchema::new().await {
+            Some(schema) => Some(schema.store_with(schema.config().group_commit(64)).await),
+            None => None,
+        }
+    },
+    reopen = |store: Arc<PgTestStore>| async move { store.reopen().await }
+);
+
 fn fp(n: u32) -> Fingerprint {
     FingerprintBuilder::new("payments.create").field("n", &n).unwrap().finish()
 }
@@ -677,4 +689,170 @@ async fn store_on_the_applications_own_pool() {
     .unwrap();
     assert_eq!((state.as_str(), amount), ("completed", 100));
     assert_eq!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"paid")));
+}
+
+/// With group commit on, how many writes of the store are sent alone when every write is held up:
+/// the pool's 8 connections but 4 kept for the writers' statements.
+const ALONE: i64 = 4;
+/// The store's writer tasks: each holds one statement (a batch of claims, or of completions) while
+/// every write is held up; a writer that found the queue empty has stopped. Without group commit,
+/// all 8 connections of the pool would hold a statement.
+const WRITERS: i64 = 2;
+
+/// A transaction that holds the store's table in `SHARE` mode: every statement that writes it
+/// waits, so that the writes sent meanwhile queue up and go out in batches once it ends.
+struct TableHeld {
+    conn: sqlx::PgConnection,
+}
+
+impl TableHeld {
+    async fn new(schema: &TestSchema) -> Self {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&schema.url).await.unwrap();
+        let lock = format!("BEGIN; LOCK TABLE \"{}\".idempotency_records IN SHARE MODE", schema.name);
+        sqlx::raw_sql(AssertSqlSafe(lock)).execute(&mut conn).await.unwrap();
+        Self { conn }
+    }
+
+    /// Waits until the writes sent alone and one or two writers' statements (and no more) wait for
+    /// the table, then lets them go: the other writes wait in the store's queue, and go out in
+    /// batches.
+    async fn release_once_writers_wait(mut self, schema: &TestSchema) {
+        let waiting = format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{}' AND wait_event_type = 'Lock'",
+            schema.name
+        );
+        for _ in 0..500 {
+            if schema.query_scalar(&waiting).await.unwrap() > ALONE {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Every write has been sent for by now; still only those statements wait.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let seen = schema.query_scalar(&waiting).await.unwrap();
+        assert!((ALONE + 1..=ALONE + WRITERS).contains(&seen), "{seen} statements waiting for the table");
+        sqlx::raw_sql("COMMIT").execute(&mut self.conn).await.unwrap();
+    }
+}
+
+/// Claims held back behind a lock, then sent in batches: on one fresh key 64 race and exactly one
+/// acquires; 64 distinct fresh keys each acquire with their own token; on a completed key each
+/// claim gets the stored response, or a mismatch for another request; on a key in progress, in
+/// progress or a mismatch. Then the acquired claims complete, in batches too, each storing its own
+/// response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batched_claims_answer_each_caller_from_its_own_row() {
+    let Some(schema) = TestSchema::new().await else { return };
+    let s = schema.store_with(schema.config().sweep_interval(None).group_commit(64)).await;
+    let Claim::Acquired(t) = s.claim(&key("done"), &fp(1), LEASE).await.unwrap() else { panic!() };
+    s.complete(&key("done"), &t, &response(b"done"), TTL).await.unwrap();
+    let Claim::Acquired(_) = s.claim(&key("busy"), &fp(1), LEASE).await.unwrap() else { panic!() };
+
+    let held = TableHeld::new(&schema).await;
+    let claim = |k: String, f: u32| {
+        let s = s.clone();
+        tokio::spawn(async move { (k.clone(), f, s.claim(&key(&k), &fp(f), LEASE).await.unwrap()) })
+    };
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        tasks.push(claim("one".into(), 1));
+        tasks.push(claim(format!("distinct-{i}"), 1));
+        if i < 8 {
+            tasks.push(claim("done".into(), 1 + i % 2));
+            tasks.push(claim("busy".into(), 1 + i % 2));
+        }
+    }
+    held.release_once_writers_wait(&schema).await;
+
+    let mut acquired = Vec::new();
+    let (mut one, mut distinct) = (0, 0);
+    for task in tasks {
+        let (k, f, answer) = task.await.unwrap();
+        match (k.as_str(), f, answer) {
+            ("one", _, Claim::Acquired(t)) => {
+                one += 1;
+                acquired.push((k, t));
+            }
+            ("one", _, Claim::InProgress { .. }) => {}
+            (d, _, Claim::Acquired(t)) if d.starts_with("distinct-") => {
+                distinct += 1;
+                acquired.push((k, t));
+            }
+            ("done", 1, Claim::Completed(r)) => assert_eq!(r, response(b"done")),
+            ("done", 2, Claim::Mismatch) | ("busy", 2, Claim::Mismatch) => {}
+            ("busy", 1, Claim::InProgress { retry_after }) => assert!(retry_after > Duration::ZERO),
+            other => panic!("unexpected answer: {other:?}"),
+        }
+    }
+    assert_eq!((one, distinct), (1, 64));
+    let tokens: std::collections::HashSet<_> = acquired.iter().map(|(_, t)| t.0.clone()).collect();
+    assert_eq!(tokens.len(), 65, "each acquired claim has its own token");
+
+    let held = TableHeld::new(&schema).await;
+    let completions: Vec<_> = acquired
+        .into_iter()
+        .map(|(k, t)| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let body = bytes::Bytes::from(k.clone());
+                let r = StoredResponse::new(201, [("content-type", "text/plain")], body);
+                s.complete(&key(&k), &t, &r, TTL).await.map(|()| (k, r))
+            })
+        })
+        .collect();
+    held.release_once_writers_wait(&schema).await;
+    for task in completions {
+        let (k, r) = task.await.unwrap().unwrap();
+        assert_eq!(s.claim(&key(&k), &fp(1), LEASE).await.unwrap(), Claim::Completed(r), "{k}");
+    }
+}
+
+/// Completions held back behind a lock, then sent in batches, one of them by a token whose claim
+/// was taken over: that one is fenced, alone; every other stores its own response, the new holder
+/// of the taken-over key included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fenced_completion_in_a_batch_fails_alone() {
+    let Some(schema) = TestSchema::new().await else { return };
+    let s = schema.store_with(schema.config().sweep_interval(None).group_commit(64)).await;
+    let mut holders = Vec::new();
+    for i in 0..32 {
+        let k = format!("c{i}");
+        let Claim::Acquired(t) = s.claim(&key(&k), &fp(1), LEASE).await.unwrap() else { panic!() };
+        holders.push((k, t, true));
+    }
+    let Claim::Acquired(old) = s.claim(&key("taken"), &fp(1), Duration::from_millis(300)).await.unwrap() else {
+        panic!()
+    };
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let Claim::Acquired(new) = s.claim(&key("taken"), &fp(1), LEASE).await.unwrap() else { panic!() };
+    assert_ne!(old, new);
+    holders.insert(16, ("taken".into(), old, false));
+    holders.push(("taken".into(), new, true));
+
+    let held = TableHeld::new(&schema).await;
+    let completions: Vec<_> = holders
+        .into_iter()
+        .map(|(k, t, holds)| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let body = bytes::Bytes::from(format!("{k}-{}", t.0));
+                let r = StoredResponse::new(201, [("content-type", "text/plain")], body);
+                (k.clone(), holds, r.clone(), s.complete(&key(&k), &t, &r, TTL).await)
+            })
+        })
+        .collect();
+    held.release_once_writers_wait(&schema).await;
+    let mut stored = 0;
+    for task in completions {
+        match task.await.unwrap() {
+            (k, true, r, Ok(())) => {
+                stored += 1;
+                assert_eq!(s.claim(&key(&k), &fp(1), LEASE).await.unwrap(), Claim::Completed(r), "{k}");
+            }
+            (_, false, _, Err(StoreError::Fenced)) => {}
+            (k, holds, _, answer) => panic!("{k} (holds: {holds}): {answer:?}"),
+        }
+    }
+    assert_eq!(stored, 33);
 }

@@ -25,6 +25,9 @@ pub use self::redis::RedisStore;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 pub mod sql;
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod batch;
+
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "postgres")]

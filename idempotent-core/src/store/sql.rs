@@ -324,6 +324,11 @@ impl<B: Backend> SqlConfig<B> {
         self
     }
 
+    /// Whether a per-caller bound is set.
+    pub(super) fn bounded(&self) -> bool {
+        self.actor_max_bytes.is_some()
+    }
+
     /// The bound on what `actor` may hold, if it is bounded at all.
     pub(super) fn bound_for(&self, actor: &str) -> Option<usize> {
         self.actor_max_bytes.filter(|_| !super::quota::exempt(actor))

@@ -234,7 +234,8 @@ use std::time::Duration;
 mod batch;
 mod clock;
 mod hold;
-use batch::{Batches, Fenced};
+use super::batch::Batches;
+use batch::{Fenced, Write};
 use clock::LeaseClock;
 pub use clock::{SqliteClock, SystemClock};
 use hold::{Holds, Renewal};
@@ -258,7 +259,7 @@ pub type SqliteStore = SqlStore<Sqlite>;
 
 /// What the shared SQL store code keeps for SQLite (public only to be named by [`Backend`]).
 mod own {
-    use super::{Batches, CommonStatements, Holds, SqliteClock, SystemClock};
+    use super::{Batches, CommonStatements, Holds, SqliteClock, SystemClock, Write};
     use sqlx::sqlite::{SqliteConnection, SqliteSynchronous};
     use sqlx::SqlStr;
     use std::sync::{Arc, Mutex};
@@ -296,7 +297,7 @@ mod own {
         /// The writer's holds by transactional routes, and the renewals they owe.
         pub(super) holds: Holds,
         /// The writes waiting for the writer (group commit).
-        pub(super) batches: Batches,
+        pub(super) batches: Batches<Write>,
     }
 
     /// The statements of one configured store, rendered once.

@@ -1,10 +1,11 @@
 //! Group commit: the store's writes that wait for the writer share one write transaction, and so
 //! one sync of the disk (see "Group commit" in the [store's docs](super)).
 //!
-//! A write is queued with the channel its answer goes back on. The first write queued while no
-//! batch runs starts a task that takes every write waiting (up to the configured bound), runs them
-//! in one `BEGIN IMMEDIATE` transaction, commits, answers each with its own result, and goes on
-//! while writes are waiting. Nothing waits for a batch to fill: a write that finds the writer idle
+//! A write is queued ([`Batches`](crate::store::batch::Batches), shared with the PostgreSQL
+//! store) with the channel its answer goes back on. The first write queued while no batch runs
+//! starts a task that takes every write waiting (up to the configured bound), runs them in one
+//! `BEGIN IMMEDIATE` transaction, commits, answers each with its own result, and goes on while
+//! writes are waiting. Nothing waits for a batch to fill: a write that finds the writer idle
 //! starts at once, alone; writes that arrive while a batch commits form the next.
 
 use super::{Now, Sqlite, SqliteStore, StoreError};
@@ -12,9 +13,6 @@ use crate::fingerprint::Fingerprint;
 use crate::store::sql::Backend;
 use crate::store::{Claim, ClaimToken, RecordKey};
 use sqlx::Connection;
-use std::fmt;
-use std::mem;
-use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use tokio::sync::oneshot;
 
@@ -80,55 +78,6 @@ impl Change {
     }
 }
 
-#[derive(Default)]
-struct Queue {
-    waiting: Vec<Write>,
-    /// A task is running the batches.
-    running: bool,
-}
-
-/// The writes waiting for the writer, and whether a task runs them.
-#[derive(Default)]
-pub(super) struct Batches {
-    queue: Mutex<Queue>,
-}
-
-impl fmt::Debug for Batches {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let queue = self.queue();
-        f.debug_struct("Batches").field("waiting", &queue.waiting.len()).field("running", &queue.running).finish()
-    }
-}
-
-impl Batches {
-    fn queue(&self) -> MutexGuard<'_, Queue> {
-        // Every method leaves the queue consistent: a panic elsewhere leaves it usable.
-        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Queues `write`; `true` when no task runs the batches, and the caller must start one.
-    fn push(&self, write: Write) -> bool {
-        let mut queue = self.queue();
-        queue.waiting.push(write);
-        !mem::replace(&mut queue.running, true)
-    }
-
-    /// The next batch, at most `max` writes in the order they came; `None` when none is waiting,
-    /// and the task that asked stops (the next write starts another).
-    fn next(&self, max: usize) -> Option<Vec<Write>> {
-        let mut queue = self.queue();
-        if queue.waiting.is_empty() {
-            queue.running = false;
-            return None;
-        }
-        if queue.waiting.len() <= max {
-            return Some(mem::take(&mut queue.waiting));
-        }
-        let rest = queue.waiting.split_off(max);
-        Some(mem::replace(&mut queue.waiting, rest))
-    }
-}
-
 /// The task that runs the batches. Dropped before the queue was empty (its runtime shut down),
 /// it lets the next write start another, and the writes it left are answered as unavailable.
 struct Runner {
@@ -141,12 +90,7 @@ impl Drop for Runner {
         if self.done {
             return;
         }
-        let left = {
-            let mut queue = self.store.session().batches.queue();
-            queue.running = false;
-            mem::take(&mut queue.waiting)
-        };
-        for write in left {
+        for write in self.store.session().batches.stopped() {
             write.change.fail(stopped());
         }
     }
@@ -159,7 +103,8 @@ fn stopped() -> StoreError {
 impl SqliteStore {
     /// Queues `write` for the next batch, starting the task that runs them if none does.
     pub(super) fn submit(&self, write: Write) {
-        if self.session().batches.push(write) {
+        // One writer: SQLite has one write lock.
+        if self.session().batches.push(write, 1) {
             let runner = Runner { store: self.clone(), done: false };
             tokio::spawn(runner.run());
         }
