@@ -195,8 +195,9 @@
 //! Off by default; [`PostgresConfig::actor_max_bytes`] or `postgres://...?actor_max_bytes=32MiB`
 //! sets it (the rule: [`quota`]). Each row's `bytes` column holds what it counts
 //! ([`quota::record_bytes`]: 256 bytes, the scope's, actor's and key's
-//! characters, the encoded response once completed), written by every claim and completion
-//! whether a bound is set or not; a row counts while `expires_at` is ahead of `now()`.
+//! characters, the encoded response once completed), written by every claim and completion sent
+//! on its own whether a bound is set or not (not by those of [group commit](#group-commit)); a row
+//! counts while `expires_at` is ahead of `now()`.
 //!
 //! Without a bound a claim is the one statement above. With one, a bounded actor's claim first
 //! reads the key's record (one round trip: a replay, a mismatch or an in-progress answer is that
