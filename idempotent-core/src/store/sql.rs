@@ -324,7 +324,8 @@ impl<B: Backend> SqlConfig<B> {
         self
     }
 
-    /// Whether a per-caller bound is set.
+    /// Whether a per-caller bound is set (PostgreSQL's group commit stands aside for one).
+    #[cfg(feature = "postgres")]
     pub(super) fn bounded(&self) -> bool {
         self.actor_max_bytes.is_some()
     }
