@@ -77,7 +77,7 @@ impl Timing {
 
     /// The fault budget in these ticks: how many renewals in a row may fail while a live claim
     /// keeps its lease, by the engine's rule
-    /// ([`renewal_failures_within`](idempotent_core::engine::timing::renewal_failures_within)),
+    /// ([`renewal_failures_within`]),
     /// with the model's margin for the clocks.
     pub fn renewal_failures_tolerated(&self) -> u8 {
         let d = |t: Tick| Duration::from_secs(u64::try_from(t).expect("a duration"));
