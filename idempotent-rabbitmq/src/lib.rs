@@ -195,9 +195,8 @@ impl Worker {
     /// closes the connection and returns.
     pub async fn run(self, handler: Handler, stop: CancellationToken) -> Result<(), Error> {
         let set = &self.settings;
-        let max_deliver = set.delivery_limit.map(|limit| u64::from(limit) + 1);
+        let (max_deliver, names) = (set.delivery_limit.map(|limit| u64::from(limit) + 1), SettingNames::RABBITMQ);
         let (consumer, backoff, ack_wait) = (self.queue.clone(), Vec::new(), set.consumer_timeout);
-        let names = SettingNames::RABBITMQ;
         let redelivery =
             Redelivery { consumer, explicit_ack: true, ack_wait, max_deliver, backoff, duplicate_window: None, names };
         let checks = [
