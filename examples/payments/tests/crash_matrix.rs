@@ -315,23 +315,9 @@ impl Row {
         }
     }
 
-    /// One payment through `demo`, so its store connections are open and its statements (or
-    /// scripts) known to the store before the fault: a fault then hits the operation the row
-    /// aims at, not a connection set-up or a statement preparation.
+    /// One payment through `demo` before the fault ([`common::warm_up`]).
     async fn warm_up(&self, demo: &Instance) -> Result<(), String> {
-        let r = self
-            .client
-            .post(format!("http://{}/payments", demo.demo.addr))
-            .bearer_auth(format!("{}_warm", self.account))
-            .header("Idempotency-Key", format!("{}-warm", self.key))
-            .json(&serde_json::json!({"amount": 1, "currency": "EUR", "customer": "warm"}))
-            .send()
-            .await
-            .map_err(|e| format!("warm-up: {e}"))?;
-        if r.status() != 201 {
-            return Err(format!("warm-up: {}", r.status()));
-        }
-        Ok(())
+        common::warm_up(&self.client, demo, &self.account, &self.key).await
     }
 
     async fn state(&self) -> Option<String> {

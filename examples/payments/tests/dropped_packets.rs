@@ -135,22 +135,9 @@ impl Row {
         }
     }
 
-    /// One payment, so the demo's store connections are open and its statements known before a
-    /// fault.
+    /// One payment before a fault ([`common::warm_up`]).
     async fn warm_up(&self) -> Result<(), String> {
-        let r = self
-            .client
-            .post(format!("http://{}/payments", self.demo.demo.addr))
-            .bearer_auth(format!("{}_warm", self.account))
-            .header("Idempotency-Key", format!("{}-warm", self.key))
-            .json(&serde_json::json!({"amount": 1, "currency": "EUR", "customer": "warm"}))
-            .send()
-            .await
-            .map_err(|e| format!("warm-up: {e}"))?;
-        if r.status() != 201 {
-            return Err(format!("warm-up: {}", r.status()));
-        }
-        Ok(())
+        common::warm_up(&self.client, &self.demo, &self.account, &self.key).await
     }
 
     fn executions(&self, account: &str) -> usize {

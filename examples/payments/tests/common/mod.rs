@@ -76,3 +76,22 @@ pub fn dir(prefix: &str, name: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// One payment through `demo` (account `{account}_warm`, key `{key}-warm`), so its store
+/// connections are open and its statements (or scripts) known to the store before a fault: a
+/// fault then hits the operation a scenario aims at, not a connection set-up or a statement
+/// preparation.
+pub async fn warm_up(client: &reqwest::Client, demo: &Instance, account: &str, key: &str) -> Result<(), String> {
+    let r = client
+        .post(format!("http://{}/payments", demo.demo.addr))
+        .bearer_auth(format!("{account}_warm"))
+        .header("Idempotency-Key", format!("{key}-warm"))
+        .json(&serde_json::json!({"amount": 1, "currency": "EUR", "customer": "warm"}))
+        .send()
+        .await
+        .map_err(|e| format!("warm-up: {e}"))?;
+    if r.status() != 201 {
+        return Err(format!("warm-up: {}", r.status()));
+    }
+    Ok(())
+}
