@@ -5,7 +5,8 @@
 //! per cell after 1 s of warm-up); `-- --quick` runs it in about a minute and a half (0.5 s per
 //! cell); `-- --out DIR` writes `compare.json` and `compare.svg` in `DIR` (default
 //! `target/compare` under the workspace root); `-- --only TEXT` runs only the rows whose variant
-//! contains `TEXT` (a ratio to a row not run shows `n/a`). It prints:
+//! contains `TEXT`, or one of its comma-separated parts (`--only "bare axum,ours axum memory"`; a
+//! ratio to a row not run shows `n/a`). It prints:
 //! 1. a header: the command, the mode, the machine's available parallelism, the time per cell;
 //! 2. one table with a row per variant, mode (`first`: a fresh key per request; `replay`: each
 //!    client cycling over a few keys it completed before the measured window) and number of
@@ -227,7 +228,7 @@ async fn run(
     };
     let (mut cells, mut bursts, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
     for v in Variant::all() {
-        if only.is_some_and(|text| !v.label().contains(text)) {
+        if only.is_some_and(|text| !text.split(',').any(|part| v.label().contains(part.trim()))) {
             continue;
         }
         if !services.has(v.store) {
