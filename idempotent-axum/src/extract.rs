@@ -70,6 +70,10 @@ impl RequestHead for View<'_> {
     fn header_values(&self, name: &str) -> Vec<&[u8]> {
         self.parts.headers.header_values(name)
     }
+
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.parts.headers.header(name)
+    }
 }
 
 impl Transport for View<'_> {

@@ -49,6 +49,10 @@ impl RequestHead for ::http::HeaderMap {
     fn header_values(&self, name: &str) -> Vec<&[u8]> {
         self.get_all(name).iter().map(|v| v.as_bytes()).collect()
     }
+
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.get(name).map(::http::HeaderValue::as_bytes)
+    }
 }
 
 /// Why a request has no usable actor: both are a 401 (`urn:idempotent:problem:actor-missing`).

@@ -372,6 +372,18 @@ impl Inner {
     }
 }
 
+/// What a claim finds under its key, looked up once.
+enum Found {
+    /// No record.
+    Absent,
+    /// A record the store has forgotten (treated as absent, removed first).
+    Forgotten,
+    /// A record that answers the claim as it stands.
+    Answer(Claim),
+    /// An expired record the claim takes over in place.
+    TakenOver,
+}
+
 /// What one actor holds: records, and their bytes (each record's whole footprint).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct Usage {
@@ -540,40 +552,56 @@ impl MemoryStore {
         token: &ClaimToken,
     ) -> Result<Claim, StoreError> {
         let quota = self.actor.any();
-        if inner.records.get(storage_key.as_str()).is_some_and(|e| e.forgotten(now)) {
-            // Gone already: a new record is claimed in its place, under the bounds.
-            inner.remove(&storage_key, quota);
-            inner.swept += 1;
-        }
-        if let Some(e) = inner.records.get(storage_key.as_str()) {
-            let own = matches!(&e.state, State::InProgress { token: held, .. } if held == token);
-            if own && !e.expired(now) {
-                // This very claim, sent again: it holds the record already.
+        // One lookup decides what the record makes of the claim.
+        let found = match inner.records.get(storage_key.as_str()) {
+            None => Found::Absent,
+            Some(e) if e.forgotten(now) => Found::Forgotten,
+            Some(e) => {
+                let own = matches!(&e.state, State::InProgress { token: held, .. } if held == token);
+                // Its own claim whose lease ran out is taken anew, with a new lease, like an
+                // abandoned claim of the same request.
+                let abandoned = matches!(e.state, State::InProgress { .. }) && !own;
+                if own && !e.expired(now) {
+                    // This very claim, sent again: it holds the record already.
+                    Found::Answer(Claim::Acquired(token.clone()))
+                } else if !e.expired(now) || (abandoned && e.fingerprint != *fingerprint) {
+                    Found::Answer(if e.fingerprint != *fingerprint {
+                        Claim::Mismatch
+                    } else {
+                        match &e.state {
+                            State::Completed { response, .. } => Claim::Completed(response.clone()),
+                            State::InProgress { lease_until, .. } => {
+                                Claim::InProgress { retry_after: *lease_until - now }
+                            }
+                        }
+                    })
+                } else {
+                    Found::TakenOver
+                }
+            }
+        };
+        match found {
+            Found::Absent => {}
+            Found::Forgotten => {
+                // Gone already: a new record is claimed in its place, under the bounds.
+                inner.remove(&storage_key, quota);
+                inner.swept += 1;
+            }
+            Found::Answer(answer) => return Ok(answer),
+            Found::TakenOver => {
+                // Taken over in place: the store holds as many records as before, for the same
+                // actor.
+                let held = token.clone();
+                inner.update(&storage_key, |e| {
+                    *e = Entry {
+                        fingerprint: *fingerprint,
+                        state: State::InProgress { token: held, lease_until },
+                        created: now,
+                        seq: e.seq,
+                    }
+                });
                 return Ok(Claim::Acquired(token.clone()));
             }
-            // Its own claim whose lease ran out is taken anew, with a new lease, like an
-            // abandoned claim of the same request.
-            let abandoned = matches!(e.state, State::InProgress { .. }) && !own;
-            if !e.expired(now) || (abandoned && e.fingerprint != *fingerprint) {
-                if e.fingerprint != *fingerprint {
-                    return Ok(Claim::Mismatch);
-                }
-                return Ok(match &e.state {
-                    State::Completed { response, .. } => Claim::Completed(response.clone()),
-                    State::InProgress { lease_until, .. } => Claim::InProgress { retry_after: *lease_until - now },
-                });
-            }
-            // Taken over in place: the store holds as many records as before, for the same actor.
-            let held = token.clone();
-            inner.update(&storage_key, |e| {
-                *e = Entry {
-                    fingerprint: *fingerprint,
-                    state: State::InProgress { token: held, lease_until },
-                    created: now,
-                    seq: e.seq,
-                }
-            });
-            return Ok(Claim::Acquired(token.clone()));
         }
         let mut need = record_bytes(storage_key.len()) + allocation(TOKEN_LEN);
         let usage = |inner: &Inner| inner.actors.get(key.actor.as_str()).copied().unwrap_or_default();
