@@ -13,8 +13,13 @@
 //!    concurrent clients (1, 16, 64): requests per second, median and 99th percentile latency, a
 //!    ratio and what it is to, and the answers that were not 2xx (every answer's status is
 //!    checked: a non-zero count is also printed as a warning);
-//! 3. ours on axum against the hand-written ceiling on the same store;
-//! 4. the duplicate-execution bursts: 64 concurrent requests with one key, each on a fresh
+//! 3. the CPU time per request, over each cell's window, of the threads that serve (every thread
+//!    of the process but the load generator's; store servers run apart and are not counted) and
+//!    of the load generator's, with the serving threads' ratio to the same reference row: on a
+//!    machine whose cores the load generator shares, requests per second depend on the share it
+//!    takes, and this does not;
+//! 4. ours on axum against the hand-written ceiling on the same store;
+//! 5. the duplicate-execution bursts: 64 concurrent requests with one key, each on a fresh
 //!    connection, released together, five times with five keys, against a handler that counts
 //!    its executions and takes 50 ms: the executions, and the statuses answered.
 //!
@@ -123,6 +128,13 @@ struct Cell {
     ratio_to: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     first_failure: Option<String>,
+    /// CPU time per request of the serving threads in the window, in microseconds (see
+    /// `load::Measured::server_cpu_us`).
+    server_cpu_us: f64,
+    /// The same of the load generator's threads.
+    load_cpu_us: f64,
+    /// `server_cpu_us` over that of the row named in `ratio_to`.
+    server_cpu_ratio: Option<f64>,
 }
 
 /// The bursts of one variant.
@@ -212,6 +224,9 @@ fn cell_row(v: Variant, mode: Mode, clients: usize, m: Measured) -> Cell {
         ratio: None,
         ratio_to: None,
         first_failure: m.first_failure,
+        server_cpu_us: m.server_cpu_us,
+        load_cpu_us: m.load_cpu_us,
+        server_cpu_ratio: None,
     }
 }
 
@@ -311,16 +326,24 @@ fn ratio(a: f64, b: f64) -> Option<f64> {
 
 /// Fills in each cell's ratio to its reference row.
 fn add_ratios(cells: &mut [Cell]) {
-    let ratios: Vec<(Option<f64>, Option<String>)> = cells
+    let ratios: Vec<(Option<f64>, Option<String>, Option<f64>)> = cells
         .iter()
         .map(|c| match reference(Variant::new(c.kind, c.framework, c.store)) {
-            None => (Some(1.0), None),
-            Some(base) => (find(cells, base, c.mode, c.clients).and_then(|b| ratio(c.rps, b.rps)), Some(base.label())),
+            None => (Some(1.0), None, Some(1.0)),
+            Some(base) => {
+                let b = find(cells, base, c.mode, c.clients);
+                (
+                    b.and_then(|b| ratio(c.rps, b.rps)),
+                    Some(base.label()),
+                    b.and_then(|b| ratio(c.server_cpu_us, b.server_cpu_us)),
+                )
+            }
         })
         .collect();
-    for (c, (r, to)) in cells.iter_mut().zip(ratios) {
+    for (c, (r, to, cpu)) in cells.iter_mut().zip(ratios) {
         c.ratio = r;
         c.ratio_to = to;
+        c.server_cpu_ratio = cpu;
     }
 }
 
@@ -395,6 +418,33 @@ fn print_report(report: &Report, timing: Timing) {
             r,
             to,
             c.non_2xx + c.errors
+        );
+    }
+
+    println!();
+    println!(
+        "CPU time per request in this process over the measured window (µs): the serving threads' (store servers not counted), and the load generator's"
+    );
+    println!(
+        "{:<24} {:<6} {:>7} {:>10} {:>7}  {:<18} {:>9}",
+        "variant", "mode", "clients", "server µs", "ratio", "ratio to", "load µs"
+    );
+    let mut last = String::new();
+    for c in &report.cells {
+        if c.variant != last && !last.is_empty() {
+            println!();
+        }
+        last = c.variant.clone();
+        let r = c.server_cpu_ratio.map_or("n/a".to_owned(), |r| format!("{r:.2}"));
+        println!(
+            "{:<24} {:<6} {:>7} {:>10.1} {:>7}  {:<18} {:>9.1}",
+            c.variant,
+            c.mode,
+            c.clients,
+            c.server_cpu_us,
+            r,
+            c.ratio_to.as_deref().unwrap_or("-"),
+            c.load_cpu_us
         );
     }
 

@@ -168,6 +168,44 @@ pub struct Measured {
     pub replayed: u64,
     /// The first non-2xx status seen, with its body, to say what went wrong.
     pub first_failure: Option<String>,
+    /// CPU time per request in the window of the threads that serve (every thread of this
+    /// process but the load generator's), in microseconds: what a request costs the server,
+    /// whatever share of the cores the load generator takes. Store servers run in processes of
+    /// their own and are not counted.
+    pub server_cpu_us: f64,
+    /// CPU time per request in the window of the load generator's threads, in microseconds.
+    pub load_cpu_us: f64,
+}
+
+/// CPU time this process's threads have run so far, in nanoseconds, split into the load
+/// generator's (the main thread and the `compare-load` runtime's) and everyone else's (the
+/// servers'), from `/proc/self/task/*/schedstat` (Linux; zeros elsewhere).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuSplit {
+    pub load_ns: u64,
+    pub server_ns: u64,
+}
+
+impl CpuSplit {
+    pub fn now() -> Self {
+        let main = std::process::id().to_string();
+        let mut split = Self::default();
+        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return split };
+        for task in tasks.flatten() {
+            let dir = task.path();
+            let ran = std::fs::read_to_string(dir.join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next().and_then(|ns| ns.parse::<u64>().ok()));
+            let Some(ns) = ran else { continue };
+            let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            if task.file_name().to_str() == Some(main.as_str()) || name.starts_with("compare-load") {
+                split.load_ns += ns;
+            } else {
+                split.server_ns += ns;
+            }
+        }
+        split
+    }
 }
 
 #[derive(Default)]
@@ -202,7 +240,8 @@ impl ClientTally {
 /// `{tag}-{client}-{n}`; replay keys use the tag `r` whatever the cell, so that later cells of a
 /// variant find them completed.
 pub async fn cell(target: Target, mode: Mode, clients: usize, timing: Timing, tag: &str) -> Measured {
-    let barrier = Arc::new(tokio::sync::Barrier::new(clients));
+    // The clients and this task, which reads the threads' CPU time at the window's ends.
+    let barrier = Arc::new(tokio::sync::Barrier::new(clients + 1));
     let tasks: Vec<_> = (0..clients)
         .map(|client| {
             let barrier = barrier.clone();
@@ -260,6 +299,12 @@ pub async fn cell(target: Target, mode: Mode, clients: usize, timing: Timing, ta
             })
         })
         .collect();
+    barrier.wait().await;
+    let start = tokio::time::Instant::now();
+    tokio::time::sleep_until(start + timing.warmup).await;
+    let cpu_from = CpuSplit::now();
+    tokio::time::sleep_until(start + timing.warmup + timing.measure).await;
+    let cpu_until = CpuSplit::now();
     let mut latencies = Vec::new();
     let mut measured = Measured { seconds: timing.measure.as_secs_f64(), ..Measured::default() };
     for task in tasks {
@@ -277,6 +322,9 @@ pub async fn cell(target: Target, mode: Mode, clients: usize, timing: Timing, ta
     measured.rps = measured.requests as f64 / measured.seconds;
     measured.p50_ms = percentile(&latencies, 0.50);
     measured.p99_ms = percentile(&latencies, 0.99);
+    let per_request = |ns: u64| ns as f64 / 1e3 / measured.requests.max(1) as f64;
+    measured.server_cpu_us = per_request(cpu_until.server_ns.saturating_sub(cpu_from.server_ns));
+    measured.load_cpu_us = per_request(cpu_until.load_ns.saturating_sub(cpu_from.load_ns));
     measured
 }
 
