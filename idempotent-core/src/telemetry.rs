@@ -226,12 +226,69 @@ pub fn transport_span(
     span
 }
 
+/// Where the metrics of this module say they come from (what the facade's macros would give).
+static METADATA: metrics::Metadata<'static> =
+    metrics::Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+/// The identity of a metric key: its name and label values, by address and length (every one is
+/// a `&'static str`, so equal addresses are equal keys; equal text at two addresses makes two
+/// equal keys, which is harmless).
+type KeyId = (usize, [(usize, usize); 3]);
+
+/// A hasher for [`KeyId`]s (FNV-1a over their words): addresses, which no caller chooses.
+#[derive(Default)]
+struct KeyIdHasher(u64);
+
+impl std::hash::Hasher for KeyIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    fn write_usize(&mut self, word: usize) {
+        self.0 = (self.0 ^ word as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+}
+
+type KeyMap = std::collections::HashMap<KeyId, &'static metrics::Key, std::hash::BuildHasherDefault<KeyIdHasher>>;
+
+/// Every key made so far, shared by the threads (each made once per process).
+static KEYS: std::sync::Mutex<Option<KeyMap>> = std::sync::Mutex::new(None);
+
+thread_local! {
+    /// The keys this thread has used, found without a lock.
+    static THREAD_KEYS: std::cell::RefCell<KeyMap> = std::cell::RefCell::default();
+}
+
+/// The metric key of `name` with `labels`, made once per process and kept: a request builds no
+/// key (a vector of labels and its hash) whether a recorder is installed or not. The keys are
+/// bounded, as their label values are (see [the module docs](self#metrics)).
+fn key<const N: usize>(name: &'static str, labels: [(&'static str, &'static str); N]) -> &'static metrics::Key {
+    const { assert!(N <= 3, "a metric key of this module has at most three labels") };
+    let mut id: KeyId = (name.as_ptr() as usize, [(0, 0); 3]);
+    for (slot, (_, value)) in id.1.iter_mut().zip(labels) {
+        *slot = (value.as_ptr() as usize, value.len());
+    }
+    let make = || {
+        let mut shared = KEYS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *shared.get_or_insert_with(KeyMap::default).entry(id).or_insert_with(|| {
+            let labels: Vec<metrics::Label> = labels.iter().map(|(k, v)| metrics::Label::new(*k, *v)).collect();
+            Box::leak(Box::new(metrics::Key::from_parts(name, labels)))
+        })
+    };
+    // A thread being torn down has no thread-locals left: it asks the shared map.
+    THREAD_KEYS.try_with(|keys| *keys.borrow_mut().entry(id).or_insert_with(make)).unwrap_or_else(|_| make())
+}
+
 /// Records how a request ended: the counter, and the fields of its span when the current span is
 /// one (a caller of [`Runtime::execute`](crate::engine::Runtime::execute) outside an adapter may
 /// have none, or a span of its own that is left alone).
 pub(crate) fn request_finished(transport: &'static str, scope: &'static str, outcome: RequestOutcome) {
-    metrics::counter!(REQUESTS_TOTAL, "scope" => scope, "outcome" => outcome.as_str(), "transport" => transport)
-        .increment(1);
+    let key = key(REQUESTS_TOTAL, [("scope", scope), ("outcome", outcome.as_str()), ("transport", transport)]);
+    metrics::with_recorder(|r| r.register_counter(key, &METADATA)).increment(1);
     let span = tracing::Span::current();
     if span.metadata().is_some_and(|m| m.name() == SPAN_NAME) {
         span.record("outcome", outcome.as_str());
@@ -241,18 +298,20 @@ pub(crate) fn request_finished(transport: &'static str, scope: &'static str, out
 
 /// Records one store call's duration.
 pub(crate) fn store_operation(store: &'static str, operation: StoreOperation, took: Duration) {
-    metrics::histogram!(STORE_OPERATION_SECONDS, "store" => store, "operation" => operation.as_str())
-        .record(took.as_secs_f64());
+    let key = key(STORE_OPERATION_SECONDS, [("store", store), ("operation", operation.as_str())]);
+    metrics::with_recorder(|r| r.register_histogram(key, &METADATA)).record(took.as_secs_f64());
 }
 
 /// The result of one lease renewal (`ok`, `failed` or `lost`).
 pub(crate) fn lease_renewal(scope: &'static str, result: &'static str) {
-    metrics::counter!(LEASE_RENEWALS_TOTAL, "scope" => scope, "result" => result).increment(1);
+    let key = key(LEASE_RENEWALS_TOTAL, [("scope", scope), ("result", result)]);
+    metrics::with_recorder(|r| r.register_counter(key, &METADATA)).increment(1);
 }
 
 /// A claim acquired (`+1`) or given back (`-1`).
 pub(crate) fn claims_in_flight(scope: &'static str, change: f64) {
-    metrics::gauge!(CLAIMS_IN_FLIGHT, "scope" => scope).increment(change);
+    let key = key(CLAIMS_IN_FLIGHT, [("scope", scope)]);
+    metrics::with_recorder(|r| r.register_gauge(key, &METADATA)).increment(change);
 }
 
 /// Counts `records` deleted by `store`'s sweeper ([`SWEPT_RECORDS_TOTAL`]); for stores with a
