@@ -9,6 +9,13 @@
 //! (`cargo bench -p idempotent-tests --bench instructions -- first 2000`) it prints the wall time
 //! per request of one mode instead.
 //!
+//! The modes `redis-first` and `redis-replay` run the same protected requests on the Redis store
+//! (a key prefix of this run on the test Redis, see `idempotent_tests::redis_server`): callgrind
+//! counts the process's side of each request, and the benchmark prints, besides the wall time, the
+//! `EVALSHA` calls Redis answered meanwhile and the microseconds Redis spent in them per request
+//! (`INFO commandstats`), the server's side, which callgrind does not see. Redis is shared with
+//! whatever else runs, so the count of calls is exact and the microseconds are not.
+//!
 //! Under valgrind the SHA-256 of the fingerprint runs in software (valgrind does not offer the
 //! CPU's SHA extensions), about 3,500 instructions per 64-byte block where the extensions take a
 //! few hundred cycles: the script prints the software SHA-256's share apart.
@@ -17,7 +24,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::routing::post;
 use axum::{Json, Router};
-use idempotent_axum::core::store::MemoryStore;
+use idempotent_axum::core::store::{MemoryStore, RedisStore, Store};
 use idempotent_axum::{idempotent, Idempotency};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -56,7 +63,7 @@ fn measure(rt: &tokio::runtime::Runtime, app: &Router, mode: &str, n: usize) -> 
         for i in 0..n {
             let r = match mode {
                 "bare" => request("/bare", None),
-                "first" => request("/protected", Some(&format!("k-{i}"))),
+                "first" | "redis-first" => request("/protected", Some(&format!("k-{i}"))),
                 _ => request("/protected", Some("warm-0")),
             };
             let r = app.clone().oneshot(r).await.unwrap();
@@ -69,14 +76,32 @@ fn measure(rt: &tokio::runtime::Runtime, app: &Router, mode: &str, n: usize) -> 
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
-    let Some(mode) = args.first().filter(|m| ["bare", "first", "replay"].contains(&m.as_str())) else {
-        println!("instructions: `bash scripts/instructions.sh`, or `cargo bench -p idempotent-tests --bench instructions -- bare|first|replay [N]`");
+    let modes = ["bare", "first", "replay", "redis-first", "redis-replay"];
+    let Some(mode) = args.first().filter(|m| modes.contains(&m.as_str())) else {
+        println!("instructions: `bash scripts/instructions.sh`, or `cargo bench -p idempotent-tests --bench instructions -- bare|first|replay|redis-first|redis-replay [N]`");
         return;
     };
     let n: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(2000);
     // One thread, as callgrind runs them anyway: no cross-thread wake-ups in the count.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let idem = Idempotency::builder(Arc::new(MemoryStore::new()))
+    let redis = match mode.strip_prefix("redis-") {
+        Some(_) => {
+            let Some(url) = rt.block_on(idempotent_tests::redis_server::redis_url()) else {
+                println!("instructions: no Redis server");
+                return;
+            };
+            Some(url)
+        }
+        None => None,
+    };
+    let store: Arc<dyn Store> = match &redis {
+        Some(url) => {
+            let prefix = format!("bench:{}:", uuid::Uuid::new_v4().simple());
+            Arc::new(rt.block_on(RedisStore::builder(url).prefix(prefix).build()).expect("the Redis store connects"))
+        }
+        None => Arc::new(MemoryStore::new()),
+    };
+    let idem = Idempotency::builder(store)
         .actor(idempotent_axum::ActorSource::Anonymous)
         .store_timeout(payments_demo::api::STORE_TIMEOUT)
         .without_transactions(idempotent_axum::core::engine::WithoutTransactions::NotImplemented)
@@ -92,6 +117,29 @@ fn main() {
             app.clone().oneshot(request("/protected", Some(&format!("warm-{i}")))).await.unwrap();
         }
     });
+    let before = redis.as_deref().map(|url| rt.block_on(evalsha_stats(url)));
     let us = measure(&rt, &app, mode, n);
     println!("{mode}: {n} requests, {us:.2} µs/request");
+    if let (Some(url), Some((calls, usec))) = (redis.as_deref(), before) {
+        let (calls_after, usec_after) = rt.block_on(evalsha_stats(url));
+        let per = |x: u64| x as f64 / n.max(1) as f64;
+        println!(
+            "{mode}: redis answered {:.2} EVALSHA per request in {:.2} µs per request",
+            per(calls_after - calls),
+            per(usec_after - usec)
+        );
+    }
+}
+
+/// Redis's count of `EVALSHA` calls and the microseconds it spent in them, from
+/// `INFO commandstats`.
+async fn evalsha_stats(url: &str) -> (u64, u64) {
+    let client = redis::Client::open(url).expect("a Redis URL");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("Redis answers");
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await.expect("INFO answers");
+    let line = info.lines().find_map(|l| l.strip_prefix("cmdstat_evalsha:")).unwrap_or("");
+    let field = |name: &str| {
+        line.split(',').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse::<u64>().ok()).unwrap_or(0)
+    };
+    (field("calls"), field("usec"))
 }

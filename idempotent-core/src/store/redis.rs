@@ -225,7 +225,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::io::tcp::{socket2::TcpKeepalive, TcpSettings};
-use redis::{Cmd, ErrorKind, IntoConnectionInfo, RedisError, Script, ServerErrorKind, ToRedisArgs, Value};
+use redis::{Arg, Cmd, ErrorKind, IntoConnectionInfo, RedisError, Script, ServerErrorKind, ToRedisArgs, Value};
 use sha2::{Digest, Sha256};
 use std::fmt;
 use std::future::Future;
@@ -270,9 +270,12 @@ if not redis.REDIS_VERSION_NUM or redis.REDIS_VERSION_NUM < 458752 then
   return redis.error_reply('ERR the idempotency store needs Redis 7.0 or newer')
 end
 local key = KEYS[1]
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local function take()
+-- Redis's clock in milliseconds, read only where a lease is compared or set: a replay needs none.
+local function clock()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function take(now)
   local lease = tonumber(ARGV[3])
   --{admit}
   -- HSET first: on a full Redis, the first write of the script is the one refused, before
@@ -284,7 +287,7 @@ local function take()
   return {'a'}
 end
 local kind = redis.call('TYPE', key)['ok']
-if kind == 'none' then return take() end
+if kind == 'none' then return take(clock()) end
 if kind ~= 'hash' then return {'x', 'value of type ' .. kind} end
 local v = redis.call('HMGET', key, 's', 'f', 't', 'r', 'l')
 local s, f = v[1], v[2]
@@ -296,16 +299,17 @@ if s == 'p' then
     return {'x', 'in-progress record without a valid lease deadline'}
   end
   if redis.call('PTTL', key) < 0 then return {'x', 'in-progress record without expiry'} end
+  local now = clock()
   local deadline = tonumber(l)
   -- This very claim, sent again after its answer was lost: it holds the record already, and
   -- takes it anew (a new lease) once its lease has run out.
   if v[3] == ARGV[2] then
-    if deadline <= now then return take() end
+    if deadline <= now then return take(now) end
     return {'a'}
   end
   -- Another request under the same key: never taken over, live or abandoned.
   if f ~= ARGV[1] then return {'m'} end
-  if deadline <= now then return take() end
+  if deadline <= now then return take(now) end
   return {'p', deadline - now}
 elseif s == 'c' then
   if not v[4] then return {'x', 'completed record without response'} end
@@ -356,7 +360,7 @@ local function prune(t)
 end
 "#;
 
-/// The claim's admission under a bound, at the start of `take()`: ARGV[5] is the most the actor
+/// The claim's admission under a bound, at the start of `take(now)`: ARGV[5] is the most the actor
 /// may hold and still claim ([`quota::allowance`], `-1` when nothing
 /// fits), ARGV[6] the bytes of the claim. The key's own record, taken over, does not count. A
 /// refusal answers `{'q', <ms until the earliest counted record stops counting>}`.
@@ -401,9 +405,12 @@ return 1
 const ALLOW_OOM: &str = "#!lua flags=allow-oom\n";
 
 /// Shared prelude of the fenced scripts: `held(token)` is 1 when `token` holds the key's claim,
-/// whatever its lease deadline (it holds it until another claim takes it over), 0 when it does not
-/// (gone, completed or another token), -1 for a foreign type, -2 for a malformed record; `now()`
-/// is Redis's clock in milliseconds.
+/// whatever its lease deadline (it holds it until another claim takes it over), 2 when the record
+/// is completed under `token`, 0 when `token` does not hold it (gone, completed by another token,
+/// or another claim), -1 for a foreign type, -2 for a malformed record; `now()` is Redis's clock in
+/// milliseconds. The script answers `--{done}` for a record completed under its token (1 for a
+/// completion sent again, 0 for a renewal or a release), and `held`'s answer when it is not 1. A
+/// record that holds a state costs one `HMGET`.
 const HELD: &str = r#"
 local key = KEYS[1]
 local function now()
@@ -411,11 +418,17 @@ local function now()
   return tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 end
 local function held(token)
-  local kind = redis.call('TYPE', key)['ok']
-  if kind == 'none' then return 0 end
-  if kind ~= 'hash' then return -1 end
-  local v = redis.call('HMGET', key, 's', 't', 'l')
-  if v[1] == 'c' then return 0 end
+  -- `HMGET` fails on a value of another type; a missing state is an absent key or a malformed hash.
+  local v = redis.pcall('HMGET', key, 's', 't', 'l')
+  if v.err then return -1 end
+  if not v[1] then
+    if redis.call('EXISTS', key) == 0 then return 0 end
+    return -2
+  end
+  if v[1] == 'c' then
+    if v[2] == token then return 2 end
+    return 0
+  end
   if v[1] ~= 'p' or not v[2] then return -2 end
   local l = v[3]
   if not l or string.len(l) > 15 or not string.find(l, '^%d+$') then return -2 end
@@ -423,6 +436,7 @@ local function held(token)
   return 1
 end
 local h = held(ARGV[1])
+if h == 2 then return --{done} end
 if h ~= 1 then return h end
 "#;
 
@@ -436,11 +450,6 @@ const RENEW: &str = "local lease = tonumber(ARGV[2])\n\
 const COMPLETE: &str = "redis.call('HSET', key, 's', 'c', 'r', ARGV[2])\nredis.call('HDEL', key, 'l')\n\
                         redis.call('PEXPIRE', key, ARGV[3])\nreturn 1\n";
 
-/// Prelude of the completion: answers 1 at once when the record is already completed under this
-/// token.
-const COMPLETED_BY_ME: &str = "if redis.call('TYPE', KEYS[1])['ok'] == 'hash' then\n\
-                               local done = redis.call('HMGET', KEYS[1], 's', 't')\n\
-                               if done[1] == 'c' and done[2] == ARGV[1] then return 1 end\nend\n";
 /// Release: ARGV[1] token.
 const RELEASE: &str = "redis.call('DEL', key)\nreturn 1\n";
 
@@ -494,10 +503,8 @@ impl Conn {
     /// `redis` crate's own `ScriptInvocation` sends `SCRIPT LOAD` to every master of a cluster
     /// and fails the call when any of them does not answer.
     async fn invoke(&self, call: &Call<'_>) -> Result<Value, RedisError> {
-        match self.query(&call.cmd("EVALSHA", call.script.hash.as_bytes())).await {
-            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                self.query(&call.cmd("EVAL", call.script.code.as_bytes())).await
-            }
+        match self.query(&call.cmd).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => self.query(&call.eval()).await,
             other => other,
         }
     }
@@ -516,40 +523,46 @@ impl Lua {
         Self { code, hash }
     }
 
-    fn call(&self, key: String) -> Call<'_> {
-        Call { script: self, keys: vec![key], args: Vec::new() }
+    /// A call of this script on the record's key `record` and, under a per-caller bound, its
+    /// actor's accounting keys; `data` is about how many bytes its arguments take.
+    fn call<'a>(&'a self, record: &str, accounting: Option<&[String; 2]>, data: usize) -> Call<'a> {
+        let keys = if accounting.is_some() { 3 } else { 1 };
+        // Sized once: the name, the digest, the key count, the keys, and up to eight arguments.
+        let mut cmd = Cmd::with_capacity(3 + keys + 8, 16 + self.hash.len() + record.len() + 160 + data);
+        cmd.arg("EVALSHA").arg(self.hash.as_str()).arg(keys).arg(record);
+        for key in accounting.into_iter().flatten() {
+            cmd.arg(key.as_str());
+        }
+        Call { script: self, cmd, keys }
     }
 }
 
 /// One invocation of a script on its record's key (and, under a per-caller bound, its actor's
-/// accounting keys).
+/// accounting keys): the `EVALSHA` command itself, its arguments written into it as they are
+/// given.
 struct Call<'a> {
     script: &'a Lua,
-    keys: Vec<String>,
-    args: Vec<Vec<u8>>,
+    /// `EVALSHA <hash> <n> <keys>... <args>...`.
+    cmd: Cmd,
+    /// How many keys it names.
+    keys: usize,
 }
 
 impl Call<'_> {
     fn arg(mut self, arg: impl ToRedisArgs) -> Self {
-        arg.write_redis_args(&mut self.args);
+        self.cmd.arg(arg);
         self
     }
 
-    /// The same call, also on `keys`.
-    fn keys(mut self, keys: impl IntoIterator<Item = String>) -> Self {
-        self.keys.extend(keys);
-        self
-    }
-
-    /// `EVALSHA <hash> <n> <keys>... <args>...` or `EVAL <code> <n> <keys>... <args>...`.
-    fn cmd(&self, name: &str, script: &[u8]) -> Cmd {
-        let mut cmd = redis::cmd(name);
-        cmd.arg(script).arg(self.keys.len());
-        for key in &self.keys {
-            cmd.arg(key.as_str());
-        }
-        for a in &self.args {
-            cmd.arg(a.as_slice());
+    /// The same call as `EVAL <code> <n> <keys>... <args>...`, for a node that does not have the
+    /// script.
+    fn eval(&self) -> Cmd {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(self.script.code.as_str());
+        for arg in self.cmd.args_iter().skip(2) {
+            if let Arg::Simple(bytes) = arg {
+                cmd.arg(bytes);
+            }
         }
         cmd
     }
@@ -871,9 +884,11 @@ fn scripts(bounded: bool) -> [String; 6] {
     let invalidate = invalidate.replacen('\n', &format!("\n{account}"), 1);
     [
         format!("{account}{claim}"),
-        format!("{ALLOW_OOM}{account}{HELD}{}", pick(RENEW, RENEW_COUNT)),
-        format!("{ALLOW_OOM}{account}{COMPLETED_BY_ME}{HELD}{}", pick(COMPLETE, COMPLETE_COUNT)),
-        format!("{ALLOW_OOM}{account}{HELD}{}", pick(RELEASE, RELEASE_COUNT)),
+        // A completion sent again after its answer was lost finds its own work done (1); a renewal
+        // or a release of a completed record is fenced (0).
+        format!("{ALLOW_OOM}{account}{}{}", HELD.replace("--{done}", "0"), pick(RENEW, RENEW_COUNT)),
+        format!("{ALLOW_OOM}{account}{}{}", HELD.replace("--{done}", "1"), pick(COMPLETE, COMPLETE_COUNT)),
+        format!("{ALLOW_OOM}{account}{}{}", HELD.replace("--{done}", "0"), pick(RELEASE, RELEASE_COUNT)),
         INSPECT.to_owned(),
         invalidate,
     ]
@@ -1032,9 +1047,10 @@ impl RedisStore {
         Some([set, bytes])
     }
 
-    /// A call of `script` on `key`'s record, with its actor's accounting keys when it has some.
-    fn call<'a>(&self, script: &'a Lua, key: &RecordKey) -> Call<'a> {
-        script.call(self.redis_key(key)).keys(self.accounting(key).into_iter().flatten())
+    /// A call of `script` on `key`'s record, with its actor's accounting keys when it has some;
+    /// `data` is about how many bytes its arguments take.
+    fn call<'a>(&self, script: &'a Lua, key: &RecordKey, data: usize) -> Call<'a> {
+        script.call(&self.redis_key(key), self.accounting(key).as_ref(), data)
     }
 
     /// The key prefix of this store's records.
@@ -1278,7 +1294,7 @@ impl Store for RedisStore {
         token: &ClaimToken,
     ) -> Result<Claim, StoreError> {
         let call = self
-            .call(&self.claim, key)
+            .call(&self.claim, key, 0)
             .arg(&fingerprint.0[..])
             .arg(token.0.as_str())
             .arg(millis(lease))
@@ -1287,7 +1303,7 @@ impl Store for RedisStore {
             // The anonymous actor's claims take no accounting keys, and always fit.
             Some(max) => {
                 let need = quota::record_bytes(key, 0);
-                let allowance = if call.keys.len() > 1 { quota::allowance(need, max) } else { Some(usize::MAX) };
+                let allowance = if call.keys > 1 { quota::allowance(need, max) } else { Some(usize::MAX) };
                 let allowance = allowance.map_or(-1, |a| i64::try_from(a).unwrap_or(i64::MAX));
                 call.arg(allowance).arg(need)
             }
@@ -1298,8 +1314,11 @@ impl Store for RedisStore {
     }
 
     async fn renew(&self, key: &RecordKey, token: &ClaimToken, lease: Duration) -> Result<(), StoreError> {
-        let call =
-            self.call(&self.renew, key).arg(token.0.as_str()).arg(millis(lease)).arg(millis(ABANDONED_CLAIM_RETENTION));
+        let call = self
+            .call(&self.renew, key, 0)
+            .arg(token.0.as_str())
+            .arg(millis(lease))
+            .arg(millis(ABANDONED_CLAIM_RETENTION));
         let call = if self.actor_max_bytes.is_some() { call.arg(quota::record_bytes(key, 0)) } else { call };
         self.fenced(&call).await
     }
@@ -1313,24 +1332,24 @@ impl Store for RedisStore {
     ) -> Result<(), StoreError> {
         let encoded = response.encode();
         let bytes = quota::record_bytes(key, encoded.len());
-        let call = self.call(&self.complete, key).arg(token.0.as_str()).arg(encoded).arg(millis(ttl));
+        let call = self.call(&self.complete, key, encoded.len()).arg(token.0.as_str()).arg(encoded).arg(millis(ttl));
         let call = if self.actor_max_bytes.is_some() { call.arg(bytes) } else { call };
         self.fenced(&call).await
     }
 
     async fn release(&self, key: &RecordKey, token: &ClaimToken) -> Result<(), StoreError> {
-        let call = self.call(&self.release, key).arg(token.0.as_str());
+        let call = self.call(&self.release, key, 0).arg(token.0.as_str());
         self.fenced(&call).await
     }
 
     async fn inspect(&self, key: &RecordKey) -> Result<Option<RecordInfo>, StoreError> {
-        let reply = self.invoke(&self.inspect.call(self.redis_key(key))).await?;
+        let reply = self.invoke(&self.inspect.call(&self.redis_key(key), None, 0)).await?;
         decode_inspect(&reply)
     }
 
     async fn invalidate(&self, key: &RecordKey, purge: Purge) -> Result<Invalidated, StoreError> {
         let any = if purge == Purge::Any { "1" } else { "0" };
-        match self.invoke(&self.call(&self.invalidate, key).arg(any)).await? {
+        match self.invoke(&self.call(&self.invalidate, key, 0).arg(any)).await? {
             Value::Int(1) => Ok(Invalidated::Deleted),
             Value::Int(2) => Ok(Invalidated::InProgress),
             Value::Int(0) => Ok(Invalidated::Absent),
