@@ -170,3 +170,19 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     push_hex(&mut out, bytes);
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn hex_is_two_lowercase_digits_per_byte(bytes in proptest::collection::vec(any::<u8>(), 0..100)) {
+            let expected: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            prop_assert_eq!(super::hex(&bytes), expected);
+            let mut appended = "x".to_owned();
+            super::push_hex(&mut appended, &bytes);
+            prop_assert_eq!(&appended[1..], super::hex(&bytes));
+        }
+    }
+}
