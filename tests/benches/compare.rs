@@ -29,7 +29,9 @@
 //! - `ours F S`: `#[idempotent(scope = "compare.charge", fields = [amount, currency])]` on
 //!   framework F with store S (memory; SQLite, a file in the temporary directory with the store's
 //!   defaults; PostgreSQL, a test schema; MySQL (MariaDB), a test database; Redis, a key prefix of
-//!   this run); the ratio is to bare F at the same mode and clients.
+//!   this run); the ratio is to bare F at the same mode and clients. `ours axum postgres batched`
+//!   is `ours axum postgres` with group commit (`PostgresConfig::group_commit(64)`), measured
+//!   against the same hand-written ceiling.
 //! - `hand axum S`: an axum handler doing by hand the round trips of our store S with the same
 //!   guarantees (see `compare/hand.rs`), on a pool or connection configured like the store's;
 //!   the ratio is to bare axum.
@@ -266,7 +268,7 @@ async fn run(
             for clients in CLIENTS {
                 let m = load::cell(target, mode, clients, timing, &format!("f{clients}")).await;
                 eprintln!(
-                    "  {:<24} {:<6} {clients:>3} clients: {:>8.0} req/s, p50 {:.2} ms, p99 {:.2} ms",
+                    "  {:<28} {:<6} {clients:>3} clients: {:>8.0} req/s, p50 {:.2} ms, p99 {:.2} ms",
                     v.label(),
                     mode.label(),
                     m.rps,
@@ -349,9 +351,19 @@ fn add_ratios(cells: &mut [Cell]) {
 
 fn ceilings(cells: &[Cell]) -> Vec<Ceiling> {
     let mut rows = Vec::new();
-    for store in [StoreKind::Memory, StoreKind::Sqlite, StoreKind::Postgres, StoreKind::MySql, StoreKind::Redis] {
+    let stores = [
+        StoreKind::Memory,
+        StoreKind::Sqlite,
+        StoreKind::Postgres,
+        StoreKind::PostgresBatched,
+        StoreKind::MySql,
+        StoreKind::Redis,
+    ];
+    for store in stores {
         let ours = Variant::new(Kind::Ours, Framework::Axum, store);
-        let hand = Variant::new(Kind::Hand, Framework::Axum, store);
+        // Batched or not, PostgreSQL's ceiling is the one hand-written handler.
+        let hand_store = if store == StoreKind::PostgresBatched { StoreKind::Postgres } else { store };
+        let hand = Variant::new(Kind::Hand, Framework::Axum, hand_store);
         for mode in Mode::ALL {
             for clients in CLIENTS {
                 let (Some(o), Some(h)) =
@@ -396,7 +408,7 @@ fn print_report(report: &Report, timing: Timing) {
 
     println!();
     println!(
-        "{:<24} {:<6} {:>7} {:>9} {:>8} {:>8} {:>7}  {:<18} {:>7}",
+        "{:<28} {:<6} {:>7} {:>9} {:>8} {:>8} {:>7}  {:<18} {:>7}",
         "variant", "mode", "clients", "req/s", "p50 ms", "p99 ms", "ratio", "ratio to", "non-2xx"
     );
     let mut last = String::new();
@@ -408,7 +420,7 @@ fn print_report(report: &Report, timing: Timing) {
         let r = c.ratio.map_or("n/a".to_owned(), |r| format!("{r:.2}"));
         let to = c.ratio_to.as_deref().unwrap_or("-");
         println!(
-            "{:<24} {:<6} {:>7} {:>9.0} {:>8.2} {:>8.2} {:>7}  {:<18} {:>7}",
+            "{:<28} {:<6} {:>7} {:>9.0} {:>8.2} {:>8.2} {:>7}  {:<18} {:>7}",
             c.variant,
             c.mode,
             c.clients,
@@ -426,7 +438,7 @@ fn print_report(report: &Report, timing: Timing) {
         "CPU time per request in this process over the measured window (µs): the serving threads' (store servers not counted), and the load generator's"
     );
     println!(
-        "{:<24} {:<6} {:>7} {:>10} {:>7}  {:<18} {:>9}",
+        "{:<28} {:<6} {:>7} {:>10} {:>7}  {:<18} {:>9}",
         "variant", "mode", "clients", "server µs", "ratio", "ratio to", "load µs"
     );
     let mut last = String::new();
@@ -437,7 +449,7 @@ fn print_report(report: &Report, timing: Timing) {
         last = c.variant.clone();
         let r = c.server_cpu_ratio.map_or("n/a".to_owned(), |r| format!("{r:.2}"));
         println!(
-            "{:<24} {:<6} {:>7} {:>10.1} {:>7}  {:<18} {:>9.1}",
+            "{:<28} {:<6} {:>7} {:>10.1} {:>7}  {:<18} {:>9.1}",
             c.variant,
             c.mode,
             c.clients,
@@ -450,13 +462,13 @@ fn print_report(report: &Report, timing: Timing) {
 
     println!();
     println!("ours on axum against the hand-written ceiling on the same store (req/s)");
-    println!("{:<10} {:<6} {:>7} {:>10} {:>10} {:>10}", "store", "mode", "clients", "ours", "hand", "ours/hand");
+    println!("{:<16} {:<6} {:>7} {:>10} {:>10} {:>10}", "store", "mode", "clients", "ours", "hand", "ours/hand");
     if report.ceilings.is_empty() {
         println!("(no store has both rows in this run)");
     }
     for c in &report.ceilings {
         println!(
-            "{:<10} {:<6} {:>7} {:>10.0} {:>10.0} {:>10.2}",
+            "{:<16} {:<6} {:>7} {:>10.0} {:>10.0} {:>10.2}",
             c.store.label(),
             c.mode,
             c.clients,
@@ -471,12 +483,12 @@ fn print_report(report: &Report, timing: Timing) {
         "duplicate executions: {BURSTS} bursts of {BURST_SIZE} concurrent requests with one key (a fresh connection each), handler of {} ms",
         variants::BURST_WORK.as_millis()
     );
-    println!("{:<24} {:>8} {:>11} {:<16} statuses", "variant", "requests", "executions", "per burst");
+    println!("{:<28} {:>8} {:>11} {:<16} statuses", "variant", "requests", "executions", "per burst");
     for b in &report.bursts {
         let per = b.executions_per_burst.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
         let statuses = b.statuses.iter().map(|(s, n)| format!("{s}: {n}")).collect::<Vec<_>>().join(", ");
         println!(
-            "{:<24} {:>8} {:>11} {:<16} {statuses}",
+            "{:<28} {:>8} {:>11} {:<16} {statuses}",
             b.variant,
             b.bursts * b.requests_per_burst,
             b.executions,

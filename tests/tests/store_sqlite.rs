@@ -683,3 +683,58 @@ async fn a_full_database_refuses_writes_then_recovers() {
         assert_eq!(s.claim(&k, &fp(1), Duration::from_secs(30)).await.unwrap(), Claim::Completed(paid()));
     }
 }
+
+/// Completions that wait for the writer while another connection holds SQLite's write lock, then
+/// go in batches, one of them by a token that never held its claim: that one is fenced, alone;
+/// every other stores its own response. A write that finds the writer idle runs in its caller and
+/// hands the writes queued meanwhile to the writer's task: each is answered either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fenced_completion_in_a_batch_fails_alone() {
+    let db = TempDb::new();
+    let s = SqliteStore::connect_with(&db.spec(), SqliteConfig::new().sweep_interval(None)).await.unwrap();
+    let key = |k: &str| RecordKey::new("s", "a", k);
+    let mut holders = Vec::new();
+    for i in 0..32 {
+        let k = format!("c{i}");
+        let Claim::Acquired(t) = s.claim(&key(&k), &fp(1), Duration::from_secs(30)).await.unwrap() else {
+            panic!("a fresh key")
+        };
+        holders.push((k, t, true));
+    }
+    holders.insert(16, ("c16".into(), ClaimToken::generate(), false));
+
+    let options = SqliteConnectOptions::new().filename(&db.0);
+    let lock = SqlitePoolOptions::new().max_connections(1).connect_with(options).await.unwrap();
+    let held = lock.begin_with("BEGIN IMMEDIATE").await.unwrap();
+    let completions: Vec<_> = holders
+        .into_iter()
+        .map(|(k, t, holds)| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let r = StoredResponse::new(201, [("content-type", "text/plain")], bytes::Bytes::from(k.clone()));
+                (k.clone(), holds, r.clone(), s.complete(&key(&k), &t, &r, Duration::from_secs(3600)).await)
+            })
+        })
+        .collect();
+    // Let the completions queue behind the lock (however many did, each must get its own answer).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    held.commit().await.unwrap();
+
+    let (mut stored, mut fenced) = (0, 0);
+    for task in completions {
+        let (k, holds, r, answer) = task.await.unwrap();
+        match (holds, answer) {
+            (true, Ok(())) => {
+                stored += 1;
+                let Claim::Completed(got) = s.claim(&key(&k), &fp(1), Duration::from_secs(30)).await.unwrap() else {
+                    panic!("{k} was not completed")
+                };
+                // `c16` was stored by its real holder; the fenced completion carried another body.
+                assert_eq!(got, r, "{k}");
+            }
+            (false, Err(StoreError::Fenced)) => fenced += 1,
+            other => panic!("{k}: unexpected {:?}", other.1),
+        }
+    }
+    assert_eq!((stored, fenced), (32, 1));
+}

@@ -6,7 +6,8 @@
 //! while fewer than the allowed writer tasks run starts one; a writer takes every write waiting (up
 //! to the bound, in the order they came), and goes on while writes are waiting; writes that arrive
 //! while a batch runs form the next one. A write alone therefore starts at once, in a batch of its
-//! own.
+//! own; a store may also run it in its caller's task ([`Batches::run_alone`]), with no hand-off,
+//! and start a writer task only for the writes queued meanwhile.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -54,6 +55,34 @@ impl<W> Batches<W> {
             return true;
         }
         false
+    }
+
+    /// Takes the writers' turn for a write that finds no writer running and none waiting: `true`
+    /// when the caller is to run it itself, at once, with no hand-off, counted as a running writer
+    /// until it calls [`hand_over`](Self::hand_over); `false` when it must be queued
+    /// ([`push`](Self::push)).
+    // SQLite's lone write runs in its caller's task; PostgreSQL sends lone writes by its own rule.
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+    pub(super) fn run_alone(&self) -> bool {
+        let mut queue = self.queue();
+        if queue.running == 0 && queue.waiting.is_empty() {
+            queue.running = 1;
+            return true;
+        }
+        false
+    }
+
+    /// A write run by its caller ([`run_alone`](Self::run_alone)) ended, however: `true` when
+    /// writes were queued meanwhile, and the caller must start a task to run them (counted as
+    /// running from now); otherwise it no longer counts as running.
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+    pub(super) fn hand_over(&self) -> bool {
+        let mut queue = self.queue();
+        if queue.waiting.is_empty() {
+            queue.running -= 1;
+            return false;
+        }
+        true
     }
 
     /// The next batch, at most `max` writes in the order they came; `None` when none is waiting,
@@ -123,6 +152,22 @@ mod tests {
         assert_eq!(batches.next(2), None);
         // The writer stopped: the next write starts another.
         assert!(batches.push(4, 1));
+    }
+
+    #[test]
+    fn a_write_alone_runs_in_its_caller_and_hands_over_what_queued_meanwhile() {
+        let batches = Batches::default();
+        assert!(batches.run_alone());
+        assert!(!batches.run_alone(), "one write runs alone at a time");
+        assert!(!batches.push(1, 1), "the caller running alone counts as the writer");
+        assert!(batches.hand_over(), "a write queued meanwhile: a task must run it");
+        assert!(!batches.run_alone(), "that task runs");
+        assert_eq!(batches.next(8), Some(vec![1]));
+        assert_eq!(batches.next(8), None);
+        assert!(batches.run_alone());
+        assert!(!batches.hand_over(), "nothing queued: nothing to hand over");
+        assert!(batches.push(2, 1), "no writer runs: the queued write starts one");
+        assert!(!batches.run_alone(), "a write waits: the next queues behind it");
     }
 
     #[test]

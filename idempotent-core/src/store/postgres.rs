@@ -96,6 +96,13 @@
 //!   lost connection, as a single statement is; after any other error each of its writes is sent
 //!   again on its own, so that a write that cannot be written fails alone. A write whose caller
 //!   stopped waiting before its batch went out is not sent.
+//! - The statement over arrays costs PostgreSQL more to plan (about 0.3 ms) than to run for a
+//!   few rows (about 0.1 ms), and with array parameters the server keeps planning it anew at each
+//!   execution. So with group commit on, the connections of a pool the store opens plan prepared
+//!   statements once (`plan_cache_mode = force_generic_plan`, set with the isolation level below,
+//!   on PostgreSQL 12 and later); every statement of the store is a lookup by key or a range on
+//!   an index, which the generic plan serves as well. A pool the application hands in keeps its
+//!   own setting.
 //!
 //! With a per-caller bound ([`PostgresConfig::actor_max_bytes`](super::sql::SqlConfig::actor_max_bytes))
 //! every write is sent on its own: a bounded claim takes a transaction of its own, and the
@@ -121,6 +128,13 @@
 //! mostly lost (the server already flushes the commits of concurrent statements together, and a
 //! batched write waits for the batch in flight before its own). Measure on your load before
 //! turning it on.
+//!
+//! Those runs planned the statement over arrays at each execution. Planned once (above), the
+//! batched path won at 16 callers in five runs of five (1.50 to 1.90 times) and at 64 in each
+//! (3.4 to 4.8 times), level at 1; over HTTP at 64 clients its first executions were 1.4 to 2.2
+//! times the hand-written handler's in four short runs. It stays off by default: over HTTP at one
+//! client, where it takes the same path, two short runs of four had it below the unbatched store
+//! (`BENCHMARKS.md`, "PostgreSQL: batching"), which no run has yet shown to be noise.
 //!
 //! # Isolation: `READ COMMITTED`, always
 //!
@@ -276,6 +290,17 @@ use std::time::Duration;
 mod batch;
 use super::batch::Batches;
 use batch::Write;
+
+/// What each connection of a pool the store opens runs once: its transactions `READ COMMITTED`
+/// (see "Isolation" in the module docs).
+const PIN_READ_COMMITTED: &str = "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED";
+
+/// [`PIN_READ_COMMITTED`], and with group commit on, prepared statements planned once, generically
+/// (`plan_cache_mode`, PostgreSQL 12 and later; earlier servers keep their default).
+const PIN_READ_COMMITTED_GENERIC_PLANS: &str =
+    "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED;
+SELECT set_config('plan_cache_mode', 'force_generic_plan', false)
+WHERE current_setting('server_version_num')::int >= 120000";
 
 /// How many claims, and how many completions, share one statement by default
 /// ([`PostgresConfig::group_commit`]): one, group commit is off (see "Group commit" in the module
@@ -684,19 +709,22 @@ impl SqlStore<Postgres> {
         if let Some(name) = &config.settings.application_name {
             options = options.application_name(name);
         }
+        // Group commit's statements over arrays are planned once per connection (see "Group
+        // commit" in the module docs).
+        let generic_plans = config.settings.batch > 1;
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(config.settings.acquire_timeout)
             // A ping before every query would double the round trips; an operation that meets a
             // dead connection runs again on a live one (see `run`).
             .test_before_acquire(false)
-            .after_connect(|conn, _| {
+            .after_connect(move |conn, _| {
                 Box::pin(async move {
-                    conn.execute(sqlx::raw_sql(
-                        "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED",
-                    ))
-                    .await
-                    .map(|_| ())
+                    let session = match generic_plans {
+                        true => PIN_READ_COMMITTED_GENERIC_PLANS,
+                        false => PIN_READ_COMMITTED,
+                    };
+                    conn.execute(sqlx::raw_sql(session)).await.map(|_| ())
                 })
             })
             .connect_with(options)

@@ -156,8 +156,11 @@
 //! transaction in the order they came, commits once, and answers each caller with its own
 //! result: a claim its own answer, a completion whose token was fenced out [`StoreError::Fenced`]
 //! while the others of its batch are stored. Nothing waits for a batch to fill: a write that finds
-//! the writer idle runs at once, alone, as it did before; writes that arrive while a transaction
-//! commits form the next one. A caller waits at most for the batch in flight and then its own.
+//! no write running or waiting runs at once, alone, in its caller's task, with the statements of
+//! one write per transaction (a renewal, completion or release is one statement in autocommit,
+//! no `BEGIN` and `COMMIT` around it), so a caller alone pays nothing for batching; writes that
+//! arrive meanwhile, or while a transaction commits, form the next batch. A caller waits at most
+//! for the batch in flight and then its own.
 //!
 //! The guarantees are those of one write per transaction: a caller is answered only once the
 //! transaction holding its write committed (with `FULL`, synced); each write is judged on what the
@@ -745,8 +748,18 @@ impl SqlStore<Sqlite> {
         token: &ClaimToken,
         statement: &Fenced,
     ) -> Result<u64, sqlx::Error> {
+        Ok(self.fenced_query_of(key, token, statement).execute(&mut **tx).await?.rows_affected())
+    }
+
+    /// The query of `statement`, fenced by `token`.
+    fn fenced_query_of(
+        &self,
+        key: &RecordKey,
+        token: &ClaimToken,
+        statement: &Fenced,
+    ) -> Query<'static, Sqlite, SqliteArguments> {
         let sql = self.sql();
-        let query = match statement {
+        match statement {
             Fenced::Renew { expires_at, basis, until } => {
                 Self::fenced_query(&sql.renew, key, token).bind(*expires_at).bind(basis.as_str()).bind(*until)
             }
@@ -754,8 +767,7 @@ impl SqlStore<Sqlite> {
                 Self::fenced_query(&sql.complete, key, token).bind(&response[..]).bind(*expires_at).bind(*bytes)
             }
             Fenced::Release => Self::fenced_query(&sql.release, key, token),
-        };
-        Ok(query.execute(&mut **tx).await?.rows_affected())
+        }
     }
 
     /// `query` with a lease of `lease` from `now` bound after its other parameters: the

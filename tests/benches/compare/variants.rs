@@ -125,6 +125,8 @@ pub enum StoreKind {
     Memory,
     Sqlite,
     Postgres,
+    /// PostgreSQL with group commit (`PostgresConfig::group_commit(64)`).
+    PostgresBatched,
     MySql,
     Redis,
     Moka,
@@ -137,6 +139,7 @@ impl StoreKind {
             StoreKind::Memory => "memory",
             StoreKind::Sqlite => "sqlite",
             StoreKind::Postgres => "postgres",
+            StoreKind::PostgresBatched => "postgres batched",
             StoreKind::MySql => "mysql",
             StoreKind::Redis => "redis",
             StoreKind::Moka => "moka",
@@ -178,6 +181,9 @@ impl Variant {
         for framework in [Axum, Actix] {
             for store in [Memory, Sqlite, Postgres, MySql, Redis] {
                 rows.push(Variant::new(Kind::Ours, framework, store));
+                if framework == Axum && store == Postgres {
+                    rows.push(Variant::new(Kind::Ours, framework, PostgresBatched));
+                }
             }
         }
         for store in [Redis, Postgres, MySql, Sqlite] {
@@ -229,7 +235,7 @@ impl Services {
     /// Whether `store` can be had.
     pub fn has(&self, store: StoreKind) -> bool {
         match store {
-            StoreKind::Postgres => self.postgres,
+            StoreKind::Postgres | StoreKind::PostgresBatched => self.postgres,
             StoreKind::MySql => self.mysql,
             StoreKind::Redis => self.redis_url.is_some(),
             _ => true,
@@ -243,9 +249,13 @@ enum Backing {
     None,
     Memory,
     Sqlite(PathBuf),
-    Postgres(Arc<TestSchema>),
+    /// A test schema, and the store's group commit bound (1: off, its default).
+    Postgres(Arc<TestSchema>, usize),
     MySql(Arc<TestDb>),
-    Redis { url: String, prefix: String },
+    Redis {
+        url: String,
+        prefix: String,
+    },
 }
 
 impl Backing {
@@ -257,8 +267,9 @@ impl Backing {
             StoreKind::Sqlite => {
                 Backing::Sqlite(std::env::temp_dir().join(format!("compare-{}-{tag}.sqlite", services.run_id)))
             }
-            StoreKind::Postgres => {
-                Backing::Postgres(TestSchema::new().await.ok_or("no PostgreSQL server for the test schema")?)
+            StoreKind::Postgres | StoreKind::PostgresBatched => {
+                let schema = TestSchema::new().await.ok_or("no PostgreSQL server for the test schema")?;
+                Backing::Postgres(schema, if v.store == StoreKind::PostgresBatched { 64 } else { 1 })
             }
             StoreKind::MySql => Backing::MySql(TestDb::new().await.ok_or("no MySQL server for the test database")?),
             StoreKind::Redis => Backing::Redis {
@@ -269,7 +280,8 @@ impl Backing {
     }
 
     /// Our store on this backing, with its default settings (PostgreSQL and MySQL: the test
-    /// schema's or database's, with the default sweep interval), except the memory store's bound: a full run completes more
+    /// schema's or database's, with the default sweep interval; `postgres batched`: with
+    /// `group_commit(64)`), except the memory store's bound: a full run completes more
     /// than a million keys on it, each kept for the route's 24 hours, which would fill the default
     /// 256 MiB (and every later request would be answered 503, store full).
     async fn store(&self) -> Result<Arc<dyn Store>, String> {
@@ -278,9 +290,12 @@ impl Backing {
             Backing::Sqlite(path) => {
                 Arc::new(SqliteStore::connect(&format!("sqlite:{}", path.display())).await.map_err(|e| e.to_string())?)
             }
-            Backing::Postgres(schema) => {
-                let config =
-                    schema.config().max_connections(hand::PG_CONNECTIONS).sweep_interval(Some(Duration::from_secs(60)));
+            Backing::Postgres(schema, group_commit) => {
+                let config = schema
+                    .config()
+                    .max_connections(hand::PG_CONNECTIONS)
+                    .sweep_interval(Some(Duration::from_secs(60)))
+                    .group_commit(*group_commit);
                 Arc::new(PostgresStore::connect_with(&schema.url, config).await.map_err(|e| e.to_string())?)
             }
             Backing::MySql(db) => {
@@ -298,7 +313,7 @@ impl Backing {
     async fn hand(&self) -> Result<Hand, String> {
         match self {
             Backing::Sqlite(path) => hand::sqlite(path).await,
-            Backing::Postgres(schema) => hand::postgres(&schema.url, &schema.name).await,
+            Backing::Postgres(schema, _) => hand::postgres(&schema.url, &schema.name).await,
             Backing::MySql(db) => hand::mysql(&db.url).await,
             Backing::Redis { url, prefix } => hand::redis(url, prefix).await,
             Backing::None | Backing::Memory => Err("no hand-written ceiling on this store".into()),

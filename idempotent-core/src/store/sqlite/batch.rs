@@ -1,12 +1,15 @@
 //! Group commit: the store's writes that wait for the writer share one write transaction, and so
 //! one sync of the disk (see "Group commit" in the [store's docs](super)).
 //!
-//! A write is queued ([`Batches`](crate::store::batch::Batches), shared with the PostgreSQL
-//! store) with the channel its answer goes back on. The first write queued while no batch runs
-//! starts a task that takes every write waiting (up to the configured bound), runs them in one
-//! `BEGIN IMMEDIATE` transaction, commits, answers each with its own result, and goes on while
-//! writes are waiting. Nothing waits for a batch to fill: a write that finds the writer idle
-//! starts at once, alone; writes that arrive while a batch commits form the next.
+//! A write that finds no write running or waiting runs at once in its caller's task, in a
+//! transaction of its own, as without group commit (a renewal, completion or release alone is
+//! one statement in autocommit): a caller alone pays no hand-off. Otherwise it is queued
+//! ([`Batches`](crate::store::batch::Batches), shared with the PostgreSQL store) with the channel
+//! its answer goes back on; the writes queued while a caller runs its own, or while no task runs
+//! them, start a task that takes every write waiting (up to the configured bound), runs them in
+//! one `BEGIN IMMEDIATE` transaction, commits, answers each with its own result, and goes on
+//! while writes are waiting. Nothing waits for a batch to fill; writes that arrive while a
+//! transaction commits form the next.
 
 use super::{Now, Sqlite, SqliteStore, StoreError};
 use crate::fingerprint::Fingerprint;
@@ -100,13 +103,44 @@ fn stopped() -> StoreError {
     StoreError::Unavailable("SQLite store: the writer stopped before this write ran".into())
 }
 
+/// The writer's turn taken by a caller that runs its write alone. When it ends (the write was
+/// answered, or the caller stopped waiting), the writes queued meanwhile go to a writer task.
+struct Turn<'a> {
+    store: &'a SqliteStore,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        if self.store.session().batches.hand_over() {
+            self.store.start_runner();
+        }
+    }
+}
+
 impl SqliteStore {
-    /// Queues `write` for the next batch, starting the task that runs them if none does.
-    pub(super) fn submit(&self, write: Write) {
+    /// Runs `write`: at once in the caller's task when no write runs or waits (a transaction of
+    /// its own, as without group commit), otherwise queued for the next batch, starting the task
+    /// that runs them if none does. Its answer is on its reply channel either way.
+    async fn submit(&self, write: Write) {
+        let batches = &self.session().batches;
+        if batches.run_alone() {
+            let _turn = Turn { store: self };
+            return self.run_batch(vec![write]).await;
+        }
         // One writer: SQLite has one write lock.
-        if self.session().batches.push(write, 1) {
-            let runner = Runner { store: self.clone(), done: false };
-            tokio::spawn(runner.run());
+        if batches.push(write, 1) {
+            self.start_runner();
+        }
+    }
+
+    /// Starts the task that runs the queued writes (counted as running already).
+    fn start_runner(&self) {
+        let runner = Runner { store: self.clone(), done: false };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(runner.run())),
+            // No runtime to run it (a caller dropped as its runtime went away): dropped unrun, it
+            // answers the queued writes as unavailable and lets the next write start another.
+            Err(_) => drop(runner),
         }
     }
 
@@ -120,7 +154,7 @@ impl SqliteStore {
     ) -> Result<Claim, StoreError> {
         let (reply, answer) = oneshot::channel();
         let change = Change::Claim { fingerprint: *fingerprint, lease, reply };
-        self.submit(Write { key: key.clone(), token: token.clone(), change });
+        self.submit(Write { key: key.clone(), token: token.clone(), change }).await;
         answer.await.unwrap_or_else(|_| Err(stopped()))
     }
 
@@ -132,7 +166,8 @@ impl SqliteStore {
         statement: Fenced,
     ) -> Result<(), StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.submit(Write { key: key.clone(), token: token.clone(), change: Change::Fenced { statement, reply } });
+        self.submit(Write { key: key.clone(), token: token.clone(), change: Change::Fenced { statement, reply } })
+            .await;
         match answer.await.unwrap_or_else(|_| Err(stopped()))? {
             0 => Err(StoreError::Fenced),
             _ => Ok(()),
@@ -179,6 +214,11 @@ impl SqliteStore {
 
     /// One write transaction holding `writes`, committed: each write's answer, in order.
     async fn transaction(&self, writes: &[Write]) -> Result<Vec<Answer>, Failed> {
+        if let [Write { key, token, change: Change::Fenced { statement, .. } }] = writes {
+            if let Some(rows) = self.fenced_alone(key, token, statement).await? {
+                return Ok(vec![Answer::Rows(rows)]);
+            }
+        }
         let mut tx = self.begin_writes().await.map_err(Failed::Begin)?;
         let now = Now::read(&*self.sql().clock);
         let owed = self.pay_owed(&mut tx, &now).await.map_err(Failed::Within)?;
@@ -201,6 +241,28 @@ impl SqliteStore {
 }
 
 impl SqliteStore {
+    /// A fenced statement alone in its transaction: one statement in autocommit, which takes the
+    /// write lock and commits (with `FULL`, synced) as `BEGIN IMMEDIATE` and `COMMIT` around it
+    /// would, two round trips to the connection fewer. `None` when it must run in a transaction
+    /// after all: renewals are owed (written first, in the same transaction), or the connection
+    /// is left in a transaction SQLite ended ([`begin_writes`](Self::begin_writes) replaces it).
+    async fn fenced_alone(
+        &self,
+        key: &RecordKey,
+        token: &ClaimToken,
+        statement: &Fenced,
+    ) -> Result<Option<u64>, Failed> {
+        if self.session().holds.owes() {
+            return Ok(None);
+        }
+        let mut conn = self.writer().acquire().await.map_err(Failed::Begin)?;
+        if conn.is_in_transaction() {
+            return Ok(None);
+        }
+        let done = self.fenced_query_of(key, token, statement).execute(&mut *conn).await.map_err(Failed::Within)?;
+        Ok(Some(done.rows_affected()))
+    }
+
     /// Opens a write transaction on the writer. SQLite rolls a transaction back by itself when
     /// the disk is full or fails, and the driver may then still count it as open on its
     /// connection, refusing every later `BEGIN` there: such a connection is closed, and the pool

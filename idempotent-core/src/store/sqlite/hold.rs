@@ -126,6 +126,11 @@ impl Holds {
         std::mem::take(&mut state.owed).into_iter().filter(|r| r.counted_on(now)).collect()
     }
 
+    /// Whether renewals are owed (the next claim writes them).
+    pub(super) fn owes(&self) -> bool {
+        !self.state().owed.is_empty()
+    }
+
     /// Puts back renewals that could not be written.
     pub(super) fn owe(&self, renewals: Vec<Renewal>) {
         self.state().owed.extend(renewals);
