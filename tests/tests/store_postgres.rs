@@ -569,7 +569,7 @@ async fn a_table_of_the_first_version_is_migrated() {
     let claim = store::quota::record_bytes(&key("a"), 0);
     let s = schema.store_with(config.actor_max_bytes(Some(2 * claim))).await;
     let versions = format!("SELECT max(version)::int8 FROM \"{}\".idempotency_records_migrations", schema.name);
-    assert_eq!(schema.query_scalar(&versions).await.unwrap(), 2);
+    assert_eq!(schema.query_scalar(&versions).await.unwrap(), 3);
     assert_eq!(s.claim(&key("old"), &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"old")));
     let bytes = |k: &str| {
         let sql = format!("SELECT bytes FROM {table} WHERE idem_key = '{k}'");
@@ -615,6 +615,41 @@ async fn migrations_are_concurrent_safe_and_available_as_sql() {
     let Claim::Acquired(t) = s.claim(&k, &fp(1), LEASE).await.unwrap() else { panic!() };
     s.complete(&k, &t, &response(b"hand"), TTL).await.unwrap();
     assert_eq!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"hand")));
+}
+
+/// On a new table, before PostgreSQL has any statistics of it (when its connections prepare the
+/// store's statements and may keep their plans), claims, replays and completions find a key by
+/// the primary key only: never through the bound's index or the expiry index, which would read
+/// every record of the actor (all of them for anonymous callers) or every expired one.
+#[tokio::test]
+async fn keys_are_found_by_the_primary_key_on_a_new_table() {
+    let Some(schema) = TestSchema::new().await else { return };
+    let s = schema.store_with(schema.config().sweep_interval(None).max_connections(1)).await;
+    for i in 0..40 {
+        let k = RecordKey::of("payments.create", None, &format!("k{i}"));
+        let Claim::Acquired(t) = s.claim(&k, &fp(1), LEASE).await.unwrap() else { panic!() };
+        s.complete(&k, &t, &response(b"ok"), TTL).await.unwrap();
+        assert_eq!(s.claim(&k, &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"ok")));
+    }
+    let scans = format!(
+        "SELECT COALESCE(SUM(idx_scan), 0)::int8 FROM pg_stat_user_indexes
+         WHERE schemaname = '{}' AND indexrelname IN ('idempotency_records_actor_idx', 'idempotency_records_expires_at_idx')",
+        schema.name
+    );
+    // The statistics collector reports a backend's counts when its transaction ends, at most
+    // once every half second: wait for the primary key's scans to show.
+    let pkey = format!(
+        "SELECT COALESCE(SUM(idx_scan), 0)::int8 FROM pg_stat_user_indexes WHERE schemaname = '{}' AND indexrelname = 'idempotency_records_pkey'",
+        schema.name
+    );
+    for _ in 0..100 {
+        if schema.query_scalar(&pkey).await.unwrap() >= 120 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(schema.query_scalar(&pkey).await.unwrap() >= 120);
+    assert_eq!(schema.query_scalar(&scans).await.unwrap(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

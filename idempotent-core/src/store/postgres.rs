@@ -37,6 +37,10 @@
 //! UNION ALL SELECT <existing row, remaining lease> FROM existing WHERE expires_at > now()
 //! ```
 //!
+//! Every part finds the key's row by the primary key: the expiry test of `takeover` is spelled so
+//! that no other index can answer it (a generic plan once chose the `actor` index and read all of
+//! an anonymous caller's records per claim).
+//!
 //! - Absent: `inserted` writes the row (a concurrent insert of the same key makes it do nothing).
 //! - Expired (a crashed owner's lease, or a completed record past its time to live): `takeover`
 //!   rewrites it. Under `READ COMMITTED` an `UPDATE` that meets a row changed concurrently waits
@@ -450,6 +454,16 @@ CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);
 CREATE INDEX IF NOT EXISTS {actor_index} ON {table} (actor, expires_at, bytes);
 ",
         ),
+        // The bound's index holds only records that count (`bytes > 0`): a lookup by key can
+        // then never use it. Over the whole table, a plan made while the table had no
+        // statistics (a new table, a statement prepared in its first minute) could find a key
+        // through it and read every record of the actor, all of them for anonymous callers.
+        (
+            3,
+            "DROP INDEX IF EXISTS {qualified_actor_index};
+CREATE INDEX IF NOT EXISTS {actor_index} ON {table} (actor, expires_at, bytes) WHERE bytes > 0;
+",
+        ),
     ];
 
     type Settings = Settings;
@@ -463,13 +477,18 @@ CREATE INDEX IF NOT EXISTS {actor_index} ON {table} (actor, expires_at, bytes);
         Statements {
             claim_batch: rendered(claim_batch),
             complete_batch: rendered(complete_batch),
+            // `takeover` finds the key's row by the primary key only: its expiry test is written
+            // `(expires_at <= now()) IS TRUE`, which no index answers. Written plainly, a generic
+            // plan may find the row through the `expires_at` or `actor` index instead and read
+            // every expired record, or every record of the actor (all of them for anonymous
+            // callers), on each claim.
             claim: rendered(format!(
                 "WITH existing AS (
     SELECT fingerprint, state, token, response, expires_at FROM {t} WHERE {key}
 ), takeover AS (
     UPDATE {t} SET fingerprint = $4, state = 'in_progress', token = $5, response = NULL,
         expires_at = now() + $6::int8 * interval '1 millisecond', created_at = now(), bytes = $8
-    WHERE {key} AND expires_at <= now()
+    WHERE {key} AND (expires_at <= now()) IS TRUE
         AND (state <> 'in_progress' OR fingerprint = $4 OR token = $5
             OR expires_at <= now() - $7::int8 * interval '1 millisecond')
     RETURNING 1
@@ -501,12 +520,13 @@ FROM {t} WHERE {key} AND (expires_at > now() OR (state = 'in_progress' AND (toke
             // Serialises the claims of one actor ($1) until their transaction ends (class
             // `ACTOR_LOCK` of the two-key advisory locks, apart from the migrations' lock).
             actor_lock: rendered(format!("SELECT pg_advisory_xact_lock({ACTOR_LOCK}, hashtext($1))")),
-            // The bytes of the actor's live records other than the key's own, and the
-            // milliseconds until the earliest of them expires.
+            // The bytes of the actor's live records that count (`bytes > 0`, the records the
+            // partial index holds) other than the key's own, and the milliseconds until the
+            // earliest of them expires.
             quota: rendered(format!(
                 "SELECT COALESCE(SUM(bytes), 0)::int8 AS used,
     CEIL(EXTRACT(EPOCH FROM (MIN(expires_at) - now())) * 1000)::int8 AS earliest_ms
-FROM {t} WHERE actor = $2 AND expires_at > now() AND NOT (scope = $1 AND idem_key = $3)"
+FROM {t} WHERE actor = $2 AND bytes > 0 AND expires_at > now() AND NOT (scope = $1 AND idem_key = $3)"
             )),
             renew: rendered(format!(
                 "UPDATE {t} SET expires_at = now() + $5::int8 * interval '1 millisecond'

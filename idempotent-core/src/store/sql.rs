@@ -56,7 +56,8 @@ pub trait Backend: Database + sealed::Sealed {
     /// The rule table and schema names break when they are invalid, as the error says it.
     const NAME_RULE: &'static str;
     /// Migrations, in order: `(version, SQL)`. `{schema_ddl}`, `{table}`, `{index}`,
-    /// `{lease_index}` and `{actor_index}` are replaced by the configured, quoted names. A version once released is
+    /// `{lease_index}` and `{actor_index}` are replaced by the configured, quoted names
+    /// (`{qualified_actor_index}`: in the table's schema, as `DROP INDEX` names it). A version once released is
     /// never edited: a change of the table is a new version. Version 1 is idempotent (`IF NOT
     /// EXISTS`); a later one may not be (SQLite cannot add a column only if it is missing), and
     /// runs once, as the table of applied versions records.
@@ -372,6 +373,7 @@ impl<B: Backend> SqlConfig<B> {
             .replace("{index}", &B::quote_ident(&format!("{}_expires_at_idx", self.table)))
             .replace("{lease_index}", &B::quote_ident(&format!("{}_lease_idx", self.table)))
             .replace("{actor_index}", &B::quote_ident(&format!("{}_actor_idx", self.table)))
+            .replace("{qualified_actor_index}", &self.qualified(&format!("{}_actor_idx", self.table)))
     }
 }
 

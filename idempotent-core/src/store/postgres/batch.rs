@@ -352,7 +352,9 @@ impl CompleteColumns {
     }
 }
 
-/// The batched statements, rendered for the table `t`.
+/// The batched statements, rendered for the table `t`. As in the single claim, `takeover`'s
+/// expiry test is spelled `(r.expires_at <= now()) IS TRUE`, which no index answers, so each row
+/// is found by the primary key and never through the `expires_at` or `actor` index.
 pub(super) fn statements(t: &str) -> (String, String) {
     // The single claim statement over arrays (see "The claim" in the store's docs): `input` holds
     // one row per claim, numbered `n`; each branch is joined back to its input. `branch` orders an
@@ -368,7 +370,7 @@ pub(super) fn statements(t: &str) -> (String, String) {
     UPDATE {t} r SET fingerprint = i.fingerprint, state = 'in_progress', token = i.token, response = NULL,
         expires_at = now() + i.lease_ms * interval '1 millisecond', created_at = now()
     FROM input i
-    WHERE r.scope = i.scope AND r.actor = i.actor AND r.idem_key = i.idem_key AND r.expires_at <= now()
+    WHERE r.scope = i.scope AND r.actor = i.actor AND r.idem_key = i.idem_key AND (r.expires_at <= now()) IS TRUE
         AND (r.state <> 'in_progress' OR r.fingerprint = i.fingerprint
             OR r.expires_at <= now() - $7::int8 * interval '1 millisecond')
     RETURNING i.n
