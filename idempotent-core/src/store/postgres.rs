@@ -242,6 +242,11 @@
 //! [per-caller bound](#per-caller-bound), built while writes to the table wait (on a large table,
 //! create it `CONCURRENTLY` by hand first, under the name the migration gives it). Rows already
 //! there count nothing: they go within their time to live. Both statements are idempotent.
+//! Version 3 rebuilds that index as a partial one, of the records that count (`WHERE bytes > 0`):
+//! over the whole table, a plan made before PostgreSQL had statistics of a new table could find a
+//! key through it and read every record of the actor on each claim; a partial index cannot answer
+//! a lookup by key. On a large table, create the partial index `CONCURRENTLY` under another name
+//! and drop the old one by hand first, then rename it to the name the migration gives it.
 //!
 //! # TLS
 //!
