@@ -385,6 +385,16 @@ fn ceilings(cells: &[Cell]) -> Vec<Ceiling> {
     rows
 }
 
+/// Prints `row` of each cell, a blank line between variants.
+fn print_cells(cells: &[Cell], row: impl Fn(&Cell) -> String) {
+    for (i, c) in cells.iter().enumerate() {
+        if i > 0 && cells[i - 1].variant != c.variant {
+            println!();
+        }
+        println!("{}", row(c));
+    }
+}
+
 fn print_report(report: &Report, timing: Timing) {
     println!(
         "compare: idempotent beside bare handlers, hand-written ceilings and axum-idempotent, over loopback HTTP/1"
@@ -411,15 +421,8 @@ fn print_report(report: &Report, timing: Timing) {
         "{:<28} {:<6} {:>7} {:>9} {:>8} {:>8} {:>7}  {:<18} {:>7}",
         "variant", "mode", "clients", "req/s", "p50 ms", "p99 ms", "ratio", "ratio to", "non-2xx"
     );
-    let mut last = String::new();
-    for c in &report.cells {
-        if c.variant != last && !last.is_empty() {
-            println!();
-        }
-        last = c.variant.clone();
-        let r = c.ratio.map_or("n/a".to_owned(), |r| format!("{r:.2}"));
-        let to = c.ratio_to.as_deref().unwrap_or("-");
-        println!(
+    print_cells(&report.cells, |c| {
+        format!(
             "{:<28} {:<6} {:>7} {:>9.0} {:>8.2} {:>8.2} {:>7}  {:<18} {:>7}",
             c.variant,
             c.mode,
@@ -427,11 +430,11 @@ fn print_report(report: &Report, timing: Timing) {
             c.rps,
             c.p50_ms,
             c.p99_ms,
-            r,
-            to,
+            c.ratio.map_or("n/a".to_owned(), |r| format!("{r:.2}")),
+            c.ratio_to.as_deref().unwrap_or("-"),
             c.non_2xx + c.errors
-        );
-    }
+        )
+    });
 
     println!();
     println!(
@@ -441,24 +444,18 @@ fn print_report(report: &Report, timing: Timing) {
         "{:<28} {:<6} {:>7} {:>10} {:>7}  {:<18} {:>9}",
         "variant", "mode", "clients", "server µs", "ratio", "ratio to", "load µs"
     );
-    let mut last = String::new();
-    for c in &report.cells {
-        if c.variant != last && !last.is_empty() {
-            println!();
-        }
-        last = c.variant.clone();
-        let r = c.server_cpu_ratio.map_or("n/a".to_owned(), |r| format!("{r:.2}"));
-        println!(
+    print_cells(&report.cells, |c| {
+        format!(
             "{:<28} {:<6} {:>7} {:>10.1} {:>7}  {:<18} {:>9.1}",
             c.variant,
             c.mode,
             c.clients,
             c.server_cpu_us,
-            r,
+            c.server_cpu_ratio.map_or("n/a".to_owned(), |r| format!("{r:.2}")),
             c.ratio_to.as_deref().unwrap_or("-"),
             c.load_cpu_us
-        );
-    }
+        )
+    });
 
     println!();
     println!("ours on axum against the hand-written ceiling on the same store (req/s)");
