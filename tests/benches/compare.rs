@@ -29,9 +29,9 @@
 //! - `ours F S`: `#[idempotent(scope = "compare.charge", fields = [amount, currency])]` on
 //!   framework F with store S (memory; SQLite, a file in the temporary directory with the store's
 //!   defaults; PostgreSQL, a test schema; MySQL (MariaDB), a test database; Redis, a key prefix of
-//!   this run); the ratio is to bare F at the same mode and clients. `ours axum postgres batched`
-//!   is `ours axum postgres` with group commit (`PostgresConfig::group_commit(64)`), measured
-//!   against the same hand-written ceiling.
+//!   this run); the ratio is to bare F at the same mode and clients. `ours axum postgres unbatched`
+//!   is `ours axum postgres` with group commit off (`PostgresConfig::group_commit(1)`; it is on by
+//!   default), measured against the same hand-written ceiling.
 //! - `hand axum S`: an axum handler doing by hand the round trips of our store S with the same
 //!   guarantees (see `compare/hand.rs`), on a pool or connection configured like the store's;
 //!   the ratio is to bare axum.
@@ -355,14 +355,14 @@ fn ceilings(cells: &[Cell]) -> Vec<Ceiling> {
         StoreKind::Memory,
         StoreKind::Sqlite,
         StoreKind::Postgres,
-        StoreKind::PostgresBatched,
+        StoreKind::PostgresUnbatched,
         StoreKind::MySql,
         StoreKind::Redis,
     ];
     for store in stores {
         let ours = Variant::new(Kind::Ours, Framework::Axum, store);
         // Batched or not, PostgreSQL's ceiling is the one hand-written handler.
-        let hand_store = if store == StoreKind::PostgresBatched { StoreKind::Postgres } else { store };
+        let hand_store = if store == StoreKind::PostgresUnbatched { StoreKind::Postgres } else { store };
         let hand = Variant::new(Kind::Hand, Framework::Axum, hand_store);
         for mode in Mode::ALL {
             for clients in CLIENTS {

@@ -45,8 +45,9 @@
 //!    own actor) and 16 concurrent requests of one actor (whose claims take turns under a bound).
 //! 10. PostgreSQL group commit: first executions per second through the PostgreSQL store (a claim,
 //!     then a completion, no HTTP) with 1, 16 and 64 concurrent callers, with claims and
-//!     completions of concurrent callers batched into one statement each (`group_commit(64)`) and
-//!     with one statement per claim and per completion (the default), alternating, best of 3.
+//!     completions of concurrent callers batched into one statement each (`group_commit(64)`, the
+//!     default) and with one statement per claim and per completion (`group_commit(1)`),
+//!     alternating, best of 3.
 //!
 //! Machines are shared and noisy: compare the ratios within one run, not absolute numbers
 //! across runs. `cargo bench -p idempotent-tests --bench throughput -- in-process` runs only the
@@ -723,7 +724,7 @@ async fn postgres_batching(pg: Option<Arc<idempotent_tests::postgres::TestSchema
     // A pool of 8, as the comparison's; the sweeper off, so that only the measured work runs.
     let config = |group: usize| pg.config().sweep_interval(None).max_connections(8).group_commit(group);
     let rows: [(&str, PostgresConfig); 2] =
-        [("group_commit(64)", config(64)), ("1 statement per write (default)", config(1))];
+        [("group_commit(64) (default)", config(64)), ("1 statement per write", config(1))];
     let mut stores = Vec::new();
     for (label, config) in rows {
         stores.push((label, PostgresStore::connect_with(&pg.url, config).await.unwrap()));

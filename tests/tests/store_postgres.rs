@@ -32,12 +32,13 @@ idempotent_tests::store_quota_tests!(postgres_actor_bound, |max_bytes: usize| as
     Some(schema.store_with(schema.config().actor_max_bytes(Some(max_bytes))).await)
 });
 
-// The same contract with group commit on: under load, claims and completions share statements.
+// The same contract with group commit off (it is on by default): each claim and each completion
+// is a statement of its own.
 idempotent_tests::store_contract_tests!(
-    postgres_group_commit,
+    postgres_one_statement_per_write,
     async {
         match TestSchema::new().await {
-            Some(schema) => Some(schema.store_with(schema.config().group_commit(64)).await),
+            Some(schema) => Some(schema.store_with(schema.config().group_commit(1)).await),
             None => None,
         }
     },
@@ -652,6 +653,20 @@ async fn keys_are_found_by_the_primary_key_on_a_new_table() {
     assert_eq!(schema.query_scalar(&scans).await.unwrap(), 0);
 }
 
+/// Group commit is on by default on a pool the store opens, whose connections then plan each
+/// statement once; with it turned off they keep the server's own plan setting.
+#[tokio::test]
+async fn group_commit_and_its_plans_are_the_default_on_the_stores_own_pool() {
+    let Some(schema) = TestSchema::new().await else { return };
+    let plans = "SELECT current_setting('plan_cache_mode')";
+    let default = schema.store_with(schema.config().sweep_interval(None)).await;
+    let mode: String = sqlx::query_scalar(plans).fetch_one(default.store().pool()).await.unwrap();
+    assert_eq!(mode, "force_generic_plan");
+    let off = schema.store_with(schema.config().sweep_interval(None).group_commit(1)).await;
+    let mode: String = sqlx::query_scalar(plans).fetch_one(off.store().pool()).await.unwrap();
+    assert_eq!(mode, "auto");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sweeper_deletes_expired_records_in_the_background() {
     let Some(schema) = TestSchema::new().await else { return };
@@ -779,7 +794,8 @@ impl TableHeld {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn batched_claims_answer_each_caller_from_its_own_row() {
     let Some(schema) = TestSchema::new().await else { return };
-    let s = schema.store_with(schema.config().sweep_interval(None).group_commit(64)).await;
+    // Group commit's default bound, 64.
+    let s = schema.store_with(schema.config().sweep_interval(None)).await;
     let Claim::Acquired(t) = s.claim(&key("done"), &fp(1), LEASE).await.unwrap() else { panic!() };
     s.complete(&key("done"), &t, &response(b"done"), TTL).await.unwrap();
     let Claim::Acquired(_) = s.claim(&key("busy"), &fp(1), LEASE).await.unwrap() else { panic!() };

@@ -77,8 +77,8 @@
 //!
 //! Each claim and each completion commits, and a commit waits for the server's write-ahead log to
 //! reach the disk; with more concurrent requests than the pool has connections, requests also
-//! queue for a connection. With [`PostgresConfig::group_commit`] set above 1 (off by default, see
-//! the figures below), the claims and completions of concurrent requests share statements under
+//! queue for a connection. With [`PostgresConfig::group_commit`] above 1 (64 by default on a pool
+//! the store opens, see the figures below), the claims and completions of concurrent requests share statements under
 //! load, at most that many writes of a kind per statement:
 //!
 //! - While fewer than the pool's connections but four are taken by claims and completions sent
@@ -116,29 +116,31 @@
 //! Renewals and releases are always sent on their own, and a transactional route's completion
 //! runs inside its transaction, as before.
 //!
-//! Why it is off by default: store-level first executions per second (a claim, then a completion;
-//! a pool of 8; PostgreSQL 15 on the same shared 2-core machine, commits synced to disk), with
-//! `group_commit(64)` against one statement per write, alternating, best of 3
-//! (`cargo bench -p idempotent-tests --bench throughput -- postgres-batch`; `BENCHMARKS.md` has the
-//! runs):
+//! It is on by default on a pool the store opens, at most 64 writes of a kind per statement (on
+//! a pool handed to [`PostgresStore::from_pool`], only when set: see
+//! [`PostgresConfig::group_commit`]). First executions per second
+//! over HTTP (the comparison bench, `cargo bench -p idempotent-tests --bench compare -- --only
+//! "ours axum postgres,hand axum postgres"`, full mode; a pool of 8; PostgreSQL 15 on a shared
+//! 2-core machine, commits synced to disk), against a hand-written handler that sends each claim
+//! and each completion on its own, at 1, 16 and 64 clients, two runs each:
 //!
-//! | callers | `group_commit(64)` | one statement per write | ratio, that run | ratio, five runs |
-//! |---|---|---|---|---|
-//! | 1 | 1343 /s | 1343 /s | 1.00 | 0.56 to 1.03 (the same path: noise) |
-//! | 16 | 2084 /s | 3183 /s | 0.65 | 0.56 to 1.51 |
-//! | 64 | 4214 /s | 3787 /s | 1.11 | 1.11 to 3.51 |
+//! | store | 1 client | 16 clients | 64 clients |
+//! |---|---|---|---|
+//! | group commit (default) | 0.86, 0.81 | 1.40, 1.29 | 2.68, 2.68 |
+//! | one statement per write (`group_commit(1)`) | 0.85, 0.85 | 0.95, 0.85 | 0.83, 0.88 |
 //!
-//! With many more concurrent requests than connections it wins; at 16 callers on 8 connections it
-//! mostly lost (the server already flushes the commits of concurrent statements together, and a
-//! batched write waits for the batch in flight before its own). Measure on your load before
-//! turning it on.
+//! A lone request takes the same path either way. At the store level (`cargo bench -p
+//! idempotent-tests --bench throughput -- postgres-batch`, a claim then a completion per
+//! caller), group commit served 1.50 to 1.90 times as many first executions at 16 callers and
+//! 3.4 to 4.8 times at 64, in five runs of five, and was level at one. `BENCHMARKS.md` has the
+//! runs. `group_commit(1)` turns it off: each claim and each completion is then a statement of
+//! its own, and the pool's statements are planned as the server chooses.
 //!
-//! Those runs planned the statement over arrays at each execution. Planned once (above), the
-//! batched path won at 16 callers in five runs of five (1.50 to 1.90 times) and at 64 in each
-//! (3.4 to 4.8 times), level at 1; over HTTP at 64 clients its first executions were 1.4 to 2.2
-//! times the hand-written handler's in four short runs. It stays off by default: over HTTP at one
-//! client, where it takes the same path, two short runs of four had it below the unbatched store
-//! (`BENCHMARKS.md`, "PostgreSQL: batching"), which no run has yet shown to be noise.
+//! A generic plan is made when a connection first runs a statement, from the table's statistics
+//! then, and made again when the table is next analyzed. Every lookup by key is written so that
+//! only the primary key can answer it, whatever the statistics; on a new, never analyzed table,
+//! the statement over arrays may join by a sequential scan until autovacuum first analyzes it
+//! (after 50 rows and a tenth of the table have changed).
 //!
 //! # Isolation: `READ COMMITTED`, always
 //!
@@ -311,10 +313,9 @@ const PIN_READ_COMMITTED_GENERIC_PLANS: &str =
 SELECT set_config('plan_cache_mode', 'force_generic_plan', false)
 WHERE current_setting('server_version_num')::int >= 120000";
 
-/// How many claims, and how many completions, share one statement by default
-/// ([`PostgresConfig::group_commit`]): one, group commit is off (see "Group commit" in the module
-/// docs for why).
-const DEFAULT_BATCH: usize = 1;
+/// How many claims, and how many completions, share one statement by default on a pool the store
+/// opens ([`PostgresConfig::group_commit`]; see "Group commit" in the module docs for the figures).
+const DEFAULT_BATCH: usize = 64;
 
 /// Settings of a [`PostgresStore`]: the shared ones, and [`schema`](SqlConfig::schema),
 /// [`acquire_timeout`](SqlConfig::acquire_timeout) and
@@ -344,13 +345,14 @@ mod own {
     pub struct Settings {
         pub(super) acquire_timeout: Duration,
         pub(super) application_name: Option<String>,
-        /// At most this many claims, and this many completions, share one statement.
-        pub(super) batch: usize,
+        /// At most this many claims, and this many completions, share one statement; `None`:
+        /// [`DEFAULT_BATCH`](super::DEFAULT_BATCH) on a pool the store opens, 1 on one handed in.
+        pub(super) batch: Option<usize>,
     }
 
     impl Default for Settings {
         fn default() -> Self {
-            Self { acquire_timeout: Duration::from_secs(5), application_name: None, batch: super::DEFAULT_BATCH }
+            Self { acquire_timeout: Duration::from_secs(5), application_name: None, batch: None }
         }
     }
 
@@ -413,12 +415,18 @@ impl SqlConfig<Postgres> {
     }
 
     /// At most how many claims of concurrent requests share one statement, and how many
-    /// completions another, under load (default 1: each claim and each completion is a statement
-    /// of its own; 64 is a good bound). Nothing waits for a batch to fill, and a request that finds
-    /// a connection free never waits for a batch: see "Group commit" in the
+    /// completions another, under load; 1 turns group commit off (each claim and each completion
+    /// is a statement of its own). Nothing waits for a batch to fill, and a request that finds a
+    /// connection free never waits for a batch: see "Group commit" in the
     /// [module docs](self#group-commit), which also give the measured figures.
+    ///
+    /// Default: 64 on a pool the store opens ([`PostgresStore::connect_with`]), whose connections
+    /// then plan the statements once; 1 on a pool handed to [`PostgresStore::from_pool`], whose
+    /// sessions keep their own `plan_cache_mode`, under which PostgreSQL plans the statement over
+    /// arrays anew at each execution (set it there only if those sessions use
+    /// `force_generic_plan`, or after measuring).
     pub fn group_commit(mut self, max_writes: usize) -> Self {
-        self.settings.batch = max_writes.max(1);
+        self.settings.batch = Some(max_writes.max(1));
         self
     }
 }
@@ -718,8 +726,9 @@ impl SqlStore<Postgres> {
     ///
     /// An unreachable server is [`StoreError::Unavailable`]; a malformed URL or configuration is
     /// [`StoreError::Config`].
-    pub async fn connect_with(url: &str, config: PostgresConfig) -> Result<Self, StoreError> {
+    pub async fn connect_with(url: &str, mut config: PostgresConfig) -> Result<Self, StoreError> {
         config.validate()?;
+        config.settings.batch.get_or_insert(DEFAULT_BATCH);
         let mut options =
             PgConnectOptions::from_str(url).map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?;
         #[cfg(not(feature = "tls"))]
@@ -736,7 +745,7 @@ impl SqlStore<Postgres> {
         }
         // Group commit's statements over arrays are planned once per connection (see "Group
         // commit" in the module docs).
-        let generic_plans = config.settings.batch > 1;
+        let generic_plans = config.settings.batch > Some(1);
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(config.settings.acquire_timeout)

@@ -21,7 +21,7 @@ fn color(v: Variant) -> RGBColor {
         (_, StoreKind::Memory) => RGBColor(31, 119, 180),
         (_, StoreKind::Sqlite) => RGBColor(230, 126, 20),
         (_, StoreKind::Postgres) => RGBColor(44, 160, 44),
-        (_, StoreKind::PostgresBatched) => RGBColor(23, 190, 207),
+        (_, StoreKind::PostgresUnbatched) => RGBColor(23, 190, 207),
         (_, StoreKind::MySql) => RGBColor(140, 86, 75),
         (_, StoreKind::Redis) => RGBColor(214, 39, 40),
         _ => RGBColor(120, 120, 120),

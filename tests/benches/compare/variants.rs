@@ -125,8 +125,8 @@ pub enum StoreKind {
     Memory,
     Sqlite,
     Postgres,
-    /// PostgreSQL with group commit (`PostgresConfig::group_commit(64)`).
-    PostgresBatched,
+    /// PostgreSQL with group commit off (`PostgresConfig::group_commit(1)`).
+    PostgresUnbatched,
     MySql,
     Redis,
     Moka,
@@ -139,7 +139,7 @@ impl StoreKind {
             StoreKind::Memory => "memory",
             StoreKind::Sqlite => "sqlite",
             StoreKind::Postgres => "postgres",
-            StoreKind::PostgresBatched => "postgres batched",
+            StoreKind::PostgresUnbatched => "postgres unbatched",
             StoreKind::MySql => "mysql",
             StoreKind::Redis => "redis",
             StoreKind::Moka => "moka",
@@ -182,7 +182,7 @@ impl Variant {
             for store in [Memory, Sqlite, Postgres, MySql, Redis] {
                 rows.push(Variant::new(Kind::Ours, framework, store));
                 if framework == Axum && store == Postgres {
-                    rows.push(Variant::new(Kind::Ours, framework, PostgresBatched));
+                    rows.push(Variant::new(Kind::Ours, framework, PostgresUnbatched));
                 }
             }
         }
@@ -235,7 +235,7 @@ impl Services {
     /// Whether `store` can be had.
     pub fn has(&self, store: StoreKind) -> bool {
         match store {
-            StoreKind::Postgres | StoreKind::PostgresBatched => self.postgres,
+            StoreKind::Postgres | StoreKind::PostgresUnbatched => self.postgres,
             StoreKind::MySql => self.mysql,
             StoreKind::Redis => self.redis_url.is_some(),
             _ => true,
@@ -250,7 +250,8 @@ enum Backing {
     Memory,
     Sqlite(PathBuf),
     /// A test schema, and the store's group commit bound (1: off, its default).
-    Postgres(Arc<TestSchema>, usize),
+    /// The test schema, and the store's group commit bound (`None`: its default).
+    Postgres(Arc<TestSchema>, Option<usize>),
     MySql(Arc<TestDb>),
     Redis {
         url: String,
@@ -267,9 +268,9 @@ impl Backing {
             StoreKind::Sqlite => {
                 Backing::Sqlite(std::env::temp_dir().join(format!("compare-{}-{tag}.sqlite", services.run_id)))
             }
-            StoreKind::Postgres | StoreKind::PostgresBatched => {
+            StoreKind::Postgres | StoreKind::PostgresUnbatched => {
                 let schema = TestSchema::new().await.ok_or("no PostgreSQL server for the test schema")?;
-                Backing::Postgres(schema, if v.store == StoreKind::PostgresBatched { 64 } else { 1 })
+                Backing::Postgres(schema, (v.store == StoreKind::PostgresUnbatched).then_some(1))
             }
             StoreKind::MySql => Backing::MySql(TestDb::new().await.ok_or("no MySQL server for the test database")?),
             StoreKind::Redis => Backing::Redis {
@@ -280,8 +281,8 @@ impl Backing {
     }
 
     /// Our store on this backing, with its default settings (PostgreSQL and MySQL: the test
-    /// schema's or database's, with the default sweep interval; `postgres batched`: with
-    /// `group_commit(64)`), except the memory store's bound: a full run completes more
+    /// schema's or database's, with the default sweep interval; `postgres unbatched`: with
+    /// `group_commit(1)`), except the memory store's bound: a full run completes more
     /// than a million keys on it, each kept for the route's 24 hours, which would fill the default
     /// 256 MiB (and every later request would be answered 503, store full).
     async fn store(&self) -> Result<Arc<dyn Store>, String> {
@@ -291,11 +292,12 @@ impl Backing {
                 Arc::new(SqliteStore::connect(&format!("sqlite:{}", path.display())).await.map_err(|e| e.to_string())?)
             }
             Backing::Postgres(schema, group_commit) => {
-                let config = schema
-                    .config()
-                    .max_connections(hand::PG_CONNECTIONS)
-                    .sweep_interval(Some(Duration::from_secs(60)))
-                    .group_commit(*group_commit);
+                let config =
+                    schema.config().max_connections(hand::PG_CONNECTIONS).sweep_interval(Some(Duration::from_secs(60)));
+                let config = match group_commit {
+                    Some(bound) => config.group_commit(*bound),
+                    None => config,
+                };
                 Arc::new(PostgresStore::connect_with(&schema.url, config).await.map_err(|e| e.to_string())?)
             }
             Backing::MySql(db) => {
