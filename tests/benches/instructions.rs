@@ -7,7 +7,9 @@
 //! handler, a protected first execution and a protected replay on the memory store, and what the
 //! protection adds to the bare handler. Run alone
 //! (`cargo bench -p idempotent-tests --bench instructions -- first 2000`) it prints the wall time
-//! per request of one mode instead.
+//! per request of one mode instead; with `--latency` added, each request's time, as percentiles
+//! and the requests over 100 µs (`-- first 300000 --latency`: the memory store's tables growing
+//! as it fills).
 //!
 //! The modes `redis-first` and `redis-replay` run the same protected requests on the Redis store
 //! (a key prefix of this run on the test Redis, see `idempotent_tests::redis_server`): callgrind
@@ -54,31 +56,65 @@ fn request(path: &str, key: Option<&str>) -> Request<Body> {
     b.body(Body::from(r#"{"amount":100,"currency":"EUR"}"#)).unwrap()
 }
 
-/// `n` requests of `mode` (`bare`, `first` with fresh keys, `replay` of one key), answered and
-/// read whole; µs per request. The only function callgrind counts in.
+/// Request `i` of `mode` (`bare`, `first` with fresh keys, `replay` of one key), answered and
+/// read whole.
+async fn one(app: &Router, mode: &str, i: usize) {
+    let r = match mode {
+        "bare" => request("/bare", None),
+        "first" | "redis-first" => request("/protected", Some(&format!("k-{i}"))),
+        _ => request("/protected", Some("warm-0")),
+    };
+    let r = app.clone().oneshot(r).await.unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    axum::body::to_bytes(r.into_body(), usize::MAX).await.unwrap();
+}
+
+/// `n` requests of `mode` ([`one`]); µs per request. The only function callgrind counts in.
 #[inline(never)]
 fn measure(rt: &tokio::runtime::Runtime, app: &Router, mode: &str, n: usize) -> f64 {
     rt.block_on(async {
         let start = Instant::now();
         for i in 0..n {
-            let r = match mode {
-                "bare" => request("/bare", None),
-                "first" | "redis-first" => request("/protected", Some(&format!("k-{i}"))),
-                _ => request("/protected", Some("warm-0")),
-            };
-            let r = app.clone().oneshot(r).await.unwrap();
-            assert!(r.status().is_success(), "{}", r.status());
-            axum::body::to_bytes(r.into_body(), usize::MAX).await.unwrap();
+            one(app, mode, i).await;
         }
         start.elapsed().as_secs_f64() * 1e6 / n.max(1) as f64
     })
 }
 
+/// `n` requests of `mode`, each timed: prints the median, the 99th and 99.9th percentiles and the
+/// slowest, and how many took over 100 µs and how long those took together (the stalls a
+/// request meets: a store's table growing, say).
+fn latencies(rt: &tokio::runtime::Runtime, app: &Router, mode: &str, n: usize) {
+    let mut ns: Vec<u64> = rt.block_on(async {
+        let mut ns = Vec::with_capacity(n);
+        for i in 0..n {
+            let start = Instant::now();
+            one(app, mode, i).await;
+            ns.push(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        }
+        ns
+    });
+    ns.sort_unstable();
+    let Some(&slowest) = ns.last() else { return };
+    let at = |q: f64| ns[((ns.len() - 1) as f64 * q) as usize] as f64 / 1e3;
+    let slow: Vec<u64> = ns.iter().copied().filter(|&t| t > 100_000).collect();
+    println!(
+        "{mode}: {n} requests, µs: p50 {:.1}, p99 {:.1}, p99.9 {:.1}, slowest {:.1}; {} over 100 µs, {:.1} ms in them",
+        at(0.5),
+        at(0.99),
+        at(0.999),
+        slowest as f64 / 1e3,
+        slow.len(),
+        slow.iter().sum::<u64>() as f64 / 1e6
+    );
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let latency = std::env::args().any(|a| a == "--latency");
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench" && a != "--latency").collect();
     let modes = ["bare", "first", "replay", "redis-first", "redis-replay"];
     let Some(mode) = args.first().filter(|m| modes.contains(&m.as_str())) else {
-        println!("instructions: `bash scripts/instructions.sh`, or `cargo bench -p idempotent-tests --bench instructions -- bare|first|replay|redis-first|redis-replay [N]`");
+        println!("instructions: `bash scripts/instructions.sh`, or `cargo bench -p idempotent-tests --bench instructions -- bare|first|replay|redis-first|redis-replay [N] [--latency]`");
         return;
     };
     let n: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(2000);
@@ -117,6 +153,10 @@ fn main() {
             app.clone().oneshot(request("/protected", Some(&format!("warm-{i}")))).await.unwrap();
         }
     });
+    if latency {
+        latencies(&rt, &app, mode, n);
+        return;
+    }
     let before = redis.as_deref().map(|url| rt.block_on(evalsha_stats(url)));
     let us = measure(&rt, &app, mode, n);
     println!("{mode}: {n} requests, {us:.2} µs/request");
