@@ -77,9 +77,9 @@
 //!
 //! Each claim and each completion commits, and a commit waits for the server's write-ahead log to
 //! reach the disk; with more concurrent requests than the pool has connections, requests also
-//! queue for a connection. With [`PostgresConfig::group_commit`] above 1 (64 by default on a pool
-//! the store opens, see the figures below), the claims and completions of concurrent requests share statements under
-//! load, at most that many writes of a kind per statement:
+//! queue for a connection. With [`PostgresConfig::group_commit`] above 1 (64 by default on a
+//! pool the store opens, see the figures below), the claims and completions of concurrent
+//! requests share statements under load, at most that many writes of a kind per statement:
 //!
 //! - While fewer than the pool's connections but four are taken by claims and completions sent
 //!   on their own, the next is sent on its own too, exactly as without group commit: a lone
@@ -116,20 +116,21 @@
 //! Renewals and releases are always sent on their own, and a transactional route's completion
 //! runs inside its transaction, as before.
 //!
-//! It is on by default on a pool the store opens, at most 64 writes of a kind per statement (on
-//! a pool handed to [`PostgresStore::from_pool`], only when set: see
-//! [`PostgresConfig::group_commit`]). First executions per second
-//! over HTTP (the comparison bench, `cargo bench -p idempotent-tests --bench compare -- --only
-//! "ours axum postgres,hand axum postgres"`, full mode; a pool of 8; PostgreSQL 15 on a shared
-//! 2-core machine, commits synced to disk), against a hand-written handler that sends each claim
-//! and each completion on its own, at 1, 16 and 64 clients, two runs each:
+//! It is on by default on a pool the store opens, at most 64 writes of a kind per statement (on a
+//! pool handed to [`PostgresStore::from_pool`], only when set: see
+//! [`PostgresConfig::group_commit`]). First executions per second over HTTP (the comparison
+//! bench, `cargo bench -p idempotent-tests --bench compare -- --only "ours axum postgres,hand
+//! axum postgres"`, full mode; a pool of 8; PostgreSQL 15 on a shared 2-core machine, commits
+//! synced to disk), against a hand-written handler that sends each claim and each completion on
+//! its own, at 1, 16 and 64 clients, two runs each (`BENCHMARKS.md`, "On by default", has four
+//! more, with 1.93 to 2.97 at 64 clients):
 //!
 //! | store | 1 client | 16 clients | 64 clients |
 //! |---|---|---|---|
 //! | group commit (default) | 0.86, 0.81 | 1.40, 1.29 | 2.68, 2.68 |
 //! | one statement per write (`group_commit(1)`) | 0.85, 0.85 | 0.95, 0.85 | 0.83, 0.88 |
 //!
-//! A lone request takes the same path either way. At the store level (`cargo bench -p
+//! A lone request sends the same statements either way. At the store level (`cargo bench -p
 //! idempotent-tests --bench throughput -- postgres-batch`, a claim then a completion per
 //! caller), group commit served 1.50 to 1.90 times as many first executions at 16 callers and
 //! 3.4 to 4.8 times at 64, in five runs of five, and was level at one. `BENCHMARKS.md` has the
