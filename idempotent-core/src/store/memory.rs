@@ -13,6 +13,8 @@
 //! (1.6 to 2.3 times the bare handler's). The figures come from `cargo bench -p
 //! idempotent-tests --bench instructions -- first 300000 --latency` and the comparison bench's
 //! `--only "bare axum,ours axum memory"`, alternated, two runs each on a shared 2-core machine.
+//! Other runs did not all agree, on the percentile or on the rate: `BENCHMARKS.md`, "1024
+//! tables", has them all.
 //!
 //! # Bounds
 //! Memory is bounded by a byte budget, [`DEFAULT_MAX_BYTES`] (256 MiB) unless set with
