@@ -357,6 +357,13 @@ mod own {
         }
     }
 
+    impl Settings {
+        /// At most how many writes of a kind share one statement (1: group commit is off).
+        pub(super) fn max_batch(&self) -> usize {
+            self.batch.unwrap_or(1).max(1)
+        }
+    }
+
     /// The statements of one configured store, rendered once.
     #[derive(Debug)]
     pub struct Statements {
@@ -746,7 +753,7 @@ impl SqlStore<Postgres> {
         }
         // Group commit's statements over arrays are planned once per connection (see "Group
         // commit" in the module docs).
-        let generic_plans = config.settings.batch > Some(1);
+        let generic_plans = config.settings.max_batch() > 1;
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(config.settings.acquire_timeout)

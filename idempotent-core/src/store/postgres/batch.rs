@@ -92,7 +92,7 @@ impl Drop for Runner {
 
 impl Runner {
     async fn run(mut self) {
-        let max = self.store.config().settings.batch.unwrap_or(1).max(1);
+        let max = self.store.config().settings.max_batch();
         let hasher = RandomState::new();
         // The kind of write and its key: within one statement every key is distinct. Two keys
         // whose hashes collide merely go in different batches.
@@ -128,7 +128,7 @@ impl PostgresStore {
     /// taken by writes sent alone. `None`: it goes in the next batch.
     pub(super) fn alone(&self) -> Option<Alone<'_>> {
         let count = &self.session().alone;
-        if self.config().settings.batch.unwrap_or(1) <= 1 || self.config().bounded() {
+        if self.config().settings.max_batch() <= 1 || self.config().bounded() {
             count.fetch_add(1, Ordering::AcqRel);
             return Some(Alone(count));
         }
