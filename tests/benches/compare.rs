@@ -135,6 +135,10 @@ struct Cell {
     server_cpu_us: f64,
     /// The same of the load generator's threads.
     load_cpu_us: f64,
+    /// Of `server_cpu_us`, the kernel's (see `load::Measured::server_sys_us`).
+    server_sys_us: f64,
+    /// Context switches of the serving threads per request.
+    server_switches: f64,
     /// `server_cpu_us` over that of the row named in `ratio_to`.
     server_cpu_ratio: Option<f64>,
 }
@@ -228,6 +232,8 @@ fn cell_row(v: Variant, mode: Mode, clients: usize, m: Measured) -> Cell {
         first_failure: m.first_failure,
         server_cpu_us: m.server_cpu_us,
         load_cpu_us: m.load_cpu_us,
+        server_sys_us: m.server_sys_us,
+        server_switches: m.server_switches,
         server_cpu_ratio: None,
     }
 }
@@ -438,21 +444,23 @@ fn print_report(report: &Report, timing: Timing) {
 
     println!();
     println!(
-        "CPU time per request in this process over the measured window (µs): the serving threads' (store servers not counted), and the load generator's"
+        "CPU time per request in this process over the measured window (µs): the serving threads' (store servers not counted), of it in the kernel, their context switches per request, and the load generator's"
     );
     println!(
-        "{:<28} {:<6} {:>7} {:>10} {:>7}  {:<18} {:>9}",
-        "variant", "mode", "clients", "server µs", "ratio", "ratio to", "load µs"
+        "{:<28} {:<6} {:>7} {:>10} {:>7}  {:<18} {:>7} {:>9} {:>9}",
+        "variant", "mode", "clients", "server µs", "ratio", "ratio to", "sys µs", "switches", "load µs"
     );
     print_cells(&report.cells, |c| {
         format!(
-            "{:<28} {:<6} {:>7} {:>10.1} {:>7}  {:<18} {:>9.1}",
+            "{:<28} {:<6} {:>7} {:>10.1} {:>7}  {:<18} {:>7.1} {:>9.2} {:>9.1}",
             c.variant,
             c.mode,
             c.clients,
             c.server_cpu_us,
             c.server_cpu_ratio.map_or("n/a".to_owned(), |r| format!("{r:.2}")),
             c.ratio_to.as_deref().unwrap_or("-"),
+            c.server_sys_us,
+            c.server_switches,
             c.load_cpu_us
         )
     });

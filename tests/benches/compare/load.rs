@@ -175,6 +175,13 @@ pub struct Measured {
     pub server_cpu_us: f64,
     /// CPU time per request in the window of the load generator's threads, in microseconds.
     pub load_cpu_us: f64,
+    /// Of `server_cpu_us`, the time in the kernel (system calls, wake-ups, page faults), from the
+    /// threads' `stime` in clock ticks (10 ms), in microseconds per request.
+    pub server_sys_us: f64,
+    /// Context switches of the serving threads per request (voluntary and not): how often a
+    /// serving thread went to sleep or was preempted. A server that answers more requests per
+    /// wake-up switches less per request.
+    pub server_switches: f64,
 }
 
 /// CPU time this process's threads have run so far, in nanoseconds, split into the load
@@ -184,6 +191,10 @@ pub struct Measured {
 pub struct CpuSplit {
     pub load_ns: u64,
     pub server_ns: u64,
+    /// The servers' time in the kernel, in clock ticks (`/proc/self/task/*/stat`'s `stime`).
+    pub server_sys_ticks: u64,
+    /// The servers' context switches, voluntary and not (`/proc/self/task/*/status`).
+    pub server_switches: u64,
 }
 
 impl CpuSplit {
@@ -202,6 +213,16 @@ impl CpuSplit {
                 split.load_ns += ns;
             } else {
                 split.server_ns += ns;
+                // `stat` after the command's closing parenthesis: state is field 3, stime 15.
+                let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+                let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+                split.server_sys_ticks += after.split_whitespace().nth(12).and_then(|t| t.parse().ok()).unwrap_or(0);
+                let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+                split.server_switches += status
+                    .lines()
+                    .filter(|l| l.starts_with("voluntary_ctxt_switches") || l.starts_with("nonvoluntary_ctxt_switches"))
+                    .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                    .sum::<u64>();
             }
         }
         split
@@ -325,6 +346,11 @@ pub async fn cell(target: Target, mode: Mode, clients: usize, timing: Timing, ta
     let per_request = |ns: u64| ns as f64 / 1e3 / measured.requests.max(1) as f64;
     measured.server_cpu_us = per_request(cpu_until.server_ns.saturating_sub(cpu_from.server_ns));
     measured.load_cpu_us = per_request(cpu_until.load_ns.saturating_sub(cpu_from.load_ns));
+    // Linux's clock tick for `stime` (USER_HZ) is 100 per second.
+    let sys_ticks = cpu_until.server_sys_ticks.saturating_sub(cpu_from.server_sys_ticks);
+    measured.server_sys_us = per_request(sys_ticks * 10_000_000);
+    let switches = cpu_until.server_switches.saturating_sub(cpu_from.server_switches);
+    measured.server_switches = switches as f64 / measured.requests.max(1) as f64;
     measured
 }
 
