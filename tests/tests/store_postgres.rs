@@ -914,3 +914,94 @@ async fn a_fenced_completion_in_a_batch_fails_alone() {
     }
     assert_eq!(stored, 33);
 }
+
+/// The plan the store's one connection keeps for the completion over arrays, as `EXPLAIN
+/// EXECUTE` shows it (the statement was prepared there by the store's batches).
+async fn completion_batch_plan(s: &PgTestStore) -> String {
+    let mut conn = s.store().pool().acquire().await.unwrap();
+    let find = "SELECT name FROM pg_prepared_statements
+        WHERE statement LIKE 'UPDATE %' AND statement LIKE '%unnest(%' AND statement LIKE '%ttl_ms%'";
+    let name: String =
+        sqlx::query_scalar(find).fetch_one(&mut *conn).await.expect("the batched completion was prepared");
+    let explain = format!(
+        "EXPLAIN EXECUTE {name}(ARRAY['s'], ARRAY['a'], ARRAY['k'], ARRAY['t'], ARRAY['\\x00'::bytea], ARRAY[1::int8])"
+    );
+    let lines: Vec<String> = sqlx::query_scalar(AssertSqlSafe(explain)).fetch_all(&mut *conn).await.unwrap();
+    lines.join("\n")
+}
+
+/// 32 claims and then their 32 completions at once, on keys `{tag}-{i}`: with one connection they
+/// queue, and go out in batches.
+async fn claim_and_complete_at_once(s: &Arc<PgTestStore>, tag: &str) {
+    let tasks: Vec<_> = (0..32)
+        .map(|i| {
+            let (s, k) = (s.clone(), key(&format!("{tag}-{i}")));
+            tokio::spawn(async move {
+                let Claim::Acquired(t) = s.claim(&k, &fp(1), LEASE).await.unwrap() else { panic!("a fresh key") };
+                (k, t)
+            })
+        })
+        .collect();
+    let mut claimed = Vec::new();
+    for task in tasks {
+        claimed.push(task.await.unwrap());
+    }
+    let tasks: Vec<_> = claimed
+        .into_iter()
+        .map(|(k, t)| {
+            let s = s.clone();
+            tokio::spawn(async move { s.complete(&k, &t, &response(b"ok"), TTL).await.unwrap() })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+/// A connection plans the statements over arrays once, on the table as it is then: on a new
+/// table, a sequential scan, kept as the table grows until the table is analyzed again. The test
+/// server runs without autovacuum, so nothing else analyzes it: the sweep does, once enough rows
+/// have changed, and the plan finds the rows by the primary key again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sweep_analyzes_a_grown_table_so_that_batches_use_the_primary_key() {
+    let Some(schema) = TestSchema::new().await else { return };
+    // One connection: the batched statements are prepared, and their plans kept, on it.
+    let s = schema.store_with(schema.config().sweep_interval(None).max_connections(1)).await;
+    claim_and_complete_at_once(&s, "new").await;
+    let plan = completion_batch_plan(&s).await;
+    assert!(plan.contains("Seq Scan on idempotency_records"), "the plan made on the new table:\n{plan}");
+
+    // The table grows by 20,000 completed records (and changes that many rows).
+    schema
+        .execute(&format!(
+            "INSERT INTO \"{}\".idempotency_records (scope, actor, idem_key, fingerprint, state, token, response, expires_at)
+             SELECT 'bulk', '', g::text, '\\x00', 'completed', 't', NULL, now() + interval '1 day'
+             FROM generate_series(1, 20000) g",
+            schema.name
+        ))
+        .await
+        .unwrap();
+    let changed = format!(
+        "SELECT n_mod_since_analyze FROM pg_stat_user_tables WHERE schemaname = '{}' AND relname = 'idempotency_records'",
+        schema.name
+    );
+    // The server counts a backend's changes when it reports them, within a second or so.
+    for _ in 0..100 {
+        if schema.query_scalar(&changed).await.unwrap() >= 20_000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(schema.query_scalar(&changed).await.unwrap() >= 20_000);
+    let plan = completion_batch_plan(&s).await;
+    assert!(plan.contains("Seq Scan on idempotency_records"), "kept as the table grew:\n{plan}");
+
+    assert_eq!(s.store().sweep_expired().await.unwrap(), 0);
+    let plan = completion_batch_plan(&s).await;
+    assert!(plan.contains("Index Scan using idempotency_records_pkey"), "made again after the analysis:\n{plan}");
+    assert!(!plan.contains("Seq Scan"), "{plan}");
+    assert!(schema.query_scalar(&changed).await.unwrap() < 100, "the sweep analyzed the table");
+    // The store works on, in batches.
+    claim_and_complete_at_once(&s, "grown").await;
+    assert_eq!(s.claim(&key("grown-7"), &fp(1), LEASE).await.unwrap(), Claim::Completed(response(b"ok")));
+}

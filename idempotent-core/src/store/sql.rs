@@ -185,6 +185,14 @@ pub trait Backend: Database + sealed::Sealed {
     /// (completed) or abandoned for [`ABANDONED_CLAIM_RETENTION`] (in progress).
     fn sweep_query(sql: &Self::Statements, batch: i64) -> Query<'static, Self, Self::Arguments>;
 
+    /// After a sweep, what keeps the store's statements fast as the table grows: PostgreSQL
+    /// analyzes the table when autovacuum has not (see its module docs, "Plans and statistics").
+    /// By default nothing.
+    async fn maintain(pool: &Pool<Self>, sql: &Self::Statements) -> Result<(), sqlx::Error> {
+        let _ = (pool, sql);
+        Ok(())
+    }
+
     /// Runs `query` on `pool`; returns how many rows it affected.
     async fn execute(
         pool: &Pool<Self>,
@@ -851,6 +859,7 @@ async fn sweep<B: Backend>(
         crate::telemetry::records_swept(B::STORE, n);
         total += n;
         if n < u64::from(batch) {
+            B::maintain(pool, sql).await.map_err(B::unavailable)?;
             return Ok(total);
         }
         // Let waiting writers in between batches.
