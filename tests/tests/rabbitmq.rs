@@ -86,7 +86,7 @@ async fn until(what: &str, mut done: impl FnMut() -> bool) {
 }
 
 /// How many deliveries of `scope` the protocol has decided to acknowledge (core's "message
-/// acknowledged" events; [`trace_capture`] is installed at the first call). A worker acknowledges
+/// acknowledged" events, kept by [`trace_capture`], which a test installs first). A worker acknowledges
 /// each after deciding, and stopping it waits for that; a delivery it holds to be redelivered
 /// later (a duplicate that arrived while its key was in progress) is not counted until the store
 /// answers its redelivery. The broker's own count of unacknowledged messages lags by seconds.
@@ -121,7 +121,7 @@ async fn settle_slowly(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_message_published_twice_runs_once_and_its_duplicate_is_acknowledged() {
     let Some(url) = amqp_url().await else { return };
-    acknowledged("rmq.slow");
+    trace_capture::install();
     let queue = unique("rmq.dup.");
     let ledger = Ledger::default();
     let (stop, run) = spawn(worker(&url, &queue).state(ledger.clone()), settle_slowly);
@@ -160,7 +160,7 @@ async fn cut(body: bytes::Bytes) -> Result<String, ConsumeError> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_connection_lost_before_the_ack_redelivers_a_message_answered_from_the_store() {
     let Some(url) = amqp_url().await else { return };
-    acknowledged("rmq.cut");
+    trace_capture::install();
     let queue = unique("rmq.cut.");
     let (stop, run) = spawn(worker(&url, &queue), cut);
     let client = Client::connect(&url).await;
