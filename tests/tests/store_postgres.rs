@@ -644,20 +644,25 @@ async fn keys_are_found_by_the_primary_key_on_a_new_table() {
          WHERE schemaname = '{}' AND indexrelname IN ('idempotency_records_actor_idx', 'idempotency_records_expires_at_idx')",
         schema.name
     );
-    // The statistics collector reports a backend's counts when its transaction ends, at most
-    // once every half second: wait for the primary key's scans to show.
     let pkey = format!(
         "SELECT COALESCE(SUM(idx_scan), 0)::int8 FROM pg_stat_user_indexes WHERE schemaname = '{}' AND indexrelname = 'idempotency_records_pkey'",
         schema.name
     );
+    assert!(statistic_reaches(&schema, &pkey, 120).await, "the primary key's scans");
+    assert_eq!(schema.query_scalar(&scans).await.unwrap(), 0);
+}
+
+/// Whether the server's statistic that `sql` selects reaches `at_least` within 10 s. A backend
+/// reports its counts (scans, rows changed) when its transaction ends, at most once a second or
+/// so, so a count just caused shows a little later.
+async fn statistic_reaches(schema: &TestSchema, sql: &str, at_least: i64) -> bool {
     for _ in 0..100 {
-        if schema.query_scalar(&pkey).await.unwrap() >= 120 {
-            break;
+        if schema.query_scalar(sql).await.unwrap() >= at_least {
+            return true;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(schema.query_scalar(&pkey).await.unwrap() >= 120);
-    assert_eq!(schema.query_scalar(&scans).await.unwrap(), 0);
+    false
 }
 
 /// Group commit is on by default on a pool the store opens, whose connections then plan each
@@ -989,14 +994,7 @@ async fn a_sweep_analyzes_a_grown_table_so_that_batches_use_the_primary_key() {
         "SELECT n_mod_since_analyze FROM pg_stat_user_tables WHERE schemaname = '{}' AND relname = 'idempotency_records'",
         schema.name
     );
-    // The server counts a backend's changes when it reports them, within a second or so.
-    for _ in 0..100 {
-        if schema.query_scalar(&changed).await.unwrap() >= 20_000 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(schema.query_scalar(&changed).await.unwrap() >= 20_000);
+    assert!(statistic_reaches(&schema, &changed, 20_000).await, "the rows changed");
     // Here the connection still holds the sequential scan, unless something else made every
     // plan again meanwhile: any session's DDL on a schema does (the other tests make theirs), so
     // the test does not look. The analysis is what it checks.
@@ -1049,14 +1047,7 @@ async fn a_sweep_by_a_role_that_does_not_own_the_table_still_sweeps() {
             "SELECT {column} FROM pg_stat_user_tables WHERE schemaname = '{name}' AND relname = 'idempotency_records'"
         )
     };
-    // The server counts a backend's changes when it reports them, within a second or so.
-    for _ in 0..100 {
-        if schema.query_scalar(&stats("n_mod_since_analyze")).await.unwrap() >= 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(schema.query_scalar(&stats("n_mod_since_analyze")).await.unwrap() >= 200, "due for an analysis");
+    assert!(statistic_reaches(&schema, &stats("n_mod_since_analyze"), 200).await, "due for an analysis");
     assert_eq!(s.sweep_expired().await.unwrap(), 100, "every expired record deleted");
     assert_eq!(
         schema.query_scalar(&stats("(last_analyze IS NULL)::int::int8")).await.unwrap(),
